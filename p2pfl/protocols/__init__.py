@@ -1,0 +1,1 @@
+"""Sans-I/O learning protocols: plain state machines, events in, effects out."""

@@ -1,0 +1,235 @@
+"""The sans-I/O contract every learning protocol follows.
+
+A protocol is a plain state machine owned by one peer. A driver (the asyncio node or the
+simulator) feeds it *events* and carries out the *effects* it returns. The protocol never
+reads a clock, never sleeps, never touches a socket and never trains a model itself: it
+asks the driver to train (``Train``) and is told when that is done (``TrainingDone``).
+That last point is what lets the simulator batch the training of thousands of peers.
+
+Time is a float the driver passes in as ``now`` (seconds: virtual in the simulator, wall
+clock on a real node). Parameters are flat 1-D float32 tensors (see ``p2pfl.model``).
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+PeerId = str
+
+# Bytes of an envelope around a message's tensor: ids, round, kind, signature, framing.
+# Used by the simulator to count traffic; the wire codec's real size is within a few
+# bytes of ``Message.nbytes()`` for every protocol message.
+ENVELOPE_OVERHEAD = 160
+
+
+@dataclass(slots=True)
+class Message:
+    """What a protocol sends to another peer, before any wire encoding.
+
+    ``params`` is a flat parameter vector (or ``None`` for control messages such as
+    pings); ``meta`` holds small msgpack-able values (ages, views, counters).
+    Inside the simulator a message carries the sender's tensor by reference: a protocol
+    must never modify a received ``params`` in place.
+    """
+
+    kind: str
+    round: int
+    params: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Approximate encoded size in bytes: tensor payload + meta + envelope."""
+        size = ENVELOPE_OVERHEAD
+        if self.params is not None:
+            size += self.params.numel() * self.params.element_size()
+        if self.meta:
+            size += _meta_size(self.meta)
+        return size
+
+
+def _meta_size(value: Any) -> int:
+    if isinstance(value, dict):
+        return sum(_meta_size(k) + _meta_size(v) for k, v in value.items()) + 1
+    if isinstance(value, list | tuple):
+        return sum(_meta_size(v) for v in value) + 1
+    if isinstance(value, str | bytes):
+        return len(value) + 1
+    return 9
+
+
+# ---------------------------------------------------------------- events (driver -> protocol)
+
+
+@dataclass(slots=True, frozen=True)
+class Start:
+    """The peer starts (or restarts from a checkpoint) at ``now``."""
+
+    now: float
+
+
+@dataclass(slots=True, frozen=True)
+class MessageReceived:
+    now: float
+    sender: PeerId
+    message: Message
+
+
+@dataclass(slots=True, frozen=True)
+class TimerFired:
+    now: float
+    name: str
+
+
+@dataclass(slots=True, frozen=True)
+class TrainingDone:
+    """The driver finished the ``Train`` effect with the same ``ticket``."""
+
+    now: float
+    ticket: int
+    params: torch.Tensor
+    loss: float = float("nan")
+
+
+@dataclass(slots=True, frozen=True)
+class PeerUp:
+    """A peer became reachable (joined, reconnected)."""
+
+    now: float
+    peer: PeerId
+
+
+@dataclass(slots=True, frozen=True)
+class PeerDown:
+    """A peer is known to be unreachable (crash detected, left, link lost)."""
+
+    now: float
+    peer: PeerId
+
+
+@dataclass(slots=True, frozen=True)
+class SendFailed:
+    """The driver could not deliver a message (peer unreachable)."""
+
+    now: float
+    to: PeerId
+    message: Message
+
+
+Event = Start | MessageReceived | TimerFired | TrainingDone | PeerUp | PeerDown | SendFailed
+
+# ---------------------------------------------------------------- effects (protocol -> driver)
+
+
+@dataclass(slots=True, frozen=True)
+class Send:
+    to: PeerId
+    message: Message
+
+
+@dataclass(slots=True, frozen=True)
+class Train:
+    """Run ``steps`` local SGD steps starting from ``params``; answer with ``TrainingDone``."""
+
+    ticket: int
+    params: torch.Tensor
+    steps: int
+
+
+@dataclass(slots=True, frozen=True)
+class SetTimer:
+    """Fire ``TimerFired(name)`` at absolute time ``at``. Setting a name again replaces it."""
+
+    name: str
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class CancelTimer:
+    name: str
+
+
+@dataclass(slots=True, frozen=True)
+class Record:
+    """A metric the driver logs: ``name`` -> ``value`` for this peer at this time."""
+
+    name: str
+    value: float
+
+
+@dataclass(slots=True, frozen=True)
+class RoundCompleted:
+    """The peer finished round ``round``; its current model is ``Protocol.params``."""
+
+    round: int
+
+
+Effect = Send | Train | SetTimer | CancelTimer | Record | RoundCompleted
+
+
+class Protocol(ABC):
+    """Base class of the sans-I/O learning protocols.
+
+    Subclasses implement ``handle``. They hold their own model (``params``), their round,
+    and a private ``random.Random`` seeded by the driver, so a run is reproducible.
+    """
+
+    #: name used in scenario files and on the wire
+    name: str = "base"
+
+    def __init__(
+        self,
+        peer_id: PeerId,
+        params: torch.Tensor,
+        neighbours: list[PeerId],
+        *,
+        local_steps: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.peer_id = peer_id
+        self.params = params
+        self.neighbours: list[PeerId] = sorted(neighbours)
+        self.local_steps = local_steps
+        self.round = 0
+        self.rng = random.Random(f"{seed}:{peer_id}")
+        self._next_ticket = 0
+
+    # -- the one entry point -------------------------------------------------------
+    @abstractmethod
+    def handle(self, event: Event) -> list[Effect]:
+        """Consume one event and return the effects the driver must carry out."""
+
+    # -- helpers for subclasses ----------------------------------------------------
+    def _train(self, params: torch.Tensor, steps: int | None = None) -> Train:
+        self._next_ticket += 1
+        return Train(self._next_ticket, params, self.local_steps if steps is None else steps)
+
+    # -- checkpoints ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume this peer: model, round and protocol state.
+
+        Subclasses extend it; values must be tensors or msgpack-able plain data.
+        """
+        return {
+            "protocol": self.name,
+            "peer_id": self.peer_id,
+            "round": self.round,
+            "params": self.params.clone(),
+            "rng": self.rng.getstate(),
+            "next_ticket": self._next_ticket,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("protocol") != self.name:
+            raise ValueError(
+                f"checkpoint is for protocol {state.get('protocol')!r}, not {self.name!r}"
+            )
+        self.round = int(state["round"])
+        self.params = state["params"].clone()
+        rng_state = state["rng"]
+        self.rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
+        self._next_ticket = int(state["next_ticket"])
