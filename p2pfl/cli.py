@@ -1,0 +1,156 @@
+"""The ``p2pfl`` command line: ``sim``, ``topo``, ``data`` (and ``node`` when available).
+
+Errors a user can fix (a bad scenario, a missing dataset) are printed as one line and
+exit with status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Fully decentralized peer-to-peer learning: simulator, real node, tools.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Datasets: fetch them into the data directory.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def setup_logging(verbose: bool) -> None:
+    # force=True: libp2p installs a root handler through module-level logging calls.
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+@app.command()
+def sim(
+    scenario: Annotated[Path, typer.Argument(help="scenario TOML file (see examples/)")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="override a key: --set protocol.local_steps=2"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default: runs/<name>-...)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every evaluation")] = False,
+) -> None:
+    """Run a simulation scenario and write its run folder (metrics.csv, summary.json, plots)."""
+    setup_logging(verbose)
+    from p2pfl.learning import DatasetUnavailable
+    from sim.runner import build_simulation, run_simulation, write_run
+    from sim.scenario import ScenarioError, load_scenario
+
+    try:
+        config = load_scenario(scenario, set_ or [])
+        simulation = build_simulation(config)
+    except (ScenarioError, DatasetUnavailable) as error:
+        _fail(f"{scenario}: {error}")
+        return
+    run_simulation(simulation, show_progress=not quiet and sys.stderr.isatty())
+    run_dir = write_run(simulation, out)
+    last = simulation.rows[-1]
+    table = Table(title=f"{config.name}: {config.protocol.name}, {simulation.engine.n} peers")
+    for column in ("round", "mean acc", "min acc", "max acc", "MB sent", "virtual s", "wall s"):
+        table.add_column(column, justify="right")
+    for row in simulation.rows:
+        table.add_row(
+            str(row["round"]),
+            f"{row['acc_mean']:.4f}",
+            f"{row['acc_min']:.4f}",
+            f"{row['acc_max']:.4f}",
+            f"{row['bytes_total'] / 1e6:.1f}",
+            f"{row['virtual_time']:.2f}",
+            f"{row['wall_time']:.1f}",
+        )
+    Console().print(table)
+    print(f"final mean accuracy {last['acc_mean']:.4f} after {last['round']} rounds; results in {run_dir}")
+
+
+@app.command()
+def topo(
+    kind: Annotated[str, typer.Argument(help="graph kind: ring, torus, regular, barabasi_albert, ...")],
+    n: Annotated[int, typer.Option("--n", "-n", help="number of peers")] = 16,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="generator parameter key=value, e.g. -p m=2")
+    ] = None,
+    seed: int = 0,
+    png: Annotated[Path | None, typer.Option(help="draw the graph to this PNG")] = None,
+) -> None:
+    """Print a graph's statistics (degree, components, spectral gap) and optionally draw it."""
+    from sim.scenario import parse_override
+    from topologies import build_graph, draw_graph, graph_stats
+    from topologies.errors import TopologyError
+
+    params = {}
+    for item in param or []:
+        path, value = parse_override(item)
+        params[".".join(path)] = value
+    try:
+        graph = build_graph(kind, n, seed=seed, **params)
+    except TopologyError as error:
+        _fail(str(error))
+        return
+    stats = graph_stats(graph)
+    table = Table(title=f"{kind} graph, n={graph.number_of_nodes()}")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    for key, value in stats.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if png is not None:
+        draw_graph(graph, png, title=f"{kind} (n={graph.number_of_nodes()})")
+        print(f"drawn to {png}")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="mnist or fashion_mnist")],
+    data_dir: Annotated[Path | None, typer.Option(help="default: $P2PFL_DATA_DIR or ~/.cache/p2pfl/data")] = None,
+) -> None:
+    """Put a dataset's standard files into the data directory, checksum-verified."""
+    setup_logging(True)
+    from p2pfl.learning import default_data_dir, fetch_dataset
+
+    try:
+        path = fetch_dataset(name, data_dir or default_data_dir())
+    except (ValueError, RuntimeError, OSError) as error:
+        _fail(str(error))
+        return
+    print(f"{name} ready in {path}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run folder written by `p2pfl sim`")]) -> None:
+    """Print a run folder's summary."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        _fail(f"{run_dir}: no summary.json (is this a run folder?)")
+    summary = json.loads(summary_path.read_text())
+    print(json.dumps(summary, indent=2))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,262 @@
+"""Model compression codecs for flat parameter vectors.
+
+A codec turns a float vector into ``(payload bytes, small int meta)`` and back. The wire
+(:mod:`p2pfl.wire`) puts the codec's name and meta in the envelope and the payload in the
+tensor field, so a receiver needs nothing but the message to decode it.
+
+Errors (``x`` the input, ``y = decode(encode(x))``):
+
+========  ==============  ===============================================================
+name      bytes/param     error
+========  ==============  ===============================================================
+fp32      4               exact (float32 inputs); other floats are rounded to float32
+fp16      2               ``|x-y| <= 2**-11 |x|`` for ``|x|`` in float16's normal range
+                          ``[2**-14, 65504]``; ``|x-y| <= 2**-25`` below it
+int8      1 + 4/chunk     ``|x-y| <= max|x[chunk]| / 254`` per element (symmetric scale per
+                          chunk of ``chunk`` values, default 256)
+topk      8 k / n         keeps the ``k`` largest magnitudes exactly, zeroes the rest:
+                          ``||x-y||_2 <= sqrt(1 - k/n) ||x||_2``
+========  ==============  ===============================================================
+
+Decoding is hostile-input safe: every length, index and scale is checked and any
+inconsistency raises :class:`CodecError` (a ``ValueError``); the output size is the
+``numel`` the caller passes in (the wire bounds it before calling), never a number read
+from the payload. Encoding refuses non-finite input with ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CODECS",
+    "Codec",
+    "CodecError",
+    "Fp16Codec",
+    "Fp32Codec",
+    "Int8Codec",
+    "TopKCodec",
+    "get_codec",
+    "tensor_from_le_bytes",
+    "tensor_to_le_bytes",
+]
+
+Buffer = bytes | bytearray | memoryview
+
+
+class CodecError(ValueError):
+    """An encoded payload that cannot be decoded: corrupt, truncated or hostile."""
+
+
+# ---------------------------------------------------------------- little-endian raw bytes
+
+
+def tensor_to_le_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's elements as little-endian bytes, without a copy where possible."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8)
+    if sys.byteorder == "big" and flat.element_size() > 1:
+        raw = raw.reshape(-1, flat.element_size()).flip(1).reshape(-1).contiguous()
+    return memoryview(raw.numpy()).cast("B")
+
+
+def tensor_from_le_bytes(data: Buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A new, writable tensor of ``shape`` read from little-endian ``data``.
+
+    ``len(data)`` must be exactly ``numel * itemsize`` (callers check; a mismatch is a
+    ``CodecError`` here too).
+    """
+    numel = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(data) != numel * itemsize:
+        raise CodecError(f"{len(data)} bytes for {numel} x {itemsize}-byte elements")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # the one copy we own
+    if sys.byteorder == "big" and itemsize > 1:
+        raw = raw.reshape(-1, itemsize).flip(1).reshape(-1).contiguous()
+    return raw.view(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------- codecs
+
+
+class Codec(ABC):
+    """Encodes a flat float vector; decodes to a new float32 vector of a given length."""
+
+    name: ClassVar[str]
+    lossless: ClassVar[bool] = False
+
+    @abstractmethod
+    def encode(self, vec: torch.Tensor) -> tuple[bytes, dict[str, int]]:
+        """``(payload, meta)`` for ``vec`` (any float dtype, any shape: it is flattened)."""
+
+    @abstractmethod
+    def decode(self, data: Buffer, meta: Mapping[str, Any], numel: int) -> torch.Tensor:
+        """The float32 vector of ``numel`` values that ``data``/``meta`` encode."""
+
+    @staticmethod
+    def _flat_finite(vec: torch.Tensor) -> torch.Tensor:
+        if not vec.is_floating_point():
+            raise ValueError(f"codecs encode float tensors, got {vec.dtype}")
+        flat = vec.detach().cpu().reshape(-1)
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("cannot encode a vector holding NaN or Inf")
+        return flat
+
+    @staticmethod
+    def _no_meta(meta: Mapping[str, Any], allowed: frozenset[str] = frozenset()) -> None:
+        extra = set(meta) - allowed
+        if extra:
+            raise CodecError(f"unexpected codec meta keys {sorted(extra)}")
+
+
+class Fp32Codec(Codec):
+    """Identity on float32: 4 bytes per parameter, exact."""
+
+    name = "fp32"
+    lossless = True
+
+    def encode(self, vec: torch.Tensor) -> tuple[bytes, dict[str, int]]:
+        flat = self._flat_finite(vec).to(torch.float32)
+        return bytes(tensor_to_le_bytes(flat)), {}
+
+    def decode(self, data: Buffer, meta: Mapping[str, Any], numel: int) -> torch.Tensor:
+        self._no_meta(meta)
+        return tensor_from_le_bytes(data, torch.float32, (numel,))
+
+
+class Fp16Codec(Codec):
+    """Half precision: 2 bytes per parameter, relative error at most 2**-11."""
+
+    name = "fp16"
+    FP16_MAX = 65504.0
+
+    def encode(self, vec: torch.Tensor) -> tuple[bytes, dict[str, int]]:
+        flat = self._flat_finite(vec)
+        if flat.numel() and float(flat.abs().max()) > self.FP16_MAX:
+            raise ValueError(f"values beyond float16's range (|x| > {self.FP16_MAX})")
+        return bytes(tensor_to_le_bytes(flat.to(torch.float16))), {}
+
+    def decode(self, data: Buffer, meta: Mapping[str, Any], numel: int) -> torch.Tensor:
+        self._no_meta(meta)
+        return tensor_from_le_bytes(data, torch.float16, (numel,)).to(torch.float32)
+
+
+class Int8Codec(Codec):
+    """8-bit symmetric quantisation with one float32 scale per chunk of values.
+
+    Payload: ``ceil(n/chunk)`` little-endian float32 scales, then ``n`` int8 values.
+    A chunk's scale is ``max|x|/127``, so each value is off by at most half a step,
+    ``max|x[chunk]|/254``; smaller chunks are more accurate and cost ``4/chunk`` bytes
+    per parameter more.
+    """
+
+    name = "int8"
+    MAX_CHUNK = 1 << 24
+
+    def __init__(self, chunk: int = 256) -> None:
+        if not 1 <= chunk <= self.MAX_CHUNK:
+            raise ValueError(f"chunk must be in [1, {self.MAX_CHUNK}], got {chunk}")
+        self.chunk = chunk
+
+    def encode(self, vec: torch.Tensor) -> tuple[bytes, dict[str, int]]:
+        flat = self._flat_finite(vec).to(torch.float32)
+        n, chunk = flat.numel(), self.chunk
+        nchunks = -(-n // chunk)
+        padded = torch.zeros(nchunks * chunk, dtype=torch.float32)
+        padded[:n] = flat
+        blocks = padded.view(nchunks, chunk)
+        scales = blocks.abs().amax(dim=1) / 127.0
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        payload = bytes(tensor_to_le_bytes(scales)) + bytes(tensor_to_le_bytes(q.reshape(-1)[:n]))
+        return payload, {"chunk": chunk}
+
+    def decode(self, data: Buffer, meta: Mapping[str, Any], numel: int) -> torch.Tensor:
+        self._no_meta(meta, frozenset({"chunk"}))
+        chunk = meta.get("chunk")
+        if type(chunk) is not int or not 1 <= chunk <= self.MAX_CHUNK:
+            raise CodecError(f"int8 chunk must be an int in [1, {self.MAX_CHUNK}]")
+        nchunks = -(-numel // chunk)
+        if len(data) != 4 * nchunks + numel:
+            raise CodecError(f"int8 payload of {len(data)} bytes for {numel} values")
+        view = memoryview(data).cast("B")
+        scales = tensor_from_le_bytes(view[: 4 * nchunks], torch.float32, (nchunks,))
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise CodecError("int8 scales must be finite and non-negative")
+        q = tensor_from_le_bytes(view[4 * nchunks :], torch.int8, (numel,))
+        out = torch.zeros(nchunks * chunk, dtype=torch.float32)
+        out[:numel] = q
+        return (out.view(nchunks, chunk) * scales[:, None]).reshape(-1)[:numel].clone()
+
+
+class TopKCodec(Codec):
+    """Top-k sparsification: the ``k`` largest-magnitude values and their indices.
+
+    Payload: ``k`` strictly increasing little-endian uint32 indices, then ``k`` float32
+    values; everything else decodes to zero. ``k = max(1, ceil(ratio * n))`` unless
+    ``k`` is given. The kept values are exact; the error is the energy of the rest,
+    ``||x-y|| <= sqrt(1 - k/n) ||x||``. Vectors of 2**32 values or more are refused.
+    """
+
+    name = "topk"
+
+    def __init__(self, ratio: float = 0.01, k: int | None = None) -> None:
+        if k is None and not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        if k is not None and k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        self.ratio, self.k = ratio, k
+
+    def encode(self, vec: torch.Tensor) -> tuple[bytes, dict[str, int]]:
+        flat = self._flat_finite(vec).to(torch.float32)
+        n = flat.numel()
+        if n >= 1 << 32:
+            raise ValueError("top-k indices are uint32: vectors must have < 2**32 values")
+        k = self.k if self.k is not None else max(1, math.ceil(self.ratio * n))
+        k = min(k, n)
+        idx = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+        indices = idx.numpy().astype("<u4").tobytes()
+        return indices + bytes(tensor_to_le_bytes(flat[idx])), {}
+
+    def decode(self, data: Buffer, meta: Mapping[str, Any], numel: int) -> torch.Tensor:
+        self._no_meta(meta)
+        if len(data) % 8:
+            raise CodecError(f"top-k payload of {len(data)} bytes is not k*(4+4)")
+        k = len(data) // 8
+        if k > numel:
+            raise CodecError(f"top-k with {k} values for a vector of {numel}")
+        out = torch.zeros(numel, dtype=torch.float32)
+        if k == 0:
+            return out
+        view = memoryview(data).cast("B")
+        idx = np.frombuffer(view[: 4 * k], dtype="<u4").astype(np.int64)
+        if idx[-1] >= numel or (k > 1 and not bool(np.all(idx[1:] > idx[:-1]))):
+            raise CodecError("top-k indices must be strictly increasing and < numel")
+        out[torch.from_numpy(idx)] = tensor_from_le_bytes(view[4 * k :], torch.float32, (k,))
+        return out
+
+
+CODECS: dict[str, type[Codec]] = {
+    c.name: c for c in (Fp32Codec, Fp16Codec, Int8Codec, TopKCodec)
+}
+
+
+def get_codec(name: str, **options: Any) -> Codec:
+    """The codec called ``name``, built with encode-side ``options`` (e.g. ``ratio``).
+
+    Decoding never needs options: whatever it needs travels in the codec meta.
+    """
+    try:
+        cls = CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; known: {sorted(CODECS)}") from None
+    return cls(**options)

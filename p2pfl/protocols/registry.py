@@ -1,0 +1,83 @@
+"""Building a protocol object from its configuration, for the node and the simulator alike."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from p2pfl.config import DPSGDConfig, EpidemicConfig, GossipConfig, ModestConfig, ProtocolConfig
+from p2pfl.protocols.base import PeerId, Protocol
+from p2pfl.protocols.dpsgd import DPSGD
+from p2pfl.protocols.epidemic import EpidemicLearning
+from p2pfl.protocols.gossip import GossipLearning
+from p2pfl.protocols.synchronous import AggregateFn
+
+#: how a simulator measures progress: every peer's round (min) or the system's (max)
+ROUND_PROGRESS = {"dpsgd": "min", "epidemic": "min", "gossip": "min", "modest": "max"}
+
+
+def make_aggregate(config: ProtocolConfig) -> AggregateFn | None:
+    """The robust aggregator the config names; ``None`` for the protocol's own mean."""
+    if config.aggregator == "mean" and not config.aggregator_params:
+        return None
+    from p2pfl.aggregation import get_aggregator
+
+    return get_aggregator(config.aggregator, **config.aggregator_params)
+
+
+def build_protocol(
+    config: ProtocolConfig,
+    *,
+    peer_id: PeerId,
+    params: torch.Tensor,
+    neighbours: list[PeerId],
+    population: list[PeerId] | None = None,
+    mixing_weights: Mapping[PeerId, float] | None = None,
+    aggregate: AggregateFn | None = None,
+    seed: int = 0,
+) -> Protocol:
+    common = {"local_steps": config.local_steps, "seed": seed}
+    if isinstance(config, DPSGDConfig):
+        return DPSGD(
+            peer_id,
+            params,
+            neighbours,
+            weights=mixing_weights,
+            round_timeout=config.round_timeout,
+            aggregate=aggregate,
+            **common,
+        )
+    if isinstance(config, EpidemicConfig):
+        candidates = neighbours
+        if config.peer_sampling == "population" and population is not None:
+            candidates = [p for p in population if p != peer_id]
+        return EpidemicLearning(
+            peer_id,
+            params,
+            candidates,
+            fanout=config.fanout,
+            round_timeout=config.round_timeout,
+            aggregate=aggregate,
+            **common,
+        )
+    if isinstance(config, GossipConfig):
+        return GossipLearning(peer_id, params, neighbours, period=config.period, **common)
+    if isinstance(config, ModestConfig):
+        from p2pfl.protocols.modest import ModestProtocol
+
+        return ModestProtocol(
+            peer_id,
+            params,
+            neighbours,
+            population=list(population or [peer_id, *neighbours]),
+            sample_size=config.sample_size,
+            num_aggregators=config.num_aggregators,
+            success_fraction=config.success_fraction,
+            ping_timeout=config.ping_timeout,
+            aggregation_timeout=config.aggregation_timeout,
+            min_aggregation_count=config.min_aggregation_count,
+            aggregate=aggregate,
+            **common,
+        )
+    raise ValueError(f"unknown protocol config {config!r}")

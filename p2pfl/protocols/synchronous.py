@@ -1,0 +1,194 @@
+"""Shared machinery of round-based protocols: train, send, collect, aggregate.
+
+D-PSGD and Epidemic Learning share one round structure and differ only in whom they send
+to, whom they wait for and how they weight what they got. This base class owns the
+structure -- round tags, a bounded buffer for early messages, the round timer -- so that
+each protocol is a few small hooks.
+
+Round ``r`` of a peer:
+1. ``Train`` its model (phase ``training``);
+2. on ``TrainingDone``, send the trained model tagged ``r`` to ``_recipients()`` and arm
+   the round timer (phase ``collecting``);
+3. aggregate its own trained model with the round-``r`` models received, as soon as every
+   peer of ``_expected_senders()`` has answered or when the timer fires;
+4. emit ``RoundCompleted(r)`` and start round ``r + 1``.
+
+Messages of older rounds are dropped (and counted); messages up to ``max_lead`` rounds
+ahead are kept for later, because a fast neighbour may legitimately be one round ahead.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from p2pfl.protocols.base import (
+    CancelTimer,
+    Effect,
+    Event,
+    Message,
+    MessageReceived,
+    PeerId,
+    Protocol,
+    Record,
+    RoundCompleted,
+    Send,
+    SetTimer,
+    Start,
+    TimerFired,
+    TrainingDone,
+)
+
+#: ``(stack (n, d), weights (n,) or None, own row index) -> aggregated vector (d,)``
+AggregateFn = Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor]
+
+MODEL = "model"
+ROUND_TIMER = "round"
+
+
+def weighted_mean(stack: torch.Tensor, weights: torch.Tensor | None, own: int = 0) -> torch.Tensor:
+    """Default aggregation: the (weighted) mean of the rows of ``stack``."""
+    if weights is None:
+        return stack.mean(dim=0)
+    return weights.to(stack.dtype) @ stack
+
+
+class SynchronousRoundProtocol(Protocol):
+    """Base of protocols whose peers move through numbered rounds together."""
+
+    def __init__(
+        self,
+        peer_id: PeerId,
+        params: torch.Tensor,
+        neighbours: list[PeerId],
+        *,
+        local_steps: int = 1,
+        round_timeout: float = 10.0,
+        aggregate: AggregateFn | None = None,
+        max_lead: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(peer_id, params, neighbours, local_steps=local_steps, seed=seed)
+        if round_timeout <= 0:
+            raise ValueError(f"round_timeout must be > 0, got {round_timeout}")
+        self.round_timeout = round_timeout
+        self.aggregate = aggregate
+        self.max_lead = max_lead
+        self.phase = "idle"  # idle -> training -> collecting -> (aggregate) -> training ...
+        self.trained: torch.Tensor | None = None
+        self.inbox: dict[int, dict[PeerId, torch.Tensor]] = {}
+        self.dropped_stale = 0
+        self.dropped_ahead = 0
+
+    # -- hooks -----------------------------------------------------------------------
+    @abstractmethod
+    def _recipients(self) -> list[PeerId]:
+        """Peers that get this round's trained model."""
+
+    @abstractmethod
+    def _expected_senders(self) -> set[PeerId] | None:
+        """Peers whose model ends the wait early; ``None``: wait for the timer."""
+
+    @abstractmethod
+    def _accepts_sender(self, sender: PeerId) -> bool:
+        """Whether a model from ``sender`` may enter the aggregation."""
+
+    @abstractmethod
+    def _mixing_weights(self, senders: list[PeerId]) -> torch.Tensor | None:
+        """Weights of ``[self] + senders`` for the mean (``None``: uniform)."""
+
+    # -- event handling ----------------------------------------------------------------
+    def handle(self, event: Event) -> list[Effect]:
+        if isinstance(event, Start):
+            return self._start_round()
+        if isinstance(event, TrainingDone):
+            return self._on_trained(event)
+        if isinstance(event, MessageReceived):
+            return self._on_message(event)
+        if isinstance(event, TimerFired) and event.name == ROUND_TIMER:
+            if self.phase == "collecting":
+                return self._finish_round(event.now, timed_out=True)
+            return []
+        return []
+
+    def _start_round(self) -> list[Effect]:
+        self.phase = "training"
+        self.trained = None
+        return [self._train(self.params)]
+
+    def _on_trained(self, event: TrainingDone) -> list[Effect]:
+        if self.phase != "training" or event.ticket != self._next_ticket:
+            return []  # an answer to a training we no longer wait for
+        self.trained = event.params
+        self.phase = "collecting"
+        message = Message(MODEL, self.round, event.params)
+        effects: list[Effect] = [Send(peer, message) for peer in self._recipients()]
+        effects.append(SetTimer(ROUND_TIMER, event.now + self.round_timeout))
+        effects.append(Record("train_loss", event.loss))
+        effects.extend(self._maybe_finish(event.now))
+        return effects
+
+    def _on_message(self, event: MessageReceived) -> list[Effect]:
+        message = event.message
+        if message.kind != MODEL or message.params is None:
+            return []
+        if not self._accepts_sender(event.sender):
+            return [Record("dropped.not_neighbour", 1.0)]
+        if message.round < self.round:
+            self.dropped_stale += 1
+            return [Record("dropped.stale_round", 1.0)]
+        if message.round > self.round + self.max_lead:
+            self.dropped_ahead += 1
+            return [Record("dropped.future_round", 1.0)]
+        self.inbox.setdefault(message.round, {})[event.sender] = message.params
+        return self._maybe_finish(event.now)
+
+    def _maybe_finish(self, now: float) -> list[Effect]:
+        if self.phase != "collecting":
+            return []
+        expected = self._expected_senders()
+        if expected is None:
+            return []
+        received = self.inbox.get(self.round, {})
+        if expected.issubset(received):
+            return self._finish_round(now, timed_out=False)
+        return []
+
+    def _finish_round(self, now: float, *, timed_out: bool) -> list[Effect]:
+        assert self.trained is not None
+        received = self.inbox.pop(self.round, {})
+        senders = sorted(received)
+        if senders:
+            stack = torch.stack([self.trained, *(received[p] for p in senders)])
+            weights = self._mixing_weights(senders)
+            combine = self.aggregate or weighted_mean
+            self.params = combine(stack, weights, 0)
+        else:
+            self.params = self.trained
+        finished = self.round
+        self.round += 1
+        for stale in [r for r in self.inbox if r < self.round]:
+            del self.inbox[stale]
+        effects: list[Effect] = [
+            CancelTimer(ROUND_TIMER),
+            Record("received_models", float(len(senders))),
+            RoundCompleted(finished),
+        ]
+        if timed_out:
+            effects.append(Record("round_timeouts", 1.0))
+        effects.extend(self._start_round())
+        return effects
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # A checkpoint is taken between rounds: the round restarts from training on resume.
+        return super().state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.phase = "idle"
+        self.trained = None
+        self.inbox.clear()

@@ -1,0 +1,225 @@
+"""One trio event loop in a daemon thread, callable from asyncio.
+
+py-libp2p runs on trio only, while the node runs on asyncio.  Running trio as a
+guest of the asyncio loop stalls the network whenever the asyncio thread is busy
+(training), so trio gets a thread of its own.  Calls cross in both directions
+without blocking either loop: asyncio -> trio through the trio token's
+``run_sync_soon``, trio -> asyncio through ``loop.call_soon_threadsafe``.
+
+The loop is shared by every transport of the process: ``acquire`` starts it on
+first use and ``release`` stops and joins it when the last user lets go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+
+__all__ = ["BridgeClosed", "TrioThread", "acquire", "release"]
+
+T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
+
+
+class BridgeClosed(RuntimeError):
+    """The trio loop is not running (never started, stopped, or crashed)."""
+
+
+class _Call:
+    """One asyncio -> trio call; lets asyncio cancel the trio side of it."""
+
+    __slots__ = ("cancel_requested", "scope")
+
+    def __init__(self) -> None:
+        self.scope: trio.CancelScope | None = None
+        self.cancel_requested = False
+
+    def cancel(self) -> None:  # runs on the trio thread
+        self.cancel_requested = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # cancelled on the asyncio side meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class TrioThread:
+    """A trio loop running in its own thread, with a nursery for long-lived tasks."""
+
+    def __init__(self, name: str = "p2pfl-trio") -> None:
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._ready = threading.Event()
+        self._crash: BaseException | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._token is not None
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The loop's root nursery; only to be used from the trio thread."""
+        if self._nursery is None:
+            raise BridgeClosed("trio loop is not running")
+        return self._nursery
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the thread and wait (briefly, blocking) until its loop accepts calls."""
+        if self._thread is not None:
+            raise RuntimeError("TrioThread can be started only once")
+        self._thread = threading.Thread(target=self._thread_main, name=self._name, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._token is None:
+            raise BridgeClosed(f"trio loop did not start: {self._crash!r}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every task on the loop and join the thread."""
+        token, nursery, thread = self._token, self._nursery, self._thread
+        if token is not None and nursery is not None:
+            try:
+                token.run_sync_soon(nursery.cancel_scope.cancel)
+            except trio.RunFinishedError:
+                pass
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                _log.warning("trio thread did not finish within %.1fs", timeout)
+
+    def _thread_main(self) -> None:
+        try:
+            trio.run(self._trio_main)
+        except BaseException as exc:  # noqa: BLE001 - reported, the thread just ends
+            self._crash = exc
+            _log.exception("trio loop crashed")
+        finally:
+            self._token = None
+            self._nursery = None
+            self._ready.set()
+
+    async def _trio_main(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._token = trio.lowlevel.current_trio_token()
+                self._ready.set()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Schedule a plain function on the trio thread (fire and forget)."""
+        token = self._token
+        if token is None:
+            raise BridgeClosed("trio loop is not running")
+        try:
+            token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError as exc:
+            raise BridgeClosed("trio loop has finished") from exc
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a plain function on the trio thread and wait (blocking) for its result.
+
+        For quick reads of trio-owned state from another thread; never call it from
+        the trio thread itself.
+        """
+        token = self._token
+        if token is None:
+            raise BridgeClosed("trio loop is not running")
+        try:
+            return trio.from_thread.run_sync(fn, *args, trio_token=token)
+        except trio.RunFinishedError as exc:
+            raise BridgeClosed("trio loop has finished") from exc
+
+    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Await ``fn(*args)`` run on the trio loop, from a coroutine on an asyncio loop.
+
+        Cancelling the awaiting asyncio task cancels the trio task.  An exception from
+        ``fn`` is re-raised here; a trio loop that stops meanwhile raises ``BridgeClosed``.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        call = _Call()
+
+        def deliver(result: Any, error: BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(_resolve, future, result, error)
+            except RuntimeError:  # the asyncio loop is closed; nobody is waiting
+                pass
+
+        async def runner() -> None:
+            scope = trio.CancelScope()
+            call.scope = scope
+            if call.cancel_requested:
+                scope.cancel()
+            try:
+                with scope:
+                    result = await fn(*args)
+                    deliver(result, None)
+                    return
+                deliver(None, asyncio.CancelledError())
+            except Exception as exc:
+                deliver(None, exc)
+            except BaseException:  # the whole loop is being cancelled
+                deliver(None, BridgeClosed("trio loop stopped during the call"))
+                raise
+
+        def spawn() -> None:  # runs on the trio thread; must not raise
+            try:
+                self.nursery.start_soon(runner)
+            except (BridgeClosed, RuntimeError):  # no nursery, or closed to new tasks
+                deliver(None, BridgeClosed("trio loop is not running"))
+
+        self.call_soon(spawn)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            try:
+                self.call_soon(call.cancel)
+            except BridgeClosed:
+                pass
+            raise
+
+
+_shared: TrioThread | None = None
+_users = 0
+_shared_lock = threading.Lock()
+
+
+def acquire() -> TrioThread:
+    """The process-wide trio thread, started if needed; pair with ``release``."""
+    global _shared, _users
+    with _shared_lock:
+        if _shared is None or not _shared.running:
+            thread = TrioThread()
+            thread.start()
+            _shared, _users = thread, 0
+        _users += 1
+        return _shared
+
+
+def release(thread: TrioThread) -> None:
+    """Give back a thread from ``acquire``; the last user stops and joins it."""
+    global _shared, _users
+    with _shared_lock:
+        if thread is not _shared:
+            thread.stop()
+            return
+        _users -= 1
+        if _users > 0:
+            return
+        _shared, _users = None, 0
+    thread.stop()

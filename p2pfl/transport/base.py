@@ -1,0 +1,130 @@
+"""The runtime-neutral transport interface the asyncio node talks to.
+
+A transport moves opaque byte payloads between peers named by their libp2p peer
+id (the base58 string).  The node never sees streams, muxers or trio: it calls
+``send`` and gets either a return (the receiver has the whole payload) or a
+``TransportError``, and it receives payloads through one synchronous handler
+called on its own asyncio loop.  Two implementations exist: ``memory`` for
+socket-free tests and ``libp2p`` for real networks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+__all__ = ["Handler", "Transport", "TransportError", "TransportStats"]
+
+Handler = Callable[[str, bytes], None]
+"""Called on the asyncio loop with (sender peer id, payload); must not block."""
+
+_log = logging.getLogger(__name__)
+
+
+class TransportError(Exception):
+    """A send, connect or ping that did not succeed (refused, reset, timed out, closed)."""
+
+
+@dataclass
+class TransportStats:
+    """Counters one transport keeps; a snapshot is what ``Transport.stats()`` returns.
+
+    ``rejected_oversized`` counts inbound frames whose length prefix exceeded the cap
+    (refused before reading the body), ``truncated`` inbound frames that ended or were
+    reset before their declared length, ``unhandled`` payloads that arrived while no
+    handler was set, ``handler_errors`` exceptions raised by the handler.
+    """
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    send_failures: int = 0
+    rejected_oversized: int = 0
+    truncated: int = 0
+    unhandled: int = 0
+    handler_errors: int = 0
+
+
+class Transport(ABC):
+    """Send byte payloads to peers, acknowledged, and deliver received ones to a handler.
+
+    Subclasses fill ``peer_id`` at construction and ``listen_addrs`` once started.
+    Counters are updated through ``_count`` so that implementations whose network
+    side runs on another thread stay consistent.
+    """
+
+    peer_id: str
+    listen_addrs: list[str]
+    max_message_size: int
+
+    def __init__(self) -> None:
+        self.listen_addrs = []
+        self._handler: Handler | None = None
+        self._stats = TransportStats()
+        self._stats_lock = threading.Lock()
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start listening; ``listen_addrs`` is filled when this returns."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop listening and drop all connections. Idempotent."""
+
+    @abstractmethod
+    async def connect(self, addr: str, *, timeout: float = 10.0) -> str:
+        """Dial a full multiaddr (ending in ``/p2p/<id>``) and return the peer id."""
+
+    @abstractmethod
+    async def send(self, peer: str, data: bytes, *, timeout: float) -> None:
+        """Deliver ``data`` to ``peer``; return once the receiver acknowledged the whole payload.
+
+        Raises ``TransportError`` when the payload was not acknowledged within ``timeout``
+        seconds, for whatever reason: then the receiver may or may not have it.
+        """
+
+    @abstractmethod
+    async def ping(self, peer: str, *, timeout: float) -> float:
+        """Round-trip time to ``peer`` in seconds; raises ``TransportError`` on failure."""
+
+    @abstractmethod
+    def connected_peers(self) -> list[str]:
+        """Peer ids with an open connection right now."""
+
+    @abstractmethod
+    def known_addrs(self) -> dict[str, list[str]]:
+        """Dialable multiaddrs (with ``/p2p/<id>``) of the peers this transport knows, for peer exchange."""
+
+    def set_handler(self, handler: Handler | None) -> None:
+        """Set the callback for received payloads (``None`` to refuse them)."""
+        self._handler = handler
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot of the counters as a plain dict."""
+        with self._stats_lock:
+            return asdict(self._stats)
+
+    def _count(self, **increments: int) -> None:
+        with self._stats_lock:
+            for name, value in increments.items():
+                setattr(self._stats, name, getattr(self._stats, name) + value)
+
+    def _dispatch(self, sender: str, data: bytes) -> None:
+        """Run the handler on the current (asyncio) thread, keeping its errors contained.
+
+        A handler exception must not take the transport down: the payload was
+        delivered, so it is counted and logged, never propagated to the sender.
+        """
+        handler = self._handler
+        if handler is None:
+            self._count(unhandled=1)
+            return
+        try:
+            handler(sender, data)
+        except Exception:
+            self._count(handler_errors=1)
+            _log.exception("message handler failed on a payload from %s", sender)

@@ -1,0 +1,253 @@
+"""The discrete-event engine: a virtual clock driving unmodified sans-I/O protocols.
+
+Every peer is a protocol object plus a little bookkeeping (alive, rounds done, traffic).
+The engine pops events in time order (ties broken by insertion order, so a seed fixes
+the whole run), hands them to the peer's protocol, and carries out the effects it
+returns: messages go through ``Network``, training through ``TrainingExecutor``, timers
+back into the queue. Nothing here knows which protocol it runs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from p2pfl.protocols.base import (
+    CancelTimer,
+    Effect,
+    Event,
+    MessageReceived,
+    PeerDown,
+    PeerUp,
+    Protocol,
+    Record,
+    RoundCompleted,
+    Send,
+    SendFailed,
+    SetTimer,
+    Start,
+    TimerFired,
+    Train,
+    TrainingDone,
+)
+from sim.network import Network
+from sim.training import TrainingExecutor, TrainJob
+
+
+@dataclass(slots=True)
+class _Timer:
+    name: str
+    generation: int
+
+
+@dataclass(slots=True)
+class _TrainingFinished:
+    job: TrainJob
+    ticket: int
+
+
+@dataclass(slots=True)
+class _Action:
+    """A scheduled callable (disruptions, joins) run at a virtual time."""
+
+    run: Callable[[float], None]
+
+
+@dataclass
+class PeerStats:
+    """Per-peer counters, as arrays indexed by peer."""
+
+    n: int
+    bytes_sent: np.ndarray = field(init=False)
+    bytes_received: np.ndarray = field(init=False)
+    messages_sent: np.ndarray = field(init=False)
+    rounds_done: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bytes_sent = np.zeros(self.n, dtype=np.int64)
+        self.bytes_received = np.zeros(self.n, dtype=np.int64)
+        self.messages_sent = np.zeros(self.n, dtype=np.int64)
+        self.rounds_done = np.zeros(self.n, dtype=np.int64)
+
+
+class Engine:
+    """Runs protocol objects over a ``Network`` in virtual time."""
+
+    def __init__(
+        self,
+        protocols: list[Protocol],
+        network: Network,
+        executor: TrainingExecutor,
+        *,
+        step_time: float,
+        speeds: np.ndarray | None = None,
+        rounds: int,
+        progress: str = "min",
+        send_failure_delay: float | None = None,
+    ) -> None:
+        self.protocols = protocols
+        self.n = len(protocols)
+        self.index = {p.peer_id: i for i, p in enumerate(protocols)}
+        self.network = network
+        self.executor = executor
+        self.step_time = step_time
+        self.speeds = speeds if speeds is not None else np.ones(self.n)
+        self.rounds = rounds
+        if progress not in ("min", "max"):
+            raise ValueError("progress must be 'min' (every peer) or 'max' (the system)")
+        self.progress_mode = progress
+        # A sender learns that a message could not be delivered after about a round trip.
+        self.send_failure_delay = (
+            send_failure_delay if send_failure_delay is not None else 2 * network.latency + 1e-3
+        )
+        self.now = 0.0
+        self.alive = np.ones(self.n, dtype=bool)
+        self.started = np.zeros(self.n, dtype=bool)
+        self.stats = PeerStats(self.n)
+        self.records: dict[str, float] = defaultdict(float)
+        self.events_processed = 0
+        self._queue: list[tuple[float, int, int, object]] = []
+        self._seq = itertools.count()
+        self._timer_generation: dict[tuple[int, str], int] = defaultdict(int)
+        self._round_listeners: list[Callable[[int], None]] = []
+
+    # -- scheduling ------------------------------------------------------------------------
+    def _push(self, time: float, peer: int, item: object) -> None:
+        heapq.heappush(self._queue, (time, next(self._seq), peer, item))
+
+    def start_peer(self, peer: int, at: float = 0.0) -> None:
+        self._push(at, peer, Start(at))
+
+    def schedule(self, at: float, action: Callable[[float], None]) -> None:
+        """Run ``action(now)`` at virtual time ``at`` (disruptions, joins, measurements)."""
+        self._push(at, -1, _Action(action))
+
+    def on_progress(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(progress_round)`` whenever the system's progress advances."""
+        self._round_listeners.append(listener)
+
+    # -- peer failures -------------------------------------------------------------------
+    def crash(self, peer: int) -> None:
+        """The peer stops at once: it sends nothing more and receives nothing."""
+        self.alive[peer] = False
+
+    def recover(self, peer: int, *, restart: bool = True) -> None:
+        """The peer comes back with the state it had (as if restored from a checkpoint)."""
+        if self.alive[peer]:
+            return
+        self.alive[peer] = True
+        for key in [k for k in self._timer_generation if k[0] == peer]:
+            self._timer_generation[key] += 1  # timers set before the crash are void
+        if restart:
+            self._push(self.now, peer, Start(self.now))
+
+    def notify(self, peer: int, about: int, *, up: bool) -> None:
+        """Tell ``peer`` that ``about`` went up or down (failure detector, join)."""
+        other = self.protocols[about].peer_id
+        event = PeerUp(self.now, other) if up else PeerDown(self.now, other)
+        self._push(self.now, peer, event)
+
+    # -- progress ----------------------------------------------------------------------------
+    def progress(self) -> int:
+        """Rounds completed by the system: by every live peer (min) or by any (max)."""
+        live = self.stats.rounds_done[self.alive & self.started]
+        if live.size == 0:
+            return int(self.stats.rounds_done.max(initial=0))
+        return int(live.min() if self.progress_mode == "min" else live.max())
+
+    def finished(self) -> bool:
+        return self.progress() >= self.rounds
+
+    # -- main loop -----------------------------------------------------------------------------
+    def run(self, *, until: float = float("inf")) -> None:
+        last_progress = self.progress()
+        while self._queue and not self.finished():
+            time, _, peer, item = self._queue[0]
+            if time > until:
+                break
+            heapq.heappop(self._queue)
+            self.now = time
+            self._dispatch(peer, item)
+            progress = self.progress()
+            if progress != last_progress:
+                last_progress = progress
+                for listener in self._round_listeners:
+                    listener(progress)
+
+    def _dispatch(self, peer: int, item: object) -> None:
+        if isinstance(item, _Action):
+            item.run(self.now)
+            return
+        if not self.alive[peer]:
+            return
+        if isinstance(item, _Timer):
+            if self._timer_generation[(peer, item.name)] != item.generation:
+                return  # replaced or cancelled
+            event: Event = TimerFired(self.now, item.name)
+        elif isinstance(item, _TrainingFinished):
+            if item.job.cancelled:
+                return
+            self.executor.ensure_done(item.job)
+            assert item.job.result is not None
+            event = TrainingDone(self.now, item.ticket, item.job.result, item.job.loss)
+        else:
+            event = item  # type: ignore[assignment]
+            if isinstance(event, Start):
+                self.started[peer] = True
+            elif isinstance(event, MessageReceived):
+                self.stats.bytes_received[peer] += event.message.nbytes()
+        self.events_processed += 1
+        effects = self.protocols[peer].handle(event)
+        if effects:
+            self._apply(peer, effects)
+
+    def _apply(self, peer: int, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                self._send(peer, effect)
+            elif isinstance(effect, Train):
+                job = self.executor.submit(peer, effect.params, effect.steps)
+                duration = effect.steps * self.step_time / self.speeds[peer]
+                self._push(self.now + duration, peer, _TrainingFinished(job, effect.ticket))
+            elif isinstance(effect, SetTimer):
+                key = (peer, effect.name)
+                self._timer_generation[key] += 1
+                self._push(effect.at, peer, _Timer(effect.name, self._timer_generation[key]))
+            elif isinstance(effect, CancelTimer):
+                self._timer_generation[(peer, effect.name)] += 1
+            elif isinstance(effect, RoundCompleted):
+                self.stats.rounds_done[peer] = max(self.stats.rounds_done[peer], effect.round + 1)
+            elif isinstance(effect, Record):
+                self.records[effect.name] += effect.value
+
+    def _send(self, peer: int, effect: Send) -> None:
+        receiver = self.index.get(effect.to)
+        if receiver is None:
+            self._fail_send(peer, effect, self.now + self.send_failure_delay)
+            return
+        nbytes = effect.message.nbytes()
+        delivery = self.network.transmit(self.now, peer, receiver, nbytes)
+        if delivery.unroutable:
+            self._fail_send(peer, effect, self.now + self.send_failure_delay)
+            return
+        self.stats.bytes_sent[peer] += nbytes
+        self.stats.messages_sent[peer] += 1
+        if delivery.arrival is None:
+            return  # lost on the way
+        if not self.alive[receiver]:
+            # Nobody acknowledges: the sender finds out after its timeout.
+            self._fail_send(peer, effect, delivery.arrival + self.send_failure_delay)
+            return
+        self._push(
+            delivery.arrival,
+            receiver,
+            MessageReceived(delivery.arrival, self.protocols[peer].peer_id, effect.message),
+        )
+
+    def _fail_send(self, peer: int, effect: Send, at: float) -> None:
+        self._push(at, peer, SendFailed(at, effect.to, effect.message))

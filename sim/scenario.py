@@ -1,0 +1,139 @@
+"""Scenario files: a typed, validated description of one simulation run.
+
+A scenario is a TOML file (see ``examples/``). It is validated with pydantic so that a
+mistake is reported as one line that names the key, the value and what was expected,
+instead of a traceback from deep inside the run. ``--set key=value`` overrides use dotted
+keys (``protocol.local_steps=2``) and TOML values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from p2pfl.config import (
+    PROTOCOL_NAMES,
+    DataConfig,
+    DPSGDConfig,
+    ModelConfig,
+    ProtocolConfig,
+    Strict,
+)
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run; the message is one line meant for the user."""
+
+
+class TopologyConfig(Strict):
+    kind: str = "ring"
+    n: int = Field(16, ge=2)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class NetworkConfig(Strict):
+    latency: float = Field(0.01, ge=0, description="one-way link latency, seconds")
+    latency_jitter: float = Field(0.0, ge=0, description="uniform +- jitter fraction")
+    bandwidth: float = Field(12.5e6, gt=0, description="uplink bytes per second")
+    loss: float = Field(0.0, ge=0, lt=1, description="probability a message is lost")
+    step_time: float = Field(0.005, gt=0, description="seconds per local SGD step")
+    speed_spread: float = Field(0.0, ge=0, lt=1, description="peer compute speed in 1 +- spread")
+    #: "graph": peers talk over topology edges only; "overlay": anyone reaches anyone
+    mode: Literal["graph", "overlay"] = "graph"
+
+
+class SimConfig(Strict):
+    backend: Literal["batched", "per_peer"] = "batched"
+    eval_every: int = Field(5, ge=1)
+    eval_peers: int = Field(0, ge=0, description="0: every peer; else a fixed random sample")
+    eval_test_samples: int = Field(0, ge=0, description="0: the whole test set")
+    max_virtual_time: float = Field(1e9, gt=0)
+    output_dir: str = "runs"
+    threads: int = Field(0, ge=0, description="torch threads; 0 leaves torch's default")
+
+
+class Scenario(Strict):
+    name: str = "scenario"
+    seed: int = 0
+    rounds: int = Field(20, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    protocol: ProtocolConfig = Field(default_factory=lambda: DPSGDConfig(name="dpsgd"))
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    sim: SimConfig = Field(default_factory=SimConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Scenario:
+        if self.protocol.name == "modest" and self.protocol.sample_size > self.topology.n:
+            raise ValueError(
+                f"protocol.sample_size={self.protocol.sample_size} exceeds topology.n={self.topology.n}"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3); the value is read as TOML, else kept as a string."""
+    if "=" not in item:
+        raise ScenarioError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ScenarioError(f"--set has an empty key: {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ScenarioError(f"--set {item!r}: {part!r} is not a table")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part, first))
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    more = f" [+{error.error_count() - 1} more]" if error.error_count() > 1 else ""
+    where = f"{loc}: " if loc else ""
+    return f"{where}{first['msg']}{shown}{more}"
+
+
+def _is_union_tag(part: Any, err: dict[str, Any]) -> bool:
+    # pydantic puts the discriminator value ("dpsgd") in the location of union members
+    return part in PROTOCOL_NAMES and err["loc"][0] == "protocol"
+
+
+def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as error:
+        raise ScenarioError(_describe(error)) from None
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ScenarioError(f"{path}: not valid TOML: {error}") from None
+    return scenario_from_dict(apply_overrides(raw, overrides or []))

@@ -1,0 +1,133 @@
+"""Mixing (gossip) matrices of a peer graph and how fast they mix.
+
+Row ``i`` of a mixing matrix ``W`` holds the weights peer ``i`` gives to itself and its
+neighbours when averaging models: ``x_i <- sum_j W_ij x_j``. Rows and columns follow the
+sorted node labels, i.e. peer ``i`` is row ``i`` for the graphs of :func:`build_graph`.
+Matrices are :class:`scipy.sparse.csr_matrix` so graphs of thousands of peers stay cheap.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+__all__ = [
+    "DENSE_EIG_LIMIT",
+    "is_doubly_stochastic",
+    "is_row_stochastic",
+    "metropolis_hastings",
+    "spectral_gap",
+    "uniform",
+]
+
+DENSE_EIG_LIMIT = 2000
+"""Up to this many peers :func:`spectral_gap` uses a dense eigensolver (exact, fast enough)."""
+
+
+def metropolis_hastings(g: nx.Graph) -> sp.csr_matrix:
+    """Metropolis-Hastings weights, the D-PSGD default.
+
+    ``W_ij = 1 / (max(deg_i, deg_j) + 1)`` for every edge and ``W_ii = 1 - sum_j W_ij``.
+    Each peer needs only its neighbours' degrees, and ``W`` is symmetric and doubly
+    stochastic on any graph, so gossip averaging converges to the true mean.
+    """
+    n, deg, u, v = _edge_arrays(g)
+    w = 1.0 / (np.maximum(deg[u], deg[v]) + 1.0)
+    off = sp.coo_matrix(
+        (np.concatenate([w, w]), (np.concatenate([u, v]), np.concatenate([v, u]))), shape=(n, n)
+    )
+    diag = 1.0 - np.asarray(off.sum(axis=1)).ravel()
+    return (off + sp.diags(diag)).tocsr()
+
+
+def uniform(g: nx.Graph) -> sp.csr_matrix:
+    """Each peer averages itself and its neighbours equally: row ``i`` is ``1 / (deg_i + 1)``.
+
+    Row-stochastic but, unlike Metropolis-Hastings, neither symmetric nor column-stochastic
+    unless the graph is regular: peers of high degree pull the consensus towards their
+    neighbourhoods, so the fixed point is a degree-weighted mean, not the plain mean.
+    """
+    n, deg, u, v = _edge_arrays(g)
+    rows = np.concatenate([u, v, np.arange(n)])
+    cols = np.concatenate([v, u, np.arange(n)])
+    return sp.coo_matrix((1.0 / (deg[rows] + 1.0), (rows, cols)), shape=(n, n)).tocsr()
+
+
+def spectral_gap(w: sp.spmatrix | np.ndarray, *, dense_limit: int = DENSE_EIG_LIMIT) -> float:
+    """``1 - |lambda_2|``, one minus the second largest eigenvalue modulus of ``w``.
+
+    The larger the gap, the faster repeated mixing reaches consensus (the error shrinks
+    roughly by ``1 - gap`` per round); it is ``0`` for a disconnected graph and ``1`` for
+    a complete graph under Metropolis-Hastings. Dense eigenvalues up to ``dense_limit``
+    peers, ARPACK (two eigenvalues of largest modulus) beyond. A 1-peer matrix has gap 1.
+    """
+    n = w.shape[0]
+    if n <= 1:
+        return 1.0
+    symmetric = _is_symmetric(w)
+    if n <= dense_limit:
+        dense = w.toarray() if sp.issparse(w) else np.asarray(w, dtype=float)
+        if symmetric:
+            eig = scipy.linalg.eigvalsh(dense)
+        else:
+            eig = scipy.linalg.eigvals(dense)
+        moduli = np.sort(np.abs(eig))[::-1]
+    else:
+        op = sp.csr_matrix(w, dtype=float)
+        if symmetric:
+            eig = spla.eigsh(op, k=2, which="LM", return_eigenvectors=False)
+        else:
+            eig = spla.eigs(op, k=2, which="LM", return_eigenvectors=False)
+        moduli = np.sort(np.abs(eig))[::-1]
+    return float(max(0.0, 1.0 - moduli[1]))
+
+
+def is_row_stochastic(w: sp.spmatrix | np.ndarray, tol: float = 1e-9) -> bool:
+    """Whether ``w`` has no negative entries and every row sums to 1 (within ``tol``)."""
+    m = sp.csr_matrix(w, dtype=float)
+    return _nonnegative(m, tol) and _sums_to_one(m, axis=1, tol=tol)
+
+
+def is_doubly_stochastic(w: sp.spmatrix | np.ndarray, tol: float = 1e-9) -> bool:
+    """Whether ``w`` has no negative entries and every row and column sums to 1.
+
+    Double stochasticity is what makes gossip averaging preserve the mean of the models.
+    """
+    m = sp.csr_matrix(w, dtype=float)
+    return (
+        _nonnegative(m, tol)
+        and _sums_to_one(m, axis=1, tol=tol)
+        and _sums_to_one(m, axis=0, tol=tol)
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _edge_arrays(g: nx.Graph) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """``n``, degrees and edge endpoints as row indices (sorted node order); no self-loops."""
+    index = {node: i for i, node in enumerate(sorted(g.nodes))}
+    n = len(index)
+    edges = [(index[a], index[b]) for a, b in g.edges if a != b]
+    pairs = np.array(edges, dtype=np.int64).reshape(-1, 2)
+    u, v = pairs[:, 0], pairs[:, 1]
+    deg = np.bincount(np.concatenate([u, v]), minlength=n).astype(float)
+    return n, deg, u, v
+
+
+def _is_symmetric(w: sp.spmatrix | np.ndarray, tol: float = 1e-12) -> bool:
+    m = sp.csr_matrix(w, dtype=float)
+    diff = m - m.T
+    return diff.nnz == 0 or float(np.abs(diff.data).max()) <= tol
+
+
+def _nonnegative(m: sp.csr_matrix, tol: float) -> bool:
+    return m.nnz == 0 or float(m.data.min()) >= -tol
+
+
+def _sums_to_one(m: sp.csr_matrix, *, axis: int, tol: float) -> bool:
+    sums = np.asarray(m.sum(axis=axis)).ravel()
+    return bool(np.all(np.abs(sums - 1.0) <= tol))
