@@ -65,7 +65,9 @@ class ParamLayout:
         for shape in shapes:
             offsets.append(total)
             total += math.prod(shape)
-        return cls(tuple(names), tuple(tuple(int(s) for s in sh) for sh in shapes), tuple(offsets), total)
+        return cls(
+            tuple(names), tuple(tuple(int(s) for s in sh) for sh in shapes), tuple(offsets), total
+        )
 
     def index(self, name: str) -> int:
         """Position of parameter ``name`` in ``names``."""
@@ -115,7 +117,9 @@ def load_flat(module: nn.Module, vec: torch.Tensor) -> None:
     """Copy the flat vector ``vec`` into ``module``'s parameters, in place."""
     layout = ParamLayout.from_module(module)
     if vec.dim() != 1 or vec.numel() != layout.numel:
-        raise ValueError(f"expected a vector of {layout.numel} values, got shape {tuple(vec.shape)}")
+        raise ValueError(
+            f"expected a vector of {layout.numel} values, got shape {tuple(vec.shape)}"
+        )
     views = unflatten(vec, layout)
     with torch.no_grad():
         for name, param in module.named_parameters():

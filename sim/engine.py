@@ -121,6 +121,9 @@ class Engine:
         heapq.heappush(self._queue, (time, next(self._seq), peer, item))
 
     def start_peer(self, peer: int, at: float = 0.0) -> None:
+        """Start ``peer`` at ``at``; until then it is not counted or evaluated."""
+        if at <= self.now:
+            self.started[peer] = True
         self._push(at, peer, Start(at))
 
     def schedule(self, at: float, action: Callable[[float], None]) -> None:

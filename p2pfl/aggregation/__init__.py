@@ -1,0 +1,59 @@
+"""Aggregation rules: pure, vectorised torch functions over a stack of parameter vectors.
+
+Every rule takes ``x`` of shape ``(n, d)`` (one flat model or update per row, float32 as a
+rule) and returns a ``(d,)`` tensor, except the pre-aggregation :func:`nnm` (``(n, d)``)
+and the scoring functions (weights). Pairwise distances come from one Gram-matrix
+product (float64), never from a Python loop over pairs.
+
+Protocols use the uniform interface: ``get_aggregator(name, **params)`` returns an
+:class:`Aggregator`, called as ``agg(stack, weights=None, own=0)``; :data:`AGGREGATORS`
+lists the names and their parameters. SybilWall and Bristle need per-neighbour state, so
+only their pure scoring parts live here (``sybilwall_weights``, ``bristle_*``); the
+protocols keep the state.
+
+Inputs are assumed finite: the wire layer rejects NaN and infinite tensors before a
+model reaches an aggregator.
+
+This package imports only torch and the standard library.
+"""
+
+from p2pfl.aggregation.averaging import mean
+from p2pfl.aggregation.bristle import (
+    bristle_class_weights,
+    bristle_integrate,
+    bristle_select,
+    pack_output_layer,
+    unpack_output_layer,
+)
+from p2pfl.aggregation.clipping import centered_clipping
+from p2pfl.aggregation.coordinatewise import coordinate_median, trimmed_mean
+from p2pfl.aggregation.distance import bulyan, krum, krum_scores, multi_krum, nnm
+from p2pfl.aggregation.geomedian import geometric_median, geometric_median_coefficients
+from p2pfl.aggregation.registry import AGGREGATORS, Aggregator, RuleAggregator, get_aggregator
+from p2pfl.aggregation.reputation import cosine_similarities, foolsgold_weights, sybilwall_weights
+
+__all__ = [
+    "AGGREGATORS",
+    "Aggregator",
+    "RuleAggregator",
+    "bristle_class_weights",
+    "bristle_integrate",
+    "bristle_select",
+    "bulyan",
+    "centered_clipping",
+    "coordinate_median",
+    "cosine_similarities",
+    "foolsgold_weights",
+    "geometric_median",
+    "geometric_median_coefficients",
+    "get_aggregator",
+    "krum",
+    "krum_scores",
+    "mean",
+    "multi_krum",
+    "nnm",
+    "pack_output_layer",
+    "sybilwall_weights",
+    "trimmed_mean",
+    "unpack_output_layer",
+]

@@ -204,7 +204,10 @@ def _load_synthetic(seed: int) -> Dataset:
 
     sources = np.repeat(np.arange(_SYN_SOURCES), _SYN_PER_SOURCE)
     y_train = np.concatenate(
-        [rng.choice(_SYN_CLASSES, size=_SYN_PER_SOURCE, p=label_mix[s]) for s in range(_SYN_SOURCES)]
+        [
+            rng.choice(_SYN_CLASSES, size=_SYN_PER_SOURCE, p=label_mix[s])
+            for s in range(_SYN_SOURCES)
+        ]
     )
     x_train = means[y_train] + shifts[sources] + rng.normal(size=(len(y_train), dim))
     test_sources = rng.integers(_SYN_SOURCES, size=_SYN_TEST)

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IdxError", "decompress", "parse_idx", "read_idx", "read_payload", "payload_md5", "write_idx"]
+__all__ = [
+    "IdxError",
+    "decompress",
+    "parse_idx",
+    "read_idx",
+    "read_payload",
+    "payload_md5",
+    "write_idx",
+]
 
 # IDX type code -> numpy dtype (big-endian where it matters).
 _DTYPES: dict[int, np.dtype] = {
@@ -72,7 +80,9 @@ def parse_idx(data: bytes) -> np.ndarray:
     dtype = _DTYPES[code]
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
-        raise IdxError(f"IDX body has {len(data) - header} bytes, shape {shape} needs {expected - header}")
+        raise IdxError(
+            f"IDX body has {len(data) - header} bytes, shape {shape} needs {expected - header}"
+        )
     array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=True)
 

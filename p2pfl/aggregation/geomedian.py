@@ -1,0 +1,88 @@
+"""Geometric median by the smoothed Weiszfeld algorithm (as in RFA, Pillutla et al., 2022).
+
+The geometric median minimises ``sum_i w_i ||z - x_i||``; it has breakdown point 1/2 and,
+unlike the coordinate median, is rotation invariant. Weiszfeld's iteration re-weights each
+point by the inverse of its distance to the current estimate:
+
+    z <- sum_i b_i x_i / sum_i b_i,   b_i = w_i / max(eps, ||z - x_i||)
+
+``eps`` (the smoothing) keeps a weight finite when ``z`` lands on a data point.
+
+Every iterate is a convex combination ``z = sum_i a_i x_i`` of the rows, so distances can
+be read off the Gram matrix ``G``: ``||z - x_j||^2 = a'Ga - 2(Ga)_j + G_jj``. The
+iterations then cost ``O(n^2)`` each and the ``(n, d)`` stack is read only twice (once for
+``G``, once for the final combination), however many iterations run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from p2pfl.aggregation._checks import check_stack, check_weights
+from p2pfl.aggregation._linalg import gram
+
+
+def geometric_median_coefficients(
+    x: Tensor,
+    weights: Tensor | None = None,
+    *,
+    iters: int = 100,
+    eps: float = 1e-6,
+    tol: float = 1e-10,
+) -> Tensor:
+    """The convex coefficients ``a`` (n,), float64, with ``geometric_median(x) = a @ x``.
+
+    Stops after ``iters`` iterations, or earlier once the objective improves by less than
+    ``tol`` relative to its value. Starts from the (weighted) mean.
+    """
+    check_stack(x, "geometric_median")
+    n = x.shape[0]
+    w = check_weights(weights, n, "geometric_median")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"geometric_median: iters must be an int >= 1, got {iters!r}")
+    if not eps > 0:
+        raise ValueError(f"geometric_median: eps (smoothing) must be > 0, got {eps!r}")
+    if w is None:
+        w = torch.full((n,), 1.0 / n, dtype=torch.float64, device=x.device)
+    else:
+        w = w.to(device=x.device, dtype=torch.float64)
+        w = w / w.sum()
+    g = gram(x)
+    diag = g.diagonal()
+
+    def distances(a: Tensor) -> Tensor:
+        ga = g @ a
+        return (a @ ga - 2.0 * ga + diag).clamp_min(0.0).sqrt()
+
+    coeffs = w.clone()
+    dist = distances(coeffs)
+    objective = float(w @ dist)
+    for _ in range(iters):
+        beta = w / dist.clamp_min(eps)
+        coeffs = beta / beta.sum()
+        dist = distances(coeffs)
+        new_objective = float(w @ dist)
+        converged = objective - new_objective <= tol * max(new_objective, 1e-300)
+        objective = new_objective
+        if converged:
+            break
+    return coeffs
+
+
+def geometric_median(
+    x: Tensor,
+    weights: Tensor | None = None,
+    *,
+    iters: int = 100,
+    eps: float = 1e-6,
+    tol: float = 1e-10,
+) -> Tensor:
+    """Smoothed-Weiszfeld geometric median of the rows of ``x`` (n, d); shape ``(d,)``.
+
+    ``weights`` (n,), non-negative, make it the weighted geometric median. ``eps`` is the
+    smoothing distance (in the units of ``x``), ``iters`` the iteration cap, ``tol`` the
+    relative improvement of the objective below which it stops.
+    """
+    coeffs = geometric_median_coefficients(x, weights, iters=iters, eps=eps, tol=tol)
+    return coeffs.to(x.dtype) @ x

@@ -1,0 +1,244 @@
+"""Attacks by name, tagged with where a driver applies them.
+
+``get_attack(name, **params)`` returns an :class:`Attack` whose ``kind`` tells the driver
+(simulator or node) what to do with it:
+
+- ``"none"``: nothing, the peer is honest;
+- ``"data"``: ``attack(x, y) -> (x, y)`` transforms each training batch of the peer;
+- ``"model"``: ``attack(ctx) -> vector`` replaces the model the peer sends, given a
+  :class:`ModelAttackContext` describing what the attacker knows.
+
+``attack.trains`` is False for the free rider (skip its local training), and
+``attack.sybil`` is a :class:`SybilGroup` when one adversary speaks through several
+identities (the driver gives each identity a peer id and sends the replicated vectors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from p2pfl.attacks.data_poisoning import (
+    Backdoor,
+    LabelFlip,
+    TargetedLabelFlip,
+    Trigger,
+)
+from p2pfl.attacks.model_poisoning import alie, free_rider, gaussian, ipm, scaling, sign_flip
+from p2pfl.attacks.sybil import SybilGroup
+
+AttackKind = Literal["none", "data", "model"]
+
+
+@dataclass(frozen=True)
+class ModelAttackContext:
+    """What a model-poisoning peer knows when it crafts the vector it sends.
+
+    - ``own`` (d,): the model it would send if honest (after local training);
+    - ``reference`` (d,): the model this round started from (before training), the origin
+      of update-space attacks and what a free rider sends back;
+    - ``honest`` (m, d): honest models an omniscient attacker sees (e.g. what its honest
+      neighbours sent it); ALIE needs it, IPM falls back to ``own`` without it;
+    - ``n_total``, ``n_byzantine``: the number of models the victim aggregates and how
+      many of them are Byzantine (ALIE's ``z_max``);
+    - ``generator``: the random source of noise attacks, for reproducible runs.
+    """
+
+    own: Tensor
+    reference: Tensor
+    honest: Tensor | None = None
+    n_total: int | None = None
+    n_byzantine: int | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A configured attack. Call it as its ``kind`` says (see the module docstring)."""
+
+    name: str
+    kind: AttackKind
+    params: Mapping[str, Any]
+    apply: Callable[..., Any] = field(repr=False)
+    trains: bool = True
+    sybil: SybilGroup | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        return self.apply(*args)
+
+
+# ---------------------------------------------------------------- parameter checks
+
+Check = Callable[[str, Any], Any]
+_REQUIRED = object()
+
+
+def _number(low: float, *, strict: bool = False, high: float | None = None) -> Check:
+    def check(name: str, value: Any) -> float:
+        ok = not isinstance(value, bool) and isinstance(value, int | float)
+        ok = ok and (value > low if strict else value >= low)
+        ok = ok and (high is None or value <= high)
+        if not ok:
+            bound = (f"> {low}" if strict else f">= {low}") + (f" and <= {high}" if high else "")
+            raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _int(low: int) -> Check:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        return value
+
+    return check
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _optional(check: Check) -> Check:
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _passthrough(name: str, value: Any) -> Any:
+    return value  # validated by the object it configures (Trigger)
+
+
+# ---------------------------------------------------------------- the attacks
+
+
+def _alie(ctx: ModelAttackContext, z: float | None) -> Tensor:
+    if ctx.honest is None:
+        raise ValueError("alie is omniscient: the driver must pass the honest models (honest=)")
+    if z is None and (ctx.n_total is None or ctx.n_byzantine is None):
+        raise ValueError("alie needs n_total and n_byzantine in the context, or a fixed z")
+    return alie(ctx.honest, ctx.n_total or 0, ctx.n_byzantine or 0, z)
+
+
+def _backdoor(p: Mapping[str, Any]) -> Backdoor:
+    trigger = Trigger(p["size"], p["value"], p["corner"], p["image_shape"])
+    return Backdoor(p["target_label"], p["fraction"], trigger)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: AttackKind
+    build: Callable[[Mapping[str, Any]], Callable[..., Any]]
+    params: Mapping[str, tuple[Any, Check]] = field(default_factory=dict)
+
+
+_SPECS: dict[str, _Spec] = {
+    "none": _Spec("none", lambda p: lambda *args: None),
+    "label_flip": _Spec(
+        "data", lambda p: LabelFlip(p["num_classes"]), {"num_classes": (_REQUIRED, _int(2))}
+    ),
+    "targeted_flip": _Spec(
+        "data",
+        lambda p: TargetedLabelFlip(p["source"], p["target"]),
+        {"source": (_REQUIRED, _int(0)), "target": (_REQUIRED, _int(0))},
+    ),
+    "backdoor": _Spec(
+        "data",
+        _backdoor,
+        {
+            "target_label": (_REQUIRED, _int(0)),
+            "fraction": (0.5, _number(0.0, high=1.0)),
+            "size": (3, _int(1)),
+            "value": (1.0, _real),
+            "corner": ("bottom_right", _passthrough),
+            "image_shape": (None, _passthrough),
+        },
+    ),
+    "sybil_label_flip": _Spec(
+        "data",
+        lambda p: LabelFlip(p["num_classes"]),
+        {
+            "num_classes": (_REQUIRED, _int(2)),
+            "identities": (10, _int(1)),
+            "jitter": (0.0, _number(0.0)),
+        },
+    ),
+    "sign_flip": _Spec(
+        "model",
+        lambda p: lambda ctx: sign_flip(ctx.own, ctx.reference, p["scale"]),
+        {"scale": (1.0, _number(0.0, strict=True))},
+    ),
+    "gaussian": _Spec(
+        "model",
+        lambda p: lambda ctx: gaussian(ctx.own, p["sigma"], ctx.generator),
+        {"sigma": (1.0, _number(0.0))},
+    ),
+    "scaling": _Spec(
+        "model",
+        lambda p: lambda ctx: scaling(ctx.own, ctx.reference, p["factor"]),
+        {"factor": (10.0, _real)},
+    ),
+    "alie": _Spec(
+        "model", lambda p: lambda ctx: _alie(ctx, p["z"]), {"z": (None, _optional(_real))}
+    ),
+    "ipm": _Spec(
+        "model",
+        lambda p: (
+            lambda ctx: ipm(ctx.own if ctx.honest is None else ctx.honest, p["eps"], ctx.reference)
+        ),
+        {"eps": (0.5, _number(0.0, strict=True))},
+    ),
+    "free_rider": _Spec("model", lambda p: lambda ctx: free_rider(ctx.reference)),
+}
+
+#: Every attack name, with the parameters it accepts (see ``get_attack`` for defaults).
+ATTACKS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {name: tuple(spec.params) for name, spec in _SPECS.items()}
+)
+
+#: Where each attack is applied: "none", "data" (training batches) or "model" (sent vector).
+ATTACK_KINDS: Mapping[str, AttackKind] = MappingProxyType(
+    {name: spec.kind for name, spec in _SPECS.items()}
+)
+
+
+def get_attack(name: str, **params: Any) -> Attack:
+    """Build the attack called ``name`` (see :data:`ATTACKS`) with ``params``.
+
+    Raises ValueError naming the accepted names, or that attack's accepted parameters,
+    when either is unknown; and when a required parameter is missing or a value is invalid.
+    """
+    if name not in _SPECS:
+        raise ValueError(f"unknown attack {name!r}; accepted: {', '.join(sorted(_SPECS))}")
+    spec = _SPECS[name]
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise ValueError(
+            f"attack {name!r} does not accept {', '.join(unknown)}; "
+            f"accepted parameters: {', '.join(spec.params) or '(none)'}"
+        )
+    missing = [
+        k for k, (default, _) in spec.params.items() if default is _REQUIRED and k not in params
+    ]
+    if missing:
+        raise ValueError(f"attack {name!r} needs {', '.join(missing)}")
+    values = {
+        key: check(f"{name}: {key}", params.get(key, default))
+        for key, (default, check) in spec.params.items()
+    }
+    sybil = (
+        SybilGroup(values["identities"], values["jitter"]) if name == "sybil_label_flip" else None
+    )
+    return Attack(
+        name=name,
+        kind=spec.kind,
+        params=MappingProxyType(values),
+        apply=spec.build(values),
+        trains=name != "free_rider",
+        sybil=sybil,
+    )

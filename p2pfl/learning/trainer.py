@@ -1,0 +1,268 @@
+"""Local training: plain SGD steps on flat parameter vectors, one peer or many at once.
+
+A peer's whole learning state is its parameter vector (SGD keeps no optimizer state) and
+its sampler's position. ``LocalTrainer`` runs ``steps`` minibatch SGD steps from a vector
+and returns a new one, along two paths that compute the same thing:
+
+- ``train``: the per-peer reference. One ``nn.Module``, ordinary autograd, one step after
+  another. What a real node runs, and the baseline the batched path is checked against.
+- ``train_batched``: many peers as one computation. The model is called functionally
+  (``torch.func.functional_call``) on a stack of parameter vectors, with per-peer
+  gradients from ``vmap(grad(loss))``. Per-peer Python work is limited to drawing batch
+  indices; the data gather is one ``index_select`` over one concatenated index array.
+
+The update is ``p <- p - lr * (g + weight_decay * p)`` with ``g`` the gradient of the mean
+cross-entropy over the batch; the loss reported is the mean of the steps' batch losses,
+each taken before its update.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from p2pfl.learning.sampler import BatchSampler
+from p2pfl.model import ParamLayout, flatten_module, load_flat, unflatten
+
+__all__ = ["BatchSampler", "BatchTransform", "LocalTrainer", "activation_numel"]
+
+# Changes a batch before training on it: (x, y) -> (x, y), same shapes. Attacks use it
+# (label flipping, backdoor triggers); it must not modify its inputs in place.
+BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# Bound on the activations of one batched call, in float32 elements (~256 MiB): sets how
+# many peers ``train_batched`` and ``evaluate`` process together.
+ACTIVATION_BUDGET = 1 << 26
+
+
+def activation_numel(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Elements of all leaf modules' outputs for one sample: a proxy for memory per sample."""
+    total = 0
+
+    def count(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(total, 1)
+
+
+class LocalTrainer:
+    """SGD on flat parameter vectors over one shared dataset ``(x, y)``.
+
+    ``x`` and ``y`` are the whole training set; peers differ only by the samplers (index
+    arrays) they pass in. The given ``model`` fixes the architecture and is never modified;
+    the trainer works on private copies, so it is not thread-safe: one caller at a time.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        lr: float,
+        batch_size: int,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if any(True for _ in model.buffers()):
+            raise ValueError(
+                "the model has buffers (e.g. BatchNorm): it must be a pure function of its parameters"
+            )
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.x = x
+        self.y = y
+        self.lr = float(lr)
+        self.batch_size = int(batch_size)
+        self.weight_decay = float(weight_decay)
+        self.input_shape = tuple(x.shape[1:])
+        # Two private copies: one called functionally (batched path, evaluation), one
+        # trained in place (reference path). A trainer serves one thread at a time.
+        self._net = copy.deepcopy(model).requires_grad_(True)
+        self._ref = copy.deepcopy(model).requires_grad_(True)
+        self._layout = ParamLayout.from_module(self._net)
+        self._activation = activation_numel(self._net, self.input_shape)
+        self._peer_grad = vmap(grad_and_value(self._batch_loss))
+        self._peer_logits = vmap(self._logits, in_dims=(0, None))
+
+    @property
+    def layout(self) -> ParamLayout:
+        """Where each named parameter lives in the flat vector."""
+        return self._layout
+
+    @property
+    def dim(self) -> int:
+        """Length of a parameter vector."""
+        return self._layout.numel
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of classes the model predicts (rows of the output layer's weight)."""
+        layout = self._layout
+        return layout.shapes[layout.index(layout.output_layer_names()[0])][0]
+
+    def logits_batched(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, N, classes)`` of each model in ``params`` (B, d) on shared ``x`` (N, ...)."""
+        return self._peer_logits(unflatten(params, self._layout), x)
+
+    def peers_per_call(self, samples_per_peer: int) -> int:
+        """How many peers one batched call handles, keeping activations in budget."""
+        return max(1, ACTIVATION_BUDGET // (self._activation * max(samples_per_peer, 1)))
+
+    def init_params(self, seed: int) -> torch.Tensor:
+        """A freshly initialised parameter vector, the same for the same seed.
+
+        Uses each layer's own ``reset_parameters`` under a private generator state, so it
+        neither reads nor disturbs torch's global random state.
+        """
+        net = copy.deepcopy(self._net)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in net.modules():
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+        return flatten_module(net)
+
+    # ------------------------------------------------------------------ per-peer path
+    def train(
+        self,
+        params: torch.Tensor,
+        sampler: BatchSampler,
+        steps: int,
+        *,
+        transform: BatchTransform | None = None,
+    ) -> tuple[torch.Tensor, float]:
+        """``steps`` SGD steps from ``params`` (d,) on ``sampler``'s batches.
+
+        Returns the new vector (``params`` is left untouched) and the mean batch loss
+        (NaN for zero steps).
+        """
+        self._check_vector(params)
+        if steps <= 0:
+            return params.detach().clone(), float("nan")
+        net = self._ref
+        load_flat(net, params.detach())
+        total = 0.0
+        for _ in range(steps):
+            x, y = self._gather(sampler.next_batch().copy())  # the sampler's view is read-only
+            if transform is not None:
+                x, y = transform(x, y)
+            net.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            with torch.no_grad():
+                for p in net.parameters():
+                    self._sgd_update(p, p.grad)
+            total += loss.item()
+        return flatten_module(net), total / steps
+
+    # ------------------------------------------------------------------- batched path
+    def train_batched(
+        self,
+        params: torch.Tensor,
+        samplers: Sequence[BatchSampler],
+        steps: int,
+        *,
+        transforms: Sequence[BatchTransform | None] | None = None,
+        chunk: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``steps`` SGD steps for each row of ``params`` (B, d), row ``i`` on ``samplers[i]``.
+
+        Returns the new ``(B, d)`` stack (``params`` is left untouched) and each peer's mean
+        batch loss ``(B,)``. Gives the same result as ``train`` row by row, within float
+        tolerance, and advances each sampler exactly as ``train`` would. ``transforms[i]``
+        (optional) changes peer ``i``'s batches. Peers are processed ``chunk`` at a time
+        (default: as many as the activation budget allows), all steps of a chunk together.
+        """
+        if params.dim() != 2 or params.shape[1] != self.dim:
+            raise ValueError(f"expected params of shape (B, {self.dim}), got {tuple(params.shape)}")
+        num = params.shape[0]
+        if len(samplers) != num:
+            raise ValueError(f"{num} parameter rows but {len(samplers)} samplers")
+        if transforms is not None and len(transforms) != num:
+            raise ValueError(f"{num} parameter rows but {len(transforms)} transforms")
+        out = params.detach().to(torch.float32, copy=True).contiguous()
+        losses = torch.zeros(num, dtype=torch.float32)
+        if steps <= 0:
+            return out, torch.full((num,), float("nan"))
+        if any(s.batch_size != self.batch_size for s in samplers):
+            raise ValueError(f"every sampler must draw batches of {self.batch_size}")
+        chunk = chunk or self.peers_per_call(self.batch_size)
+        for start in range(0, num, chunk):
+            stop = min(start + chunk, num)
+            views = unflatten(out[start:stop], self._layout)
+            group = samplers[start:stop]
+            group_transforms = transforms[start:stop] if transforms is not None else None
+            for _ in range(steps):
+                x, y = self._gather_many(group)
+                if group_transforms is not None:
+                    _apply_transforms(x, y, group_transforms)
+                grads, loss = self._peer_grad(views, x, y)
+                with torch.no_grad():
+                    for name, view in views.items():
+                        self._sgd_update(view, grads[name])
+                losses[start:stop] += loss
+        return out, losses / steps
+
+    # ---------------------------------------------------------------------- internals
+    def _sgd_update(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """In place: ``param -= lr * (grad + weight_decay * param)``; same ops on both paths."""
+        if self.weight_decay:
+            grad = grad + self.weight_decay * param
+        param.sub_(grad, alpha=self.lr)
+
+    def _logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self._net, params, (x,))
+
+    def _batch_loss(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        return F.cross_entropy(self._logits(params, x), y)
+
+    def _gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+        return self.x.index_select(0, t), self.y.index_select(0, t)
+
+    def _gather_many(self, samplers: Sequence[BatchSampler]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One stacked batch per sampler: ``x`` (k, batch, *input), ``y`` (k, batch)."""
+        idx = np.concatenate([s.next_batch() for s in samplers])
+        x, y = self._gather(idx)
+        k = len(samplers)
+        return x.view(k, self.batch_size, *self.input_shape), y.view(k, self.batch_size)
+
+    def _check_vector(self, params: torch.Tensor) -> None:
+        if params.dim() != 1 or params.numel() != self.dim:
+            raise ValueError(
+                f"expected a parameter vector of {self.dim} values, got {tuple(params.shape)}"
+            )
+
+
+def _apply_transforms(
+    x: torch.Tensor, y: torch.Tensor, transforms: Sequence[BatchTransform | None]
+) -> None:
+    """Replace row ``i`` of the stacked batch by ``transforms[i]`` of it, where given."""
+    for i, transform in enumerate(transforms):
+        if transform is not None:
+            xi, yi = transform(x[i], y[i])
+            if xi.shape != x[i].shape or yi.shape != y[i].shape:
+                raise ValueError("a batch transform must keep the batch's shapes")
+            x[i] = xi
+            y[i] = yi

@@ -1,0 +1,448 @@
+"""py-libp2p 0.8.1 behind the ``Transport`` interface.
+
+Wire protocol ``/p2pfl/msg/1.0.0``: one libp2p stream per payload.  The sender
+writes a 4-byte big-endian length and the payload, then waits for one
+acknowledgement byte; the receiver reads the whole frame, hands it to the
+asyncio loop, acknowledges and closes.  A stream that ends early is a truncated
+frame, a length above the receiver's cap is refused before any body is read.
+
+The host runs on the process-wide trio thread of ``_trio_bridge`` and is built
+with the settings measured in DESIGN.md ("py-libp2p facts"):
+
+- Noise is the only security offered (py-libp2p also offers plaintext, TLS and
+  secio by default); yamux is the only muxer (mplex is ~6x slower);
+- ``max_connections_per_peer=1``: more makes every connect cost >= 250 ms;
+- the receiving handler drains the stream at once, because yamux resets a
+  stream whose reader stalls for 5 s, and never runs node code on trio;
+- identify and ping stay registered (``new_host`` adds them), so peers of other
+  libp2p implementations can connect, and ``ping()`` uses ``/ipfs/ping/1.0.0``;
+- the swarm's auto-connector is neutered (see ``_NoAutoConnect``), and an
+  explicit ``connect`` lifts the swarm's 60 s ban on a peer whose dial failed;
+- leaving ``host.run()`` does not close the listener: ``close()`` calls
+  ``host.close()`` explicitly, then the trio thread is joined by its last user.
+
+Logging: py-libp2p sets its ``libp2p`` logger to WARNING with ``propagate=False``
+on import, and some of its modules call the *root* ``logging.debug``, which
+installs a root handler behind the application's back; applications should call
+``logging.basicConfig(..., force=True)`` (see ``configure_libp2p_logging``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.host.ping import ID as PING_PROTOCOL_ID
+from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.network.auto_connector import AutoConnector
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from multiaddr import Multiaddr
+
+from . import _trio_bridge
+from .base import Transport, TransportError
+
+__all__ = [
+    "ACK",
+    "DEFAULT_LISTEN_ADDRS",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "PROTOCOL_ID",
+    "Libp2pTransport",
+    "configure_libp2p_logging",
+]
+
+PROTOCOL_ID = TProtocol("/p2pfl/msg/1.0.0")
+ACK = b"\x01"
+HEADER_SIZE = 4
+DEFAULT_LISTEN_ADDRS = ("/ip4/127.0.0.1/tcp/0",)
+DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+
+T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
+
+
+def configure_libp2p_logging(level: int = logging.WARNING, *, propagate: bool = True) -> None:
+    """Set the level of py-libp2p's ``libp2p`` logger and let its records reach the root handlers.
+
+    py-libp2p turns propagation off, so without this its warnings bypass the
+    application's handlers and go to Python's last-resort stderr handler.
+    """
+    logger = logging.getLogger("libp2p")
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+class _NoAutoConnect(AutoConnector):
+    """The swarm's auto-connector, minus the dialling.
+
+    py-libp2p's swarm dials every peer in its peerstore, every 10 s and after each
+    disconnect, until it holds ``min_connections`` (50) connections.  Which peers a
+    node talks to is the node's decision (its topology policy), so this
+    transport dials only when asked.
+    """
+
+    async def maybe_connect(self) -> None:
+        return
+
+
+class _FrameError(Exception):
+    """An inbound frame that is not acceptable; ``counter`` names the stat it counts as."""
+
+    def __init__(self, counter: str, message: str) -> None:
+        super().__init__(message)
+        self.counter = counter
+
+
+async def _read_exactly(stream: INetStream, size: int, idle_timeout: float) -> bytes:
+    """Read ``size`` bytes, failing if the stream ends early or stays silent for ``idle_timeout``.
+
+    Memory grows with the bytes actually received, not with the length a peer
+    claims, and each read asks for no more than what is still due.
+    """
+    chunks: list[bytes] = []
+    received = 0
+    while received < size:
+        with trio.fail_after(idle_timeout):
+            chunk = await stream.read(size - received)
+        if not chunk:
+            raise _FrameError("truncated", f"stream ended after {received} of {size} bytes")
+        chunks.append(chunk)
+        received += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _reset(stream: INetStream) -> None:
+    """Reset a stream, even from inside a cancelled scope, without ever raising."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            await stream.reset()
+        except Exception:  # noqa: BLE001 - the stream is being discarded anyway
+            pass
+
+
+class Libp2pTransport(Transport):
+    """A ``Transport`` over py-libp2p: TCP, Noise, yamux, one stream per payload.
+
+    ``key_pair`` is the node's persisted Ed25519 libp2p key pair: the peer id is
+    derived from it.  ``max_message_size`` caps inbound (and outbound) payloads;
+    ``read_idle_timeout`` bounds how long an inbound stream may stay silent before
+    it is dropped as truncated.
+    """
+
+    def __init__(
+        self,
+        key_pair: KeyPair,
+        *,
+        listen_addrs: Sequence[str] = DEFAULT_LISTEN_ADDRS,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        read_idle_timeout: float = 30.0,
+    ) -> None:
+        super().__init__()
+        if not 0 < max_message_size < 2 ** (8 * HEADER_SIZE):
+            raise ValueError(f"max_message_size must fit the {HEADER_SIZE}-byte length prefix")
+        self._key_pair = key_pair
+        self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
+        self._listen = [Multiaddr(addr) for addr in listen_addrs]
+        self.max_message_size = max_message_size
+        self.read_idle_timeout = read_idle_timeout
+        self._bridge: _trio_bridge.TrioThread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._host: IHost | None = None
+        self._stop: trio.Event | None = None
+        self._stopped: trio.Event | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._bridge is not None or self._closed:
+            raise TransportError("a transport can be started only once")
+        for addr in self._listen:
+            _check_port_free(addr)
+        self._loop = asyncio.get_running_loop()
+        self._bridge = _trio_bridge.acquire()
+        try:
+            addrs = await self._bridge.run(self._bridge_start)
+        except BaseException as exc:
+            bridge, self._bridge = self._bridge, None
+            self._closed = True
+            _trio_bridge.release(bridge)
+            if isinstance(exc, Exception):
+                raise TransportError(f"could not start listening: {exc!r}") from exc
+            raise
+        self.listen_addrs = addrs
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        bridge, self._bridge = self._bridge, None
+        if bridge is None:
+            return
+        try:
+            await bridge.run(self._shutdown)
+        except Exception:  # noqa: BLE001 - closing must not fail; the thread is stopped below
+            _log.warning("libp2p host did not shut down cleanly", exc_info=True)
+        finally:
+            self.listen_addrs = []
+            _trio_bridge.release(bridge)
+
+    async def _bridge_start(self) -> list[str]:
+        assert self._bridge is not None
+        return await self._bridge.nursery.start(self._serve)
+
+    async def _serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the host until ``close``; lives in the bridge's root nursery."""
+        self._stop, self._stopped = trio.Event(), trio.Event()
+        started = False
+        try:
+            host = new_host(
+                key_pair=self._key_pair,
+                sec_opt={
+                    NOISE_PROTOCOL_ID: NoiseTransport(
+                        self._key_pair, noise_privkey=create_x25519_key_pair().private_key
+                    )
+                },
+                muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+                listen_addrs=self._listen,
+                connection_config=ConnectionConfig(max_connections_per_peer=1),
+            )
+            network = host.get_network()
+            network.auto_connector = _NoAutoConnect(network)  # type: ignore[attr-defined]
+            async with host.run(listen_addrs=self._listen):
+                try:
+                    # The swarm logs a failed listen at debug level and carries on without it.
+                    missing = [str(a) for a in self._listen if str(a) not in network.listeners]
+                    if missing:
+                        raise TransportError(f"could not listen on {', '.join(missing)}")
+                    host.set_stream_handler(PROTOCOL_ID, self._on_stream)
+                    self._host = host
+                    task_status.started([str(addr) for addr in host.get_addrs()])
+                    started = True
+                    await self._stop.wait()
+                finally:
+                    self._host = None
+                    with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                        await host.close()
+        except Exception:
+            if not started:
+                raise  # reported to start() through nursery.start
+            # Raising here would take down the shared trio loop with every transport on it.
+            _log.exception("libp2p host of %s failed", self.peer_id)
+        finally:
+            self._stopped.set()
+
+    async def _shutdown(self) -> None:
+        assert self._stop is not None and self._stopped is not None
+        self._stop.set()
+        with trio.move_on_after(10.0):
+            await self._stopped.wait()
+
+    # -- calls from asyncio ------------------------------------------------
+
+    def _running_bridge(self) -> _trio_bridge.TrioThread:
+        if self._bridge is None or self._closed:
+            raise TransportError("transport is not started")
+        return self._bridge
+
+    def _running_host(self) -> IHost:
+        host = self._host
+        if host is None:
+            raise TransportError("transport is closed")
+        return host
+
+    async def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run a trio coroutine for this transport, mapping every failure to ``TransportError``."""
+        bridge = self._running_bridge()
+        try:
+            return await bridge.run(fn, *args)
+        except TransportError:
+            raise
+        except trio.TooSlowError as exc:
+            raise TransportError(f"{what}: timed out") from exc
+        except Exception as exc:
+            raise TransportError(f"{what}: {exc!r}") from exc
+
+    async def connect(self, addr: str, *, timeout: float = 10.0) -> str:
+        try:
+            info = info_from_p2p_addr(Multiaddr(addr))
+        except Exception as exc:
+            raise TransportError(f"not a dialable /p2p multiaddr: {addr!r}") from exc
+        if info.peer_id.to_base58() == self.peer_id:
+            raise TransportError("cannot connect to oneself")
+        await self._call(f"connect to {addr}", self._connect_in_trio, info, timeout)
+        return info.peer_id.to_base58()
+
+    async def send(self, peer: str, data: bytes, *, timeout: float) -> None:
+        try:
+            peer_id = _parse_peer(peer)
+            if len(data) > self.max_message_size:
+                raise TransportError(
+                    f"payload of {len(data)} bytes exceeds the cap of {self.max_message_size}"
+                )
+            await self._call(f"send to {peer}", self._send_in_trio, peer_id, bytes(data), timeout)
+        except TransportError:
+            self._count(send_failures=1)
+            raise
+        self._count(messages_sent=1, bytes_sent=len(data))
+
+    async def ping(self, peer: str, *, timeout: float) -> float:
+        return await self._call(f"ping {peer}", self._ping_in_trio, _parse_peer(peer), timeout)
+
+    def connected_peers(self) -> list[str]:
+        return self._read_trio_state(
+            lambda host: sorted(peer.to_base58() for peer in host.get_connected_peers()), []
+        )
+
+    def known_addrs(self) -> dict[str, list[str]]:
+        return self._read_trio_state(self._known_addrs_in_trio, {})
+
+    def _read_trio_state(self, read: Any, default: T) -> T:
+        """Read host state on the trio thread (the only thread that mutates it)."""
+        bridge, host = self._bridge, self._host
+        if bridge is None or host is None:
+            return default
+        try:
+            return bridge.run_sync(read, host)
+        except _trio_bridge.BridgeClosed:
+            return default
+
+    # -- trio side ---------------------------------------------------------
+
+    async def _connect_in_trio(self, info: PeerInfo, timeout: float) -> None:
+        host = self._running_host()
+        # A peer whose dial failed recently is refused for 60 s by the swarm's negative
+        # cache; an explicit connect (e.g. to a peer that restarted) must try anyway.
+        unblock = getattr(host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(info.peer_id)
+        with trio.fail_after(timeout):
+            await host.connect(info)
+
+    async def _send_in_trio(self, peer: ID, data: bytes, timeout: float) -> None:
+        host = self._running_host()
+        with trio.fail_after(timeout):
+            stream = await host.new_stream(peer, [PROTOCOL_ID])
+            try:
+                await stream.write(len(data).to_bytes(HEADER_SIZE, "big"))
+                await stream.write(data)
+                ack = await stream.read(1)
+            except BaseException:
+                await _reset(stream)
+                raise
+            if ack != ACK:
+                await _reset(stream)
+                raise TransportError(f"peer {peer} answered {ack!r} instead of an acknowledgement")
+            await stream.close()
+
+    async def _ping_in_trio(self, peer: ID, timeout: float) -> float:
+        host = self._running_host()
+        with trio.fail_after(timeout):
+            stream = await host.new_stream(peer, [PING_PROTOCOL_ID])
+            try:
+                began = time.perf_counter()
+                await perform_ping_roundtrip(stream)
+                rtt = time.perf_counter() - began
+            except BaseException:
+                await _reset(stream)
+                raise
+            await stream.close()
+        return rtt
+
+    def _known_addrs_in_trio(self, host: IHost) -> dict[str, list[str]]:
+        store = host.get_peerstore()
+        known: dict[str, list[str]] = {}
+        for peer in store.peers_with_addrs():
+            peer_b58 = peer.to_base58()
+            if peer_b58 == self.peer_id:
+                continue
+            suffix = f"/p2p/{peer_b58}"
+            addrs = sorted({_without_p2p(str(addr)) + suffix for addr in store.addrs(peer)})
+            if addrs:
+                known[peer_b58] = addrs
+        return known
+
+    async def _on_stream(self, stream: INetStream) -> None:
+        """Receive one frame: drain it at once, hand it to asyncio, then acknowledge."""
+        sender = stream.muxed_conn.peer_id.to_base58()
+        try:
+            header = await _read_exactly(stream, HEADER_SIZE, self.read_idle_timeout)
+            size = int.from_bytes(header, "big")
+            if size > self.max_message_size:
+                raise _FrameError(
+                    "rejected_oversized",
+                    f"frame of {size} bytes exceeds the cap of {self.max_message_size}",
+                )
+            data = await _read_exactly(stream, size, self.read_idle_timeout) if size else b""
+            if self._handler is None:
+                raise _FrameError("unhandled", "no handler is set")
+            loop = self._loop
+            assert loop is not None
+            loop.call_soon_threadsafe(self._dispatch, sender, data)
+        except _FrameError as exc:
+            self._count(**{exc.counter: 1})
+            _log.debug("refused a frame from %s: %s", sender, exc)
+            await _reset(stream)
+            return
+        except Exception as exc:  # EOF, reset, idle timeout, closed asyncio loop
+            self._count(truncated=1)
+            _log.debug("lost a frame from %s: %r", sender, exc)
+            await _reset(stream)
+            return
+        self._count(messages_received=1, bytes_received=len(data))
+        try:
+            await stream.write(ACK)
+            await stream.close()
+        except Exception as exc:  # noqa: BLE001 - the sender will time out and retry
+            _log.debug("could not acknowledge a frame from %s: %r", sender, exc)
+            await _reset(stream)
+
+
+def _check_port_free(addr: Multiaddr) -> None:
+    """Refuse a fixed TCP port that another socket listens on.
+
+    py-libp2p binds its listeners with SO_REUSEPORT (for hole punching), so a
+    second node on a taken port starts without error and the kernel then splits
+    incoming connections between the two.  A probe bound without SO_REUSEPORT
+    fails on such a port; SO_REUSEADDR lets it ignore TIME_WAIT leftovers of a
+    node that just stopped.
+    """
+    names = {proto.name for proto in addr.protocols()}
+    if "tcp" not in names or int(addr.value_for_protocol("tcp")) == 0:
+        return
+    family = socket.AF_INET6 if "ip6" in names else socket.AF_INET
+    host = addr.value_for_protocol("ip6" if "ip6" in names else "ip4")
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(addr.value_for_protocol("tcp"))))
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {addr}: {exc.strerror}") from exc
+
+
+def _parse_peer(peer: str) -> ID:
+    try:
+        return ID.from_base58(peer)
+    except Exception as exc:
+        raise TransportError(f"not a peer id: {peer!r}") from exc
+
+
+def _without_p2p(addr: str) -> str:
+    head, sep, _ = addr.partition("/p2p/")
+    return head if sep else addr

@@ -1,0 +1,282 @@
+"""Signed message envelopes: ``encode`` a protocol ``Message``, ``decode`` untrusted bytes.
+
+Body of the signed container (see :mod:`p2pfl.wire.signed`), a msgpack map::
+
+    {"v": 1,                 format version
+     "p": str,               protocol name ("dpsgd", ...)
+     "k": str,               message kind
+     "r": int,               round (>= 0)
+     "q": int,               sequence number (uint64, see p2pfl.security.SequenceNumbers)
+     "m": {...},             meta, plain data (omitted when empty)
+     "t": {                  tensor (omitted when the message has none)
+        "d": str,            dtype code of the decoded tensor ("f32", ...)
+        "s": [int, ...],     shape
+        "c": str, "x": {..}  codec name and codec meta (omitted for raw little-endian bytes)
+        "b": bin}}           payload, last so that it is joined rather than copied
+
+``decode`` checks, in order: total size, container layout, sender key, signature, msgpack
+limits, known keys and types, tensor dtype/shape/layout/byte count, codec payload,
+finiteness. Whatever the input, it returns an ``Envelope`` or raises ``WireError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from p2pfl.codecs import (
+    Codec,
+    CodecError,
+    all_finite,
+    get_codec,
+    tensor_from_le_bytes,
+    tensor_to_le_bytes,
+)
+from p2pfl.identity import Identity, peer_id_from_bytes
+from p2pfl.protocols.base import Message, PeerId
+
+from .errors import DropReason, WireError
+from .limits import DEFAULT_LIMITS, DTYPE_CODES, DTYPES, WireLimits, check_value
+from .signed import MESSAGE_DOMAIN, bin_header, open_sealed, seal, unpack
+
+__all__ = ["Envelope", "Layout", "LayoutCheck", "decode", "encode"]
+
+VERSION = 1
+_MAX_ROUND = (1 << 63) - 1
+_MAX_SEQ = (1 << 64) - 1
+_BODY_KEYS = frozenset("vpkrqmt")
+_BODY_REQUIRED = frozenset("vpkrq")
+_TENSOR_KEYS = frozenset("dscxb")
+_TENSOR_REQUIRED = frozenset("dsb")
+
+#: an expected tensor layout: a number of elements, or an exact shape
+Layout = int | tuple[int, ...]
+#: what ``decode`` checks tensors against: a fixed layout, or one per (protocol, kind)
+#: (``None`` from the callable: no constraint for that kind)
+LayoutCheck = Layout | Callable[[str, str], Layout | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded, signature-checked message and who sent it."""
+
+    sender: PeerId
+    protocol: str
+    round: int
+    seq: int
+    message: Message
+
+
+# ---------------------------------------------------------------- encode
+
+
+def encode(
+    message: Message,
+    *,
+    identity: Identity,
+    protocol: str,
+    seq: int,
+    codec: Codec | str | None = None,
+) -> bytes:
+    """Sign and serialise ``message``; ``codec`` compresses its (float) tensor.
+
+    Without a codec the tensor travels as raw little-endian bytes of its own dtype
+    (lossless). Raises ``ValueError`` for a message no peer would accept under default
+    limits (bad meta, out-of-range round or seq, unsupported dtype).
+    """
+    if not isinstance(message.round, int) or not 0 <= message.round <= _MAX_ROUND:
+        raise ValueError(f"round must be an int in [0, 2**63), got {message.round!r}")
+    if not isinstance(seq, int) or not 0 <= seq <= _MAX_SEQ:
+        raise ValueError(f"seq must be a uint64, got {seq!r}")
+    for name, value in (("protocol", protocol), ("kind", message.kind)):
+        if not isinstance(value, str) or not 0 < len(value) <= DEFAULT_LIMITS.max_name_len:
+            raise ValueError(f"{name} must be a non-empty str of <= 64 characters")
+    try:
+        check_value(message.meta, DEFAULT_LIMITS)
+    except WireError as exc:
+        raise ValueError(f"meta is not plain bounded data: {exc.detail}") from None
+
+    pack = msgpack.Packer(use_bin_type=True).pack
+    entries = 5 + bool(message.meta) + (message.params is not None)
+    body: list[bytes | memoryview] = [
+        msgpack.Packer().pack_map_header(entries),
+        pack("v"), pack(VERSION),
+        pack("p"), pack(protocol),
+        pack("k"), pack(message.kind),
+        pack("r"), pack(message.round),
+        pack("q"), pack(seq),
+    ]  # fmt: skip
+    if message.meta:
+        body += [pack("m"), pack(message.meta)]
+    if message.params is not None:
+        body += [pack("t"), *_tensor_parts(message.params, codec, pack)]
+    return seal(identity, body, MESSAGE_DOMAIN)
+
+
+def _tensor_parts(
+    tensor: torch.Tensor, codec: Codec | str | None, pack: Callable[[Any], bytes]
+) -> list[bytes | memoryview]:
+    fields: list[tuple[str, Any]] = []
+    if codec is None:
+        code = DTYPE_CODES.get(tensor.dtype)
+        if code is None:
+            raise ValueError(f"dtype {tensor.dtype} cannot travel on the wire")
+        payload: bytes | memoryview = tensor_to_le_bytes(tensor)
+        fields += [("d", code), ("s", list(tensor.shape))]
+    else:
+        if isinstance(codec, str):
+            codec = get_codec(codec)
+        payload, codec_meta = codec.encode(tensor)
+        fields += [("d", "f32"), ("s", list(tensor.shape)), ("c", codec.name), ("x", codec_meta)]
+    parts: list[bytes | memoryview] = [_map_header(len(fields) + 1)]
+    for key, value in fields:
+        parts += [pack(key), pack(value)]
+    return [*parts, pack("b"), bin_header(len(payload)), payload]
+
+
+def _map_header(n: int) -> bytes:
+    return msgpack.Packer().pack_map_header(n)
+
+
+# ---------------------------------------------------------------- decode
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    *,
+    limits: WireLimits = DEFAULT_LIMITS,
+    layout_check: LayoutCheck | None = None,
+) -> Envelope:
+    """The envelope in ``data``, fully validated; ``WireError`` for anything else.
+
+    ``layout_check`` constrains the tensor (number of elements or exact shape, possibly
+    per protocol and kind); it is applied before the tensor is allocated. The result's
+    tensor is a new, writable tensor owned by the caller.
+    """
+    try:
+        return _decode(data, limits, layout_check)
+    except WireError:
+        raise
+    except Exception as exc:  # a bug here must not take a node down: drop, and say so
+        raise WireError(DropReason.MALFORMED, f"internal error: {exc!r}") from exc
+
+
+def _decode(data: Any, limits: WireLimits, layout_check: LayoutCheck | None) -> Envelope:
+    sender, body_bytes = open_sealed(data, limits.max_message_bytes, MESSAGE_DOMAIN)
+    body = unpack(body_bytes, limits)
+    if type(body) is not dict:
+        raise WireError(DropReason.MALFORMED, "body is not a map")
+    _check_keys(body, _BODY_KEYS, _BODY_REQUIRED, "body")
+    if body["v"] != VERSION or type(body["v"]) is not int:
+        raise WireError(DropReason.MALFORMED, f"unsupported version {body['v']!r}")
+    protocol = _name(body["p"], limits, "protocol")
+    kind = _name(body["k"], limits, "kind")
+    round_ = _int(body["r"], _MAX_ROUND, "round")
+    seq = _int(body["q"], _MAX_SEQ, "seq")
+    meta = body.get("m", {})
+    if type(meta) is not dict:
+        raise WireError(DropReason.BAD_TYPE, "meta is not a map")
+    check_value(meta, limits)
+    params = None
+    if "t" in body:
+        expected = layout_check(protocol, kind) if callable(layout_check) else layout_check
+        params = _tensor(body["t"], limits, expected)
+    return Envelope(
+        sender=peer_id_from_bytes(sender),
+        protocol=protocol,
+        round=round_,
+        seq=seq,
+        message=Message(kind=kind, round=round_, params=params, meta=meta),
+    )
+
+
+def _check_keys(
+    obj: dict[str, Any], known: frozenset[str], required: frozenset[str], what: str
+) -> None:
+    keys = obj.keys()
+    if not keys <= known:
+        raise WireError(DropReason.MALFORMED, f"unknown {what} keys {sorted(keys - known)[:5]}")
+    if not required <= keys:
+        raise WireError(DropReason.MALFORMED, f"{what} lacks {sorted(required - keys)}")
+
+
+def _name(value: Any, limits: WireLimits, what: str) -> str:
+    if type(value) is not str or not 0 < len(value) <= limits.max_name_len:
+        raise WireError(DropReason.BAD_TYPE, f"{what} must be a short non-empty string")
+    return value
+
+
+def _int(value: Any, maximum: int, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= maximum:
+        raise WireError(DropReason.BAD_TYPE, f"{what} must be an int in [0, {maximum}]")
+    return value
+
+
+def _tensor(field: Any, limits: WireLimits, expected: Layout | None) -> torch.Tensor:
+    if type(field) is not dict:
+        raise WireError(DropReason.BAD_TYPE, "tensor is not a map")
+    _check_keys(field, _TENSOR_KEYS, _TENSOR_REQUIRED, "tensor")
+    code, shape_list, payload = field["d"], field["s"], field["b"]
+    if type(payload) is not bytes:
+        raise WireError(DropReason.BAD_TYPE, "tensor payload is not bin")
+    if type(code) is not str or code not in DTYPES or code not in limits.allowed_dtypes:
+        raise WireError(DropReason.BAD_TENSOR, f"dtype {code!r} not allowed")
+    shape = _shape(shape_list, limits)
+    numel = math.prod(shape)
+    if expected is not None:
+        ok = numel == expected if isinstance(expected, int) else shape == tuple(expected)
+        if not ok:
+            raise WireError(DropReason.BAD_TENSOR, f"shape {shape} where {expected} expected")
+    dtype = DTYPES[code]
+    try:
+        if "c" in field:
+            tensor = _decode_codec(field, code, payload, numel, limits).reshape(shape)
+        else:
+            if "x" in field:
+                raise WireError(DropReason.MALFORMED, "codec meta without a codec")
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if len(payload) != numel * itemsize:
+                raise WireError(DropReason.BAD_TENSOR, f"{len(payload)} bytes for {numel} x {code}")
+            tensor = tensor_from_le_bytes(payload, dtype, shape)
+    except CodecError as exc:
+        raise WireError(DropReason.BAD_TENSOR, str(exc)) from None
+    if tensor.is_floating_point() and not all_finite(tensor):
+        raise WireError(DropReason.NON_FINITE, "tensor holds NaN or Inf")
+    return tensor
+
+
+def _shape(value: Any, limits: WireLimits) -> tuple[int, ...]:
+    if type(value) is not list or len(value) > limits.max_ndim:
+        raise WireError(DropReason.BAD_TENSOR, f"shape must be a list of <= {limits.max_ndim} ints")
+    numel = 1
+    for dim in value:
+        if type(dim) is not int or not 0 <= dim <= limits.max_numel:
+            raise WireError(DropReason.BAD_TENSOR, "shape entries must be ints in [0, max_numel]")
+        numel *= dim
+        if numel > limits.max_numel:
+            raise WireError(DropReason.BAD_TENSOR, f"more than {limits.max_numel} elements")
+    return tuple(value)
+
+
+def _decode_codec(
+    field: dict[str, Any], code: str, payload: bytes, numel: int, limits: WireLimits
+) -> torch.Tensor:
+    name, meta = field["c"], field.get("x", {})
+    if type(name) is not str or name not in limits.allowed_codecs:
+        raise WireError(DropReason.BAD_TENSOR, f"codec {name!r} not allowed")
+    if code != "f32":
+        raise WireError(DropReason.BAD_TENSOR, "codecs decode to f32")
+    if type(meta) is not dict or not all(
+        type(k) is str and type(v) is int for k, v in meta.items()
+    ):
+        raise WireError(DropReason.BAD_TYPE, "codec meta must map names to ints")
+    try:
+        codec = get_codec(name)
+    except ValueError:
+        raise WireError(DropReason.BAD_TENSOR, f"codec {name!r} unknown") from None
+    return codec.decode(payload, meta, numel)

@@ -1,0 +1,269 @@
+"""The libp2p transport on 127.0.0.1: several hosts in one process, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from p2pfl.transport.base import TransportError
+from p2pfl.transport.libp2p import PROTOCOL_ID, Libp2pTransport
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
+
+Factory = Callable[..., Awaitable[tuple[Libp2pTransport, "Inbox"]]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Inbox:
+    """Collects (sender, payload) pairs from a handler and lets a test await them."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+    def __call__(self, sender: str, data: bytes) -> None:
+        self.queue.put_nowait((sender, data))
+
+    async def get(self, timeout: float = 10.0) -> tuple[str, bytes]:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+
+NO_ACK = ("StreamEOF", "StreamReset")  # what a raw sender sees instead of an acknowledgement
+
+
+def trio_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "p2pfl-trio" and t.is_alive()]
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Factory]:
+    """Start transports on /tcp/0; close them all afterwards and check the trio thread is gone."""
+    created: list[Libp2pTransport] = []
+
+    async def factory(key_pair: Any = None, **options: Any) -> tuple[Libp2pTransport, Inbox]:
+        transport = Libp2pTransport(key_pair or create_new_key_pair(), **options)
+        inbox = Inbox()
+        transport.set_handler(inbox)
+        created.append(transport)
+        await transport.start()
+        return transport, inbox
+
+    yield factory
+    for transport in created:
+        await transport.close()
+    assert trio_threads() == []
+
+
+def port_of(transport: Libp2pTransport) -> int:
+    return int(transport.listen_addrs[0].split("/tcp/")[1].split("/")[0])
+
+
+async def on_trio(transport: Libp2pTransport, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Run ``fn(host, *args)`` on the transport's trio thread (tests reach below the interface)."""
+    assert transport._bridge is not None
+
+    async def call() -> Any:
+        return await fn(transport._host, *args)
+
+    return await transport._bridge.run(call)
+
+
+async def raw_stream(host: Any, peer: str, chunks: list[bytes], finish: bool) -> str:
+    """Open a /p2pfl/msg stream, write ``chunks``; half-close it or just go silent; report the outcome."""
+    stream = await host.new_stream(ID.from_base58(peer), [PROTOCOL_ID])
+    for chunk in chunks:
+        await stream.write(chunk)
+    if finish:
+        await stream.close()
+    try:
+        with trio.fail_after(10):
+            return repr(await stream.read(1))
+    except trio.TooSlowError:
+        raise
+    except Exception as exc:
+        return type(exc).__name__
+
+
+async def test_three_hosts_exchange_small_and_large_payloads(make: Factory) -> None:
+    peers = [await make() for _ in range(3)]
+    assert len({port_of(t) for t, _ in peers}) == 3
+    for (a, _), (b, _) in ((peers[0], peers[1]), (peers[1], peers[2]), (peers[2], peers[0])):
+        assert await a.connect(b.listen_addrs[0]) == b.peer_id
+    large = hashlib.sha256(b"seed").digest() * (5_000_000 // 32)
+
+    async def send_all(sender: Libp2pTransport) -> None:
+        for receiver, _ in peers:
+            if receiver is not sender:
+                await sender.send(receiver.peer_id, sender.peer_id.encode(), timeout=10)
+                await sender.send(receiver.peer_id, large, timeout=20)
+
+    await asyncio.gather(*(send_all(t) for t, _ in peers))
+    for receiver, inbox in peers:
+        got = [await inbox.get() for _ in range(4)]
+        senders = {t.peer_id for t, _ in peers} - {receiver.peer_id}
+        assert sorted(s for s, d in got if d != large) == sorted(senders)
+        assert {s for s, d in got if d == s.encode()} == senders
+        assert sorted(s for s, d in got if d == large) == sorted(senders)
+        stats = receiver.stats()
+        assert stats["messages_received"] == 4 and stats["messages_sent"] == 4
+        assert stats["bytes_received"] == stats["bytes_sent"] == 2 * len(large) + 2 * len(
+            receiver.peer_id
+        )
+        assert sorted(receiver.connected_peers()) == sorted(senders)
+        known = receiver.known_addrs()
+        assert set(known) == senders
+        for t, _ in peers:
+            if t is not receiver:
+                assert t.listen_addrs[0] in known[t.peer_id]
+
+
+async def test_acknowledgement_means_received(make: Factory) -> None:
+    (a, _), (b, inbox_b) = await make(), await make()
+    await a.connect(b.listen_addrs[0])
+    await a.send(b.peer_id, b"first", timeout=5)
+    assert b.stats()["messages_received"] == 1  # counted before the acknowledgement left
+    assert await inbox_b.get() == (a.peer_id, b"first")
+
+    b.set_handler(None)  # nobody to hand the payload to: refused, not acknowledged
+    with pytest.raises(TransportError):
+        await a.send(b.peer_id, b"second", timeout=5)
+    assert b.stats()["unhandled"] == 1 and a.stats()["send_failures"] == 1
+
+    received = trio.Event()
+
+    async def drain_but_never_ack(stream: Any) -> None:
+        while True:
+            try:
+                await stream.read()
+            except Exception:
+                received.set()
+                await trio.sleep_forever()
+
+    async def install(host: Any) -> None:
+        host.set_stream_handler(PROTOCOL_ID, drain_but_never_ack)
+
+    await on_trio(b, install)
+    began = time.monotonic()
+    with pytest.raises(TransportError, match="timed out"):
+        await a.send(b.peer_id, b"third", timeout=1.0)
+    assert 0.9 < time.monotonic() - began < 3.0
+
+
+async def test_ping_measures_rtt(make: Factory) -> None:
+    (a, _), (b, _) = await make(), await make()
+    await a.connect(b.listen_addrs[0])
+    rtts = [await a.ping(b.peer_id, timeout=5) for _ in range(3)]
+    assert all(0 < rtt < 1.0 for rtt in rtts)
+    assert 0 < await b.ping(a.peer_id, timeout=5) < 1.0
+
+
+async def test_closed_peer_fails_within_timeout_and_frees_its_port(make: Factory) -> None:
+    (a, _), (c, _) = await make(), await make()
+    key_b = create_new_key_pair()
+    b, _ = await make(key_b)
+    address, port = b.listen_addrs[0], port_of(b)
+    await a.connect(address)
+    await a.send(b.peer_id, b"x", timeout=5)
+    await b.close()
+    await b.close()  # idempotent
+    assert b.listen_addrs == []
+
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    began = time.monotonic()
+    with pytest.raises(TransportError):
+        await a.send(b.peer_id, b"x", timeout=3)
+    assert time.monotonic() - began < 3.5
+    began = time.monotonic()
+    with pytest.raises(TransportError):
+        await c.connect(address, timeout=5)
+    assert time.monotonic() - began < 3.0
+    with pytest.raises(TransportError):
+        await b.send(a.peer_id, b"x", timeout=1)
+
+    # The same identity comes back on the same port: a recent failed dial must not block it.
+    b2, inbox_b2 = await make(key_b, listen_addrs=[f"/ip4/127.0.0.1/tcp/{port}"])
+    assert b2.listen_addrs == [address]
+    assert await a.connect(address) == b.peer_id
+    await a.send(b.peer_id, b"again", timeout=5)
+    assert await inbox_b2.get() == (a.peer_id, b"again")
+
+
+async def test_oversized_frame_rejected_and_counted(make: Factory) -> None:
+    (a, _), (b, inbox_b) = await make(), await make(max_message_size=1024)
+    await a.connect(b.listen_addrs[0])
+    with pytest.raises(TransportError):
+        await a.send(b.peer_id, b"x" * 4096, timeout=5)
+    assert b.stats()["rejected_oversized"] == 1
+    assert b.stats()["messages_received"] == 0
+    with pytest.raises(TransportError):  # the sender's own cap is checked before sending
+        await b.send(a.peer_id, b"x" * 1025, timeout=5)
+    await a.send(b.peer_id, b"x" * 1024, timeout=5)
+    assert await inbox_b.get() == (a.peer_id, b"x" * 1024)
+
+
+async def test_truncated_and_garbage_input_do_not_break_the_transport(make: Factory) -> None:
+    (a, _), (b, inbox_b), (c, _) = await make(), await make(read_idle_timeout=0.5), await make()
+    await a.connect(b.listen_addrs[0])
+    await c.connect(b.listen_addrs[0])
+
+    # A frame announcing 1000 bytes that ends after 10: counted, stream reset.
+    outcome = await on_trio(a, raw_stream, b.peer_id, [(1000).to_bytes(4, "big"), b"y" * 10], True)
+    assert outcome in NO_ACK
+    # A header cut in the middle, then silence: dropped after the idle timeout.
+    outcome = await on_trio(a, raw_stream, b.peer_id, [b"\x00\x00"], False)
+    assert outcome in NO_ACK
+    assert b.stats()["truncated"] == 2 and b.stats()["messages_received"] == 0
+
+    # Raw TCP clients: one sends garbage instead of a handshake, one stays silent.
+    silent = socket.create_connection(("127.0.0.1", port_of(b)), timeout=2)
+    try:
+        with socket.create_connection(("127.0.0.1", port_of(b)), timeout=2) as garbage:
+            garbage.sendall(b"\x13/multistream/1.0.0\n" + bytes(range(256)) * 64)
+        await c.send(b.peer_id, b"still serving", timeout=5)
+        await a.send(b.peer_id, b"me too", timeout=5)
+    finally:
+        silent.close()
+    got = {await inbox_b.get(), await inbox_b.get()}
+    assert got == {(c.peer_id, b"still serving"), (a.peer_id, b"me too")}
+
+
+async def test_bad_arguments_raise_transport_error(make: Factory) -> None:
+    (a, _) = await make()
+    for bad in ("not a multiaddr", "/ip4/127.0.0.1/tcp/1", a.listen_addrs[0]):
+        with pytest.raises(TransportError):
+            await a.connect(bad)
+    with pytest.raises(TransportError):
+        await a.send("not-a-peer-id", b"x", timeout=1)
+    with pytest.raises(TransportError):
+        await a.ping("not-a-peer-id", timeout=1)
+    unstarted = Libp2pTransport(create_new_key_pair())
+    with pytest.raises(TransportError):
+        await unstarted.send(a.peer_id, b"x", timeout=1)
+    assert unstarted.connected_peers() == [] and unstarted.known_addrs() == {}
+    await unstarted.close()
+
+
+async def test_listen_failure_is_reported(make: Factory) -> None:
+    (a, _) = await make()
+    with pytest.raises(TransportError, match="cannot listen"):  # port taken (see _check_port_free)
+        await make(listen_addrs=[f"/ip4/127.0.0.1/tcp/{port_of(a)}"])
+    with pytest.raises(TransportError, match="could not listen"):  # not an address of this host
+        await make(listen_addrs=["/ip4/192.0.2.1/tcp/0"])
+    c, inbox_c = await make()  # the shared trio loop survived the failures
+    await a.connect(c.listen_addrs[0])
+    await a.send(c.peer_id, b"ok", timeout=5)
+    assert await inbox_c.get() == (a.peer_id, b"ok")
