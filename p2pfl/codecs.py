@@ -77,6 +77,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def tensor_to_le_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's elements as little-endian bytes, without a copy where possible."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
     raw = flat.view(torch.uint8)
     if sys.byteorder == "big" and flat.element_size() > 1:
         raw = raw.reshape(-1, flat.element_size()).flip(1).reshape(-1).contiguous()
@@ -90,7 +92,7 @@ def tensor_from_le_bytes(data: Buffer, dtype: torch.dtype, shape: tuple[int, ...
     ``CodecError`` here too).
     """
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if len(data) != numel * itemsize:
         raise CodecError(f"{len(data)} bytes for {numel} x {itemsize}-byte elements")
     if numel == 0:
@@ -190,7 +192,9 @@ class Int8Codec(Codec):
         padded = torch.zeros(nchunks * chunk, dtype=torch.float32)
         padded[:n] = flat
         blocks = padded.view(nchunks, chunk)
-        scales = blocks.abs().amax(dim=1) / 127.0
+        absmax = blocks.abs().amax(dim=1)
+        # a subnormal maximum would make a zero scale: the smallest float32 step is exact there
+        scales = torch.where(absmax > 0, (absmax / 127.0).clamp_min(2.0**-149), 0.0)
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
         q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
         payload = bytes(tensor_to_le_bytes(scales)) + bytes(tensor_to_le_bytes(q.reshape(-1)[:n]))

@@ -5,6 +5,13 @@ in the id (an identity multihash of the protobuf-encoded key), so anyone holding
 id can check that peer's signatures without a key exchange or a directory. That is what
 makes relayed data (gossiped histories, population views) verifiable from its origin.
 
+This module builds those ids itself (they are a fixed 6-byte prefix plus the key, in
+base58) and signs with ``cryptography``'s Ed25519, instead of importing py-libp2p: the
+wire codec, and so every protocol and the simulator, depends on it, and importing libp2p
+costs seconds and is off limits for them (see DESIGN.md). The ids, signatures and key
+files are byte-for-byte libp2p's (the tests check against libp2p itself); the transport
+gets a libp2p key pair from :attr:`Identity.libp2p_keypair`.
+
 Only Ed25519 peer ids are accepted by :func:`verify`: ids of other key types (RSA,
 secp256k1 hashed ids) do not carry a key we could check, so they are treated as unknown.
 """
@@ -17,11 +24,18 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import base58
-from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from libp2p.crypto.keys import KeyPair, KeyType, PrivateKey
-from libp2p.peer.id import ID
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+if TYPE_CHECKING:
+    from libp2p.crypto.keys import KeyPair
 
 __all__ = [
     "Identity",
@@ -33,29 +47,35 @@ __all__ = [
 
 SEED_BYTES = 32
 SIGNATURE_BYTES = 64
-#: identity multihash (code 0x00, length 36) of a protobuf PublicKey
-#: {key_type: Ed25519 (1), data: <32 bytes>}: the fixed prefix of every Ed25519 peer id.
-_ED25519_PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
+# libp2p's protobuf keys: field 1 (key type) = 1 (Ed25519), field 2 (data) = the key bytes
+_PROTO_ED25519_32 = bytes([0x08, 0x01, 0x12, 0x20])
+_PROTO_ED25519_64 = bytes([0x08, 0x01, 0x12, 0x40])  # go-libp2p private keys: seed + public
+#: identity multihash (code 0x00, length 36) of the protobuf public key: the fixed
+#: prefix of every Ed25519 peer id, followed by the 32-byte key.
+_ED25519_PEER_ID_PREFIX = bytes([0x00, 0x24]) + _PROTO_ED25519_32
 PEER_ID_BYTES = len(_ED25519_PEER_ID_PREFIX) + 32
 # An Ed25519 peer id is 52 base58 characters; anything much longer is not one, and
-# base58 decoding is quadratic pure Python, so refuse long strings before decoding.
+# base58 decoding is quadratic, so refuse long strings before decoding.
 _MAX_PEER_ID_CHARS = 64
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_B58_INDEX = {c: i for i, c in enumerate(_B58)}
 
 
 class Identity:
     """An Ed25519 key pair and the libp2p peer id derived from it."""
 
-    __slots__ = ("_private", "_keypair", "peer_id", "peer_id_bytes")
+    __slots__ = ("_private", "public_key_bytes", "peer_id", "peer_id_bytes")
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
-        public = private_key.get_public_key()
         self._private = private_key
-        self._keypair = KeyPair(private_key, public)
-        pid = ID.from_pubkey(public)
-        #: base58 peer id, exactly as libp2p prints it (``12D3KooW...``)
-        self.peer_id: str = pid.to_base58()
+        #: the raw 32-byte Ed25519 public key
+        self.public_key_bytes: bytes = private_key.public_key().public_bytes(
+            Encoding.Raw, PublicFormat.Raw
+        )
         #: the binary peer id (38 bytes), as carried on the wire
-        self.peer_id_bytes: bytes = pid.to_bytes()
+        self.peer_id_bytes: bytes = _ED25519_PEER_ID_PREFIX + self.public_key_bytes
+        #: base58 peer id, exactly as libp2p prints it (``12D3KooW...``)
+        self.peer_id: str = peer_id_from_bytes(self.peer_id_bytes)
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -64,9 +84,11 @@ class Identity:
 
         For a seed derived from a name use e.g. ``hashlib.sha256(name).digest()``.
         """
-        if seed is not None and len(seed) != SEED_BYTES:
+        if seed is None:
+            return cls(Ed25519PrivateKey.generate())
+        if len(seed) != SEED_BYTES:
             raise ValueError(f"an Ed25519 seed is {SEED_BYTES} bytes, got {len(seed)}")
-        return cls(Ed25519PrivateKey.new(seed))
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
     @classmethod
     def from_private_bytes(cls, data: bytes) -> Identity:
@@ -75,22 +97,14 @@ class Identity:
         Both py-libp2p's 32-byte and go-libp2p's 64-byte (seed + public key) Ed25519
         encodings are accepted.
         """
-        try:
-            proto = PrivateKey.deserialize_from_protobuf(data)
-        except Exception as exc:  # protobuf raises its own DecodeError
-            raise ValueError(f"not a libp2p private key: {exc}") from None
-        if proto.key_type != KeyType.Ed25519.value:
-            raise ValueError(f"only Ed25519 keys are supported, got key type {proto.key_type}")
-        raw = bytes(proto.data)
-        if len(raw) == 2 * SEED_BYTES:
-            seed, public = raw[:SEED_BYTES], raw[SEED_BYTES:]
-            identity = cls(Ed25519PrivateKey.from_bytes(seed))
-            if identity.public_key_bytes != public:
+        if len(data) == 4 + SEED_BYTES and data.startswith(_PROTO_ED25519_32):
+            return cls.generate(data[4:])
+        if len(data) == 4 + 2 * SEED_BYTES and data.startswith(_PROTO_ED25519_64):
+            identity = cls.generate(data[4 : 4 + SEED_BYTES])
+            if identity.public_key_bytes != data[4 + SEED_BYTES :]:
                 raise ValueError("64-byte Ed25519 key: public half does not match the seed")
             return identity
-        if len(raw) != SEED_BYTES:
-            raise ValueError(f"Ed25519 private key of {len(raw)} bytes")
-        return cls(Ed25519PrivateKey.from_bytes(raw))
+        raise ValueError("not a libp2p Ed25519 private key")
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike[str]) -> Identity:
@@ -123,17 +137,15 @@ class Identity:
     # -- use -----------------------------------------------------------------------------
     def private_bytes(self) -> bytes:
         """The private key in libp2p's protobuf serialisation (what the key file holds)."""
-        return self._private.serialize()
-
-    @property
-    def public_key_bytes(self) -> bytes:
-        """The raw 32-byte Ed25519 public key."""
-        return self._keypair.public_key.to_bytes()
+        seed = self._private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        return _PROTO_ED25519_32 + seed
 
     @property
     def libp2p_keypair(self) -> KeyPair:
-        """The key pair to hand to ``libp2p.new_host(key_pair=...)``."""
-        return self._keypair
+        """The key pair to hand to ``libp2p.new_host(key_pair=...)`` (imports libp2p)."""
+        from libp2p.crypto.ed25519 import create_new_key_pair
+
+        return create_new_key_pair(self.private_bytes()[len(_PROTO_ED25519_32) :])
 
     def sign(self, data: bytes) -> bytes:
         """A 64-byte Ed25519 signature of ``data``."""
@@ -161,9 +173,10 @@ def verify_with_key(key: Ed25519PublicKey, data: bytes, signature: bytes) -> boo
     if len(signature) != SIGNATURE_BYTES:
         return False
     try:
-        return key.verify(data, signature)
-    except Exception:  # PyNaCl raises on malformed keys/signatures besides BadSignature
+        key.verify(signature, data)
+    except Exception:  # InvalidSignature, or anything odd about the inputs
         return False
+    return True
 
 
 def public_key_of(peer_id: str) -> Ed25519PublicKey:
@@ -176,27 +189,34 @@ def public_key_from_bytes(raw_peer_id: bytes) -> Ed25519PublicKey:
     """The key inlined in a binary peer id (cached: ids repeat on every message)."""
     if len(raw_peer_id) != PEER_ID_BYTES or not raw_peer_id.startswith(_ED25519_PEER_ID_PREFIX):
         raise ValueError("not an Ed25519 (identity multihash) peer id")
-    return Ed25519PublicKey.from_bytes(raw_peer_id[len(_ED25519_PEER_ID_PREFIX) :])
+    return Ed25519PublicKey.from_public_bytes(raw_peer_id[len(_ED25519_PEER_ID_PREFIX) :])
 
 
 @functools.lru_cache(maxsize=4096)
 def peer_id_to_bytes(peer_id: str) -> bytes:
-    """Decode a base58 peer id, insisting on the one canonical spelling of the bytes."""
+    """The binary form of a base58 peer id (``ValueError`` if it is not base58)."""
     if not isinstance(peer_id, str) or not 0 < len(peer_id) <= _MAX_PEER_ID_CHARS:
         raise ValueError("not a peer id")
-    try:
-        raw = base58.b58decode(peer_id)
-    except ValueError:
-        raise ValueError("peer id is not base58") from None
-    if base58.b58encode(raw).decode() != peer_id:
-        raise ValueError("peer id is not in canonical base58")
-    return raw
+    value = 0
+    for char in peer_id:
+        digit = _B58_INDEX.get(char)
+        if digit is None:
+            raise ValueError("peer id is not base58")
+        value = value * 58 + digit
+    zeros = len(peer_id) - len(peer_id.lstrip("1"))  # leading '1's are leading zero bytes
+    return bytes(zeros) + value.to_bytes((value.bit_length() + 7) // 8, "big")
 
 
 @functools.lru_cache(maxsize=4096)
 def peer_id_from_bytes(raw_peer_id: bytes) -> str:
-    """The base58 form of a binary peer id (libp2p's ``ID.to_base58``)."""
-    return base58.b58encode(raw_peer_id).decode()
+    """The base58 (Bitcoin alphabet) form of a binary peer id, as libp2p prints it."""
+    value = int.from_bytes(raw_peer_id, "big")
+    digits = []
+    while value:
+        value, digit = divmod(value, 58)
+        digits.append(_B58[digit])
+    zeros = len(raw_peer_id) - len(raw_peer_id.lstrip(b"\x00"))
+    return "1" * zeros + "".join(reversed(digits))
 
 
 def _write_new_file(path: Path, data: bytes) -> bool:

@@ -111,8 +111,9 @@ class TrainingExecutor:
                 transforms = None
                 if self.transforms:
                     transforms = [self.transforms.get(job.peer) for job in chunk]
+                # ``params`` is a fresh stack: let the trainer update it in place.
                 result, losses = self.trainer.train_batched(
-                    params, samplers, steps, transforms=transforms
+                    params, samplers, steps, transforms=transforms, inplace=True
                 )
                 for row, job in enumerate(chunk):
                     job.result = result[row]

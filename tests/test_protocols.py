@@ -82,10 +82,25 @@ class TestDPSGD:
         assert p.round == 1 and RoundCompleted(0) in effects
         effects = p.handle(MessageReceived(0.2, "b", Message("model", 0, vec(9.0, 9.0))))
         assert Record("dropped.stale_round", 1.0) in effects
-        effects = p.handle(MessageReceived(0.2, "b", Message("model", 7, vec(9.0, 9.0))))
-        assert Record("dropped.future_round", 1.0) in effects
+        effects = p.handle(MessageReceived(0.2, "zz", Message("model", 7, vec(9.0, 9.0))))
         effects = p.handle(MessageReceived(0.2, "zz", Message("model", 1, vec(9.0, 9.0))))
         assert Record("dropped.not_neighbour", 1.0) in effects
+
+    def test_far_future_round_makes_a_lagging_peer_catch_up(self):
+        p = self.make()
+        p.handle(Start(0.0))
+        effects = p.handle(MessageReceived(0.2, "b", Message("model", 7, vec(9.0, 9.0))))
+        assert p.round == 7 and Record("round_jumps", 1.0) in effects
+        assert of_type(effects, Train)  # trains for round 7 with its own model
+        assert torch.equal(of_type(effects, Train)[0].params, vec(0.0, 0.0))
+        # the answer to the abandoned round-0 training is ignored
+        assert p.handle(TrainingDone(0.3, 1, vec(5.0, 5.0))) == []
+        effects = train_and_answer(p, 0.4, vec(4.0, 0.0))
+        assert all(s.message.round == 7 for s in of_type(effects, Send))
+        q = self.make(catch_up=False)
+        q.handle(Start(0.0))
+        effects = q.handle(MessageReceived(0.2, "b", Message("model", 7, vec(9.0, 9.0))))
+        assert Record("dropped.future_round", 1.0) in effects and q.round == 0
 
     def test_crashed_neighbour_no_longer_awaited(self):
         p = self.make()

@@ -197,6 +197,7 @@ async def test_closed_peer_fails_within_timeout_and_frees_its_port(make: Factory
     # The same identity comes back on the same port: a recent failed dial must not block it.
     b2, inbox_b2 = await make(key_b, listen_addrs=[f"/ip4/127.0.0.1/tcp/{port}"])
     assert b2.listen_addrs == [address]
+    assert await a.ping(b.peer_id, timeout=5) > 0  # redials despite the failed dial above
     assert await a.connect(address) == b.peer_id
     await a.send(b.peer_id, b"again", timeout=5)
     assert await inbox_b2.get() == (a.peer_id, b"again")

@@ -29,12 +29,13 @@ def geometric_median_coefficients(
     *,
     iters: int = 100,
     eps: float = 1e-6,
-    tol: float = 1e-10,
+    tol: float = 1e-7,
 ) -> Tensor:
     """The convex coefficients ``a`` (n,), float64, with ``geometric_median(x) = a @ x``.
 
-    Stops after ``iters`` iterations, or earlier once the objective improves by less than
-    ``tol`` relative to its value. Starts from the (weighted) mean.
+    Starts from the (weighted) mean; stops after ``iters`` iterations, or earlier once an
+    iteration moves the estimate by less than ``tol`` times its norm. (A test on the
+    objective would stop too early when far outliers dominate it.)
     """
     check_stack(x, "geometric_median")
     n = x.shape[0]
@@ -57,16 +58,16 @@ def geometric_median_coefficients(
 
     coeffs = w.clone()
     dist = distances(coeffs)
-    objective = float(w @ dist)
     for _ in range(iters):
         beta = w / dist.clamp_min(eps)
-        coeffs = beta / beta.sum()
-        dist = distances(coeffs)
-        new_objective = float(w @ dist)
-        converged = objective - new_objective <= tol * max(new_objective, 1e-300)
-        objective = new_objective
-        if converged:
+        new = beta / beta.sum()
+        step = new - coeffs
+        moved_sq = float(step @ (g @ step))  # ||z_new - z_old||^2
+        size_sq = max(float(new @ (g @ new)), eps * eps)  # ||z_new||^2, at least eps^2
+        coeffs = new
+        if moved_sq <= tol * tol * size_sq:
             break
+        dist = distances(coeffs)
     return coeffs
 
 
@@ -76,13 +77,13 @@ def geometric_median(
     *,
     iters: int = 100,
     eps: float = 1e-6,
-    tol: float = 1e-10,
+    tol: float = 1e-7,
 ) -> Tensor:
     """Smoothed-Weiszfeld geometric median of the rows of ``x`` (n, d); shape ``(d,)``.
 
     ``weights`` (n,), non-negative, make it the weighted geometric median. ``eps`` is the
     smoothing distance (in the units of ``x``), ``iters`` the iteration cap, ``tol`` the
-    relative improvement of the objective below which it stops.
+    relative move of the estimate below which it stops.
     """
     coeffs = geometric_median_coefficients(x, weights, iters=iters, eps=eps, tol=tol)
     return coeffs.to(x.dtype) @ x

@@ -127,7 +127,7 @@ _RULES: dict[str, _Rule] = {
         params={
             "iters": (100, _int_at_least(1)),
             "eps": (1e-6, _positive_float),
-            "tol": (1e-10, _nonneg_float),
+            "tol": (1e-7, _nonneg_float),
         },
     ),
     "centered_clipping": _Rule(

@@ -1,0 +1,66 @@
+"""Byzantine and Sybil behaviours, usable by simulated peers and real nodes alike.
+
+- :mod:`~p2pfl.attacks.data_poisoning`: batch transforms ``(x, y) -> (x, y)`` (label flip,
+  targeted flip, backdoor trigger) and the attack-success-rate measure;
+- :mod:`~p2pfl.attacks.model_poisoning`: pure functions of honest vectors giving what a
+  Byzantine peer sends (sign flip, Gaussian, scaling, ALIE, IPM, free rider);
+- :mod:`~p2pfl.attacks.sybil`: one adversary with ``k`` identities;
+- :mod:`~p2pfl.attacks.registry`: ``get_attack(name, **params)``, each attack tagged with
+  ``kind`` "data" or "model" so a driver knows where to apply it.
+"""
+
+from p2pfl.attacks.data_poisoning import (
+    Backdoor,
+    LabelFlip,
+    TargetedLabelFlip,
+    Trigger,
+    apply_trigger,
+    attack_success_rate,
+    backdoor,
+    label_flip,
+    targeted_label_flip,
+)
+from p2pfl.attacks.model_poisoning import (
+    alie,
+    alie_z,
+    free_rider,
+    gaussian,
+    ipm,
+    scaling,
+    sign_flip,
+)
+from p2pfl.attacks.registry import (
+    ATTACK_KINDS,
+    ATTACKS,
+    Attack,
+    AttackKind,
+    ModelAttackContext,
+    get_attack,
+)
+from p2pfl.attacks.sybil import SybilGroup
+
+__all__ = [
+    "ATTACKS",
+    "ATTACK_KINDS",
+    "Attack",
+    "AttackKind",
+    "Backdoor",
+    "LabelFlip",
+    "ModelAttackContext",
+    "SybilGroup",
+    "TargetedLabelFlip",
+    "Trigger",
+    "alie",
+    "alie_z",
+    "apply_trigger",
+    "attack_success_rate",
+    "backdoor",
+    "free_rider",
+    "gaussian",
+    "get_attack",
+    "ipm",
+    "label_flip",
+    "scaling",
+    "sign_flip",
+    "targeted_label_flip",
+]

@@ -84,7 +84,9 @@ def _number(low: float, *, strict: bool = False, high: float | None = None) -> C
         ok = ok and (value > low if strict else value >= low)
         ok = ok and (high is None or value <= high)
         if not ok:
-            bound = (f"> {low}" if strict else f">= {low}") + (f" and <= {high}" if high else "")
+            bound = (f"> {low}" if strict else f">= {low}") + (
+                f" and <= {high}" if high is not None else ""
+            )
             raise ValueError(f"{name} must be a number {bound}, got {value!r}")
         return float(value)
 

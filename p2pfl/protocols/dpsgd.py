@@ -35,6 +35,7 @@ class DPSGD(SynchronousRoundProtocol):
         local_steps: int = 1,
         round_timeout: float = 10.0,
         aggregate: AggregateFn | None = None,
+        catch_up: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -44,6 +45,7 @@ class DPSGD(SynchronousRoundProtocol):
             local_steps=local_steps,
             round_timeout=round_timeout,
             aggregate=aggregate,
+            catch_up=catch_up,
             seed=seed,
         )
         if weights is None:  # uniform over self and neighbours

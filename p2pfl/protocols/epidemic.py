@@ -33,6 +33,7 @@ class EpidemicLearning(SynchronousRoundProtocol):
         local_steps: int = 1,
         round_timeout: float = 1.0,
         aggregate: AggregateFn | None = None,
+        catch_up: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -42,6 +43,7 @@ class EpidemicLearning(SynchronousRoundProtocol):
             local_steps=local_steps,
             round_timeout=round_timeout,
             aggregate=aggregate,
+            catch_up=catch_up,
             seed=seed,
         )
         if fanout < 1:

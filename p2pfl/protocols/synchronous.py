@@ -15,6 +15,9 @@ Round ``r`` of a peer:
 
 Messages of older rounds are dropped (and counted); messages up to ``max_lead`` rounds
 ahead are kept for later, because a fast neighbour may legitimately be one round ahead.
+A message further ahead means this peer fell behind (it restarted from a checkpoint, or
+was cut off): with ``catch_up`` it jumps to that round instead of staying stale forever.
+How far a remote peer may push us ahead is bounded by the node's round window (wire guard).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class SynchronousRoundProtocol(Protocol):
         round_timeout: float = 10.0,
         aggregate: AggregateFn | None = None,
         max_lead: int = 2,
+        catch_up: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__(peer_id, params, neighbours, local_steps=local_steps, seed=seed)
@@ -77,6 +81,7 @@ class SynchronousRoundProtocol(Protocol):
         self.round_timeout = round_timeout
         self.aggregate = aggregate
         self.max_lead = max_lead
+        self.catch_up = catch_up
         self.phase = "idle"  # idle -> training -> collecting -> (aggregate) -> training ...
         self.trained: torch.Tensor | None = None
         self.inbox: dict[int, dict[PeerId, torch.Tensor]] = {}
@@ -141,10 +146,27 @@ class SynchronousRoundProtocol(Protocol):
             self.dropped_stale += 1
             return [Record("dropped.stale_round", 1.0)]
         if message.round > self.round + self.max_lead:
-            self.dropped_ahead += 1
-            return [Record("dropped.future_round", 1.0)]
+            if not self.catch_up:
+                self.dropped_ahead += 1
+                return [Record("dropped.future_round", 1.0)]
+            return self._jump_to(message.round, event)
         self.inbox.setdefault(message.round, {})[event.sender] = message.params
         return self._maybe_finish(event.now)
+
+    def _jump_to(self, round_: int, event: MessageReceived) -> list[Effect]:
+        """Abandon the current round for a newer one the others are already in.
+
+        A peer that restarts from an old checkpoint, or was cut off for a while, would
+        otherwise only ever send stale models. It keeps its own model and joins the
+        others' round; the work of the abandoned round is dropped.
+        """
+        self.round = round_
+        for stale in [r for r in self.inbox if r < round_]:
+            del self.inbox[stale]
+        self.inbox.setdefault(round_, {})[event.sender] = event.message.params
+        effects: list[Effect] = [CancelTimer(ROUND_TIMER), Record("round_jumps", 1.0)]
+        effects.extend(self._start_round())
+        return effects
 
     def _maybe_finish(self, now: float) -> list[Effect]:
         if self.phase != "collecting":

@@ -10,7 +10,8 @@ The host runs on the process-wide trio thread of ``_trio_bridge`` and is built
 with the settings measured in DESIGN.md ("py-libp2p facts"):
 
 - Noise is the only security offered (py-libp2p also offers plaintext, TLS and
-  secio by default); yamux is the only muxer (mplex is ~6x slower);
+  secio by default); yamux is the only muxer (mplex is ~6x slower), patched
+  against a two-way deadlock and given 16 MiB stream windows (see ``_yamux``);
 - ``max_connections_per_peer=1``: more makes every connect cost >= 250 ms;
 - the receiving handler drains the stream at once, because yamux resets a
   stream whose reader stalls for 5 s, and never runs node code on trio;
@@ -45,16 +46,16 @@ from libp2p.custom_types import TProtocol
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.network.auto_connector import AutoConnector
-from libp2p.network.config import ConnectionConfig
+from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
 from . import _trio_bridge
+from ._yamux import PatchedYamux, use_patched_yamux
 from .base import Transport, TransportError
 
 __all__ = [
@@ -219,12 +220,15 @@ class Libp2pTransport(Transport):
                         self._key_pair, noise_privkey=create_x25519_key_pair().private_key
                     )
                 },
-                muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+                muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): PatchedYamux},
                 listen_addrs=self._listen,
                 connection_config=ConnectionConfig(max_connections_per_peer=1),
             )
+            use_patched_yamux(host)
             network = host.get_network()
             network.auto_connector = _NoAutoConnect(network)  # type: ignore[attr-defined]
+            # Default: 3 retries with backoff, 0.7 s to learn that a port is closed.
+            network.retry_config = RetryConfig(max_retries=1)  # type: ignore[attr-defined]
             async with host.run(listen_addrs=self._listen):
                 try:
                     # The swarm logs a failed listen at debug level and carries on without it.
@@ -327,11 +331,7 @@ class Libp2pTransport(Transport):
 
     async def _connect_in_trio(self, info: PeerInfo, timeout: float) -> None:
         host = self._running_host()
-        # A peer whose dial failed recently is refused for 60 s by the swarm's negative
-        # cache; an explicit connect (e.g. to a peer that restarted) must try anyway.
-        unblock = getattr(host.get_network(), "unblock_peer", None)
-        if unblock is not None:
-            unblock(info.peer_id)
+        _forget_failed_dial(host, info.peer_id)
         with trio.fail_after(timeout):
             await host.connect(info)
 
@@ -353,6 +353,7 @@ class Libp2pTransport(Transport):
 
     async def _ping_in_trio(self, peer: ID, timeout: float) -> float:
         host = self._running_host()
+        _forget_failed_dial(host, peer)  # a ping is the liveness probe: it must really try
         with trio.fail_after(timeout):
             stream = await host.new_stream(peer, [PING_PROTOCOL_ID])
             try:
@@ -412,6 +413,17 @@ class Libp2pTransport(Transport):
         except Exception as exc:  # noqa: BLE001 - the sender will time out and retry
             _log.debug("could not acknowledge a frame from %s: %r", sender, exc)
             await _reset(stream)
+
+
+def _forget_failed_dial(host: IHost, peer: ID) -> None:
+    """Lift the swarm's 60 s ban on dialling a peer whose last dial failed.
+
+    ``send`` keeps the ban (a dead peer fails fast); ``connect`` and ``ping`` are
+    explicit attempts, which must reach a peer that has restarted meanwhile.
+    """
+    unblock = getattr(host.get_network(), "unblock_peer", None)
+    if unblock is not None:
+        unblock(peer)
 
 
 def _check_port_free(addr: Multiaddr) -> None:

@@ -239,7 +239,7 @@ def _tensor(field: Any, limits: WireLimits, expected: Layout | None) -> torch.Te
         else:
             if "x" in field:
                 raise WireError(DropReason.MALFORMED, "codec meta without a codec")
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            itemsize = dtype.itemsize
             if len(payload) != numel * itemsize:
                 raise WireError(DropReason.BAD_TENSOR, f"{len(payload)} bytes for {numel} x {code}")
             tensor = tensor_from_le_bytes(payload, dtype, shape)

@@ -107,7 +107,9 @@ class SampleResolver:
         return [
             p
             for p in peers
-            if p != self._me and self._status.get(p) is Liveness.ALIVE and p not in self._outstanding
+            if p != self._me
+            and self._status.get(p) is Liveness.ALIVE
+            and p not in self._outstanding
         ]
 
     # -- what happened ----------------------------------------------------------------

@@ -1,0 +1,729 @@
+"""MoDeST (de Vos et al.): FL-like rounds without a server, by decentralized sampling.
+
+Each round ``r`` has a *sample* of ``s`` peers that train and, among them, ``a``
+*aggregators*. Nobody picks them: every peer derives them from its population view (the
+candidates in SHA-256 order of ``(r, peer)``, see ``view.py``) and keeps the first ones
+that answer a ping (``sampling.py``). One round, seen by the messages it moves:
+
+1. trainers of round ``r-1`` send their model, tagged ``r``, to the aggregators of ``r``
+   (kind ``"aggregate"``);
+2. an aggregator of ``r`` collects until it has a quorum (``success_fraction * s``), or
+   its timer fires with at least ``min_aggregation_count`` models, and averages them;
+3. it sends the result, tagged ``r``, to the sample of ``r`` (kind ``"train"``);
+4. a sampled peer trains the first round-``r`` model it gets for ``local_steps`` and goes
+   back to step 1 with ``r+1``.
+
+Bootstrapping: at ``Start`` every peer finds the aggregators of round 1 (pinging the first
+candidates of round 1); those aggregators skip step 2 and send their own initial
+parameters as the round-1 model. Peers should therefore start from the same initial
+parameters (same seed), as in FL; otherwise the round-1 sample trains ``a`` different
+models and round 2 averages them.
+
+Progress, and what cancels what. ``self.round`` is the highest round tag seen (in a model
+message, in a pong's ``at``) or produced. A tag ``R`` proves that stage ``R-1`` finished
+somewhere, so all work whose output would be tagged below ``R`` is abandoned: collecting
+for a round below ``R``, training whose result would be tagged below ``R``, sending to the
+sample of a round below ``R``. ``done`` (the highest round known to be aggregated) ends
+the delivery of trained models for that round: the aggregators no longer need them.
+
+Liveness. No wait is without a timer: pings expire (the candidate is passed over and
+suspected), aggregators time out, and every model delivery is rechecked after
+``retry_interval`` (up to ``max_retries`` times): recipients that stopped answering are
+replaced by the next candidates, which is how rounds go on when peers crash silently,
+aggregators included. Suspected peers (ping timeout, ``SendFailed``, ``PeerDown``) are
+skipped without a ping for ``suspect_rounds`` rounds, or until heard from again; they stay
+in the view (they did not leave), so a recovered peer is sampled again.
+
+Joins and leaves. A late joiner (``joining=True``) announces itself to ``announce_fanout``
+random known peers, which answer with their view. Announced joins are held back and
+applied to a peer's view only after its next model send (so they do not reorder the
+sample a round is in the middle of using) and travel, meanwhile, in that send's
+``joins`` field. Leaves (``leave()``) are applied at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from p2pfl.protocols.base import (
+    CancelTimer,
+    Effect,
+    Event,
+    Message,
+    MessageReceived,
+    PeerDown,
+    PeerId,
+    PeerUp,
+    Protocol,
+    Record,
+    RoundCompleted,
+    Send,
+    SendFailed,
+    SetTimer,
+    Start,
+    TimerFired,
+    TrainingDone,
+)
+from p2pfl.protocols.modest.sampling import SampleResolver
+from p2pfl.protocols.modest.view import PopulationView, ViewEntry, derive_candidates
+
+#: ``(stack (n, d), weights (n,) or None, own_index or -1) -> aggregated (d,)``
+Aggregate = Callable[[Tensor, Tensor | None, int], Tensor]
+
+# message kinds
+PING = "ping"
+PONG = "pong"
+AGGREGATE = "aggregate"  # a trained model, to an aggregator of its round
+TRAIN = "train"  # an aggregated model, to a member of its round's sample
+STATUS = "status"  # "your model came too late": the round it is at, and done
+JOIN = "join"
+VIEW = "view"  # the answer to a join
+LEAVE = "leave"
+
+
+def weighted_mean(stack: Tensor, weights: Tensor | None, own_index: int) -> Tensor:
+    """Default aggregation: mean of the rows, weighted by sample counts when all are known."""
+    del own_index  # the plain mean treats the aggregator's own model like any other
+    if weights is None or float(weights.sum()) <= 0.0:
+        return stack.mean(dim=0)
+    w = weights.to(dtype=stack.dtype)
+    return (w / w.sum()) @ stack
+
+
+@dataclass(slots=True)
+class _Aggregation:
+    """Models collected by an aggregator for one round: sender -> (params, weight)."""
+
+    round: int
+    models: dict[PeerId, tuple[Tensor, float | None]] = field(default_factory=dict)
+    retries: int = 0
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """A model to send to the first ``target`` responsive candidates of ``round``."""
+
+    kind: str
+    round: int
+    target: int
+    params: Tensor
+    sent: set[PeerId] = field(default_factory=set)
+    retries: int = 0
+
+
+def _int(value: Any, default: int = 0) -> int:
+    """A non-negative int from untrusted meta, else ``default``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return default
+
+
+class ModestProtocol(Protocol):
+    """MoDeST for one peer: sample derivation, pings, aggregation quorum, churn.
+
+    Parameters (besides the base ``peer_id, params, neighbours, local_steps, seed``):
+
+    - ``population``: the peers known at start (the whole population, or for a joiner its
+      bootstrap peers); ``None`` means ``neighbours``. ``neighbours`` is otherwise unused:
+      MoDeST samples from the whole view, not from a graph.
+    - ``sample_size`` (s), ``num_aggregators`` (a <= s).
+    - ``success_fraction``: the quorum is ``ceil(success_fraction * s)`` models.
+    - ``ping_timeout``: after it, an unanswered candidate is passed over.
+    - ``aggregation_timeout``: how long an aggregator waits for its quorum; it then goes on
+      with at least ``min_aggregation_count`` models, or waits again (``max_retries``
+      times) and finally abandons the round.
+    - ``aggregate``: ``(stack, weights, own_index) -> vector``; weights are the senders'
+      ``num_samples`` when every sender gave one, else ``None``; ``own_index`` is the row of
+      the aggregator's own model, ``-1`` when it sent none. Default: ``weighted_mean``.
+    - ``num_samples``: size of the local data set, sent with trained models as weight.
+    - ``joining``: this peer joins a running population (announces itself, no bootstrap).
+    - ``announce_fanout``: how many random peers hear a join or leave announcement.
+    - ``retry_interval`` (default ``aggregation_timeout``) and ``max_retries``: rechecks of
+      a model's recipients, re-announcements of a join, and aggregation extensions.
+    - ``suspect_rounds``: how long an unresponsive peer is skipped without a ping.
+    """
+
+    name = "modest"
+
+    def __init__(
+        self,
+        peer_id: PeerId,
+        params: Tensor,
+        neighbours: list[PeerId],
+        *,
+        population: list[PeerId] | None = None,
+        sample_size: int = 10,
+        num_aggregators: int = 1,
+        success_fraction: float = 1.0,
+        ping_timeout: float = 1.0,
+        aggregation_timeout: float = 10.0,
+        min_aggregation_count: int = 1,
+        local_steps: int = 1,
+        seed: int = 0,
+        aggregate: Aggregate | None = None,
+        num_samples: int | None = None,
+        joining: bool = False,
+        announce_fanout: int = 3,
+        retry_interval: float | None = None,
+        max_retries: int = 3,
+        suspect_rounds: int = 10,
+    ) -> None:
+        super().__init__(peer_id, params, neighbours, local_steps=local_steps, seed=seed)
+        if sample_size < 1:
+            raise ValueError(f"sample_size must be >= 1, got {sample_size}")
+        if not 1 <= num_aggregators <= sample_size:
+            raise ValueError(
+                f"num_aggregators must be in [1, sample_size={sample_size}], got {num_aggregators}"
+            )
+        if not 0.0 < success_fraction <= 1.0:
+            raise ValueError(f"success_fraction must be in (0, 1], got {success_fraction}")
+        if ping_timeout <= 0 or aggregation_timeout <= 0:
+            raise ValueError("ping_timeout and aggregation_timeout must be > 0")
+        if min_aggregation_count < 1:
+            raise ValueError(f"min_aggregation_count must be >= 1, got {min_aggregation_count}")
+        if retry_interval is not None and retry_interval <= 0:
+            raise ValueError(f"retry_interval must be > 0, got {retry_interval}")
+        if max_retries < 0 or suspect_rounds < 1 or announce_fanout < 1:
+            raise ValueError("max_retries >= 0, suspect_rounds >= 1, announce_fanout >= 1")
+        if num_samples is not None and num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        self.sample_size = sample_size
+        self.num_aggregators = num_aggregators
+        self.success_fraction = success_fraction
+        self.quorum = max(1, math.ceil(success_fraction * sample_size - 1e-9))
+        self.ping_timeout = ping_timeout
+        self.aggregation_timeout = aggregation_timeout
+        self.min_aggregation_count = min_aggregation_count
+        self.aggregate: Aggregate = aggregate if aggregate is not None else weighted_mean
+        self.num_samples = num_samples
+        self.joining = joining
+        self.announce_fanout = announce_fanout
+        self.retry_interval = aggregation_timeout if retry_interval is None else retry_interval
+        self.max_retries = max_retries
+        self.suspect_rounds = suspect_rounds
+
+        members = set(population if population is not None else neighbours) | {peer_id}
+        self.view = PopulationView.of(sorted(members))
+        # durable state (checkpointed)
+        self._pending_joins: dict[PeerId, ViewEntry] = {}
+        self._suspects: dict[PeerId, int] = {}  # peer -> round it was suspected in
+        self._done = 0  # highest round known to be aggregated (by anyone)
+        self._agg_done = 0  # highest round this peer aggregated
+        self._trained_round = 0  # highest round whose model this peer started training
+        self._completed = 0  # highest round announced with RoundCompleted
+        self._left = False
+        self._join_confirmed = False
+        # transient state (dropped on restore)
+        self._resolvers: dict[int, SampleResolver] = {}
+        self._deliveries: dict[tuple[str, int], _Delivery] = {}
+        self._agg: _Aggregation | None = None
+        self._training: tuple[int, int] | None = None  # (ticket, round)
+        self._timers: dict[str, tuple[Any, ...]] = {}
+        self._wave = 0
+        self._bootstrapping = False
+        self._join_attempts = 0
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def done_round(self) -> int:
+        """Highest round this peer knows to have been aggregated."""
+        return self._done
+
+    @property
+    def aggregating_round(self) -> int | None:
+        """The round this peer is collecting models for, if any."""
+        return None if self._agg is None else self._agg.round
+
+    @property
+    def suspects(self) -> frozenset[PeerId]:
+        """Peers currently skipped without a ping (unresponsive, not left)."""
+        return frozenset(self._suspects)
+
+    @property
+    def has_left(self) -> bool:
+        return self._left
+
+    def handle(self, event: Event) -> list[Effect]:
+        out: list[Effect] = []
+        if self._left:
+            return out
+        match event:
+            case Start(now):
+                self._on_start(now, out)
+            case MessageReceived(now, sender, message):
+                self._on_message(now, sender, message, out)
+            case TimerFired(now, name):
+                self._on_timer(now, name, out)
+            case TrainingDone(now, ticket, params, _loss):
+                self._on_trained(now, ticket, params, out)
+            case PeerUp(_now, peer):
+                self._suspects.pop(peer, None)
+            case PeerDown(now, peer):
+                self._on_unreachable(now, peer, out)
+            case SendFailed(now, to, _message):
+                self._on_unreachable(now, to, out)
+        return out
+
+    def leave(self, now: float) -> list[Effect]:
+        """Leave the population for good: announce it and stop taking part.
+
+        The contract has no "leave" event, so a driver calls this directly. Afterwards
+        ``handle`` ignores every event (the peer does not even answer pings).
+        """
+        out: list[Effect] = []
+        if self._left:
+            return out
+        own = self.view[self.peer_id]
+        entry = ViewEntry(own.round, True, own.counter + 1)
+        self.view.set(self.peer_id, entry)
+        for peer in self._random_peers(self.announce_fanout):
+            out.append(Send(peer, Message(LEAVE, self.round, None, {"entry": entry.to_wire()})))
+        for name in list(self._timers):
+            self._cancel_timer(name, out)
+        self._resolvers.clear()
+        self._deliveries.clear()
+        self._agg = None
+        self._training = None
+        self._left = True
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            view=self.view.to_wire(),
+            pending_joins={p: e.to_wire() for p, e in self._pending_joins.items()},
+            suspects=dict(self._suspects),
+            done=self._done,
+            agg_done=self._agg_done,
+            trained_round=self._trained_round,
+            completed=self._completed,
+            left=self._left,
+            joining=self.joining,
+            join_confirmed=self._join_confirmed,
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint. Work in flight (pings, collections, training) is not
+        saved: a restored peer waits for the next message of its round."""
+        super().load_state_dict(state)
+        self.view = PopulationView.from_wire(state["view"])
+        self._pending_joins = dict(PopulationView.from_wire(state["pending_joins"]))
+        self._suspects = {str(p): int(r) for p, r in state["suspects"].items()}
+        self._done = int(state["done"])
+        self._agg_done = int(state["agg_done"])
+        self._trained_round = int(state["trained_round"])
+        self._completed = int(state["completed"])
+        self._left = bool(state["left"])
+        self.joining = bool(state["joining"])
+        self._join_confirmed = bool(state["join_confirmed"])
+        self._resolvers.clear()
+        self._deliveries.clear()
+        self._agg = None
+        self._training = None
+        self._timers.clear()
+        self._bootstrapping = False
+        self._join_attempts = 0
+
+    # ------------------------------------------------------------------ events
+    def _on_start(self, now: float, out: list[Effect]) -> None:
+        if self.joining:
+            if not self._join_confirmed:
+                self._announce_join(now, out)
+        elif self.round == 0 and self._trained_round == 0 and self._agg_done == 0:
+            self._bootstrapping = True
+            self._need(now, 1, self.num_aggregators, out)
+
+    def _on_message(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> None:
+        if not isinstance(msg.round, int) or msg.round < 0 or not isinstance(msg.meta, dict):
+            return
+        if sender != self.peer_id:
+            self._suspects.pop(sender, None)  # it just spoke: it is up
+        match msg.kind:
+            case "ping":
+                meta = {"at": self.round, "done": self._done}
+                out.append(Send(sender, Message(PONG, msg.round, None, meta)))
+            case "pong":
+                self._on_pong(now, sender, msg, out)
+            case "status":
+                self._learn_progress(msg.meta, out)
+            case "train":
+                self._on_train_msg(now, sender, msg, out)
+            case "aggregate":
+                self._on_aggregate_msg(now, sender, msg, out)
+            case "join":
+                self._on_join(sender, msg, out)
+            case "view":
+                self._merge_view(now, PopulationView.from_wire(msg.meta.get("view")), out)
+                self._learn_progress(msg.meta, out)
+                if not self._join_confirmed:
+                    self._join_confirmed = True
+                    self._cancel_timer("modest.join", out)
+            case "leave":
+                self._on_leave(now, sender, msg, out)
+
+    def _on_pong(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> None:
+        self._learn_progress(msg.meta, out)
+        resolver = self._resolvers.get(msg.round)
+        if resolver is not None and resolver.answer(sender):
+            self._advance_resolver(now, resolver, out)
+
+    def _on_train_msg(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> None:
+        """An aggregated model of round r: train it if r is new and not already stale."""
+        if msg.params is None:
+            return
+        r = msg.round
+        self._merge_meta(now, sender, msg, out)
+        self._advance(r, out)
+        self._learn_done(r, out)  # someone aggregated round r
+        if r <= self._trained_round:
+            return  # the same round from another aggregator: the first one wins
+        if r + 1 < self.round:
+            out.append(Record("modest.stale_dropped", 1.0))
+            return
+        self._trained_round = r
+        self.params = msg.params  # the latest model, also for evaluating this peer
+        train = self._train(msg.params)
+        self._training = (train.ticket, r)  # replaces (abandons) any older training
+        out.append(train)
+
+    def _on_aggregate_msg(
+        self, now: float, sender: PeerId, msg: Message, out: list[Effect]
+    ) -> None:
+        """A trained model for round r: collect it if this peer may still aggregate r."""
+        if msg.params is None:
+            return
+        r = msg.round
+        self._merge_meta(now, sender, msg, out)
+        self._advance(r, out)
+        if r < self.round or r <= self._agg_done:
+            out.append(Record("modest.late_models", 1.0))
+            if sender != self.peer_id:
+                meta = {"at": self.round, "done": self._done}
+                out.append(Send(sender, Message(STATUS, self.round, None, meta)))
+            return
+        if self._agg is None or self._agg.round != r:
+            self._agg = _Aggregation(r)
+            self._set_timer("modest.aggregate", now + self.aggregation_timeout, (r,), out)
+        weight = msg.meta.get("w")
+        valid = isinstance(weight, int | float) and not isinstance(weight, bool) and weight >= 0
+        self._agg.models[sender] = (msg.params, float(weight) if valid else None)
+        if len(self._agg.models) >= self.quorum:
+            self._finish_aggregation(now, out, timed_out=False)
+
+    def _on_trained(self, now: float, ticket: int, params: Tensor, out: list[Effect]) -> None:
+        if self._training is None or self._training[0] != ticket:
+            return  # abandoned for a newer round
+        r = self._training[1]
+        self._training = None
+        self.params = params
+        self._complete(r, out)
+        self._start_delivery(now, AGGREGATE, r + 1, self.num_aggregators, params, out)
+
+    def _on_join(self, sender: PeerId, msg: Message, out: list[Effect]) -> None:
+        entry = ViewEntry.from_wire(msg.meta.get("entry"))
+        if entry is None or entry.left:
+            return
+        known = self.view.get(sender)
+        if known is None or known.merge(entry) != known:
+            pending = self._pending_joins.get(sender)
+            self._pending_joins[sender] = entry if pending is None else pending.merge(entry)
+        meta = {"view": self.view.to_wire(), "at": self.round, "done": self._done}
+        out.append(Send(sender, Message(VIEW, self.round, None, meta)))
+
+    def _on_leave(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> None:
+        entry = ViewEntry.from_wire(msg.meta.get("entry"))
+        if entry is None or not entry.left:
+            return
+        self.view.merge_entry(sender, entry)  # leaves apply at once
+        self._drop_known_joins()
+        self._on_unreachable(now, sender, out, suspect=False)
+
+    def _on_unreachable(
+        self, now: float, peer: PeerId, out: list[Effect], *, suspect: bool = True
+    ) -> None:
+        """``peer`` cannot be reached: pass over it in every sample being resolved."""
+        if peer == self.peer_id:
+            return
+        if suspect:
+            self._suspects[peer] = self.round
+        for resolver in list(self._resolvers.values()):
+            if resolver.fail(peer):
+                self._advance_resolver(now, resolver, out)
+
+    def _on_timer(self, now: float, name: str, out: list[Effect]) -> None:
+        payload = self._timers.pop(name, None)
+        if payload is None:
+            return  # cancelled or replaced
+        if name.startswith("modest.ping"):
+            round, wave = payload
+            resolver = self._resolvers.get(round)
+            if resolver is None:
+                return
+            lost = resolver.expire(wave)
+            for peer in lost:
+                self._suspects[peer] = self.round
+            if lost:
+                out.append(Record("modest.ping_timeouts", float(len(lost))))
+                self._advance_resolver(now, resolver, out)
+        elif name == "modest.aggregate":
+            self._on_aggregation_timeout(now, payload[0], out)
+        elif name.startswith("modest.watch"):
+            self._on_watch(now, payload, out)
+        elif name == "modest.join":
+            if not self._join_confirmed and self._join_attempts <= self.max_retries:
+                self._announce_join(now, out)
+
+    # ------------------------------------------------------------------ aggregation
+    def _on_aggregation_timeout(self, now: float, round: int, out: list[Effect]) -> None:
+        agg = self._agg
+        if agg is None or agg.round != round:
+            return
+        if len(agg.models) >= self.min_aggregation_count:
+            out.append(Record("modest.aggregation_timeouts", 1.0))
+            self._finish_aggregation(now, out, timed_out=True)
+        elif agg.retries < self.max_retries:
+            agg.retries += 1
+            self._set_timer("modest.aggregate", now + self.aggregation_timeout, (round,), out)
+        else:
+            self._agg = None  # trainers that recheck us will start it again
+            out.append(Record("modest.aggregations_abandoned", 1.0))
+
+    def _finish_aggregation(self, now: float, out: list[Effect], *, timed_out: bool) -> None:
+        agg = self._agg
+        assert agg is not None
+        self._agg = None
+        self._cancel_timer("modest.aggregate", out)
+        senders = list(agg.models)
+        stack = torch.stack([agg.models[s][0] for s in senders])
+        raw = [agg.models[s][1] for s in senders]
+        weights = None if any(w is None for w in raw) else torch.tensor(raw, dtype=stack.dtype)
+        own = senders.index(self.peer_id) if self.peer_id in senders else -1
+        result = self.aggregate(stack, weights, own)
+        self.params = result
+        self._agg_done = agg.round
+        out.append(Record("modest.aggregated", float(len(senders))))
+        self._complete(agg.round, out)
+        self._learn_done(agg.round, out)
+        self._start_delivery(now, TRAIN, agg.round, self.sample_size, result, out)
+
+    # ------------------------------------------------------------------ sampling and sending
+    def _resolver(self, round: int) -> SampleResolver:
+        resolver = self._resolvers.get(round)
+        if resolver is None:
+            candidates = derive_candidates(self.view, round)
+            resolver = SampleResolver(round, candidates, self.peer_id, self._suspects.__contains__)
+            self._resolvers[round] = resolver
+        return resolver
+
+    def _need(self, now: float, round: int, k: int, out: list[Effect]) -> None:
+        """Make sure the first ``k`` responsive candidates of ``round`` get resolved."""
+        resolver = self._resolver(round)
+        resolver.want(k)
+        self._advance_resolver(now, resolver, out)
+
+    def _advance_resolver(self, now: float, resolver: SampleResolver, out: list[Effect]) -> None:
+        """Ping the next wave if more candidates are needed, then act on what is known."""
+        if self._resolvers.get(resolver.round) is not resolver:
+            return  # pruned meanwhile
+        wave = resolver.to_ping()
+        if wave:
+            self._ping(now, resolver, wave, out)
+        self._pump(now, resolver, out)
+
+    def _ping(
+        self, now: float, resolver: SampleResolver, peers: list[PeerId], out: list[Effect]
+    ) -> None:
+        self._wave += 1
+        resolver.pinged(peers, self._wave)
+        for peer in peers:
+            out.append(Send(peer, Message(PING, resolver.round)))
+        name = f"modest.ping:{resolver.round}:{self._wave}"
+        self._set_timer(name, now + self.ping_timeout, (resolver.round, self._wave), out)
+
+    def _pump(self, now: float, resolver: SampleResolver, out: list[Effect]) -> None:
+        """Send each delivery of this round to the responsive candidates it still lacks."""
+        round = resolver.round
+        if self._bootstrapping and round == 1:
+            aggregators = resolver.first(self.num_aggregators)
+            if aggregators is not None:
+                self._bootstrapping = False
+                if self.peer_id in aggregators:
+                    # an aggregator of round 1 "aggregates" the initial model alone
+                    self._agg_done = max(self._agg_done, 1)
+                    self._advance(1, out)
+                    self._learn_done(1, out)
+                    self._start_delivery(now, TRAIN, 1, self.sample_size, self.params, out)
+                    return  # _start_delivery pumped this resolver again
+        for key in [k for k in self._deliveries if k[1] == round]:
+            delivery = self._deliveries.get(key)
+            if delivery is None:
+                continue  # pruned by a local delivery just made
+            chosen = resolver.first(delivery.target)
+            if chosen is None:
+                continue
+            fresh = [p for p in chosen if p not in delivery.sent]
+            if not fresh:
+                continue
+            if not delivery.sent:
+                out.append(
+                    Record("modest.sample_fallbacks", float(resolver.passed_over(delivery.target)))
+                )
+                name = f"modest.watch:{delivery.kind}:{round}"
+                self._set_timer(name, now + self.retry_interval, (delivery.kind, round), out)
+            delivery.sent.update(fresh)
+            self._send_model(now, delivery, fresh, out)
+
+    def _send_model(
+        self, now: float, delivery: _Delivery, recipients: list[PeerId], out: list[Effect]
+    ) -> None:
+        self.view.touch(self.peer_id, delivery.round)
+        if delivery.kind == AGGREGATE:
+            self._advance(delivery.round, out)  # this peer now knows of round r+1
+        meta: dict[str, Any] = {"view": self.view.to_wire()}
+        if self._pending_joins:
+            meta["joins"] = {p: e.to_wire() for p, e in self._pending_joins.items()}
+        if delivery.kind == AGGREGATE and self.num_samples is not None:
+            meta["w"] = self.num_samples
+        message = Message(delivery.kind, delivery.round, delivery.params, meta)
+        out.extend(Send(p, message) for p in recipients if p != self.peer_id)
+        # joins announced to us take effect after our next send (see the module docstring)
+        if self._pending_joins:
+            self.view.merge(self._pending_joins)
+            self._pending_joins.clear()
+        if self.peer_id in recipients:
+            self._on_message(now, self.peer_id, message, out)
+
+    def _start_delivery(
+        self, now: float, kind: str, round: int, target: int, params: Tensor, out: list[Effect]
+    ) -> None:
+        if round < self.round or (kind == AGGREGATE and round <= self._done):
+            out.append(Record("modest.stale_dropped", 1.0))
+            return
+        self._deliveries[(kind, round)] = _Delivery(kind, round, target, params)
+        self._need(now, round, target, out)
+
+    def _on_watch(self, now: float, payload: tuple[Any, ...], out: list[Effect]) -> None:
+        """Recheck that a delivery's recipients are alive; the dead get replaced."""
+        kind, round = payload
+        delivery = self._deliveries.get((kind, round))
+        resolver = self._resolvers.get(round)
+        if delivery is None or resolver is None:
+            return
+        if delivery.retries >= self.max_retries:
+            del self._deliveries[(kind, round)]
+            out.append(Record("modest.deliveries_unconfirmed", 1.0))
+            return
+        delivery.retries += 1
+        recheck = resolver.recheck(sorted(delivery.sent))
+        if recheck:
+            self._ping(now, resolver, recheck, out)
+        self._set_timer(f"modest.watch:{kind}:{round}", now + self.retry_interval, payload, out)
+
+    # ------------------------------------------------------------------ progress
+    def _advance(self, round: int, out: list[Effect]) -> None:
+        """A round tag ``round`` was seen or produced: drop the work it makes stale."""
+        if round <= self.round:
+            return
+        self.round = round
+        self._done = max(self._done, round - 1)
+        self._prune(out)
+
+    def _learn_done(self, round: int, out: list[Effect]) -> None:
+        if round > self._done:
+            self._done = round
+            self._prune(out)
+
+    def _learn_progress(self, meta: Mapping[str, Any], out: list[Effect]) -> None:
+        self._advance(_int(meta.get("at")), out)
+        self._learn_done(_int(meta.get("done")), out)
+
+    def _prune(self, out: list[Effect]) -> None:
+        """Abandon everything older than ``self.round``: keeps every buffer bounded."""
+        current, done = self.round, self._done
+        if self._agg is not None and self._agg.round < current:
+            self._agg = None
+            self._cancel_timer("modest.aggregate", out)
+            out.append(Record("modest.aggregations_abandoned", 1.0))
+        if self._training is not None and self._training[1] + 1 < current:
+            self._training = None
+        for kind, round in list(self._deliveries):
+            if round < current or (kind == AGGREGATE and round <= done):
+                del self._deliveries[(kind, round)]
+                self._cancel_timer(f"modest.watch:{kind}:{round}", out)
+        for round in [r for r in self._resolvers if r < current]:
+            del self._resolvers[round]
+        for name, payload in list(self._timers.items()):
+            if name.startswith("modest.ping") and payload[0] not in self._resolvers:
+                self._cancel_timer(name, out)
+        expired = [p for p, r in self._suspects.items() if r + self.suspect_rounds <= current]
+        for peer in expired:
+            del self._suspects[peer]
+
+    def _complete(self, round: int, out: list[Effect]) -> None:
+        if round > self._completed:
+            self._completed = round
+            out.append(RoundCompleted(round))
+
+    # ------------------------------------------------------------------ views, joins
+    def _merge_meta(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> None:
+        """Merge the view and the pending joins a model message carries."""
+        if sender == self.peer_id:
+            return
+        self._merge_view(now, PopulationView.from_wire(msg.meta.get("view")), out)
+        self.view.touch(sender, msg.round)
+        for peer, entry in PopulationView.from_wire(msg.meta.get("joins")).items():
+            if peer != self.peer_id and not entry.left:
+                pending = self._pending_joins.get(peer)
+                self._pending_joins[peer] = entry if pending is None else pending.merge(entry)
+        self._drop_known_joins()
+
+    def _merge_view(self, now: float, other: PopulationView, out: list[Effect]) -> None:
+        own = self.view[self.peer_id]
+        theirs = other.get(self.peer_id)
+        self.view.merge({p: e for p, e in other.items() if p != self.peer_id})
+        for peer, mark in list(self._suspects.items()):
+            entry = self.view.get(peer)
+            if entry is not None and entry.round > mark:
+                del self._suspects[peer]  # someone saw it take part after we gave up on it
+        if theirs is not None and (theirs.counter, theirs.left) > (own.counter, own.left):
+            # others think we left (an old leave, or a lost checkpoint): we are here
+            self.view.set(
+                self.peer_id, ViewEntry(max(own.round, theirs.round), False, theirs.counter + 1)
+            )
+            self._join_confirmed = False
+            self._join_attempts = 0
+            self._announce_join(now, out)
+
+    def _drop_known_joins(self) -> None:
+        for peer, entry in list(self._pending_joins.items()):
+            known = self.view.get(peer)
+            if known is not None and known.merge(entry) == known:
+                del self._pending_joins[peer]
+
+    def _announce_join(self, now: float, out: list[Effect]) -> None:
+        self._join_attempts += 1
+        entry = self.view[self.peer_id].to_wire()
+        for peer in self._random_peers(self.announce_fanout):
+            out.append(Send(peer, Message(JOIN, self.round, None, {"entry": entry})))
+        self._set_timer("modest.join", now + self.retry_interval, (), out)
+
+    def _random_peers(self, k: int) -> list[PeerId]:
+        others = sorted(p for p in self.view.active() if p != self.peer_id)
+        return self.rng.sample(others, min(k, len(others)))
+
+    # ------------------------------------------------------------------ timers
+    def _set_timer(self, name: str, at: float, payload: tuple[Any, ...], out: list[Effect]) -> None:
+        self._timers[name] = payload
+        out.append(SetTimer(name, at))
+
+    def _cancel_timer(self, name: str, out: list[Effect]) -> None:
+        if self._timers.pop(name, None) is not None:
+            out.append(CancelTimer(name))

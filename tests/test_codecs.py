@@ -1,0 +1,156 @@
+"""Model compression codecs: documented error bounds, sizes, hostile payloads."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from p2pfl.codecs import CODECS, CodecError, Int8Codec, TopKCodec, all_finite, get_codec
+
+# hypothesis runs derandomized: the same examples on every run
+PROPERTY = settings(max_examples=100, deadline=None, derandomize=True)
+
+vectors = arrays(
+    np.float32,
+    st.integers(0, 400),
+    elements=st.floats(-1e4, 1e4, width=32, allow_nan=False, allow_infinity=False),
+)
+
+
+def _round_trip(name: str, x: torch.Tensor, **options: object) -> tuple[torch.Tensor, bytes]:
+    codec = get_codec(name, **options)
+    payload, meta = codec.encode(x)
+    y = get_codec(name).decode(payload, meta, x.numel())
+    assert y.dtype == torch.float32 and y.shape == (x.numel(),)
+    return y, payload
+
+
+@PROPERTY
+@given(vectors)
+def test_fp32_is_exact(x: np.ndarray) -> None:
+    t = torch.from_numpy(x)
+    y, payload = _round_trip("fp32", t)
+    assert torch.equal(y, t) and len(payload) == 4 * t.numel()
+
+
+@PROPERTY
+@given(vectors)
+def test_fp16_relative_error_bound(x: np.ndarray) -> None:
+    t = torch.from_numpy(x)
+    y, payload = _round_trip("fp16", t)
+    assert len(payload) == 2 * t.numel()
+    bound = torch.maximum(t.abs() * 2.0**-11, torch.full_like(t, 2.0**-25))
+    assert bool(((y - t).abs() <= bound).all())
+
+
+@PROPERTY
+@given(vectors, st.sampled_from([1, 7, 64, 256]))
+def test_int8_error_is_half_a_step_per_chunk(x: np.ndarray, chunk: int) -> None:
+    t = torch.from_numpy(x)
+    y, payload = _round_trip("int8", t, chunk=chunk)
+    n = t.numel()
+    assert len(payload) == n + 4 * math.ceil(n / chunk)
+    pad = -n % chunk
+    blocks = torch.nn.functional.pad(t, (0, pad)).view(-1, chunk)
+    errors = torch.nn.functional.pad(y - t, (0, pad)).view(-1, chunk).abs()
+    half_step = blocks.abs().amax(dim=1, keepdim=True) / 254
+    assert bool((errors <= half_step * (1 + 1e-5) + 2.0**-149).all())
+
+
+@PROPERTY
+@given(vectors.filter(lambda a: a.size > 0), st.floats(0.001, 1.0))
+def test_topk_keeps_the_largest_exactly(x: np.ndarray, ratio: float) -> None:
+    t = torch.from_numpy(x)
+    y, payload = _round_trip("topk", t, ratio=ratio)
+    n, k = t.numel(), len(payload) // 8
+    assert k == max(1, math.ceil(ratio * n))
+    kept = y != 0
+    assert bool((y[kept] == t[kept]).all())
+    # no dropped value is larger than a kept one
+    if kept.any() and (~kept).any():
+        assert float(t[~kept].abs().max()) <= float(t[kept].abs().min())
+    err, norm = float((y - t).norm()), float(t.norm())
+    assert err <= math.sqrt(1 - k / n) * norm * (1 + 1e-5) + 1e-6
+
+
+def test_typical_errors_on_a_gaussian_model() -> None:
+    t = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    rel = {}
+    for name in CODECS:
+        y, _ = _round_trip(name, t)
+        rel[name] = float((y - t).norm() / t.norm())
+    assert rel["fp32"] == 0.0
+    assert rel["fp16"] < 3e-4
+    assert rel["int8"] < 1.5e-2
+    assert 0.9 < rel["topk"] < 1.0  # 1% of a Gaussian vector holds little of its energy
+
+
+def test_encode_refuses_what_it_cannot_represent() -> None:
+    for name in CODECS:
+        with pytest.raises(ValueError, match="NaN"):
+            get_codec(name).encode(torch.tensor([1.0, float("nan")]))
+        with pytest.raises(ValueError, match="float"):
+            get_codec(name).encode(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="range"):
+        get_codec("fp16").encode(torch.tensor([1e6]))
+    with pytest.raises(ValueError, match="unknown codec"):
+        get_codec("zip")
+    with pytest.raises(ValueError):
+        Int8Codec(chunk=0)
+    with pytest.raises(ValueError):
+        TopKCodec(ratio=0.0)
+
+
+def test_empty_vectors_round_trip() -> None:
+    for name in CODECS:
+        y, _ = _round_trip(name, torch.zeros(0))
+        assert y.numel() == 0
+
+
+def _u32(*values: int) -> bytes:
+    return struct.pack(f"<{len(values)}I", *values)
+
+
+def _f32(*values: float) -> bytes:
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "meta", "numel"),
+    [
+        ("fp32", b"\x00" * 7, {}, 2),
+        ("fp32", b"\x00" * 8, {"extra": 1}, 2),
+        ("fp16", b"\x00" * 3, {}, 2),
+        ("int8", _f32(1.0) + b"\x01\x02", {}, 2),  # no chunk
+        ("int8", _f32(1.0) + b"\x01\x02", {"chunk": 0}, 2),
+        ("int8", _f32(1.0) + b"\x01\x02", {"chunk": True}, 2),
+        ("int8", _f32(1.0) + b"\x01", {"chunk": 4}, 2),  # short
+        ("int8", _f32(-1.0) + b"\x01\x02", {"chunk": 4}, 2),  # negative scale
+        ("int8", _f32(float("nan")) + b"\x01\x02", {"chunk": 4}, 2),
+        ("topk", _u32(0) + _f32(1.0) + b"\x00", {}, 4),  # not k*8 bytes
+        ("topk", _u32(4) + _f32(1.0), {}, 4),  # index out of range
+        ("topk", _u32(2, 1) + _f32(1.0, 2.0), {}, 4),  # not increasing
+        ("topk", _u32(1, 1) + _f32(1.0, 2.0), {}, 4),  # duplicate
+        ("topk", _u32(0, 1, 2) + _f32(1.0, 2.0, 3.0), {}, 2),  # k > numel
+    ],
+)
+def test_hostile_payloads_raise_codec_error(
+    name: str, payload: bytes, meta: dict[str, object], numel: int
+) -> None:
+    with pytest.raises(CodecError):
+        get_codec(name).decode(payload, meta, numel)
+
+
+def test_all_finite() -> None:
+    assert all_finite(torch.zeros(0))
+    assert all_finite(torch.tensor([1.0, -3e38], dtype=torch.float32))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            assert not all_finite(torch.tensor([0.0, bad, 1.0], dtype=dtype))
