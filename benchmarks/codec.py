@@ -1,6 +1,6 @@
 """Wire codec throughput: encode + decode of a model vs a plain memory copy, same run.
 
-    python benchmarks/codec.py [--params 10000000] [--repeats 5] [--no-codecs]
+    python benchmarks/codec.py [--params 10000000] [--repeats 5] [--threads N] [--no-codecs]
 
 Prints, for a ``--params`` float32 model (default 10M parameters, 40 MB), the median of
 ``--repeats`` runs of:
@@ -45,8 +45,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=10_000_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-codecs", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n, reps = args.params, args.repeats
 
     identity = Identity.generate(hashlib.sha256(b"bench").digest())

@@ -1,4 +1,4 @@
-"""The ``p2pfl`` command line: ``sim``, ``topo``, ``data`` (and ``node`` when available).
+"""The ``p2pfl`` command line: ``sim``, ``node``, ``topo``, ``data``, ``report``.
 
 Errors a user can fix (a bad scenario, a missing dataset) are printed as one line and
 exit with status 2; a traceback means a bug.
@@ -82,21 +82,26 @@ def sim(
             f"{row['wall_time']:.1f}",
         )
     Console().print(table)
-    print(f"final mean accuracy {last['acc_mean']:.4f} after {last['round']} rounds; results in {run_dir}")
+    print(
+        f"final mean accuracy {last['acc_mean']:.4f} after {last['round']} rounds; results in {run_dir}"
+    )
 
 
 @app.command()
 def topo(
-    kind: Annotated[str, typer.Argument(help="graph kind: ring, torus, regular, barabasi_albert, ...")],
+    kind: Annotated[
+        str, typer.Argument(help="graph kind: ring, torus, regular, barabasi_albert, ...")
+    ],
     n: Annotated[int, typer.Option("--n", "-n", help="number of peers")] = 16,
     param: Annotated[
-        list[str] | None, typer.Option("--param", "-p", help="generator parameter key=value, e.g. -p m=2")
+        list[str] | None,
+        typer.Option("--param", "-p", help="generator parameter key=value, e.g. -p m=2"),
     ] = None,
     seed: int = 0,
     png: Annotated[Path | None, typer.Option(help="draw the graph to this PNG")] = None,
 ) -> None:
     """Print a graph's statistics (degree, components, spectral gap) and optionally draw it."""
-    from sim.scenario import parse_override
+    from p2pfl.config import parse_override
     from topologies import build_graph, draw_graph, graph_stats
     from topologies.errors import TopologyError
 
@@ -124,7 +129,9 @@ def topo(
 @data_app.command("fetch")
 def data_fetch(
     name: Annotated[str, typer.Argument(help="mnist or fashion_mnist")],
-    data_dir: Annotated[Path | None, typer.Option(help="default: $P2PFL_DATA_DIR or ~/.cache/p2pfl/data")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="default: $P2PFL_DATA_DIR or ~/.cache/p2pfl/data")
+    ] = None,
 ) -> None:
     """Put a dataset's standard files into the data directory, checksum-verified."""
     setup_logging(True)
@@ -139,7 +146,57 @@ def data_fetch(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="a run folder written by `p2pfl sim`")]) -> None:
+def node(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="node TOML file")] = None,
+    listen: Annotated[
+        list[str] | None, typer.Option(help="multiaddr to listen on (repeatable)")
+    ] = None,
+    bootstrap: Annotated[
+        list[str] | None, typer.Option(help="multiaddr of a peer to dial first (repeatable)")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option(help="Ed25519 identity key (created if missing)")
+    ] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="checkpoints and status.json")] = None,
+    peer_index: Annotated[
+        int | None, typer.Option(help="which data share this node trains on")
+    ] = None,
+    num_peers: Annotated[int | None, typer.Option(help="number of data shares")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="override a key: --set rounds=20")
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose/--quiet", "-v/-q", help="a status line per round")
+    ] = True,
+) -> None:
+    """Run a real peer: discover peers, train, exchange models over libp2p, checkpoint every round."""
+    setup_logging(verbose)
+    from p2pfl.learning import DatasetUnavailable
+    from p2pfl.nodecli import NodeConfigError, load_node_config, run_node
+
+    flags = {
+        "network.listen": listen,
+        "network.bootstrap": bootstrap,
+        "key_file": str(key_file) if key_file else None,
+        "state_dir": str(state_dir) if state_dir else None,
+        "peer_index": peer_index,
+        "num_peers": num_peers,
+    }
+    try:
+        node_config = load_node_config(
+            config, set_ or [], {k: v for k, v in flags.items() if v is not None}
+        )
+        status = run_node(node_config)
+    except (NodeConfigError, DatasetUnavailable) as error:
+        _fail(str(error))
+        return
+    print(json.dumps({k: status[k] for k in ("peer_id", "round", "rounds_done", "accuracy")}))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder written by `p2pfl sim`")],
+) -> None:
     """Print a run folder's summary."""
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():

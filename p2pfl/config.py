@@ -7,9 +7,42 @@ error that names the key rather than a setting silently ignored.
 
 from __future__ import annotations
 
+import tomllib
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line meant for the user."""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3); the value is read as TOML, else kept as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"--set has an empty key: {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a table")
+            node = child
+        node[path[-1]] = value
+    return raw
 
 
 class Strict(BaseModel):
@@ -73,3 +106,44 @@ ProtocolConfig = Annotated[
 ]
 
 PROTOCOL_NAMES = ("dpsgd", "epidemic", "gossip", "modest")
+
+
+class NodeNetworkConfig(Strict):
+    """Where a real node listens, whom it dials first, and how long it waits."""
+
+    listen: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    bootstrap: list[str] = Field(default_factory=list)
+    #: start learning once this many other peers are known (or at ``discovery_timeout``)
+    min_peers: int = Field(1, ge=0)
+    discovery_timeout: float = Field(30.0, gt=0)
+    #: 0: every discovered peer is a neighbour; k > 0: k of them, chosen by the seed
+    max_neighbours: int = Field(0, ge=0)
+    send_timeout: float = Field(10.0, gt=0)
+    max_message_bytes: int = Field(64 << 20, gt=1024)
+    #: how many rounds ahead of ours a message may be (a restarted peer catches up)
+    max_round_lead: int = Field(1000, ge=1)
+
+
+class NodeConfig(Strict):
+    """One real peer: its identity, data share, model, protocol and network."""
+
+    name: str = "node"
+    seed: int = 0
+    rounds: int = Field(50, ge=1)
+    key_file: str = "node.key"
+    state_dir: str = "node-state"
+    #: this node trains on share ``peer_index`` of the dataset cut into ``num_peers`` shares
+    peer_index: int = Field(0, ge=0)
+    num_peers: int = Field(1, ge=1)
+    eval_every: int = Field(1, ge=1)
+    eval_test_samples: int = Field(0, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    protocol: ProtocolConfig = Field(default_factory=lambda: DPSGDConfig(name="dpsgd"))
+    network: NodeNetworkConfig = Field(default_factory=NodeNetworkConfig)
+
+    @model_validator(mode="after")
+    def _check_share(self) -> NodeConfig:
+        if self.peer_index >= self.num_peers:
+            raise ValueError(f"peer_index={self.peer_index} must be < num_peers={self.num_peers}")
+        return self

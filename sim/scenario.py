@@ -16,15 +16,17 @@ from pydantic import Field, ValidationError, model_validator
 
 from p2pfl.config import (
     PROTOCOL_NAMES,
+    ConfigError,
     DataConfig,
     DPSGDConfig,
     ModelConfig,
     ProtocolConfig,
     Strict,
+    apply_overrides,
 )
 
 
-class ScenarioError(ValueError):
+class ScenarioError(ConfigError):
     """A scenario that cannot run; the message is one line meant for the user."""
 
 
@@ -76,34 +78,6 @@ class Scenario(Strict):
 
 
 # ---------------------------------------------------------------------- loading
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"a.b=3"`` -> (["a", "b"], 3); the value is read as TOML, else kept as a string."""
-    if "=" not in item:
-        raise ScenarioError(f"--set expects key=value, got {item!r}")
-    key, raw = item.split("=", 1)
-    path = [part for part in key.strip().split(".") if part]
-    if not path:
-        raise ScenarioError(f"--set has an empty key: {item!r}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return path, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ScenarioError(f"--set {item!r}: {part!r} is not a table")
-            node = child
-        node[path[-1]] = value
-    return raw
 
 
 def _describe(error: ValidationError) -> str:

@@ -262,3 +262,16 @@ def test_registry_data_attacks_and_sybil_group() -> None:
     bd = get_attack("backdoor", target_label=2, fraction=1.0, size=1, image_shape=[2, 2])
     x, y = bd(torch.zeros(1, 4), torch.tensor([0]))
     assert x.tolist() == [[0.0, 0.0, 0.0, 1.0]] and y.tolist() == [2]
+
+
+def test_transform_and_craft_dispatch_on_kind() -> None:
+    ctx = ModelAttackContext(own=torch.tensor([3.0, 0.0]), reference=REF)
+    x, y = torch.zeros(2), torch.tensor([0, 1])
+    flip = get_attack("label_flip", num_classes=2)
+    assert flip.transform(x, y)[1].tolist() == [1, 0]
+    assert torch.equal(flip.craft(ctx), ctx.own)  # a data attack sends its trained model
+    none = get_attack("none")
+    assert none.transform(x, y)[1] is y and torch.equal(none.craft(ctx), ctx.own)
+    assert torch.equal(get_attack("sign_flip").craft(ctx), torch.tensor([-1.0, 2.0]))
+    with pytest.raises(TypeError, match="not a batch transform"):
+        get_attack("sign_flip").transform(x, y)

@@ -12,11 +12,21 @@ from typing import Any
 
 import pytest
 import trio
+from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.host.ping import PingService
+from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL_ID
+from libp2p.identity.identify.identify import parse_identify_response
+from libp2p.io.utils import read_exactly
+from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from multiaddr import Multiaddr
 
 from p2pfl.transport.base import TransportError
-from p2pfl.transport.libp2p import PROTOCOL_ID, Libp2pTransport
+from p2pfl.transport.libp2p import ACK, PROTOCOL_ID, Libp2pTransport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -268,3 +278,109 @@ async def test_listen_failure_is_reported(make: Factory) -> None:
     await a.connect(c.listen_addrs[0])
     await a.send(c.peer_id, b"ok", timeout=5)
     assert await inbox_c.get() == (a.peer_id, b"ok")
+
+
+async def stock_peer(target: str, payload: bytes, inbound: trio.Event) -> dict[str, Any]:
+    """A py-libp2p host with stock settings (all its muxers and security) talking to ours."""
+    stock = new_host()
+    received: list[bytes] = []
+
+    async def receive_frame(stream: Any) -> None:
+        size = int.from_bytes(await read_exactly(stream, 4), "big")
+        data = b""
+        while len(data) < size:
+            data += await stream.read(size - len(data))
+        received.append(data)
+        await stream.write(ACK)
+        await stream.close()
+        inbound.set()
+
+    stock.set_stream_handler(PROTOCOL_ID, receive_frame)
+    async with stock.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        info = info_from_p2p_addr(Multiaddr(target))
+        with trio.fail_after(10):
+            await stock.connect(info)
+            stream = await stock.new_stream(info.peer_id, [IDENTIFY_PROTOCOL_ID])
+            raw = b""
+            try:
+                while chunk := await stream.read():
+                    raw += chunk
+            except StreamEOF:
+                pass
+            identify = parse_identify_response(raw)
+            rtts = await PingService(stock).ping(info.peer_id)
+            stream = await stock.new_stream(info.peer_id, [PROTOCOL_ID])
+            await stream.write(len(payload).to_bytes(4, "big") + payload)
+            ack = await stream.read(1)
+            await stream.close()
+            result = {
+                "peer": stock.get_id().to_base58(),
+                "addr": str(stock.get_addrs()[0]),
+                "protocols": list(identify.protocols),
+                "rtts": rtts,
+                "ack": ack,
+                "received": received,
+            }
+        return result | {"host": stock}
+
+
+async def test_stock_py_libp2p_host_interoperates(make: Factory) -> None:
+    ours, inbox = await make()
+    payload = hashlib.sha256(b"interop").digest() * 40_000  # 1.28 MB: many frames, window updates
+    inbound = trio.Event()
+    assert ours._bridge is not None
+    stock_done = trio.Event()
+    outcome: dict[str, Any] = {}
+
+    async def run_stock() -> None:
+        # Keep the stock host alive until our transport has sent to it too.
+        try:
+            outcome.update(await stock_peer(ours.listen_addrs[0], payload, inbound))
+            await stock_done.wait()
+        finally:
+            await outcome["host"].close() if "host" in outcome else None
+
+    async def start() -> None:
+        ours._bridge.nursery.start_soon(run_stock)
+
+    await ours._bridge.run(start)
+    sender, data = await inbox.get()
+    assert data == payload
+    for _ in range(100):  # the stock host answered everything before our send below
+        if "ack" in outcome:
+            break
+        await asyncio.sleep(0.05)
+    assert outcome["ack"] == ACK and outcome["peer"] == sender
+    assert {str(PROTOCOL_ID), "/ipfs/ping/1.0.0", "/ipfs/id/1.0.0"} <= set(outcome["protocols"])
+    assert len(outcome["rtts"]) == 1
+    await ours.send(sender, payload, timeout=10)  # our frames and windows, a stock receiver
+    assert outcome["received"] == [payload]
+
+    async def finish() -> None:
+        stock_done.set()
+
+    await ours._bridge.run(finish)
+
+
+async def test_plaintext_is_not_offered(make: Factory) -> None:
+    ours, _ = await make()
+
+    async def dial_with_plaintext_only() -> str:
+        key_pair = create_new_key_pair()
+        stock = new_host(
+            key_pair=key_pair,
+            sec_opt={TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(key_pair)},
+        )
+        async with stock.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            try:
+                with trio.fail_after(10):
+                    await stock.connect(info_from_p2p_addr(Multiaddr(ours.listen_addrs[0])))
+                return "connected"
+            except Exception as exc:
+                return type(exc).__name__
+            finally:
+                await stock.close()
+
+    assert ours._bridge is not None
+    assert await ours._bridge.run(dial_with_plaintext_only) != "connected"
+    assert ours.connected_peers() == []

@@ -43,9 +43,9 @@ def _reason(data: bytes, **kw: object) -> DropReason:
     return info.value.reason
 
 
-def _signed_body(body: object, identity: Identity = ALICE) -> bytes:
+def _signed_body(body: object, payload: bytes = b"", identity: Identity = ALICE) -> bytes:
     """A correctly signed message around an arbitrary body (a hostile but real peer)."""
-    return seal(identity, [msgpack.packb(body, use_bin_type=True)], MESSAGE_DOMAIN)
+    return seal(identity, msgpack.packb(body, use_bin_type=True), payload, MESSAGE_DOMAIN)
 
 
 def test_round_trip_keeps_everything() -> None:
@@ -94,7 +94,7 @@ def test_tampering_anywhere_breaks_the_signature() -> None:
 
 def test_record_signature_is_not_a_message_signature() -> None:
     body = msgpack.packb({"v": 1, "p": "x", "k": "y", "r": 0, "q": 0})
-    as_record = seal(ALICE, [body], RECORD_DOMAIN)
+    as_record = seal(ALICE, body, b"", RECORD_DOMAIN)
     assert _reason(as_record) is DropReason.BAD_SIGNATURE
 
 
@@ -144,56 +144,82 @@ def test_dtype_allow_list() -> None:
 
 
 GOOD_BODY = {"v": 1, "p": "dpsgd", "k": "model", "r": 1, "q": 1}
-GOOD_TENSOR = {"d": "f32", "s": [2], "b": b"\x00" * 8}
+GOOD_TENSOR = {"d": "f32", "s": [2]}
+EIGHT = b"\x00" * 8
 
 
 @pytest.mark.parametrize(
-    ("body", "reason"),
+    ("body", "payload", "reason"),
     [
-        ([1, 2, 3], DropReason.MALFORMED),
-        ({**GOOD_BODY, "z": 1}, DropReason.MALFORMED),  # unknown key
-        ({k: v for k, v in GOOD_BODY.items() if k != "q"}, DropReason.MALFORMED),
-        ({**GOOD_BODY, "v": 2}, DropReason.MALFORMED),
-        ({**GOOD_BODY, "v": True}, DropReason.MALFORMED),
-        ({**GOOD_BODY, "r": -1}, DropReason.BAD_TYPE),
-        ({**GOOD_BODY, "r": 1.0}, DropReason.BAD_TYPE),
-        ({**GOOD_BODY, "r": True}, DropReason.BAD_TYPE),
-        ({**GOOD_BODY, "q": "1"}, DropReason.BAD_TYPE),
-        ({**GOOD_BODY, "k": ""}, DropReason.BAD_TYPE),
-        ({**GOOD_BODY, "p": "x" * 65}, DropReason.BAD_TYPE),
-        ({**GOOD_BODY, "m": [1]}, DropReason.BAD_TYPE),
-        ({**GOOD_BODY, "m": {"a": msgpack.ExtType(1, b"x")}}, DropReason.MALFORMED),
-        ({**GOOD_BODY, "t": [1]}, DropReason.BAD_TYPE),
-        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "b": "text"}}, DropReason.BAD_TYPE),
-        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "d": "f128"}}, DropReason.BAD_TENSOR),
-        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "s": [3]}}, DropReason.BAD_TENSOR),
-        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "s": [-2]}}, DropReason.BAD_TENSOR),
-        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "s": [1] * 9}}, DropReason.BAD_TENSOR),
-        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "s": [0, 2**62]}}, DropReason.BAD_TENSOR),
-        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "s": [1 << 20, 1 << 20]}}, DropReason.BAD_TENSOR),
-        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "x": {"chunk": 1}}}, DropReason.MALFORMED),
-        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "c": "zip"}}, DropReason.BAD_TENSOR),
+        ([1, 2, 3], b"", DropReason.MALFORMED),
+        ({**GOOD_BODY, "z": 1}, b"", DropReason.MALFORMED),  # unknown key
+        ({k: v for k, v in GOOD_BODY.items() if k != "q"}, b"", DropReason.MALFORMED),
+        ({**GOOD_BODY, "v": 2}, b"", DropReason.MALFORMED),
+        ({**GOOD_BODY, "v": True}, b"", DropReason.MALFORMED),
+        ({**GOOD_BODY, "r": -1}, b"", DropReason.BAD_TYPE),
+        ({**GOOD_BODY, "r": 1.0}, b"", DropReason.BAD_TYPE),
+        ({**GOOD_BODY, "r": True}, b"", DropReason.BAD_TYPE),
+        ({**GOOD_BODY, "q": "1"}, b"", DropReason.BAD_TYPE),
+        ({**GOOD_BODY, "k": ""}, b"", DropReason.BAD_TYPE),
+        ({**GOOD_BODY, "p": "x" * 65}, b"", DropReason.BAD_TYPE),
+        ({**GOOD_BODY, "m": [1]}, b"", DropReason.BAD_TYPE),
+        ({**GOOD_BODY, "m": {"a": msgpack.ExtType(1, b"x")}}, b"", DropReason.MALFORMED),
+        (GOOD_BODY, EIGHT, DropReason.MALFORMED),  # payload without a tensor description
+        ({**GOOD_BODY, "t": [1]}, EIGHT, DropReason.BAD_TYPE),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "b": EIGHT}}, EIGHT, DropReason.MALFORMED),
+        ({**GOOD_BODY, "t": {"d": "f32"}}, EIGHT, DropReason.MALFORMED),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "d": "f128"}}, EIGHT, DropReason.BAD_TENSOR),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "d": 1}}, EIGHT, DropReason.BAD_TENSOR),
+        ({**GOOD_BODY, "t": GOOD_TENSOR}, EIGHT[:7], DropReason.BAD_TENSOR),
+        ({**GOOD_BODY, "t": GOOD_TENSOR}, EIGHT * 2, DropReason.BAD_TENSOR),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "s": 2}}, EIGHT, DropReason.BAD_TENSOR),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "s": [-2]}}, EIGHT, DropReason.BAD_TENSOR),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "s": [1] * 9}}, EIGHT, DropReason.BAD_TENSOR),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "s": [0, 2**62]}}, b"", DropReason.BAD_TENSOR),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "s": [1 << 20] * 2}}, EIGHT, DropReason.BAD_TENSOR),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "x": {"chunk": 1}}}, EIGHT, DropReason.MALFORMED),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "c": "zip"}}, EIGHT, DropReason.BAD_TENSOR),
         (
             {**GOOD_BODY, "t": {**GOOD_TENSOR, "c": "int8", "x": {"chunk": "1"}}},
+            EIGHT,
             DropReason.BAD_TYPE,
         ),
-        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "c": "topk", "s": [0]}}, DropReason.BAD_TENSOR),
-        ({**GOOD_BODY, "t": {"d": "f32", "s": [2]}}, DropReason.MALFORMED),
+        ({**GOOD_BODY, "t": {"d": "f16", "s": [4], "c": "fp16"}}, EIGHT, DropReason.BAD_TENSOR),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "c": "topk", "s": [0]}}, EIGHT, DropReason.BAD_TENSOR),
+        ({**GOOD_BODY, "t": {**GOOD_TENSOR, "c": "fp32"}}, EIGHT[:4], DropReason.BAD_TENSOR),
     ],
 )
-def test_signed_but_hostile_bodies(body: object, reason: DropReason) -> None:
-    assert _reason(_signed_body(body)) is reason
+def test_signed_but_hostile_bodies(body: object, payload: bytes, reason: DropReason) -> None:
+    assert _reason(_signed_body(body, payload)) is reason
 
 
 def test_good_body_decodes() -> None:
-    env = decode(_signed_body({**GOOD_BODY, "t": GOOD_TENSOR}), limits=LIMITS)
+    env = decode(_signed_body({**GOOD_BODY, "t": GOOD_TENSOR}, EIGHT), limits=LIMITS)
     assert torch.equal(env.message.params, torch.zeros(2))
+    env = decode(_signed_body({**GOOD_BODY, "t": {**GOOD_TENSOR, "c": "fp32"}}, EIGHT))
+    assert torch.equal(env.message.params, torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        b"\x94\xc4\x26" + ALICE.peer_id_bytes,  # stops after the sender
+        b"\x94\xc4\x26" + ALICE.peer_id_bytes + b"\xc4\x05abc",  # body bin runs past the end
+        b"\x94\xc4\x26" + ALICE.peer_id_bytes + b"\xc4\x00\xc4\x00",  # no signature
+        b"\x94\xc4\x26" + ALICE.peer_id_bytes + b"\xa1x\xc4\x00" + bytes(66),  # body not bin
+        b"\x94\xc4\x26" + ALICE.peer_id_bytes + b"\xc4\x00\xc4\x00" + bytes(66),  # sig hdr
+        b"\x93\xc4\x26" + ALICE.peer_id_bytes + b"\xc4\x00\xc4\x00\xc4\x40" + bytes(64),
+        b"\x94\xc4\x26" + ALICE.peer_id_bytes + b"\xc4\x00\xc4\x00\xc4\x40" + bytes(65),
+    ],
+)
+def test_container_layout_errors(layout: bytes) -> None:
+    assert _reason(layout) is DropReason.MALFORMED
 
 
 def test_msgpack_bombs_are_refused_by_limits() -> None:
     # an array header claiming 2**32-1 elements, a 4 GiB bin, and deep nesting
     for body in (b"\xdd\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff", b"\x91" * 5000 + b"\x00"):
-        assert _reason(seal(ALICE, [body], MESSAGE_DOMAIN)) is DropReason.MALFORMED
+        assert _reason(seal(ALICE, body, b"", MESSAGE_DOMAIN)) is DropReason.MALFORMED
     nested: object = 0
     for _ in range(LIMITS.max_meta_depth + 1):
         nested = [nested]

@@ -46,6 +46,15 @@ def check_weights(weights: Tensor | None, n: int, rule: str) -> Tensor | None:
     return weights
 
 
+def normalised_weights(weights: Tensor | None, n: int, rule: str, device: torch.device) -> Tensor:
+    """Weights (validated as above) divided by their sum, float64; uniform ``1/n`` when None."""
+    w = check_weights(weights, n, rule)
+    if w is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
+    w = w.to(device=device, dtype=torch.float64)
+    return w / w.sum()
+
+
 def check_f(f: int, rule: str) -> int:
     """Return ``f`` if it is a non-negative int (bools are refused: ``True`` is not a count)."""
     if isinstance(f, bool) or not isinstance(f, int) or f < 0:

@@ -20,13 +20,21 @@ from torch import Tensor
 _CHUNK_BYTES = 64 * 2**20
 
 
-def gram(x: Tensor) -> Tensor:
-    """``x @ x.T`` accumulated in float64 over column chunks; shape ``(n, n)``."""
+def gram(x: Tensor, extra: Tensor | None = None) -> Tensor:
+    """``x @ x.T`` accumulated in float64 over column chunks; shape ``(n, n)``.
+
+    With ``extra`` (m, d), the Gram matrix of the rows of ``x`` followed by those of
+    ``extra``, shape ``(n + m, n + m)``, without concatenating the full stacks.
+    """
     n, d = x.shape
-    step = max(1, _CHUNK_BYTES // (8 * n))
-    g = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    rows = n + (0 if extra is None else extra.shape[0])
+    step = max(1, _CHUNK_BYTES // (8 * rows))
+    g = torch.zeros(rows, rows, dtype=torch.float64, device=x.device)
     for start in range(0, d, step):
-        block = x[:, start : start + step].to(torch.float64)
+        block = x[:, start : start + step]
+        if extra is not None:
+            block = torch.cat([block, extra[:, start : start + step].to(x.dtype)])
+        block = block.to(torch.float64)
         g.addmm_(block, block.T)
     return g
 
@@ -42,20 +50,3 @@ def sq_distances_from_gram(g: Tensor) -> Tensor:
 def pairwise_sq_distances(x: Tensor) -> Tensor:
     """Squared Euclidean distances between the rows of ``x`` (n, d); float64 ``(n, n)``."""
     return sq_distances_from_gram(gram(x))
-
-
-def sq_distances_to(x: Tensor, point: Tensor) -> Tensor:
-    """``||x_i - point||^2`` for every row, in float64, reading ``x`` in column chunks.
-
-    Used where the reference point is not a row of the stack (centered clipping), so the
-    Gram matrix does not help; chunking keeps the ``(n, d)`` difference out of memory.
-    """
-    n, d = x.shape
-    step = max(1, _CHUNK_BYTES // (8 * n))
-    out = torch.zeros(n, dtype=torch.float64, device=x.device)
-    for start in range(0, d, step):
-        diff = x[:, start : start + step].to(torch.float64) - point[start : start + step].to(
-            torch.float64
-        )
-        out += diff.square().sum(dim=1)
-    return out

@@ -17,8 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from p2pfl.aggregation._checks import check_stack, check_weights
-from p2pfl.aggregation._linalg import sq_distances_to
+from p2pfl.aggregation._checks import check_stack, normalised_weights
+from p2pfl.aggregation._linalg import gram
 
 
 def centered_clipping(
@@ -43,20 +43,22 @@ def centered_clipping(
         raise ValueError(f"centered_clipping: tau must be > 0 (or inf), got {tau!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"centered_clipping: iters must be an int >= 1, got {iters!r}")
-    w = check_weights(weights, n, "centered_clipping")
-    if w is None:
-        w = torch.full((n,), 1.0 / n, dtype=torch.float64, device=x.device)
-    else:
-        w = w.to(device=x.device, dtype=torch.float64)
-        w = w / w.sum()
-    v = center.to(x.dtype)
+    w = normalised_weights(weights, n, "centered_clipping", x.device)
+    # v stays an affine combination of the rows and the centre, v = a[:n] @ x + a[n] * centre,
+    # so distances come from one Gram matrix of [x; centre] whatever the number of
+    # iterations, and the stack is read twice in all (Gram, final combination).
+    coeffs = torch.zeros(n + 1, dtype=torch.float64, device=x.device)
+    coeffs[n] = 1.0
+    g = None if math.isinf(tau) else gram(x, center[None, :])
     for _ in range(iters):
-        if math.isinf(tau):
+        if g is None:
             scale = torch.ones(n, dtype=torch.float64, device=x.device)
         else:
-            norms = sq_distances_to(x, v).sqrt()
-            scale = (tau / norms.clamp_min(1e-300)).clamp_max(1.0)
+            ga = g @ coeffs
+            sq = (g.diagonal()[:n] - 2.0 * ga[:n] + coeffs @ ga).clamp_min(0.0)
+            scale = (tau / sq.sqrt().clamp_min(1e-300)).clamp_max(1.0)
         c = w * scale
-        # v + sum_i c_i (x_i - v) == v * (1 - sum c) + c @ x, without an (n, d) temporary.
-        v = v * float(1.0 - c.sum()) + c.to(x.dtype) @ x
-    return v
+        # v + sum_i c_i (x_i - v) = v * (1 - sum c) + sum_i c_i x_i
+        coeffs = coeffs * (1.0 - c.sum())
+        coeffs[:n] += c
+    return coeffs[:n].to(x.dtype) @ x + coeffs[n].to(x.dtype) * center.to(x.dtype)

@@ -16,10 +16,9 @@ iterations then cost ``O(n^2)`` each and the ``(n, d)`` stack is read only twice
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from p2pfl.aggregation._checks import check_stack, check_weights
+from p2pfl.aggregation._checks import check_stack, normalised_weights
 from p2pfl.aggregation._linalg import gram
 
 
@@ -39,16 +38,11 @@ def geometric_median_coefficients(
     """
     check_stack(x, "geometric_median")
     n = x.shape[0]
-    w = check_weights(weights, n, "geometric_median")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"geometric_median: iters must be an int >= 1, got {iters!r}")
     if not eps > 0:
         raise ValueError(f"geometric_median: eps (smoothing) must be > 0, got {eps!r}")
-    if w is None:
-        w = torch.full((n,), 1.0 / n, dtype=torch.float64, device=x.device)
-    else:
-        w = w.to(device=x.device, dtype=torch.float64)
-        w = w / w.sum()
+    w = normalised_weights(weights, n, "geometric_median", x.device)
     g = gram(x)
     diag = g.diagonal()
 

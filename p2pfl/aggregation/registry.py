@@ -11,7 +11,8 @@ Metropolis-Hastings row, used by the rules that have a weighted form (``mean``,
 ``geometric_median``, ``centered_clipping``) and ignored by the others.
 
 Rules that tolerate ``f`` Byzantine rows take ``f`` (a count) or ``f_fraction`` (of ``n``,
-rounded down, so one scenario works for peers of any degree). When ``n`` is too small for
+the stack size with the own row included, rounded down, so one scenario works for peers of
+any degree). When ``n`` is too small for
 ``f``, the call raises and explains the rule's requirement, unless ``clamp=True``: then ``f``
 is lowered to the largest value the rule supports for that ``n``, and a rule that cannot
 run even with ``f = 0`` (Krum or Bulyan on fewer than 3 rows) falls back to the mean.

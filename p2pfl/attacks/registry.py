@@ -71,6 +71,20 @@ class Attack:
     def __call__(self, *args: Any) -> Any:
         return self.apply(*args)
 
+    def transform(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Poison one training batch (``kind == "data"``); honest peers' batches pass unchanged."""
+        if self.kind == "none":
+            return x, y
+        if self.kind != "data":
+            raise TypeError(f"attack {self.name!r} is a {self.kind} attack, not a batch transform")
+        return self.apply(x, y)
+
+    def craft(self, ctx: ModelAttackContext) -> Tensor:
+        """The vector to send instead of ``ctx.own`` (``kind == "model"``); ``ctx.own`` otherwise."""
+        if self.kind != "model":
+            return ctx.own
+        return self.apply(ctx)
+
 
 # ---------------------------------------------------------------- parameter checks
 

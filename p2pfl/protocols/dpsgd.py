@@ -53,7 +53,9 @@ class DPSGD(SynchronousRoundProtocol):
             weights = {p: share for p in self.neighbours}
         unknown = set(weights) - set(self.neighbours) - {peer_id}
         if unknown:
-            raise ValueError(f"mixing weights name peers that are not neighbours: {sorted(unknown)}")
+            raise ValueError(
+                f"mixing weights name peers that are not neighbours: {sorted(unknown)}"
+            )
         self.weights = {p: float(weights.get(p, 0.0)) for p in self.neighbours}
         self.alive: set[PeerId] = set(self.neighbours)
 
@@ -94,4 +96,3 @@ class DPSGD(SynchronousRoundProtocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.alive = set(state.get("alive", self.neighbours)) & set(self.neighbours)
-

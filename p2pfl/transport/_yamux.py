@@ -1,4 +1,4 @@
-"""py-libp2p's yamux with two measured faults fixed: a two-way deadlock and a slow window.
+"""py-libp2p's yamux with measured faults fixed: a two-way deadlock and a slow data path.
 
 Deadlock.  In py-libp2p 0.8.1 the task that reads frames off a connection also
 writes some frames itself (the acknowledgement of a stream the peer opened, the
@@ -13,16 +13,25 @@ only reordering this allows is that our first frames on a stream the peer
 opened may overtake that stream's acknowledgement; yamux implementations accept
 them (py-libp2p files data by stream id).
 
-Window.  Every stream starts with yamux's 256 KiB window and py-libp2p grows it
-only within RTT-based epochs that barely open on loopback; a sender that runs
-out of window polls for an update every 10 ms.  With one stream per payload
-that capped transfers at about 25-35 MB/s.  Here each stream grants its peer a
-16 MiB window (go-yamux's maximum) as soon as it is opened or accepted, with a
-standard WINDOW_UPDATE frame.
+Data path.  Every stream starts with yamux's 256 KiB window, which py-libp2p
+grows only within RTT-based epochs that barely open on loopback; a sender out
+of window polls for an update every 10 ms; the receiver sends a WINDOW_UPDATE
+frame after nearly every read, even of one byte (multistream-select reads byte
+by byte); and 64 KiB data frames are one byte too big for a Noise message, so
+each travels as two.  With one stream per payload that meant ~20 ms per tiny
+message and 20-35 MB/s.  Here:
 
-py-libp2p builds a plain ``Yamux`` whenever yamux is negotiated, whatever class
-the host's muxer options name, so ``use_patched_yamux`` swaps in a negotiator
-that builds ours.
+- each stream grants its peer a 16 MiB window (go-yamux's maximum) in the very
+  frame that opens or acknowledges it (the length field of a SYN or ACK window
+  update is a window increment, as in go-yamux);
+- read credit goes back go-yamux style, in one update once half the window
+  has been read;
+- data frames are cut to fit one Noise message.
+
+All of it is plain yamux on the wire, so any yamux peer copes.  py-libp2p
+builds a plain ``Yamux`` whenever yamux is negotiated, whatever class the
+host's muxer options name, so ``use_patched_yamux`` swaps in a negotiator that
+builds ours.
 """
 
 from __future__ import annotations
@@ -31,11 +40,15 @@ import struct
 from collections import deque
 
 import trio
-from libp2p.abc import IHost, IMuxedConn, IMuxedStream, ISecureConn
+from libp2p.abc import IHost, IMuxedConn, ISecureConn
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux.yamux import (
+    FLAG_ACK,
+    FLAG_SYN,
+    HEADER_SIZE,
     MAX_WINDOW_SIZE,
     PROTOCOL_ID,
     TYPE_WINDOW_UPDATE,
@@ -44,10 +57,13 @@ from libp2p.stream_muxer.yamux.yamux import (
     YamuxStream,
 )
 
-__all__ = ["STREAM_WINDOW", "PatchedYamux", "use_patched_yamux"]
+__all__ = ["FRAME_PAYLOAD", "STREAM_WINDOW", "PatchedYamux", "use_patched_yamux"]
 
 STREAM_WINDOW = MAX_WINDOW_SIZE
 """Receive window granted to the peer on every stream (16 MiB)."""
+
+FRAME_PAYLOAD = MAX_PLAINTEXT_LENGTH - HEADER_SIZE
+"""Largest data-frame payload whose frame fits one Noise transport message."""
 
 
 class PatchedYamux(Yamux):
@@ -64,26 +80,26 @@ class PatchedYamux(Yamux):
         await super().handle_incoming()
 
     async def _write_frame(self, data: bytes) -> None:
+        data = self._grant_window(data)
         if trio.lowlevel.current_task() is self._reader_task and self._write_soon(data):
             await trio.lowlevel.checkpoint()
             return
         await super()._write_frame(data)
 
-    async def open_stream(self) -> IMuxedStream:
-        stream = await super().open_stream()  # its SYN frame is written by now
-        frame = _widen(stream)
-        if frame is not None:
-            await super()._write_frame(frame)
-        return stream
-
-    async def accept_stream(self) -> IMuxedStream:
-        stream = await super().accept_stream()
-        frame = _widen(stream)
-        # Queued behind the acknowledgement the reader queued for this stream; the
-        # accepting task must not wait on the write lock either.
-        if frame is not None and not self._write_soon(frame):
-            await super()._write_frame(frame)
-        return stream
+    def _grant_window(self, frame: bytes) -> bytes:
+        """Turn the SYN or ACK frame of a new stream into one that also widens its window."""
+        if len(frame) != HEADER_SIZE:
+            return frame
+        version, kind, flags, stream_id, length = struct.unpack(YAMUX_HEADER_FORMAT, frame)
+        if kind != TYPE_WINDOW_UPDATE or not flags & (FLAG_SYN | FLAG_ACK) or length:
+            return frame
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return frame
+        delta = _adopt(stream)
+        if not delta:
+            return frame
+        return struct.pack(YAMUX_HEADER_FORMAT, version, kind, flags, stream_id, delta)
 
     def _write_soon(self, frame: bytes) -> bool:
         """Queue a frame for the helper task; False when there is no nursery to run it."""
@@ -107,18 +123,42 @@ class PatchedYamux(Yamux):
             self._flushing = False
 
 
-def _widen(stream: IMuxedStream) -> bytes | None:
-    """Raise a stream's receive window to ``STREAM_WINDOW``; the frame that tells the peer.
+class _PatchedYamuxStream(YamuxStream):
+    """A yamux stream with one-Noise-message frames and rare, large read-credit updates."""
 
-    No await happens between the update of the local accounting and the return,
-    so the stream's window lock is not needed on the single trio thread.
+    async def write(self, data: bytes) -> None:
+        if len(data) <= FRAME_PAYLOAD:
+            await super().write(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), FRAME_PAYLOAD):
+            await super().write(view[start : start + FRAME_PAYLOAD].tobytes())
+
+    async def _auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
+        self._pending_recv_release += bytes_read
+        if self._pending_recv_release < self.target_recv_window // 2:
+            return
+        increment, self._pending_recv_release = self._pending_recv_release, 0
+        self.recv_window += increment
+        await self.send_window_update(increment)
+
+
+def _adopt(stream: YamuxStream) -> int:
+    """Make a new stream a ``_PatchedYamuxStream`` with a ``STREAM_WINDOW`` receive window.
+
+    py-libp2p constructs its streams inline, so the class is switched on the
+    instance (the subclass adds no state).  Returns the window increment the
+    peer must be told about (0 if none).  Nothing here awaits, so the stream's
+    window lock is not needed on the single trio thread.
     """
-    if not isinstance(stream, YamuxStream) or stream.target_recv_window >= STREAM_WINDOW:
-        return None
+    if type(stream) is YamuxStream:
+        stream.__class__ = _PatchedYamuxStream
     delta = STREAM_WINDOW - stream.target_recv_window
+    if delta <= 0:
+        return 0
     stream.target_recv_window = STREAM_WINDOW
     stream.recv_window += delta
-    return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_WINDOW_UPDATE, 0, stream.stream_id, delta)
+    return delta
 
 
 class _PatchedYamuxNegotiator(MuxerMultistream):

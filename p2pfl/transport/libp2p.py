@@ -75,6 +75,8 @@ DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 
 T = TypeVar("T")
 
+_COALESCE_LIMIT = 64 * 1024
+
 _log = logging.getLogger(__name__)
 
 
@@ -340,8 +342,12 @@ class Libp2pTransport(Transport):
         with trio.fail_after(timeout):
             stream = await host.new_stream(peer, [PROTOCOL_ID])
             try:
-                await stream.write(len(data).to_bytes(HEADER_SIZE, "big"))
-                await stream.write(data)
+                header = len(data).to_bytes(HEADER_SIZE, "big")
+                if len(data) <= _COALESCE_LIMIT:  # one frame instead of two
+                    await stream.write(header + data)
+                else:  # not worth copying a model for
+                    await stream.write(header)
+                    await stream.write(data)
                 ack = await stream.read(1)
             except BaseException:
                 await _reset(stream)

@@ -1,6 +1,6 @@
 """Signed message envelopes: ``encode`` a protocol ``Message``, ``decode`` untrusted bytes.
 
-Body of the signed container (see :mod:`p2pfl.wire.signed`), a msgpack map::
+The body of the signed container (see :mod:`p2pfl.wire.signed`) is a msgpack map::
 
     {"v": 1,                 format version
      "p": str,               protocol name ("dpsgd", ...)
@@ -8,11 +8,13 @@ Body of the signed container (see :mod:`p2pfl.wire.signed`), a msgpack map::
      "r": int,               round (>= 0)
      "q": int,               sequence number (uint64, see p2pfl.security.SequenceNumbers)
      "m": {...},             meta, plain data (omitted when empty)
-     "t": {                  tensor (omitted when the message has none)
+     "t": {                  tensor description (omitted when the message has none)
         "d": str,            dtype code of the decoded tensor ("f32", ...)
         "s": [int, ...],     shape
-        "c": str, "x": {..}  codec name and codec meta (omitted for raw little-endian bytes)
-        "b": bin}}           payload, last so that it is joined rather than copied
+        "c": str, "x": {..}  codec name and codec meta (omitted for raw bytes)}}
+
+and the container's payload holds the tensor: raw little-endian bytes of dtype ``d``,
+or what codec ``c`` produced.
 
 ``decode`` checks, in order: total size, container layout, sender key, signature, msgpack
 limits, known keys and types, tensor dtype/shape/layout/byte count, codec payload,
@@ -42,7 +44,7 @@ from p2pfl.protocols.base import Message, PeerId
 
 from .errors import DropReason, WireError
 from .limits import DEFAULT_LIMITS, DTYPE_CODES, DTYPES, WireLimits, check_value
-from .signed import MESSAGE_DOMAIN, bin_header, open_sealed, seal, unpack
+from .signed import MESSAGE_DOMAIN, open_sealed, seal, unpack
 
 __all__ = ["Envelope", "Layout", "LayoutCheck", "decode", "encode"]
 
@@ -51,8 +53,8 @@ _MAX_ROUND = (1 << 63) - 1
 _MAX_SEQ = (1 << 64) - 1
 _BODY_KEYS = frozenset("vpkrqmt")
 _BODY_REQUIRED = frozenset("vpkrq")
-_TENSOR_KEYS = frozenset("dscxb")
-_TENSOR_REQUIRED = frozenset("dsb")
+_TENSOR_KEYS = frozenset("dscx")
+_TENSOR_REQUIRED = frozenset("ds")
 
 #: an expected tensor layout: a number of elements, or an exact shape
 Layout = int | tuple[int, ...]
@@ -101,46 +103,33 @@ def encode(
     except WireError as exc:
         raise ValueError(f"meta is not plain bounded data: {exc.detail}") from None
 
-    pack = msgpack.Packer(use_bin_type=True).pack
-    entries = 5 + bool(message.meta) + (message.params is not None)
-    body: list[bytes | memoryview] = [
-        msgpack.Packer().pack_map_header(entries),
-        pack("v"), pack(VERSION),
-        pack("p"), pack(protocol),
-        pack("k"), pack(message.kind),
-        pack("r"), pack(message.round),
-        pack("q"), pack(seq),
-    ]  # fmt: skip
+    body: dict[str, Any] = {
+        "v": VERSION,
+        "p": protocol,
+        "k": message.kind,
+        "r": message.round,
+        "q": seq,
+    }
     if message.meta:
-        body += [pack("m"), pack(message.meta)]
+        body["m"] = message.meta
+    payload: bytes | memoryview = b""
     if message.params is not None:
-        body += [pack("t"), *_tensor_parts(message.params, codec, pack)]
-    return seal(identity, body, MESSAGE_DOMAIN)
+        body["t"], payload = _tensor_field(message.params, codec)
+    return seal(identity, msgpack.packb(body, use_bin_type=True), payload, MESSAGE_DOMAIN)
 
 
-def _tensor_parts(
-    tensor: torch.Tensor, codec: Codec | str | None, pack: Callable[[Any], bytes]
-) -> list[bytes | memoryview]:
-    fields: list[tuple[str, Any]] = []
+def _tensor_field(
+    tensor: torch.Tensor, codec: Codec | str | None
+) -> tuple[dict[str, Any], bytes | memoryview]:
     if codec is None:
         code = DTYPE_CODES.get(tensor.dtype)
         if code is None:
             raise ValueError(f"dtype {tensor.dtype} cannot travel on the wire")
-        payload: bytes | memoryview = tensor_to_le_bytes(tensor)
-        fields += [("d", code), ("s", list(tensor.shape))]
-    else:
-        if isinstance(codec, str):
-            codec = get_codec(codec)
-        payload, codec_meta = codec.encode(tensor)
-        fields += [("d", "f32"), ("s", list(tensor.shape)), ("c", codec.name), ("x", codec_meta)]
-    parts: list[bytes | memoryview] = [_map_header(len(fields) + 1)]
-    for key, value in fields:
-        parts += [pack(key), pack(value)]
-    return [*parts, pack("b"), bin_header(len(payload)), payload]
-
-
-def _map_header(n: int) -> bytes:
-    return msgpack.Packer().pack_map_header(n)
+        return {"d": code, "s": list(tensor.shape)}, tensor_to_le_bytes(tensor)
+    if isinstance(codec, str):
+        codec = get_codec(codec)
+    payload, codec_meta = codec.encode(tensor)
+    return {"d": "f32", "s": list(tensor.shape), "c": codec.name, "x": codec_meta}, payload
 
 
 # ---------------------------------------------------------------- decode
@@ -167,8 +156,8 @@ def decode(
 
 
 def _decode(data: Any, limits: WireLimits, layout_check: LayoutCheck | None) -> Envelope:
-    sender, body_bytes = open_sealed(data, limits.max_message_bytes, MESSAGE_DOMAIN)
-    body = unpack(body_bytes, limits)
+    opened = open_sealed(data, limits.max_message_bytes, MESSAGE_DOMAIN)
+    body = unpack(opened.body, limits)
     if type(body) is not dict:
         raise WireError(DropReason.MALFORMED, "body is not a map")
     _check_keys(body, _BODY_KEYS, _BODY_REQUIRED, "body")
@@ -185,9 +174,11 @@ def _decode(data: Any, limits: WireLimits, layout_check: LayoutCheck | None) -> 
     params = None
     if "t" in body:
         expected = layout_check(protocol, kind) if callable(layout_check) else layout_check
-        params = _tensor(body["t"], limits, expected)
+        params = _tensor(body["t"], opened.payload, limits, expected)
+    elif opened.payload:
+        raise WireError(DropReason.MALFORMED, "payload without a tensor description")
     return Envelope(
-        sender=peer_id_from_bytes(sender),
+        sender=peer_id_from_bytes(opened.sender),
         protocol=protocol,
         round=round_,
         seq=seq,
@@ -217,13 +208,13 @@ def _int(value: Any, maximum: int, what: str) -> int:
     return value
 
 
-def _tensor(field: Any, limits: WireLimits, expected: Layout | None) -> torch.Tensor:
+def _tensor(
+    field: Any, payload: memoryview, limits: WireLimits, expected: Layout | None
+) -> torch.Tensor:
     if type(field) is not dict:
         raise WireError(DropReason.BAD_TYPE, "tensor is not a map")
     _check_keys(field, _TENSOR_KEYS, _TENSOR_REQUIRED, "tensor")
-    code, shape_list, payload = field["d"], field["s"], field["b"]
-    if type(payload) is not bytes:
-        raise WireError(DropReason.BAD_TYPE, "tensor payload is not bin")
+    code, shape_list = field["d"], field["s"]
     if type(code) is not str or code not in DTYPES or code not in limits.allowed_dtypes:
         raise WireError(DropReason.BAD_TENSOR, f"dtype {code!r} not allowed")
     shape = _shape(shape_list, limits)
@@ -264,7 +255,7 @@ def _shape(value: Any, limits: WireLimits) -> tuple[int, ...]:
 
 
 def _decode_codec(
-    field: dict[str, Any], code: str, payload: bytes, numel: int, limits: WireLimits
+    field: dict[str, Any], code: str, payload: memoryview, numel: int, limits: WireLimits
 ) -> torch.Tensor:
     name, meta = field["c"], field.get("x", {})
     if type(name) is not str or name not in limits.allowed_codecs:

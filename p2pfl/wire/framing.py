@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 
 from .errors import DropReason, WireError
+from .limits import DEFAULT_LIMITS
 
 __all__ = ["FRAME_HEADER_BYTES", "FrameReader", "frame", "frame_header"]
 
@@ -42,7 +43,7 @@ class FrameReader:
 
     __slots__ = ("max_frame_bytes", "_header", "_payload", "_need", "_error")
 
-    def __init__(self, max_frame_bytes: int) -> None:
+    def __init__(self, max_frame_bytes: int = DEFAULT_LIMITS.max_message_bytes) -> None:
         if not 0 <= max_frame_bytes <= MAX_FRAME_BYTES:
             raise ValueError(f"max_frame_bytes must be in [0, {MAX_FRAME_BYTES}]")
         self.max_frame_bytes = max_frame_bytes

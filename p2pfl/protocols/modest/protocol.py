@@ -140,13 +140,21 @@ class ModestProtocol(Protocol):
       times) and finally abandons the round.
     - ``aggregate``: ``(stack, weights, own_index) -> vector``; weights are the senders'
       ``num_samples`` when every sender gave one, else ``None``; ``own_index`` is the row of
-      the aggregator's own model, ``-1`` when it sent none. Default: ``weighted_mean``.
+      the aggregator's own model. When the aggregator sent none (the usual case), its
+      current model is appended as a reference row of weight 0 and ``own_index`` points
+      to it (see ``_stack``). Default: ``weighted_mean``.
     - ``num_samples``: size of the local data set, sent with trained models as weight.
     - ``joining``: this peer joins a running population (announces itself, no bootstrap).
     - ``announce_fanout``: how many random peers hear a join or leave announcement.
     - ``retry_interval`` (default ``aggregation_timeout``) and ``max_retries``: rechecks of
       a model's recipients, re-announcements of a join, and aggregation extensions.
     - ``suspect_rounds``: how long an unresponsive peer is skipped without a ping.
+
+    ``params`` is always the latest model this peer received or produced (the model it was
+    sent to train, its trained model, or its aggregate), so every peer can be evaluated,
+    sampled or not. ``round`` is the highest round tag it has seen or produced.
+    ``RoundCompleted(r)`` is emitted once per round, when the peer first finishes an
+    aggregation or a training of ``r``. The driver calls ``leave(now)`` to make it leave.
     """
 
     name = "modest"
@@ -383,9 +391,9 @@ class ModestProtocol(Protocol):
         self._merge_meta(now, sender, msg, out)
         self._advance(r, out)
         self._learn_done(r, out)  # someone aggregated round r
-        if r <= self._trained_round:
+        if r == self._trained_round:
             return  # the same round from another aggregator: the first one wins
-        if r + 1 < self.round:
+        if r < self._trained_round or r + 1 < self.round:
             out.append(Record("modest.stale_dropped", 1.0))
             return
         self._trained_round = r
@@ -493,7 +501,8 @@ class ModestProtocol(Protocol):
             agg.retries += 1
             self._set_timer("modest.aggregate", now + self.aggregation_timeout, (round,), out)
         else:
-            self._agg = None  # trainers that recheck us will start it again
+            # give up cleanly; a trainer that sends this round again restarts the collection
+            self._agg = None
             out.append(Record("modest.aggregations_abandoned", 1.0))
 
     def _finish_aggregation(self, now: float, out: list[Effect], *, timed_out: bool) -> None:
@@ -502,10 +511,7 @@ class ModestProtocol(Protocol):
         self._agg = None
         self._cancel_timer("modest.aggregate", out)
         senders = list(agg.models)
-        stack = torch.stack([agg.models[s][0] for s in senders])
-        raw = [agg.models[s][1] for s in senders]
-        weights = None if any(w is None for w in raw) else torch.tensor(raw, dtype=stack.dtype)
-        own = senders.index(self.peer_id) if self.peer_id in senders else -1
+        stack, weights, own = self._stack(agg)
         result = self.aggregate(stack, weights, own)
         self.params = result
         self._agg_done = agg.round
@@ -513,6 +519,26 @@ class ModestProtocol(Protocol):
         self._complete(agg.round, out)
         self._learn_done(agg.round, out)
         self._start_delivery(now, TRAIN, agg.round, self.sample_size, result, out)
+
+    def _stack(self, agg: _Aggregation) -> tuple[Tensor, Tensor | None, int]:
+        """The aggregator's input: rows, weights and the row of the aggregator's own model.
+
+        Robust rules need ``own`` to be a real row (centered clipping clips around it). An
+        aggregator rarely trained in the previous round, so when it sent no model its
+        current one is appended as a reference row of weight 0: weighted rules ignore it,
+        and rules that ignore weights see one more (stale, honest) row.
+        """
+        senders = list(agg.models)
+        rows = [agg.models[s][0] for s in senders]
+        raw = [agg.models[s][1] for s in senders]
+        if self.peer_id in senders:
+            stack = torch.stack(rows)
+            weights = None if None in raw else torch.tensor(raw, dtype=stack.dtype)
+            return stack, weights, senders.index(self.peer_id)
+        stack = torch.stack([*rows, self.params.to(rows[0].dtype)])
+        trainer_weights = [1.0] * len(raw) if None in raw or sum(raw) <= 0 else raw
+        weights = torch.tensor([*trainer_weights, 0.0], dtype=stack.dtype)
+        return stack, weights, len(rows)
 
     # ------------------------------------------------------------------ sampling and sending
     def _resolver(self, round: int) -> SampleResolver:

@@ -1,0 +1,449 @@
+"""The asyncio gossip agent: one sans-I/O protocol driven over a real transport.
+
+The node is the second driver of the protocols (the simulator is the first). It turns
+effects into I/O and I/O into events:
+
+- ``Send``: sign and encode the message (``p2pfl.wire``) and hand it to the transport;
+  a failure comes back to the protocol as ``SendFailed``.
+- ``Train``: run the local SGD steps in a worker thread, so the event loop keeps
+  receiving (a libp2p stream whose reader stalls for 5 s is reset); the result comes
+  back as ``TrainingDone``.
+- ``SetTimer`` / ``CancelTimer``: asyncio timer handles; ``now`` is the loop's clock.
+- ``RoundCompleted``: checkpoint atomically, evaluate, log a status line, write
+  ``status.json``; stop after the configured number of rounds.
+
+Incoming bytes pass through a :class:`~p2pfl.security.PeerGuard` (ban, rate, decode,
+signature, replay, round window) before the protocol sees them; whatever is refused is
+counted by reason and shows in the status. Peers find each other through bootstrap
+addresses and peer exchange (``hello`` messages listing known addresses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from p2pfl.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from p2pfl.config import NodeConfig
+from p2pfl.identity import Identity
+from p2pfl.learning import (
+    BatchSampler,
+    LocalTrainer,
+    build_model,
+    evaluate,
+    load_dataset,
+    partition,
+)
+from p2pfl.protocols.base import (
+    CancelTimer,
+    Effect,
+    Event,
+    Message,
+    MessageReceived,
+    PeerUp,
+    Protocol,
+    Record,
+    RoundCompleted,
+    Send,
+    SendFailed,
+    SetTimer,
+    Start,
+    TimerFired,
+    Train,
+    TrainingDone,
+)
+from p2pfl.protocols.registry import build_protocol, make_aggregate
+from p2pfl.security import GuardConfig, PeerGuard, SequenceNumbers
+from p2pfl.transport.base import Transport, TransportError
+from p2pfl.wire import DropReason, WireError, WireLimits, encode
+
+log = logging.getLogger("p2pfl.node")
+
+CONTROL = "p2pfl"  # wire protocol name of the node's own messages (peer exchange)
+HELLO = "hello"
+STATUS_NAME = "status.json"
+
+
+class Node:
+    """One peer: a transport, a protocol, a trainer, a guard and a state directory."""
+
+    def __init__(self, config: NodeConfig, transport: Transport, identity: Identity) -> None:
+        self.config = config
+        self.transport = transport
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        if transport.peer_id != self.peer_id:
+            raise ValueError("the transport and the identity name different peers")
+        self.state_dir = Path(config.state_dir)
+        self.limits = WireLimits(max_message_bytes=config.network.max_message_bytes)
+        self.guard = PeerGuard(
+            GuardConfig(
+                max_lead=config.network.max_round_lead,
+                byte_burst=float(2 * config.network.max_message_bytes),
+            )
+        )
+        self.seq = SequenceNumbers(time.time())
+        self.protocol: Protocol | None = None
+        self.known: dict[str, list[str]] = {}
+        self.counters: dict[str, float] = {}
+        self.accuracy: float | None = None
+        self.resumed_from: int | None = None
+        self.rounds_done = 0
+        self.bytes_sent = 0
+        self.started_at = time.time()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2pfl-train")
+        self._done = asyncio.Event()
+        #: set once the transport listens (tests and embedders wait on it)
+        self.listening = asyncio.Event()
+        self._peers_changed = asyncio.Event()
+        self._stopping = False
+        self._setup_learning()
+
+    # -- learning set-up ---------------------------------------------------------------
+    def _setup_learning(self) -> None:
+        cfg = self.config
+        dataset = load_dataset(cfg.data.dataset, data_dir=cfg.data.data_dir, seed=cfg.seed)
+        parts = partition(
+            dataset.y_train.numpy(),
+            cfg.num_peers,
+            cfg.data.partition,
+            seed=cfg.seed,
+            alpha=cfg.data.alpha,
+            shards_per_peer=cfg.data.shards_per_peer,
+            sources=dataset.sources,
+        )
+        hidden = tuple(cfg.model.hidden) if cfg.model.hidden else None
+        model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, hidden=hidden)
+        self.trainer = LocalTrainer(
+            model,
+            dataset.x_train,
+            dataset.y_train,
+            lr=cfg.model.lr,
+            batch_size=cfg.data.batch_size,
+            weight_decay=cfg.model.weight_decay,
+        )
+        self.sampler = BatchSampler(
+            parts[cfg.peer_index], cfg.data.batch_size, cfg.seed * 7919 + cfg.peer_index
+        )
+        self.x_test, self.y_test = dataset.x_test, dataset.y_test
+        if cfg.eval_test_samples and cfg.eval_test_samples < len(self.y_test):
+            keep = np.random.default_rng(cfg.seed).choice(
+                len(self.y_test), cfg.eval_test_samples, replace=False
+            )
+            index = torch.from_numpy(np.sort(keep))
+            self.x_test, self.y_test = self.x_test[index], self.y_test[index]
+        self.data_size = len(parts[cfg.peer_index])
+
+    def _layout(self, protocol: str, kind: str) -> int | None:
+        return self.trainer.dim if protocol != CONTROL else None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> dict[str, Any]:
+        """Discover peers, learn for ``rounds`` rounds (or until stopped), return the status."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (tests): stop() is called directly
+        self.transport.set_handler(self._on_payload)
+        await self.transport.start()
+        self.listening.set()
+        log.info("node %s listening on %s", self.peer_id, ", ".join(self.transport.listen_addrs))
+        self._write_status()
+        try:
+            await self._discover()
+            self._start_protocol()
+            await self._done.wait()
+        finally:
+            await self._shutdown()
+        return self.status()
+
+    def stop(self) -> None:
+        """Ask the node to stop after saving its state (signal handlers call this)."""
+        log.info("stopping")
+        self._done.set()
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        for handle in self._timers.values():
+            handle.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.protocol is not None:
+            self._checkpoint()
+        self._write_status(final=True)
+        await self.transport.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- discovery -----------------------------------------------------------------------
+    async def _discover(self) -> None:
+        net = self.config.network
+        deadline = time.monotonic() + net.discovery_timeout
+        pending = list(net.bootstrap)
+        while pending and time.monotonic() < deadline:
+            retry = []
+            for addr in pending:
+                try:
+                    peer = await self.transport.connect(
+                        addr, timeout=min(5.0, net.discovery_timeout)
+                    )
+                except TransportError as error:
+                    log.debug("bootstrap %s not reachable yet: %s", addr, error)
+                    retry.append(addr)
+                    continue
+                self.known.setdefault(peer, []).append(addr)
+                self._spawn(self._send_hello(peer))
+            pending = retry
+            if pending:
+                await asyncio.sleep(0.2)  # back off before dialling again (bounded by deadline)
+        while len(self.known) < net.min_peers:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._peers_changed.clear()
+            try:
+                await asyncio.wait_for(self._peers_changed.wait(), remaining)
+            except TimeoutError:
+                break
+        if len(self.known) < net.min_peers:
+            log.warning(
+                "only %d of %d peers found before the discovery timeout",
+                len(self.known),
+                net.min_peers,
+            )
+
+    async def _send_hello(self, peer: str, *, reply: bool = True) -> None:
+        addrs = {p: a for p, a in self.transport.known_addrs().items() if a}
+        addrs[self.peer_id] = list(self.transport.listen_addrs)
+        message = Message(HELLO, 0, None, {"addrs": addrs, "reply": reply})
+        await self._send_bytes(peer, message, CONTROL)
+
+    def _on_hello(self, sender: str, meta: dict[str, Any]) -> None:
+        addrs = meta.get("addrs")
+        if not isinstance(addrs, dict):
+            self.guard.record_drop(
+                sender, DropReason.BAD_TYPE, now=time.time(), detail="hello without addrs"
+            )
+            return
+        new_peer = sender not in self.known
+        self.known.setdefault(sender, [])
+        for peer, peer_addrs in list(addrs.items())[:256]:
+            if peer == self.peer_id or not isinstance(peer_addrs, list):
+                continue
+            if peer not in self.known and peer_addrs:
+                self.known[peer] = [a for a in peer_addrs if isinstance(a, str)][:8]
+                self._spawn(self._dial_and_greet(peer, self.known[peer]))
+        if meta.get("reply"):
+            self._spawn(self._send_hello(sender, reply=False))
+        self._peers_changed.set()
+        if self.protocol is not None:
+            # a peer we may have given up on is back (e.g. restarted)
+            self._handle(PeerUp(self._now(), sender))
+        elif new_peer:
+            log.info("discovered %s (%d known)", sender, len(self.known))
+
+    async def _dial_and_greet(self, peer: str, addrs: list[str]) -> None:
+        for addr in addrs:
+            try:
+                await self.transport.connect(addr, timeout=5.0)
+            except TransportError:
+                continue
+            await self._send_hello(peer)
+            return
+
+    # -- protocol ------------------------------------------------------------------------
+    def _choose_neighbours(self) -> list[str]:
+        peers = sorted(self.known)
+        k = self.config.network.max_neighbours
+        if k and len(peers) > k:
+            peers = sorted(random.Random(f"{self.config.seed}:{self.peer_id}").sample(peers, k))
+        return peers
+
+    def _start_protocol(self) -> None:
+        checkpoint = load_checkpoint(self.state_dir)
+        neighbours = list(checkpoint["neighbours"]) if checkpoint else self._choose_neighbours()
+        population = sorted({self.peer_id, *self.known, *neighbours})
+        init = self.trainer.init_params(self.config.seed)
+        protocol = build_protocol(
+            self.config.protocol,
+            peer_id=self.peer_id,
+            params=init,
+            neighbours=neighbours,
+            population=population,
+            aggregate=make_aggregate(self.config.protocol),
+            seed=self.config.seed,
+        )
+        if checkpoint is not None:
+            protocol.load_state_dict(checkpoint["protocol"])
+            self.sampler.load_state_dict(checkpoint["sampler"])
+            self.counters = dict(checkpoint.get("counters", {}))
+            self.rounds_done = int(checkpoint["rounds_done"])
+            self.resumed_from = protocol.round
+            log.info("resumed from checkpoint at round %d", protocol.round)
+        self.protocol = protocol
+        log.info(
+            "starting %s with %d neighbours, %d samples",
+            protocol.name,
+            len(neighbours),
+            self.data_size,
+        )
+        self._handle(Start(self._now()))
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _handle(self, event: Event) -> None:
+        if self.protocol is None or self._stopping:
+            return
+        effects = self.protocol.handle(event)
+        for effect in effects:
+            self._apply(effect)
+
+    def _apply(self, effect: Effect) -> None:
+        loop = asyncio.get_running_loop()
+        if isinstance(effect, Send):
+            self._spawn(self._send(effect))
+        elif isinstance(effect, Train):
+            self._spawn(self._train(effect))
+        elif isinstance(effect, SetTimer):
+            old = self._timers.pop(effect.name, None)
+            if old is not None:
+                old.cancel()
+            self._timers[effect.name] = loop.call_at(
+                effect.at, lambda name=effect.name: self._handle(TimerFired(self._now(), name))
+            )
+        elif isinstance(effect, CancelTimer):
+            handle = self._timers.pop(effect.name, None)
+            if handle is not None:
+                handle.cancel()
+        elif isinstance(effect, Record):
+            self.counters[effect.name] = self.counters.get(effect.name, 0.0) + effect.value
+        elif isinstance(effect, RoundCompleted):
+            self._on_round(effect.round)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _train(self, effect: Train) -> None:
+        loop = asyncio.get_running_loop()
+        params, loss = await loop.run_in_executor(
+            self._pool, self.trainer.train, effect.params, self.sampler, effect.steps
+        )
+        self._handle(TrainingDone(self._now(), effect.ticket, params, loss))
+
+    async def _send(self, effect: Send) -> None:
+        assert self.protocol is not None
+        try:
+            await self._send_bytes(effect.to, effect.message, self.protocol.name)
+        except TransportError as error:
+            log.debug("send to %s failed: %s", effect.to, error)
+            self._handle(SendFailed(self._now(), effect.to, effect.message))
+
+    async def _send_bytes(self, peer: str, message: Message, protocol: str) -> None:
+        data = encode(message, identity=self.identity, protocol=protocol, seq=self.seq.next())
+        await self.transport.send(peer, data, timeout=self.config.network.send_timeout)
+        self.bytes_sent += len(data)
+
+    # -- receiving -----------------------------------------------------------------------
+    def _on_payload(self, sender: str, data: bytes) -> None:
+        current = self.protocol.round if self.protocol is not None else 0
+        try:
+            envelope = self.guard.screen(
+                sender,
+                data,
+                now=time.time(),
+                current_round=current,
+                limits=self.limits,
+                layout_check=self._layout,
+            )
+        except WireError as error:
+            log.debug("dropped a message from %s: %s", sender, error)
+            return
+        if envelope.protocol == CONTROL:
+            if envelope.message.kind == HELLO:
+                self._on_hello(sender, envelope.message.meta)
+            return
+        if self.protocol is None:
+            return  # still discovering: the sender's round timer covers this
+        if envelope.protocol != self.protocol.name:
+            self.guard.record_drop(
+                sender,
+                DropReason.MALFORMED,
+                now=time.time(),
+                detail=f"protocol {envelope.protocol}",
+            )
+            return
+        self._handle(MessageReceived(self._now(), sender, envelope.message))
+
+    # -- rounds, checkpoints, status -------------------------------------------------------
+    def _on_round(self, finished: int) -> None:
+        assert self.protocol is not None
+        self.rounds_done = max(self.rounds_done, finished + 1)
+        if finished % self.config.eval_every == 0 or finished + 1 >= self.config.rounds:
+            result = evaluate(self.trainer, self.protocol.params, self.x_test, self.y_test)
+            self.accuracy = float(result.accuracy[0])
+        self._checkpoint()
+        self._write_status()
+        log.info(
+            "round %d  acc %s  neighbours %d  sent %.1f MB  drops %d",
+            finished,
+            f"{self.accuracy:.3f}" if self.accuracy is not None else "-",
+            len(self.protocol.neighbours),
+            self.bytes_sent / 1e6,
+            sum(self.guard.drops().values()),
+        )
+        if finished + 1 >= self.config.rounds:
+            self._done.set()
+
+    def _checkpoint(self) -> None:
+        assert self.protocol is not None
+        save_checkpoint(
+            self.state_dir,
+            {
+                "protocol": self.protocol.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "neighbours": list(self.protocol.neighbours),
+                "counters": self.counters,
+                "rounds_done": self.rounds_done,
+            },
+        )
+
+    def status(self) -> dict[str, Any]:
+        protocol = self.protocol
+        return {
+            "peer_id": self.peer_id,
+            "listen": list(self.transport.listen_addrs),
+            "protocol": protocol.name if protocol else None,
+            "round": protocol.round if protocol else None,
+            "rounds_done": self.rounds_done,
+            "rounds_target": self.config.rounds,
+            "resumed_from": self.resumed_from,
+            "accuracy": self.accuracy,
+            "neighbours": list(protocol.neighbours) if protocol else [],
+            "known_peers": sorted(self.known),
+            "connected": self.transport.connected_peers(),
+            "bytes_sent": self.bytes_sent,
+            "counters": self.counters,
+            "transport": self.transport.stats(),
+            "guard": self.guard.status(),
+            "uptime_s": time.time() - self.started_at,
+        }
+
+    def _write_status(self, *, final: bool = False) -> None:
+        status = self.status()
+        status["state"] = "stopped" if final else ("running" if self.protocol else "discovering")
+        write_json_atomic(self.state_dir / STATUS_NAME, status)

@@ -1,0 +1,111 @@
+"""The asyncio node over the in-memory transport: convergence, crash and resume, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from p2pfl.config import NodeConfig
+from p2pfl.identity import Identity
+from p2pfl.node import Node
+from p2pfl.nodecli import NodeConfigError, load_node_config
+from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def node_config(tmp_path, index: int, n: int, bootstrap: list[str], **extra) -> NodeConfig:
+    raw = {
+        "seed": 5,
+        "rounds": 20,
+        "state_dir": str(tmp_path / f"node{index}"),
+        "peer_index": index,
+        "num_peers": n,
+        "data": {"dataset": "digits", "batch_size": 16},
+        "model": {"name": "mlp", "hidden": [32], "lr": 0.1},
+        "protocol": {"name": "dpsgd", "local_steps": 10, "round_timeout": 2.0},
+        "network": {"bootstrap": bootstrap, "min_peers": n - 1, "discovery_timeout": 20.0},
+    }
+    raw.update(extra)
+    return NodeConfig.model_validate(raw)
+
+
+def make_nodes(tmp_path, n: int, network: MemoryNetwork, **extra) -> list[Node]:
+    identities = [Identity.generate(bytes([i + 1]) * 32) for i in range(n)]
+    first = identities[0].peer_id
+    nodes = []
+    for i, identity in enumerate(identities):
+        bootstrap = [] if i == 0 else [f"/memory/{first}/p2p/{first}"]
+        transport = MemoryTransport(network, identity.peer_id)
+        nodes.append(Node(node_config(tmp_path, i, n, bootstrap, **extra), transport, identity))
+    return nodes
+
+
+async def run_all(nodes: list[Node]) -> list[dict]:
+    return await asyncio.wait_for(asyncio.gather(*(node.run() for node in nodes)), 100)
+
+
+def test_four_nodes_discover_each_other_and_converge(tmp_path):
+    nodes = make_nodes(tmp_path, 4, MemoryNetwork(seed=0))
+    statuses = asyncio.run(run_all(nodes))
+    for status in statuses:
+        assert status["rounds_done"] == 20
+        assert len(status["neighbours"]) == 3  # peer exchange found everyone
+        assert status["accuracy"] >= 0.85, status["accuracy"]
+    on_disk = json.loads((tmp_path / "node0" / "status.json").read_text())
+    assert on_disk["state"] == "stopped" and on_disk["rounds_done"] == 20
+    assert (tmp_path / "node0" / "checkpoint.pt").exists()
+
+
+def test_node_resumes_from_its_checkpoint(tmp_path):
+    network = MemoryNetwork(seed=1)
+    nodes = make_nodes(tmp_path, 3, network, rounds=6)
+
+    async def scenario() -> None:
+        await run_all(nodes)
+        # run the same three peers again for more rounds, from their state directories
+        again = []
+        for node in nodes:
+            config = node.config.model_copy(update={"rounds": 10})
+            transport = MemoryTransport(network, node.peer_id)
+            again.append(Node(config, transport, node.identity))
+        statuses = await run_all(again)
+        for status in statuses:
+            assert status["resumed_from"] == 6
+            assert status["rounds_done"] == 10
+
+    asyncio.run(scenario())
+
+
+def test_garbage_is_dropped_and_counted(tmp_path):
+    network = MemoryNetwork(seed=2)
+    nodes = make_nodes(tmp_path, 2, network, rounds=4)
+    intruder = Identity.generate(b"\x09" * 32)
+
+    async def scenario() -> None:
+        rogue = MemoryTransport(network, intruder.peer_id)
+        await rogue.start()
+        runs = asyncio.ensure_future(run_all(nodes))
+        target = nodes[0].peer_id
+        await asyncio.wait_for(nodes[0].listening.wait(), 10)
+        await rogue.connect(f"/memory/{target}/p2p/{target}")
+        for payload in (b"", b"\x00" * 10, b"garbage" * 100):
+            await rogue.send(target, payload, timeout=5)
+        statuses = await runs
+        await rogue.close()
+        dropped = statuses[0]["guard"]["dropped"]
+        assert sum(dropped.values()) >= 3, dropped
+        assert statuses[0]["rounds_done"] == 4
+
+    asyncio.run(scenario())
+
+
+def test_bad_node_config_names_the_key(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text('rounds = "x"\n')
+    with pytest.raises(NodeConfigError, match="rounds: Input should be a valid integer"):
+        load_node_config(path, [])
+    with pytest.raises(NodeConfigError, match="peer_index=3 must be < num_peers=2"):
+        load_node_config(None, ["peer_index=3", "num_peers=2"])
