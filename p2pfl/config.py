@@ -137,6 +137,9 @@ class NodeConfig(Strict):
     num_peers: int = Field(1, ge=1)
     eval_every: int = Field(1, ge=1)
     eval_test_samples: int = Field(0, ge=0)
+    #: pacing: local training starts at most once per this many seconds (saves battery
+    #: and bandwidth on small devices; 0 trains as fast as the protocol allows)
+    min_round_interval: float = Field(0.0, ge=0)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     protocol: ProtocolConfig = Field(default_factory=lambda: DPSGDConfig(name="dpsgd"))

@@ -108,6 +108,7 @@ class Node:
         self.listening = asyncio.Event()
         self._peers_changed = asyncio.Event()
         self._stopping = False
+        self._next_train_at = 0.0
         self._setup_learning()
 
     # -- learning set-up ---------------------------------------------------------------
@@ -162,9 +163,13 @@ class Node:
         self.listening.set()
         log.info("node %s listening on %s", self.peer_id, ", ".join(self.transport.listen_addrs))
         self._write_status()
+        checkpoint = load_checkpoint(self.state_dir)
         try:
-            await self._discover()
-            self._start_protocol()
+            if checkpoint is not None:
+                await self._reconnect(checkpoint.get("known", {}))
+            else:
+                await self._discover()
+            self._start_protocol(checkpoint)
             await self._done.wait()
         finally:
             await self._shutdown()
@@ -224,6 +229,26 @@ class Node:
                 net.min_peers,
             )
 
+    async def _reconnect(self, known: dict[str, list[str]]) -> None:
+        """After a restart: dial the peers we knew (and the bootstrap peers), then go on.
+
+        A resuming node does not wait for ``min_peers``: its neighbours are fixed by the
+        checkpoint, and those that are gone are found out by failed sends.
+        """
+        self.known.update({peer: list(addrs) for peer, addrs in known.items()})
+        addrs = [a for peer_addrs in self.known.values() for a in peer_addrs[:2]]
+        addrs += list(self.config.network.bootstrap)
+        timeout = min(5.0, self.config.network.discovery_timeout)
+
+        async def dial(addr: str) -> None:
+            try:
+                peer = await self.transport.connect(addr, timeout=timeout)
+            except TransportError:
+                return
+            await self._send_hello(peer)
+
+        await asyncio.gather(*(dial(addr) for addr in dict.fromkeys(addrs)), return_exceptions=True)
+
     async def _send_hello(self, peer: str, *, reply: bool = True) -> None:
         addrs = {p: a for p, a in self.transport.known_addrs().items() if a}
         addrs[self.peer_id] = list(self.transport.listen_addrs)
@@ -240,11 +265,15 @@ class Node:
         new_peer = sender not in self.known
         self.known.setdefault(sender, [])
         for peer, peer_addrs in list(addrs.items())[:256]:
-            if peer == self.peer_id or not isinstance(peer_addrs, list):
+            if peer == self.peer_id or not isinstance(peer, str) or not isinstance(peer_addrs, list):
                 continue
-            if peer not in self.known and peer_addrs:
-                self.known[peer] = [a for a in peer_addrs if isinstance(a, str)][:8]
-                self._spawn(self._dial_and_greet(peer, self.known[peer]))
+            clean = [a for a in peer_addrs if isinstance(a, str) and len(a) < 256][:8]
+            if peer not in self.known:
+                self.known[peer] = clean
+                if clean:
+                    self._spawn(self._dial_and_greet(peer, clean))
+            elif not self.known[peer]:
+                self.known[peer] = clean
         if meta.get("reply"):
             self._spawn(self._send_hello(sender, reply=False))
         self._peers_changed.set()
@@ -271,8 +300,7 @@ class Node:
             peers = sorted(random.Random(f"{self.config.seed}:{self.peer_id}").sample(peers, k))
         return peers
 
-    def _start_protocol(self) -> None:
-        checkpoint = load_checkpoint(self.state_dir)
+    def _start_protocol(self, checkpoint: dict[str, Any] | None) -> None:
         neighbours = list(checkpoint["neighbours"]) if checkpoint else self._choose_neighbours()
         population = sorted({self.peer_id, *self.known, *neighbours})
         init = self.trainer.init_params(self.config.seed)
@@ -340,6 +368,12 @@ class Node:
 
     async def _train(self, effect: Train) -> None:
         loop = asyncio.get_running_loop()
+        interval = self.config.min_round_interval
+        if interval > 0:
+            wait = self._next_train_at - loop.time()
+            self._next_train_at = max(loop.time(), self._next_train_at) + interval
+            if wait > 0:
+                await asyncio.sleep(wait)  # pacing, not synchronisation
         params, loss = await loop.run_in_executor(
             self._pool, self.trainer.train, effect.params, self.sampler, effect.steps
         )
@@ -419,6 +453,7 @@ class Node:
                 "neighbours": list(self.protocol.neighbours),
                 "counters": self.counters,
                 "rounds_done": self.rounds_done,
+                "known": {peer: addrs[:4] for peer, addrs in self.known.items()},
             },
         )
 

@@ -7,6 +7,7 @@ drive it over the in-memory transport).
 from __future__ import annotations
 
 import asyncio
+import logging
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,12 @@ def run_node(config: NodeConfig) -> dict[str, Any]:
     """Build identity, libp2p transport and node; run until done or signalled."""
     from p2pfl.identity import Identity
     from p2pfl.node import Node
-    from p2pfl.transport.libp2p import Libp2pTransport
+    from p2pfl.transport.libp2p import Libp2pTransport, configure_libp2p_logging
 
+    configure_libp2p_logging(logging.WARNING)
+    # A dial to a peer that is down is expected (peers crash, restart, leave); the node
+    # reports it in its own terms, so libp2p's per-attempt error lines are noise.
+    logging.getLogger("libp2p.transport.tcp").setLevel(logging.CRITICAL)
     identity = Identity.load_or_create(config.key_file)
     transport = Libp2pTransport(
         identity.libp2p_keypair,

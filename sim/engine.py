@@ -115,6 +115,10 @@ class Engine:
         self._seq = itertools.count()
         self._timer_generation: dict[tuple[int, str], int] = defaultdict(int)
         self._round_listeners: list[Callable[[int], None]] = []
+        # ``progress()`` is asked after every event: cache it, and in "min" mode count the
+        # live peers still at that round, so it costs O(n) once per round, not per event.
+        self._progress: int | None = None
+        self._at_floor = 0
 
     # -- scheduling ------------------------------------------------------------------------
     def _push(self, time: float, peer: int, item: object) -> None:
@@ -124,6 +128,7 @@ class Engine:
         """Start ``peer`` at ``at``; until then it is not counted or evaluated."""
         if at <= self.now:
             self.started[peer] = True
+            self._progress = None
         self._push(at, peer, Start(at))
 
     def schedule(self, at: float, action: Callable[[float], None]) -> None:
@@ -138,12 +143,14 @@ class Engine:
     def crash(self, peer: int) -> None:
         """The peer stops at once: it sends nothing more and receives nothing."""
         self.alive[peer] = False
+        self._progress = None
 
     def recover(self, peer: int, *, restart: bool = True) -> None:
         """The peer comes back with the state it had (as if restored from a checkpoint)."""
         if self.alive[peer]:
             return
         self.alive[peer] = True
+        self._progress = None
         for key in [k for k in self._timer_generation if k[0] == peer]:
             self._timer_generation[key] += 1  # timers set before the crash are void
         if restart:
@@ -158,10 +165,33 @@ class Engine:
     # -- progress ----------------------------------------------------------------------------
     def progress(self) -> int:
         """Rounds completed by the system: by every live peer (min) or by any (max)."""
-        live = self.stats.rounds_done[self.alive & self.started]
-        if live.size == 0:
-            return int(self.stats.rounds_done.max(initial=0))
-        return int(live.min() if self.progress_mode == "min" else live.max())
+        if self._progress is None:
+            live = self.stats.rounds_done[self.alive & self.started]
+            if live.size == 0:
+                self._progress, self._at_floor = int(self.stats.rounds_done.max(initial=0)), 0
+            elif self.progress_mode == "min":
+                floor = int(live.min())
+                self._progress, self._at_floor = floor, int((live == floor).sum())
+            else:
+                self._progress = int(live.max())
+        return self._progress
+
+    def _round_completed(self, peer: int, round_: int) -> None:
+        done = self.stats.rounds_done
+        before, after = int(done[peer]), round_ + 1
+        if after <= before:
+            return
+        done[peer] = after
+        if self._progress is None:
+            return
+        if not (self.alive[peer] and self.started[peer]):
+            self._progress = None
+        elif self.progress_mode == "max":
+            self._progress = max(self._progress, after)
+        elif before == self._progress:
+            self._at_floor -= 1
+            if self._at_floor == 0:
+                self._progress = None  # the last peer left the floor: recount
 
     def finished(self) -> bool:
         return self.progress() >= self.rounds
@@ -201,7 +231,9 @@ class Engine:
         else:
             event = item  # type: ignore[assignment]
             if isinstance(event, Start):
-                self.started[peer] = True
+                if not self.started[peer]:
+                    self.started[peer] = True
+                    self._progress = None
             elif isinstance(event, MessageReceived):
                 self.stats.bytes_received[peer] += event.message.nbytes()
         self.events_processed += 1
@@ -224,7 +256,7 @@ class Engine:
             elif isinstance(effect, CancelTimer):
                 self._timer_generation[(peer, effect.name)] += 1
             elif isinstance(effect, RoundCompleted):
-                self.stats.rounds_done[peer] = max(self.stats.rounds_done[peer], effect.round + 1)
+                self._round_completed(peer, effect.round)
             elif isinstance(effect, Record):
                 self.records[effect.name] += effect.value
 

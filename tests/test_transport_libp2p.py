@@ -26,7 +26,7 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from multiaddr import Multiaddr
 
 from p2pfl.transport.base import TransportError
-from p2pfl.transport.libp2p import ACK, PROTOCOL_ID, Libp2pTransport
+from p2pfl.transport.libp2p import ACK, PROTOCOL_ID, Libp2pTransport, concrete_addrs
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -129,8 +129,10 @@ async def test_three_hosts_exchange_small_and_large_payloads(make: Factory) -> N
         assert sorted(s for s, d in got if d == large) == sorted(senders)
         stats = receiver.stats()
         assert stats["messages_received"] == 4 and stats["messages_sent"] == 4
-        assert stats["bytes_received"] == stats["bytes_sent"] == 2 * len(large) + 2 * len(
-            receiver.peer_id
+        assert (
+            stats["bytes_received"]
+            == stats["bytes_sent"]
+            == 2 * len(large) + 2 * len(receiver.peer_id)
         )
         assert sorted(receiver.connected_peers()) == sorted(senders)
         known = receiver.known_addrs()
@@ -268,98 +270,105 @@ async def test_bad_arguments_raise_transport_error(make: Factory) -> None:
     await unstarted.close()
 
 
+def test_wildcard_listen_addresses_are_announced_as_interfaces() -> None:
+    announced = concrete_addrs(
+        [Multiaddr("/ip4/0.0.0.0/tcp/4001"), Multiaddr("/ip4/127.0.0.1/tcp/4002")]
+    )
+    assert announced and all("/0.0.0.0/" not in str(addr) for addr in announced)
+    assert Multiaddr("/ip4/127.0.0.1/tcp/4002") in announced
+    assert all(str(addr).endswith("/tcp/4001") for addr in announced[:-1])
+
+
 async def test_listen_failure_is_reported(make: Factory) -> None:
     (a, _) = await make()
     with pytest.raises(TransportError, match="cannot listen"):  # port taken (see _check_port_free)
         await make(listen_addrs=[f"/ip4/127.0.0.1/tcp/{port_of(a)}"])
     with pytest.raises(TransportError, match="could not listen"):  # not an address of this host
-        await make(listen_addrs=["/ip4/192.0.2.1/tcp/0"])
+        await make(listen_addrs=["/ip4/203.0.113.77/tcp/0"])
     c, inbox_c = await make()  # the shared trio loop survived the failures
     await a.connect(c.listen_addrs[0])
     await a.send(c.peer_id, b"ok", timeout=5)
     assert await inbox_c.get() == (a.peer_id, b"ok")
 
 
-async def stock_peer(target: str, payload: bytes, inbound: trio.Event) -> dict[str, Any]:
-    """A py-libp2p host with stock settings (all its muxers and security) talking to ours."""
+async def stock_peer(
+    target: str, payload: bytes, stop: trio.Event, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A py-libp2p host with stock settings (all its muxers and security) talking to ours.
+
+    It dials ``target``, runs identify and ping, sends ``payload`` on our protocol,
+    reports what it saw through ``task_status`` and then serves our protocol until
+    ``stop`` is set.
+    """
     stock = new_host()
     received: list[bytes] = []
 
     async def receive_frame(stream: Any) -> None:
         size = int.from_bytes(await read_exactly(stream, 4), "big")
-        data = b""
-        while len(data) < size:
-            data += await stream.read(size - len(data))
-        received.append(data)
+        chunks = []
+        while size > 0:
+            chunks.append(await stream.read(size))
+            size -= len(chunks[-1])
+        received.append(b"".join(chunks))
         await stream.write(ACK)
         await stream.close()
-        inbound.set()
 
     stock.set_stream_handler(PROTOCOL_ID, receive_frame)
     async with stock.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-        info = info_from_p2p_addr(Multiaddr(target))
-        with trio.fail_after(10):
-            await stock.connect(info)
-            stream = await stock.new_stream(info.peer_id, [IDENTIFY_PROTOCOL_ID])
-            raw = b""
-            try:
-                while chunk := await stream.read():
-                    raw += chunk
-            except StreamEOF:
-                pass
-            identify = parse_identify_response(raw)
-            rtts = await PingService(stock).ping(info.peer_id)
-            stream = await stock.new_stream(info.peer_id, [PROTOCOL_ID])
-            await stream.write(len(payload).to_bytes(4, "big") + payload)
-            ack = await stream.read(1)
-            await stream.close()
-            result = {
-                "peer": stock.get_id().to_base58(),
-                "addr": str(stock.get_addrs()[0]),
-                "protocols": list(identify.protocols),
-                "rtts": rtts,
-                "ack": ack,
-                "received": received,
-            }
-        return result | {"host": stock}
+        try:
+            info = info_from_p2p_addr(Multiaddr(target))
+            with trio.fail_after(10):
+                await stock.connect(info)
+                stream = await stock.new_stream(info.peer_id, [IDENTIFY_PROTOCOL_ID])
+                raw = b""
+                try:
+                    while chunk := await stream.read():
+                        raw += chunk
+                except StreamEOF:
+                    pass
+                identify = parse_identify_response(raw)
+                rtts = await PingService(stock).ping(info.peer_id)
+                stream = await stock.new_stream(info.peer_id, [PROTOCOL_ID])
+                await stream.write(len(payload).to_bytes(4, "big") + payload)
+                ack = await stream.read(1)
+                await stream.close()
+            task_status.started(
+                {
+                    "peer": stock.get_id().to_base58(),
+                    "protocols": set(identify.protocols),
+                    "rtts": rtts,
+                    "ack": ack,
+                    "received": received,
+                }
+            )
+            await stop.wait()
+        finally:
+            await stock.close()
 
 
 async def test_stock_py_libp2p_host_interoperates(make: Factory) -> None:
     ours, inbox = await make()
+    bridge = ours._bridge
+    assert bridge is not None
     payload = hashlib.sha256(b"interop").digest() * 40_000  # 1.28 MB: many frames, window updates
-    inbound = trio.Event()
-    assert ours._bridge is not None
-    stock_done = trio.Event()
-    outcome: dict[str, Any] = {}
+    stop = trio.Event()
 
-    async def run_stock() -> None:
-        # Keep the stock host alive until our transport has sent to it too.
-        try:
-            outcome.update(await stock_peer(ours.listen_addrs[0], payload, inbound))
-            await stock_done.wait()
-        finally:
-            await outcome["host"].close() if "host" in outcome else None
+    async def start_stock() -> dict[str, Any]:
+        return await bridge.nursery.start(stock_peer, ours.listen_addrs[0], payload, stop)
 
-    async def start() -> None:
-        ours._bridge.nursery.start_soon(run_stock)
+    async def stop_stock() -> None:
+        stop.set()
 
-    await ours._bridge.run(start)
-    sender, data = await inbox.get()
-    assert data == payload
-    for _ in range(100):  # the stock host answered everything before our send below
-        if "ack" in outcome:
-            break
-        await asyncio.sleep(0.05)
-    assert outcome["ack"] == ACK and outcome["peer"] == sender
-    assert {str(PROTOCOL_ID), "/ipfs/ping/1.0.0", "/ipfs/id/1.0.0"} <= set(outcome["protocols"])
-    assert len(outcome["rtts"]) == 1
-    await ours.send(sender, payload, timeout=10)  # our frames and windows, a stock receiver
-    assert outcome["received"] == [payload]
-
-    async def finish() -> None:
-        stock_done.set()
-
-    await ours._bridge.run(finish)
+    seen = await bridge.run(start_stock)
+    try:
+        assert seen["ack"] == ACK
+        assert await inbox.get() == (seen["peer"], payload)
+        assert {str(PROTOCOL_ID), "/ipfs/ping/1.0.0", "/ipfs/id/1.0.0"} <= seen["protocols"]
+        assert len(seen["rtts"]) == 1
+        await ours.send(seen["peer"], payload, timeout=10)  # our frames and windows, stock reader
+        assert seen["received"] == [payload]
+    finally:
+        await bridge.run(stop_stock)
 
 
 async def test_plaintext_is_not_offered(make: Factory) -> None:

@@ -18,15 +18,17 @@ grows only within RTT-based epochs that barely open on loopback; a sender out
 of window polls for an update every 10 ms; the receiver sends a WINDOW_UPDATE
 frame after nearly every read, even of one byte (multistream-select reads byte
 by byte); and 64 KiB data frames are one byte too big for a Noise message, so
-each travels as two.  With one stream per payload that meant ~20 ms per tiny
-message and 20-35 MB/s.  Here:
+each travels as two, and every frame costs a dozen trio checkpoints.  With one
+stream per payload that meant ~20 ms per tiny message and 20-35 MB/s.  Here:
 
 - each stream grants its peer a 16 MiB window (go-yamux's maximum) in the very
   frame that opens or acknowledges it (the length field of a SYN or ACK window
   update is a window increment, as in go-yamux);
 - read credit goes back go-yamux style, in one update once half the window
   has been read;
-- data frames are cut to fit one Noise message.
+- data frames carry up to ~256 KiB (within any peer's window: yamux bounds a
+  frame by the window only), cut to fill whole Noise messages;
+- a writer out of window wakes on the window update instead of polling.
 
 All of it is plain yamux on the wire, so any yamux peer copes.  py-libp2p
 builds a plain ``Yamux`` whenever yamux is negotiated, whatever class the
@@ -44,6 +46,7 @@ from libp2p.abc import IHost, IMuxedConn, ISecureConn
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
+from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux.yamux import (
     FLAG_ACK,
@@ -51,6 +54,7 @@ from libp2p.stream_muxer.yamux.yamux import (
     HEADER_SIZE,
     MAX_WINDOW_SIZE,
     PROTOCOL_ID,
+    TYPE_DATA,
     TYPE_WINDOW_UPDATE,
     YAMUX_HEADER_FORMAT,
     Yamux,
@@ -62,8 +66,11 @@ __all__ = ["FRAME_PAYLOAD", "STREAM_WINDOW", "PatchedYamux", "use_patched_yamux"
 STREAM_WINDOW = MAX_WINDOW_SIZE
 """Receive window granted to the peer on every stream (16 MiB)."""
 
-FRAME_PAYLOAD = MAX_PLAINTEXT_LENGTH - HEADER_SIZE
-"""Largest data-frame payload whose frame fits one Noise transport message."""
+FRAME_PAYLOAD = 4 * MAX_PLAINTEXT_LENGTH - HEADER_SIZE
+"""Data-frame payload (~256 KiB) whose frame fills exactly four Noise transport messages."""
+
+WINDOW_WAIT = 5.0
+"""Seconds a writer waits for window before the stream fails (py-libp2p's value)."""
 
 
 class PatchedYamux(Yamux):
@@ -124,15 +131,51 @@ class PatchedYamux(Yamux):
 
 
 class _PatchedYamuxStream(YamuxStream):
-    """A yamux stream with one-Noise-message frames and rare, large read-credit updates."""
+    """A yamux stream with large Noise-aligned frames and rare, large read-credit updates."""
+
+    _window_opened: trio.Event | None = None
+
+    @property  # type: ignore[override]
+    def send_window(self) -> int:
+        return self.__dict__["send_window"]
+
+    @send_window.setter
+    def send_window(self, value: int) -> None:
+        # The connection's reader raises it on WINDOW_UPDATE: wake a writer waiting for it.
+        self.__dict__["send_window"] = value
+        if value > 0 and self._window_opened is not None:
+            self._window_opened.set()
 
     async def write(self, data: bytes) -> None:
-        if len(data) <= FRAME_PAYLOAD:
-            await super().write(data)
-            return
+        """Send ``data`` in frames of up to ``FRAME_PAYLOAD`` bytes, as the window allows."""
         view = memoryview(data)
-        for start in range(0, len(data), FRAME_PAYLOAD):
-            await super().write(view[start : start + FRAME_PAYLOAD].tobytes())
+        sent, total = 0, len(data)
+        while sent < total:
+            async with self.rw_lock.write_lock():
+                if self.send_closed:
+                    raise MuxedStreamError("Stream is closed for sending")
+                async with self.window_lock:
+                    if self.closed:
+                        raise MuxedStreamError("Stream is closed")
+                    size = min(self.send_window, FRAME_PAYLOAD, total - sent)
+                    if size > 0:
+                        self.send_window -= size
+            if size <= 0:
+                await self._wait_for_window()
+                continue
+            header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, self.stream_id, size)
+            await self.conn._write_frame(header + view[sent : sent + size])
+            sent += size
+
+    async def _wait_for_window(self) -> None:
+        """Wait until the peer grants window, like py-libp2p: give up after 5 s."""
+        deadline = trio.current_time() + WINDOW_WAIT
+        while self.send_window <= 0 and not self.closed:
+            if trio.current_time() >= deadline:
+                raise MuxedStreamError("Timed out waiting for window update after 5 seconds.")
+            self._window_opened = trio.Event()
+            with trio.move_on_after(0.01):  # a close or reset sets no event: look again soon
+                await self._window_opened.wait()
 
     async def _auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
         self._pending_recv_release += bytes_read

@@ -20,7 +20,13 @@ with the settings measured in DESIGN.md ("py-libp2p facts"):
 - the swarm's auto-connector is neutered (see ``_NoAutoConnect``), and an
   explicit ``connect`` lifts the swarm's 60 s ban on a peer whose dial failed;
 - leaving ``host.run()`` does not close the listener: ``close()`` calls
-  ``host.close()`` explicitly, then the trio thread is joined by its last user.
+  ``host.close()`` explicitly, then the trio thread is joined by its last user;
+- a dial is retried once, not three times with backoff (0.7 s to learn that a
+  port is closed); whom to retry and when is the node's decision;
+- py-libp2p listens with SO_REUSEPORT and ignores a failed listen, so a taken
+  port or an address that is not ours would go unnoticed: ``start()`` checks
+  both and raises ``TransportError``;
+- wildcard listen addresses are announced as this host's interface addresses.
 
 Logging: py-libp2p sets its ``libp2p`` logger to WARNING with ``propagate=False``
 on import, and some of its modules call the *root* ``logging.debug``, which
@@ -52,6 +58,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.utils.address_validation import expand_wildcard_address
 from multiaddr import Multiaddr
 
 from . import _trio_bridge
@@ -225,11 +232,11 @@ class Libp2pTransport(Transport):
                 muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): PatchedYamux},
                 listen_addrs=self._listen,
                 connection_config=ConnectionConfig(max_connections_per_peer=1),
+                addrs_factory=concrete_addrs,
             )
             use_patched_yamux(host)
             network = host.get_network()
             network.auto_connector = _NoAutoConnect(network)  # type: ignore[attr-defined]
-            # Default: 3 retries with backoff, 0.7 s to learn that a port is closed.
             network.retry_config = RetryConfig(max_retries=1)  # type: ignore[attr-defined]
             async with host.run(listen_addrs=self._listen):
                 try:
@@ -421,6 +428,20 @@ class Libp2pTransport(Transport):
             await _reset(stream)
 
 
+def concrete_addrs(candidates: list[Multiaddr]) -> list[Multiaddr]:
+    """The addresses to announce: wildcard listen addresses replaced by this host's interfaces.
+
+    A host listening on ``/ip4/0.0.0.0`` would otherwise announce that address
+    (through ``listen_addrs``, identify and peer exchange), which no peer can dial.
+    """
+    announced: list[Multiaddr] = []
+    for addr in candidates:
+        for concrete in expand_wildcard_address(addr):
+            if concrete not in announced:
+                announced.append(concrete)
+    return announced
+
+
 def _forget_failed_dial(host: IHost, peer: ID) -> None:
     """Lift the swarm's 60 s ban on dialling a peer whose last dial failed.
 
@@ -442,7 +463,7 @@ def _check_port_free(addr: Multiaddr) -> None:
     node that just stopped.
     """
     names = {proto.name for proto in addr.protocols()}
-    if "tcp" not in names or int(addr.value_for_protocol("tcp")) == 0:
+    if "tcp" not in names or not names & {"ip4", "ip6"} or int(addr.value_for_protocol("tcp")) == 0:
         return
     family = socket.AF_INET6 if "ip6" in names else socket.AF_INET
     host = addr.value_for_protocol("ip6" if "ip6" in names else "ip4")
