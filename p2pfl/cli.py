@@ -99,6 +99,16 @@ def topo(
     ] = None,
     seed: int = 0,
     png: Annotated[Path | None, typer.Option(help="draw the graph to this PNG")] = None,
+    disrupt: Annotated[
+        str | None,
+        typer.Option(
+            help="a disruption, kind:key=value,...: e.g. region_outage:center=0.5,0.5,radius=0.25 "
+            "or crash:count=5,strategy=degree; --png then draws the graph before it"
+        ),
+    ] = None,
+    after: Annotated[
+        Path | None, typer.Option(help="with --disrupt: draw the graph after it to this PNG")
+    ] = None,
 ) -> None:
     """Print a graph's statistics (degree, components, spectral gap) and optionally draw it."""
     from p2pfl.config import parse_override
@@ -121,7 +131,17 @@ def topo(
     for key, value in stats.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
-    if png is not None:
+    if disrupt is not None:
+        from sim.disruptions import DisruptionError, preview_disruption
+
+        try:
+            print(preview_disruption(graph, disrupt, seed=seed, before=png, after=after))
+        except DisruptionError as error:
+            _fail(str(error))
+        for path in (png, after):
+            if path is not None:
+                print(f"drawn to {path}")
+    elif png is not None:
         draw_graph(graph, png, title=f"{kind} (n={graph.number_of_nodes()})")
         print(f"drawn to {png}")
 

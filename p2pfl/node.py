@@ -62,6 +62,7 @@ from p2pfl.protocols.base import (
     TrainingDone,
 )
 from p2pfl.protocols.registry import build_protocol, make_aggregate
+from p2pfl.protocols.synchronous import SynchronousRoundProtocol
 from p2pfl.security import GuardConfig, PeerGuard, SequenceNumbers
 from p2pfl.transport.base import Transport, TransportError
 from p2pfl.wire import DropReason, WireError, WireLimits, encode
@@ -71,6 +72,8 @@ log = logging.getLogger("p2pfl.node")
 CONTROL = "p2pfl"  # wire protocol name of the node's own messages (peer exchange)
 HELLO = "hello"
 STATUS_NAME = "status.json"
+#: distinct neighbours that must be far ahead before a round-based protocol jumps ahead
+CATCH_UP_QUORUM = 2
 
 
 class Node:
@@ -89,7 +92,8 @@ class Node:
             GuardConfig(
                 max_lead=config.network.max_round_lead,
                 byte_burst=float(2 * config.network.max_message_bytes),
-            )
+            ),
+            on_ban=lambda ban: log.warning("%s", ban.describe()),
         )
         self.seq = SequenceNumbers(time.time())
         self.protocol: Protocol | None = None
@@ -313,6 +317,9 @@ class Node:
             aggregate=make_aggregate(self.config.protocol),
             seed=self.config.seed,
         )
+        if isinstance(protocol, SynchronousRoundProtocol):
+            # one identity alone cannot drag this node to a far-future round (issue 8)
+            protocol.catch_up_quorum = CATCH_UP_QUORUM
         if checkpoint is not None:
             protocol.load_state_dict(checkpoint["protocol"])
             self.sampler.load_state_dict(checkpoint["sampler"])

@@ -18,9 +18,10 @@ order); anything older than the window is refused as a replay.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -36,7 +37,7 @@ from p2pfl.wire import (
     decode,
 )
 
-__all__ = ["GuardConfig", "PeerGuard", "SequenceNumbers"]
+__all__ = ["Ban", "GuardConfig", "PeerGuard", "SequenceNumbers"]
 
 
 class SequenceNumbers:
@@ -107,10 +108,50 @@ class GuardConfig:
     max_ban_seconds: float = 3600.0
     penalties: Mapping[DropReason, float] = field(default_factory=lambda: _DEFAULT_PENALTIES)
     max_peers: int = 10_000  # peers tracked; the least recently seen are forgotten
+    status_peers: int = 100  # peers listed in ``status()``: banned and worst-scored first
+
+    def summary(self) -> dict[str, Any]:
+        """The limits in force, JSON-ready (part of the node's status)."""
+        return {
+            "max_lag": self.max_lag,
+            "max_lead": self.max_lead,
+            "replay_window": self.replay_window,
+            "msg_rate": self.msg_rate,
+            "msg_burst": self.msg_burst,
+            "byte_rate": self.byte_rate,
+            "byte_burst": self.byte_burst,
+            "ban_threshold": self.ban_threshold,
+            "score_half_life": self.score_half_life,
+            "ban_seconds": self.ban_seconds,
+            "max_ban_seconds": self.max_ban_seconds,
+            "penalties": {r.value: p for r, p in self.penalties.items() if p},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """A peer was just banned: what :class:`PeerGuard` hands its ``on_ban`` callback."""
+
+    peer: PeerId
+    until: float  # on the guard's clock (the ``now`` values it is given)
+    seconds: float
+    count: int  # this peer's bans so far, this one included
+    reason: DropReason  # the drop that tipped the score over the threshold
+    drops: Mapping[str, int]  # the peer's drops by reason so far
+
+    def describe(self) -> str:
+        """One line for a log: who, for how long, and why."""
+        tally = ", ".join(f"{n} {r}" for r, n in sorted(self.drops.items(), key=lambda x: -x[1]))
+        nth = "" if self.count == 1 else f" (ban #{self.count})"
+        return (
+            f"banned peer {self.peer} for {self.seconds:.0f} s{nth} after {self.reason.value}; "
+            f"dropped so far: {tally}"
+        )
 
 
 @dataclass(slots=True)
 class _Peer:
+    peer: PeerId
     msg_tokens: float
     byte_tokens: float
     last_refill: float
@@ -134,11 +175,16 @@ class PeerGuard:
     raises ``WireError`` and has already been counted when it does.
     """
 
-    def __init__(self, config: GuardConfig | None = None) -> None:
+    def __init__(
+        self, config: GuardConfig | None = None, *, on_ban: Callable[[Ban], None] | None = None
+    ) -> None:
         self.config = config or GuardConfig()
+        #: called (synchronously, inside the refusing call) each time a peer gets banned
+        self.on_ban = on_ban
         self._peers: OrderedDict[PeerId, _Peer] = OrderedDict()
         self._drops: Counter[DropReason] = Counter()
         self._accepted = 0
+        self._bans = 0
         self._now = 0.0
 
     # -- the pipeline -----------------------------------------------------------------
@@ -225,12 +271,34 @@ class PeerGuard:
         return {reason.value: counts[reason] for reason in DropReason}
 
     def status(self) -> dict[str, Any]:
-        """JSON-ready summary for the node's status (bans judged at the latest ``now``)."""
+        """JSON-ready summary for the node's status (bans judged at the latest ``now``).
+
+        ``dropped`` counts every drop by reason (``rate_limited`` and ``banned`` included),
+        ``bans`` the bans ever imposed, ``banned`` the peers serving one now, ``limits``
+        the rates and thresholds in force. ``peers`` details at most
+        ``config.status_peers`` of the ``peers_tracked`` peers: banned ones first, then
+        the worst scores, then the most recently seen.
+        """
         now = self._now
+        listed = list(self._peers.items())
+        if len(listed) > self.config.status_peers:
+            ranked = heapq.nlargest(
+                self.config.status_peers,
+                enumerate(listed),
+                key=lambda item: (
+                    now < item[1][1].banned_until,
+                    self._decayed(item[1][1], now),
+                    item[0],
+                ),
+            )
+            listed = [entry for _, entry in ranked]
         return {
             "accepted": self._accepted,
             "dropped": self.drops(),
+            "bans": self._bans,
             "banned": sorted(p for p, s in self._peers.items() if now < s.banned_until),
+            "limits": self.config.summary(),
+            "peers_tracked": len(self._peers),
             "peers": {
                 peer: {
                     "accepted": s.accepted,
@@ -240,7 +308,7 @@ class PeerGuard:
                     "bans": s.bans,
                     "last_drop": s.last_drop,
                 }
-                for peer, s in self._peers.items()
+                for peer, s in listed
             },
         }
 
@@ -250,7 +318,7 @@ class PeerGuard:
         state = self._peers.get(peer)
         if state is None:
             cfg = self.config
-            state = _Peer(cfg.msg_burst, cfg.byte_burst, now, score_at=now)
+            state = _Peer(peer, cfg.msg_burst, cfg.byte_burst, now, score_at=now)
             self._peers[peer] = state
             if len(self._peers) > cfg.max_peers:
                 self._forget_one()
@@ -288,3 +356,9 @@ class PeerGuard:
                 state.banned_until = now + duration
                 state.bans += 1
                 state.score = 0.0
+                self._bans += 1
+                if self.on_ban is not None:
+                    drops = {r.value: n for r, n in state.drops.items() if n}
+                    ban = Ban(state.peer, state.banned_until, duration, state.bans,
+                              reason, MappingProxyType(drops))  # fmt: skip
+                    self.on_ban(ban)

@@ -115,6 +115,7 @@ class Engine:
         self._seq = itertools.count()
         self._timer_generation: dict[tuple[int, str], int] = defaultdict(int)
         self._round_listeners: list[Callable[[int], None]] = []
+        self._handled_listeners: list[Callable[[int, Event, list[Effect]], None]] = []
         # ``progress()`` is asked after every event: cache it, and in "min" mode count the
         # live peers still at that round, so it costs O(n) once per round, not per event.
         self._progress: int | None = None
@@ -138,6 +139,14 @@ class Engine:
     def on_progress(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(progress_round)`` whenever the system's progress advances."""
         self._round_listeners.append(listener)
+
+    def on_handled(self, listener: Callable[[int, Event, list[Effect]], None]) -> None:
+        """Call ``listener(peer, event, effects)`` after a live peer handled an event.
+
+        Lets a model of the peer's device (e.g. a battery) account for the work the
+        protocol asked for, after the effects were carried out.
+        """
+        self._handled_listeners.append(listener)
 
     # -- peer failures -------------------------------------------------------------------
     def crash(self, peer: int) -> None:
@@ -240,6 +249,8 @@ class Engine:
         effects = self.protocols[peer].handle(event)
         if effects:
             self._apply(peer, effects)
+        for listener in self._handled_listeners:
+            listener(peer, event, effects)
 
     def _apply(self, peer: int, effects: list[Effect]) -> None:
         for effect in effects:

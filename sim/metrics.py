@@ -96,6 +96,8 @@ class Evaluator:
             accuracies.append(result.accuracy)
             losses.append(result.loss)
         acc = torch.cat(accuracies).double() if accuracies else torch.full((1,), float("nan"))
+        # per-peer accuracies, for breakdowns such as accuracy per connected component
+        self.last_peers, self.last_accuracy = alive, acc[: len(alive)].numpy()
         loss = torch.cat(losses).double() if losses else torch.full((1,), float("nan"))
         sent = engine.stats.bytes_sent
         return {

@@ -32,6 +32,7 @@ from p2pfl.learning import (
 )
 from p2pfl.protocols.base import Protocol
 from p2pfl.protocols.registry import ROUND_PROGRESS, build_protocol, make_aggregate
+from sim.disruptions import DisruptionRuntime, install_disruptions
 from sim.engine import Engine
 from sim.metrics import Evaluator, write_csv
 from sim.network import Network
@@ -63,6 +64,7 @@ class Simulation:
     rows: list[dict[str, Any]] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)
     wall_time: float = 0.0
+    disruptions: DisruptionRuntime | None = None
 
 
 def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> Simulation:
@@ -170,9 +172,13 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
         test_samples=scenario.sim.eval_test_samples,
         seed=seed,
     )
+    simulation = Simulation(scenario, engine, evaluator, dataset, trainer, peer_ids, graph, relays, data_sizes)
+    simulation.disruptions = install_disruptions(simulation)  # None when there are none
+    late = simulation.disruptions.late_joiners if simulation.disruptions else set()
     for i in range(n):
-        engine.start_peer(i, 0.0)
-    return Simulation(scenario, engine, evaluator, dataset, trainer, peer_ids, graph, relays, data_sizes)
+        if i not in late:
+            engine.start_peer(i, 0.0)
+    return simulation
 
 
 def run_simulation(
@@ -192,6 +198,8 @@ def run_simulation(
     def measure(round_: int) -> None:
         measured.add(round_)
         row = simulation.evaluator.measure(engine, round_)
+        if simulation.disruptions is not None:
+            row.update(simulation.disruptions.measure())
         simulation.rows.append(row)
         for listener in listeners:
             listener(row)
@@ -264,4 +272,6 @@ def write_run(simulation: Simulation, out_dir: Path | None = None) -> Path:
     summary = summarize(simulation)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     plot_run(simulation.rows, out_dir, title=scenario.name, events=simulation.events)
+    if simulation.disruptions is not None:
+        simulation.disruptions.write(out_dir, title=scenario.name)
     return out_dir

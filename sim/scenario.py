@@ -24,6 +24,7 @@ from p2pfl.config import (
     Strict,
     apply_overrides,
 )
+from sim.disruptions import DISRUPTION_KINDS, DisruptionList
 
 
 class ScenarioError(ConfigError):
@@ -55,6 +56,8 @@ class SimConfig(Strict):
     max_virtual_time: float = Field(1e9, gt=0)
     output_dir: str = "runs"
     threads: int = Field(0, ge=0, description="torch threads; 0 leaves torch's default")
+    #: connectivity columns (components, accuracy per component); on when there are disruptions
+    connectivity: bool = False
 
 
 class Scenario(Strict):
@@ -67,6 +70,8 @@ class Scenario(Strict):
     protocol: ProtocolConfig = Field(default_factory=lambda: DPSGDConfig(name="dpsgd"))
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     sim: SimConfig = Field(default_factory=SimConfig)
+    #: ``[[disruptions]]`` tables: crashes, outages, partitions, batteries... (sim.disruptions)
+    disruptions: DisruptionList = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Scenario:
@@ -84,7 +89,7 @@ def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     loc = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part, first))
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
     more = f" [+{error.error_count() - 1} more]" if error.error_count() > 1 else ""
     where = f"{loc}: " if loc else ""
     return f"{where}{first['msg']}{shown}{more}"
@@ -92,6 +97,8 @@ def _describe(error: ValidationError) -> str:
 
 def _is_union_tag(part: Any, err: dict[str, Any]) -> bool:
     # pydantic puts the discriminator value ("dpsgd") in the location of union members
+    if err["loc"][0] == "disruptions":
+        return part in DISRUPTION_KINDS
     return part in PROTOCOL_NAMES and err["loc"][0] == "protocol"
 
 

@@ -42,7 +42,7 @@ class TrainingExecutor:
         *,
         backend: str = "batched",
         transforms: dict[int, BatchTransform] | None = None,
-        max_batch: int = 4096,
+        max_batch: int | None = None,
     ) -> None:
         if backend not in ("batched", "per_peer"):
             raise ValueError(f"training backend must be 'batched' or 'per_peer', got {backend!r}")
@@ -104,8 +104,9 @@ class TrainingExecutor:
             else:
                 by_steps.setdefault(job.steps, []).append(job)
         for steps, group in sorted(by_steps.items()):
-            for start in range(0, len(group), self.max_batch):
-                chunk = group[start : start + self.max_batch]
+            size = self.max_batch or self.trainer.peers_per_call(self.trainer.batch_size)
+            for start in range(0, len(group), size):
+                chunk = group[start : start + size]
                 params = torch.stack([job.params for job in chunk])
                 samplers = [self.samplers[job.peer] for job in chunk]
                 transforms = None

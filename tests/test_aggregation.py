@@ -493,3 +493,14 @@ def test_every_aggregator_returns_the_vector_shared_by_all_rows(v: np.ndarray) -
     for name, params in _EVERY_AGGREGATOR:
         out = get_aggregator(name, **params)(stack, weights=weights, own=2)
         assert torch.allclose(out, vector, rtol=1e-6, atol=1e-6), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 8).flatmap(
+        lambda n: arrays(np.float32, (n, 3), elements=st.integers(-3, 3).map(float))
+    )
+)
+def test_median_matches_numpy_with_ties_and_even_n(x: np.ndarray) -> None:
+    expected = torch.from_numpy(np.median(x, axis=0).astype(np.float32))
+    assert torch.equal(coordinate_median(torch.from_numpy(x)), expected)

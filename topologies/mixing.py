@@ -26,6 +26,9 @@ __all__ = [
 DENSE_EIG_LIMIT = 2000
 """Up to this many peers :func:`spectral_gap` uses a dense eigensolver (exact, fast enough)."""
 
+_ARPACK_MAXITER = 300
+"""Restarts before the sparse solver gives up on plain iteration (ample for well-mixing graphs)."""
+
 
 def metropolis_hastings(g: nx.Graph) -> sp.csr_matrix:
     """Metropolis-Hastings weights, the D-PSGD default.
@@ -61,8 +64,12 @@ def spectral_gap(w: sp.spmatrix | np.ndarray, *, dense_limit: int = DENSE_EIG_LI
 
     The larger the gap, the faster repeated mixing reaches consensus (the error shrinks
     roughly by ``1 - gap`` per round); it is ``0`` for a disconnected graph and ``1`` for
-    a complete graph under Metropolis-Hastings. Dense eigenvalues up to ``dense_limit``
-    peers, ARPACK (two eigenvalues of largest modulus) beyond. A 1-peer matrix has gap 1.
+    a complete graph under Metropolis-Hastings. A 1-peer matrix has gap 1.
+
+    Up to ``dense_limit`` peers all eigenvalues are computed (exact). Beyond, ARPACK finds
+    the two of largest modulus, from a fixed start vector so the result is reproducible;
+    for a symmetric ``w`` on a slowly mixing graph (a long ring), where that stalls, it
+    falls back to shift-invert next to 1, plus the smallest eigenvalue when it could matter.
     """
     n = w.shape[0]
     if n <= 1:
@@ -70,19 +77,15 @@ def spectral_gap(w: sp.spmatrix | np.ndarray, *, dense_limit: int = DENSE_EIG_LI
     symmetric = _is_symmetric(w)
     if n <= dense_limit:
         dense = w.toarray() if sp.issparse(w) else np.asarray(w, dtype=float)
-        if symmetric:
-            eig = scipy.linalg.eigvalsh(dense)
-        else:
-            eig = scipy.linalg.eigvals(dense)
-        moduli = np.sort(np.abs(eig))[::-1]
+        eig = scipy.linalg.eigvalsh(dense) if symmetric else scipy.linalg.eigvals(dense)
+        slem = float(np.sort(np.abs(eig))[-2])
+    elif symmetric:
+        slem = _sparse_slem_symmetric(sp.csr_matrix(w, dtype=float))
     else:
         op = sp.csr_matrix(w, dtype=float)
-        if symmetric:
-            eig = spla.eigsh(op, k=2, which="LM", return_eigenvectors=False)
-        else:
-            eig = spla.eigs(op, k=2, which="LM", return_eigenvectors=False)
-        moduli = np.sort(np.abs(eig))[::-1]
-    return float(max(0.0, 1.0 - moduli[1]))
+        eig = spla.eigs(op, k=2, which="LM", v0=_start_vector(n), return_eigenvectors=False)
+        slem = float(np.sort(np.abs(eig))[0])
+    return max(0.0, 1.0 - slem)
 
 
 def is_row_stochastic(w: sp.spmatrix | np.ndarray, tol: float = 1e-9) -> bool:
@@ -116,6 +119,37 @@ def _edge_arrays(g: nx.Graph) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     u, v = pairs[:, 0], pairs[:, 1]
     deg = np.bincount(np.concatenate([u, v]), minlength=n).astype(float)
     return n, deg, u, v
+
+
+def _start_vector(n: int) -> np.ndarray:
+    """A fixed, generic ARPACK start vector (ARPACK's own is random, so results would vary).
+
+    Not the all-ones vector: that is the top eigenvector of a doubly stochastic matrix
+    and would hide every other eigenvalue.
+    """
+    return np.random.default_rng(0).random(n) + 0.5
+
+
+def _sparse_slem_symmetric(w: sp.csr_matrix) -> float:
+    n = w.shape[0]
+    v0 = _start_vector(n)
+    try:
+        eig = spla.eigsh(
+            w, k=2, which="LM", maxiter=_ARPACK_MAXITER, v0=v0, return_eigenvectors=False
+        )
+        return float(np.sort(np.abs(eig))[0])
+    except spla.ArpackNoConvergence:
+        pass
+    # Eigenvalues near 1 are crowded: invert around a shift just above 1 to spread them.
+    top = spla.eigsh(w.tocsc(), k=2, sigma=1.0 + 1e-9, which="LM", v0=v0, return_eigenvectors=False)
+    second = float(np.min(top))
+    # Gershgorin: no eigenvalue is below min_i (w_ii - sum_{j != i} |w_ij|).
+    diag = w.diagonal()
+    off_abs = np.asarray(abs(w).sum(axis=1)).ravel() - np.abs(diag)
+    if -float(np.min(diag - off_abs)) <= second:
+        return second
+    lowest = spla.eigsh(w, k=1, which="SA", ncv=min(n, 32), v0=v0, return_eigenvectors=False)
+    return max(second, -float(lowest[0]))
 
 
 def _is_symmetric(w: sp.spmatrix | np.ndarray, tol: float = 1e-12) -> bool:

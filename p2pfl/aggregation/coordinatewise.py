@@ -24,9 +24,12 @@ def coordinate_median(x: Tensor) -> Tensor:
     lower = x.median(dim=0).values
     if x.shape[0] % 2 == 1:
         return lower
-    # For even n the lower median of -x is minus the upper median of x. Two median passes
-    # are cheaper than a full sort of the stack (which also allocates int64 indices).
-    upper = -((-x).median(dim=0).values)
+    # The upper middle value is the lower one when more than n/2 values are <= it, else the
+    # smallest value above it: a few streaming passes, cheaper than a second median pass or
+    # a full sort of the stack (which also allocates int64 indices).
+    at_most = x <= lower
+    above = x.masked_fill(at_most, torch.inf).amin(dim=0)
+    upper = torch.where(at_most.sum(dim=0) > x.shape[0] // 2, lower, above)
     return (lower + upper) / 2
 
 

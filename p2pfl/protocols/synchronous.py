@@ -17,7 +17,11 @@ Messages of older rounds are dropped (and counted); messages up to ``max_lead`` 
 ahead are kept for later, because a fast neighbour may legitimately be one round ahead.
 A message further ahead means this peer fell behind (it restarted from a checkpoint, or
 was cut off): with ``catch_up`` it jumps to that round instead of staying stale forever.
-How far a remote peer may push us ahead is bounded by the node's round window (wire guard).
+Only neighbours vouch for a newer round, and the jump waits until ``catch_up_quorum`` of
+them (at most all of them) are that far ahead: it goes to the highest round that many
+have reached. With a quorum of 2, one hostile identity cannot drag a peer ahead -- past
+its honest neighbours, or past its last round -- with one validly signed message.
+How far a remote peer may push us ahead is also bounded by the node's round window (wire guard).
 """
 
 from __future__ import annotations
@@ -73,11 +77,17 @@ class SynchronousRoundProtocol(Protocol):
         aggregate: AggregateFn | None = None,
         max_lead: int = 2,
         catch_up: bool = True,
+        catch_up_quorum: int = 1,
         seed: int = 0,
     ) -> None:
         super().__init__(peer_id, params, neighbours, local_steps=local_steps, seed=seed)
         if round_timeout <= 0:
             raise ValueError(f"round_timeout must be > 0, got {round_timeout}")
+        if catch_up_quorum < 1:
+            raise ValueError(f"catch_up_quorum must be >= 1, got {catch_up_quorum}")
+        self.catch_up_quorum = catch_up_quorum
+        #: neighbours seen beyond ``max_lead``: their latest such round and model
+        self.ahead: dict[PeerId, tuple[int, torch.Tensor]] = {}
         self.round_timeout = round_timeout
         self.aggregate = aggregate
         self.max_lead = max_lead
@@ -146,14 +156,33 @@ class SynchronousRoundProtocol(Protocol):
             self.dropped_stale += 1
             return [Record("dropped.stale_round", 1.0)]
         if message.round > self.round + self.max_lead:
-            if not self.catch_up:
+            if not self.catch_up or event.sender not in self.neighbours:
                 self.dropped_ahead += 1
                 return [Record("dropped.future_round", 1.0)]
-            return self._jump_to(message.round, event)
+            return self._vouch(event.sender, message.round, message.params)
         self.inbox.setdefault(message.round, {})[event.sender] = message.params
         return self._maybe_finish(event.now)
 
-    def _jump_to(self, round_: int, event: MessageReceived) -> list[Effect]:
+    def _vouch(self, sender: PeerId, round_: int, params: torch.Tensor) -> list[Effect]:
+        """A neighbour is far ahead: jump once enough distinct neighbours are.
+
+        Each neighbour counts once, with its latest far-ahead round (kept with its model,
+        so memory stays one model per neighbour). With ``q = min(catch_up_quorum,
+        len(neighbours))`` of them ahead, the peer jumps to the ``q``-th highest of their
+        rounds: a round that ``q`` neighbours have reached.
+        """
+        horizon = self.round + self.max_lead
+        self.ahead[sender] = (round_, params)
+        self.ahead = {p: seen for p, seen in self.ahead.items() if seen[0] > horizon}
+        quorum = min(self.catch_up_quorum, len(self.neighbours))
+        if len(self.ahead) < quorum:
+            return [Record("catch_up.pending", 1.0)]
+        target = sorted((r for r, _ in self.ahead.values()), reverse=True)[quorum - 1]
+        models = {p: m for p, (r, m) in self.ahead.items() if r == target}
+        self.ahead.clear()
+        return self._jump_to(target, models)
+
+    def _jump_to(self, round_: int, models: dict[PeerId, torch.Tensor]) -> list[Effect]:
         """Abandon the current round for a newer one the others are already in.
 
         A peer that restarts from an old checkpoint, or was cut off for a while, would
@@ -163,7 +192,7 @@ class SynchronousRoundProtocol(Protocol):
         self.round = round_
         for stale in [r for r in self.inbox if r < round_]:
             del self.inbox[stale]
-        self.inbox.setdefault(round_, {})[event.sender] = event.message.params
+        self.inbox.setdefault(round_, {}).update(models)
         effects: list[Effect] = [CancelTimer(ROUND_TIMER), Record("round_jumps", 1.0)]
         effects.extend(self._start_round())
         return effects
@@ -214,3 +243,4 @@ class SynchronousRoundProtocol(Protocol):
         self.phase = "idle"
         self.trained = None
         self.inbox.clear()
+        self.ahead.clear()

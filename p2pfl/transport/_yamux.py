@@ -190,7 +190,7 @@ def _adopt(stream: YamuxStream) -> int:
     """Make a new stream a ``_PatchedYamuxStream`` with a ``STREAM_WINDOW`` receive window.
 
     py-libp2p constructs its streams inline, so the class is switched on the
-    instance (the subclass adds no state).  Returns the window increment the
+    instance (the subclass needs nothing from a constructor).  Returns the window increment the
     peer must be told about (0 if none).  Nothing here awaits, so the stream's
     window lock is not needed on the single trio thread.
     """
