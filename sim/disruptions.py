@@ -27,6 +27,7 @@ out): it comes back only when every reason is lifted, and never once its battery
 from __future__ import annotations
 
 import json
+import logging
 import tomllib
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Sequence
@@ -76,6 +77,8 @@ __all__ = [
     "parse_disruption",
     "preview_disruption",
 ]
+
+logger = logging.getLogger("p2pfl.sim")
 
 Edge = tuple[int, int]
 Among = Literal["all", "data_holders", "relays"]
@@ -555,6 +558,7 @@ class DisruptionRuntime:
         self.changes: list[Change] = []
         self.late_joiners: set[int] = set()
         self.depleted: set[int] = set()
+        self.depleted_at: dict[int, float] = {}
         self.batteries: dict[int, Battery] = {}
         self.snapshot: _Snapshot | None = None
         self._down_for: dict[int, set[str]] = defaultdict(set)
@@ -774,6 +778,7 @@ class DisruptionRuntime:
         if battery.depleted:
             del self._battery_since[peer]
             self.depleted.add(peer)
+            self.depleted_at[peer] = float(now)
             if self.engine.alive[peer]:
                 self._down_for[peer].add("battery")
                 self.engine.crash(peer)
@@ -835,11 +840,16 @@ class DisruptionRuntime:
 
     def write(self, out_dir: Path, *, title: str) -> list[Path]:
         """``disruptions.json``, ``disruption.png`` and the before/after graph drawings."""
+        fired = {change.index for change in self.changes}
+        missed = [spec.label for i, spec in enumerate(self.specs) if i not in fired]
+        if missed:
+            logger.warning("the run ended before these disruptions fired: %s", "; ".join(missed))
         log = {
             "disruptions": [spec.model_dump(mode="json", exclude_none=True) for spec in self.specs],
             "fired": [asdict(change) for change in self.changes],
+            "never_fired": missed,
             "late_joiners": sorted(self.late_joiners),
-            "depleted": sorted(self.depleted),
+            "depleted_at": {str(p): t for p, t in sorted(self.depleted_at.items())},
         }
         path = out_dir / "disruptions.json"
         path.write_text(json.dumps(log, indent=1) + "\n")

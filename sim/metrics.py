@@ -19,6 +19,7 @@ import torch
 
 from p2pfl.learning import LocalTrainer, evaluate
 from sim.engine import Engine
+from sim.mixing import plain
 
 METRIC_COLUMNS = [
     "round",
@@ -88,7 +89,7 @@ class Evaluator:
             self.peer_sample if self.peer_sample is not None else np.arange(engine.n)
         )
         alive = [int(i) for i in candidates if engine.alive[i] and engine.started[i]]
-        models = [engine.protocols[i].params for i in alive]
+        models = [plain(engine.protocols[i].params) for i in alive]
         accuracies, losses = [], []
         for start in range(0, len(models), self.chunk):
             block = torch.stack(models[start : start + self.chunk])

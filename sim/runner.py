@@ -35,6 +35,7 @@ from p2pfl.protocols.registry import ROUND_PROGRESS, build_protocol, make_aggreg
 from sim.disruptions import DisruptionRuntime, install_disruptions
 from sim.engine import Engine
 from sim.metrics import Evaluator, write_csv
+from sim.mixing import deferred_aggregate
 from sim.network import Network
 from sim.plots import plot_run
 from sim.scenario import Scenario, ScenarioError
@@ -119,7 +120,9 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
     if protocol_cfg.name == "dpsgd":
         matrix = metropolis_hastings(graph) if protocol_cfg.mixing == "metropolis_hastings" else uniform(graph)
         mixing = matrix.tocsr()
-    aggregate = make_aggregate(protocol_cfg)
+    executor = TrainingExecutor(trainer, samplers, backend=scenario.sim.backend)
+    # The batched backend defers the protocols' plain means (one sparse product per chunk).
+    aggregate = deferred_aggregate(executor.mixer, make_aggregate(protocol_cfg))
     protocols: list[Protocol] = []
     for i in range(n):
         neighbours = [peer_ids[j] for j in sorted(graph.neighbors(i))]
@@ -153,7 +156,6 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
     speeds = np.ones(n)
     if net.speed_spread > 0:
         speeds = rng.uniform(1 - net.speed_spread, 1 + net.speed_spread, size=n)
-    executor = TrainingExecutor(trainer, samplers, backend=scenario.sim.backend)
     engine = Engine(
         protocols,
         network,

@@ -4,20 +4,28 @@ A peer's training result depends only on its input parameters and its own batch 
 never on the virtual time at which it runs. So the simulator does not compute a ``Train``
 effect when it is issued: it queues the job and computes *every* queued job in one batched
 call the first time any result is needed. Peers that started training at different times
-still share a batch; thousands of peers become a handful of ``vmap`` calls.
+still share a batch; thousands of peers become a handful of batched calls.
+
+With ``defer_mixing`` (the default of the batched backend) results come back as ``Row``
+tensors and the protocols' weighted means are deferred (see ``sim.mixing``): when a job's
+input is such a mean, the executor computes a chunk of peers' means as one sparse product
+and trains that chunk straight from it, writing into a pooled result buffer. No per-peer
+model object, stack or copy is made; a peer's model is a row of a shared buffer.
 
 ``backend="per_peer"`` runs the same jobs one model at a time, in the same order per peer,
-as the reference path for equivalence tests and as a baseline.
+with plain tensors and eager means: the reference path for equivalence tests and the
+baseline of the benchmark.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from p2pfl.learning import BatchSampler, LocalTrainer
+from sim.mixing import BufferPool, Mixer, PendingMix, consecutive, plain
 
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -43,17 +51,26 @@ class TrainingExecutor:
         backend: str = "batched",
         transforms: dict[int, BatchTransform] | None = None,
         max_batch: int | None = None,
+        defer_mixing: bool | None = None,
     ) -> None:
         if backend not in ("batched", "per_peer"):
             raise ValueError(f"training backend must be 'batched' or 'per_peer', got {backend!r}")
+        if defer_mixing and backend != "batched":
+            raise ValueError("defer_mixing needs the batched backend")
         self.trainer = trainer
         self.samplers = samplers
         self.backend = backend
         self.transforms = transforms or {}
-        self.max_batch = max_batch
+        #: peers per batched call: activations stay in cache (see ``LocalTrainer.peers_per_call``)
+        self.chunk = max_batch or trainer.peers_per_call(trainer.batch_size)
+        if defer_mixing is None:
+            defer_mixing = backend == "batched"
+        self.mixer: Mixer | None = Mixer(chunk=self.chunk) if defer_mixing else None
+        self.pool = BufferPool(trainer.dim)
         self.pending: list[TrainJob] = []
         self.jobs_run = 0
         self.batches_run = 0
+        self.fused_chunks = 0  # chunks trained straight from their deferred means
 
     def submit(self, peer: int, params: torch.Tensor, steps: int) -> TrainJob:
         job = TrainJob(peer, params, steps)
@@ -94,7 +111,9 @@ class TrainingExecutor:
             job.result = job.params
             return
         transform = self.transforms.get(job.peer)
-        job.result, job.loss = self.trainer.train(job.params, sampler, job.steps, transform=transform)
+        job.result, job.loss = self.trainer.train(
+            plain(job.params), sampler, job.steps, transform=transform
+        )
 
     def _run_batched(self, jobs: list[TrainJob]) -> None:
         by_steps: dict[int, list[TrainJob]] = {}
@@ -104,20 +123,38 @@ class TrainingExecutor:
             else:
                 by_steps.setdefault(job.steps, []).append(job)
         for steps, group in sorted(by_steps.items()):
-            size = self.max_batch or self.trainer.peers_per_call(self.trainer.batch_size)
-            for start in range(0, len(group), size):
-                chunk = group[start : start + size]
-                params = torch.stack([job.params for job in chunk])
+            block, out = self.pool.take(len(group))
+            losses = torch.empty(len(group))
+            for start in range(0, len(group), self.chunk):
+                stop = min(start + self.chunk, len(group))
+                chunk = group[start:stop]
+                target = out[start:stop]
+                source = self._inputs([job.params for job in chunk], target)
                 samplers = [self.samplers[job.peer] for job in chunk]
                 transforms = None
                 if self.transforms:
                     transforms = [self.transforms.get(job.peer) for job in chunk]
-                # ``params`` is a fresh stack: let the trainer update it in place.
-                result, losses = self.trainer.train_batched(
-                    params, samplers, steps, transforms=transforms, inplace=True
+                _, losses[start:stop] = self.trainer.train_batched(
+                    source, samplers, steps, transforms=transforms, chunk=len(chunk), out=target
                 )
-                for row, job in enumerate(chunk):
-                    job.result = result[row]
-                    job.loss = float(losses[row])
-                self.jobs_run += len(chunk)
                 self.batches_run += 1
+            results: Sequence[torch.Tensor]
+            results = self.mixer.rows(block, out) if self.mixer else out.unbind(0)
+            for job, result, loss in zip(group, results, losses.tolist(), strict=True):
+                job.result = result
+                job.loss = loss
+            self.jobs_run += len(group)
+
+    def _inputs(self, params: list[torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
+        """The chunk's starting parameters as one ``(k, d)`` tensor, copying only if needed."""
+        mixer = self.mixer
+        if mixer is not None and all(
+            type(p) is PendingMix and not p.computed and p._mixer is mixer for p in params
+        ):
+            self.fused_chunks += 1
+            return mixer.resolve(params)  # type: ignore[arg-type]
+        rows = consecutive(params)
+        if rows is not None:
+            return rows
+        torch.stack([plain(p) for p in params], out=scratch)
+        return scratch

@@ -186,20 +186,21 @@ class LocalTrainer:
         transforms: Sequence[BatchTransform | None] | None = None,
         chunk: int | None = None,
         inplace: bool = False,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` SGD steps for each row of ``params`` (B, d), row ``i`` on ``samplers[i]``.
 
-        Returns the new ``(B, d)`` stack (``params`` is left untouched unless ``inplace``)
-        and each peer's mean
-        batch loss ``(B,)``. Gives the same result as ``train`` row by row, within float
-        tolerance, and advances each sampler exactly as ``train`` would. ``transforms[i]``
-        (optional) changes peer ``i``'s batches. Peers are processed ``chunk`` at a time
-        (default: as many as the activation budget allows), all steps of a chunk together.
+        Returns the new ``(B, d)`` stack and each peer's mean batch loss ``(B,)``. Gives the
+        same result as ``train`` row by row, within float tolerance, and advances each
+        sampler exactly as ``train`` would. ``transforms[i]`` (optional) changes peer
+        ``i``'s batches. Peers are processed ``chunk`` at a time (default: as many as the
+        activation budget allows), all steps of a chunk together.
 
-        ``inplace=True`` lets the trainer write the result into ``params`` itself (when it
-        is a contiguous float32 tensor) and return it: for a caller that stacked the rows
-        just for this call, it saves allocating and copying another ``(B, d)`` tensor,
-        which at 10,000 peers costs as much as a training step.
+        Where the result goes: by default a new tensor (``params`` is left untouched);
+        ``out`` (a float32 ``(B, d)`` tensor whose rows are contiguous) receives it instead,
+        the first step reading ``params`` and writing ``out`` so that no separate copy is
+        made; ``inplace=True`` updates ``params`` itself when it is a contiguous float32
+        tensor. At 10,000 peers, an extra ``(B, d)`` copy costs about as much as a step.
         """
         if params.dim() != 2 or params.shape[1] != self.dim:
             raise ValueError(f"expected params of shape (B, {self.dim}), got {tuple(params.shape)}")
@@ -209,36 +210,57 @@ class LocalTrainer:
         if transforms is not None and len(transforms) != num:
             raise ValueError(f"{num} parameter rows but {len(transforms)} transforms")
         params = params.detach()
-        fits = params.dtype == torch.float32 and params.is_contiguous()
-        out = params if inplace and fits else params.to(torch.float32, copy=True).contiguous()
-        losses = torch.zeros(num, dtype=torch.float32)
+        if out is not None:
+            if out.shape != params.shape or out.dtype != torch.float32 or out.stride(-1) != 1:
+                raise ValueError(
+                    f"out must be a float32 tensor of shape {tuple(params.shape)} with contiguous rows"
+                )
+        elif inplace and params.dtype == torch.float32 and params.stride(-1) == 1:
+            out = params
         if steps <= 0:
+            if out is None:
+                return params.to(torch.float32, copy=True), torch.full((num,), float("nan"))
+            if out is not params:
+                out.copy_(params)
             return out, torch.full((num,), float("nan"))
+        if params.dtype != torch.float32 or params.stride(-1) != 1:
+            params = params.to(torch.float32).contiguous()
+        if out is None:
+            out = torch.empty_like(params, memory_format=torch.contiguous_format)
         if any(s.batch_size != self.batch_size for s in samplers):
             raise ValueError(f"every sampler must draw batches of {self.batch_size}")
+        losses = torch.zeros(num, dtype=torch.float32)
         chunk = chunk or self.peers_per_call(self.batch_size)
         for start in range(0, num, chunk):
             stop = min(start + chunk, num)
-            views = unflatten(out[start:stop], self._layout)
+            source = unflatten(params[start:stop], self._layout)
+            target = source if out is params else unflatten(out[start:stop], self._layout)
             group = samplers[start:stop]
             group_transforms = transforms[start:stop] if transforms is not None else None
             for _ in range(steps):
                 x, y = self._gather_many(group)
                 if group_transforms is not None:
                     _apply_transforms(x, y, group_transforms)
-                grads, loss = self._peer_grad(views, x, y)
+                grads, loss = self._peer_grad(source, x, y)
                 with torch.no_grad():
-                    for name, view in views.items():
-                        self._sgd_update(view, grads[name])
+                    for name, view in source.items():
+                        self._sgd_update(view, grads[name], out=target[name])
                 losses[start:stop] += loss
+                source = target  # later steps continue from the result, in place
         return out, losses / steps
 
     # ---------------------------------------------------------------------- internals
-    def _sgd_update(self, param: torch.Tensor, grad: torch.Tensor) -> None:
-        """In place: ``param -= lr * (grad + weight_decay * param)``; same ops on both paths."""
+    def _sgd_update(
+        self, param: torch.Tensor, grad: torch.Tensor, *, out: torch.Tensor | None = None
+    ) -> None:
+        """``out = param - lr * (grad + weight_decay * param)``, in place when ``out`` is
+        ``param`` or absent; the same operations on both paths."""
         if self.weight_decay:
             grad = grad + self.weight_decay * param
-        param.sub_(grad, alpha=self.lr)
+        if out is None or out is param:
+            param.sub_(grad, alpha=self.lr)
+        else:
+            torch.sub(param, grad, alpha=self.lr, out=out)
 
     def _logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self._net, params, (x,))
