@@ -118,6 +118,16 @@ class NodeNetworkConfig(Strict):
     discovery_timeout: float = Field(30.0, gt=0)
     #: 0: every discovered peer is a neighbour; k > 0: k of them, chosen by the seed
     max_neighbours: int = Field(0, ge=0)
+    #: an edge list of peer ids shared by all peers: neighbours are the graph's, and
+    #: D-PSGD mixes with weights from its degrees (overrides ``max_neighbours``)
+    topology_file: str | None = None
+    #: find peers on the LAN by mDNS (libp2p's ``_p2p._udp.local`` service), besides bootstrap
+    mdns: bool = False
+    #: ping every neighbour this often (seconds; 0: never); ``ping_failures`` misses in a
+    #: row report it down to the protocol, the next answer reports it up again
+    ping_interval: float = Field(5.0, ge=0)
+    ping_timeout: float = Field(3.0, gt=0)
+    ping_failures: int = Field(2, ge=1)
     send_timeout: float = Field(10.0, gt=0)
     max_message_bytes: int = Field(64 << 20, gt=1024)
     #: how many rounds ahead of ours a message may be (a restarted peer catches up)

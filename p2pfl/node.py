@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import random
 import signal
 import time
 from pathlib import Path
@@ -43,12 +42,14 @@ from p2pfl.learning import (
     load_dataset,
     partition,
 )
+from p2pfl.neighbours import PeerGraph, check_member, choose_neighbours
 from p2pfl.protocols.base import (
     CancelTimer,
     Effect,
     Event,
     Message,
     MessageReceived,
+    PeerDown,
     PeerUp,
     Protocol,
     Record,
@@ -113,6 +114,12 @@ class Node:
         self._peers_changed = asyncio.Event()
         self._stopping = False
         self._next_train_at = 0.0
+        #: neighbours reported down (missed pings, failed sends) until they answer a ping
+        self._down: set[str] = set()
+        self.graph: PeerGraph | None = None
+        if config.network.topology_file:
+            self.graph = PeerGraph.from_file(config.network.topology_file)
+            check_member(self.graph, self.peer_id, config.network.topology_file)
         self._setup_learning()
 
     # -- learning set-up ---------------------------------------------------------------
@@ -217,7 +224,7 @@ class Node:
             pending = retry
             if pending:
                 await asyncio.sleep(0.2)  # back off before dialling again (bounded by deadline)
-        while len(self.known) < net.min_peers:
+        while not self._found_enough():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -226,12 +233,22 @@ class Node:
                 await asyncio.wait_for(self._peers_changed.wait(), remaining)
             except TimeoutError:
                 break
-        if len(self.known) < net.min_peers:
+        if not self._found_enough():
             log.warning(
                 "only %d of %d peers found before the discovery timeout",
                 len(self.known),
-                net.min_peers,
+                len(self.graph.neighbours(self.peer_id)) if self.graph else net.min_peers,
             )
+
+    def _found_enough(self) -> bool:
+        """Discovery is over: all graph neighbours, or ``min_peers`` peers, are known."""
+        if self.graph is not None:
+            return set(self.graph.neighbours(self.peer_id)) <= self.known.keys()
+        return len(self.known) >= self.config.network.min_peers
+
+    def _wanted(self, peer: str) -> bool:
+        """Whether to dial a peer we heard of: with a graph, only our graph neighbours."""
+        return self.graph is None or peer in self.graph.neighbours(self.peer_id)
 
     async def _reconnect(self, known: dict[str, list[str]]) -> None:
         """After a restart: dial the peers we knew (and the bootstrap peers), then go on.
@@ -257,7 +274,10 @@ class Node:
         addrs = {p: a for p, a in self.transport.known_addrs().items() if a}
         addrs[self.peer_id] = list(self.transport.listen_addrs)
         message = Message(HELLO, 0, None, {"addrs": addrs, "reply": reply})
-        await self._send_bytes(peer, message, CONTROL)
+        try:
+            await self._send_bytes(peer, message, CONTROL)
+        except TransportError as error:  # a peer that connects but takes nothing (issue 8)
+            log.debug("hello to %s failed: %s", peer, error)
 
     def _on_hello(self, sender: str, meta: dict[str, Any]) -> None:
         addrs = meta.get("addrs")
@@ -274,7 +294,7 @@ class Node:
             clean = [a for a in peer_addrs if isinstance(a, str) and len(a) < 256][:8]
             if peer not in self.known:
                 self.known[peer] = clean
-                if clean:
+                if clean and self._wanted(peer):
                     self._spawn(self._dial_and_greet(peer, clean))
             elif not self.known[peer]:
                 self.known[peer] = clean
@@ -298,14 +318,26 @@ class Node:
 
     # -- protocol ------------------------------------------------------------------------
     def _choose_neighbours(self) -> list[str]:
-        peers = sorted(self.known)
-        k = self.config.network.max_neighbours
-        if k and len(peers) > k:
-            peers = sorted(random.Random(f"{self.config.seed}:{self.peer_id}").sample(peers, k))
-        return peers
+        return choose_neighbours(
+            self.peer_id,
+            self.known,
+            graph=self.graph,
+            max_neighbours=self.config.network.max_neighbours,
+            seed=self.config.seed,
+        )
+
+    def _mixing_weights(self) -> dict[str, float] | None:
+        """D-PSGD's weights from the graph file (every peer derives the same matrix)."""
+        scheme = getattr(self.config.protocol, "mixing", None)
+        if self.graph is None or scheme is None:
+            return None  # D-PSGD's default: uniform over itself and its neighbours
+        return self.graph.mixing_weights(self.peer_id, scheme)
 
     def _start_protocol(self, checkpoint: dict[str, Any] | None) -> None:
-        neighbours = list(checkpoint["neighbours"]) if checkpoint else self._choose_neighbours()
+        if checkpoint is not None and self.graph is None:
+            neighbours = list(checkpoint["neighbours"])
+        else:  # the graph file is authoritative, also over a checkpoint
+            neighbours = self._choose_neighbours()
         population = sorted({self.peer_id, *self.known, *neighbours})
         init = self.trainer.init_params(self.config.seed)
         protocol = build_protocol(
@@ -314,6 +346,7 @@ class Node:
             params=init,
             neighbours=neighbours,
             population=population,
+            mixing_weights=self._mixing_weights(),
             aggregate=make_aggregate(self.config.protocol),
             seed=self.config.seed,
         )
@@ -335,6 +368,44 @@ class Node:
             self.data_size,
         )
         self._handle(Start(self._now()))
+        if self.config.network.ping_interval > 0:
+            self._spawn(self._liveness())
+
+    # -- liveness ------------------------------------------------------------------------
+    async def _liveness(self) -> None:
+        """Ping the neighbours every ``ping_interval`` seconds and report changes.
+
+        ``ping_failures`` misses in a row make a ``PeerDown`` (so a dead neighbour is
+        noticed even when no send is pending); the first answer of a peer reported down
+        -- by pings or by a failed send -- makes a ``PeerUp``. One ping per neighbour is
+        in flight at most, each bounded by ``ping_timeout``.
+        """
+        net = self.config.network
+        misses: dict[str, int] = {}
+        while self.protocol is not None and not self._stopping:
+            await asyncio.sleep(net.ping_interval)
+            peers = list(self.protocol.neighbours)
+            answers = await asyncio.gather(*(self._ping(peer) for peer in peers))
+            for peer, alive in zip(peers, answers, strict=True):
+                if alive:
+                    misses.pop(peer, None)
+                    if peer in self._down:
+                        self._down.discard(peer)
+                        log.info("neighbour %s answers again", peer)
+                        self._handle(PeerUp(self._now(), peer))
+                    continue
+                misses[peer] = misses.get(peer, 0) + 1
+                if misses[peer] >= net.ping_failures and peer not in self._down:
+                    self._down.add(peer)
+                    log.info("neighbour %s missed %d pings: down", peer, misses[peer])
+                    self._handle(PeerDown(self._now(), peer))
+
+    async def _ping(self, peer: str) -> bool:
+        try:
+            await self.transport.ping(peer, timeout=self.config.network.ping_timeout)
+        except TransportError:
+            return False
+        return True
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -392,6 +463,7 @@ class Node:
             await self._send_bytes(effect.to, effect.message, self.protocol.name)
         except TransportError as error:
             log.debug("send to %s failed: %s", effect.to, error)
+            self._down.add(effect.to)  # the next ping it answers brings it back
             self._handle(SendFailed(self._now(), effect.to, effect.message))
 
     async def _send_bytes(self, peer: str, message: Message, protocol: str) -> None:
@@ -477,6 +549,7 @@ class Node:
             "accuracy": self.accuracy,
             "neighbours": list(protocol.neighbours) if protocol else [],
             "known_peers": sorted(self.known),
+            "peers_down": sorted(self._down),
             "connected": self.transport.connected_peers(),
             "bytes_sent": self.bytes_sent,
             "counters": self.counters,

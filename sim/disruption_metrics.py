@@ -137,13 +137,26 @@ def plot_disruption_run(
     top.fill_between(rounds, column("acc_min"), column("acc_max"), alpha=0.15, label="min-max")
     top.plot(rounds, column("acc_largest_component"), linestyle="-", label="largest component")
     top.plot(rounds, column("acc_outside_largest"), linestyle="-.", label="outside largest")
-    top.plot(rounds, column("acc_isolated"), linestyle=":", marker="x", markersize=4, label="isolated peers")
+    top.plot(
+        rounds,
+        column("acc_isolated"),
+        linestyle=":",
+        marker="x",
+        markersize=4,
+        label="isolated peers",
+    )
     top.set(ylabel="test accuracy", title=title, ylim=(0, 1))
     top.grid(alpha=0.3)
     top.legend(loc="lower right", fontsize=7)
     _mark(top, events, labels=True)
 
-    bottom.plot(rounds, column("largest_component_frac"), marker="o", markersize=3, label="largest component / all peers")
+    bottom.plot(
+        rounds,
+        column("largest_component_frac"),
+        marker="o",
+        markersize=3,
+        label="largest component / all peers",
+    )
     bottom.plot(rounds, column("alive_frac"), linestyle="--", label="alive / all peers")
     bottom.set(xlabel="round", ylabel="share of peers", ylim=(0, 1.05))
     bottom.grid(alpha=0.3)

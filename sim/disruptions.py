@@ -4,7 +4,7 @@ A scenario lists its disruptions as an array of tables::
 
     [[disruptions]]
     kind = "crash"            # crash | recover | link_failure | region_outage | partition
-    at_round = 20             #   | heal | battery | churn | join
+    at_round = 20             #   | heal | battery | churn | join | data_loss
     count = 8
     strategy = "degree"
     among = "relays"
@@ -18,7 +18,8 @@ Peers are never told that a neighbour died: like a real node, they find out when
 fails or a timeout fires (the engine turns sends to dead peers and over failed links
 into ``SendFailed``). What a real node *does* see is a connection coming up: a peer that
 recovers or joins dials the neighbours it knows, and a healed link reconnects its two
-ends, so those raise ``PeerUp`` on both sides, one link latency later.
+ends, so those raise ``PeerUp`` on both sides (the dialled peer one link latency later,
+the dialler on the answer, one more latency later).
 
 A peer can be down for several reasons at once (inside an outage region *and* churned
 out): it comes back only when every reason is lifted, and never once its battery is empty.
@@ -37,7 +38,14 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import networkx as nx
 import numpy as np
-from pydantic import AfterValidator, Field, NonNegativeInt, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    NonNegativeInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from p2pfl.config import Strict
 from p2pfl.protocols.base import Effect, Event, MessageReceived, Send, Train
@@ -62,6 +70,7 @@ __all__ = [
     "Change",
     "Churn",
     "Crash",
+    "DataLoss",
     "Disruption",
     "DisruptionError",
     "DisruptionList",
@@ -125,7 +134,10 @@ class _Disruption(Strict):
 def _exactly_one(model: Strict, *names: str) -> None:
     given = [n for n in names if getattr(model, n) is not None]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of {', '.join(names)}" + (f" (got {', '.join(given)})" if given else ""))
+        raise ValueError(
+            f"give exactly one of {', '.join(names)}"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
 
 
 def _amount_text(count: int | None, fraction: float | None, peers: Sequence[Any] | None) -> str:
@@ -155,6 +167,29 @@ class Crash(_Disruption):
         return f"crash {_amount_text(self.count, self.fraction, self.peers)}{pool}{how}"
 
 
+class DataLoss(_Disruption):
+    """Peers lose their training data (storage destroyed) but stay up and keep relaying.
+
+    The counterpart of a crash for separating the two harms: a crash of data-holders
+    loses their data *and* their links, a crash of relays only links, this only data.
+    """
+
+    kind: Literal["data_loss"]
+    count: NonNegativeInt | None = None
+    fraction: float | None = Field(None, ge=0, le=1, description="share of the `among` pool")
+    peers: list[NonNegativeInt] | None = Field(None, description="exactly these peers")
+    strategy: Literal["random", "degree", "betweenness"] = "random"
+    among: Among = "data_holders"
+
+    @model_validator(mode="after")
+    def _check_amount(self) -> DataLoss:
+        _exactly_one(self, "count", "fraction", "peers")
+        return self
+
+    def _describe(self) -> str:
+        return f"{_amount_text(self.count, self.fraction, self.peers)} lose data"
+
+
 class Recover(_Disruption):
     """The peers an earlier crash or region outage took out come back (and greet neighbours)."""
 
@@ -171,7 +206,9 @@ class LinkFailure(_Disruption):
     kind: Literal["link_failure"]
     count: NonNegativeInt | None = None
     fraction: float | None = Field(None, ge=0, le=1, description="share of all links")
-    links: list[tuple[NonNegativeInt, NonNegativeInt]] | None = Field(None, description="exactly these")
+    links: list[tuple[NonNegativeInt, NonNegativeInt]] | None = Field(
+        None, description="exactly these"
+    )
     strategy: Literal["random", "bridges_first"] = "random"
 
     @model_validator(mode="after")
@@ -211,7 +248,9 @@ class Heal(_Disruption):
     """The links an earlier partition or link failure cut come back; their ends reconnect."""
 
     kind: Literal["heal"]
-    of: str | None = Field(None, description="name of the partition/link_failure; default the latest")
+    of: str | None = Field(
+        None, description="name of the partition/link_failure; default the latest"
+    )
 
     def _describe(self) -> str:
         return f"heal {self.of}" if self.of else "heal"
@@ -236,7 +275,9 @@ class BatteryDrain(_Disruption):
     idle_drain_per_s_j: float = Field(0.0, ge=0, description="per second of being on")
     heterogeneity: float = Field(0.0, ge=0, lt=1, description="capacity spread: 1 +- this")
     count: NonNegativeInt | None = None
-    fraction: float | None = Field(None, ge=0, le=1, description="share of `among` on battery; default all")
+    fraction: float | None = Field(
+        None, ge=0, le=1, description="share of `among` on battery; default all"
+    )
     among: Among = "all"
 
     @model_validator(mode="after")
@@ -307,7 +348,16 @@ class Join(_Disruption):
 
 
 Disruption = Annotated[
-    Crash | Recover | LinkFailure | RegionOutage | Partition | Heal | BatteryDrain | Churn | Join,
+    Crash
+    | Recover
+    | LinkFailure
+    | RegionOutage
+    | Partition
+    | Heal
+    | BatteryDrain
+    | Churn
+    | Join
+    | DataLoss,
     Field(discriminator="kind"),
 ]
 DISRUPTION_KINDS: tuple[str, ...] = (
@@ -320,6 +370,7 @@ DISRUPTION_KINDS: tuple[str, ...] = (
     "battery",
     "churn",
     "join",
+    "data_loss",
 )
 
 #: which kinds a ``recover`` / ``heal`` may undo
@@ -383,7 +434,9 @@ def parse_disruption(text: str) -> Any:
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p not in DISRUPTION_KINDS)
-        raise DisruptionError(f"--disrupt {text!r}: {where + ': ' if where else ''}{first['msg']}") from None
+        raise DisruptionError(
+            f"--disrupt {text!r}: {where + ': ' if where else ''}{first['msg']}"
+        ) from None
 
 
 def _scalar(text: str) -> Any:
@@ -406,11 +459,18 @@ def preview_disruption(
     one-line summary of what it took and how the graph broke up."""
     spec = parse_disruption(text)
     if spec.kind not in _TOPOLOGY_KINDS:
-        raise DisruptionError(f"--disrupt: only {', '.join(_TOPOLOGY_KINDS)} can be drawn, not {spec.kind}")
+        raise DisruptionError(
+            f"--disrupt: only {', '.join(_TOPOLOGY_KINDS)} can be drawn, not {spec.kind}"
+        )
     targets = choose_targets(spec, graph, seed=_seed(seed, 0))
     dead, cut = set(targets.peers), set(targets.links)
     draw_disruption(
-        graph, label=spec.label, dead_after=dead, failed_after=cut, before_path=before, after_path=after
+        graph,
+        label=spec.label,
+        dead_after=dead,
+        failed_after=cut,
+        before_path=before,
+        after_path=after,
     )
     alive = np.ones(graph.number_of_nodes(), dtype=bool)
     alive[list(dead)] = False
@@ -455,7 +515,9 @@ def choose_targets(
                 _check_peers(spec.peers, graph, "peers")
                 return Targets(peers=tuple(p for p in spec.peers if p in alive_set))
             pool = _pool(graph, spec.among, relays) & alive_set
-            amount: int | float = spec.fraction if spec.count is None else min(spec.count, len(pool))
+            amount: int | float = (
+                spec.fraction if spec.count is None else min(spec.count, len(pool))
+            )
             chosen = select_peers(graph, amount, spec.strategy, seed=seed, candidates=pool)
             return Targets(peers=tuple(chosen))
         if spec.kind == "region_outage":
@@ -468,7 +530,9 @@ def choose_targets(
                     raise DisruptionError(f"links not in the graph: {missing[:5]}")
                 return Targets(links=tuple(_edge(u, v) for u, v in spec.links))
             amount = spec.fraction if spec.count is None else spec.count
-            return Targets(links=tuple(select_links(graph, amount, seed=seed, strategy=spec.strategy)))
+            return Targets(
+                links=tuple(select_links(graph, amount, seed=seed, strategy=spec.strategy))
+            )
         if spec.kind == "partition":
             groups = partition_groups(graph, spec.parts, seed=seed, method=spec.method)
             return Targets(links=tuple(cut_edges(graph, groups)))
@@ -520,6 +584,7 @@ class Change:
     up: tuple[int, ...] = ()
     cut: tuple[Edge, ...] = ()
     restored: tuple[Edge, ...] = ()
+    lost_data: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -557,6 +622,8 @@ class DisruptionRuntime:
         self.relays = {int(r) for r in simulation.relays}
         self.changes: list[Change] = []
         self.late_joiners: set[int] = set()
+        #: the peers each join / battery / churn disruption (by index) applies to
+        self.members: dict[int, list[int]] = {}
         self.depleted: set[int] = set()
         self.depleted_at: dict[int, float] = {}
         self.batteries: dict[int, Battery] = {}
@@ -595,12 +662,17 @@ class DisruptionRuntime:
             ):
                 if len(nx.get_node_attributes(self.graph, "pos")) != self.n:
                     raise DisruptionError("needs a geometric graph (peers with positions)")
-            if spec.kind in ("crash", "join") and spec.peers is not None:
+            if spec.kind in ("crash", "join", "data_loss") and spec.peers is not None:
                 _check_peers(spec.peers, self.graph, "peers")
-            if spec.kind in ("crash", "join", "battery", "churn") and spec.count is not None:
+            if (
+                spec.kind in ("crash", "join", "battery", "churn", "data_loss")
+                and spec.count is not None
+            ):
                 pool = _pool(self.graph, spec.among, self.relays)
                 if spec.count > len(pool):
-                    raise DisruptionError(f"count={spec.count} but only {len(pool)} peers among {spec.among}")
+                    raise DisruptionError(
+                        f"count={spec.count} but only {len(pool)} peers among {spec.among}"
+                    )
             if spec.kind == "link_failure" and spec.links is not None:
                 choose_targets(spec, self.graph, seed=0)
             if spec.kind == "churn" and spec.trace is not None:
@@ -616,14 +688,24 @@ class DisruptionRuntime:
             raise DisruptionError(f"{where}: {error}") from None
 
     def _members(self, index: int, spec: Any) -> list[int]:
-        """The peers a join/battery/churn applies to: explicit, or a seeded random draw."""
+        """The peers a join/battery/churn/data_loss applies to: explicit, or drawn (seeded)."""
         if getattr(spec, "peers", None) is not None:
-            return sorted(set(spec.peers))
-        pool = _pool(self.graph, spec.among, self.relays)
-        if spec.count is None and spec.fraction is None:
-            return sorted(pool)
-        amount = spec.count if spec.count is not None else spec.fraction
-        return sorted(select_peers(self.graph, amount, "random", seed=_seed(self.seed, index, 1), candidates=pool))
+            members = sorted(set(spec.peers))
+        else:
+            pool = _pool(self.graph, spec.among, self.relays)
+            if spec.count is None and spec.fraction is None:
+                members = sorted(pool)
+            else:
+                # a count larger than what is left of the pool (an earlier data_loss
+                # shrank it) takes the whole pool
+                amount = min(spec.count, len(pool)) if spec.count is not None else spec.fraction
+                seed = _seed(self.seed, index, 1)
+                strategy = getattr(spec, "strategy", "random")
+                members = sorted(
+                    select_peers(self.graph, amount, strategy, seed=seed, candidates=pool)
+                )
+        self.members[index] = members
+        return members
 
     # -- firing ----------------------------------------------------------------------
     def _on_progress(self, progress: int) -> None:
@@ -634,12 +716,15 @@ class DisruptionRuntime:
     def _fire(self, index: int) -> None:
         spec = self.specs[index]
         engine = self.engine
-        round_ = spec.at_round if spec.at_round is not None else min(engine.progress(), engine.rounds)
+        round_ = (
+            spec.at_round if spec.at_round is not None else min(engine.progress(), engine.rounds)
+        )
         before = (self._dead(), set(self.network.failed_links))
         down: list[int] = []
         up: list[int] = []
         cut: list[Edge] = []
         restored: list[Edge] = []
+        lost_data: list[int] = []
         reason = f"{spec.kind}:{index}"
         if spec.kind in _TOPOLOGY_KINDS:
             alive = [int(p) for p in np.flatnonzero(engine.alive)]
@@ -658,18 +743,23 @@ class DisruptionRuntime:
             restored = [e for e in self._cut.pop(target, ()) if self._restore_link(e)]
         elif spec.kind == "join":
             up = [p for p in self._taken.pop(index, ()) if self._bring_up(p, reason)]
+        elif spec.kind == "data_loss":
+            lost_data = self._members(index, spec)
+            self._lose_data(lost_data)
         elif spec.kind == "battery":
             self._start_batteries(index, spec)
         elif spec.kind == "churn":
             self._start_churn(index, spec)
         change = Change(
             index, spec.label, spec.kind, float(engine.now), int(round_),
-            tuple(down), tuple(up), tuple(cut), tuple(restored),
+            tuple(down), tuple(up), tuple(cut), tuple(restored), tuple(lost_data),
         )  # fmt: skip
         self.changes.append(change)
         self.simulation.events.append((round_, spec.label))
         if self.snapshot is None and spec.kind in _TOPOLOGY_KINDS:
-            self.snapshot = _Snapshot(spec.label, *before, self._dead(), set(self.network.failed_links))
+            self.snapshot = _Snapshot(
+                spec.label, *before, self._dead(), set(self.network.failed_links)
+            )
 
     def _dead(self) -> set[int]:
         return {int(p) for p in np.flatnonzero(~self.engine.alive)}
@@ -699,7 +789,12 @@ class DisruptionRuntime:
         known = self.engine.protocols[peer].neighbours
         for other in known:
             j = self.engine.index.get(other)
-            if j is not None and j != peer and self.engine.alive[j] and self.network.has_route(peer, j):
+            if (
+                j is not None
+                and j != peer
+                and self.engine.alive[j]
+                and self.network.has_route(peer, j)
+            ):
                 self._connect(peer, j)
         return True
 
@@ -734,6 +829,15 @@ class DisruptionRuntime:
         engine.schedule(engine.now + latency, lambda now: heard(now, other, dialer))
         engine.schedule(engine.now + 2 * latency, lambda now: heard(now, dialer, other))
 
+    def _lose_data(self, peers: Iterable[int]) -> None:
+        """The peers keep their model and links but have nothing left to train on."""
+        executor = self.engine.executor
+        for peer in peers:
+            executor.samplers[peer] = None
+            self.simulation.data_sizes[peer] = 0
+            self._has_data[peer] = False
+            self.relays.add(peer)  # from now on it only relays
+
     # -- battery -------------------------------------------------------------------------
     def _start_batteries(self, index: int, spec: BatteryDrain) -> None:
         members = self._members(index, spec)
@@ -764,7 +868,9 @@ class DisruptionRuntime:
         if steps or sent or received:
             self._drain(peer, steps=steps, bytes_sent=sent, bytes_received=received)
 
-    def _drain(self, peer: int, *, steps: int = 0, bytes_sent: int = 0, bytes_received: int = 0) -> None:
+    def _drain(
+        self, peer: int, *, steps: int = 0, bytes_sent: int = 0, bytes_received: int = 0
+    ) -> None:
         """Draw the idle time since the last draw plus this work; crash the peer if empty."""
         since = self._battery_since.get(peer)
         if since is None:
@@ -836,6 +942,14 @@ class DisruptionRuntime:
             self.graph, self.engine.alive, self.network.failed_links, peers, accuracy
         )
         row["peers_depleted"] = len(self.depleted)
+        if self.relays:  # relays (and peers that lost their data) apart from data-holders
+            relay = np.zeros(self.n, dtype=bool)
+            relay[list(self.relays)] = True
+            acc = np.asarray(accuracy, dtype=np.float64).reshape(-1)
+            index = np.asarray(peers, dtype=np.int64)
+            if index.size == acc.size and acc.size:
+                row["acc_with_data"] = _mean_or_nan(acc[~relay[index]])
+                row["acc_without_data"] = _mean_or_nan(acc[relay[index]])
         return row
 
     def write(self, out_dir: Path, *, title: str) -> list[Path]:
@@ -848,13 +962,16 @@ class DisruptionRuntime:
             "disruptions": [spec.model_dump(mode="json", exclude_none=True) for spec in self.specs],
             "fired": [asdict(change) for change in self.changes],
             "never_fired": missed,
+            "members": {str(i): peers for i, peers in sorted(self.members.items())},
             "late_joiners": sorted(self.late_joiners),
             "depleted_at": {str(p): t for p, t in sorted(self.depleted_at.items())},
         }
         path = out_dir / "disruptions.json"
         path.write_text(json.dumps(log, indent=1) + "\n")
         paths = [path]
-        paths += plot_disruption_run(self.simulation.rows, out_dir, title=title, events=self.simulation.events)
+        paths += plot_disruption_run(
+            self.simulation.rows, out_dir, title=title, events=self.simulation.events
+        )
         if self.snapshot is not None and self.n <= _DRAW_LIMIT:
             s = self.snapshot
             paths += draw_disruption(
@@ -863,6 +980,10 @@ class DisruptionRuntime:
                 dead_after=s.dead_after, failed_after=s.failed_after,
             )  # fmt: skip
         return paths
+
+
+def _mean_or_nan(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else float("nan")
 
 
 def install_disruptions(simulation: Simulation) -> DisruptionRuntime | None:

@@ -9,10 +9,12 @@ back into the queue. Nothing here knows which protocol it runs.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +39,23 @@ from p2pfl.protocols.base import (
 )
 from sim.network import Network
 from sim.training import TrainingExecutor, TrainJob
+
+
+@contextmanager
+def _rare_gc(young: int = 100_000) -> Iterator[None]:
+    """Let Python's cycle collector run less often while the event loop runs.
+
+    The loop allocates millions of short-lived objects (events, effects, messages) that
+    reference counting frees; the collector's frequent passes over them, and now and then
+    over the whole long-lived heap of peers, took a sixth to a third of the simulator's
+    own time at 2,000 peers. Garbage with cycles is still collected, only in larger steps.
+    """
+    before = gc.get_threshold()
+    gc.set_threshold(max(young, before[0]), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 @dataclass(slots=True)
@@ -207,21 +226,31 @@ class Engine:
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self, *, until: float = float("inf")) -> None:
+        # The hot loop: tens of thousands of events per round at 10,000 peers, hence
+        # the local names and the cached progress read directly.
+        queue, pop, dispatch = self._queue, heapq.heappop, self._dispatch
         last_progress = self.progress()
-        while self._queue and not self.finished():
-            time, _, peer, item = self._queue[0]
-            if time > until:
-                break
-            heapq.heappop(self._queue)
-            self.now = time
-            self._dispatch(peer, item)
-            progress = self.progress()
-            if progress != last_progress:
-                last_progress = progress
-                for listener in self._round_listeners:
-                    listener(progress)
+        with _rare_gc():
+            while queue and last_progress < self.rounds:
+                if queue[0][0] > until:
+                    break
+                time, _, peer, item = pop(queue)
+                self.now = time
+                dispatch(peer, item)
+                if self._progress != last_progress:
+                    progress = self.progress()
+                    if progress != last_progress:
+                        last_progress = progress
+                        for listener in self._round_listeners:
+                            listener(progress)
 
     def _dispatch(self, peer: int, item: object) -> None:
+        if type(item) is MessageReceived:  # most events are messages: no isinstance chain
+            if not self.alive[peer]:
+                return
+            self.stats.bytes_received[peer] += item.message.nbytes()
+            self._handle(peer, item)
+            return
         if isinstance(item, _Action):
             item.run(self.now)
             return
@@ -245,6 +274,9 @@ class Engine:
                     self._progress = None
             elif isinstance(event, MessageReceived):
                 self.stats.bytes_received[peer] += event.message.nbytes()
+        self._handle(peer, event)
+
+    def _handle(self, peer: int, event: Event) -> None:
         self.events_processed += 1
         effects = self.protocols[peer].handle(event)
         if effects:
@@ -253,9 +285,14 @@ class Engine:
             listener(peer, event, effects)
 
     def _apply(self, peer: int, effects: list[Effect]) -> None:
+        sized, nbytes = None, 0  # a broadcast sends one message object many times: size it once
         for effect in effects:
-            if isinstance(effect, Send):
-                self._send(peer, effect)
+            if type(effect) is Send:
+                if effect.message is not sized:
+                    sized, nbytes = effect.message, effect.message.nbytes()
+                self._send(peer, effect, nbytes)
+            elif isinstance(effect, Send):
+                self._send(peer, effect, effect.message.nbytes())
             elif isinstance(effect, Train):
                 job = self.executor.submit(peer, effect.params, effect.steps)
                 duration = effect.steps * self.step_time / self.speeds[peer]
@@ -271,12 +308,11 @@ class Engine:
             elif isinstance(effect, Record):
                 self.records[effect.name] += effect.value
 
-    def _send(self, peer: int, effect: Send) -> None:
+    def _send(self, peer: int, effect: Send, nbytes: int) -> None:
         receiver = self.index.get(effect.to)
         if receiver is None:
             self._fail_send(peer, effect, self.now + self.send_failure_delay)
             return
-        nbytes = effect.message.nbytes()
         delivery = self.network.transmit(self.now, peer, receiver, nbytes)
         if delivery.unroutable:
             self._fail_send(peer, effect, self.now + self.send_failure_delay)

@@ -2,33 +2,34 @@
 
 D-PSGD and Epidemic Learning end every round with ``torch.stack([own, *received])``
 followed by ``weights @ stack`` (or ``stack.mean(0)``). Run eagerly for 10,000 peers, that
-copies five 100 KB rows per peer into a fresh stack and runs 10,000 tiny matrix-vector
+copies five 100 KB rows per peer into a fresh stack and runs 10,000 small matrix-vector
 products: about twice the memory traffic of the one sparse product ``W @ X`` that computes
 the same thing, plus the per-call overhead. The simulator keeps the protocols unchanged and
 defers the arithmetic instead:
 
-- training results come back to the protocols as ``Row`` tensors: ordinary tensors (rows of
-  a pooled ``(B, d)`` buffer) except that ``torch.stack`` of Rows returns a ``PendingStack``,
-  which holds references to the rows and no data;
+- training results come back to the protocols as *rows*: ordinary tensors (rows of a
+  pooled buffer) except that ``torch.stack`` of rows returns a ``PendingStack``, which
+  holds references to the rows and no data;
 - the weighted mean or mean of a ``PendingStack`` returns a ``PendingMix``: a tensor with a
   shape and a dtype but no value yet, whose rows and weights the ``Mixer`` records;
 - when a value is needed (the executor trains the peer, the evaluator reads its model, any
-  other torch operation touches it) the mixer computes *all* pending mixes, one sparse
-  product per source buffer and chunk of peers.
+  other torch operation touches it) the mixer computes pending mixes a chunk of peers at a
+  time, one sparse product per source buffer (usually one).
 
 Every other operation on a ``PendingStack`` or ``PendingMix`` materialises it first and then
 runs unchanged, so code that does something else with a stack (a robust aggregator, an
 attack) gets exactly what eager code would have given it: deferral changes when the
 arithmetic happens and its float rounding, never its meaning.
 
-Memory safety comes from reference counting, not from bookkeeping: a pooled buffer is handed
-out again only when no tensor (a ``Row``, or any view derived from one) still uses it.
+Memory safety comes from reference counting, not from bookkeeping: an arena buffer is
+handed out again only when no tensor viewing it (a row, or anything derived from one) is
+left, which ``RowArena`` learns from a weak reference.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,49 +40,90 @@ from torch.utils._pytree import tree_map
 
 from p2pfl.protocols.synchronous import AggregateFn, weighted_mean
 
-__all__ = ["BufferPool", "Mixer", "PendingMix", "PendingStack", "Row", "plain"]
+__all__ = [
+    "Mixer",
+    "PendingMix",
+    "PendingStack",
+    "Row",
+    "RowArena",
+    "consecutive",
+    "deferred_aggregate",
+    "plain",
+]
+
+# A row's key packs (arena buffer, row in it) into one int: resolving 10,000 mixes is then
+# a few numpy operations on an int64 array instead of a Python loop per row.
+_ROW_BITS = 32
 
 
-class BufferPool:
-    """Reusable ``(rows, dim)`` float32 buffers for results that outlive one call.
+class RowArena:
+    """Blocks of ``(rows, dim)`` float32 rows carved out of large, reused buffers.
 
-    A fresh 1 GB tensor costs page faults on first touch (on the 2-core machine this was
-    written on, cloning 1 GB into new memory took four times as long as copying it into
-    memory already mapped). The pool keeps its buffers as numpy arrays and hands out torch
-    views of them: ``torch.from_numpy`` makes every tensor viewing a buffer hold a
-    reference to the array, so ``sys.getrefcount`` tells when the last one is gone.
+    Why not fresh tensors: a fresh 1 GB tensor costs page faults on first touch (on the
+    2-core machine this was written on, cloning 1 GB into new memory took four times as
+    long as copying it into memory already mapped). Why one buffer for many blocks: the
+    mixer does one sparse product per buffer its inputs come from, so results of the
+    several small training batches of one round should share a buffer.
+
+    A buffer is reused once no tensor viewing it is alive: every block is handed out as
+    ``torch.from_numpy`` of a numpy view, which torch keeps alive exactly as long as any
+    tensor uses that memory, and the arena keeps only a weak reference to the view.
     """
 
-    def __init__(self, dim: int, *, keep_idle: int = 2) -> None:
+    def __init__(self, dim: int, capacity: int, *, keep_idle: int = 1) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.dim = dim
+        self.capacity = capacity
         self.keep_idle = keep_idle
-        self._buffers: list[np.ndarray] = []
-        self.allocated = 0  # buffers created over the pool's life (a test hook)
+        self.buffers: dict[int, np.ndarray] = {}
+        self._views: dict[int, list[weakref.ref[np.ndarray]]] = {}
+        self._used: dict[int, int] = {}
+        self._current: int | None = None
+        self._next_id = 0
+        self.allocated = 0  # buffers created over the arena's life
 
-    def take(self, rows: int) -> tuple[np.ndarray, torch.Tensor]:
-        """A ``(rows, dim)`` tensor over a buffer nobody else uses, and that buffer."""
-        free = [b for b in self._buffers if self._is_free(b)]
-        fitting = [b for b in free if b.shape[0] >= rows]
-        if fitting:
-            buffer = min(fitting, key=lambda b: b.shape[0])
-        else:
-            buffer = np.empty((rows, self.dim), dtype=np.float32)
-            self._buffers.append(buffer)
-            self.allocated += 1
-        idle = [b for b in free if b is not buffer]
-        for extra in sorted(idle, key=lambda b: b.shape[0])[: max(0, len(idle) - self.keep_idle)]:
-            self._buffers.remove(extra)  # too many idle buffers: give memory back
-        view = buffer[:rows]
-        return buffer, torch.from_numpy(view)
+    def take(self, rows: int) -> tuple[int, int, torch.Tensor]:
+        """A block of ``rows`` rows: ``(buffer id, first row, tensor (rows, dim))``."""
+        ident = self._current
+        if ident is None or self._used[ident] + rows > self.buffers[ident].shape[0]:
+            ident = self._fresh(rows)
+        first = self._used[ident]
+        view = self.buffers[ident][first : first + rows]
+        self._used[ident] = first + rows
+        self._views[ident].append(weakref.ref(view))
+        return ident, first, torch.from_numpy(view)
+
+    def in_use(self, ident: int) -> bool:
+        """Whether any tensor still views buffer ``ident``."""
+        return any(ref() is not None for ref in self._views[ident])
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._buffers)
+        return sum(b.nbytes for b in self.buffers.values())
 
-    @staticmethod
-    def _is_free(buffer: np.ndarray) -> bool:
-        # references: the pool's list, the caller's name and getrefcount's own argument
-        return sys.getrefcount(buffer) <= 3
+    def _fresh(self, rows: int) -> int:
+        """A buffer with room for ``rows``: a free one if any, else a new one."""
+        free = [i for i in self.buffers if not self.in_use(i) and self.buffers[i].shape[0] >= rows]
+        for extra in free[self.keep_idle :]:
+            self._drop(extra)  # more idle buffers than needed: give the memory back
+        if free:
+            ident = free[0]
+        else:
+            ident = self._next_id
+            self._next_id += 1
+            self.buffers[ident] = np.empty((max(rows, self.capacity), self.dim), dtype=np.float32)
+            self.allocated += 1
+        self._views[ident] = []
+        self._used[ident] = 0
+        if rows <= self.capacity:
+            self._current = ident  # an oversized request gets a buffer of its own
+        return ident
+
+    def _drop(self, ident: int) -> None:
+        del self.buffers[ident], self._views[ident], self._used[ident]
+        if self._current == ident:
+            self._current = None
 
 
 def plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -102,10 +144,9 @@ def _plain_tree(tree: Any) -> Any:
 
 def _metadata_functions() -> frozenset[Any]:
     """Tensor methods and properties that read metadata only: safe on a value-less tensor."""
-    names = ("dtype", "shape", "device", "ndim", "layout", "requires_grad", "is_sparse",
-             "itemsize", "nbytes", "is_cuda", "grad_fn", "is_leaf", "names")
     found: set[Any] = set()
-    for name in names:
+    for name in ("dtype", "shape", "device", "ndim", "layout", "requires_grad", "is_sparse",
+                 "itemsize", "nbytes", "is_cuda", "grad_fn", "is_leaf"):
         attribute = getattr(torch.Tensor, name, None)
         if attribute is not None and hasattr(attribute, "__get__"):
             found.add(attribute.__get__)
@@ -119,28 +160,29 @@ _METADATA = _metadata_functions()
 
 
 class Row(torch.Tensor):
-    """A training result: a real row of a pooled buffer that ``torch.stack`` defers.
+    """A training result: a real row of an arena buffer that ``torch.stack`` defers.
 
-    Everything but ``torch.stack`` behaves as on a plain tensor (results are plain
-    tensors). ``numel`` and ``element_size`` skip torch's dispatch altogether: the
-    simulator asks for a message's size twice per message.
+    Each ``Mixer`` binds its own subclass (with ``_mixer`` and ``_dim`` as class
+    attributes), so a row carries one attribute of its own: ``_key``. Everything but
+    ``torch.stack`` behaves as on a plain tensor and returns plain tensors; ``numel`` and
+    ``element_size`` skip torch's dispatch, since the simulator sizes every message.
     """
 
-    _block: np.ndarray
-    _index: int
     _mixer: Mixer
+    _dim: int
+    _key: int
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
         if func is torch.stack and not kwargs and len(args) == 1:
             rows = args[0]
-            if rows and all(type(r) is Row for r in rows):
-                return PendingStack(rows)
+            if rows and all(type(r) is cls for r in rows):
+                return cls._mixer.stack_type(rows)
         with DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
     def numel(self) -> int:  # type: ignore[override]
-        return self._block.shape[1]
+        return self._dim
 
     def element_size(self) -> int:  # type: ignore[override]
         return 4
@@ -148,6 +190,8 @@ class Row(torch.Tensor):
 
 class _Deferred(torch.Tensor):
     """Shared machinery of the value-less tensors: materialise on anything but metadata."""
+
+    _mixer: Mixer
 
     @staticmethod
     def _new(cls: type, shape: tuple[int, ...]) -> Any:
@@ -187,7 +231,7 @@ class PendingStack(_Deferred):
     _rows: list[Row]
 
     def __new__(cls, rows: Sequence[Row]) -> PendingStack:
-        stack = cls._new(cls, (len(rows), rows[0]._block.shape[1]))
+        stack = cls._new(cls, (len(rows), cls._mixer.dim))
         stack._rows = list(rows)
         return stack
 
@@ -198,9 +242,9 @@ class PendingStack(_Deferred):
     def _defer(cls, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
         if func in _MATMUL and len(args) == 2 and not kwargs:
             weights, stack = args
-            if type(stack) is PendingStack and not isinstance(weights, _Deferred):
+            if type(stack) is cls and not isinstance(weights, _Deferred):
                 return stack.mix(weights)
-        if func in _MEAN and len(args) >= 1 and type(args[0]) is PendingStack:
+        if func in _MEAN and args and type(args[0]) is cls:
             dims = args[1:] or (kwargs.get("dim"),)
             extra = {k: v for k, v in kwargs.items() if k != "dim"}
             if dims in ((0,), ([0],), ((0,),)) and not extra:
@@ -209,27 +253,25 @@ class PendingStack(_Deferred):
 
     def mix(self, weights: torch.Tensor | None) -> torch.Tensor:
         """``weights @ self`` (``None``: the mean), deferred when the weights fit."""
-        if weights is not None and (weights.dim() != 1 or weights.numel() != len(self._rows)):
+        rows = self._rows
+        if weights is not None and (weights.dim() != 1 or weights.shape[0] != len(rows)):
             return plain(weights) @ self.materialize()  # let torch report the mismatch
-        return self._rows[0]._mixer.defer(self._rows, weights)
+        return self._mixer.defer(rows, weights)
 
 
 class PendingMix(_Deferred):
-    """A peer's mixed model, ``sum_k w_k rows_k``, computed later with everyone else's."""
+    """A peer's mixed model ``sum_k w_k rows_k``, computed later with everyone else's."""
 
     _rows: list[Row] | None
     _weights: torch.Tensor | None
-    _mixer: Mixer
     _chunk: torch.Tensor | None
     _position: int
 
-    def __new__(cls, mixer: Mixer, rows: list[Row], weights: torch.Tensor | None) -> PendingMix:
-        mix = cls._new(cls, (rows[0]._block.shape[1],))
+    def __new__(cls, rows: list[Row], weights: torch.Tensor | None) -> PendingMix:
+        mix = cls._new(cls, (cls._mixer.dim,))
         mix._rows = rows
         mix._weights = weights
-        mix._mixer = mixer
         mix._chunk = None
-        mix._position = 0
         return mix
 
     @property
@@ -248,32 +290,40 @@ class PendingMix(_Deferred):
 
 
 class Mixer:
-    """Records deferred mixes and computes them in batches, as sparse products.
+    """Records deferred means over one arena's rows and computes them as sparse products.
 
-    ``chunk`` peers' mixes are computed together: their output (chunk x d floats) stays
-    in cache for the training step that usually reads it next.
+    ``chunk`` peers' mixes are computed together: their output (chunk x dim floats)
+    stays in cache for the training step that usually reads it next.
     """
 
-    def __init__(self, *, chunk: int = 256) -> None:
+    def __init__(self, arena: RowArena, *, chunk: int = 256) -> None:
+        self.arena = arena
+        self.dim = arena.dim
         self.chunk = chunk
+        bound = {"_mixer": self, "_dim": arena.dim, "__module__": __name__}
+        self.row_type: type[Row] = type("Row", (Row,), bound)
+        self.stack_type: type[PendingStack] = type("PendingStack", (PendingStack,), bound)
+        self.mix_type: type[PendingMix] = type("PendingMix", (PendingMix,), bound)
         self._pending: dict[int, PendingMix] = {}
+        self._uniform: dict[int, torch.Tensor] = {}
         self.deferred = 0  # mixes recorded
         self.products = 0  # sparse products run
 
     # -- building ----------------------------------------------------------------------
-    def rows(self, block: np.ndarray, values: torch.Tensor) -> list[Row]:
-        """``values`` (a (B, d) view of pooled ``block``) as one ``Row`` per row."""
+    def rows(self, ident: int, first: int, block: torch.Tensor) -> list[Row]:
+        """``block`` (rows ``first..`` of arena buffer ``ident``) as one row per peer."""
+        row_type = self.row_type
+        key = (ident << _ROW_BITS) + first
         rows = []
-        for index, view in enumerate(values.unbind(0)):
-            row = view.as_subclass(Row)
-            row._block = block
-            row._index = index
-            row._mixer = self
+        for view in block.unbind(0):
+            row = view.as_subclass(row_type)
+            row._key = key
+            key += 1
             rows.append(row)
         return rows
 
     def defer(self, rows: Sequence[Row], weights: torch.Tensor | None) -> PendingMix:
-        mix = PendingMix(self, list(rows), weights)
+        mix = self.mix_type(list(rows), weights)
         self._pending[id(mix)] = mix
         self.deferred += 1
         return mix
@@ -281,16 +331,18 @@ class Mixer:
     def aggregate(self, inner: AggregateFn | None) -> AggregateFn:
         """A protocol ``aggregate`` that defers the plain (weighted) mean.
 
-        Handed to protocols instead of ``None`` so that their default mean reaches the
-        mixer without going through torch's dispatch; any other rule (``inner``) gets a
-        materialised stack, as it would without deferral.
+        Handed to protocols in place of ``None`` so that their default mean reaches the
+        mixer without a detour through torch's dispatch; any other rule (``inner``) gets
+        a materialised stack, as it would without deferral.
         """
         if inner is not None:
-            return lambda stack, weights, own: inner(plain(stack), weights, own)
+            rule = inner
+            return lambda stack, weights, own: rule(plain(stack), weights, own)
+        stack_type = self.stack_type
 
         def deferred_mean(stack: torch.Tensor, weights: torch.Tensor | None, own: int) -> torch.Tensor:
-            if type(stack) is PendingStack:
-                return stack.mix(weights)
+            if type(stack) is stack_type:
+                return stack.mix(weights)  # type: ignore[attr-defined]
             return weighted_mean(plain(stack), weights, own)
 
         return deferred_mean
@@ -300,6 +352,9 @@ class Mixer:
     def pending(self) -> int:
         return len(self._pending)
 
+    def is_pending(self, tensor: torch.Tensor) -> bool:
+        return type(tensor) is self.mix_type and tensor._chunk is None  # type: ignore[attr-defined]
+
     def flush(self) -> None:
         """Compute every pending mix."""
         mixes = list(self._pending.values())
@@ -307,42 +362,38 @@ class Mixer:
             self.resolve(mixes[start : start + self.chunk])
 
     def resolve(self, mixes: Sequence[PendingMix]) -> torch.Tensor:
-        """Compute ``mixes`` (all pending) into one ``(len(mixes), d)`` tensor, in order."""
-        entries: dict[int, tuple[np.ndarray, list[int], list[int], list[float]]] = {}
-        weights = [m._weights for m in mixes]
-        given = [w for w in weights if w is not None]
-        flat = torch.cat([plain(w).reshape(-1) for w in given]).tolist() if given else []
-        cursor = 0
-        for i, mix in enumerate(mixes):
-            rows = mix._rows
-            assert rows is not None, "mix already computed"
-            if mix._weights is None:
-                ws = [1.0 / len(rows)] * len(rows)
-            else:
-                ws = flat[cursor : cursor + len(rows)]
-                cursor += len(rows)
-            for row, w in zip(rows, ws, strict=True):
-                block = row._block
-                entry = entries.get(id(block))
-                if entry is None:
-                    entry = entries[id(block)] = (block, [], [], [])
-                entry[1].append(i)
-                entry[2].append(row._index)
-                entry[3].append(w)
+        """Compute ``mixes`` (all pending) into one ``(len(mixes), dim)`` tensor, in order."""
+        sources = [m._rows for m in mixes]
+        if any(rows is None for rows in sources):
+            raise ValueError("resolve() was given a mix that is already computed")
+        counts = np.fromiter((len(rows) for rows in sources), dtype=np.int64, count=len(mixes))  # type: ignore[arg-type]
+        keys = np.fromiter((r._key for rows in sources for r in rows), dtype=np.int64)  # type: ignore[union-attr]
+        weights = torch.cat([self._weights_of(m, int(k)) for m, k in zip(mixes, counts, strict=True)])
+        values = weights.to(torch.float32).numpy()
+        buffers = keys >> _ROW_BITS
+        columns = keys & ((1 << _ROW_BITS) - 1)
+        idents = np.unique(buffers)
         out: np.ndarray | None = None
-        for block, r, c, w in entries.values():
-            matrix = sp.csr_array(
-                (np.asarray(w, dtype=np.float32), (np.asarray(r), np.asarray(c))),
-                shape=(len(mixes), block.shape[0]),
-            )
-            product = matrix @ block
+        for ident in idents.tolist():
+            source = self.arena.buffers[ident]
+            if len(idents) == 1:  # the usual case: every input row in one buffer
+                per_mix, cols, data = counts, columns, values
+            else:
+                mask = buffers == ident
+                per_mix = np.add.reduceat(mask, np.r_[0, np.cumsum(counts)[:-1]]) if len(mask) else counts
+                cols, data = columns[mask], values[mask]
+            indptr = np.zeros(len(mixes) + 1, dtype=np.int64)
+            np.cumsum(per_mix, out=indptr[1:])
+            # CSR needs neither sorted nor unique columns for a product: build it as is.
+            matrix = sp.csr_array((data, cols, indptr), shape=(len(mixes), source.shape[0]))
+            product = matrix @ source
             self.products += 1
             if out is None:
                 out = product
             else:
                 out += product
         assert out is not None
-        chunk = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+        chunk = torch.from_numpy(out)
         for position, mix in enumerate(mixes):
             mix._chunk = chunk
             mix._position = position
@@ -351,6 +402,14 @@ class Mixer:
             self._pending.pop(id(mix), None)
         return chunk
 
+    def _weights_of(self, mix: PendingMix, count: int) -> torch.Tensor:
+        if mix._weights is not None:
+            return plain(mix._weights).reshape(-1)
+        uniform = self._uniform.get(count)
+        if uniform is None:
+            uniform = self._uniform[count] = torch.full((count,), 1.0 / count)
+        return uniform
+
 
 def deferred_aggregate(mixer: Mixer | None, inner: AggregateFn | None) -> AggregateFn | None:
     """``mixer.aggregate(inner)``, or ``inner`` unchanged when nothing is deferred."""
@@ -358,15 +417,12 @@ def deferred_aggregate(mixer: Mixer | None, inner: AggregateFn | None) -> Aggreg
 
 
 def consecutive(mixes: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The rows of computed ``mixes`` as one slice, if they lie in order in one chunk."""
+    """The values of computed ``mixes`` as one slice, if they lie in order in one chunk."""
     first = mixes[0]
-    if type(first) is not PendingMix or first._chunk is None:
+    if not isinstance(first, PendingMix) or first._chunk is None:
         return None
     chunk, start = first._chunk, first._position
     for offset, mix in enumerate(mixes):
-        if type(mix) is not PendingMix or mix._chunk is not chunk or mix._position != start + offset:
+        if not isinstance(mix, PendingMix) or mix._chunk is not chunk or mix._position != start + offset:
             return None
     return chunk[start : start + len(mixes)]
-
-
-Callback = Callable[[], None]

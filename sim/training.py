@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from p2pfl.learning import BatchSampler, LocalTrainer
-from sim.mixing import BufferPool, Mixer, PendingMix, consecutive, plain
+from sim.mixing import Mixer, RowArena, consecutive, plain
 
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -65,8 +65,9 @@ class TrainingExecutor:
         self.chunk = max_batch or trainer.peers_per_call(trainer.batch_size)
         if defer_mixing is None:
             defer_mixing = backend == "batched"
-        self.mixer: Mixer | None = Mixer(chunk=self.chunk) if defer_mixing else None
-        self.pool = BufferPool(trainer.dim)
+        #: where results live: one buffer holds a whole round of peers, reused when free
+        self.arena = RowArena(trainer.dim, capacity=len(samplers))
+        self.mixer: Mixer | None = Mixer(self.arena, chunk=self.chunk) if defer_mixing else None
         self.pending: list[TrainJob] = []
         self.jobs_run = 0
         self.batches_run = 0
@@ -123,7 +124,7 @@ class TrainingExecutor:
             else:
                 by_steps.setdefault(job.steps, []).append(job)
         for steps, group in sorted(by_steps.items()):
-            block, out = self.pool.take(len(group))
+            ident, first, out = self.arena.take(len(group))
             losses = torch.empty(len(group))
             for start in range(0, len(group), self.chunk):
                 stop = min(start + self.chunk, len(group))
@@ -139,7 +140,7 @@ class TrainingExecutor:
                 )
                 self.batches_run += 1
             results: Sequence[torch.Tensor]
-            results = self.mixer.rows(block, out) if self.mixer else out.unbind(0)
+            results = self.mixer.rows(ident, first, out) if self.mixer else out.unbind(0)
             for job, result, loss in zip(group, results, losses.tolist(), strict=True):
                 job.result = result
                 job.loss = loss
@@ -148,9 +149,7 @@ class TrainingExecutor:
     def _inputs(self, params: list[torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
         """The chunk's starting parameters as one ``(k, d)`` tensor, copying only if needed."""
         mixer = self.mixer
-        if mixer is not None and all(
-            type(p) is PendingMix and not p.computed and p._mixer is mixer for p in params
-        ):
+        if mixer is not None and all(mixer.is_pending(p) for p in params):
             self.fused_chunks += 1
             return mixer.resolve(params)  # type: ignore[arg-type]
         rows = consecutive(params)

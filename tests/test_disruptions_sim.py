@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from p2pfl.cli import app
-from p2pfl.protocols.base import MessageReceived, PeerUp
+from p2pfl.protocols.base import MessageReceived
 from sim.disruption_metrics import connectivity_row
 from sim.disruptions import DisruptionError, parse_disruption
 from sim.runner import Simulation, build_simulation, run_simulation, write_run
@@ -118,7 +118,9 @@ def test_crash_among_relays_or_data_holders_picks_from_that_pool():
 
 def test_selection_is_deterministic_under_the_scenario_seed():
     def crashed(seed: int) -> tuple[int, ...]:
-        raw = scenario([{"kind": "crash", "at_time": 0.0, "count": 3}], topology={"kind": "ring", "n": 12})
+        raw = scenario(
+            [{"kind": "crash", "at_time": 0.0, "count": 3}], topology={"kind": "ring", "n": 12}
+        )
         simulation = build({**raw, "seed": seed, "rounds": 1})
         run_simulation(simulation, show_progress=False)
         return simulation.disruptions.changes[0].down
@@ -144,6 +146,19 @@ def test_recover_brings_the_same_peers_back_and_they_greet_their_neighbours():
     assert engine.stats.rounds_done[0] >= 6  # it caught up and went on
     # its neighbours had dropped it after failed sends; the greeting put it back
     assert "p0" in engine.protocols[1].alive and "p0" in engine.protocols[5].alive
+
+
+def test_data_loss_leaves_the_peer_up_and_relaying_without_data():
+    raw = scenario(
+        [{"kind": "data_loss", "at_round": 2, "peers": [3]}], rounds=6, sim={"eval_every": 2}
+    )
+    simulation = build(raw)
+    deliveries = record_deliveries(simulation)
+    rows = run_simulation(simulation, show_progress=False)
+    assert simulation.engine.alive.all()
+    assert simulation.engine.executor.samplers[3] is None and simulation.data_sizes[3] == 0
+    assert [d for d in deliveries if d[1] == 3 and d[0] > simulation.disruptions.changes[0].time]
+    assert "acc_without_data" in rows[-1] and "acc_without_data" not in rows[0]
 
 
 # ---------------------------------------------------------------------------- links
@@ -213,7 +228,9 @@ def test_region_outage_kills_exactly_the_peers_inside_the_radius():
 
 def test_region_outage_needs_a_geometric_graph():
     raw = scenario([{"kind": "region_outage", "at_round": 1, "center": [0.5, 0.5], "radius": 0.2}])
-    with pytest.raises(ScenarioError, match=r"disruptions\.0 \(region_outage\): needs a geometric graph"):
+    with pytest.raises(
+        ScenarioError, match=r"disruptions\.0 \(region_outage\): needs a geometric graph"
+    ):
         build(raw)
 
 
@@ -265,7 +282,9 @@ def test_battery_capacities_vary_within_the_heterogeneity():
 
 
 def test_join_starts_peers_late_and_they_catch_up():
-    raw = scenario([{"kind": "join", "at_time": 0.3, "peers": [2, 3]}], rounds=12, network={"step_time": 0.05})
+    raw = scenario(
+        [{"kind": "join", "at_time": 0.3, "peers": [2, 3]}], rounds=12, network={"step_time": 0.05}
+    )
     simulation = build(raw)
     before = probe(simulation, 0.25)
     rows = run_simulation(simulation, show_progress=False)
@@ -294,15 +313,22 @@ def test_churn_follows_its_trace():
     }
 
 
-def test_drawn_churn_is_reproducible_and_keeps_stable_peers_up():
+def test_drawn_churn_is_reproducible_and_leaves_the_other_peers_alone():
     churn = {"kind": "churn", "count": 2, "mean_session": 0.2, "mean_downtime": 0.1, "horizon": 1.0}
-    raw = scenario([churn], rounds=10)
+    raw = scenario([churn], rounds=12, network={"step_time": 0.05})
     first, second = build(raw), build(raw)
     seen = [record_deliveries(s) for s in (first, second)]
+    down: set[int] = set()
+
+    def watch(peer: int, event: Any, effects: Any) -> None:
+        down.update(int(p) for p in np.flatnonzero(~first.engine.alive))
+
+    first.engine.on_handled(watch)
     for simulation in (first, second):
         run_simulation(simulation, show_progress=False)
     assert seen[0] == seen[1]
-    assert seen[0]  # it did run
+    churning = set(first.disruptions.members[0])
+    assert len(churning) == 2 and down == churning
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -346,7 +372,9 @@ def test_run_folder_has_connectivity_plots_graphs_and_log(tmp_path):
     for name in ("disruption.png", "graph_before.png", "graph_after.png", "accuracy_vs_rounds.png"):
         assert (out / name).stat().st_size > 0, name
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"components", "largest_component", "acc_largest_component", "peers_depleted"} <= set(header)
+    assert {"components", "largest_component", "acc_largest_component", "peers_depleted"} <= set(
+        header
+    )
     log = json.loads((out / "disruptions.json").read_text())
     assert log["fired"][0]["kind"] == "crash" and len(log["fired"][0]["down"]) == 1
     # the resolved config keeps its disruptions and runs again
@@ -392,18 +420,46 @@ def test_one_line_disruptions_parse_lists_and_reject_processes():
 @pytest.mark.parametrize(
     "disruption, message",
     [
-        ({"kind": "crash", "at_round": 1, "count": 2, "colour": "red"}, "disruptions.0.colour: Extra inputs"),
+        (
+            {"kind": "crash", "at_round": 1, "count": 2, "colour": "red"},
+            "disruptions.0.colour: Extra inputs",
+        ),
         ({"kind": "crash", "count": 2}, "disruptions.0: Value error, needs at_round or at_time"),
-        ({"kind": "crash", "at_round": 1, "at_time": 2.0, "count": 1}, "at_round or at_time, not both"),
-        ({"kind": "crash", "at_round": 1, "count": 2, "fraction": 0.5}, "exactly one of count, fraction, peers"),
-        ({"kind": "crash", "at_round": 1, "count": 1, "strategy": "loudest"}, "disruptions.0.strategy: Input should be"),
-        ({"kind": "crash", "at_round": 1, "fraction": 1.5}, "disruptions.0.fraction: Input should be less than"),
+        (
+            {"kind": "crash", "at_round": 1, "at_time": 2.0, "count": 1},
+            "at_round or at_time, not both",
+        ),
+        (
+            {"kind": "crash", "at_round": 1, "count": 2, "fraction": 0.5},
+            "exactly one of count, fraction, peers",
+        ),
+        (
+            {"kind": "crash", "at_round": 1, "count": 1, "strategy": "loudest"},
+            "disruptions.0.strategy: Input should be",
+        ),
+        (
+            {"kind": "crash", "at_round": 1, "fraction": 1.5},
+            "disruptions.0.fraction: Input should be less than",
+        ),
         ({"kind": "meteor", "at_round": 1}, "disruptions.0: Input tag 'meteor'"),
-        ({"kind": "region_outage", "at_round": 1, "center": [0.5, 0.5]}, "disruptions.0.radius: Field required"),
-        ({"kind": "battery", "capacity_j": 0}, "disruptions.0.capacity_j: Input should be greater than 0"),
+        ({"kind": "data_loss", "at_round": 1}, "exactly one of count, fraction, peers"),
+        (
+            {"kind": "region_outage", "at_round": 1, "center": [0.5, 0.5]},
+            "disruptions.0.radius: Field required",
+        ),
+        (
+            {"kind": "battery", "capacity_j": 0},
+            "disruptions.0.capacity_j: Input should be greater than 0",
+        ),
         ({"kind": "churn", "mean_session": 2.0}, "give a trace, or mean_session"),
-        ({"kind": "churn", "trace": [[1.0, 0, "vanish"]]}, "disruptions.0.trace.0.2: Input should be"),
-        ({"kind": "recover", "at_round": 3}, "disruptions.0 (recover) has no earlier crash or region_outage"),
+        (
+            {"kind": "churn", "trace": [[1.0, 0, "vanish"]]},
+            "disruptions.0.trace.0.2: Input should be",
+        ),
+        (
+            {"kind": "recover", "at_round": 3},
+            "disruptions.0 (recover) has no earlier crash or region_outage",
+        ),
     ],
 )
 def test_bad_disruptions_name_the_key(disruption, message):
@@ -424,7 +480,9 @@ def test_references_and_counts_are_checked():
     with pytest.raises(ScenarioError, match="names must be unique: x"):
         scenario_from_dict(scenario(twice))
     too_many = [{"kind": "crash", "at_round": 1, "count": 4, "among": "relays"}]
-    with pytest.raises(ScenarioError, match=r"disruptions\.0 \(crash\): count=4 but only 3 peers among relays"):
+    with pytest.raises(
+        ScenarioError, match=r"disruptions\.0 \(crash\): count=4 but only 3 peers among relays"
+    ):
         build(scenario(too_many, data={"relay_fraction": 0.5}))
 
 

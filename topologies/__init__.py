@@ -19,7 +19,7 @@ from topologies.disruption import (
     select_links,
     select_peers,
 )
-from topologies.draw import draw_graph, layout
+from topologies.draw import draw_graph
 from topologies.errors import DisconnectedGraphError, TopologyError
 from topologies.files import read_graph
 from topologies.generators import (
@@ -36,6 +36,7 @@ from topologies.mixing import (
     spectral_gap,
     uniform,
 )
+from topologies.positions import layout
 from topologies.stats import graph_stats
 
 __all__ = [

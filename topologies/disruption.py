@@ -91,7 +91,8 @@ def select_peers(
 
 
 def region_outage(g: nx.Graph, center: tuple[float, float], radius: float) -> set[int]:
-    """Peers whose ``"pos"`` lies within ``radius`` of ``center`` (boundary included).
+    """Peers whose ``"pos"`` lies within ``radius`` of ``center`` (boundary included,
+    with a 1e-12 relative allowance so that a point on the circle is not lost to rounding).
 
     Models a region going dark (flood, power cut) on a geometric map; needs every node
     to have ``"pos"``, as :func:`build_graph` gives geometric graphs.
@@ -100,7 +101,8 @@ def region_outage(g: nx.Graph, center: tuple[float, float], radius: float) -> se
         raise TopologyError(f"region radius must be >= 0, got {radius}")
     pos = _positions(g, "a region outage")
     cx, cy = center
-    return {v for v, (x, y) in pos.items() if math.hypot(x - cx, y - cy) <= radius}
+    reach = radius + 1e-12 * max(radius, 1.0)  # a point on the circle stays on it after rounding
+    return {v for v, (x, y) in pos.items() if math.hypot(x - cx, y - cy) <= reach}
 
 
 # --------------------------------------------------------------------------- links

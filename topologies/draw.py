@@ -2,11 +2,11 @@
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global state, no
 display needed). Nodes and edges are drawn as one scatter and one line collection each,
-so graphs of a few thousand peers render in about a second.
+so graphs of a few thousand peers render in seconds.
 
 To compare a graph before and after a disruption, draw both from the same positions:
-pass ``pos=layout(g)`` to both calls, or mark the lost peers and links with ``removed``
-and ``removed_edges`` on the original graph.
+pass ``pos=layout(g)`` (:mod:`topologies.positions`) to both calls, or mark the lost
+peers and links with ``removed`` and ``removed_edges`` on the original graph.
 """
 
 from __future__ import annotations
@@ -20,25 +20,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
-__all__ = ["draw_graph", "layout"]
+from topologies.positions import Position, layout
 
-Position = tuple[float, float]
+__all__ = ["draw_graph"]
 
 _LABEL_LIMIT = 50
 _ALIVE = "#1f77b4"
 _HIGHLIGHT = "#d62728"
-_REMOVED = "#9e9e9e"
-
-
-def layout(g: nx.Graph, *, seed: int = 0) -> dict[int, Position]:
-    """Node positions: the ``"pos"`` attributes when every node has one, else a spring layout.
-
-    The spring layout is seeded, so the same graph is always drawn the same way.
-    """
-    pos = nx.get_node_attributes(g, "pos")
-    if len(pos) != g.number_of_nodes():
-        pos = nx.spring_layout(g, seed=seed)
-    return {node: (float(xy[0]), float(xy[1])) for node, xy in pos.items()}
+_REMOVED = "#757575"
 
 
 def draw_graph(
@@ -88,15 +77,22 @@ def draw_graph(
     )
 
     size = float(np.clip(6000.0 / max(n, 1), 4.0, 300.0))
-    groups = (
-        ([v for v in g if v not in removed and v not in highlight], _ALIVE, "o"),
-        ([v for v in g if v in highlight and v not in removed], _HIGHLIGHT, "o"),
-        ([v for v in g if v in removed], _REMOVED, "x"),
-    )
-    for nodes, colour, marker in groups:
+    alive = [v for v in g if v not in removed and v not in highlight]
+    marked = [v for v in g if v in highlight and v not in removed]
+    gone = [v for v in g if v in removed]
+    for nodes, style in (
+        (alive, {"c": _ALIVE, "marker": "o", "s": size, "label": None}),
+        (
+            marked,
+            {"c": _HIGHLIGHT, "marker": "o", "s": size, "label": f"highlighted ({len(marked)})"},
+        ),
+        (gone, {"c": _REMOVED, "marker": "x", "s": 1.5 * size, "label": f"removed ({len(gone)})"}),
+    ):
         if nodes:
             xy = np.array([pos[v] for v in nodes])
-            ax.scatter(xy[:, 0], xy[:, 1], s=size, c=colour, marker=marker, zorder=2, linewidths=1)
+            ax.scatter(xy[:, 0], xy[:, 1], zorder=2, linewidths=1.5, **style)
+    if marked or gone:
+        ax.legend(loc="lower right", fontsize=8, frameon=False)
     if n <= _LABEL_LIMIT:
         for v in g:
             ax.annotate(
@@ -109,5 +105,6 @@ def draw_graph(
                 color="white" if v not in removed else "black",
             )
     ax.autoscale_view()
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.93 if title else 0.98)
     fig.savefig(path, format="png")
     return path

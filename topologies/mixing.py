@@ -12,6 +12,7 @@ import networkx as nx
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
+import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
 
 __all__ = [
@@ -66,24 +67,26 @@ def spectral_gap(w: sp.spmatrix | np.ndarray, *, dense_limit: int = DENSE_EIG_LI
     roughly by ``1 - gap`` per round); it is ``0`` for a disconnected graph and ``1`` for
     a complete graph under Metropolis-Hastings. A 1-peer matrix has gap 1.
 
-    Up to ``dense_limit`` peers all eigenvalues are computed (exact). Beyond, ARPACK finds
-    the two of largest modulus, from a fixed start vector so the result is reproducible;
-    for a symmetric ``w`` on a slowly mixing graph (a long ring), where that stalls, it
+    A non-symmetric ``w`` of a reversible chain (such as :func:`uniform`) is first made
+    symmetric by a diagonal similarity, which keeps its eigenvalues and allows the fast
+    symmetric solvers. Up to ``dense_limit`` peers all eigenvalues are computed (exact).
+    Beyond, ARPACK finds the two of largest modulus from a fixed start vector, so the
+    result is reproducible; for a slowly mixing graph (a long ring), where that stalls, it
     falls back to shift-invert next to 1, plus the smallest eigenvalue when it could matter.
     """
     n = w.shape[0]
     if n <= 1:
         return 1.0
-    symmetric = _is_symmetric(w)
-    if n <= dense_limit:
-        dense = w.toarray() if sp.issparse(w) else np.asarray(w, dtype=float)
-        eig = scipy.linalg.eigvalsh(dense) if symmetric else scipy.linalg.eigvals(dense)
-        slem = float(np.sort(np.abs(eig))[-2])
-    elif symmetric:
-        slem = _sparse_slem_symmetric(sp.csr_matrix(w, dtype=float))
+    m = sp.csr_matrix(w, dtype=float)
+    sym = m if _is_symmetric(m) else _symmetrized(m)
+    if sym is not None and n <= dense_limit:
+        slem = float(np.max(np.abs(scipy.linalg.eigvalsh(sym.toarray())[[0, -2]])))
+    elif sym is not None:
+        slem = _sparse_slem_symmetric(sym)
+    elif n <= dense_limit:
+        slem = float(np.sort(np.abs(scipy.linalg.eigvals(m.toarray())))[-2])
     else:
-        op = sp.csr_matrix(w, dtype=float)
-        eig = spla.eigs(op, k=2, which="LM", v0=_start_vector(n), return_eigenvectors=False)
+        eig = spla.eigs(m, k=2, which="LM", v0=_start_vector(n), return_eigenvectors=False)
         slem = float(np.sort(np.abs(eig))[0])
     return max(0.0, 1.0 - slem)
 
@@ -150,6 +153,42 @@ def _sparse_slem_symmetric(w: sp.csr_matrix) -> float:
         return second
     lowest = spla.eigsh(w, k=1, which="SA", ncv=min(n, 32), v0=v0, return_eigenvectors=False)
     return max(second, -float(lowest[0]))
+
+
+def _symmetrized(w: sp.csr_matrix) -> sp.csr_matrix | None:
+    """``D^1/2 W D^-1/2`` when it is symmetric for some positive diagonal ``D``, else ``None``.
+
+    That ``D`` exists exactly when ``W`` is a reversible chain (detailed balance
+    ``pi_i W_ij = pi_j W_ji``; then ``D = diag(pi)``); the result has ``W``'s eigenvalues.
+    ``pi`` is propagated along a BFS tree of each component, then checked on every link.
+    """
+    if w.nnz and float(w.data.min()) < 0:
+        return None
+    w = w.copy()
+    w.eliminate_zeros()
+    pattern = (w != 0).astype(np.int8)
+    if (pattern != pattern.T).nnz:
+        return None
+    n = w.shape[0]
+    log_pi = np.full(n, np.nan)
+    for root in range(n):
+        if not np.isnan(log_pi[root]):
+            continue
+        order, pred = csgraph.breadth_first_order(w, root, directed=False)
+        log_pi[root] = 0.0
+        children = order[1:]
+        if children.size == 0:
+            continue
+        parents = pred[children]
+        step = np.log(np.asarray(w[parents, children]).ravel()) - np.log(
+            np.asarray(w[children, parents]).ravel()
+        )
+        for child, parent, delta in zip(children, parents, step, strict=True):
+            log_pi[child] = log_pi[parent] + delta
+    half = sp.diags(np.exp(0.5 * (log_pi - log_pi.max())))
+    inv_half = sp.diags(np.exp(-0.5 * (log_pi - log_pi.max())))
+    sym = (half @ w @ inv_half).tocsr()
+    return sym if _is_symmetric(sym, tol=1e-9 * max(float(abs(sym).max()), 1.0)) else None
 
 
 def _is_symmetric(w: sp.spmatrix | np.ndarray, tol: float = 1e-12) -> bool:

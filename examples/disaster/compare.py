@@ -2,7 +2,10 @@
 
 Takes a scenario whose first disruption is a ``crash`` (e.g. ba_digits_lose_holders.toml)
 and reruns it with that crash taking data-holding peers or relay-only peers, for each
-count, strategy and seed asked for, plus an undisrupted baseline per seed. Writes one CSV
+count, strategy and seed asked for, plus an undisrupted baseline per seed. ``--among
+data_only`` replaces the crash by a ``data_loss`` of as many data-holders: they lose
+their data but stay up and keep relaying, which separates the loss of data from the
+loss of links. Writes one CSV
 row per run and prints a Markdown table of the means over seeds.
 
     python examples/disaster/compare.py examples/disaster/ba_digits_lose_holders.toml \\
@@ -28,7 +31,7 @@ from sim.scenario import load_scenario, scenario_from_dict
 
 COLUMNS = [
     "among", "count", "strategy", "seed", "final_acc", "final_acc_min", "acc_largest_component",
-    "acc_outside_largest", "acc_at_crash", "components", "largest_component", "isolated_peers",
+    "acc_outside_largest", "acc_with_data", "acc_without_data", "acc_at_crash", "components", "largest_component", "isolated_peers",
     "peers_alive", "wall_s",
 ]  # fmt: skip
 
@@ -41,12 +44,16 @@ def run_one(raw: dict[str, Any], dataset: Any, out: Path | None) -> dict[str, An
         write_run(simulation, out)
     last = rows[-1]
     crash_round = raw["disruptions"][0]["at_round"] if raw["disruptions"] else None
-    at_crash = next((r for r in rows if crash_round is not None and r["round"] >= crash_round), last)
+    at_crash = next(
+        (r for r in rows if crash_round is not None and r["round"] >= crash_round), last
+    )
     return {
         "final_acc": last["acc_mean"],
         "final_acc_min": last["acc_min"],
         "acc_largest_component": last.get("acc_largest_component", last["acc_mean"]),
         "acc_outside_largest": last.get("acc_outside_largest", float("nan")),
+        "acc_with_data": last.get("acc_with_data", float("nan")),
+        "acc_without_data": last.get("acc_without_data", float("nan")),
         "acc_at_crash": at_crash["acc_mean"],
         "components": last.get("components", 1),
         "largest_component": last.get("largest_component", last["peers_alive"]),
@@ -60,9 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
-    parser.add_argument("--counts", type=int, nargs="+", default=None, help="default: the scenario's")
-    parser.add_argument("--strategies", nargs="+", default=["random"], choices=["random", "degree", "betweenness"])
-    parser.add_argument("--among", nargs="+", default=["data_holders", "relays"], choices=["data_holders", "relays", "all"])
+    parser.add_argument(
+        "--counts", type=int, nargs="+", default=None, help="default: the scenario's"
+    )
+    parser.add_argument(
+        "--strategies", nargs="+", default=["random"], choices=["random", "degree", "betweenness"]
+    )
+    parser.add_argument(
+        "--among",
+        nargs="+",
+        default=["data_holders", "relays"],
+        choices=["data_holders", "relays", "all", "data_only"],
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/disaster-compare"))
     parser.add_argument("--write", action="store_true", help="write every run folder too")
@@ -74,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if crash is None or crash["kind"] != "crash":
         parser.error(f"{args.scenario}: its first disruption must be a crash")
     counts = args.counts or [crash["count"]]
-    dataset = load_dataset(base["data"]["dataset"], data_dir=base["data"].get("data_dir"), seed=base["seed"])
+    dataset = load_dataset(
+        base["data"]["dataset"], data_dir=base["data"].get("data_dir"), seed=base["seed"]
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     grid: list[tuple[str, int, str]] = [] if args.no_baseline else [("none", 0, "-")]
     grid += [(a, c, s) for a in args.among for c in counts for s in args.strategies]
@@ -93,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                     first = {**crash, "among": among, "count": count, "strategy": strategy}
                     first.pop("fraction", None)
                     first["name"] = f"{count} {among.replace('_', '-')} crash ({strategy})"
+                    if among == "data_only":
+                        first |= {"kind": "data_loss", "among": "data_holders"}
+                        first["name"] = f"{count} data-holders lose data ({strategy})"
                     raw["disruptions"] = [first, *base["disruptions"][1:]]
                 run_dir = args.out / f"{raw['name']}-s{seed}" if args.write else None
                 row = {"among": among, "count": count, "strategy": strategy, "seed": seed}
@@ -126,13 +147,15 @@ def markdown(results: list[dict[str, Any]]) -> str:
         return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
     lines = [
-        "| lost | count | strategy | seeds | final acc (mean) | final acc (min peer) | acc largest comp. | components | largest comp. | isolated |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| lost | count | strategy | seeds | final acc (mean) | final acc (min peer) | acc largest comp. "
+        "| acc with data | acc without data | components | largest comp. | isolated |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (among, count, strategy), rows in groups.items():
         lines.append(
             f"| {among} | {count} | {strategy} | {len(rows)} | {stat(rows, 'final_acc')} | "
             f"{stat(rows, 'final_acc_min')} | {stat(rows, 'acc_largest_component')} | "
+            f"{stat(rows, 'acc_with_data')} | {stat(rows, 'acc_without_data')} | "
             f"{stat(rows, 'components', 1)} | {stat(rows, 'largest_component', 1)} | {stat(rows, 'isolated_peers', 1)} |"
         )
     return "\n".join(lines)

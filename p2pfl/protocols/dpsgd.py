@@ -58,19 +58,38 @@ class DPSGD(SynchronousRoundProtocol):
             )
         self.weights = {p: float(weights.get(p, 0.0)) for p in self.neighbours}
         self.alive: set[PeerId] = set(self.neighbours)
+        # Asked on every message received; recomputed only when ``alive`` changes.
+        self._live: tuple[list[PeerId], set[PeerId]] | None = None
+        self._all_weights: torch.Tensor | None = None
+
+    def _live_neighbours(self) -> tuple[list[PeerId], set[PeerId]]:
+        if self._live is None:
+            live = [p for p in self.neighbours if p in self.alive]
+            self._live = (live, set(live))  # shared: callers only read them
+        return self._live
 
     # -- SynchronousRoundProtocol hooks ----------------------------------------------
     def _recipients(self) -> list[PeerId]:
-        return [p for p in self.neighbours if p in self.alive]
+        return self._live_neighbours()[0]
 
     def _expected_senders(self) -> set[PeerId]:
-        return {p for p in self.neighbours if p in self.alive}
+        return self._live_neighbours()[1]
 
     def _accepts_sender(self, sender: PeerId) -> bool:
         return sender in self.weights
 
     def _mixing_weights(self, senders: list[PeerId]) -> torch.Tensor:
-        """Weights for ``[self] + senders``; missing neighbours' weight stays with self."""
+        """Weights for ``[self] + senders``; missing neighbours' weight stays with self.
+
+        Every neighbour answered in most rounds: that tensor is made once (read-only).
+        """
+        if len(senders) == len(self.weights):
+            if self._all_weights is None:
+                self._all_weights = self._weights_of(self.neighbours)
+            return self._all_weights
+        return self._weights_of(senders)
+
+    def _weights_of(self, senders: list[PeerId]) -> torch.Tensor:
         others = [self.weights[p] for p in senders]
         own = 1.0 - sum(others)
         return torch.tensor([own, *others], dtype=torch.float32)
@@ -78,13 +97,16 @@ class DPSGD(SynchronousRoundProtocol):
     def handle(self, event: Event) -> list[Effect]:
         if isinstance(event, PeerDown):
             self.alive.discard(event.peer)
+            self._live = None
             return self._maybe_finish(event.now)
         if isinstance(event, PeerUp):
             if event.peer in self.weights:
                 self.alive.add(event.peer)
+                self._live = None
             return []
         if isinstance(event, SendFailed):
             self.alive.discard(event.to)
+            self._live = None
             return self._maybe_finish(event.now)
         return super().handle(event)
 
@@ -96,3 +118,4 @@ class DPSGD(SynchronousRoundProtocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.alive = set(state.get("alive", self.neighbours)) & set(self.neighbours)
+        self._live = None

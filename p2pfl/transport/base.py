@@ -16,10 +16,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-__all__ = ["Handler", "Transport", "TransportError", "TransportStats"]
+__all__ = ["DiscoveryHandler", "Handler", "Transport", "TransportError", "TransportStats"]
 
 Handler = Callable[[str, bytes], None]
 """Called on the asyncio loop with (sender peer id, payload); must not block."""
+
+DiscoveryHandler = Callable[[str, list[str]], None]
+"""Called on the asyncio loop with (peer id, dialable multiaddrs) of a peer found on the LAN."""
 
 _log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class Transport(ABC):
     def __init__(self) -> None:
         self.listen_addrs = []
         self._handler: Handler | None = None
+        self._discovery_handler: DiscoveryHandler | None = None
         self._stats = TransportStats()
         self._stats_lock = threading.Lock()
 
@@ -102,6 +106,20 @@ class Transport(ABC):
     def set_handler(self, handler: Handler | None) -> None:
         """Set the callback for received payloads (``None`` to refuse them)."""
         self._handler = handler
+
+    def set_discovery_handler(self, handler: DiscoveryHandler | None) -> None:
+        """Set the callback for peers the transport finds by itself (mDNS); most never call it."""
+        self._discovery_handler = handler
+
+    def _discovered(self, peer: str, addrs: list[str]) -> None:
+        """Run the discovery handler on the asyncio thread, keeping its errors contained."""
+        handler = self._discovery_handler
+        if handler is None:
+            return
+        try:
+            handler(peer, addrs)
+        except Exception:
+            _log.exception("discovery handler failed on peer %s", peer)
 
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters as a plain dict."""

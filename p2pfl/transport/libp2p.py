@@ -26,7 +26,10 @@ with the settings measured in DESIGN.md ("py-libp2p facts"):
 - py-libp2p listens with SO_REUSEPORT and ignores a failed listen, so a taken
   port or an address that is not ours would go unnoticed: ``start()`` checks
   both and raises ``TransportError``;
-- wildcard listen addresses are announced as this host's interface addresses.
+- wildcard listen addresses are announced as this host's interface addresses;
+- ``mdns=True`` turns on py-libp2p's mDNS discovery (zeroconf, the standard
+  ``_p2p._udp.local`` service): peers it finds on the LAN go to the discovery
+  handler; whom to dial stays the node's decision.
 
 Logging: py-libp2p sets its ``libp2p`` logger to WARNING with ``propagate=False``
 on import, and some of its modules call the *root* ``logging.debug``, which
@@ -49,6 +52,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.network.auto_connector import AutoConnector
@@ -152,7 +156,8 @@ class Libp2pTransport(Transport):
     ``key_pair`` is the node's persisted Ed25519 libp2p key pair: the peer id is
     derived from it.  ``max_message_size`` caps inbound (and outbound) payloads;
     ``read_idle_timeout`` bounds how long an inbound stream may stay silent before
-    it is dropped as truncated.
+    it is dropped as truncated.  ``mdns`` announces this host on the LAN and
+    reports peers found there to the discovery handler.
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class Libp2pTransport(Transport):
         listen_addrs: Sequence[str] = DEFAULT_LISTEN_ADDRS,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         read_idle_timeout: float = 30.0,
+        mdns: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < max_message_size < 2 ** (8 * HEADER_SIZE):
@@ -171,6 +177,7 @@ class Libp2pTransport(Transport):
         self._listen = [Multiaddr(addr) for addr in listen_addrs]
         self.max_message_size = max_message_size
         self.read_idle_timeout = read_idle_timeout
+        self.mdns = mdns
         self._bridge: _trio_bridge.TrioThread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._host: IHost | None = None
@@ -233,7 +240,10 @@ class Libp2pTransport(Transport):
                 listen_addrs=self._listen,
                 connection_config=ConnectionConfig(max_connections_per_peer=1),
                 addrs_factory=concrete_addrs,
+                enable_mDNS=self.mdns,
             )
+            if self.mdns:
+                peerDiscovery.register_peer_discovered_handler(self._on_mdns_peer)
             use_patched_yamux(host)
             network = host.get_network()
             network.auto_connector = _NoAutoConnect(network)  # type: ignore[attr-defined]
@@ -259,7 +269,27 @@ class Libp2pTransport(Transport):
             # Raising here would take down the shared trio loop with every transport on it.
             _log.exception("libp2p host of %s failed", self.peer_id)
         finally:
+            if self.mdns:
+                peerDiscovery.unregister_peer_discovered_handler(self._on_mdns_peer)
             self._stopped.set()
+
+    def _on_mdns_peer(self, info: PeerInfo) -> None:
+        """A peer found by mDNS; called on a zeroconf thread, handed over to asyncio.
+
+        py-libp2p's discovery events are process-wide: every mDNS host of this process
+        reports here, which on one LAN names peers this host can reach as well.
+        """
+        peer = info.peer_id.to_base58()
+        loop = self._loop
+        if peer == self.peer_id or loop is None or self._closed:
+            return
+        suffix = f"/p2p/{peer}"
+        addrs = sorted({_without_p2p(str(addr)) + suffix for addr in info.addrs})
+        if addrs:
+            try:
+                loop.call_soon_threadsafe(self._discovered, peer, addrs)
+            except RuntimeError:  # the asyncio loop is closed
+                pass
 
     async def _shutdown(self) -> None:
         assert self._stop is not None and self._stopped is not None
