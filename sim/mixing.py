@@ -380,7 +380,7 @@ class Mixer:
                 per_mix, cols, data = counts, columns, values
             else:
                 mask = buffers == ident
-                per_mix = np.add.reduceat(mask, np.r_[0, np.cumsum(counts)[:-1]]) if len(mask) else counts
+                per_mix = np.add.reduceat(mask.astype(np.int64), np.cumsum(counts) - counts)
                 cols, data = columns[mask], values[mask]
             indptr = np.zeros(len(mixes) + 1, dtype=np.int64)
             np.cumsum(per_mix, out=indptr[1:])
