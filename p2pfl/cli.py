@@ -191,8 +191,9 @@ def node(
 ) -> None:
     """Run a real peer: discover peers, train, exchange models over libp2p, checkpoint every round."""
     setup_logging(verbose)
+    from p2pfl.config import ConfigError
     from p2pfl.learning import DatasetUnavailable
-    from p2pfl.nodecli import NodeConfigError, load_node_config, run_node
+    from p2pfl.nodecli import load_node_config, run_node
 
     flags = {
         "network.listen": listen,
@@ -207,7 +208,7 @@ def node(
             config, set_ or [], {k: v for k, v in flags.items() if v is not None}
         )
         status = run_node(node_config)
-    except (NodeConfigError, DatasetUnavailable) as error:
+    except (ConfigError, DatasetUnavailable) as error:  # incl. a bad topology file
         _fail(str(error))
         return
     print(json.dumps({k: status[k] for k in ("peer_id", "round", "rounds_done", "accuracy")}))

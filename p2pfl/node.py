@@ -41,6 +41,7 @@ from p2pfl.learning import (
     evaluate,
     load_dataset,
     partition,
+    sampler_seed,
 )
 from p2pfl.neighbours import PeerGraph, check_member, choose_neighbours
 from p2pfl.protocols.base import (
@@ -116,6 +117,8 @@ class Node:
         self._next_train_at = 0.0
         #: neighbours reported down (missed pings, failed sends) until they answer a ping
         self._down: set[str] = set()
+        #: peers found by the transport (mDNS) that we dialled and greeted
+        self._greeted: set[str] = set()
         self.graph: PeerGraph | None = None
         if config.network.topology_file:
             self.graph = PeerGraph.from_file(config.network.topology_file)
@@ -146,7 +149,7 @@ class Node:
             weight_decay=cfg.model.weight_decay,
         )
         self.sampler = BatchSampler(
-            parts[cfg.peer_index], cfg.data.batch_size, cfg.seed * 7919 + cfg.peer_index
+            parts[cfg.peer_index], cfg.data.batch_size, sampler_seed(cfg.seed, cfg.peer_index)
         )
         self.x_test, self.y_test = dataset.x_test, dataset.y_test
         if cfg.eval_test_samples and cfg.eval_test_samples < len(self.y_test):
@@ -170,6 +173,7 @@ class Node:
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (tests): stop() is called directly
         self.transport.set_handler(self._on_payload)
+        self.transport.set_discovery_handler(self._on_discovered)
         await self.transport.start()
         self.listening.set()
         log.info("node %s listening on %s", self.peer_id, ", ".join(self.transport.listen_addrs))
@@ -306,6 +310,18 @@ class Node:
             self._handle(PeerUp(self._now(), sender))
         elif new_peer:
             log.info("discovered %s (%d known)", sender, len(self.known))
+
+    def _on_discovered(self, peer: str, addrs: list[str]) -> None:
+        """A peer the transport found by itself (mDNS): greet it once, if we want it.
+
+        It becomes known only when its hello arrives, so a LAN peer that is not a p2pfl
+        node (any libp2p host announces the same mDNS service) never turns neighbour.
+        """
+        if peer == self.peer_id or peer in self.known or peer in self._greeted:
+            return
+        if self._wanted(peer):
+            self._greeted.add(peer)
+            self._spawn(self._dial_and_greet(peer, addrs[:8]))
 
     async def _dial_and_greet(self, peer: str, addrs: list[str]) -> None:
         for addr in addrs:

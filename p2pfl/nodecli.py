@@ -76,6 +76,7 @@ def run_node(config: NodeConfig) -> dict[str, Any]:
         identity.libp2p_keypair,
         listen_addrs=config.network.listen,
         max_message_size=config.network.max_message_bytes,
+        mdns=config.network.mdns,
     )
     node = Node(config, transport, identity)
     return asyncio.run(node.run())

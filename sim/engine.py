@@ -61,7 +61,6 @@ def _rare_gc(young: int = 100_000) -> Iterator[None]:
 @dataclass(slots=True)
 class _Timer:
     name: str
-    generation: int
 
 
 @dataclass(slots=True)
@@ -132,7 +131,12 @@ class Engine:
         self.events_processed = 0
         self._queue: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
-        self._timer_generation: dict[tuple[int, str], int] = defaultdict(int)
+        # Timers: a round protocol re-arms its timeout every round and cancels it a moment
+        # later. Rather than a heap entry per arming (a million stale entries at 10,000
+        # peers), keep each armed timer's deadline and one queued entry no later than it;
+        # an entry that comes due early re-queues itself at the current deadline.
+        self._timer_due: dict[tuple[int, str], float] = {}
+        self._timer_queued: dict[tuple[int, str], float] = {}
         self._round_listeners: list[Callable[[int], None]] = []
         self._handled_listeners: list[Callable[[int, Event, list[Effect]], None]] = []
         # ``progress()`` is asked after every event: cache it, and in "min" mode count the
@@ -179,8 +183,9 @@ class Engine:
             return
         self.alive[peer] = True
         self._progress = None
-        for key in [k for k in self._timer_generation if k[0] == peer]:
-            self._timer_generation[key] += 1  # timers set before the crash are void
+        for timers in (self._timer_due, self._timer_queued):
+            for key in [k for k in timers if k[0] == peer]:
+                del timers[key]  # timers set before the crash are void
         if restart:
             self._push(self.now, peer, Start(self.now))
 
@@ -257,8 +262,18 @@ class Engine:
         if not self.alive[peer]:
             return
         if isinstance(item, _Timer):
-            if self._timer_generation[(peer, item.name)] != item.generation:
-                return  # replaced or cancelled
+            key = (peer, item.name)
+            if self._timer_queued.get(key) == self.now:
+                del self._timer_queued[key]
+            due = self._timer_due.get(key)
+            if due is None:
+                return  # cancelled
+            if due > self.now:  # re-armed later since this entry was queued
+                if key not in self._timer_queued:
+                    self._timer_queued[key] = due
+                    self._push(due, peer, item)
+                return
+            del self._timer_due[key]
             event: Event = TimerFired(self.now, item.name)
         elif isinstance(item, _TrainingFinished):
             if item.job.cancelled:
@@ -299,10 +314,13 @@ class Engine:
                 self._push(self.now + duration, peer, _TrainingFinished(job, effect.ticket))
             elif isinstance(effect, SetTimer):
                 key = (peer, effect.name)
-                self._timer_generation[key] += 1
-                self._push(effect.at, peer, _Timer(effect.name, self._timer_generation[key]))
+                self._timer_due[key] = effect.at
+                queued = self._timer_queued.get(key)
+                if queued is None or queued > effect.at:
+                    self._timer_queued[key] = effect.at
+                    self._push(effect.at, peer, _Timer(effect.name))
             elif isinstance(effect, CancelTimer):
-                self._timer_generation[(peer, effect.name)] += 1
+                self._timer_due.pop((peer, effect.name), None)
             elif isinstance(effect, RoundCompleted):
                 self._round_completed(peer, effect.round)
             elif isinstance(effect, Record):

@@ -85,6 +85,7 @@ class Evaluator:
         self.started = time.perf_counter()
 
     def measure(self, engine: Engine, round_: int) -> dict[str, Any]:
+        started = time.perf_counter()
         candidates = (
             self.peer_sample if self.peer_sample is not None else np.arange(engine.n)
         )
@@ -118,6 +119,7 @@ class Evaluator:
             "peers_alive": int(engine.alive.sum()),
             "peers_evaluated": len(alive),
             "test_samples": len(self.y_test),
+            "eval_seconds": time.perf_counter() - started,
         }
 
 

@@ -29,7 +29,9 @@ from p2pfl.learning import (
     build_model,
     load_dataset,
     partition,
+    sampler_seed,
 )
+from p2pfl.learning.sampler import derive_seed  # noqa: F401 - kept importable from here
 from p2pfl.protocols.base import Protocol
 from p2pfl.protocols.registry import ROUND_PROGRESS, build_protocol, make_aggregate
 from sim.disruptions import DisruptionRuntime, install_disruptions
@@ -44,11 +46,6 @@ from topologies import build_graph, metropolis_hastings, require_connected, unif
 from topologies.errors import TopologyError
 
 log = logging.getLogger("p2pfl.sim")
-
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from a tuple of ints (independent streams per peer)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -100,7 +97,7 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
     samplers: list[BatchSampler | None] = [None] * n
     data_sizes = np.zeros(n, dtype=np.int64)
     for holder, indices in zip(holders, parts, strict=True):
-        samplers[holder] = BatchSampler(indices, scenario.data.batch_size, derive_seed(seed, 1, int(holder)))
+        samplers[holder] = BatchSampler(indices, scenario.data.batch_size, sampler_seed(seed, int(holder)))
         data_sizes[holder] = len(indices)
 
     mc = scenario.model

@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import msgpack
 import pytest
 import torch
 
@@ -27,7 +28,8 @@ from p2pfl.protocols.epidemic import EpidemicLearning
 from p2pfl.security import GuardConfig, PeerGuard
 from p2pfl.transport.libp2p import Libp2pTransport
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
-from p2pfl.wire import DropReason, WireError
+from p2pfl.wire import DropReason, WireError, decode, encode
+from p2pfl.wire.signed import MESSAGE_DOMAIN, seal
 from tests.hostile import (
     Crafter,
     HostileClient,
@@ -412,3 +414,19 @@ def test_guard_reports_bans_and_limits_and_bounds_its_status():
     assert status["bans"] == 1 and status["limits"]["ban_threshold"] == 10
     assert status["limits"]["penalties"]["malformed"] == 4.0
     json.dumps(status)
+
+
+def test_non_finite_meta_is_refused_before_a_protocol_does_arithmetic_with_it():
+    # gossip merges by model age: one validly signed {"age": inf} turned a model into NaN
+    mallory = Crafter("mallory")
+    params = torch.zeros(4)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        body = {"v": 1, "p": "gossip", "k": "model", "r": 0, "q": 1, "m": {"age": bad},
+                "t": {"d": "f32", "s": [4]}}  # fmt: skip
+        data = seal(mallory.identity, msgpack.packb(body), params.numpy().tobytes(), MESSAGE_DOMAIN)
+        with pytest.raises(WireError) as info:
+            decode(data)
+        assert info.value.reason is DropReason.NON_FINITE
+        with pytest.raises(ValueError, match="meta"):  # and an honest sender cannot send it
+            encode(Message("model", 0, params, {"age": bad}), identity=mallory.identity,
+                   protocol="gossip", seq=1)  # fmt: skip

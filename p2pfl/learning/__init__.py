@@ -16,7 +16,7 @@ from p2pfl.learning.evaluate import EvalResult, evaluate, per_class_recall, pred
 from p2pfl.learning.fetch import FetchError, fetch_dataset, verify_dataset
 from p2pfl.learning.models import MODELS, build_model
 from p2pfl.learning.partition import PARTITION_SCHEMES, label_distribution, partition
-from p2pfl.learning.sampler import BatchSampler
+from p2pfl.learning.sampler import BatchSampler, derive_seed, sampler_seed
 from p2pfl.learning.trainer import BatchTransform, LocalTrainer
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "build_model",
     "clear_dataset_cache",
     "default_data_dir",
+    "derive_seed",
     "evaluate",
     "fetch_dataset",
     "label_distribution",
@@ -40,5 +41,6 @@ __all__ = [
     "partition",
     "per_class_recall",
     "predict",
+    "sampler_seed",
     "verify_dataset",
 ]

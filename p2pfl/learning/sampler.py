@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BatchSampler"]
+__all__ = ["BatchSampler", "derive_seed", "sampler_seed"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -26,6 +26,20 @@ _M2 = np.uint64(0x94D049BB133111EB)
 
 # Draw at least this many batches' worth of indices per refill (amortises the hashing).
 _PREFETCH_BATCHES = 8
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of ints (independent streams per peer)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def sampler_seed(seed: int, peer_index: int) -> int:
+    """The minibatch seed of peer ``peer_index`` in a run seeded ``seed``.
+
+    The simulator and the real node both seed their samplers with it, so peer ``i``
+    draws the same minibatches of the same data share in either driver.
+    """
+    return derive_seed(seed, 1, peer_index)
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ time proportional to its (already capped) size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,9 +81,10 @@ DEFAULT_LIMITS = WireLimits()
 
 
 def check_value(value: Any, limits: WireLimits, what: str = "meta") -> None:
-    """Raise ``WireError(bad_type)`` unless ``value`` is plain msgpack-able data in bounds.
+    """Raise ``WireError`` (``bad_type``; ``non_finite`` for NaN/Inf) unless ``value`` is
+    plain msgpack-able data in bounds.
 
-    Plain data: None, bool, int (64-bit), float, str, bytes, and lists/dicts of those
+    Plain data: None, bool, int (64-bit), finite float, str, bytes, and lists/dicts of those
     with string keys, nested at most ``limits.max_meta_depth`` deep and
     ``limits.max_meta_items`` values in all.
     """
@@ -95,7 +97,13 @@ def _check(value: Any, limits: WireLimits, depth: int, budget: list[int], path: 
     if budget[0] < 0:
         raise WireError(DropReason.BAD_TYPE, f"more than {limits.max_meta_items} values")
     kind: Callable[..., Any] = type(value)
-    if value is None or kind is bool or kind is float:
+    if value is None or kind is bool:
+        return
+    if kind is float:
+        # a protocol does arithmetic with meta numbers (gossip's model age): one Inf
+        # there turns a model into NaN as surely as a NaN tensor would
+        if not math.isfinite(value):
+            raise WireError(DropReason.NON_FINITE, f"{path}: {value}")
         return
     if kind is int:
         if not _INT_MIN <= value <= _INT_MAX:

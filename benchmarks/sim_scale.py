@@ -1,0 +1,417 @@
+"""Batched simulation at scale: D-PSGD, MNIST MLP (784-32-10), random 4-regular graph.
+
+    python benchmarks/sim_scale.py                 # the full run (about half an hour on 2 cores)
+    python benchmarks/sim_scale.py --quick         # CI smoke: digits, tiny N, a few seconds
+    python benchmarks/sim_scale.py --parts ratio --sizes 1000 --ratio-rounds 10
+
+Three parts, each in a fresh subprocess (so its peak memory is its own):
+
+``ratio``
+    For each N in ``--sizes``: the *bare batched compute* -- the same forward/backward
+    passes (``LocalTrainer.train_batched``) and the same mixing products (the sparse
+    Metropolis-Hastings matrix times the ``(N, d)`` parameter stack, by chunks of peers,
+    each chunk trained straight from its mixed rows) with no simulator around them --
+    against the simulator doing the same rounds (build excluded, no evaluation). Both
+    start from the same parameters and seeds, so their final models must agree: the
+    largest difference is reported. Target: simulator / bare <= 1.5.
+``scale``
+    One long run (``--scale-n`` peers, ``--scale-rounds`` rounds) through
+    ``run_simulation``, evaluating a fixed random sample of ``--eval-peers`` peers on a
+    fixed random subset of ``--eval-test`` test images every ``--eval-every`` rounds.
+    Reports wall time and peak resident memory (``ru_maxrss``). Targets: 10,000 peers x
+    100 rounds in under 10 minutes and 8 GiB.
+``reference``
+    Batched vs per-peer reference backend (one model at a time, eager means) at
+    ``--reference-n`` peers, same rounds; reports the speed-up and the largest parameter
+    difference between the two.
+
+Wall time is what the targets are about; CPU time (``time.process_time``) is printed too,
+because on a shared machine it is far less noisy. Results go to a CSV and a PNG
+(``--out``, default ``benchmarks/results/sim_scale.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# One thread per process unless told otherwise: set before numpy/torch load their pools.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sim_scale.csv"
+COLUMNS = [
+    "part", "n", "rounds", "variant", "wall_s", "cpu_s", "wall_per_round_s",
+    "ratio_wall", "ratio_cpu", "peak_rss_mib", "acc_final", "max_param_diff", "note",
+]
+
+
+# ------------------------------------------------------------------------------ scenarios
+
+
+def scenario(
+    n: int,
+    rounds: int,
+    *,
+    dataset: str,
+    backend: str = "batched",
+    seed: int = 1,
+    eval_every: int | None = None,
+    eval_peers: int = 0,
+    eval_test: int = 0,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """The benchmark's scenario: D-PSGD, one local batch of 32 per round, MLP 32 hidden."""
+    return {
+        "name": f"sim-scale-n{n}",
+        "seed": seed,
+        "rounds": rounds,
+        "data": {"dataset": dataset, "partition": "iid", "batch_size": 32},
+        "model": {"name": "mlp", "hidden": [32], "lr": 0.1},
+        "topology": {"kind": "regular", "n": n, "params": {"k": 4}},
+        "protocol": {"name": "dpsgd", "local_steps": 1},
+        "sim": {
+            "backend": backend,
+            "eval_every": eval_every or rounds,
+            "eval_peers": eval_peers,
+            "eval_test_samples": eval_test,
+            "threads": threads,
+        },
+    }
+
+
+def _peak_rss_mib() -> float:
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _clock()
+    return wall - start[0], cpu - start[1]
+
+
+def _warm_up(simulation: Any) -> None:
+    """Import and initialise torch.func's machinery once, outside every timed region."""
+    import torch
+
+    from p2pfl.learning import BatchSampler
+
+    trainer = simulation.trainer
+    sampler = BatchSampler(__import__("numpy").arange(64), trainer.batch_size, seed=0)
+    trainer.train_batched(trainer.init_params(0).unsqueeze(0), [sampler], 1)
+    torch.zeros(1)
+
+
+def _run_engine(simulation: Any) -> None:
+    """Run the rounds, then compute the last round's means (deferred until needed)."""
+    simulation.engine.run()
+    mixer = simulation.engine.executor.mixer
+    if mixer is not None:
+        mixer.flush()
+
+
+def _final_params(simulation: Any, peers: list[int]) -> Any:
+    import torch
+
+    from sim.mixing import plain
+
+    return torch.stack([plain(simulation.engine.protocols[i].params) for i in peers])
+
+
+# ------------------------------------------------------------------------------ parts
+
+
+def bare_compute(simulation: Any, rounds: int) -> tuple[tuple[float, float], Any]:
+    """The simulated work without the simulator: train, then mix, ``rounds`` times.
+
+    Chunk by chunk of peers, the chunk's mixed rows (``W[chunk] @ T``, a sparse product)
+    are trained straight into the next parameter stack, which is double-buffered and so
+    allocated once. Returns (wall, cpu) seconds and the final ``(N, d)`` parameters.
+    """
+    import numpy as np
+    import torch
+
+    from topologies import metropolis_hastings
+
+    trainer = simulation.trainer
+    samplers = simulation.engine.executor.samplers
+    n, dim = len(samplers), trainer.dim
+    chunk = trainer.peers_per_call(trainer.batch_size)
+    weights = metropolis_hastings(simulation.graph).tocsr().astype(np.float32)
+    blocks = [(a, min(a + chunk, n), weights[a : a + chunk]) for a in range(0, n, chunk)]
+    init = trainer.init_params(simulation.scenario.seed).expand(n, dim)
+    steps = simulation.scenario.protocol.local_steps
+    stacks = [np.empty((n, dim), dtype=np.float32) for _ in range(2)]
+    trained: np.ndarray | None = None
+    start = _clock()
+    for r in range(rounds):
+        out = torch.from_numpy(stacks[r % 2])
+        for a, b, rows in blocks:
+            source = init[a:b] if trained is None else torch.from_numpy(rows @ trained)
+            trainer.train_batched(source, samplers[a:b], steps, chunk=b - a, out=out[a:b])
+        trained = stacks[r % 2]
+    assert trained is not None
+    final = np.concatenate([rows @ trained for _, _, rows in blocks])
+    return _since(start), torch.from_numpy(final)
+
+
+def part_ratio(n: int, rounds: int, dataset: str, threads: int) -> list[dict[str, Any]]:
+    import torch
+
+    from sim.runner import build_simulation
+    from sim.scenario import scenario_from_dict
+
+    raw = scenario(n, rounds, dataset=dataset, threads=threads)
+    bare_sim = build_simulation(scenario_from_dict(raw))
+    _warm_up(bare_sim)
+    (bare_wall, bare_cpu), bare_final = bare_compute(bare_sim, rounds)
+    del bare_sim
+
+    build_start = _clock()
+    simulation = build_simulation(scenario_from_dict(raw))
+    build_wall, _ = _since(build_start)
+    start = _clock()
+    _run_engine(simulation)
+    sim_wall, sim_cpu = _since(start)
+    sample = sorted({0, n // 3, n // 2, n - 1})
+    diff = float((bare_final[sample] - _final_params(simulation, sample)).abs().max())
+    engine = simulation.engine
+    note = (
+        f"{engine.events_processed} events, {engine.executor.batches_run} training calls, "
+        f"{engine.executor.mixer.products} mixing products; build {build_wall:.1f}s; "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    return [
+        _row("ratio", n, rounds, "bare batched compute", bare_wall, bare_cpu),
+        _row(
+            "ratio", n, rounds, "simulator", sim_wall, sim_cpu,
+            ratio_wall=sim_wall / bare_wall, ratio_cpu=sim_cpu / bare_cpu,
+            max_param_diff=diff, note=note,
+        ),
+    ]
+
+
+def part_scale(
+    n: int, rounds: int, dataset: str, threads: int, eval_every: int, eval_peers: int, eval_test: int
+) -> list[dict[str, Any]]:
+    from sim.runner import build_simulation, run_simulation
+    from sim.scenario import scenario_from_dict
+
+    raw = scenario(
+        n, rounds, dataset=dataset, threads=threads,
+        eval_every=eval_every, eval_peers=eval_peers, eval_test=eval_test,
+    )
+    start = _clock()
+    simulation = build_simulation(scenario_from_dict(raw))
+    build_wall, build_cpu = _since(start)
+    run_start = _clock()
+    rows = run_simulation(simulation, show_progress=False)
+    run_wall, run_cpu = _since(run_start)
+    accuracy = " ".join(f"r{r['round']}={r['acc_mean']:.3f}" for r in rows)
+    evaluated = rows[-1]["peers_evaluated"], rows[-1]["test_samples"]
+    eval_time = sum(r.get("eval_seconds", 0.0) for r in rows)
+    note = (
+        f"build {build_wall:.1f}s + run {run_wall:.1f}s; accuracy of {evaluated[0]} sampled peers "
+        f"on {evaluated[1]} test images: {accuracy}"
+    )
+    if eval_time:
+        note += f"; evaluation {eval_time:.1f}s"
+    return [
+        _row(
+            "scale", n, rounds, "simulator + evaluation", build_wall + run_wall, build_cpu + run_cpu,
+            per_round=run_wall / rounds, peak_rss_mib=_peak_rss_mib(),
+            acc_final=rows[-1]["acc_mean"], note=note,
+        )
+    ]
+
+
+def part_reference(n: int, rounds: int, dataset: str, threads: int) -> list[dict[str, Any]]:
+    from sim.runner import build_simulation
+    from sim.scenario import scenario_from_dict
+
+    results: dict[str, Any] = {}
+    for backend in ("per_peer", "batched"):
+        simulation = build_simulation(
+            scenario_from_dict(scenario(n, rounds, dataset=dataset, backend=backend, threads=threads))
+        )
+        _warm_up(simulation)
+        start = _clock()
+        _run_engine(simulation)
+        results[backend] = (_since(start), simulation)
+    (ref_wall, ref_cpu), ref_sim = results["per_peer"]
+    (bat_wall, bat_cpu), bat_sim = results["batched"]
+    peers = list(range(n))
+    diff = float((_final_params(ref_sim, peers) - _final_params(bat_sim, peers)).abs().max())
+    return [
+        _row("reference", n, rounds, "per-peer reference", ref_wall, ref_cpu),
+        _row(
+            "reference", n, rounds, "batched", bat_wall, bat_cpu,
+            ratio_wall=ref_wall / bat_wall, ratio_cpu=ref_cpu / bat_cpu, max_param_diff=diff,
+            note="ratio = per-peer time / batched time",
+        ),
+    ]
+
+
+def _row(
+    part: str, n: int, rounds: int, variant: str, wall: float, cpu: float, *,
+    per_round: float | None = None, **extra: Any,
+) -> dict[str, Any]:
+    row = {c: "" for c in COLUMNS}
+    row.update(
+        part=part, n=n, rounds=rounds, variant=variant, wall_s=round(wall, 3), cpu_s=round(cpu, 3),
+        wall_per_round_s=round(per_round if per_round is not None else wall / rounds, 4),
+    )
+    for key, value in extra.items():
+        row[key] = round(value, 6) if isinstance(value, float) else value
+    if not row["peak_rss_mib"]:
+        row["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    return row
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def _worker(task: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(task["threads"])
+    kind = task.pop("part")
+    run = {"ratio": part_ratio, "scale": part_scale, "reference": part_reference}[kind]
+    rows = run(**task)
+    print("RESULT " + json.dumps(rows), flush=True)
+
+
+def _spawn(task: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one part in a fresh interpreter; its stdout's RESULT line is the answer."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"part {task} failed (exit {done.returncode}):\n{done.stdout[-2000:]}")
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    shown = ["part", "n", "rounds", "variant", "wall_s", "cpu_s", "wall_per_round_s",
+             "ratio_wall", "ratio_cpu", "peak_rss_mib", "max_param_diff"]
+    cells = [[str(r[c]) for c in shown] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(shown)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(shown, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    notes = [f"- {r['part']} n={r['n']} {r['variant']}: {r['note']}" for r in rows if r["note"]]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratio = [r for r in rows if r["part"] == "ratio"]
+    sizes = sorted({r["n"] for r in ratio})
+    if not sizes:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.38
+    for offset, variant in ((-width / 2, "bare batched compute"), (width / 2, "simulator")):
+        values = [next(r["wall_per_round_s"] for r in ratio if r["n"] == n and r["variant"] == variant) for n in sizes]
+        ax.bar([i + offset for i in range(len(sizes))], values, width, label=variant)
+    for i, n in enumerate(sizes):
+        sim_row = next(r for r in ratio if r["n"] == n and r["variant"] == "simulator")
+        ax.annotate(f"x{sim_row['ratio_wall']:.2f}", (i + width / 2, sim_row["wall_per_round_s"]),
+                    ha="center", va="bottom")
+    ax.set_xticks(range(len(sizes)), [f"N={n:,}" for n in sizes])
+    ax.set_ylabel("wall seconds per round")
+    ax.set_title("D-PSGD, MNIST MLP, 4-regular: simulator vs bare compute")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke: digits, small N, few rounds")
+    parser.add_argument("--parts", default="ratio,scale,reference", help="comma-separated subset")
+    parser.add_argument("--sizes", default="1000,10000", help="N for the ratio part")
+    parser.add_argument("--ratio-rounds", type=int, default=None, help="rounds per size (default 20 / 5 at >= 5,000)")
+    parser.add_argument("--scale-n", type=int, default=10_000)
+    parser.add_argument("--scale-rounds", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-peers", type=int, default=100, help="peers sampled for evaluation")
+    parser.add_argument("--eval-test", type=int, default=1000, help="test images sampled for evaluation")
+    parser.add_argument("--reference-n", type=int, default=100)
+    parser.add_argument("--reference-rounds", type=int, default=20)
+    parser.add_argument("--dataset", default=None, help="default mnist (digits with --quick)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV path (PNG beside it)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(json.loads(args.worker))
+        return
+    if args.quick:
+        args.sizes, args.scale_n, args.scale_rounds = "60,120", 200, 6
+        args.eval_every, args.eval_peers, args.eval_test = 3, 20, 200
+        args.reference_n, args.reference_rounds = 16, 4
+        args.ratio_rounds = args.ratio_rounds or 4
+        if args.out == DEFAULT_OUT:
+            args.out = DEFAULT_OUT.with_name("sim_scale_quick.csv")
+    dataset = args.dataset or ("digits" if args.quick else "mnist")
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - {"ratio", "scale", "reference"}
+    if unknown:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    common = {"dataset": dataset, "threads": args.threads}
+    tasks: list[dict[str, Any]] = []
+    if "ratio" in parts:
+        for n in (int(s) for s in args.sizes.split(",")):
+            rounds = args.ratio_rounds or (5 if n >= 5000 else 20)
+            tasks.append({"part": "ratio", "n": n, "rounds": rounds, **common})
+    if "scale" in parts:
+        tasks.append({"part": "scale", "n": args.scale_n, "rounds": args.scale_rounds,
+                      "eval_every": args.eval_every, "eval_peers": args.eval_peers,
+                      "eval_test": args.eval_test, **common})
+    if "reference" in parts:
+        tasks.append({"part": "reference", "n": args.reference_n, "rounds": args.reference_rounds, **common})
+
+    print(f"# sim_scale on {platform.node()} ({os.cpu_count()} cores), python {platform.python_version()}, "
+          f"dataset {dataset}, {args.threads} torch thread(s) per process", flush=True)
+    rows: list[dict[str, Any]] = []
+    for task in tasks:
+        label = f"{task['part']} n={task['n']} rounds={task['rounds']}"
+        print(f"# running {label} ...", flush=True)
+        started = time.perf_counter()
+        rows += _spawn(dict(task))
+        print(f"#   done in {time.perf_counter() - started:.0f}s", flush=True)
+    print()
+    print(_table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(rows, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
