@@ -215,3 +215,8 @@ class TestGossip:
         effects = p.handle(MessageReceived(1.0, "b", Message("model", 0, vec(4.0), {"age": "x"})))
         assert Record("dropped.bad_age", 1.0) in effects
         assert not of_type(effects, Train)
+        # an incredible age would let one message overwrite the model
+        effects = p.handle(MessageReceived(1.0, "b", Message("model", 0, vec(4.0), {"age": 1e12})))
+        assert Record("dropped.bad_age", 1.0) in effects
+        effects = p.handle(MessageReceived(1.0, "zz", Message("model", 0, vec(4.0), {"age": 1.0})))
+        assert Record("dropped.not_neighbour", 1.0) in effects

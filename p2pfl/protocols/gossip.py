@@ -63,12 +63,16 @@ class GossipLearning(Protocol):
         *,
         period: float = 1.0,
         local_steps: int = 1,
+        max_age_lead: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(peer_id, params, neighbours, local_steps=local_steps, seed=seed)
         if period <= 0:
             raise ValueError(f"period must be > 0, got {period}")
         self.period = period
+        #: how much older than ours a received model may claim to be (default: what
+        #: 1,000 gossip periods of training could add); beyond it the age is not credible
+        self.max_age_lead = max_age_lead if max_age_lead is not None else 1000.0 * local_steps
         self.age = 0.0
         self.training = False
         self.pending: tuple[torch.Tensor, float] | None = None
@@ -108,8 +112,11 @@ class GossipLearning(Protocol):
         message = event.message
         if message.kind != MODEL or message.params is None:
             return []
+        if event.sender not in self.neighbours:
+            return [Record("dropped.not_neighbour", 1.0)]
         age = message.meta.get("age", 0.0)
-        if not isinstance(age, int | float) or age < 0:
+        if not isinstance(age, int | float) or not 0 <= age <= self.age + self.max_age_lead:
+            # An age far beyond ours would let one message overwrite our model.
             return [Record("dropped.bad_age", 1.0)]
         if self.training:
             self.pending = (message.params, float(age))
