@@ -224,7 +224,7 @@ def part_scale(
     run_wall, run_cpu = _since(run_start)
     accuracy = " ".join(f"r{r['round']}={r['acc_mean']:.3f}" for r in rows)
     evaluated = rows[-1]["peers_evaluated"], rows[-1]["test_samples"]
-    eval_time = sum(r.get("eval_seconds", 0.0) for r in rows)
+    eval_time = simulation.evaluator.seconds
     note = (
         f"build {build_wall:.1f}s + run {run_wall:.1f}s; accuracy of {evaluated[0]} sampled peers "
         f"on {evaluated[1]} test images: {accuracy}"

@@ -67,7 +67,7 @@ from p2pfl.protocols.registry import build_protocol, make_aggregate
 from p2pfl.protocols.synchronous import SynchronousRoundProtocol
 from p2pfl.security import GuardConfig, PeerGuard, SequenceNumbers
 from p2pfl.transport.base import Transport, TransportError
-from p2pfl.wire import DropReason, WireError, WireLimits, encode
+from p2pfl.wire import DropReason, Envelope, WireError, WireLimits, encode
 
 log = logging.getLogger("p2pfl.node")
 
@@ -76,6 +76,9 @@ HELLO = "hello"
 STATUS_NAME = "status.json"
 #: distinct neighbours that must be far ahead before a round-based protocol jumps ahead
 CATCH_UP_QUORUM = 2
+#: protocol messages kept while still discovering (a peer that found everyone first
+#: sends its round-0 model before we start); they are handled once the protocol starts
+EARLY_MESSAGES = 16
 
 
 class Node:
@@ -119,6 +122,7 @@ class Node:
         self._down: set[str] = set()
         #: peers found by the transport (mDNS) that we dialled and greeted
         self._greeted: set[str] = set()
+        self._early: list[tuple[str, Envelope]] = []
         self.graph: PeerGraph | None = None
         if config.network.topology_file:
             self.graph = PeerGraph.from_file(config.network.topology_file)
@@ -384,6 +388,9 @@ class Node:
             self.data_size,
         )
         self._handle(Start(self._now()))
+        early, self._early = self._early, []
+        for sender, envelope in early:
+            self._deliver(sender, envelope)
         if self.config.network.ping_interval > 0:
             self._spawn(self._liveness())
 
@@ -506,8 +513,14 @@ class Node:
             if envelope.message.kind == HELLO:
                 self._on_hello(sender, envelope.message.meta)
             return
-        if self.protocol is None:
-            return  # still discovering: the sender's round timer covers this
+        if self.protocol is None:  # still discovering: keep a few for the start
+            if len(self._early) < EARLY_MESSAGES:
+                self._early.append((sender, envelope))
+            return
+        self._deliver(sender, envelope)
+
+    def _deliver(self, sender: str, envelope: Envelope) -> None:
+        assert self.protocol is not None
         if envelope.protocol != self.protocol.name:
             self.guard.record_drop(
                 sender,
