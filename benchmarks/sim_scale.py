@@ -12,8 +12,10 @@ Three parts, each in a fresh subprocess (so its peak memory is its own):
     Metropolis-Hastings matrix times the ``(N, d)`` parameter stack, by chunks of peers,
     each chunk trained straight from its mixed rows) with no simulator around them --
     against the simulator doing the same rounds (build excluded, no evaluation). Both
-    start from the same parameters and seeds, so their final models must agree: the
-    largest difference is reported. Target: simulator / bare <= 1.5.
+    run ``--warm-up`` rounds untimed first (the first touch of a gigabyte of fresh memory
+    is a one-off cost the long run pays once), then the timed rounds. Both start from the
+    same parameters and seeds, so their final models must agree: the largest difference
+    is reported. Target: simulator / bare <= 1.5.
 ``scale``
     One long run (``--scale-n`` peers, ``--scale-rounds`` rounds) through
     ``run_simulation``, evaluating a fixed random sample of ``--eval-peers`` peers on a
@@ -136,12 +138,14 @@ def _final_params(simulation: Any, peers: list[int]) -> Any:
 # ------------------------------------------------------------------------------ parts
 
 
-def bare_compute(simulation: Any, rounds: int) -> tuple[tuple[float, float], Any]:
-    """The simulated work without the simulator: train, then mix, ``rounds`` times.
+def bare_compute(simulation: Any, rounds: int, warm_up: int) -> tuple[tuple[float, float], Any]:
+    """The simulated work without the simulator: train, then mix, round after round.
 
     Chunk by chunk of peers, the chunk's mixed rows (``W[chunk] @ T``, a sparse product)
     are trained straight into the next parameter stack, which is double-buffered and so
-    allocated once. Returns (wall, cpu) seconds and the final ``(N, d)`` parameters.
+    allocated once. The first ``warm_up`` rounds are not timed (first touch of memory);
+    ``rounds`` more are. Returns (wall, cpu) seconds and the final mixed parameters of the
+    peers in chunks, a list of ``(first peer, tensor)``.
     """
     import numpy as np
     import torch
@@ -159,39 +163,57 @@ def bare_compute(simulation: Any, rounds: int) -> tuple[tuple[float, float], Any
     stacks = [np.empty((n, dim), dtype=np.float32) for _ in range(2)]
     trained: np.ndarray | None = None
     start = _clock()
-    for r in range(rounds):
+    for r in range(warm_up + rounds):
+        if r == warm_up:
+            start = _clock()
         out = torch.from_numpy(stacks[r % 2])
         for a, b, rows in blocks:
             source = init[a:b] if trained is None else torch.from_numpy(rows @ trained)
             trainer.train_batched(source, samplers[a:b], steps, chunk=b - a, out=out[a:b])
         trained = stacks[r % 2]
     assert trained is not None
-    final = np.concatenate([rows @ trained for _, _, rows in blocks])
-    return _since(start), torch.from_numpy(final)
+    final = [(a, torch.from_numpy(rows @ trained)) for a, _, rows in blocks]
+    return _since(start), final
 
 
-def part_ratio(n: int, rounds: int, dataset: str, threads: int) -> list[dict[str, Any]]:
+def _pick(chunks: list[tuple[int, Any]], peers: list[int]) -> Any:
+    import torch
+
+    def row(peer: int) -> Any:
+        first, values = max((c for c in chunks if c[0] <= peer), key=lambda c: c[0])
+        return values[peer - first]
+
+    return torch.stack([row(p) for p in peers])
+
+
+def part_ratio(n: int, rounds: int, warm_up: int, dataset: str, threads: int) -> list[dict[str, Any]]:
     import torch
 
     from sim.runner import build_simulation
     from sim.scenario import scenario_from_dict
 
-    raw = scenario(n, rounds, dataset=dataset, threads=threads)
+    raw = scenario(n, warm_up + rounds, dataset=dataset, threads=threads)
     bare_sim = build_simulation(scenario_from_dict(raw))
     _warm_up(bare_sim)
-    (bare_wall, bare_cpu), bare_final = bare_compute(bare_sim, rounds)
+    (bare_wall, bare_cpu), bare_final = bare_compute(bare_sim, rounds, warm_up)
     del bare_sim
 
     build_start = _clock()
     simulation = build_simulation(scenario_from_dict(raw))
     build_wall, _ = _since(build_start)
+    engine = simulation.engine
+    engine.rounds = warm_up  # run the warm-up rounds untimed, as for the bare compute
+    warm_start = _clock()
+    engine.run()
+    warm_wall, _ = _since(warm_start)
+    engine.rounds = warm_up + rounds
     start = _clock()
     _run_engine(simulation)
     sim_wall, sim_cpu = _since(start)
     sample = sorted({0, n // 3, n // 2, n - 1})
-    diff = float((bare_final[sample] - _final_params(simulation, sample)).abs().max())
-    engine = simulation.engine
+    diff = float((_pick(bare_final, sample) - _final_params(simulation, sample)).abs().max())
     note = (
+        f"timed rounds {warm_up + 1}..{warm_up + rounds} (warm-up {warm_wall:.1f}s); "
         f"{engine.events_processed} events, {engine.executor.batches_run} training calls, "
         f"{engine.executor.mixer.products} mixing products; build {build_wall:.1f}s; "
         f"torch threads {torch.get_num_threads()}"
@@ -286,14 +308,21 @@ def _row(
 # ------------------------------------------------------------------------------ driver
 
 
-def _worker(task: dict[str, Any]) -> None:
+def _run_in_process(task: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(task["threads"])
-    kind = task.pop("part")
-    run = {"ratio": part_ratio, "scale": part_scale, "reference": part_reference}[kind]
-    rows = run(**task)
-    print("RESULT " + json.dumps(rows), flush=True)
+    try:
+        kind = task.pop("part")
+        run = {"ratio": part_ratio, "scale": part_scale, "reference": part_reference}[kind]
+        return run(**task)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _worker(task: dict[str, Any]) -> None:
+    print("RESULT " + json.dumps(_run_in_process(task)), flush=True)
 
 
 def _spawn(task: dict[str, Any]) -> list[dict[str, Any]]:
@@ -352,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="CI smoke: digits, small N, few rounds")
     parser.add_argument("--parts", default="ratio,scale,reference", help="comma-separated subset")
     parser.add_argument("--sizes", default="1000,10000", help="N for the ratio part")
-    parser.add_argument("--ratio-rounds", type=int, default=None, help="rounds per size (default 20 / 5 at >= 5,000)")
+    parser.add_argument("--ratio-rounds", type=int, default=None, help="timed rounds per size (default 20; 8 at N >= 5,000)")
+    parser.add_argument("--warm-up", type=int, default=2, help="untimed rounds before the ratio's timed ones")
     parser.add_argument("--scale-n", type=int, default=10_000)
     parser.add_argument("--scale-rounds", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=25)
@@ -363,16 +393,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default=None, help="default mnist (digits with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV path (PNG beside it)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the parts in this process (peak memory is then shared); --quick implies it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(json.loads(args.worker))
         return
     if args.quick:
+        args.in_process = True
         args.sizes, args.scale_n, args.scale_rounds = "60,120", 200, 6
         args.eval_every, args.eval_peers, args.eval_test = 3, 20, 200
         args.reference_n, args.reference_rounds = 16, 4
         args.ratio_rounds = args.ratio_rounds or 4
+        args.warm_up = min(args.warm_up, 1)
         if args.out == DEFAULT_OUT:
             args.out = DEFAULT_OUT.with_name("sim_scale_quick.csv")
     dataset = args.dataset or ("digits" if args.quick else "mnist")
@@ -384,8 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     tasks: list[dict[str, Any]] = []
     if "ratio" in parts:
         for n in (int(s) for s in args.sizes.split(",")):
-            rounds = args.ratio_rounds or (5 if n >= 5000 else 20)
-            tasks.append({"part": "ratio", "n": n, "rounds": rounds, **common})
+            rounds = args.ratio_rounds or (8 if n >= 5000 else 20)
+            tasks.append({"part": "ratio", "n": n, "rounds": rounds, "warm_up": args.warm_up, **common})
     if "scale" in parts:
         tasks.append({"part": "scale", "n": args.scale_n, "rounds": args.scale_rounds,
                       "eval_every": args.eval_every, "eval_peers": args.eval_peers,
@@ -400,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         label = f"{task['part']} n={task['n']} rounds={task['rounds']}"
         print(f"# running {label} ...", flush=True)
         started = time.perf_counter()
-        rows += _spawn(dict(task))
+        rows += _run_in_process(dict(task)) if args.in_process else _spawn(dict(task))
         print(f"#   done in {time.perf_counter() - started:.0f}s", flush=True)
     print()
     print(_table(rows))

@@ -1,4 +1,4 @@
-"""The ``p2pfl`` command line: ``sim``, ``node``, ``topo``, ``data``, ``report``.
+"""The ``p2pfl`` command line: ``sim``, ``sweep``, ``node``, ``topo``, ``data``, ``report``.
 
 Errors a user can fix (a bad scenario, a missing dataset) are printed as one line and
 exit with status 2; a traceback means a bug.
@@ -85,6 +85,35 @@ def sim(
     print(
         f"final mean accuracy {last['acc_mean']:.4f} after {last['round']} rounds; results in {run_dir}"
     )
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="sweep TOML file (see examples/resilience/)")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="override a key of the base scenario: --set rounds=5"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="sweep folder (default: runs/<name>-...)")] = None,
+    resume: Annotated[bool, typer.Option(help="reuse the finished cells found in --out")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Run attacks x defences x fractions of a base scenario; write results.csv and heatmaps."""
+    setup_logging(False)
+    from p2pfl.learning import DatasetUnavailable
+    from sim.scenario import ScenarioError
+    from sim.sweep import load_sweep, results_table, run_sweep
+
+    try:
+        config, base = load_sweep(sweep_file, set_ or [])
+        folder, rows = run_sweep(
+            config, base, out_dir=out, resume=resume, show_progress=not quiet, console=console
+        )
+    except (ScenarioError, DatasetUnavailable) as error:
+        _fail(f"{sweep_file}: {error}")
+        return
+    Console().print(results_table(rows, config.name))
+    print(f"{len(rows)} cells; results in {folder}/results.csv")
 
 
 @app.command()

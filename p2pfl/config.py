@@ -99,13 +99,44 @@ class ModestConfig(_ProtocolBase):
     ping_timeout: float = Field(0.5, gt=0)
     aggregation_timeout: float = Field(5.0, gt=0)
     min_aggregation_count: int = Field(1, ge=1)
+    #: period of the idle watchdog that restarts a lost round; default 4 * aggregation_timeout
+    idle_timeout: float | None = Field(None, gt=0)
+
+
+class SybilWallConfig(_ProtocolBase):
+    """D-PSGD rounds; neighbours weighted by SybilWall scores of their update histories."""
+
+    name: Literal["sybilwall"]
+    round_timeout: float = Field(5.0, gt=0)
+    #: a stored history ``hops`` away is gossiped with weight ``gossip_decay ** hops``
+    gossip_decay: float = Field(0.5, gt=0, le=1)
+    #: gossiped (non-neighbour) histories kept; 0 turns history gossip off
+    max_known: int = Field(16, ge=0)
+    kappa: float = Field(1.0, gt=0)
+
+
+class BristleConfig(_ProtocolBase):
+    """D-PSGD rounds over the output layer only, on a shared frozen feature extractor."""
+
+    name: Literal["bristle"]
+    round_timeout: float = Field(5.0, gt=0)
+    keep_closest: int = Field(4, ge=0)
+    n_random: int = Field(1, ge=0)
+    #: recall gap (absolute) at which a peer's class weight reaches 0
+    tolerance: float = Field(0.1, ge=0)
+    #: size of each peer's local test set (drawn from its own data)
+    probe_samples: int = Field(50, ge=1)
+    #: the shared feature extractor: SGD steps on a public split of this many samples
+    pretrain_samples: int = Field(1000, ge=1)
+    pretrain_steps: int = Field(200, ge=0)
 
 
 ProtocolConfig = Annotated[
-    DPSGDConfig | EpidemicConfig | GossipConfig | ModestConfig, Field(discriminator="name")
+    DPSGDConfig | EpidemicConfig | GossipConfig | ModestConfig | SybilWallConfig | BristleConfig,
+    Field(discriminator="name"),
 ]
 
-PROTOCOL_NAMES = ("dpsgd", "epidemic", "gossip", "modest")
+PROTOCOL_NAMES = ("dpsgd", "epidemic", "gossip", "modest", "sybilwall", "bristle")
 
 
 class NodeNetworkConfig(Strict):

@@ -190,6 +190,8 @@ class Node:
                 await self._discover()
             self._start_protocol(checkpoint)
             await self._done.wait()
+            if self.rounds_done >= self.config.rounds:
+                await self._leave()
         finally:
             await self._shutdown()
         return self.status()
@@ -198,6 +200,26 @@ class Node:
         """Ask the node to stop after saving its state (signal handlers call this)."""
         log.info("stopping")
         self._done.set()
+
+    async def _leave(self) -> None:
+        """Done for good: a protocol that tracks its population (MoDeST) says goodbye.
+
+        Only after the configured rounds: a node stopped by a signal keeps its place and
+        resumes from its checkpoint; the others pass over it meanwhile. A model still on
+        its way out (an aggregate just made) gets up to ``send_timeout`` to leave first.
+        """
+        leave = getattr(self.protocol, "leave", None)
+        if self.protocol is None or leave is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.network.send_timeout
+        while not getattr(self.protocol, "settled", True) and loop.time() < deadline:
+            await asyncio.sleep(0.05)  # the protocol keeps handling pongs meanwhile
+        name = self.protocol.name
+        sends = [effect for effect in leave(self._now()) if isinstance(effect, Send)]
+        await asyncio.gather(
+            *(self._send_bytes(e.to, e.message, name) for e in sends), return_exceptions=True
+        )
 
     async def _shutdown(self) -> None:
         self._stopping = True

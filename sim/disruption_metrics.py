@@ -145,6 +145,8 @@ def plot_disruption_run(
         markersize=4,
         label="isolated peers",
     )
+    if any("acc_without_data" in r for r in rows):  # relay-only peers, measured apart
+        top.plot(rounds, column("acc_without_data"), linestyle="--", label="peers without data")
     top.set(ylabel="test accuracy", title=title, ylim=(0, 1))
     top.grid(alpha=0.3)
     top.legend(loc="lower right", fontsize=7)

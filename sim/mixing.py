@@ -51,6 +51,12 @@ __all__ = [
     "plain",
 ]
 
+try:  # scipy's kernel for ``Y += A @ X`` (what ``A @ X`` runs on zeros): a chunk whose
+    # rows come from two buffers then accumulates both products in place.
+    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
+except ImportError:  # pragma: no cover - a scipy that moved it: the public product still works
+    _csr_matvecs = None
+
 # A row's key packs (arena buffer, row in it) into one int: resolving 10,000 mixes is then
 # a few numpy operations on an int64 array instead of a Python loop per row.
 _ROW_BITS = 32
@@ -386,12 +392,11 @@ class Mixer:
             np.cumsum(per_mix, out=indptr[1:])
             # CSR needs neither sorted nor unique columns for a product: build it as is.
             matrix = sp.csr_array((data, cols, indptr), shape=(len(mixes), source.shape[0]))
-            product = matrix @ source
-            self.products += 1
             if out is None:
-                out = product
+                out = matrix @ source
             else:
-                out += product
+                _accumulate(matrix, source, out)
+            self.products += 1
         assert out is not None
         chunk = torch.from_numpy(out)
         for position, mix in enumerate(mixes):
@@ -409,6 +414,16 @@ class Mixer:
         if uniform is None:
             uniform = self._uniform[count] = torch.full((count,), 1.0 / count)
         return uniform
+
+
+def _accumulate(matrix: sp.csr_array, source: np.ndarray, out: np.ndarray) -> None:
+    """``out += matrix @ source`` without a temporary when scipy's kernel is reachable."""
+    if _csr_matvecs is None or source.dtype != out.dtype or matrix.dtype != out.dtype:
+        out += matrix @ source
+        return
+    rows, cols = matrix.shape
+    _csr_matvecs(rows, cols, source.shape[1], matrix.indptr, matrix.indices, matrix.data,
+                 source.ravel(), out.ravel())
 
 
 def deferred_aggregate(mixer: Mixer | None, inner: AggregateFn | None) -> AggregateFn | None:

@@ -34,6 +34,7 @@ from p2pfl.learning import (
 from p2pfl.learning.sampler import derive_seed  # noqa: F401 - kept importable from here
 from p2pfl.protocols.base import Protocol
 from p2pfl.protocols.registry import ROUND_PROGRESS, build_protocol, make_aggregate
+from sim.adversary import Adversary, plan_adversary, prepare_defence
 from sim.disruptions import DisruptionRuntime, install_disruptions
 from sim.engine import Engine
 from sim.metrics import Evaluator, write_csv
@@ -63,6 +64,7 @@ class Simulation:
     events: list[tuple[float, str]] = field(default_factory=list)
     wall_time: float = 0.0
     disruptions: DisruptionRuntime | None = None
+    adversary: Adversary | None = None
 
 
 def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> Simulation:
@@ -76,6 +78,7 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
             require_connected(graph, purpose=f"{scenario.protocol.name} over topology.kind={topo.kind!r}")
     except TopologyError as error:
         raise ScenarioError(f"topology: {error}") from None
+    graph, adversary = plan_adversary(scenario, graph)  # Byzantine peers, Sybil identities
     n = graph.number_of_nodes()
     peer_ids = [f"p{i}" for i in range(n)]
 
@@ -84,7 +87,7 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
     rng = np.random.default_rng([seed, 0xDA7A])
     n_relays = int(round(scenario.data.relay_fraction * n))
     relays = np.sort(rng.choice(n, n_relays, replace=False)) if n_relays else np.zeros(0, int)
-    holders = np.setdiff1d(np.arange(n), relays)
+    holders = np.setdiff1d(np.setdiff1d(np.arange(n), relays), adversary.sybils)
     parts = partition(
         dataset.y_train.numpy(),
         len(holders),
@@ -110,7 +113,8 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
         batch_size=scenario.data.batch_size,
         weight_decay=mc.weight_decay,
     )
-    init = trainer.init_params(seed)
+    # robust protocols' set-up: Bristle's shared pre-trained extractor and probe sets
+    init, protocol_extras = prepare_defence(scenario, trainer, dataset, samplers, trainer.init_params(seed))
 
     protocol_cfg = scenario.protocol
     mixing = None
@@ -137,6 +141,7 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
                 mixing_weights=weights,
                 aggregate=aggregate,
                 seed=seed,
+                extras=protocol_extras(i),
             )
         )
 
@@ -172,8 +177,14 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
         seed=seed,
     )
     simulation = Simulation(scenario, engine, evaluator, dataset, trainer, peer_ids, graph, relays, data_sizes)
+    simulation.adversary = adversary.install(simulation)  # None when there is no attack
     simulation.disruptions = install_disruptions(simulation)  # None when there are none
     late = simulation.disruptions.late_joiners if simulation.disruptions else set()
+    if late:  # protocols that learn their population (MoDeST) must not know them yet
+        absent = [peer_ids[i] for i in sorted(late)]
+        for protocol in protocols:
+            if hasattr(protocol, "withhold"):
+                protocol.withhold(absent)
     for i in range(n):
         if i not in late:
             engine.start_peer(i, 0.0)
@@ -199,6 +210,8 @@ def run_simulation(
         row = simulation.evaluator.measure(engine, round_)
         if simulation.disruptions is not None:
             row.update(simulation.disruptions.measure())
+        if simulation.adversary is not None:
+            row.update(simulation.adversary.measure())
         simulation.rows.append(row)
         for listener in listeners:
             listener(row)

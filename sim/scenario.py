@@ -24,6 +24,7 @@ from p2pfl.config import (
     Strict,
     apply_overrides,
 )
+from sim.adversary import AttackConfig
 from sim.disruptions import DISRUPTION_KINDS, DisruptionList
 
 
@@ -72,6 +73,8 @@ class Scenario(Strict):
     sim: SimConfig = Field(default_factory=SimConfig)
     #: ``[[disruptions]]`` tables: crashes, outages, partitions, batteries... (sim.disruptions)
     disruptions: DisruptionList = Field(default_factory=list)
+    #: ``[attack]``: Byzantine peers, Sybil identities and what they do (sim.adversary)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Scenario:

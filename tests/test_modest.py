@@ -311,7 +311,7 @@ def test_protocol_skips_a_silent_candidate_after_ping_timeout() -> None:
     p = make(me, ids, num_aggregators=1, sample_size=1)
     effects = p.handle(Start(0.0))
     assert [s.to for s in sends(effects, "ping")] == [order[0]]
-    timer = of_type(effects, SetTimer)[0]
+    [timer] = [t for t in of_type(effects, SetTimer) if t.name.startswith("modest.ping")]
     assert timer.at == pytest.approx(0.5)
     effects = p.handle(TimerFired(0.5, timer.name))
     assert [s.to for s in sends(effects, "ping")] == [order[1]]
@@ -406,15 +406,22 @@ def test_weights_and_custom_aggregate_are_used() -> None:
     p = aggregator(ids, success_fraction=0.5, aggregate=first_row)
     p.handle(MessageReceived(1.0, ids[1], model(5, 1.0, w=10)))
     p.handle(MessageReceived(1.0, ids[2], model(5, 3.0, w=30)))
-    # the aggregator sent no model: its own (zeros) is a weight-0 reference row
+    # the aggregator sent no model: its own (zeros) is a weight-0 reference row; the
+    # weights come normalised, so a bare ``weights @ stack`` is the weighted mean
     assert seen["n"] == 3 and seen["own"] == 2
-    assert seen["weights"].tolist() == [10.0, 30.0, 0.0]
+    assert seen["weights"].tolist() == [0.25, 0.75, 0.0]
     assert torch.allclose(p.params, torch.ones(4))
 
     q = aggregator(ids, success_fraction=0.5)
     q.handle(MessageReceived(1.0, ids[1], model(5, 1.0, w=10)))
     q.handle(MessageReceived(1.0, ids[2], model(5, 5.0, w=30)))
     assert torch.allclose(q.params, torch.full((4,), 4.0))  # (10*1 + 30*5) / 40
+
+    # unnormalised-weight semantics of the simulator's deferred mean give the same
+    bare = aggregator(ids, success_fraction=0.5, aggregate=lambda s, w, o: w @ s)
+    bare.handle(MessageReceived(1.0, ids[1], model(5, 1.0)))
+    bare.handle(MessageReceived(1.0, ids[2], model(5, 5.0)))
+    assert torch.allclose(bare.params, torch.full((4,), 3.0))
 
     # the aggregator's own trained model is a row of its own: own_index points to it
     r = aggregator(ids, success_fraction=0.5, aggregate=first_row)
@@ -635,3 +642,82 @@ def test_a_peer_seen_as_left_reasserts_itself() -> None:
     assert p.view[ids[0]] == ViewEntry(1, False, 2)
     announcements = sends(effects, "join")
     assert announcements and all(a.message.meta["entry"] == [1, 0, 2] for a in announcements)
+
+
+# --------------------------------------------------------------------------- the idle watchdog
+
+
+def idle_peer(ids: list[str], at: int) -> tuple[ModestProtocol, list[Effect]]:
+    """A peer that joined a system at round ``at`` and was not sampled since."""
+    p = make(ids[0], ids, joining=True, idle_timeout=10.0)
+    p.handle(Start(0.0))
+    view = {"view": PopulationView.of(ids).to_wire(), "at": at, "done": at}
+    p.handle(MessageReceived(0.1, ids[1], Message("view", at, None, view)))
+    assert p.round == at
+    assert p.handle(TimerFired(10.0, "modest.idle")) == [SetTimer("modest.idle", 20.0)]
+    effects = p.handle(TimerFired(20.0, "modest.idle"))  # nothing moved for a whole period
+    assert Record("modest.restarts", 1.0) in effects
+    return p, effects
+
+
+def answer_pings(p: ModestProtocol, effects: list[Effect], at: int) -> list[Effect]:
+    out: list[Effect] = []
+    for ping in sends(effects, "ping"):
+        meta = {"at": at, "done": at}
+        out += p.handle(MessageReceived(20.1, ping.to, Message("pong", ping.message.round, None, meta)))
+    return out
+
+
+def test_idle_peer_restarts_a_stalled_round_with_its_model() -> None:
+    ids = peers(8)
+    p, effects = idle_peer(ids, at=3)
+    assert {s.message.round for s in sends(effects, "ping")} == {4}
+    out = answer_pings(p, effects, at=3)  # everybody is still at round 3: stuck
+    trains = sends(out, "train")
+    assert all(s.message.round == 4 and s.message.params is p.params for s in trains)
+    sample = derive_candidates(p.view, 4)[:4]  # sample_size 4, everybody answered
+    assert {s.to for s in trains} == set(sample) - {p.peer_id}
+
+
+def test_idle_restart_is_abandoned_when_the_system_is_ahead() -> None:
+    ids = peers(8)
+    p, effects = idle_peer(ids, at=3)
+    out = answer_pings(p, effects, at=9)  # the system went on without us: not stuck
+    assert not sends(out, "train") and Record("modest.restarts_abandoned", 1.0) in out
+    assert p.round == 9 and p.settled
+
+
+def test_a_fresh_peer_that_finds_the_system_past_round_one_joins() -> None:
+    ids = peers(6)
+    p = make("fresh", ["fresh", *ids], num_aggregators=1)
+    effects = p.handle(Start(0.0))
+    [ping] = sends(effects, "ping")
+    meta = {"at": 7, "done": 6}
+    out = p.handle(MessageReceived(0.1, ping.to, Message("pong", 1, None, meta)))
+    assert p.joining and sends(out, "join") and p.round == 7
+
+
+def test_peers_that_finish_and_leave_do_not_strand_the_others() -> None:
+    """Like real nodes: a peer leaves as soon as it completed round R - 1, even if it was
+    the aggregator whose model was still to be sent; the last peers restart the lost round."""
+    rounds = 12
+    ids = peers(5)
+    protocols = {
+        p: make(p, ids, sample_size=3, num_aggregators=1, success_fraction=0.6, idle_timeout=3.0)
+        for p in ids
+    }
+
+    class LeavingLoop(Loop):
+        def apply(self, peer: str, effects: list[Effect]) -> None:
+            super().apply(peer, effects)
+            finished = any(isinstance(e, RoundCompleted) and e.round + 1 >= rounds for e in effects)
+            if finished and peer not in self.crashed:
+                super().apply(peer, self.protocols[peer].leave(self.now))
+                self.crashed.add(peer)  # the process exits
+
+    loop = LeavingLoop(protocols, loud_failures=True)
+    for p in ids:
+        loop.start(p)
+    loop.run(until=300.0, stop=lambda: loop.crashed == set(ids))
+    assert loop.crashed == set(ids), {p: loop.completed[p][-1:] for p in ids}
+    assert loop.records["modest.restarts"] >= 1

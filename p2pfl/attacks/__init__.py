@@ -6,9 +6,13 @@
   Byzantine peer sends (sign flip, Gaussian, scaling, ALIE, IPM, free rider);
 - :mod:`~p2pfl.attacks.sybil`: one adversary with ``k`` identities;
 - :mod:`~p2pfl.attacks.registry`: ``get_attack(name, **params)``, each attack tagged with
-  ``kind`` "data" or "model" so a driver knows where to apply it.
+  ``kind`` "data" or "model" so a driver knows where to apply it;
+- :mod:`~p2pfl.attacks.behaviour`: :class:`ByzantineProtocol`, a sans-I/O wrapper that
+  turns an honest protocol object into a Byzantine peer (crafted sends, rushing,
+  isolation, colluding Sybil identities).
 """
 
+from p2pfl.attacks.behaviour import MODEL_KINDS, ByzantineProtocol, Collusion
 from p2pfl.attacks.data_poisoning import (
     Backdoor,
     LabelFlip,
@@ -42,9 +46,12 @@ from p2pfl.attacks.sybil import SybilGroup
 __all__ = [
     "ATTACKS",
     "ATTACK_KINDS",
+    "MODEL_KINDS",
     "Attack",
     "AttackKind",
     "Backdoor",
+    "ByzantineProtocol",
+    "Collusion",
     "LabelFlip",
     "ModelAttackContext",
     "SybilGroup",

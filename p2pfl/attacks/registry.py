@@ -146,6 +146,18 @@ def _backdoor(p: Mapping[str, Any]) -> Backdoor:
     return Backdoor(p["target_label"], p["fraction"], trigger)
 
 
+def _sybil_flip(p: Mapping[str, Any]) -> LabelFlip | TargetedLabelFlip:
+    """Every label flipped, or only ``source`` -> ``target`` when both are given."""
+    if (p["source"] is None) != (p["target"] is None):
+        raise ValueError("sybil_label_flip: give both source and target, or neither")
+    if p["source"] is None:
+        return LabelFlip(p["num_classes"])
+    for key in ("source", "target"):
+        if p[key] >= p["num_classes"]:
+            raise ValueError(f"sybil_label_flip: {key} must be < num_classes, got {p[key]}")
+    return TargetedLabelFlip(p["source"], p["target"])
+
+
 @dataclass(frozen=True)
 class _Spec:
     kind: AttackKind
@@ -177,11 +189,13 @@ _SPECS: dict[str, _Spec] = {
     ),
     "sybil_label_flip": _Spec(
         "data",
-        lambda p: LabelFlip(p["num_classes"]),
+        _sybil_flip,
         {
             "num_classes": (_REQUIRED, _int(2)),
             "identities": (10, _int(1)),
             "jitter": (0.0, _number(0.0)),
+            "source": (None, _optional(_int(0))),
+            "target": (None, _optional(_int(0))),
         },
     ),
     "sign_flip": _Spec(

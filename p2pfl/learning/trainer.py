@@ -79,6 +79,7 @@ class LocalTrainer:
         lr: float,
         batch_size: int,
         weight_decay: float = 0.0,
+        stacked: bool = True,
     ) -> None:
         if any(True for _ in model.buffers()):
             raise ValueError(
@@ -103,6 +104,8 @@ class LocalTrainer:
         self._activation = activation_numel(self._net, self.input_shape)
         self._peer_grad = vmap(grad_and_value(self._batch_loss))
         self._peer_logits = vmap(self._logits, in_dims=(0, None))
+        # Flatten/Linear/ReLU stacks (the MLP, logistic regression) skip vmap: see _StackedMLP.
+        self._stacked = _StackedMLP.from_module(self._net) if stacked else None
 
     @property
     def layout(self) -> ParamLayout:
@@ -241,10 +244,15 @@ class LocalTrainer:
                 x, y = self._gather_many(group)
                 if group_transforms is not None:
                     _apply_transforms(x, y, group_transforms)
-                grads, loss = self._peer_grad(source, x, y)
-                with torch.no_grad():
-                    for name, view in source.items():
-                        self._sgd_update(view, grads[name], out=target[name])
+                if self._stacked is not None:
+                    loss = self._stacked.step(
+                        source, target, x, y, lr=self.lr, weight_decay=self.weight_decay
+                    )
+                else:
+                    grads, loss = self._peer_grad(source, x, y)
+                    with torch.no_grad():
+                        for name, view in source.items():
+                            self._sgd_update(view, grads[name], out=target[name])
                 losses[start:stop] += loss
                 source = target  # later steps continue from the result, in place
         return out, losses / steps
@@ -286,6 +294,97 @@ class LocalTrainer:
             raise ValueError(
                 f"expected a parameter vector of {self.dim} values, got {tuple(params.shape)}"
             )
+
+
+class _StackedMLP:
+    """Loss and gradients of a Flatten/Linear/ReLU stack for many peers at once, by bmm.
+
+    Why not ``vmap(grad(...))``: for models this small, functorch's per-call machinery
+    costs more than the arithmetic (about 6 ms per call against 20 ms of compute for 150
+    MNIST-MLP peers, measured on a 2-core EPYC), and the simulator often trains a few
+    dozen peers at a time. Here each layer is one ``baddbmm`` forward and two ``bmm``
+    backward, with the formulas autograd applies (log-softmax cross-entropy, ReLU masked
+    by its output), so the gradients agree with the per-peer path within float rounding.
+    """
+
+    def __init__(self, layers: list[tuple[str, str | None, bool]]) -> None:
+        #: (weight name, bias name or None, ReLU after it) per Linear, input to output
+        self.layers = layers
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> _StackedMLP | None:
+        """The plan for ``module``, or ``None`` if it is not a plain Linear/ReLU stack."""
+        if type(module) is not nn.Sequential:
+            return None
+        layers: list[tuple[str, str | None, bool]] = []
+        children = list(module.named_children())
+        for position, (name, child) in enumerate(children):
+            if type(child) is nn.Flatten and position == 0 and child.start_dim == 1 and child.end_dim == -1:
+                continue
+            if type(child) is nn.Linear:
+                bias = f"{name}.bias" if child.bias is not None else None
+                layers.append((f"{name}.weight", bias, False))
+            elif type(child) is nn.ReLU and layers and not layers[-1][2]:
+                weight, bias, _ = layers[-1]
+                layers[-1] = (weight, bias, True)
+            else:
+                return None
+        if not layers or layers[-1][2]:
+            return None  # must end with the output Linear
+        return cls(layers)
+
+    def step(
+        self,
+        source: dict[str, torch.Tensor],
+        target: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        lr: float,
+        weight_decay: float,
+    ) -> torch.Tensor:
+        """One SGD step for every peer: ``target = source - lr * (grad + wd * source)``.
+
+        ``source[name]`` and ``target[name]`` have a leading peer dimension ``k`` (they
+        may be the same tensors); ``x`` is ``(k, batch, ...)`` and ``y`` ``(k, batch)``.
+        Each weight update is fused into the product that computes its gradient
+        (``baddbmm``), which saves writing and reading a gradient as large as the
+        weights. Returns each peer's loss before the step, ``(k,)``.
+        """
+        k, batch = y.shape
+        inputs = [x.reshape(k, batch, -1)]
+        h = inputs[0]
+        with torch.no_grad():
+            for position, (weight, bias, relu) in enumerate(self.layers):
+                w = source[weight].transpose(1, 2)
+                h = torch.baddbmm(source[bias].unsqueeze(1), h, w) if bias else torch.bmm(h, w)
+                if relu:
+                    h.clamp_(min=0)
+                if position < len(self.layers) - 1:
+                    inputs.append(h)
+            log_p = torch.log_softmax(h, dim=-1)
+            picked = log_p.gather(-1, y.unsqueeze(-1))
+            loss = -picked.squeeze(-1).mean(dim=1)
+            grad = log_p.exp_()  # softmax: log_p is not needed any more
+            grad.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(picked, -1.0)).div_(batch)
+            for position in range(len(self.layers) - 1, -1, -1):
+                weight, bias, _ = self.layers[position]
+                below = inputs[position]
+                old = source[weight]
+                down = torch.bmm(grad, old) if position else None  # before ``old`` changes
+                # p - lr * (g + wd * p) == (1 - lr * wd) * p - lr * g
+                torch.baddbmm(old, grad.transpose(1, 2), below, beta=1.0 - lr * weight_decay,
+                              alpha=-lr, out=target[weight])
+                if bias:
+                    step = grad.sum(dim=1)
+                    if weight_decay:
+                        step = step + weight_decay * source[bias]
+                    torch.sub(source[bias], step, alpha=lr, out=target[bias])
+                if down is not None:
+                    grad = down
+                    if self.layers[position - 1][2]:
+                        grad.mul_(below > 0)  # ReLU: ``below`` is its output
+        return loss
 
 
 def _apply_transforms(

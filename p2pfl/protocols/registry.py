@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from p2pfl.config import DPSGDConfig, EpidemicConfig, GossipConfig, ModestConfig, ProtocolConfig
+from p2pfl.config import (
+    BristleConfig,
+    DPSGDConfig,
+    EpidemicConfig,
+    GossipConfig,
+    ModestConfig,
+    ProtocolConfig,
+    SybilWallConfig,
+)
 from p2pfl.protocols.base import PeerId, Protocol
 from p2pfl.protocols.dpsgd import DPSGD
 from p2pfl.protocols.epidemic import EpidemicLearning
@@ -14,7 +23,14 @@ from p2pfl.protocols.gossip import GossipLearning
 from p2pfl.protocols.synchronous import AggregateFn
 
 #: how a simulator measures progress: every peer's round (min) or the system's (max)
-ROUND_PROGRESS = {"dpsgd": "min", "epidemic": "min", "gossip": "min", "modest": "max"}
+ROUND_PROGRESS = {
+    "dpsgd": "min",
+    "epidemic": "min",
+    "gossip": "min",
+    "modest": "max",
+    "sybilwall": "min",
+    "bristle": "min",
+}
 
 
 def make_aggregate(config: ProtocolConfig) -> AggregateFn | None:
@@ -36,7 +52,13 @@ def build_protocol(
     mixing_weights: Mapping[PeerId, float] | None = None,
     aggregate: AggregateFn | None = None,
     seed: int = 0,
+    extras: Mapping[str, Any] | None = None,
 ) -> Protocol:
+    """The protocol object ``config`` describes, for one peer.
+
+    ``extras`` are driver-supplied inputs some protocols need beyond the config: Bristle
+    needs ``output`` (an ``OutputLayer``), ``probe_features`` and ``probe_labels``.
+    """
     common = {"local_steps": config.local_steps, "seed": seed}
     if isinstance(config, DPSGDConfig):
         return DPSGD(
@@ -77,7 +99,46 @@ def build_protocol(
             ping_timeout=config.ping_timeout,
             aggregation_timeout=config.aggregation_timeout,
             min_aggregation_count=config.min_aggregation_count,
+            idle_timeout=config.idle_timeout,
             aggregate=aggregate,
+            **common,
+        )
+    if isinstance(config, SybilWallConfig):
+        from p2pfl.protocols.sybilwall import SybilWall
+
+        return SybilWall(
+            peer_id,
+            params,
+            neighbours,
+            gossip_decay=config.gossip_decay,
+            max_known=config.max_known,
+            kappa=config.kappa,
+            round_timeout=config.round_timeout,
+            aggregate=aggregate,
+            **common,
+        )
+    if isinstance(config, BristleConfig):
+        from p2pfl.protocols.bristle import Bristle
+
+        needed = ("output", "probe_features", "probe_labels")
+        missing = [key for key in needed if key not in (extras or {})]
+        if missing:
+            raise ValueError(
+                f"bristle needs the driver to supply {', '.join(missing)} "
+                "(the frozen extractor's output layer and the peer's probe set)"
+            )
+        assert extras is not None
+        return Bristle(
+            peer_id,
+            params,
+            neighbours,
+            output=extras["output"],
+            probe_features=extras["probe_features"],
+            probe_labels=extras["probe_labels"],
+            keep_closest=config.keep_closest,
+            n_random=config.n_random,
+            tolerance=config.tolerance,
+            round_timeout=config.round_timeout,
             **common,
         )
     raise ValueError(f"unknown protocol config {config!r}")

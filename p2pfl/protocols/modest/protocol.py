@@ -34,6 +34,16 @@ aggregators included. Suspected peers (ping timeout, ``SendFailed``, ``PeerDown`
 skipped without a ping for ``suspect_rounds`` rounds, or until heard from again; they stay
 in the view (they did not leave), so a recovered peer is sampled again.
 
+The idle watchdog. A round can still be lost for good: its only aggregator crashes (or
+leaves, its work done) after collecting but before sending. Every peer therefore checks,
+every ``idle_timeout``, whether it saw any progress (a new round tag, a newly finished
+round, a message about a round ahead of its own) and had nothing in flight. If not, it
+*restarts*: it sends its current model, as the aggregate of round ``round + 1``, to that
+round's sample, like the aggregators of round 1 do. The restart's pings double as a probe:
+if any pong shows a peer already at that round or beyond, the system was not stuck, just
+out of sight (a large population samples each peer rarely); the restart is abandoned and
+the peer has learnt the current round. Only a stalled system ever receives the model.
+
 Joins and leaves. A late joiner (``joining=True``) announces itself to ``announce_fanout``
 random known peers, which answer with their view. Announced joins are held back and
 applied to a peer's view only after its next model send (so they do not reorder the
@@ -44,7 +54,7 @@ sample a round is in the middle of using) and travel, meanwhile, in that send's
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +159,7 @@ class ModestProtocol(Protocol):
     - ``retry_interval`` (default ``aggregation_timeout``) and ``max_retries``: rechecks of
       a model's recipients, re-announcements of a join, and aggregation extensions.
     - ``suspect_rounds``: how long an unresponsive peer is skipped without a ping.
+    - ``idle_timeout``: period of the idle watchdog (default ``4 * aggregation_timeout``).
 
     ``params`` is always the latest model this peer received or produced (the model it was
     sent to train, its trained model, or its aggregate), so every peer can be evaluated,
@@ -181,6 +192,7 @@ class ModestProtocol(Protocol):
         retry_interval: float | None = None,
         max_retries: int = 3,
         suspect_rounds: int = 10,
+        idle_timeout: float | None = None,
     ) -> None:
         super().__init__(peer_id, params, neighbours, local_steps=local_steps, seed=seed)
         if sample_size < 1:
@@ -197,6 +209,8 @@ class ModestProtocol(Protocol):
             raise ValueError(f"min_aggregation_count must be >= 1, got {min_aggregation_count}")
         if retry_interval is not None and retry_interval <= 0:
             raise ValueError(f"retry_interval must be > 0, got {retry_interval}")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be > 0, got {idle_timeout}")
         if max_retries < 0 or suspect_rounds < 1 or announce_fanout < 1:
             raise ValueError("max_retries >= 0, suspect_rounds >= 1, announce_fanout >= 1")
         if num_samples is not None and num_samples < 0:
@@ -215,6 +229,7 @@ class ModestProtocol(Protocol):
         self.retry_interval = aggregation_timeout if retry_interval is None else retry_interval
         self.max_retries = max_retries
         self.suspect_rounds = suspect_rounds
+        self.idle_timeout = 4 * aggregation_timeout if idle_timeout is None else idle_timeout
 
         members = set(population if population is not None else neighbours) | {peer_id}
         self.view = PopulationView.of(sorted(members))
@@ -236,12 +251,19 @@ class ModestProtocol(Protocol):
         self._wave = 0
         self._bootstrapping = False
         self._join_attempts = 0
+        self._active = False  # progress seen since the last idle check
+        self._restart = 0  # the round of a restart in progress (0: none)
 
     # ------------------------------------------------------------------ public API
     @property
     def done_round(self) -> int:
         """Highest round this peer knows to have been aggregated."""
         return self._done
+
+    @property
+    def aggregated_round(self) -> int:
+        """Highest round this peer aggregated itself (0: none)."""
+        return self._agg_done
 
     @property
     def aggregating_round(self) -> int | None:
@@ -256,6 +278,15 @@ class ModestProtocol(Protocol):
     @property
     def has_left(self) -> bool:
         return self._left
+
+    @property
+    def settled(self) -> bool:
+        """No model is waiting to go out: every delivery reached its first recipients.
+
+        A driver about to stop (or leave) waits for this, so that an aggregate it just
+        made is not lost with it.
+        """
+        return all(delivery.sent for delivery in self._deliveries.values())
 
     def handle(self, event: Event) -> list[Effect]:
         out: list[Effect] = []
@@ -277,6 +308,19 @@ class ModestProtocol(Protocol):
             case SendFailed(now, to, _message):
                 self._on_unreachable(now, to, out)
         return out
+
+    def withhold(self, peers: Iterable[PeerId]) -> None:
+        """Before ``Start``: ``peers`` are not there yet and will join later.
+
+        They are dropped from the initial view, so nobody samples them before they
+        announce themselves. If this peer is one of them, it joins (``joining``: announces
+        itself to the peers it knows) instead of bootstrapping round 1. Drivers that know
+        their late joiners in advance (the simulator) call this on every peer.
+        """
+        absent = set(peers) - {self.peer_id}
+        if self.peer_id in set(peers):
+            self.joining = True
+        self.view = PopulationView({p: e for p, e in self.view.items() if p not in absent})
 
     def leave(self, now: float) -> list[Effect]:
         """Leave the population for good: announce it and stop taking part.
@@ -339,9 +383,13 @@ class ModestProtocol(Protocol):
         self._timers.clear()
         self._bootstrapping = False
         self._join_attempts = 0
+        self._active = False  # progress seen since the last idle check
+        self._restart = 0  # the round of a restart in progress (0: none)
 
     # ------------------------------------------------------------------ events
     def _on_start(self, now: float, out: list[Effect]) -> None:
+        self._active = True
+        self._set_timer("modest.idle", now + self.idle_timeout, (), out)
         if self.joining:
             if not self._join_confirmed:
                 self._announce_join(now, out)
@@ -354,6 +402,8 @@ class ModestProtocol(Protocol):
             return
         if sender != self.peer_id:
             self._suspects.pop(sender, None)  # it just spoke: it is up
+            if msg.round > self.round:
+                self._active = True  # someone works on a round ahead of ours
         match msg.kind:
             case "ping":
                 meta = {"at": self.round, "done": self._done}
@@ -378,6 +428,17 @@ class ModestProtocol(Protocol):
                 self._on_leave(now, sender, msg, out)
 
     def _on_pong(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> None:
+        if self._restart and _int(msg.meta.get("at")) >= self._restart:
+            # the system is at the restart's round already: it was not stuck
+            self._drop_delivery(TRAIN, self._restart, out)
+            self._restart = 0
+            out.append(Record("modest.restarts_abandoned", 1.0))
+        if self._bootstrapping and _int(msg.meta.get("at")) > 1:
+            # a fresh peer that started after round 1: the others may not know it, so it
+            # joins like a late joiner instead of waiting to be sampled
+            self._bootstrapping = False
+            self.joining = True
+            self._announce_join(now, out)
         self._learn_progress(msg.meta, out)
         resolver = self._resolvers.get(msg.round)
         if resolver is not None and resolver.answer(sender):
@@ -485,6 +546,8 @@ class ModestProtocol(Protocol):
             self._on_aggregation_timeout(now, payload[0], out)
         elif name.startswith("modest.watch"):
             self._on_watch(now, payload, out)
+        elif name == "modest.idle":
+            self._on_idle_check(now, out)
         elif name == "modest.join":
             if not self._join_confirmed and self._join_attempts <= self.max_retries:
                 self._announce_join(now, out)
@@ -527,18 +590,24 @@ class ModestProtocol(Protocol):
         aggregator rarely trained in the previous round, so when it sent no model its
         current one is appended as a reference row of weight 0: weighted rules ignore it,
         and rules that ignore weights see one more (stale, honest) row.
+
+        Weights, when given, are normalised to sum to 1: every aggregator of the library
+        normalises them anyway, and a plain ``weights @ stack`` (the simulator's deferred
+        mean) then computes the same weighted mean.
         """
         senders = list(agg.models)
         rows = [agg.models[s][0] for s in senders]
         raw = [agg.models[s][1] for s in senders]
         if self.peer_id in senders:
             stack = torch.stack(rows)
-            weights = None if None in raw else torch.tensor(raw, dtype=stack.dtype)
-            return stack, weights, senders.index(self.peer_id)
+            if None in raw or sum(raw) <= 0:  # type: ignore[arg-type]
+                return stack, None, senders.index(self.peer_id)
+            weights = torch.tensor(raw, dtype=torch.float64)
+            return stack, (weights / weights.sum()).to(stack.dtype), senders.index(self.peer_id)
         stack = torch.stack([*rows, self.params.to(rows[0].dtype)])
-        trainer_weights = [1.0] * len(raw) if None in raw or sum(raw) <= 0 else raw
-        weights = torch.tensor([*trainer_weights, 0.0], dtype=stack.dtype)
-        return stack, weights, len(rows)
+        trainer_weights = [1.0] * len(raw) if None in raw or sum(raw) <= 0 else raw  # type: ignore[arg-type]
+        weights = torch.tensor([*trainer_weights, 0.0], dtype=torch.float64)
+        return stack, (weights / weights.sum()).to(stack.dtype), len(rows)
 
     # ------------------------------------------------------------------ sampling and sending
     def _resolver(self, round: int) -> SampleResolver:
@@ -611,6 +680,8 @@ class ModestProtocol(Protocol):
         self, now: float, delivery: _Delivery, recipients: list[PeerId], out: list[Effect]
     ) -> None:
         self.view.touch(self.peer_id, delivery.round)
+        if delivery.kind == TRAIN and delivery.round == self._restart:
+            self._restart = 0  # it goes out: the round really was stuck
         if delivery.kind == AGGREGATE:
             self._advance(delivery.round, out)  # this peer now knows of round r+1
         meta: dict[str, Any] = {"view": self.view.to_wire()}
@@ -653,6 +724,27 @@ class ModestProtocol(Protocol):
             self._ping(now, resolver, recheck, out)
         self._set_timer(f"modest.watch:{kind}:{round}", now + self.retry_interval, payload, out)
 
+    def _drop_delivery(self, kind: str, round: int, out: list[Effect]) -> None:
+        if self._deliveries.pop((kind, round), None) is not None:
+            self._cancel_timer(f"modest.watch:{kind}:{round}", out)
+
+    def _on_idle_check(self, now: float, out: list[Effect]) -> None:
+        """The watchdog: restart the next round if nothing moved since the last check."""
+        self._set_timer("modest.idle", now + self.idle_timeout, (), out)
+        busy = (
+            self._agg is not None
+            or self._training is not None
+            or self._deliveries
+            or self._bootstrapping
+            or (self.joining and not self._join_confirmed)
+        )
+        if self._active or busy:
+            self._active = False
+            return
+        self._restart = self.round + 1
+        out.append(Record("modest.restarts", 1.0))
+        self._start_delivery(now, TRAIN, self._restart, self.sample_size, self.params, out)
+
     # ------------------------------------------------------------------ progress
     def _advance(self, round: int, out: list[Effect]) -> None:
         """A round tag ``round`` was seen or produced: drop the work it makes stale."""
@@ -660,11 +752,13 @@ class ModestProtocol(Protocol):
             return
         self.round = round
         self._done = max(self._done, round - 1)
+        self._active = True
         self._prune(out)
 
     def _learn_done(self, round: int, out: list[Effect]) -> None:
         if round > self._done:
             self._done = round
+            self._active = True
             self._prune(out)
 
     def _learn_progress(self, meta: Mapping[str, Any], out: list[Effect]) -> None:
@@ -694,6 +788,8 @@ class ModestProtocol(Protocol):
             del self._suspects[peer]
 
     def _complete(self, round: int, out: list[Effect]) -> None:
+        if self.joining and self._completed == 0:
+            out.append(Record("modest.joiners_took_part", 1.0))
         if round > self._completed:
             self._completed = round
             out.append(RoundCompleted(round))

@@ -1,0 +1,237 @@
+"""A Byzantine peer as a wrapper around an honest protocol object.
+
+The wrapper is itself a sans-I/O protocol: a driver (the simulator, or a node started
+with an attack) feeds it events and carries out its effects, exactly as for an honest
+peer. It forwards every event to the wrapped protocol, which keeps running its rounds,
+timers and training as usual, and rewrites what comes out:
+
+- ``Send`` effects carrying a model (kinds in ``model_kinds``) get the attack's crafted
+  vector instead (model attacks), or the colluding group's shared vector (Sybil
+  identities). Data attacks need no rewriting: the driver poisons the peer's training
+  batches and the protocol sends what it trained on them.
+- With ``delay > 0`` the crafted messages leave ``delay`` seconds after the protocol asked
+  to send them: a *rushing* adversary, that first sees the honest models of the round.
+- With ``isolate``, every model the peer receives is replaced by its own last outgoing
+  vector before the protocol sees it: the protocol still closes its rounds on time, but
+  the attacker's model is never pulled toward the honest ones (a label flipper then
+  keeps a purely poisoned model).
+
+What the attacker knows of the honest models (ALIE, IPM) comes from ``knowledge``, a
+callable ``round -> (m, d) stack | None``. The default is what the peer itself received
+for that round; a simulator can pass an omniscient view of every honest message.
+
+Models of the message space: ``ctx.own`` is what the protocol wanted to send, and
+``ctx.reference`` the model its last ``Train`` effect started from, mapped into the
+message space by the protocol's ``message_params`` when it has one (Bristle exchanges
+only the output layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from p2pfl.attacks.registry import Attack, ModelAttackContext
+from p2pfl.protocols.base import (
+    Effect,
+    Event,
+    Message,
+    MessageReceived,
+    PeerId,
+    Protocol,
+    Send,
+    SetTimer,
+    TimerFired,
+    Train,
+)
+
+#: message kinds that carry a model in the built-in protocols (modest: train, aggregate)
+MODEL_KINDS = frozenset({"model", "train", "aggregate"})
+#: the wrapper's own timer (never shown to the wrapped protocol)
+DELAY_TIMER = "byzantine.delay"
+
+Knowledge = Callable[[int], Tensor | None]
+
+
+@dataclass
+class Collusion:
+    """Vectors shared by colluding identities: the first one crafted each round wins.
+
+    Every identity of a Sybil adversary asks :meth:`shared` for the round's vector; the
+    first to ask registers its own, the others get the same tensor back, so they all send
+    identical updates (plus each identity's ``jitter`` noise, when the group asks for it).
+    Only the latest ``keep`` rounds are remembered.
+    """
+
+    keep: int = 2
+    _vectors: dict[int, Tensor] = field(default_factory=dict)
+
+    def shared(self, round_: int, vector: Tensor) -> Tensor:
+        if round_ not in self._vectors:
+            self._vectors[round_] = vector
+            for old in sorted(self._vectors)[: -self.keep]:
+                del self._vectors[old]
+        return self._vectors[round_]
+
+
+class ByzantineProtocol:
+    """An honest ``inner`` protocol whose outgoing models an ``attack`` rewrites.
+
+    ``n_total`` and ``n_byzantine`` are what ALIE's ``z_max`` is computed from;
+    ``collusion`` (with ``jitter``) makes Sybil identities send one shared vector;
+    ``seed`` seeds the noise of noise attacks and jitter. See the module docstring for
+    ``knowledge``, ``delay`` and ``isolate``.
+    """
+
+    def __init__(
+        self,
+        inner: Protocol,
+        attack: Attack,
+        *,
+        knowledge: Knowledge | None = None,
+        n_total: int | None = None,
+        n_byzantine: int | None = None,
+        delay: float = 0.0,
+        isolate: bool = False,
+        collusion: Collusion | None = None,
+        jitter: float = 0.0,
+        model_kinds: Iterable[str] = MODEL_KINDS,
+        seed: int = 0,
+    ) -> None:
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0, got {delay}")
+        self.inner = inner
+        self.attack = attack
+        self.knowledge = knowledge or self._heard_models
+        self.n_total = n_total
+        self.n_byzantine = n_byzantine
+        self.delay = float(delay)
+        self.isolate = isolate
+        self.collusion = collusion
+        self.jitter = float(jitter)
+        self.model_kinds = frozenset(model_kinds)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.crafted = 0  # messages whose model was replaced
+        self._reference: Tensor | None = None
+        self._last_sent: Tensor | None = None
+        self._held: list[Send] = []
+        self._heard: dict[int, dict[PeerId, Tensor]] = {}
+
+    # -- what the driver sees: the inner protocol's identity and model --------------------
+    @property
+    def peer_id(self) -> PeerId:
+        return self.inner.peer_id
+
+    @property
+    def params(self) -> Tensor:
+        return self.inner.params
+
+    @property
+    def round(self) -> int:
+        return self.inner.round
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes the wrapper lacks: neighbours, state_dict, ...
+        return getattr(self.inner, name)
+
+    # -- events ------------------------------------------------------------------------------
+    def handle(self, event: Event) -> list[Effect]:
+        if isinstance(event, TimerFired) and event.name == DELAY_TIMER:
+            held, self._held = self._held, []
+            return self._crafted(held)
+        if isinstance(event, MessageReceived) and self._carries_model(event.message):
+            event = self._on_model(event)
+        effects = self.inner.handle(event)
+        return self._rewrite(effects, getattr(event, "now", 0.0))
+
+    def _carries_model(self, message: Message) -> bool:
+        return message.params is not None and message.kind in self.model_kinds
+
+    def _on_model(self, event: MessageReceived) -> MessageReceived:
+        heard = self._heard.setdefault(event.message.round, {})
+        heard[event.sender] = event.message.params  # type: ignore[assignment]
+        for old in sorted(self._heard)[:-2]:
+            del self._heard[old]
+        if not self.isolate:
+            return event
+        own = self._last_sent if self._last_sent is not None else self._reference
+        if own is None or own.shape != event.message.params.shape:  # type: ignore[union-attr]
+            return event
+        return replace(event, message=replace(event.message, params=own))
+
+    def _heard_models(self, round_: int) -> Tensor | None:
+        models = self._heard.get(round_) or self._heard.get(round_ - 1)
+        return torch.stack(list(models.values())) if models else None
+
+    # -- effects ------------------------------------------------------------------------------
+    def _rewrite(self, effects: list[Effect], now: float) -> list[Effect]:
+        out: list[Effect] = []
+        sends: list[Send] = []
+        for effect in effects:
+            if isinstance(effect, Train):
+                view = getattr(self.inner, "message_params", None)
+                self._reference = view(effect.params) if view else effect.params
+            if isinstance(effect, Send) and self._carries_model(effect.message):
+                sends.append(effect)
+            else:
+                out.append(effect)
+        if not sends:
+            return out
+        if self.delay > 0 and self.attack.kind == "model":
+            if not self._held:
+                out.append(SetTimer(DELAY_TIMER, now + self.delay))
+            self._held.extend(sends)
+            return out
+        return self._crafted(sends) + out
+
+    def _crafted(self, sends: list[Send]) -> list[Effect]:
+        """``sends`` with their models replaced; one vector per distinct message."""
+        vectors: dict[int, Tensor] = {}
+        out: list[Effect] = []
+        for send in sends:
+            message = send.message
+            key = id(message)
+            if key not in vectors:
+                vectors[key] = self._craft(message)
+            out.append(Send(send.to, replace(message, params=vectors[key])))
+        return out
+
+    def _craft(self, message: Message) -> Tensor:
+        own = message.params
+        assert own is not None
+        vector = own
+        if self.attack.kind == "model":
+            reference = self._reference if self._reference is not None else own
+            ctx = ModelAttackContext(
+                own=own,
+                reference=reference,
+                honest=self.knowledge(message.round) if self._needs_honest() else None,
+                n_total=self.n_total,
+                n_byzantine=self.n_byzantine,
+                generator=self.generator,
+            )
+            vector = self.attack.craft(ctx)
+        if vector is own:
+            vector = own.clone()  # a private copy: isolation replays it later
+        if self.collusion is not None:
+            vector = self.collusion.shared(message.round, vector)
+        if self.jitter > 0:
+            noise = torch.randn(vector.shape, generator=self.generator, dtype=vector.dtype)
+            vector = vector + self.jitter * noise
+        self.crafted += 1
+        self._last_sent = vector
+        return vector
+
+    def _needs_honest(self) -> bool:
+        return self.attack.name in ("alie", "ipm")
+
+    # -- checkpoints: the honest protocol's state is the peer's state ---------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)

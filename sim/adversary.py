@@ -1,0 +1,400 @@
+"""Attacks and robust protocols in the simulator: who is Byzantine, what they do, what it costs.
+
+A scenario's ``[attack]`` table (:class:`AttackConfig`) names an attack of
+:mod:`p2pfl.attacks` and how many peers carry it out:
+
+```toml
+[attack]
+name = "alie"              # any name of p2pfl.attacks.ATTACKS
+params = {}                # the attack's parameters (num_classes defaults to the dataset's)
+fraction = 0.2             # or count = 8: Byzantine peers, drawn at random (attack.seed)
+```
+
+How each kind is carried out (the honest protocol code is never changed):
+
+- **data** attacks (label flip, targeted flip, backdoor): the Byzantine peers' training
+  batches go through the attack's transform (``TrainingExecutor.transforms``); they then
+  run the protocol honestly with their poisoned models.
+- **model** attacks (sign flip, Gaussian, scaling, ALIE, IPM, free rider): each Byzantine
+  peer's protocol object is wrapped in :class:`p2pfl.attacks.ByzantineProtocol`, which
+  replaces the model of its outgoing messages by the crafted vector. The attacker is
+  omniscient and colluding: ALIE and IPM see every model that honest peers sent in the
+  round (through the engine), and a rushing attacker sends ``delay`` seconds after its
+  training ends, so that the honest models of the round are out by then (when none are
+  yet, it uses the previous round's). A free rider holds no data and trains nothing; it
+  sends back the model its round started from.
+- **Sybil** attacks (``sybil_label_flip``): one adversary adds ``identities`` extra peers to
+  the graph, each linked to ``attach`` honest peers drawn at random. The identities train
+  on one shared, label-flipped data set (as large as an average honest peer's share) and
+  all send the same vector each round (:class:`p2pfl.attacks.Collusion`). For a
+  targeted flip (``params.source``/``target``) that data set holds only ``source``
+  samples, all relabelled ``target`` (the Sybil set-up of FoolsGold's evaluation). With
+  ``fraction`` and no ``identities``, the count is chosen so that the identities make up
+  that fraction of all peers: ``round(f * n / (1 - f))``.
+
+``isolate = true`` makes the Byzantine peers deaf: every model they receive is replaced by
+their own last one, so their models stay purely poisoned (label flippers that never
+mix with honest models; on by default for Sybil identities).
+
+What is measured (added to every metrics row): accuracy columns cover **honest peers
+only** (``acc_scope = "honest"``, ``malicious_peers`` says how many were left out), and
+for targeted attacks the ``attack_success_rate`` over honest peers (mean, and max):
+
+- label flip: the fraction of test samples predicted as their flipped label ``C - 1 - y``;
+- targeted flip (and a Sybil flip with ``source``/``target``): the fraction of ``source``
+  test samples predicted as ``target``;
+- backdoor: the fraction of triggered test samples (true label not the target)
+  predicted as the target.
+
+Untargeted attacks have no success rate: their effect is the honest accuracy.
+
+Robust protocols: :func:`prepare_defence` pre-trains Bristle's shared feature extractor
+on a public split (``pretrain_samples`` training samples drawn with the scenario's seed;
+the output layer is then re-initialised, so the classifier is learned in the network)
+and gives each peer a probe set of ``probe_samples`` of its own samples (Bristle's small
+local test set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import networkx as nx
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from p2pfl.attacks import (
+    ATTACKS,
+    Attack,
+    ByzantineProtocol,
+    Collusion,
+    get_attack,
+)
+from p2pfl.attacks.data_poisoning import Backdoor, LabelFlip, TargetedLabelFlip
+from p2pfl.config import BristleConfig, Strict
+from p2pfl.learning import BatchSampler, Dataset, LocalTrainer, predict
+from p2pfl.model import load_flat
+from p2pfl.protocols.base import Effect, Event, Send
+
+if TYPE_CHECKING:
+    from sim.engine import Engine
+    from sim.runner import Simulation
+
+__all__ = [
+    "Adversary",
+    "AdversaryPlan",
+    "AttackConfig",
+    "plan_adversary",
+    "prepare_defence",
+]
+
+_PLACEHOLDER_CLASSES = 10
+
+
+class AttackConfig(Strict):
+    """The scenario's ``[attack]`` table; see the module docstring."""
+
+    name: str = "none"
+    params: dict[str, Any] = Field(default_factory=dict)
+    #: Byzantine peers as a fraction of the graph's peers (Sybil: of all peers)
+    fraction: float | None = Field(None, ge=0, lt=1)
+    #: Byzantine peers as a count (not for Sybil attacks: use ``identities``)
+    count: int | None = Field(None, ge=0)
+    #: which peers are Byzantine (and which honest peers Sybil identities attach to)
+    seed: int = 0
+    #: Sybil attacks: the number of identities (overrides params.identities and fraction)
+    identities: int | None = Field(None, ge=1)
+    #: Sybil attacks: honest peers each identity links to
+    attach: int = Field(3, ge=1)
+    #: replace every model a Byzantine peer receives by its own (default: Sybil only)
+    isolate: bool | None = None
+    #: model attacks: seconds between the end of training and sending (rushing attacker)
+    delay: float = Field(1e-3, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AttackConfig:
+        if self.name not in ATTACKS:
+            raise ValueError(f"unknown attack {self.name!r}; accepted: {', '.join(sorted(ATTACKS))}")
+        if self.fraction is not None and self.count is not None:
+            raise ValueError("give fraction or count, not both")
+        attack = self.build(_PLACEHOLDER_CLASSES)
+        if attack.sybil is not None and self.count is not None:
+            raise ValueError(f"{self.name} adds identities: give identities (or fraction), not count")
+        if attack.sybil is None and self.identities is not None:
+            raise ValueError(f"identities is for Sybil attacks; {self.name} is not one")
+        if attack.kind != "none" and attack.sybil is None and self.fraction is None and self.count is None:
+            raise ValueError(f"attack {self.name!r} needs fraction or count (how many peers are Byzantine)")
+        return self
+
+    def build(self, num_classes: int) -> Attack:
+        """The configured attack; ``num_classes`` fills in a missing ``num_classes`` param."""
+        params = dict(self.params)
+        if "num_classes" in ATTACKS[self.name] and "num_classes" not in params:
+            params["num_classes"] = num_classes
+        return get_attack(self.name, **params)
+
+
+# --------------------------------------------------------------------- planning (before peers exist)
+
+
+@dataclass
+class AdversaryPlan:
+    """Which peers are Byzantine, decided before the protocols are built.
+
+    ``sybils`` are extra graph nodes (appended after the ``n_honest`` original ones);
+    ``byzantine`` are original peers turned malicious. Either may be empty.
+    """
+
+    config: AttackConfig
+    attack: Attack | None
+    n_graph: int
+    byzantine: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sybils: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def malicious(self) -> np.ndarray:
+        return np.concatenate([self.byzantine, self.sybils])
+
+    def install(self, simulation: Simulation) -> Adversary | None:
+        """Wire the attack into a built simulation (before it runs); ``None`` if no attack."""
+        if self.attack is None or len(self.malicious) == 0:
+            return None
+        return Adversary(self, simulation)
+
+
+def plan_adversary(scenario: Any, graph: nx.Graph) -> tuple[nx.Graph, AdversaryPlan]:
+    """Choose the Byzantine peers and add Sybil identities to ``graph`` (a copy)."""
+    config: AttackConfig = getattr(scenario, "attack", None) or AttackConfig()
+    n = graph.number_of_nodes()
+    num_classes = _PLACEHOLDER_CLASSES
+    attack = config.build(num_classes) if config.name != "none" else None
+    plan = AdversaryPlan(config, attack, n)
+    if attack is None:
+        return graph, plan
+    rng = np.random.default_rng([scenario.seed, config.seed, 0xB1D])
+    if attack.sybil is not None:
+        k = config.identities
+        if k is None and config.fraction is not None:
+            k = int(round(config.fraction * n / (1 - config.fraction)))
+        if k is None:
+            k = attack.sybil.identities
+        if k > 0:
+            graph = graph.copy()
+            positions = nx.get_node_attributes(graph, "pos")
+            attach = min(config.attach, n)
+            for j in range(k):
+                node = n + j
+                targets = rng.choice(n, attach, replace=False)
+                graph.add_node(node)
+                if positions:  # geometric graphs: sit where the first victim is
+                    graph.nodes[node]["pos"] = positions[int(targets[0])]
+                graph.add_edges_from((node, int(t)) for t in targets)
+        plan.sybils = np.arange(n, n + k, dtype=np.int64)
+    else:
+        count = config.count if config.count is not None else int(round((config.fraction or 0) * n))
+        count = min(count, n)
+        plan.byzantine = np.sort(rng.choice(n, count, replace=False)).astype(np.int64)
+    return graph, plan
+
+
+# --------------------------------------------------------------------- the attack at run time
+
+
+class _HonestModels:
+    """The omniscient attacker's view: models honest peers sent, per round (last 3 kept)."""
+
+    def __init__(self, engine: Engine, malicious: set[int], kinds: frozenset[str]) -> None:
+        self.by_round: dict[int, dict[int, torch.Tensor]] = {}
+        self.malicious = malicious
+        self.kinds = kinds
+        engine.on_handled(self._observe)
+
+    def _observe(self, peer: int, event: Event, effects: list[Effect]) -> None:
+        if peer in self.malicious or not effects:
+            return
+        for effect in effects:
+            if isinstance(effect, Send) and effect.message.params is not None:
+                message = effect.message
+                if message.kind in self.kinds:
+                    self.by_round.setdefault(message.round, {})[peer] = message.params
+        for old in sorted(self.by_round)[:-3]:
+            del self.by_round[old]
+
+    def __call__(self, round_: int) -> torch.Tensor | None:
+        models = self.by_round.get(round_) or self.by_round.get(round_ - 1)
+        if not models:
+            return None
+        return torch.stack([models[p].clone() for p in sorted(models)])
+
+
+class Adversary:
+    """The attack installed on a simulation; measures its success at every evaluation."""
+
+    def __init__(self, plan: AdversaryPlan, simulation: Simulation) -> None:
+        scenario = simulation.scenario
+        dataset = simulation.dataset
+        engine = simulation.engine
+        self.plan = plan
+        self.config = plan.config
+        self.attack = attack = plan.config.build(dataset.num_classes)
+        self.simulation = simulation
+        self.malicious = np.sort(plan.malicious)
+        malicious = {int(i) for i in self.malicious}
+        self.honest = np.array([i for i in range(engine.n) if i not in malicious], dtype=np.int64)
+        executor = engine.executor
+        samplers = executor.samplers
+        batch_size = scenario.data.batch_size
+
+        if len(plan.sybils):  # the adversary's own data: one share, drawn from the training set
+            sizes = simulation.data_sizes[: plan.n_graph]
+            share = int(sizes[sizes > 0].mean()) if (sizes > 0).any() else batch_size
+            rng = np.random.default_rng([scenario.seed, plan.config.seed, 0x5B1])
+            pool = np.arange(len(dataset.y_train))
+            if isinstance(attack.apply, TargetedLabelFlip):  # FoolsGold's set-up: 1s labelled 7
+                pool = pool[dataset.train_labels == attack.apply.source]
+            indices = np.sort(rng.choice(pool, min(share, len(pool)), replace=False))
+            for s in plan.sybils:
+                samplers[int(s)] = BatchSampler(indices, batch_size, int(rng.integers(2**62)))
+                simulation.data_sizes[int(s)] = share
+        if attack.name == "free_rider":
+            for i in self.malicious:
+                samplers[int(i)] = None  # trains nothing: the executor hands the model back
+        if attack.kind == "data":
+            for i in self.malicious:
+                executor.transforms[int(i)] = attack.transform
+
+        isolate = plan.config.isolate if plan.config.isolate is not None else len(plan.sybils) > 0
+        needs_wrapper = attack.kind == "model" or isolate or len(plan.sybils) > 0
+        if needs_wrapper:
+            from p2pfl.attacks import MODEL_KINDS
+
+            knowledge = None
+            if attack.name in ("alie", "ipm"):
+                knowledge = _HonestModels(engine, malicious, MODEL_KINDS)
+            collusion = Collusion() if len(plan.sybils) else None
+            jitter = attack.sybil.jitter if attack.sybil is not None else 0.0
+            for i in self.malicious:
+                engine.protocols[int(i)] = ByzantineProtocol(
+                    engine.protocols[int(i)],
+                    attack,
+                    knowledge=knowledge,
+                    n_total=engine.n,
+                    n_byzantine=len(self.malicious),
+                    delay=plan.config.delay,
+                    isolate=isolate,
+                    collusion=collusion,
+                    jitter=jitter,
+                    seed=int(i) + 7919 * scenario.seed,
+                )
+
+        evaluator = simulation.evaluator
+        sample = evaluator.peer_sample
+        keep = self.honest if sample is None else np.intersect1d(sample, self.honest)
+        evaluator.peer_sample = keep
+        self._success = self._success_measure(evaluator.x_test, evaluator.y_test, dataset.num_classes)
+
+    def _success_measure(
+        self, x: torch.Tensor, y: torch.Tensor, num_classes: int
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A function of a stack of models -> each one's attack success rate, if targeted."""
+        trainer = self.simulation.trainer
+        transform = self.attack.apply if self.attack.kind == "data" else None
+        if isinstance(transform, LabelFlip):
+            flipped = (num_classes - 1) - y
+            return lambda models: (predict(trainer, models, x) == flipped).double().mean(dim=1)
+        if isinstance(transform, TargetedLabelFlip):
+            rows = y == transform.source
+            xs, target = x[rows], transform.target
+            return lambda models: (predict(trainer, models, xs) == target).double().mean(dim=1)
+        if isinstance(transform, Backdoor):
+            triggered, labels = transform.test_batch(x, y)
+            return lambda models: (predict(trainer, models, triggered) == labels).double().mean(dim=1)
+        return None
+
+    def measure(self) -> dict[str, Any]:
+        """Columns added to a metrics row (after the evaluator measured the honest peers)."""
+        row: dict[str, Any] = {"acc_scope": "honest", "malicious_peers": int(len(self.malicious))}
+        if self._success is None:
+            return row
+        engine = self.simulation.engine
+        peers = self.simulation.evaluator.last_peers
+        if not peers:
+            row["attack_success_rate"] = float("nan")
+            row["attack_success_max"] = float("nan")
+            return row
+        from sim.mixing import plain
+
+        models = torch.stack([plain(engine.protocols[i].params) for i in peers])
+        rates = self._success(models)
+        row["attack_success_rate"] = float(rates.mean())
+        row["attack_success_max"] = float(rates.max())
+        return row
+
+
+# --------------------------------------------------------------------- robust protocols' set-up
+
+
+def prepare_defence(
+    scenario: Any,
+    trainer: LocalTrainer,
+    dataset: Dataset,
+    samplers: list[BatchSampler | None],
+    init: torch.Tensor,
+) -> tuple[torch.Tensor, Callable[[int], dict[str, Any]]]:
+    """The starting model and per-peer protocol extras of the scenario's protocol.
+
+    For Bristle: the pre-trained, shared starting vector (features trained on a public
+    split, output layer freshly initialised) and, per peer, the output layer's place and
+    the features of its probe set. For other protocols: ``init`` and no extras.
+    """
+    config = scenario.protocol
+    if not isinstance(config, BristleConfig):
+        return init, lambda peer: {}
+    from p2pfl.protocols.bristle import OutputLayer
+
+    seed = scenario.seed
+    rng = np.random.default_rng([seed, 0x9B1C])
+    public = np.sort(rng.choice(len(dataset.y_train), min(config.pretrain_samples, len(dataset.y_train)), replace=False))
+    start = init
+    if config.pretrain_steps:
+        sampler = BatchSampler(public, trainer.batch_size, int(rng.integers(2**62)))
+        start, _ = trainer.train(init, sampler, config.pretrain_steps)
+    output = OutputLayer.from_layout(trainer.layout)
+    start = output.replace(start, output.rows(init))  # the classifier is learned in the network
+
+    extractor = _feature_extractor(trainer.model, start)
+    probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    empty = (torch.zeros(0, output.features), torch.zeros(0, dtype=torch.int64))
+    for peer, sampler in enumerate(samplers):
+        if sampler is None:
+            continue
+        own = np.asarray(sampler.indices)
+        pick = own if len(own) <= config.probe_samples else np.sort(
+            np.random.default_rng([seed, 0x9B0E, peer]).choice(own, config.probe_samples, replace=False)
+        )
+        index = torch.from_numpy(pick.astype(np.int64))
+        with torch.no_grad():
+            features = extractor(dataset.x_train.index_select(0, index))
+        probes[peer] = (features, dataset.y_train.index_select(0, index))
+
+    def extras(peer: int) -> dict[str, Any]:
+        features, labels = probes.get(peer, empty)
+        return {"output": output, "probe_features": features, "probe_labels": labels}
+
+    return start, extras
+
+
+def _feature_extractor(model: nn.Module, params: torch.Tensor) -> nn.Module:
+    """``model`` loaded with ``params``, without its output layer (the last child)."""
+    import copy
+
+    net = copy.deepcopy(model)
+    load_flat(net, params)
+    children = list(net.children())
+    if not isinstance(net, nn.Sequential) or not isinstance(children[-1], nn.Linear):
+        raise ValueError("bristle needs a Sequential model whose last layer is the output Linear")
+    return nn.Sequential(*children[:-1]).eval()

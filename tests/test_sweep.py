@@ -1,0 +1,133 @@
+"""Resilience sweeps: a 2 x 2 grid end to end, through the CLI, and the sweep file's errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from p2pfl.cli import app
+from sim.scenario import ScenarioError
+from sim.sweep import load_sweep, plan_cells
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "resilience"
+
+BASE = """
+name = "tiny"
+seed = 4
+rounds = 2
+[data]
+dataset = "digits"
+batch_size = 16
+[model]
+name = "logreg"
+lr = 0.2
+[topology]
+kind = "ring"
+n = 6
+[protocol]
+name = "dpsgd"
+local_steps = 2
+[network]
+step_time = 0.002
+[sim]
+eval_every = 2
+threads = 1
+"""
+
+SWEEP = """
+name = "grid"
+base = "base.toml"
+fractions = [0.34]
+
+[[attacks]]
+label = "none"
+name = "none"
+
+[[attacks]]
+label = "label flip"
+name = "label_flip"
+
+[[defences]]
+label = "mean"
+
+[[defences]]
+label = "median"
+set = { "protocol.aggregator" = "median" }
+"""
+
+
+@pytest.fixture
+def sweep_file(tmp_path: Path) -> Path:
+    (tmp_path / "base.toml").write_text(BASE)
+    path = tmp_path / "sweep.toml"
+    path.write_text(SWEEP)
+    return path
+
+
+def test_sweep_runs_a_2x2_grid_and_writes_results_and_heatmaps(sweep_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["attack"], r["defence"]) for r in rows] == [
+        ("none", "mean"),
+        ("none", "median"),
+        ("label flip", "mean"),
+        ("label flip", "median"),
+    ]
+    for row in rows:
+        assert 0.0 <= float(row["honest_acc_mean"]) <= 1.0 and row["rounds"] == "2"
+    flipped = [r for r in rows if r["attack"] == "label flip"]
+    assert all(r["fraction"] == "0.34" and r["malicious_peers"] == "2" for r in flipped)
+    assert all(r["honest_peers"] == "4" and r["attack_success_rate"] != "" for r in flipped)
+    assert all(r["attack_success_rate"] == "" and r["honest_peers"] == "6" for r in rows[:2])
+    for name in ("heatmap_honest_acc_mean.png", "heatmap_attack_success_rate.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "cells" / "label-flip__median__f0.34" / "metrics.csv").exists()
+    assert "honest accuracy / attack success rate" in result.output
+
+    # resuming reads the finished cells back: same table, no new run folders
+    again = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--quiet", "--resume"])
+    assert again.exit_code == 0, again.output
+    with (out / "results.csv").open() as handle:
+        reread = list(csv.DictReader(handle))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
+    assert strip(reread) == strip(rows)
+
+
+def test_sweep_cells_carry_the_defence_and_the_fraction(sweep_file: Path) -> None:
+    sweep, base = load_sweep(sweep_file, ["rounds=3"])
+    cells = plan_cells(sweep, base)
+    assert [c.ident for c in cells] == [
+        "none__mean",
+        "none__median",
+        "label-flip__mean__f0.34",
+        "label-flip__median__f0.34",
+    ]
+    last = cells[-1].scenario
+    assert last.rounds == 3 and last.protocol.aggregator == "median"
+    assert last.attack.name == "label_flip" and last.attack.fraction == 0.34
+    assert cells[0].scenario.attack.fraction is None
+
+
+def test_sweep_errors_name_the_cell_and_the_key(sweep_file: Path) -> None:
+    sweep_file.write_text(SWEEP.replace('"protocol.aggregator" = "median"', '"protocol.aggregatr" = "median"'))
+    sweep, base = load_sweep(sweep_file)
+    with pytest.raises(ScenarioError, match=r"cell none x median: protocol.*aggregatr"):
+        plan_cells(sweep, base)
+    sweep_file.write_text(SWEEP.replace("fractions = [0.34]", "fractions = [1.5]"))
+    with pytest.raises(ScenarioError, match=r"fractions: .*\[0, 1\)"):
+        load_sweep(sweep_file)
+
+
+def test_reference_sweep_file_is_valid() -> None:
+    sweep, base = load_sweep(EXAMPLES / "sweep.toml")
+    cells = plan_cells(sweep, base)
+    attacks = {c.attack for c in cells}
+    defences = {c.defence for c in cells}
+    assert len(attacks) == 6 and len(defences) == 7 and len(cells) == 42
+    assert {c.scenario.protocol.name for c in cells} == {"dpsgd", "sybilwall", "bristle"}
