@@ -150,7 +150,9 @@ def latest_aggregate_accuracy(simulation: Any) -> float:
     if best is None or best.aggregated_round == 0:
         return float("nan")
     evaluator = simulation.evaluator
-    result = evaluate(simulation.trainer, torch.as_tensor(best.params), evaluator.x_test, evaluator.y_test)
+    result = evaluate(
+        simulation.trainer, torch.as_tensor(best.params), evaluator.x_test, evaluator.y_test
+    )
     return float(result.accuracy[0])
 
 
@@ -262,17 +264,24 @@ def plot(outcomes: list[Outcome], setting: Setting, path: Path) -> None:
 
     fig, (by_bytes, by_time) = plt.subplots(1, 2, figsize=(12, 4.6))
     for outcome in outcomes:
-        rows = outcome.rows
-        mb = [max(r["bytes_total"], 1) / 1e6 for r in rows]
-        seconds = [r["virtual_time"] for r in rows]
-        acc = [r["acc_mean"] for r in rows]
-        line = by_bytes.plot(mb, acc, marker="o", markersize=3, label=outcome.label)[0]
-        by_time.plot(seconds, acc, marker="o", markersize=3, color=line.get_color(), label=outcome.label)
+        sent = [r for r in outcome.rows if r["bytes_total"] > 0]  # a log axis has no 0
+        mb = [r["bytes_total"] / 1e6 for r in sent]
+        line = by_bytes.plot(
+            mb, [r["acc_mean"] for r in sent], marker="o", markersize=3, label=outcome.label
+        )[0]
+        seconds = [r["virtual_time"] for r in outcome.rows]
+        acc = [r["acc_mean"] for r in outcome.rows]
+        by_time.plot(
+            seconds, acc, marker="o", markersize=3, color=line.get_color(), label=outcome.label
+        )
         if outcome.name.startswith("modest"):
-            latest = [r["acc_latest"] for r in rows]
-            kwargs = {"linestyle": ":", "color": line.get_color(), "label": f"{outcome.label}, latest aggregate"}
-            by_bytes.plot(mb, latest, **kwargs)
-            by_time.plot(seconds, latest, **kwargs)
+            kwargs = {
+                "linestyle": ":",
+                "color": line.get_color(),
+                "label": f"{outcome.label}, latest aggregate",
+            }
+            by_bytes.plot(mb, [r["acc_latest"] for r in sent], **kwargs)
+            by_time.plot(seconds, [r["acc_latest"] for r in outcome.rows], **kwargs)
     for ax in (by_bytes, by_time):
         ax.axhline(setting.target, color="grey", linestyle="--", linewidth=1)
         ax.set_ylim(0, 1)
@@ -310,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         "local_steps": args.local_steps,
         "seed": args.seed,
     }
-    setting = Setting(**{**setting.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    setting = Setting(
+        **{**setting.__dict__, **{k: v for k, v in overrides.items() if v is not None}}
+    )
     torch.set_num_threads(1)
     print(
         f"torch {torch.__version__}, 1 thread, {platform.machine()}, python {sys.version.split()[0]}; "

@@ -85,6 +85,12 @@ def sim(
     print(
         f"final mean accuracy {last['acc_mean']:.4f} after {last['round']} rounds; results in {run_dir}"
     )
+    if "malicious_peers" in last:  # an [attack] ran: accuracy is over honest peers only
+        success = last.get("attack_success_rate")
+        print(
+            f"accuracy over honest peers only ({last['malicious_peers']} malicious left out)"
+            + ("" if success is None else f"; attack success rate {success:.4f}")
+        )
 
 
 @app.command()

@@ -118,16 +118,27 @@ class AttackConfig(Strict):
     @model_validator(mode="after")
     def _check(self) -> AttackConfig:
         if self.name not in ATTACKS:
-            raise ValueError(f"unknown attack {self.name!r}; accepted: {', '.join(sorted(ATTACKS))}")
+            raise ValueError(
+                f"unknown attack {self.name!r}; accepted: {', '.join(sorted(ATTACKS))}"
+            )
         if self.fraction is not None and self.count is not None:
             raise ValueError("give fraction or count, not both")
         attack = self.build(_PLACEHOLDER_CLASSES)
         if attack.sybil is not None and self.count is not None:
-            raise ValueError(f"{self.name} adds identities: give identities (or fraction), not count")
+            raise ValueError(
+                f"{self.name} adds identities: give identities (or fraction), not count"
+            )
         if attack.sybil is None and self.identities is not None:
             raise ValueError(f"identities is for Sybil attacks; {self.name} is not one")
-        if attack.kind != "none" and attack.sybil is None and self.fraction is None and self.count is None:
-            raise ValueError(f"attack {self.name!r} needs fraction or count (how many peers are Byzantine)")
+        if (
+            attack.kind != "none"
+            and attack.sybil is None
+            and self.fraction is None
+            and self.count is None
+        ):
+            raise ValueError(
+                f"attack {self.name!r} needs fraction or count (how many peers are Byzantine)"
+            )
         return self
 
     def build(self, num_classes: int) -> Attack:
@@ -295,7 +306,9 @@ class Adversary:
         sample = evaluator.peer_sample
         keep = self.honest if sample is None else np.intersect1d(sample, self.honest)
         evaluator.peer_sample = keep
-        self._success = self._success_measure(evaluator.x_test, evaluator.y_test, dataset.num_classes)
+        self._success = self._success_measure(
+            evaluator.x_test, evaluator.y_test, dataset.num_classes
+        )
 
     def _success_measure(
         self, x: torch.Tensor, y: torch.Tensor, num_classes: int
@@ -312,7 +325,9 @@ class Adversary:
             return lambda models: (predict(trainer, models, xs) == target).double().mean(dim=1)
         if isinstance(transform, Backdoor):
             triggered, labels = transform.test_batch(x, y)
-            return lambda models: (predict(trainer, models, triggered) == labels).double().mean(dim=1)
+            return lambda models: (
+                (predict(trainer, models, triggered) == labels).double().mean(dim=1)
+            )
         return None
 
     def measure(self) -> dict[str, Any]:
@@ -358,7 +373,11 @@ def prepare_defence(
 
     seed = scenario.seed
     rng = np.random.default_rng([seed, 0x9B1C])
-    public = np.sort(rng.choice(len(dataset.y_train), min(config.pretrain_samples, len(dataset.y_train)), replace=False))
+    public = np.sort(
+        rng.choice(
+            len(dataset.y_train), min(config.pretrain_samples, len(dataset.y_train)), replace=False
+        )
+    )
     start = init
     if config.pretrain_steps:
         sampler = BatchSampler(public, trainer.batch_size, int(rng.integers(2**62)))
@@ -373,8 +392,14 @@ def prepare_defence(
         if sampler is None:
             continue
         own = np.asarray(sampler.indices)
-        pick = own if len(own) <= config.probe_samples else np.sort(
-            np.random.default_rng([seed, 0x9B0E, peer]).choice(own, config.probe_samples, replace=False)
+        pick = (
+            own
+            if len(own) <= config.probe_samples
+            else np.sort(
+                np.random.default_rng([seed, 0x9B0E, peer]).choice(
+                    own, config.probe_samples, replace=False
+                )
+            )
         )
         index = torch.from_numpy(pick.astype(np.int64))
         with torch.no_grad():

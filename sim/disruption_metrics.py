@@ -122,7 +122,8 @@ def plot_disruption_run(
     title: str,
     events: Sequence[tuple[float, str]] = (),
 ) -> list[Path]:
-    """``disruption.png``: accuracy (overall, largest component, outside it, isolated) over
+    """``disruption.png``: accuracy (overall, largest component, outside it, isolated, and
+    peers without data when there are relays) over
     rounds above connectivity (largest component and alive peers as shares of all peers,
     number of components), with each disruption marked by a labelled vertical line."""
     if not rows or "components" not in rows[0]:

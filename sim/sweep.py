@@ -32,8 +32,9 @@ value replaces the whole table). Cells run one after the other, sharing the data
 
 The sweep folder gets ``cells/<cell>/`` (each cell's run folder), ``results.csv`` (one row
 per cell: final honest accuracy, attack success rate...), ``sweep.toml`` (the resolved
-sweep) and one heatmap PNG per metric (and per fraction when there are several). With
-``resume``, cells whose run folder is complete are read back instead of run again.
+sweep) and one heatmap PNG per metric (and per fraction when there are several).
+``cell_plots = false`` leaves the plots out of the cells' folders. With ``resume``, cells
+whose run folder is complete are read back instead of run again.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class SweepConfig(Strict):
     attacks: list[dict[str, Any]] = Field(min_length=1)
     defences: list[SweepDefence] = Field(min_length=1)
     output_dir: str = "runs"
+    #: each cell's run folder gets its PNG plots too (about 2 s a cell)
+    cell_plots: bool = True
 
     @field_validator("fractions")
     @classmethod
@@ -135,7 +138,9 @@ def _assign(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
     node[path[-1]] = copy.deepcopy(value)
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, dict[str, Any]]:
+def load_sweep(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[SweepConfig, dict[str, Any]]:
     """The sweep file and its base scenario (as a raw dict, ``overrides`` applied)."""
     path = Path(path)
     try:
@@ -180,7 +185,9 @@ def plan_cells(sweep: SweepConfig, base: dict[str, Any]) -> list[Cell]:
                 if fraction is not None and "count" not in attack and "identities" not in attack:
                     attack["fraction"] = fraction
                 raw["attack"] = attack
-                name = f"{label} x {defence.label}" + ("" if fraction is None else f" @ {fraction:g}")
+                name = f"{label} x {defence.label}" + (
+                    "" if fraction is None else f" @ {fraction:g}"
+                )
                 try:
                     scenario = scenario_from_dict(raw)
                 except ScenarioError as error:
@@ -234,7 +241,8 @@ def run_sweep(
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Run every cell; write results.csv, heatmaps and the cells' run folders."""
     from p2pfl.learning import load_dataset
-    from sim.runner import build_simulation, run_simulation, write_run
+    from sim.metrics import write_csv
+    from sim.runner import build_simulation, run_simulation, summarize, write_run
 
     cells = plan_cells(sweep, base)
     if out_dir is None:
@@ -255,11 +263,21 @@ def run_sweep(
         data = cell.scenario.data
         key = (data.dataset, data.data_dir, cell.scenario.seed)
         if key not in datasets:
-            datasets[key] = load_dataset(data.dataset, data_dir=data.data_dir, seed=cell.scenario.seed)
+            datasets[key] = load_dataset(
+                data.dataset, data_dir=data.data_dir, seed=cell.scenario.seed
+            )
         started = time.perf_counter()
         simulation = build_simulation(cell.scenario, dataset=datasets[key])
         rows = run_simulation(simulation, show_progress=False)
-        write_run(simulation, folder)
+        if sweep.cell_plots:
+            write_run(simulation, folder)
+        else:  # the run folder without its plots
+            folder.mkdir(parents=True, exist_ok=True)
+            config = cell.scenario.model_dump(mode="json", exclude_none=True)
+            (folder / "config.toml").write_text(tomli_w.dumps(config))
+            write_csv(simulation.rows, folder / "metrics.csv")
+            summary = json.dumps(summarize(simulation), indent=2, default=float)
+            (folder / "summary.json").write_text(summary + "\n")
         return _final_row(cell, rows, time.perf_counter() - started)
 
     progress = Progress(
@@ -277,7 +295,12 @@ def run_sweep(
             progress.update(task, description=f"{cell.attack} x {cell.defence}")
             signature = cell.scenario.model_copy(update={"name": ""}).model_dump_json()
             if signature in done:  # an identical cell ran already (e.g. "none" per fraction)
-                row = {**done[signature], "attack": cell.attack, "defence": cell.defence, "cell": cell.ident}
+                row = {
+                    **done[signature],
+                    "attack": cell.attack,
+                    "defence": cell.defence,
+                    "cell": cell.ident,
+                }
             else:
                 row = run_cell(cell)
                 done[signature] = row
@@ -313,7 +336,9 @@ def _axes(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], list[Any]]:
     return attacks, defences, fractions or [""]
 
 
-def _grid(rows: list[dict[str, Any]], metric: str, fraction: Any) -> tuple[list[str], list[str], list[list[float]]]:
+def _grid(
+    rows: list[dict[str, Any]], metric: str, fraction: Any
+) -> tuple[list[str], list[str], list[list[float]]]:
     attacks, defences, _ = _axes(rows)
     values = [[float("nan")] * len(defences) for _ in attacks]
     for row in rows:
@@ -342,8 +367,12 @@ def plot_heatmaps(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> l
             attacks, defences, values = _grid(rows, metric, fraction)
             data = np.array(values, dtype=float)
             fig, ax = plt.subplots(figsize=(1.3 * len(defences) + 2.5, 0.55 * len(attacks) + 1.8))
-            cmap = plt.get_cmap("RdYlGn" if higher_better else "RdYlGn_r").with_extremes(bad="#dddddd")
-            image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+            cmap = plt.get_cmap("RdYlGn" if higher_better else "RdYlGn_r").with_extremes(
+                bad="#dddddd"
+            )
+            image = ax.imshow(
+                np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto"
+            )
             ax.set_xticks(range(len(defences)), defences, rotation=30, ha="right")
             ax.set_yticks(range(len(attacks)), attacks)
             for i in range(len(attacks)):
@@ -373,11 +402,15 @@ def results_table(rows: list[dict[str, Any]], title: str) -> Table:
     for attack in attacks:
         for fraction in fractions:
             cells = {
-                r["defence"]: r for r in rows if r["attack"] == attack and r["fraction"] in ("", fraction)
+                r["defence"]: r
+                for r in rows
+                if r["attack"] == attack and r["fraction"] in ("", fraction)
             }
             if not cells:
                 continue
-            line = [attack] + ([str(fraction)] if fractions != [""] else [])
+            untargeted = all(row["fraction"] == "" for row in cells.values())
+            shown = "-" if untargeted else f"{fraction:g}"
+            line = [attack] + ([shown] if fractions != [""] else [])
             for defence in defences:
                 row = cells.get(defence)
                 if row is None:

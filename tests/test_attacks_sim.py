@@ -39,7 +39,10 @@ class Echo(Protocol):
         if isinstance(event, Start):
             return [self._train(self.params)]
         if isinstance(event, TrainingDone):
-            return [Send("v", Message("model", self.round, event.params)), Send("w", Message("ping", 0))]
+            return [
+                Send("v", Message("model", self.round, event.params)),
+                Send("w", Message("ping", 0)),
+            ]
         if isinstance(event, MessageReceived):
             self.heard.append(event.message.params)
         return []
@@ -84,7 +87,9 @@ def test_isolated_wrapper_hears_only_itself() -> None:
 def test_colluding_identities_send_one_vector_per_round() -> None:
     collusion = Collusion()
     attack = get_attack("sybil_label_flip", num_classes=2)
-    wrappers = [ByzantineProtocol(Echo(torch.zeros(2)), attack, collusion=collusion) for _ in range(3)]
+    wrappers = [
+        ByzantineProtocol(Echo(torch.zeros(2)), attack, collusion=collusion) for _ in range(3)
+    ]
     sent = []
     for i, wrapper in enumerate(wrappers):
         (train,) = wrapper.handle(Start(0.0))
@@ -131,7 +136,9 @@ def test_malicious_peers_send_crafted_vectors_and_honest_peers_their_own() -> No
     for peer, event, effects in log:
         if not isinstance(event, TrainingDone):
             continue
-        models = [e.message.params for e in effects if isinstance(e, Send) and e.message.kind == "model"]
+        models = [
+            e.message.params for e in effects if isinstance(e, Send) and e.message.kind == "model"
+        ]
         own = torch.as_tensor(event.params).clone()
         for sent in models:
             if peer in bad:
@@ -170,7 +177,12 @@ def test_data_poisoning_applies_to_malicious_peers_only_and_metrics_cover_honest
 
 
 def test_sybil_identities_are_extra_peers_sending_identical_models() -> None:
-    attack = {"name": "sybil_label_flip", "identities": 3, "attach": 2, "params": {"source": 1, "target": 7}}
+    attack = {
+        "name": "sybil_label_flip",
+        "identities": 3,
+        "attach": 2,
+        "params": {"source": 1, "target": 7},
+    }
     simulation = build_simulation(scenario_from_dict(_scenario(attack)))
     engine, graph = simulation.engine, simulation.graph
     assert engine.n == 11 and simulation.peer_ids[-3:] == ["p8", "p9", "p10"]
@@ -211,7 +223,10 @@ def test_free_riders_hold_no_data_and_byzantine_choice_is_seeded() -> None:
         ({"name": "nope", "count": 1}, r"^attack: .*unknown attack 'nope'; accepted: .*alie"),
         ({"name": "label_flip"}, r"^attack: .*needs fraction or count"),
         ({"name": "alie", "fraction": 0.2, "count": 2}, r"^attack: .*fraction or count, not both"),
-        ({"name": "ipm", "fraction": 0.2, "params": {"epsilon": 1}}, r"^attack: .*does not accept epsilon"),
+        (
+            {"name": "ipm", "fraction": 0.2, "params": {"epsilon": 1}},
+            r"^attack: .*does not accept epsilon",
+        ),
         ({"name": "sybil_label_flip", "count": 2}, r"^attack: .*give identities"),
         ({"name": "alie", "fraction": 1.5}, r"^attack\.fraction: .*less than 1"),
         ({"name": "alie", "fraction": 0.2, "typo": 1}, r"^attack\.typo: "),

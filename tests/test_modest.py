@@ -368,6 +368,19 @@ def test_aggregator_proceeds_at_quorum() -> None:
     assert sends(effects, "ping")  # now finds the sample of round 5 to send the model to
 
 
+def test_quorum_shrinks_with_a_population_smaller_than_the_sample() -> None:
+    ids = peers(10)
+    p = aggregator(ids, success_fraction=1.0)  # quorum: all 4 of the sample
+    for gone in ids[3:]:  # seven peers left: three are live, p included
+        p.handle(MessageReceived(0.5, gone, Message("leave", 4, None, {"entry": [4, 1, 1]})))
+    p.handle(MessageReceived(1.0, ids[1], model(5, 1.0)))
+    effects = p.handle(MessageReceived(1.1, ids[2], model(5, 3.0)))
+    assert not of_type(effects, RoundCompleted)
+    effects = p.handle(MessageReceived(1.2, ids[0], model(5, 5.0)))  # its own
+    assert RoundCompleted(5) in effects  # 3 of the 3 there are; a 4th would never come
+    assert torch.allclose(p.params, torch.full((4,), 3.0))
+
+
 def test_aggregator_waits_for_timeout_then_needs_min_count() -> None:
     ids = peers(10)
     p = aggregator(ids, min_aggregation_count=2, max_retries=1)
@@ -664,7 +677,9 @@ def answer_pings(p: ModestProtocol, effects: list[Effect], at: int) -> list[Effe
     out: list[Effect] = []
     for ping in sends(effects, "ping"):
         meta = {"at": at, "done": at}
-        out += p.handle(MessageReceived(20.1, ping.to, Message("pong", ping.message.round, None, meta)))
+        out += p.handle(
+            MessageReceived(20.1, ping.to, Message("pong", ping.message.round, None, meta))
+        )
     return out
 
 

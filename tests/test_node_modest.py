@@ -10,12 +10,13 @@ from tests.cluster import Cluster
 
 pytestmark = [pytest.mark.timeout(170), pytest.mark.slow]
 
-ROUNDS = 40
+ROUNDS = 60
 
 CONFIG = f"""
 seed = 5
 rounds = {ROUNDS}
 eval_every = 1
+min_round_interval = 1.0  # paced (about 1 s a round), so the run is still on when the joiner comes
 
 [data]
 dataset = "digits"
@@ -52,7 +53,7 @@ def test_five_processes_converge_and_a_late_joiner_is_sampled(tmp_path: Path) ->
         for i in founders:
             cluster.start(i)
         # rounds are system-wide in MoDeST: a peer completes only the rounds it is sampled for
-        cluster.wait_for(lambda: max(cluster.rounds_done(i) for i in founders) >= 8, 90, "round 8")
+        cluster.wait_for(lambda: max(cluster.rounds_done(i) for i in founders) >= 3, 90, "round 3")
 
         cluster.start(joiner)  # knows nobody's view yet, and nobody knows it
         codes = cluster.wait_exit(120)

@@ -41,6 +41,7 @@ SWEEP = """
 name = "grid"
 base = "base.toml"
 fractions = [0.34]
+cell_plots = false
 
 [[attacks]]
 label = "none"
@@ -67,7 +68,9 @@ def sweep_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_sweep_runs_a_2x2_grid_and_writes_results_and_heatmaps(sweep_file: Path, tmp_path: Path) -> None:
+def test_sweep_runs_a_2x2_grid_and_writes_results_and_heatmaps(
+    sweep_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
@@ -91,7 +94,9 @@ def test_sweep_runs_a_2x2_grid_and_writes_results_and_heatmaps(sweep_file: Path,
     assert "honest accuracy / attack success rate" in result.output
 
     # resuming reads the finished cells back: same table, no new run folders
-    again = CliRunner().invoke(app, ["sweep", str(sweep_file), "--out", str(out), "--quiet", "--resume"])
+    again = CliRunner().invoke(
+        app, ["sweep", str(sweep_file), "--out", str(out), "--quiet", "--resume"]
+    )
     assert again.exit_code == 0, again.output
     with (out / "results.csv").open() as handle:
         reread = list(csv.DictReader(handle))
@@ -115,7 +120,9 @@ def test_sweep_cells_carry_the_defence_and_the_fraction(sweep_file: Path) -> Non
 
 
 def test_sweep_errors_name_the_cell_and_the_key(sweep_file: Path) -> None:
-    sweep_file.write_text(SWEEP.replace('"protocol.aggregator" = "median"', '"protocol.aggregatr" = "median"'))
+    sweep_file.write_text(
+        SWEEP.replace('"protocol.aggregator" = "median"', '"protocol.aggregatr" = "median"')
+    )
     sweep, base = load_sweep(sweep_file)
     with pytest.raises(ScenarioError, match=r"cell none x median: protocol.*aggregatr"):
         plan_cells(sweep, base)

@@ -201,7 +201,9 @@ class Bristle(DPSGD):
         NaN for the classes absent from the probe.
         """
         h = self.output.features
-        logits = torch.einsum("mh,kch->kmc", self.probe_features, rows[:, :, :h]) + rows[:, None, :, h]
+        logits = (
+            torch.einsum("mh,kch->kmc", self.probe_features, rows[:, :, :h]) + rows[:, None, :, h]
+        )
         hits = (logits.argmax(dim=-1) == self.probe_labels).to(torch.float64)  # (k, m)
         per_class = torch.zeros(rows.shape[0], self.output.classes, dtype=torch.float64)
         per_class.index_add_(1, self.probe_labels, hits)
@@ -226,4 +228,3 @@ class Bristle(DPSGD):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.frozen = self.params.detach().clone()  # features never change: they are saved
-

@@ -130,11 +130,15 @@ class SybilWall(DPSGD):
         others = sorted(p for p in self.histories if p not in set(senders))
         rows = [self.histories[p] for p in senders] + [self.histories[p] for p in others]
         rows += [history for history, _ in self.gossiped.values()]
-        return sybilwall_weights(torch.stack(rows), direct=list(range(len(senders))), kappa=self.kappa)
+        return sybilwall_weights(
+            torch.stack(rows), direct=list(range(len(senders))), kappa=self.kappa
+        )
 
     def _mixing_weights(self, senders: list[PeerId]) -> Tensor:
         """Own model weight 1, each sender its score; normalised to sum to 1."""
-        weights = torch.tensor([1.0, *(self.trust.get(p, 0.0) for p in senders)], dtype=torch.float32)
+        weights = torch.tensor(
+            [1.0, *(self.trust.get(p, 0.0) for p in senders)], dtype=torch.float32
+        )
         return weights / weights.sum()
 
     # -- history gossip ------------------------------------------------------------------
@@ -198,5 +202,7 @@ class SybilWall(DPSGD):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.histories = {p: h.clone() for p, h in state.get("histories", {}).items()}
-        self.gossiped = {p: (h.clone(), int(hops)) for p, (h, hops) in state.get("gossiped", {}).items()}
+        self.gossiped = {
+            p: (h.clone(), int(hops)) for p, (h, hops) in state.get("gossiped", {}).items()
+        }
         self.round_start = self.params

@@ -17,7 +17,8 @@ Bootstrapping: at ``Start`` every peer finds the aggregators of round 1 (pinging
 candidates of round 1); those aggregators skip step 2 and send their own initial
 parameters as the round-1 model. Peers should therefore start from the same initial
 parameters (same seed), as in FL; otherwise the round-1 sample trains ``a`` different
-models and round 2 averages them.
+models and round 2 averages them. A fresh peer whose pings show the system past round 1
+started late: it joins (below) instead.
 
 Progress, and what cancels what. ``self.round`` is the highest round tag seen (in a model
 message, in a pong's ``at``) or produced. A tag ``R`` proves that stage ``R-1`` finished
@@ -143,7 +144,9 @@ class ModestProtocol(Protocol):
       bootstrap peers); ``None`` means ``neighbours``. ``neighbours`` is otherwise unused:
       MoDeST samples from the whole view, not from a graph.
     - ``sample_size`` (s), ``num_aggregators`` (a <= s).
-    - ``success_fraction``: the quorum is ``ceil(success_fraction * s)`` models.
+    - ``success_fraction``: the quorum is ``ceil(success_fraction * s)`` models, or of the
+      live population when fewer than ``s`` are left (members not marked left and not
+      suspected): a population that shrank below ``s`` would never reach the full quorum.
     - ``ping_timeout``: after it, an unanswered candidate is passed over.
     - ``aggregation_timeout``: how long an aggregator waits for its quorum; it then goes on
       with at least ``min_aggregation_count`` models, or waits again (``max_retries``
@@ -484,7 +487,7 @@ class ModestProtocol(Protocol):
         weight = msg.meta.get("w")
         valid = isinstance(weight, int | float) and not isinstance(weight, bool) and weight >= 0
         self._agg.models[sender] = (msg.params, float(weight) if valid else None)
-        if len(self._agg.models) >= self.quorum:
+        if len(self._agg.models) >= self._quorum():
             self._finish_aggregation(now, out, timed_out=False)
 
     def _on_trained(self, now: float, ticket: int, params: Tensor, out: list[Effect]) -> None:
@@ -582,6 +585,13 @@ class ModestProtocol(Protocol):
         self._complete(agg.round, out)
         self._learn_done(agg.round, out)
         self._start_delivery(now, TRAIN, agg.round, self.sample_size, result, out)
+
+    def _quorum(self) -> int:
+        """The quorum, scaled down when the live population is smaller than the sample."""
+        live = sum(1 for p in self.view.active() if p not in self._suspects)
+        if live >= self.sample_size:
+            return self.quorum
+        return max(1, math.ceil(self.success_fraction * max(live, 1) - 1e-9))
 
     def _stack(self, agg: _Aggregation) -> tuple[Tensor, Tensor | None, int]:
         """The aggregator's input: rows, weights and the row of the aggregator's own model.
