@@ -199,3 +199,15 @@ def test_bristle_in_a_small_simulation_learns_with_frozen_features_and_small_mes
         assert torch.equal(output.replace(final, output.rows(start)), start)  # features unchanged
     per_message = rows[-1]["bytes_total"] / rows[-1]["messages_total"]
     assert per_message < 4 * output.numel + 400  # the output layer only, not the whole model
+
+
+def test_sybilwall_checkpoint_keeps_its_histories() -> None:
+    wall = SybilWall("me", torch.zeros(2), ["a", "b"], seed=6)
+    wall.histories = {"a": torch.ones(2)}
+    wall.gossiped = {"far": (torch.full((2,), 3.0), 2)}
+    again = SybilWall("me", torch.zeros(2), ["a", "b"], seed=6)
+    again.load_state_dict(wall.state_dict())
+    assert torch.equal(again.histories["a"], torch.ones(2))
+    assert again.gossiped["far"][1] == 2 and torch.equal(
+        again.gossiped["far"][0], wall.gossiped["far"][0]
+    )

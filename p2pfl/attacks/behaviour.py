@@ -135,7 +135,9 @@ class ByzantineProtocol:
         return self.inner.round
 
     def __getattr__(self, name: str) -> Any:
-        # only reached for attributes the wrapper lacks: neighbours, state_dict, ...
+        # only reached for attributes the wrapper lacks: neighbours, trust, aggregate...
+        if name == "inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     # -- events ------------------------------------------------------------------------------
