@@ -339,7 +339,8 @@ class Engine:
             elif isinstance(effect, RoundCompleted):
                 self._round_completed(peer, effect.round)
             elif isinstance(effect, Record):
-                self.records[effect.name] += effect.value
+                if effect.value == effect.value:  # NaN (e.g. a relay's loss) counts nothing
+                    self.records[effect.name] += effect.value
 
     def _send(self, peer: int, effect: Send, nbytes: int) -> None:
         receiver = self.index.get(effect.to)

@@ -221,10 +221,15 @@ def run_simulation(
             row["bytes_total"] / 1e6, row["virtual_time"],
         )
 
+    last_due = [0]
+
     def on_progress(round_: int) -> None:
+        # Progress can jump several rounds at once (lagging peers catching up after a
+        # heal): measure at the first progress at or past each due round.
         round_ = min(round_, scenario.rounds)
         due = (round_ // every) * every
-        if due not in measured and (due == round_ or round_ == scenario.rounds):
+        if round_ not in measured and (due > last_due[0] or round_ == scenario.rounds):
+            last_due[0] = due
             measure(round_)
 
     engine.on_progress(on_progress)
