@@ -325,7 +325,7 @@ class Engine:
                 self._send(peer, effect, effect.message.nbytes())
             elif isinstance(effect, Train):
                 job = self.executor.submit(peer, effect.params, effect.steps)
-                duration = effect.steps * self.step_time / self.speeds[peer]
+                duration = effect.steps * self.step_time / float(self.speeds[peer])
                 self._push(self.now + duration, peer, _TrainingFinished(job, effect.ticket))
             elif isinstance(effect, SetTimer):
                 key = (peer, effect.name)

@@ -51,7 +51,9 @@ class Network:
         self.seed = seed
         self.links: set[tuple[int, int]] = {_key(u, v) for u, v in graph.edges()}
         self.failed_links: set[tuple[int, int]] = set()
-        self.uplink_free_at = np.zeros(self.n, dtype=np.float64)
+        # A list, not an array: read and written once per message, and numpy scalars would
+        # make every event time downstream an np.float64 (slower to add, compare and hash).
+        self.uplink_free_at: list[float] = [0.0] * self.n
         self._loss_rng = np.random.default_rng([seed, 0x1055])
         self._latency_cache: dict[tuple[int, int], float] = {}
 

@@ -103,6 +103,10 @@ class TrainingExecutor:
                 seen.add(job.peer)
             self._run_batched(this_pass)
             jobs = later
+        if self.mixer is not None and self.mixer.pending:
+            # Means nobody trains from (a crashed peer's, say): compute them now, so that
+            # the rows they read can be reused instead of pinning a whole buffer.
+            self.mixer.flush()
 
     # -- execution ---------------------------------------------------------------------
     def _run_one(self, job: TrainJob) -> None:
@@ -117,12 +121,12 @@ class TrainingExecutor:
         )
 
     def _run_batched(self, jobs: list[TrainJob]) -> None:
+        # Relay-only peers (no data) train nothing, but their result still becomes a row
+        # like everyone's (group "0 steps"): a neighbour's stack then stays deferrable.
         by_steps: dict[int, list[TrainJob]] = {}
         for job in jobs:
-            if self.samplers[job.peer] is None:
-                self._run_one(job)
-            else:
-                by_steps.setdefault(job.steps, []).append(job)
+            steps = 0 if self.samplers[job.peer] is None else job.steps
+            by_steps.setdefault(steps, []).append(job)
         for steps, group in sorted(by_steps.items()):
             ident, first, out = self.arena.take(len(group))
             losses = torch.empty(len(group))
@@ -133,14 +137,19 @@ class TrainingExecutor:
                 chunk = group[start:stop]
                 target = out[start:stop]
                 source = self._inputs([job.params for job in chunk], target)
+                self.batches_run += 1
+                if steps == 0:
+                    if source is not target:
+                        target.copy_(source)
+                    losses[start:stop] = float("nan")
+                    continue
                 samplers = [self.samplers[job.peer] for job in chunk]
                 transforms = None
                 if self.transforms:
                     transforms = [self.transforms.get(job.peer) for job in chunk]
                 _, losses[start:stop] = self.trainer.train_batched(
-                    source, samplers, steps, transforms=transforms, chunk=len(chunk), out=target
+                    source, samplers, steps, transforms=transforms, chunk=len(chunk), out=target  # type: ignore[arg-type]
                 )
-                self.batches_run += 1
             results: Sequence[torch.Tensor]
             results = self.mixer.rows(ident, first, out) if self.mixer else out.unbind(0)
             for job, result, loss in zip(group, results, losses.tolist(), strict=True):

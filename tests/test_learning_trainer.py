@@ -185,6 +185,51 @@ def test_batched_matches_per_peer(digits, model: str, weight_decay: float, attac
     assert [s.consumed for s in batched_samplers] == [s.consumed for s in ref_samplers] == [80] * 8
 
 
+@pytest.mark.parametrize(("model", "hidden"), [("mlp", None), ("mlp", (16, 8)), ("logreg", None)])
+def test_stacked_path_matches_vmap(digits, model: str, hidden: tuple[int, ...] | None) -> None:
+    """The hand-written bmm backward and vmap(grad) give the same training, attacks included."""
+    stacked = _trainer(digits, model, hidden=hidden, weight_decay=1e-3)
+    vmapped = _trainer(digits, model, hidden=hidden, weight_decay=1e-3, stacked=False)
+    assert stacked._stacked is not None and vmapped._stacked is None
+    parts = partition(digits.train_labels, 6, "iid", seed=1)
+    transforms = [_label_flip if i % 2 else None for i in range(6)]
+    start = torch.stack([stacked.init_params(i) for i in range(6)])
+    a, la = stacked.train_batched(start, _samplers(parts, 16), 3, transforms=transforms)
+    b, lb = vmapped.train_batched(start, _samplers(parts, 16), 3, transforms=transforms)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(la, lb, atol=1e-6)
+
+
+def test_stacked_path_only_for_plain_linear_stacks(digits) -> None:
+    assert _trainer(digits, "cnn")._stacked is None
+    odd = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))
+    assert LocalTrainer(odd, digits.x_train, digits.y_train, lr=0.1, batch_size=4)._stacked is None
+    no_bias = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10, bias=False))
+    tr = LocalTrainer(no_bias, digits.x_train, digits.y_train, lr=0.1, batch_size=16)
+    assert tr._stacked is not None
+    ref = LocalTrainer(no_bias, digits.x_train, digits.y_train, lr=0.1, batch_size=16, stacked=False)
+    start = torch.stack([tr.init_params(0), tr.init_params(1)])
+    parts = [np.arange(40), np.arange(40, 80)]
+    a, _ = tr.train_batched(start, _samplers(parts, 16), 2)
+    b, _ = ref.train_batched(start, _samplers(parts, 16), 2)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_train_batched_into_out(digits) -> None:
+    """``out`` gets the result, ``params`` is only read: what the simulator's pooled rows need."""
+    tr = _trainer(digits)
+    stack = torch.stack([tr.init_params(i) for i in range(3)])
+    copy = stack.clone()
+    parts = [np.arange(i * 40, (i + 1) * 40) for i in range(3)]
+    expected, _ = tr.train_batched(stack, _samplers(parts, 16), 2)
+    out = torch.full((3, tr.dim), float("nan"))
+    result, _ = tr.train_batched(stack, _samplers(parts, 16), 2, out=out)
+    assert result is out and torch.equal(out, expected) and torch.equal(stack, copy)
+    untouched, losses = tr.train_batched(stack, _samplers(parts, 16), 0, out=out)
+    assert torch.equal(untouched, stack) and torch.isnan(losses).all()
+    with pytest.raises(ValueError, match="out must be"):
+        tr.train_batched(stack, _samplers(parts, 16), 1, out=torch.zeros(2, tr.dim))
+
+
 def test_transform_changes_training(digits) -> None:
     tr = _trainer(digits)
     p = tr.init_params(0)

@@ -24,7 +24,6 @@ from p2pfl.protocols.base import (
     Message,
     Protocol,
     SetTimer,
-    Start,
     TimerFired,
 )
 from sim.engine import Engine
