@@ -299,7 +299,10 @@ def _row(
         wall_per_round_s=round(per_round if per_round is not None else wall / rounds, 4),
     )
     for key, value in extra.items():
-        row[key] = round(value, 6) if isinstance(value, float) else value
+        if key == "max_param_diff":
+            row[key] = f"{value:.1e}"
+        else:
+            row[key] = round(value, 3) if isinstance(value, float) else value
     if not row["peak_rss_mib"]:
         row["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     return row
@@ -382,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", default="ratio,scale,reference", help="comma-separated subset")
     parser.add_argument("--sizes", default="1000,10000", help="N for the ratio part")
     parser.add_argument("--ratio-rounds", type=int, default=None, help="timed rounds per size (default 20; 8 at N >= 5,000)")
-    parser.add_argument("--warm-up", type=int, default=2, help="untimed rounds before the ratio's timed ones")
+    parser.add_argument("--warm-up", type=int, default=5, help="untimed rounds before the ratio's timed ones")
     parser.add_argument("--scale-n", type=int, default=10_000)
     parser.add_argument("--scale-rounds", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=25)
