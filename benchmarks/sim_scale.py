@@ -13,7 +13,8 @@ Three parts, each in a fresh subprocess (so its peak memory is its own):
     each chunk trained straight from its mixed rows) with no simulator around them --
     against the simulator doing the same rounds (build excluded, no evaluation). Both
     run ``--warm-up`` rounds untimed first (the first touch of a gigabyte of fresh memory
-    is a one-off cost the long run pays once), then the timed rounds. Both start from the
+    is a one-off cost the long run pays once), then the timed rounds, alternating between
+    the two in ``--segments`` segments so that load changes hit both. Both start from the
     same parameters and seeds, so their final models must agree: the largest difference
     is reported. Target: simulator / bare <= 1.5.
 ``scale``
@@ -138,42 +139,49 @@ def _final_params(simulation: Any, peers: list[int]) -> Any:
 # ------------------------------------------------------------------------------ parts
 
 
-def bare_compute(simulation: Any, rounds: int, warm_up: int) -> tuple[tuple[float, float], Any]:
+class BareCompute:
     """The simulated work without the simulator: train, then mix, round after round.
 
-    Chunk by chunk of peers, the chunk's mixed rows (``W[chunk] @ T``, a sparse product)
-    are trained straight into the next parameter stack, which is double-buffered and so
-    allocated once. The first ``warm_up`` rounds are not timed (first touch of memory);
-    ``rounds`` more are. Returns (wall, cpu) seconds and the final mixed parameters of the
-    peers in chunks, a list of ``(first peer, tensor)``.
+    Chunk by chunk of peers, the chunk's mixed rows (``W[chunk] @ T``, a sparse product
+    of the Metropolis-Hastings rows and the trained stack) are trained straight into the
+    next parameter stack, which is double-buffered and so allocated once. This is the
+    fastest arrangement found for the bare loop (one full ``W @ T`` per round allocates a
+    fresh ``(N, d)`` array, which costs page faults at 10,000 peers).
     """
-    import numpy as np
-    import torch
 
-    from topologies import metropolis_hastings
+    def __init__(self, simulation: Any) -> None:
+        import numpy as np
 
-    trainer = simulation.trainer
-    samplers = simulation.engine.executor.samplers
-    n, dim = len(samplers), trainer.dim
-    chunk = trainer.peers_per_call(trainer.batch_size)
-    weights = metropolis_hastings(simulation.graph).tocsr().astype(np.float32)
-    blocks = [(a, min(a + chunk, n), weights[a : a + chunk]) for a in range(0, n, chunk)]
-    init = trainer.init_params(simulation.scenario.seed).expand(n, dim)
-    steps = simulation.scenario.protocol.local_steps
-    stacks = [np.empty((n, dim), dtype=np.float32) for _ in range(2)]
-    trained: np.ndarray | None = None
-    start = _clock()
-    for r in range(warm_up + rounds):
-        if r == warm_up:
-            start = _clock()
-        out = torch.from_numpy(stacks[r % 2])
-        for a, b, rows in blocks:
-            source = init[a:b] if trained is None else torch.from_numpy(rows @ trained)
-            trainer.train_batched(source, samplers[a:b], steps, chunk=b - a, out=out[a:b])
-        trained = stacks[r % 2]
-    assert trained is not None
-    final = [(a, torch.from_numpy(rows @ trained)) for a, _, rows in blocks]
-    return _since(start), final
+        from topologies import metropolis_hastings
+
+        self.trainer = simulation.trainer
+        self.samplers = simulation.engine.executor.samplers
+        n, dim = len(self.samplers), self.trainer.dim
+        chunk = self.trainer.peers_per_call(self.trainer.batch_size)
+        weights = metropolis_hastings(simulation.graph).tocsr().astype(np.float32)
+        self.blocks = [(a, min(a + chunk, n), weights[a : a + chunk]) for a in range(0, n, chunk)]
+        self.init = self.trainer.init_params(simulation.scenario.seed).expand(n, dim)
+        self.steps = simulation.scenario.protocol.local_steps
+        self.stacks = [np.empty((n, dim), dtype=np.float32) for _ in range(2)]
+        self.trained: Any = None
+        self.done = 0
+
+    def run(self, rounds: int) -> None:
+        import torch
+
+        for _ in range(rounds):
+            out = torch.from_numpy(self.stacks[self.done % 2])
+            for a, b, rows in self.blocks:
+                source = self.init[a:b] if self.trained is None else torch.from_numpy(rows @ self.trained)
+                self.trainer.train_batched(source, self.samplers[a:b], self.steps, chunk=b - a, out=out[a:b])
+            self.trained = self.stacks[self.done % 2]
+            self.done += 1
+
+    def finish(self) -> list[tuple[int, Any]]:
+        """The last round's mix, as ``(first peer, rows)`` per chunk."""
+        import torch
+
+        return [(a, torch.from_numpy(rows @ self.trained)) for a, _, rows in self.blocks]
 
 
 def _pick(chunks: list[tuple[int, Any]], peers: list[int]) -> Any:
@@ -186,37 +194,58 @@ def _pick(chunks: list[tuple[int, Any]], peers: list[int]) -> Any:
     return torch.stack([row(p) for p in peers])
 
 
-def part_ratio(n: int, rounds: int, warm_up: int, dataset: str, threads: int) -> list[dict[str, Any]]:
+def part_ratio(
+    n: int, rounds: int, warm_up: int, dataset: str, threads: int, segments: int = 2
+) -> list[dict[str, Any]]:
+    """Bare compute and simulator, both warmed up, then timed in alternating segments.
+
+    Alternating (bare, simulator, bare, simulator, ...) rather than one after the other
+    keeps a change in the machine's load from landing on one side only.
+    """
     import torch
 
     from sim.runner import build_simulation
     from sim.scenario import scenario_from_dict
 
+    segments = max(1, min(segments, rounds))
+    lengths = [rounds // segments + (i < rounds % segments) for i in range(segments)]
     raw = scenario(n, warm_up + rounds, dataset=dataset, threads=threads)
-    bare_sim = build_simulation(scenario_from_dict(raw))
-    _warm_up(bare_sim)
-    (bare_wall, bare_cpu), bare_final = bare_compute(bare_sim, rounds, warm_up)
-    del bare_sim
-
+    bare = BareCompute(build_simulation(scenario_from_dict(raw)))
     build_start = _clock()
     simulation = build_simulation(scenario_from_dict(raw))
     build_wall, _ = _since(build_start)
     engine = simulation.engine
-    engine.rounds = warm_up  # run the warm-up rounds untimed, as for the bare compute
+    _warm_up(simulation)
+
     warm_start = _clock()
+    bare.run(warm_up)
+    engine.rounds = warm_up
     engine.run()
     warm_wall, _ = _since(warm_start)
-    engine.rounds = warm_up + rounds
-    start = _clock()
-    _run_engine(simulation)
-    sim_wall, sim_cpu = _since(start)
+    times = {"bare": [0.0, 0.0], "sim": [0.0, 0.0]}
+    for index, length in enumerate(lengths):
+        start = _clock()
+        bare.run(length)
+        final = bare.finish() if index == len(lengths) - 1 else None
+        for i, value in enumerate(_since(start)):
+            times["bare"][i] += value
+        start = _clock()
+        engine.rounds += length
+        if index == len(lengths) - 1:
+            _run_engine(simulation)
+        else:
+            engine.run()
+        for i, value in enumerate(_since(start)):
+            times["sim"][i] += value
+    assert final is not None
     sample = sorted({0, n // 3, n // 2, n - 1})
-    diff = float((_pick(bare_final, sample) - _final_params(simulation, sample)).abs().max())
+    diff = float((_pick(final, sample) - _final_params(simulation, sample)).abs().max())
+    (bare_wall, bare_cpu), (sim_wall, sim_cpu) = times["bare"], times["sim"]
     note = (
-        f"timed rounds {warm_up + 1}..{warm_up + rounds} (warm-up {warm_wall:.1f}s); "
-        f"{engine.events_processed} events, {engine.executor.batches_run} training calls, "
-        f"{engine.executor.mixer.products} mixing products; build {build_wall:.1f}s; "
-        f"torch threads {torch.get_num_threads()}"
+        f"timed rounds {warm_up + 1}..{warm_up + rounds} in {segments} alternating segments "
+        f"(warm-up of both {warm_wall:.1f}s); {engine.events_processed} events, "
+        f"{engine.executor.batches_run} training calls, {engine.executor.mixer.products} mixing "
+        f"products; build {build_wall:.1f}s; torch threads {torch.get_num_threads()}"
     )
     return [
         _row("ratio", n, rounds, "bare batched compute", bare_wall, bare_cpu),
@@ -358,22 +387,31 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ratio = [r for r in rows if r["part"] == "ratio"]
-    sizes = sorted({r["n"] for r in ratio})
+    sizes = sorted({int(r["n"]) for r in ratio})
+    ratio = [{**r, "n": int(r["n"])} for r in ratio]
     if not sizes:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.38
     for offset, variant in ((-width / 2, "bare batched compute"), (width / 2, "simulator")):
-        values = [next(r["wall_per_round_s"] for r in ratio if r["n"] == n and r["variant"] == variant) for n in sizes]
+        # per peer and round, so that N = 1,000 and N = 10,000 share one scale
+        values = [
+            1e6 * float(r["wall_per_round_s"]) / n
+            for n in sizes
+            for r in ratio
+            if r["n"] == n and r["variant"] == variant
+        ]
         ax.bar([i + offset for i in range(len(sizes))], values, width, label=variant)
-    for i, n in enumerate(sizes):
-        sim_row = next(r for r in ratio if r["n"] == n and r["variant"] == "simulator")
-        ax.annotate(f"x{sim_row['ratio_wall']:.2f}", (i + width / 2, sim_row["wall_per_round_s"]),
-                    ha="center", va="bottom")
+        if variant == "simulator":
+            for i, n in enumerate(sizes):
+                sim_row = next(r for r in ratio if r["n"] == n and r["variant"] == variant)
+                ax.annotate(f"x{float(sim_row['ratio_wall']):.2f}", (i + offset, values[i]),
+                            ha="center", va="bottom")
     ax.set_xticks(range(len(sizes)), [f"N={n:,}" for n in sizes])
-    ax.set_ylabel("wall seconds per round")
+    ax.set_ylabel("wall microseconds per peer and round")
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the ratios above the legend
     ax.set_title("D-PSGD, MNIST MLP, 4-regular: simulator vs bare compute")
-    ax.legend()
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -386,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="1000,10000", help="N for the ratio part")
     parser.add_argument("--ratio-rounds", type=int, default=None, help="timed rounds per size (default 20; 8 at N >= 5,000)")
     parser.add_argument("--warm-up", type=int, default=5, help="untimed rounds before the ratio's timed ones")
+    parser.add_argument("--segments", type=int, default=2, help="alternating timed segments per side")
     parser.add_argument("--scale-n", type=int, default=10_000)
     parser.add_argument("--scale-rounds", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=25)
@@ -422,7 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     if "ratio" in parts:
         for n in (int(s) for s in args.sizes.split(",")):
             rounds = args.ratio_rounds or (8 if n >= 5000 else 20)
-            tasks.append({"part": "ratio", "n": n, "rounds": rounds, "warm_up": args.warm_up, **common})
+            tasks.append({"part": "ratio", "n": n, "rounds": rounds, "warm_up": args.warm_up,
+                          "segments": args.segments, **common})
     if "scale" in parts:
         tasks.append({"part": "scale", "n": args.scale_n, "rounds": args.scale_rounds,
                       "eval_every": args.eval_every, "eval_peers": args.eval_peers,

@@ -88,7 +88,9 @@ class Network:
 
     def transmit(self, now: float, sender: int, receiver: int, nbytes: int) -> Delivery:
         """Queue ``nbytes`` on the sender's uplink; say when (if ever) it arrives."""
-        if not self.has_route(sender, receiver):
+        # ``has_route``, inlined: this runs for every message (40,000 a round at 10,000 peers)
+        key = (sender, receiver) if sender <= receiver else (receiver, sender)
+        if key in self.failed_links or (self.mode != "overlay" and key not in self.links):
             return Delivery(None, unroutable=True)
         start = max(now, self.uplink_free_at[sender])
         done_sending = start + nbytes / self.bandwidth
