@@ -8,9 +8,10 @@ error that names the key rather than a setting silently ignored.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Collection, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -137,6 +138,24 @@ ProtocolConfig = Annotated[
 ]
 
 PROTOCOL_NAMES = ("dpsgd", "epidemic", "gossip", "modest", "sybilwall", "bristle")
+
+#: discriminated unions of the configs: top-level key -> tag values pydantic puts in
+#: error locations (``protocol.dpsgd.fanout``), which the user never wrote
+UNION_TAGS: Mapping[str, Collection[str]] = {"protocol": PROTOCOL_NAMES}
+
+
+def describe_validation_error(
+    error: ValidationError, union_tags: Mapping[str, Collection[str]] = UNION_TAGS
+) -> str:
+    """One line for the user: the key as written in the file, the problem, the value."""
+    first = error.errors()[0]
+    tags = union_tags.get(str(first["loc"][0]), ()) if first["loc"] else ()
+    loc = ".".join(str(part) for part in first["loc"] if part not in tags)
+    value = first.get("input")
+    shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+    more = f" [+{error.error_count() - 1} more]" if error.error_count() > 1 else ""
+    where = f"{loc}: " if loc else ""
+    return f"{where}{first['msg']}{shown}{more}"
 
 
 class NodeNetworkConfig(Strict):

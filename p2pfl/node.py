@@ -67,7 +67,7 @@ from p2pfl.protocols.registry import build_protocol, make_aggregate
 from p2pfl.protocols.synchronous import SynchronousRoundProtocol
 from p2pfl.security import GuardConfig, PeerGuard, SequenceNumbers
 from p2pfl.transport.base import Transport, TransportError
-from p2pfl.wire import DropReason, Envelope, WireError, WireLimits, decode, encode
+from p2pfl.wire import DropReason, Envelope, WireError, WireLimits, encode
 
 log = logging.getLogger("p2pfl.node")
 
@@ -101,6 +101,9 @@ class Node:
             GuardConfig(
                 max_lead=config.network.max_round_lead,
                 byte_burst=float(2 * config.network.max_message_bytes),
+                # peer exchange belongs to no round: a late or restarted peer must
+                # still be able to introduce itself
+                unrounded=frozenset({CONTROL}),
                 **lag,
             ),
             on_ban=lambda ban: log.warning("%s", ban.describe()),
@@ -524,19 +527,15 @@ class Node:
     # -- receiving -----------------------------------------------------------------------
     def _on_payload(self, sender: str, data: bytes) -> None:
         current = self.protocol.round if self.protocol is not None else 0
-        now = time.time()
         try:
-            self.guard.check_bytes(sender, len(data), now=now)
-            try:
-                envelope = decode(data, limits=self.limits, layout_check=self._layout)
-            except WireError as error:
-                self.guard.record_drop(sender, error.reason, now=now, detail=error.detail)
-                raise
-            # The node's own control messages (peer exchange) belong to no round: a
-            # late or restarted peer must still be able to introduce itself.
-            if envelope.protocol == CONTROL:
-                current = envelope.round
-            self.guard.check_envelope(sender, envelope, now=now, current_round=current)
+            envelope = self.guard.screen(
+                sender,
+                data,
+                now=time.time(),
+                current_round=current,
+                limits=self.limits,
+                layout_check=self._layout,
+            )
         except WireError as error:
             log.debug("dropped a message from %s: %s", sender, error)
             return

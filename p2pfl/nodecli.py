@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from p2pfl.config import ConfigError, NodeConfig, parse_override
+from p2pfl.config import ConfigError, NodeConfig, describe_validation_error, parse_override
 
 
 class NodeConfigError(ConfigError):
@@ -54,11 +54,7 @@ def load_node_config(
     try:
         return NodeConfig.model_validate(raw)
     except ValidationError as error:
-        first = error.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        got = first.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        raise NodeConfigError(f"{loc}: {first['msg']}{shown}") from None
+        raise NodeConfigError(describe_validation_error(error)) from None
 
 
 def run_node(config: NodeConfig) -> dict[str, Any]:

@@ -90,7 +90,8 @@ class GuardConfig:
 
     ``byte_burst`` must be at least the largest legitimate message, or that message can
     never pass. ``max_lag`` / ``max_lead`` of ``None`` disable that side of the round
-    window. A peer whose misbehaviour score (sum of ``penalties``, halving every
+    window; messages of the protocols named in ``unrounded`` (e.g. a node's own peer
+    exchange, which belongs to no round) skip it. A peer whose misbehaviour score (sum of ``penalties``, halving every
     ``score_half_life``) reaches ``ban_threshold`` is banned for ``ban_seconds``,
     doubling with each further ban up to ``max_ban_seconds``.
     """
@@ -111,6 +112,7 @@ class GuardConfig:
     max_ban_seconds: float = 3600.0
     penalties: Mapping[DropReason, float] = field(default_factory=lambda: _DEFAULT_PENALTIES)
     max_peers: int = 10_000  # peers tracked; the least recently seen are forgotten
+    unrounded: frozenset[str] = frozenset()
     status_peers: int = 100  # peers listed in ``status()``: banned and worst-scored first
 
     def summary(self) -> dict[str, Any]:
@@ -238,9 +240,10 @@ class PeerGuard:
         if behind >= window or (behind >= 0 and (state.seen >> behind) & 1):
             self._drop(state, DropReason.REPLAY, now, f"seq {seq}")
         cfg = self.config
-        if cfg.max_lag is not None and envelope.round < current_round - cfg.max_lag:
+        windowed = envelope.protocol not in cfg.unrounded
+        if windowed and cfg.max_lag is not None and envelope.round < current_round - cfg.max_lag:
             self._drop(state, DropReason.STALE_ROUND, now, f"round {envelope.round}")
-        if cfg.max_lead is not None and envelope.round > current_round + cfg.max_lead:
+        if windowed and cfg.max_lead is not None and envelope.round > current_round + cfg.max_lead:
             self._drop(state, DropReason.FUTURE_ROUND, now, f"round {envelope.round}")
         if behind < 0:  # a new highest number: slide the window (never shift by 2**64)
             shift = -behind

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from p2pfl.config import (
-    PROTOCOL_NAMES,
+    UNION_TAGS,
     ConfigError,
     DataConfig,
     DPSGDConfig,
@@ -23,6 +23,7 @@ from p2pfl.config import (
     ProtocolConfig,
     Strict,
     apply_overrides,
+    describe_validation_error,
 )
 from sim.adversary import AttackConfig
 from sim.disruptions import DISRUPTION_KINDS, DisruptionList
@@ -88,28 +89,15 @@ class Scenario(Strict):
 # ---------------------------------------------------------------------- loading
 
 
-def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part, first))
-    value = first.get("input")
-    shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
-    more = f" [+{error.error_count() - 1} more]" if error.error_count() > 1 else ""
-    where = f"{loc}: " if loc else ""
-    return f"{where}{first['msg']}{shown}{more}"
-
-
-def _is_union_tag(part: Any, err: dict[str, Any]) -> bool:
-    # pydantic puts the discriminator value ("dpsgd") in the location of union members
-    if err["loc"][0] == "disruptions":
-        return part in DISRUPTION_KINDS
-    return part in PROTOCOL_NAMES and err["loc"][0] == "protocol"
+#: the scenario's unions: protocols, and the kinds of ``[[disruptions]]``
+SCENARIO_UNION_TAGS = {**UNION_TAGS, "disruptions": DISRUPTION_KINDS}
 
 
 def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
     try:
         return Scenario.model_validate(raw)
     except ValidationError as error:
-        raise ScenarioError(_describe(error)) from None
+        raise ScenarioError(describe_validation_error(error, SCENARIO_UNION_TAGS)) from None
 
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:

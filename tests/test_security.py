@@ -80,6 +80,13 @@ def test_round_window() -> None:
     unbounded.screen(A, msg(1, round_=0), now=0.0, current_round=10**6)
 
 
+def test_unrounded_protocols_skip_the_round_window() -> None:
+    guard = PeerGuard(GuardConfig(max_lag=2, max_lead=1, unrounded=frozenset({"p"})))
+    guard.screen(A, msg(1, round_=0), now=0.0, current_round=10)  # protocol "p" is exempt
+    other = encode(Message("model", 0), identity=ALICE, protocol="q", seq=2)
+    assert dropped(guard, A, other) == "stale_round"  # any other protocol is not
+
+
 def test_sender_must_be_the_transport_peer() -> None:
     guard = PeerGuard(RELAXED)
     assert dropped(guard, A, msg(1, identity=BOB)) == "unknown_sender"

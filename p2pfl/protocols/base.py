@@ -204,6 +204,22 @@ class Protocol(ABC):
         """Consume one event and return the effects the driver must carry out."""
 
     # -- helpers for subclasses ----------------------------------------------------
+    def _note_reachability(self, event: Event, unreachable: set[PeerId]) -> bool:
+        """Keep ``unreachable`` up to date; say whether ``event`` was about reachability.
+
+        A peer is unreachable after ``PeerDown`` or a failed send, and reachable again
+        after ``PeerUp``.
+        """
+        if isinstance(event, PeerDown):
+            unreachable.add(event.peer)
+        elif isinstance(event, SendFailed):
+            unreachable.add(event.to)
+        elif isinstance(event, PeerUp):
+            unreachable.discard(event.peer)
+        else:
+            return False
+        return True
+
     def _train(self, params: torch.Tensor, steps: int | None = None) -> Train:
         self._next_ticket += 1
         return Train(self._next_ticket, params, self.local_steps if steps is None else steps)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from p2pfl.protocols.base import Effect, Event, PeerDown, PeerId, PeerUp, SendFailed
+from p2pfl.protocols.base import Effect, Event, PeerId
 from p2pfl.protocols.synchronous import AggregateFn, SynchronousRoundProtocol
 
 
@@ -67,13 +67,6 @@ class EpidemicLearning(SynchronousRoundProtocol):
         return None  # plain average of own and received models
 
     def handle(self, event: Event) -> list[Effect]:
-        if isinstance(event, PeerDown):
-            self.unreachable.add(event.peer)
-            return []
-        if isinstance(event, PeerUp):
-            self.unreachable.discard(event.peer)
-            return []
-        if isinstance(event, SendFailed):
-            self.unreachable.add(event.to)
+        if self._note_reachability(event, self.unreachable):
             return []
         return super().handle(event)

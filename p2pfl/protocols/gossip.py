@@ -22,14 +22,11 @@ from p2pfl.protocols.base import (
     Event,
     Message,
     MessageReceived,
-    PeerDown,
     PeerId,
-    PeerUp,
     Protocol,
     Record,
     RoundCompleted,
     Send,
-    SendFailed,
     SetTimer,
     Start,
     TimerFired,
@@ -89,12 +86,7 @@ class GossipLearning(Protocol):
             return self._on_message(event)
         if isinstance(event, TrainingDone):
             return self._on_trained(event)
-        if isinstance(event, PeerDown | SendFailed):
-            self.unreachable.add(event.peer if isinstance(event, PeerDown) else event.to)
-            return []
-        if isinstance(event, PeerUp):
-            self.unreachable.discard(event.peer)
-            return []
+        self._note_reachability(event, self.unreachable)
         return []
 
     def _on_period(self, now: float) -> list[Effect]:
