@@ -3,7 +3,8 @@
 Both sides speak the same framing: a 4-byte big-endian length, the payload, and
 a 1-byte acknowledgement once the receiver holds the whole payload.  A transfer
 is timed from the first byte sent to the acknowledgement, over a connection
-that is already open and warmed up by one transfer of the same size.
+that is already open and warmed up by one transfer of the same size (for ours,
+as in a node, successive transfers to a peer reuse one libp2p stream).
 
 By default both ends run in this process and each transfer is also charged the
 CPU time the process spent on it (sender and receiver together): on a shared,

@@ -217,6 +217,13 @@ def node(
         int | None, typer.Option(help="which data share this node trains on")
     ] = None,
     num_peers: Annotated[int | None, typer.Option(help="number of data shares")] = None,
+    attack: Annotated[
+        str | None,
+        typer.Option(
+            help="run as an attacker (test networks only): an attack name, e.g. sign_flip; "
+            "its parameters with --set attack.params.scale=5"
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="override a key: --set rounds=20")
     ] = None,
@@ -237,6 +244,7 @@ def node(
         "state_dir": str(state_dir) if state_dir else None,
         "peer_index": peer_index,
         "num_peers": num_peers,
+        "attack.name": attack,
     }
     try:
         node_config = load_node_config(

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Collection, Mapping
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from p2pfl.attacks.registry import Attack
 
 
 class ConfigError(ValueError):
@@ -158,6 +161,69 @@ def describe_validation_error(
     return f"{where}{first['msg']}{shown}{more}"
 
 
+#: ``num_classes`` filled in while validating an attack's parameters, before the data is known
+PLACEHOLDER_CLASSES = 10
+
+
+class AttackOptions(Strict):
+    """An attack of :mod:`p2pfl.attacks` by name, its parameters, and the Byzantine wrapper's
+    options: what the simulator's ``[attack]`` table (``sim.adversary.AttackConfig``, which
+    adds who is Byzantine) and a node's ``[attack]`` section (:class:`NodeAttackConfig`)
+    have in common. The name and parameters are checked here, with the attack's registry.
+    """
+
+    name: str = "none"
+    params: dict[str, Any] = Field(default_factory=dict)
+    #: replace every model the Byzantine peer receives by its own last one
+    isolate: bool | None = None
+    #: model attacks: seconds between the end of training and sending (rushing attacker)
+    delay: float = Field(1e-3, ge=0)
+
+    @model_validator(mode="after")
+    def _check_attack(self) -> AttackOptions:
+        from p2pfl.attacks.registry import ATTACKS
+
+        if self.name not in ATTACKS:
+            raise ValueError(
+                f"unknown attack {self.name!r}; accepted: {', '.join(sorted(ATTACKS))}"
+            )
+        self.build(PLACEHOLDER_CLASSES)  # the parameters: unknown, missing or invalid ones
+        return self
+
+    def build(self, num_classes: int) -> Attack:
+        """The configured :class:`p2pfl.attacks.Attack`; ``num_classes`` fills in a missing
+        ``num_classes`` parameter (label flips)."""
+        from p2pfl.attacks.registry import ATTACKS, get_attack
+
+        params = dict(self.params)
+        if "num_classes" in ATTACKS[self.name] and "num_classes" not in params:
+            params["num_classes"] = num_classes
+        return get_attack(self.name, **params)
+
+
+class NodeAttackConfig(AttackOptions):
+    """A node's ``[attack]`` section: this node runs an attack (test networks only).
+
+    Data attacks (``label_flip``, ``targeted_flip``, ``backdoor``) poison this node's
+    training batches; model attacks (``sign_flip``, ``gaussian``, ``scaling``, ``alie``,
+    ``ipm``, ``free_rider``) wrap its protocol in :class:`p2pfl.attacks.ByzantineProtocol`,
+    which rewrites the models it sends, knowing the models this node received. A Sybil
+    attack needs several identities per process and runs in the simulator only.
+    """
+
+    isolate: bool = False
+    delay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_node_attack(self) -> NodeAttackConfig:
+        if self.build(PLACEHOLDER_CLASSES).sybil is not None:
+            raise ValueError(
+                f"{self.name} speaks through several identities: the simulator runs it "
+                "(a node has one identity); on nodes use label_flip or targeted_flip"
+            )
+        return self
+
+
 class NodeNetworkConfig(Strict):
     """Where a real node listens, whom it dials first, and how long it waits."""
 
@@ -204,6 +270,8 @@ class NodeConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     protocol: ProtocolConfig = Field(default_factory=lambda: DPSGDConfig(name="dpsgd"))
     network: NodeNetworkConfig = Field(default_factory=NodeNetworkConfig)
+    #: run as an attacker (experiments on a test network); name "none": honest
+    attack: NodeAttackConfig = Field(default_factory=NodeAttackConfig)
 
     @model_validator(mode="after")
     def _check_share(self) -> NodeConfig:

@@ -16,6 +16,10 @@ Incoming bytes pass through a :class:`~p2pfl.security.PeerGuard` (ban, rate, dec
 signature, replay, round window) before the protocol sees them; whatever is refused is
 counted by reason and shows in the status. Peers find each other through bootstrap
 addresses and peer exchange (``hello`` messages listing known addresses).
+
+A node configured with an ``[attack]`` (test networks only) carries it out as a simulated
+Byzantine peer does: poisoned batches for data attacks, its protocol wrapped in
+``p2pfl.attacks.ByzantineProtocol`` for model attacks; it logs and reports that it does.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 
 from p2pfl.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
-from p2pfl.config import NodeConfig
+from p2pfl.config import BristleConfig, NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.learning import (
     BatchSampler,
@@ -63,6 +67,7 @@ from p2pfl.protocols.base import (
     Train,
     TrainingDone,
 )
+from p2pfl.protocols.records import IdentitySigner
 from p2pfl.protocols.registry import build_protocol, make_aggregate
 from p2pfl.protocols.synchronous import SynchronousRoundProtocol
 from p2pfl.security import GuardConfig, PeerGuard, SequenceNumbers
@@ -171,9 +176,105 @@ class Node:
             index = torch.from_numpy(np.sort(keep))
             self.x_test, self.y_test = self.x_test[index], self.y_test[index]
         self.data_size = len(parts[cfg.peer_index])
+        self._setup_protocol_inputs(dataset, parts[cfg.peer_index])
+        self._setup_attack(dataset.num_classes)
+
+    def _setup_protocol_inputs(self, dataset: Any, own: np.ndarray) -> None:
+        """The starting model and the protocol's extras: Bristle's shared pre-trained
+        extractor (the simulator's, from the seed) and this node's probe set."""
+        cfg = self.config
+        init = self.trainer.init_params(cfg.seed)
+        self._init_params, self._protocol_extras = init, {}
+        pc = cfg.protocol
+        if isinstance(pc, BristleConfig):
+            from p2pfl.protocols.bristle import pretrain_extractor, probe_set
+
+            shared = pretrain_extractor(
+                self.trainer,
+                init,
+                seed=cfg.seed,
+                pretrain_samples=pc.pretrain_samples,
+                pretrain_steps=pc.pretrain_steps,
+            )
+            probe = probe_set(
+                shared,
+                dataset.x_train,
+                dataset.y_train,
+                own,
+                pc.probe_samples,
+                seed=cfg.seed,
+                peer=cfg.peer_index,
+            )
+            self._init_params, self._protocol_extras = shared.start, shared.extras(*probe)
+        output = self._protocol_extras.get("output")
+        #: elements of an incoming model until the protocol says (``message_dim``)
+        self._message_dim = output.numel if output is not None else self.trainer.dim
 
     def _layout(self, protocol: str, kind: str) -> int | None:
-        return self.trainer.dim if protocol != CONTROL else None
+        """Elements of the model a message carries: the protocol's ``message_dim`` (Bristle:
+        its output layer), else the whole model; none for the node's own messages."""
+        if protocol == CONTROL:
+            return None
+        return getattr(self.protocol, "message_dim", None) or self._message_dim
+
+    # -- attacker (experiments on a test network) ------------------------------------------
+    def _setup_attack(self, num_classes: int) -> None:
+        options = self.config.attack
+        self.attack = options.build(num_classes) if options.name != "none" else None
+        if self.attack is None:
+            return
+        log.warning(
+            "ATTACKER: this node runs the %s attack %r with %s (isolate=%s, delay=%gs); "
+            "for experiments on a test network only",
+            self.attack.kind,
+            self.attack.name,
+            dict(self.attack.params) or "no parameters",
+            options.isolate,
+            options.delay,
+        )
+
+    def _as_attacker(self, protocol: Protocol) -> Protocol:
+        """The protocol wrapped as the simulator wraps a Byzantine peer (model attacks,
+        isolation); what it knows of honest models is what this node received."""
+        if self.attack is None:
+            return protocol
+        from p2pfl.attacks import as_attacker
+
+        cfg = self.config
+        return as_attacker(
+            protocol,
+            self.attack,
+            isolate=cfg.attack.isolate,
+            delay=cfg.attack.delay,
+            n_total=max(2, len(protocol.neighbours) + 1),  # ALIE's z_max: it and its neighbours
+            n_byzantine=1,
+            seed=cfg.peer_index + 7919 * cfg.seed,
+        )
+
+    def _train_locally(self, params: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
+        """Local SGD (in the worker thread); an attacker's batches are poisoned, a free
+        rider trains nothing."""
+        if self.attack is None:
+            return self.trainer.train(params, self.sampler, steps)
+        if not self.attack.trains:
+            return params.detach().clone(), float("nan")
+        return self.trainer.train(
+            params, self.sampler, steps, transform=self.attack.batch_transform
+        )
+
+    def _attack_status(self) -> dict[str, Any] | None:
+        if self.attack is None:
+            return None
+        crafted = getattr(self.protocol, "crafted", None)  # the Byzantine wrapper's count
+        return {
+            "attacker": True,
+            "name": self.attack.name,
+            "kind": self.attack.kind,
+            "params": dict(self.attack.params),
+            "isolate": self.config.attack.isolate,
+            "delay": self.config.attack.delay,
+            "crafted_messages": crafted,
+        }
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
@@ -186,6 +287,7 @@ class Node:
                 pass  # not the main thread (tests): stop() is called directly
         self.transport.set_handler(self._on_payload)
         self.transport.set_discovery_handler(self._on_discovered)
+        self.transport.set_abuse_handler(self._on_transport_abuse)
         await self.transport.start()
         self.listening.set()
         log.info("node %s listening on %s", self.peer_id, ", ".join(self.transport.listen_addrs))
@@ -389,7 +491,7 @@ class Node:
         else:  # the graph file is authoritative, also over a checkpoint
             neighbours = self._choose_neighbours()
         population = sorted({self.peer_id, *self.known, *neighbours})
-        init = self.trainer.init_params(self.config.seed)
+        init = self._init_params.clone()
         protocol = build_protocol(
             self.config.protocol,
             peer_id=self.peer_id,
@@ -399,6 +501,9 @@ class Node:
             mixing_weights=self._mixing_weights(),
             aggregate=make_aggregate(self.config.protocol),
             seed=self.config.seed,
+            extras=self._protocol_extras,
+            # relayed data (views, histories) signed by its origin (issue 8)
+            signer=IdentitySigner(self.identity),
         )
         if isinstance(protocol, SynchronousRoundProtocol):
             # one identity alone cannot drag this node to a far-future round (issue 8)
@@ -410,6 +515,7 @@ class Node:
             self.rounds_done = int(checkpoint["rounds_done"])
             self.resumed_from = protocol.round
             log.info("resumed from checkpoint at round %d", protocol.round)
+        protocol = self._as_attacker(protocol)
         self.protocol = protocol
         log.info(
             "starting %s with %d neighbours, %d samples",
@@ -506,7 +612,7 @@ class Node:
             if wait > 0:
                 await asyncio.sleep(wait)  # pacing, not synchronisation
         params, loss = await loop.run_in_executor(
-            self._pool, self.trainer.train, effect.params, self.sampler, effect.steps
+            self._pool, self._train_locally, effect.params, effect.steps
         )
         self._handle(TrainingDone(self._now(), effect.ticket, params, loss))
 
@@ -525,6 +631,11 @@ class Node:
         self.bytes_sent += len(data)
 
     # -- receiving -----------------------------------------------------------------------
+    def _on_transport_abuse(self, peer: str, reason: str) -> None:
+        """A frame the transport refused (oversized, truncated, stalled): charged to the peer."""
+        drop = DropReason.OVERSIZED if reason == DropReason.OVERSIZED else DropReason.TRUNCATED
+        self.guard.record_drop(peer, drop, now=time.time(), detail=f"transport: {reason}")
+
     def _on_payload(self, sender: str, data: bytes) -> None:
         current = self.protocol.round if self.protocol is not None else 0
         try:
@@ -615,6 +726,7 @@ class Node:
             "transport": self.transport.stats(),
             "guard": self.guard.status(),
             "uptime_s": time.time() - self.started_at,
+            "attack": self._attack_status(),
         }
 
     def _write_status(self, *, final: bool = False) -> None:

@@ -69,6 +69,7 @@ class SequenceNumbers:
 _DEFAULT_PENALTIES: Mapping[DropReason, float] = MappingProxyType(
     {
         DropReason.OVERSIZED: 4.0,
+        DropReason.TRUNCATED: 1.0,  # an honest sender's timed-out send ends like this too
         DropReason.MALFORMED: 4.0,
         DropReason.BAD_TYPE: 4.0,
         DropReason.BAD_TENSOR: 4.0,

@@ -49,7 +49,7 @@ for targeted attacks the ``attack_success_rate`` over honest peers (mean, and ma
 Untargeted attacks have no success rate: their effect is the honest accuracy.
 
 Robust protocols: :func:`prepare_defence` pre-trains Bristle's shared feature extractor
-on a public split (``pretrain_samples`` training samples drawn with the scenario's seed;
+(``p2pfl.protocols.bristle.pretrain_extractor``, as real nodes do) on a public split (``pretrain_samples`` training samples drawn with the scenario's seed;
 the output layer is then re-initialised, so the classifier is learned in the network)
 and gives each peer a probe set of ``probe_samples`` of its own samples (Bristle's small
 local test set).
@@ -65,19 +65,11 @@ import networkx as nx
 import numpy as np
 import torch
 from pydantic import Field, model_validator
-from torch import nn
 
-from p2pfl.attacks import (
-    ATTACKS,
-    Attack,
-    ByzantineProtocol,
-    Collusion,
-    get_attack,
-)
+from p2pfl.attacks import Attack, Collusion, as_attacker, needs_wrapper
 from p2pfl.attacks.data_poisoning import Backdoor, LabelFlip, TargetedLabelFlip
-from p2pfl.config import BristleConfig, Strict
+from p2pfl.config import PLACEHOLDER_CLASSES, AttackOptions, BristleConfig
 from p2pfl.learning import BatchSampler, Dataset, LocalTrainer, predict
-from p2pfl.model import load_flat
 from p2pfl.protocols.base import Effect, Event, Send
 
 if TYPE_CHECKING:
@@ -92,14 +84,14 @@ __all__ = [
     "prepare_defence",
 ]
 
-_PLACEHOLDER_CLASSES = 10
 
+class AttackConfig(AttackOptions):
+    """The scenario's ``[attack]`` table; see the module docstring.
 
-class AttackConfig(Strict):
-    """The scenario's ``[attack]`` table; see the module docstring."""
+    ``name``, ``params``, ``isolate`` and ``delay`` (and their checks, and ``build``) are
+    :class:`p2pfl.config.AttackOptions`, shared with a node's ``[attack]`` section.
+    """
 
-    name: str = "none"
-    params: dict[str, Any] = Field(default_factory=dict)
     #: Byzantine peers as a fraction of the graph's peers (Sybil: of all peers)
     fraction: float | None = Field(None, ge=0, lt=1)
     #: Byzantine peers as a count (not for Sybil attacks: use ``identities``)
@@ -110,20 +102,13 @@ class AttackConfig(Strict):
     identities: int | None = Field(None, ge=1)
     #: Sybil attacks: honest peers each identity links to
     attach: int = Field(3, ge=1)
-    #: replace every model a Byzantine peer receives by its own (default: Sybil only)
-    isolate: bool | None = None
-    #: model attacks: seconds between the end of training and sending (rushing attacker)
-    delay: float = Field(1e-3, ge=0)
+    #: (isolate: default None, on for Sybil identities only)
 
     @model_validator(mode="after")
     def _check(self) -> AttackConfig:
-        if self.name not in ATTACKS:
-            raise ValueError(
-                f"unknown attack {self.name!r}; accepted: {', '.join(sorted(ATTACKS))}"
-            )
         if self.fraction is not None and self.count is not None:
             raise ValueError("give fraction or count, not both")
-        attack = self.build(_PLACEHOLDER_CLASSES)
+        attack = self.build(PLACEHOLDER_CLASSES)
         if attack.sybil is not None and self.count is not None:
             raise ValueError(
                 f"{self.name} adds identities: give identities (or fraction), not count"
@@ -140,13 +125,6 @@ class AttackConfig(Strict):
                 f"attack {self.name!r} needs fraction or count (how many peers are Byzantine)"
             )
         return self
-
-    def build(self, num_classes: int) -> Attack:
-        """The configured attack; ``num_classes`` fills in a missing ``num_classes`` param."""
-        params = dict(self.params)
-        if "num_classes" in ATTACKS[self.name] and "num_classes" not in params:
-            params["num_classes"] = num_classes
-        return get_attack(self.name, **params)
 
 
 # --------------------------------------------------------------------- planning (before peers exist)
@@ -181,7 +159,7 @@ def plan_adversary(scenario: Any, graph: nx.Graph) -> tuple[nx.Graph, AdversaryP
     """Choose the Byzantine peers and add Sybil identities to ``graph`` (a copy)."""
     config: AttackConfig = getattr(scenario, "attack", None) or AttackConfig()
     n = graph.number_of_nodes()
-    num_classes = _PLACEHOLDER_CLASSES
+    num_classes = PLACEHOLDER_CLASSES
     attack = config.build(num_classes) if config.name != "none" else None
     plan = AdversaryPlan(config, attack, n)
     if attack is None:
@@ -271,25 +249,24 @@ class Adversary:
             for s in plan.sybils:
                 samplers[int(s)] = BatchSampler(indices, batch_size, int(rng.integers(2**62)))
                 simulation.data_sizes[int(s)] = share
-        if attack.name == "free_rider":
+        if not attack.trains:  # the free rider
             for i in self.malicious:
                 samplers[int(i)] = None  # trains nothing: the executor hands the model back
-        if attack.kind == "data":
+        if attack.batch_transform is not None:
             for i in self.malicious:
-                executor.transforms[int(i)] = attack.transform
+                executor.transforms[int(i)] = attack.batch_transform
 
         isolate = plan.config.isolate if plan.config.isolate is not None else len(plan.sybils) > 0
-        needs_wrapper = attack.kind == "model" or isolate or len(plan.sybils) > 0
-        if needs_wrapper:
+        if needs_wrapper(attack, isolate=isolate, colluding=len(plan.sybils) > 0):
             from p2pfl.attacks import MODEL_KINDS
 
             knowledge = None
-            if attack.name in ("alie", "ipm"):
+            if attack.omniscient:
                 knowledge = _HonestModels(engine, malicious, MODEL_KINDS)
             collusion = Collusion() if len(plan.sybils) else None
             jitter = attack.sybil.jitter if attack.sybil is not None else 0.0
             for i in self.malicious:
-                engine.protocols[int(i)] = ByzantineProtocol(
+                engine.protocols[int(i)] = as_attacker(
                     engine.protocols[int(i)],
                     attack,
                     knowledge=knowledge,
@@ -369,57 +346,31 @@ def prepare_defence(
     config = scenario.protocol
     if not isinstance(config, BristleConfig):
         return init, lambda peer: {}
-    from p2pfl.protocols.bristle import OutputLayer
+    from p2pfl.protocols.bristle import pretrain_extractor, probe_set
 
     seed = scenario.seed
-    rng = np.random.default_rng([seed, 0x9B1C])
-    public = np.sort(
-        rng.choice(
-            len(dataset.y_train), min(config.pretrain_samples, len(dataset.y_train)), replace=False
-        )
+    shared = pretrain_extractor(
+        trainer,
+        init,
+        seed=seed,
+        pretrain_samples=config.pretrain_samples,
+        pretrain_steps=config.pretrain_steps,
     )
-    start = init
-    if config.pretrain_steps:
-        sampler = BatchSampler(public, trainer.batch_size, int(rng.integers(2**62)))
-        start, _ = trainer.train(init, sampler, config.pretrain_steps)
-    output = OutputLayer.from_layout(trainer.layout)
-    start = output.replace(start, output.rows(init))  # the classifier is learned in the network
-
-    extractor = _feature_extractor(trainer.model, start)
-    probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    empty = (torch.zeros(0, output.features), torch.zeros(0, dtype=torch.int64))
-    for peer, sampler in enumerate(samplers):
-        if sampler is None:
-            continue
-        own = np.asarray(sampler.indices)
-        pick = (
-            own
-            if len(own) <= config.probe_samples
-            else np.sort(
-                np.random.default_rng([seed, 0x9B0E, peer]).choice(
-                    own, config.probe_samples, replace=False
-                )
-            )
+    probes = {
+        peer: probe_set(
+            shared,
+            dataset.x_train,
+            dataset.y_train,
+            np.asarray(sampler.indices),
+            config.probe_samples,
+            seed=seed,
+            peer=peer,
         )
-        index = torch.from_numpy(pick.astype(np.int64))
-        with torch.no_grad():
-            features = extractor(dataset.x_train.index_select(0, index))
-        probes[peer] = (features, dataset.y_train.index_select(0, index))
+        for peer, sampler in enumerate(samplers)
+        if sampler is not None
+    }
 
     def extras(peer: int) -> dict[str, Any]:
-        features, labels = probes.get(peer, empty)
-        return {"output": output, "probe_features": features, "probe_labels": labels}
+        return shared.extras(*probes.get(peer, shared.empty_probe()))
 
-    return start, extras
-
-
-def _feature_extractor(model: nn.Module, params: torch.Tensor) -> nn.Module:
-    """``model`` loaded with ``params``, without its output layer (the last child)."""
-    import copy
-
-    net = copy.deepcopy(model)
-    load_flat(net, params)
-    children = list(net.children())
-    if not isinstance(net, nn.Sequential) or not isinstance(children[-1], nn.Linear):
-        raise ValueError("bristle needs a Sequential model whose last layer is the output Linear")
-    return nn.Sequential(*children[:-1]).eval()
+    return shared.start, extras

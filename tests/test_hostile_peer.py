@@ -134,14 +134,16 @@ async def attack(target: Node, addr: str) -> dict[str, Any]:
     nan[3] = float("nan")
     report: dict[str, Any] = {}
     async with (
+        HostileClient("framer") as framer,
         HostileClient("mangler") as mangler,
         HostileClient("forger") as forger,
         HostileClient("corrupter") as corrupter,
         HostileClient("flooder") as flooder,
     ):
-        for hostile in (mangler, forger, corrupter, flooder):
+        for hostile in (framer, mangler, forger, corrupter, flooder):
             await hostile.connect(addr)
         report["ids"] = {
+            "framer": framer.peer_id,
             "mangler": mangler.peer_id,
             "forger": forger.peer_id,
             "corrupter": corrupter.peer_id,
@@ -151,9 +153,9 @@ async def attack(target: Node, addr: str) -> dict[str, Any]:
         # below libp2p, and below the envelope
         raw_tcp_garbage(port_of(addr))
         report["frames"] = [
-            await mangler.raw_frame(peer, [length_prefix(2**32 - 1)]),  # over the cap
-            await mangler.raw_frame(peer, [length_prefix(1000), b"y" * 10]),  # cut, EOF
-            await mangler.raw_frame(peer, [length_prefix(1000), b"y" * 10], reset=True),
+            await framer.raw_frame(peer, [length_prefix(2**32 - 1)]),  # over the cap
+            await framer.raw_frame(peer, [length_prefix(1000), b"y" * 10]),  # cut, EOF
+            await framer.raw_frame(peer, [length_prefix(1000), b"y" * 10], reset=True),
         ]
         await mangler.send(peer, b"\x94 not a signed container" * 40)  # malformed
         await mangler.send(peer, tampered(mangler.message(current, good)))  # bad_signature
@@ -217,6 +219,8 @@ def test_node_under_hostile_peers_keeps_training_and_counts_every_attack(tmp_pat
     guard = status["guard"]
     ids = report["ids"]
     peers = guard["peers"]
+    # refused frames are charged to their sender too (4 + 1 + 1 points: no ban)
+    assert peers[ids["framer"]]["dropped"] == {"oversized": 1, "truncated": 2}
     assert peers[ids["mangler"]]["dropped"] == {"malformed": 1, "bad_signature": 1}
     assert peers[ids["forger"]]["dropped"] == {
         "replay": 1,
@@ -231,9 +235,11 @@ def test_node_under_hostile_peers_keeps_training_and_counts_every_attack(tmp_pat
     assert flood["bans"] == 1 and flood["banned_until"] is not None
     assert guard["banned"] == [ids["flooder"]] and guard["bans"] == 1
     assert guard["limits"]["msg_rate"] == FLOOD_RATE and guard["limits"]["ban_threshold"] > 0
-    assert not any(peers[p]["dropped"] for p in (other.peer_id,))  # the honest peer: nothing
-    for reason in ("malformed", "bad_signature", "unknown_sender", "replay", "stale_round",
-                   "future_round", "non_finite", "bad_tensor", "rate_limited", "banned"):  # fmt: skip
+    # the honest peer: nothing (but a frame its shutdown cut, at most)
+    assert peers[other.peer_id]["dropped"] in ({}, {"truncated": 1})
+    for reason in ("oversized", "truncated", "malformed", "bad_signature", "unknown_sender",
+                   "replay", "stale_round", "future_round", "non_finite", "bad_tensor",
+                   "rate_limited", "banned"):  # fmt: skip
         assert guard["dropped"][reason] >= 1, reason
     # admitted messages from non-neighbours never reached the model
     assert status["counters"]["dropped.not_neighbour"] >= 2
@@ -250,6 +256,73 @@ def test_node_under_hostile_peers_keeps_training_and_counts_every_attack(tmp_pat
         f"{torch.equal(target.protocol.params, clean.protocol.params)}, "
         f"flood {report['flood']} messages in {report['flood_s']:.2f} s, total {time.monotonic() - began:.1f} s"
     )
+
+
+# ---------------------------------------------------------------- bad frames get a peer banned
+
+
+async def frame_abusers(tmp_path) -> dict[str, Any]:
+    """One node (waiting for peers), two hostile peers sending it frames it must refuse."""
+    config = honest_config(tmp_path, "frames", 0, [])
+    config = config.model_copy(
+        update={
+            "rounds": 10_000,  # still running whenever the attack ends: stopped below
+            "network": config.network.model_copy(update={"discovery_timeout": 2.0}),
+        }
+    )
+    target = libp2p_node(config, "frames-target")
+    bans: list[Any] = []
+    banned = asyncio.Event()
+    log_ban = target.guard.on_ban
+    assert log_ban is not None
+
+    def on_ban(ban: Any) -> None:
+        log_ban(ban)
+        bans.append(ban)
+        banned.set()
+
+    target.guard.on_ban = on_ban
+    run = asyncio.ensure_future(target.run())
+    try:
+        await asyncio.wait_for(target.listening.wait(), 20)
+        addr, peer = target.transport.listen_addrs[0], target.peer_id
+        async with HostileClient("oversizer") as big, HostileClient("cutter") as cutter:
+            await big.connect(addr)
+            await cutter.connect(addr)
+            # 4 points each: banned at the third
+            outcomes = [await big.raw_frame(peer, [length_prefix(2**32 - 1)]) for _ in range(3)]
+            await asyncio.wait_for(banned.wait(), 10)
+            banned.clear()
+            # 1 point each (an honest timed-out send looks the same): banned after about ten
+            cut = 0
+            while not banned.is_set() and cut < 30:
+                outcomes.append(await cutter.raw_frame(peer, [length_prefix(1000), b"y" * 10]))
+                cut += 1
+            await asyncio.wait_for(banned.wait(), 10)
+            await cutter.send(peer, cutter.hello())  # acknowledged, then dropped: banned
+            ids = {"oversizer": big.peer_id, "cutter": cutter.peer_id}
+        return {"outcomes": outcomes, "cut": cut, "bans": bans, "ids": ids,
+                "status": target.status()}  # fmt: skip
+    finally:
+        target.stop()
+        await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), 30)
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_sending_refused_frames_is_charged_and_banned(tmp_path):
+    result = asyncio.run(frame_abusers(tmp_path))
+    assert all(outcome in NO_ACK for outcome in result["outcomes"]), result["outcomes"]
+    ids, peers = result["ids"], result["status"]["guard"]["peers"]
+    assert [(ban.peer, ban.reason.value) for ban in result["bans"]] == [
+        (ids["oversizer"], "oversized"),
+        (ids["cutter"], "truncated"),
+    ]
+    assert peers[ids["oversizer"]]["dropped"] == {"oversized": 3}
+    assert 10 <= result["cut"] <= 12
+    assert peers[ids["cutter"]]["dropped"] == {"truncated": result["cut"], "banned": 1}
+    assert all(peers[p]["bans"] == 1 for p in ids.values())
+    stats = result["status"]["transport"]
+    assert stats["rejected_oversized"] == 3 and stats["truncated"] == result["cut"]
 
 
 # ---------------------------------------------------------------- far-future rounds

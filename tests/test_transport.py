@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from p2pfl.transport.base import TransportError
+from p2pfl.transport.base import FrameAbuse, TransportError
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
@@ -123,6 +123,28 @@ async def test_oversized_payload_rejected(network: MemoryNetwork) -> None:
         await a.send(small.peer_id, b"x" * 11, timeout=1)
     assert small.stats()["rejected_oversized"] == 1
     await a.send(small.peer_id, b"x" * 10, timeout=1)
+
+
+async def test_oversized_payload_is_reported_to_the_abuse_handler(network: MemoryNetwork) -> None:
+    [(a, _)] = await started(network, 1)
+    small = network.transport(max_message_size=10)
+    small.set_handler(Inbox())
+    reports: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    small.set_abuse_handler(lambda peer, reason: reports.put_nowait((peer, reason)))
+    await small.start()
+    with pytest.raises(TransportError):
+        await a.send(small.peer_id, b"x" * 11, timeout=1)
+    assert await asyncio.wait_for(reports.get(), 5) == (a.peer_id, FrameAbuse.OVERSIZED)
+
+    def failing(peer: str, reason: str) -> None:
+        raise RuntimeError("handler bug")
+
+    small.set_abuse_handler(failing)  # a failing handler is contained
+    with pytest.raises(TransportError):
+        await a.send(small.peer_id, b"x" * 11, timeout=1)
+    small.set_abuse_handler(None)
+    await a.send(small.peer_id, b"x" * 10, timeout=1)
+    assert small.stats()["rejected_oversized"] == 2 and reports.empty()
 
 
 async def test_drops_are_reproducible() -> None:

@@ -25,8 +25,15 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 from multiaddr import Multiaddr
 
-from p2pfl.transport.base import TransportError
-from p2pfl.transport.libp2p import ACK, PROTOCOL_ID, Libp2pTransport, concrete_addrs
+import p2pfl.transport.libp2p as libp2p_module
+from p2pfl.transport.base import FrameAbuse, TransportError
+from p2pfl.transport.libp2p import (
+    ACK,
+    MAX_IDLE_STREAMS,
+    PROTOCOL_ID,
+    Libp2pTransport,
+    concrete_addrs,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -49,6 +56,13 @@ class Inbox:
 
     async def get(self, timeout: float = 10.0) -> tuple[str, bytes]:
         return await asyncio.wait_for(self.queue.get(), timeout)
+
+
+class Reports(Inbox):
+    """Collects (peer, reason) pairs from an abuse handler."""
+
+    def __call__(self, peer: str, reason: str) -> None:  # type: ignore[override]
+        self.queue.put_nowait((peer, reason))  # type: ignore[arg-type]
 
 
 NO_ACK = ("StreamEOF", "StreamReset")  # what a raw sender sees instead of an acknowledgement
@@ -92,11 +106,19 @@ async def on_trio(transport: Libp2pTransport, fn: Callable[..., Awaitable[Any]],
     return await transport._bridge.run(call)
 
 
-async def raw_stream(host: Any, peer: str, chunks: list[bytes], finish: bool) -> str:
-    """Open a /p2pfl/msg stream, write ``chunks``; half-close it or just go silent; report the outcome."""
+async def raw_stream(
+    host: Any, peer: str, chunks: list[bytes], finish: bool, reset: bool = False
+) -> str:
+    """Open a /p2pfl/msg stream, write ``chunks``; half-close it, reset it or just go silent.
+
+    Returns the outcome: the ``repr`` of what came back, or the exception a sender sees.
+    """
     stream = await host.new_stream(ID.from_base58(peer), [PROTOCOL_ID])
     for chunk in chunks:
         await stream.write(chunk)
+    if reset:
+        await stream.reset()
+        return "reset"
     if finish:
         await stream.close()
     try:
@@ -106,6 +128,27 @@ async def raw_stream(host: Any, peer: str, chunks: list[bytes], finish: bool) ->
         raise
     except Exception as exc:
         return type(exc).__name__
+
+
+def kept(transport: Libp2pTransport, peer: str) -> list[Any]:
+    """The outbound streams ``transport`` keeps for ``peer`` (read on its trio thread)."""
+    assert transport._bridge is not None
+    return transport._bridge.run_sync(
+        lambda: [stream for stream, _ in transport._idle.get(ID.from_base58(peer), [])]
+    )
+
+
+async def until(
+    transport: Libp2pTransport, predicate: Callable[[], bool], timeout: float = 5.0
+) -> None:
+    """Wait, on the transport's trio thread, until ``predicate()`` holds; fail after ``timeout``."""
+
+    async def poll(host: Any) -> None:
+        with trio.fail_after(timeout):
+            while not predicate():
+                await trio.sleep(0.01)
+
+    await on_trio(transport, poll)
 
 
 async def test_three_hosts_exchange_small_and_large_payloads(make: Factory) -> None:
@@ -239,10 +282,13 @@ async def test_closed_peer_fails_within_timeout_and_frees_its_port(make: Factory
 
 async def test_oversized_frame_rejected_and_counted(make: Factory) -> None:
     (a, _), (b, inbox_b) = await make(), await make(max_message_size=1024)
+    reports = Reports()
+    b.set_abuse_handler(reports)
     await a.connect(b.listen_addrs[0])
     with pytest.raises(TransportError):
         await a.send(b.peer_id, b"x" * 4096, timeout=5)
     assert b.stats()["rejected_oversized"] == 1
+    assert await reports.get() == (a.peer_id, FrameAbuse.OVERSIZED)
     assert b.stats()["messages_received"] == 0
     with pytest.raises(TransportError):  # the sender's own cap is checked before sending
         await b.send(a.peer_id, b"x" * 1025, timeout=5)
@@ -252,16 +298,33 @@ async def test_oversized_frame_rejected_and_counted(make: Factory) -> None:
 
 async def test_truncated_and_garbage_input_do_not_break_the_transport(make: Factory) -> None:
     (a, _), (b, inbox_b), (c, _) = await make(), await make(read_idle_timeout=0.5), await make()
+    reports = Reports()
+    b.set_abuse_handler(reports)
     await a.connect(b.listen_addrs[0])
     await c.connect(b.listen_addrs[0])
 
     # A frame announcing 1000 bytes that ends after 10: counted, stream reset.
     outcome = await on_trio(a, raw_stream, b.peer_id, [(1000).to_bytes(4, "big"), b"y" * 10], True)
     assert outcome in NO_ACK
+    assert await reports.get() == (a.peer_id, FrameAbuse.TRUNCATED)
     # A header cut in the middle, then silence: dropped after the idle timeout.
     outcome = await on_trio(a, raw_stream, b.peer_id, [b"\x00\x00"], False)
     assert outcome in NO_ACK
-    assert b.stats()["truncated"] == 2 and b.stats()["messages_received"] == 0
+    assert await reports.get() == (a.peer_id, FrameAbuse.STALLED)
+    # A body that stops, silent: the same.
+    outcome = await on_trio(a, raw_stream, b.peer_id, [(1000).to_bytes(4, "big"), b"y"], False)
+    assert outcome in NO_ACK
+    assert await reports.get() == (a.peer_id, FrameAbuse.STALLED)
+    # A frame whose sender resets its stream half-way.
+    args = ([(1000).to_bytes(4, "big"), b"y" * 10], False, True)
+    assert await on_trio(c, raw_stream, b.peer_id, *args) == "reset"
+    assert await reports.get() == (c.peer_id, FrameAbuse.TRUNCATED)
+    # Streams that end or idle between frames are no abuse (one frame, then EOF).
+    assert await on_trio(a, raw_stream, b.peer_id, [(1).to_bytes(4, "big"), b"z"], True) == repr(
+        ACK
+    )
+    assert await inbox_b.get() == (a.peer_id, b"z")
+    assert b.stats()["truncated"] == 4 and b.stats()["messages_received"] == 1
 
     # Raw TCP clients: one sends garbage instead of a handshake, one stays silent.
     silent = socket.create_connection(("127.0.0.1", port_of(b)), timeout=2)
@@ -274,6 +337,7 @@ async def test_truncated_and_garbage_input_do_not_break_the_transport(make: Fact
         silent.close()
     got = {await inbox_b.get(), await inbox_b.get()}
     assert got == {(c.peer_id, b"still serving"), (a.peer_id, b"me too")}
+    assert reports.queue.empty()
 
 
 async def test_bad_arguments_raise_transport_error(make: Factory) -> None:
@@ -415,3 +479,85 @@ async def test_plaintext_is_not_offered(make: Factory) -> None:
     assert ours._bridge is not None
     assert await ours._bridge.run(dial_with_plaintext_only) != "connected"
     assert ours.connected_peers() == []
+
+
+async def test_successive_sends_reuse_a_stream_and_concurrent_ones_do_not_interleave(
+    make: Factory,
+) -> None:
+    (a, _), (b, inbox_b) = await make(), await make()
+    await a.connect(b.listen_addrs[0])
+    for i in range(5):
+        await a.send(b.peer_id, f"m{i}".encode(), timeout=5)
+    [stream] = kept(a, b.peer_id)
+    assert [(await inbox_b.get())[1] for _ in range(5)] == [f"m{i}".encode() for i in range(5)]
+    await a.send(b.peer_id, b"x" * 300_000, timeout=5)
+    assert kept(a, b.peer_id) == [stream]  # the same stream, still
+    assert await inbox_b.get() == (a.peer_id, b"x" * 300_000)
+
+    # concurrent sends take a stream each, and every frame arrives whole
+    payloads = [bytes([i]) * (50_000 + 100_000 * i) for i in range(8)]
+    await asyncio.gather(*(a.send(b.peer_id, p, timeout=10) for p in payloads))
+    got = sorted([(await inbox_b.get())[1] for _ in payloads], key=len)
+    assert got == payloads
+    assert 1 <= len(kept(a, b.peer_id)) <= MAX_IDLE_STREAMS
+    stats = b.stats()
+    assert stats["messages_received"] == 14 and stats["truncated"] == 0
+    assert a.stats()["send_failures"] == 0
+
+
+async def test_a_stream_the_receiver_closed_is_replaced(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (a, _), (b, inbox_b) = await make(), await make(stream_idle_timeout=0.3)
+    await a.connect(b.listen_addrs[0])
+    await a.send(b.peer_id, b"one", timeout=5)
+    [first] = kept(a, b.peer_id)
+    # b closes the idle stream: a sees the close and opens a new stream for the next send
+    await until(a, lambda: first.muxed_stream.recv_closed)
+    await a.send(b.peer_id, b"two", timeout=5)
+    [second] = kept(a, b.peer_id)
+    assert second is not first
+
+    # a send that only finds out on the way (EOF instead of an acknowledgement) is retried once
+    await until(a, lambda: second.muxed_stream.recv_closed)
+    monkeypatch.setattr(libp2p_module, "_reusable", lambda stream: True)
+    await a.send(b.peer_id, b"three", timeout=5)
+    assert kept(a, b.peer_id)[-1] is not second
+    assert [(await inbox_b.get())[1] for _ in range(3)] == [b"one", b"two", b"three"]
+    stats = b.stats()
+    assert stats["messages_received"] == 3 and stats["truncated"] == 0
+    assert a.stats()["send_failures"] == 0
+
+
+async def test_kept_streams_go_with_the_connection_and_on_close(make: Factory) -> None:
+    (a, _), (b, _), (c, inbox_c) = await make(), await make(), await make()
+    await a.connect(b.listen_addrs[0])
+    await a.connect(c.listen_addrs[0])
+    await a.send(b.peer_id, b"to b", timeout=5)
+    await a.send(c.peer_id, b"to c", timeout=5)
+    assert len(kept(a, b.peer_id)) == len(kept(a, c.peer_id)) == 1
+    await b.close()
+    await until(a, lambda: ID.from_base58(b.peer_id) not in a._idle)  # dropped on disconnect
+    assert await inbox_c.get() == (a.peer_id, b"to c")
+    await a.close()
+    assert a._idle == {}
+    assert c.stats()["truncated"] == 0  # a's kept stream ended cleanly, between frames
+
+
+async def test_a_timed_out_send_leaves_the_peer_reachable(make: Factory) -> None:
+    (a, _), (b, inbox_b) = await make(), await make()
+    await a.connect(b.listen_addrs[0])
+
+    async def stall(stream: Any) -> None:  # never reads: the sender runs out of window
+        await trio.sleep_forever()
+
+    async def install(host: Any, handler: Any) -> None:
+        host.set_stream_handler(PROTOCOL_ID, handler)
+
+    await on_trio(b, install, stall)
+    with pytest.raises(TransportError, match="timed out"):
+        await a.send(b.peer_id, b"z" * 40_000_000, timeout=1.0)
+    assert kept(a, b.peer_id) == []  # the stream of the failed send is not kept
+    await on_trio(b, install, b._on_stream)
+    await a.send(b.peer_id, b"after", timeout=5)
+    assert await inbox_b.get() == (a.peer_id, b"after")

@@ -6,6 +6,7 @@
 #
 #   examples/node/cluster.sh                       # every peer a neighbour of every other
 #   TOPOLOGY=ring examples/node/cluster.sh         # neighbours from a ring file of peer ids
+#   ATTACKER_CONFIG=examples/node/attacker.toml examples/node/cluster.sh   # the last peer attacks
 #   CONFIG=my.toml BASE_PORT=5000 examples/node/cluster.sh run2
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -31,7 +32,12 @@ if [ "${TOPOLOGY:-}" = ring ]; then
 fi
 pids=()
 for i in $(seq 0 $((size - 1))); do
-  args=(node --config "$config" --peer-index "$i" --num-peers "$size" --key-file "$out/key$i"
+  peer_config="$config"
+  if [ -n "${ATTACKER_CONFIG:-}" ] && [ "$i" -eq $((size - 1)) ]; then
+    peer_config="$ATTACKER_CONFIG"
+    echo "peer $i runs $ATTACKER_CONFIG (an attacker)"
+  fi
+  args=(node --config "$peer_config" --peer-index "$i" --num-peers "$size" --key-file "$out/key$i"
         --state-dir "$out/peer$i" --listen "/ip4/127.0.0.1/tcp/$((base_port + i))" "${extra[@]}")
   [ "$i" -gt 0 ] && args+=(--bootstrap "$boot")
   p2pfl "${args[@]}" > "$out/peer$i.log" 2>&1 &
@@ -41,5 +47,5 @@ done
 trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait' INT TERM
 wait || true  # interrupted by the trap: the peers have stopped, show where they got
 for i in $(seq 0 $((size - 1))); do
-  python -c "import json; s=json.load(open('$out/peer$i/status.json')); print('peer $i', 'round', s['rounds_done'], 'accuracy', s['accuracy'], 'neighbours', len(s['neighbours']))"
+  python -c "import json; s=json.load(open('$out/peer$i/status.json')); print('peer $i', 'round', s['rounds_done'], 'accuracy', s['accuracy'], 'neighbours', len(s['neighbours']), 'ATTACKER ' + s['attack']['name'] if s.get('attack') else '')"
 done

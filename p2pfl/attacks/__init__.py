@@ -9,10 +9,18 @@
   ``kind`` "data" or "model" so a driver knows where to apply it;
 - :mod:`~p2pfl.attacks.behaviour`: :class:`ByzantineProtocol`, a sans-I/O wrapper that
   turns an honest protocol object into a Byzantine peer (crafted sends, rushing,
-  isolation, colluding Sybil identities).
+  isolation, colluding Sybil identities); :func:`as_attacker` wraps a protocol when the
+  attack needs it. The simulator (``sim.adversary``) and a node started with an
+  ``[attack]`` section (``p2pfl.node``) both go through it.
 """
 
-from p2pfl.attacks.behaviour import MODEL_KINDS, ByzantineProtocol, Collusion
+from p2pfl.attacks.behaviour import (
+    MODEL_KINDS,
+    ByzantineProtocol,
+    Collusion,
+    as_attacker,
+    needs_wrapper,
+)
 from p2pfl.attacks.data_poisoning import (
     Backdoor,
     LabelFlip,
@@ -60,6 +68,7 @@ __all__ = [
     "alie",
     "alie_z",
     "apply_trigger",
+    "as_attacker",
     "attack_success_rate",
     "backdoor",
     "free_rider",
@@ -67,6 +76,7 @@ __all__ = [
     "get_attack",
     "ipm",
     "label_flip",
+    "needs_wrapper",
     "scaling",
     "sign_flip",
     "targeted_label_flip",

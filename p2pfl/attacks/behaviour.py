@@ -18,7 +18,8 @@ timers and training as usual, and rewrites what comes out:
 
 What the attacker knows of the honest models (ALIE, IPM) comes from ``knowledge``, a
 callable ``round -> (m, d) stack | None``. The default is what the peer itself received
-for that round; a simulator can pass an omniscient view of every honest message.
+for that round (or the one before); a simulator can pass an omniscient view of every
+honest message. Knowing none yet, IPM reverses its own update and ALIE sends its own model.
 
 Models of the message space: ``ctx.own`` is what the protocol wanted to send, and
 ``ctx.reference`` the model its last ``Train`` effect started from, mapped into the
@@ -76,6 +77,27 @@ class Collusion:
             for old in sorted(self._vectors)[: -self.keep]:
                 del self._vectors[old]
         return self._vectors[round_]
+
+
+def needs_wrapper(attack: Attack, *, isolate: bool = False, colluding: bool = False) -> bool:
+    """Whether a peer carrying out ``attack`` runs inside a :class:`ByzantineProtocol`.
+
+    It does when it rewrites what it sends (model attacks, colluding Sybil identities) or
+    what it hears (``isolate``). A data attack alone needs no wrapper: the driver poisons
+    the peer's batches (``attack.batch_transform``) and the protocol runs honestly.
+    """
+    return attack.kind == "model" or isolate or colluding
+
+
+def as_attacker(
+    protocol: Protocol, attack: Attack, *, isolate: bool = False, **options: Any
+) -> Protocol:
+    """``protocol`` as a peer carrying out ``attack``: wrapped when :func:`needs_wrapper`
+    says so (``options`` go to :class:`ByzantineProtocol`), else ``protocol`` itself."""
+    colluding = options.get("collusion") is not None
+    if not needs_wrapper(attack, isolate=isolate, colluding=colluding):
+        return protocol
+    return ByzantineProtocol(protocol, attack, isolate=isolate, **options)  # type: ignore[return-value]
 
 
 class ByzantineProtocol:
@@ -208,10 +230,13 @@ class ByzantineProtocol:
         vector = own
         if self.attack.kind == "model":
             reference = self._reference if self._reference is not None else own
+            honest = self.knowledge(message.round) if self._needs_honest() else None
+            if honest is None and self.attack.name == "alie":
+                honest = own[None]  # nothing heard yet (a real node's first round): itself
             ctx = ModelAttackContext(
                 own=own,
                 reference=reference,
-                honest=self.knowledge(message.round) if self._needs_honest() else None,
+                honest=honest,
                 n_total=self.n_total,
                 n_byzantine=self.n_byzantine,
                 generator=self.generator,
@@ -229,7 +254,7 @@ class ByzantineProtocol:
         return vector
 
     def _needs_honest(self) -> bool:
-        return self.attack.name in ("alie", "ipm")
+        return self.attack.omniscient
 
     # -- checkpoints: the honest protocol's state is the peer's state ---------------------------
     def state_dict(self) -> dict[str, Any]:

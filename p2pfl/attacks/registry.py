@@ -71,6 +71,16 @@ class Attack:
     def __call__(self, *args: Any) -> Any:
         return self.apply(*args)
 
+    @property
+    def batch_transform(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+        """What a driver passes to the trainer for this peer's batches (data attacks only)."""
+        return self.transform if self.kind == "data" else None
+
+    @property
+    def omniscient(self) -> bool:
+        """Whether crafting needs the honest models of the round (ALIE; IPM when it can)."""
+        return self.name in ("alie", "ipm")
+
     def transform(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Poison one training batch (``kind == "data"``); honest peers' batches pass unchanged."""
         if self.kind == "none":

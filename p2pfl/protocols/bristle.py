@@ -20,6 +20,14 @@ The extractor is frozen, so the probe's features never change: the driver comput
 once (``probe_features`` ``(m, h)``, with ``probe_labels`` ``(m,)``) and the protocol
 evaluates output layers with one matrix product, without any model code.
 
+The shared extractor is built by every driver the same way (:func:`pretrain_extractor`):
+SGD from ``init_params(seed)`` on a public split of the training set drawn with the seed,
+then the output layer is put back to its fresh initialisation. Every peer configured
+with the same seed (simulated peers, or real nodes) thus starts from the same vector
+without exchanging it (on different machines, float rounding may differ in the last
+bits; only output layers travel, so that does not matter); :func:`probe_set` draws each
+peer's probe from its own samples.
+
 Freezing: the driver trains the whole vector (``Train`` effects carry the full model);
 the protocol then puts the frozen feature parameters back, so only the output layer's
 change survives. That equals training the output layer alone up to the small drift of
@@ -29,11 +37,13 @@ masks gradients).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from p2pfl.aggregation import bristle_class_weights, bristle_integrate, bristle_select
 from p2pfl.protocols.base import (
@@ -51,6 +61,7 @@ from p2pfl.protocols.dpsgd import DPSGD
 from p2pfl.protocols.synchronous import MODEL, ROUND_TIMER
 
 if TYPE_CHECKING:
+    from p2pfl.learning import LocalTrainer
     from p2pfl.model import ParamLayout
 
 
@@ -145,6 +156,11 @@ class Bristle(DPSGD):
         support = torch.bincount(self.probe_labels, minlength=output.classes)[: output.classes]
         self._support = support.to(torch.float64)
 
+    @property
+    def message_dim(self) -> int:
+        """Elements of the model a message carries (a driver checks incoming tensors)."""
+        return self.output.numel
+
     def message_params(self, full: Tensor) -> Tensor:
         """What travels for a full parameter vector: its output layer's class rows, flat."""
         return self.output.rows(full).reshape(-1)
@@ -228,3 +244,93 @@ class Bristle(DPSGD):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.frozen = self.params.detach().clone()  # features never change: they are saved
+
+
+# ---------------------------------------------------------------- drivers' set-up
+
+
+@dataclass(frozen=True)
+class SharedExtractor:
+    """Bristle's shared start: ``start`` (pre-trained features, fresh output layer), where
+    the output layer lives, and the frozen feature extractor as a module."""
+
+    start: Tensor
+    output: OutputLayer
+    extractor: nn.Module
+
+    def extras(self, probe_features: Tensor, probe_labels: Tensor) -> dict[str, Any]:
+        """``build_protocol``'s Bristle extras for a peer with this probe set."""
+        return {
+            "output": self.output,
+            "probe_features": probe_features,
+            "probe_labels": probe_labels,
+        }
+
+    def empty_probe(self) -> tuple[Tensor, Tensor]:
+        """The probe of a peer without data."""
+        return torch.zeros(0, self.output.features), torch.zeros(0, dtype=torch.int64)
+
+
+def pretrain_extractor(
+    trainer: LocalTrainer,
+    init: Tensor,
+    *,
+    seed: int,
+    pretrain_samples: int,
+    pretrain_steps: int,
+) -> SharedExtractor:
+    """The shared extractor: ``pretrain_steps`` SGD steps from ``init`` on a public split of
+    ``pretrain_samples`` training samples drawn with ``seed``; the output layer is then
+    reset to ``init``'s, so the classifier is learned in the network.
+
+    Deterministic in (data, model, ``init``, seed): every peer computes the same vector.
+    """
+    from p2pfl.learning import BatchSampler
+
+    n_train = len(trainer.y)
+    rng = np.random.default_rng([seed, 0x9B1C])
+    public = np.sort(rng.choice(n_train, min(pretrain_samples, n_train), replace=False))
+    start = init
+    if pretrain_steps:
+        sampler = BatchSampler(public, trainer.batch_size, int(rng.integers(2**62)))
+        start, _ = trainer.train(init, sampler, pretrain_steps)
+    output = OutputLayer.from_layout(trainer.layout)
+    start = output.replace(start, output.rows(init))
+    return SharedExtractor(start, output, feature_extractor(trainer.model, start))
+
+
+def probe_set(
+    shared: SharedExtractor,
+    x_train: Tensor,
+    y_train: Tensor,
+    own: np.ndarray,
+    probe_samples: int,
+    *,
+    seed: int,
+    peer: int,
+) -> tuple[Tensor, Tensor]:
+    """Features and labels of a peer's probe: ``probe_samples`` of its own samples ``own``
+    (indices into the training set), drawn with ``(seed, peer)``; all of them if fewer."""
+    own = np.asarray(own)
+    if len(own) > probe_samples:
+        pick = np.sort(
+            np.random.default_rng([seed, 0x9B0E, peer]).choice(own, probe_samples, replace=False)
+        )
+    else:
+        pick = own
+    index = torch.from_numpy(pick.astype(np.int64))
+    with torch.no_grad():
+        features = shared.extractor(x_train.index_select(0, index))
+    return features, y_train.index_select(0, index)
+
+
+def feature_extractor(model: nn.Module, params: Tensor) -> nn.Module:
+    """``model`` loaded with ``params``, without its output layer (the last child)."""
+    from p2pfl.model import load_flat
+
+    net = copy.deepcopy(model)
+    load_flat(net, params)
+    children = list(net.children())
+    if not isinstance(net, nn.Sequential) or not isinstance(children[-1], nn.Linear):
+        raise ValueError("bristle needs a Sequential model whose last layer is the output Linear")
+    return nn.Sequential(*children[:-1]).eval()

@@ -26,9 +26,21 @@ stream per payload that meant ~20 ms per tiny message and 20-35 MB/s.  Here:
   update is a window increment, as in go-yamux);
 - read credit goes back go-yamux style, in one update once half the window
   has been read;
-- data frames carry up to ~256 KiB (within any peer's window: yamux bounds a
+- data frames carry up to ~1 MiB (within any peer's window: yamux bounds a
   frame by the window only), cut to fill whole Noise messages;
-- a writer out of window wakes on the window update instead of polling.
+- a writer out of window wakes on the window update instead of polling;
+- a stream's reads and writes take none of py-libp2p's locks: on the one trio
+  thread, looking at a buffer or window and taking from it involve no
+  ``await``, and every lock acquisition is a trip through the scheduler (a
+  tiny frame and its acknowledgement took 32 of them, now 10); the
+  connection's write lock is taken without one when free;
+- below yamux, the Noise session (``_FastNoise``) reads the socket in large
+  chunks instead of two or more receives per Noise message, writes a data
+  frame's Noise messages with one send instead of one each, encrypts and
+  decrypts without copying first, and decrypts a frame's body straight into one
+  buffer (py-libp2p copied it four times on the way).  A send cut off part-way
+  (a timed-out send) closes the connection: a partial Noise message would leave
+  the peer waiting for the rest, then unable to decrypt anything.
 
 All of it is plain yamux on the wire, so any yamux peer copes.  py-libp2p
 builds a plain ``Yamux`` whenever yamux is negotiated, whatever class the
@@ -42,10 +54,19 @@ import struct
 from collections import deque
 
 import trio
+from cryptography.exceptions import InvalidTag
 from libp2p.abc import IHost, IMuxedConn, ISecureConn
 from libp2p.custom_types import TProtocol
+from libp2p.io.abc import ReadWriteCloser
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.peer.id import ID
-from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
+from libp2p.security.noise.io import (
+    MAX_PLAINTEXT_LENGTH,
+    SIZE_NOISE_MESSAGE_LEN,
+    NoisePacketReadWriter,
+    NoiseTransportReadWriter,
+)
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux.yamux import (
@@ -60,17 +81,24 @@ from libp2p.stream_muxer.yamux.yamux import (
     Yamux,
     YamuxStream,
 )
+from noise.exceptions import NoiseInvalidMessage
 
 __all__ = ["FRAME_PAYLOAD", "STREAM_WINDOW", "PatchedYamux", "use_patched_yamux"]
 
 STREAM_WINDOW = MAX_WINDOW_SIZE
 """Receive window granted to the peer on every stream (16 MiB)."""
 
-FRAME_PAYLOAD = 4 * MAX_PLAINTEXT_LENGTH - HEADER_SIZE
-"""Data-frame payload (~256 KiB) whose frame fills exactly four Noise transport messages."""
+FRAME_PAYLOAD = 16 * MAX_PLAINTEXT_LENGTH - HEADER_SIZE
+"""Data-frame payload (~1 MiB) whose frame fills exactly 16 Noise transport messages."""
 
 WINDOW_WAIT = 5.0
 """Seconds a writer waits for window before the stream fails (py-libp2p's value)."""
+
+RECEIVE_SIZE = 1024 * 1024
+"""Bytes asked of the socket per receive by ``_FastNoise``."""
+
+DATA_READ_TIMEOUT = 60.0
+"""Seconds to wait for an announced data frame's body (py-libp2p's default)."""
 
 
 class PatchedYamux(Yamux):
@@ -81,6 +109,28 @@ class PatchedYamux(Yamux):
         self._reader_task: trio.lowlevel.Task | None = None
         self._deferred: deque[bytes] = deque()
         self._flushing = False
+        self._fast = _FastNoise.install(self.secured_conn)
+
+    async def _write_data(self, header: bytes, payload: memoryview) -> None:
+        """Write a data frame without first copying its payload behind its header."""
+        if self._fast is None:
+            await self._write_frame(header + payload)
+            return
+        lock = self._write_lock
+        try:  # no trip through the scheduler when nobody else is writing (the usual case)
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self._fast.write(header, payload)  # sending yields to the scheduler once
+        finally:
+            lock.release()
+
+    async def _read_data_body(self, length: int) -> bytes:
+        if self._fast is None:
+            return await super()._read_data_body(length)
+        with trio.fail_after(DATA_READ_TIMEOUT):
+            return await self._fast.read_body(length)  # type: ignore[return-value]
 
     async def handle_incoming(self) -> None:
         self._reader_task = trio.lowlevel.current_task()
@@ -147,25 +197,62 @@ class _PatchedYamuxStream(YamuxStream):
             self._window_opened.set()
 
     async def write(self, data: bytes) -> None:
-        """Send ``data`` in frames of up to ``FRAME_PAYLOAD`` bytes, as the window allows."""
+        """Send ``data`` in frames of up to ``FRAME_PAYLOAD`` bytes, as the window allows.
+
+        Looking at the state and taking window involve no ``await``, so on the one trio
+        thread they need none of py-libp2p's locks (each costs a trip through the
+        scheduler); the connection's write lock still keeps every frame whole.
+        """
         view = memoryview(data)
         sent, total = 0, len(data)
         while sent < total:
-            async with self.rw_lock.write_lock():
-                if self.send_closed:
-                    raise MuxedStreamError("Stream is closed for sending")
-                async with self.window_lock:
-                    if self.closed:
-                        raise MuxedStreamError("Stream is closed")
-                    size = min(self.send_window, FRAME_PAYLOAD, total - sent)
-                    if size > 0:
-                        self.send_window -= size
-            if size <= 0:
+            if self.send_closed:
+                raise MuxedStreamError("Stream is closed for sending")
+            if self.closed:
+                raise MuxedStreamError("Stream is closed")
+            size = min(self.send_window, FRAME_PAYLOAD, total - sent)
+            if size > 0:
+                self.send_window -= size
+            else:
                 await self._wait_for_window()
                 continue
             header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, self.stream_id, size)
-            await self.conn._write_frame(header + view[sent : sent + size])
+            await self.conn._write_data(header, view[sent : sent + size])
             sent += size
+
+    async def read(self, n: int | None = -1) -> bytes:
+        """``read(n)`` that takes buffered bytes without py-libp2p's connection lock.
+
+        Looking at the buffer and taking from it involve no ``await`` (one trio thread),
+        and waiting uses the stream's event as py-libp2p's ``read_stream`` does; every
+        case but "bytes are there, or will be" goes to py-libp2p's own ``read``.
+        """
+        if n is None or n <= 0:
+            return await super().read(n)
+        conn = self.conn
+        sid = self.stream_id
+        while True:
+            buffer = conn.stream_buffers.get(sid)
+            if buffer is None or self.reset_received or conn.event_shutting_down.is_set():
+                break
+            if buffer:
+                if self.closed:
+                    break  # py-libp2p drains it and drops the stream's bookkeeping
+                if n >= len(buffer):
+                    data = bytes(buffer)
+                    buffer.clear()
+                else:
+                    data = bytes(buffer[:n])
+                    del buffer[:n]
+                await self._auto_tune_and_send_window_update(bytes_read=len(data))
+                return data
+            event = conn.stream_events.get(sid)
+            if self.recv_closed or self.closed or event is None:
+                break
+            await event.wait()
+            if conn.stream_events.get(sid) is event:
+                conn.stream_events[sid] = trio.Event()
+        return await super().read(n)
 
     async def _wait_for_window(self) -> None:
         """Wait until the peer grants window, like py-libp2p: give up after 5 s."""
@@ -202,6 +289,191 @@ def _adopt(stream: YamuxStream) -> int:
     stream.target_recv_window = STREAM_WINDOW
     stream.recv_window += delta
     return delta
+
+
+class _FastNoise:
+    """Buffered, batched I/O of one Noise session, installed over ``SecureSession.read/write``.
+
+    Same bytes on the wire and the same semantics for yamux: ``read(n)`` returns
+    ``n`` bytes (fewer only at the end of the connection, raising
+    ``IncompleteReadError`` when there are none), ``write`` sends whole Noise
+    messages.  Only the connection's yamux reader task reads, and every write goes
+    through yamux's write lock, so neither needs a lock of its own.
+    """
+
+    def __init__(self, noise: NoiseTransportReadWriter, raw: ReadWriteCloser, left: bytes) -> None:
+        self._noise = noise
+        self._raw = raw
+        # py-libp2p's TCP stream wraps a trio SocketStream in a lock per direction; yamux
+        # already serialises the writes and has one reader, so use the socket stream directly
+        socket_stream = getattr(getattr(raw, "stream", None), "stream", None)
+        self._socket = socket_stream if isinstance(socket_stream, trio.SocketStream) else None
+        self._received = b""  # ciphertext from the socket, decrypted up to ``_at``
+        self._at = 0
+        self._plain = memoryview(left)  # decrypted bytes not yet read
+        self._eof = False
+
+    @classmethod
+    def install(cls, session: ISecureConn) -> _FastNoise | None:
+        """Take over the reads and writes of a Noise ``SecureSession``; None for other sessions."""
+        noise = getattr(session, "conn", None)
+        if not (
+            type(session) is SecureSession
+            and type(noise) is NoiseTransportReadWriter
+            and type(noise.read_writer) is NoisePacketReadWriter
+        ):
+            return None
+        left = session._drain(None)  # what the session buffered past the muxer negotiation
+        fast = cls(noise, noise.read_writer.read_write_closer, left)
+        session.read = fast.read  # type: ignore[method-assign]
+        session.write = fast.write  # type: ignore[method-assign]
+        return fast
+
+    async def _refill(self) -> bool:
+        """Decrypt the next Noise message into ``_plain``; False at the end of the connection."""
+        while True:
+            received, at = self._received, self._at
+            if len(received) - at >= SIZE_NOISE_MESSAGE_LEN:
+                end = (
+                    at
+                    + SIZE_NOISE_MESSAGE_LEN
+                    + int.from_bytes(received[at : at + SIZE_NOISE_MESSAGE_LEN], "big")
+                )
+                if len(received) >= end:
+                    break
+            if self._eof:
+                return False
+            chunk = await self._receive()
+            if not chunk:
+                self._eof = True
+                return False
+            self._received, self._at = (received[at:] + chunk if at < len(received) else chunk), 0
+        self._at = end
+        ciphertext = memoryview(received)[at + SIZE_NOISE_MESSAGE_LEN : end]
+        self._plain = memoryview(self._decrypt(ciphertext))
+        return True
+
+    def _decrypt(self, ciphertext: memoryview) -> bytes:
+        """Decrypt one Noise transport message without copying it first.
+
+        ``NoiseConnection.decrypt`` insists on ``bytes``; its cipher state (which
+        keeps the nonce) takes any buffer, as does ``cryptography``.
+        """
+        state = self._noise.noise_state
+        try:
+            cipher = state.noise_protocol.cipher_state_decrypt  # type: ignore[attr-defined]
+        except AttributeError:
+            return state.decrypt(bytes(ciphertext))
+        try:
+            return cipher.decrypt_with_ad(None, ciphertext)
+        except InvalidTag as exc:
+            raise NoiseInvalidMessage("Failed authentication of message") from exc
+
+    async def read(self, n: int | None = None) -> bytes:
+        if n is not None and n <= 0:
+            return b""
+        parts: list[bytes] = []
+        got = 0
+        while n is None or got < n:
+            if not self._plain:
+                if parts and n is None:
+                    break
+                if not await self._refill():
+                    if parts:
+                        break
+                    raise IncompleteReadError(
+                        "connection closed", expected_bytes=n or 0, received_bytes=0
+                    )
+                continue
+            want = len(self._plain) if n is None else n - got
+            part, self._plain = self._plain[:want], self._plain[want:]
+            parts.append(bytes(part))
+            got += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def read_body(self, length: int) -> bytearray:
+        """Exactly ``length`` bytes, decrypted into one buffer; ``IncompleteReadError`` if cut."""
+        body = bytearray(length)
+        view = memoryview(body)
+        got = 0
+        while got < length:
+            if not self._plain and not await self._refill():
+                raise IncompleteReadError(
+                    f"connection closed after {got} of {length} bytes",
+                    expected_bytes=length,
+                    received_bytes=got,
+                )
+            take = min(len(self._plain), length - got)
+            view[got : got + take] = self._plain[:take]
+            self._plain = self._plain[take:]
+            got += take
+        return body
+
+    async def write(self, data: bytes, payload: memoryview | None = None) -> None:
+        """Send ``data`` (and then ``payload``) as Noise messages, in one socket write."""
+        first = memoryview(data)
+        if payload is not None and len(payload):
+            # the first message takes the (short) head and the start of the payload
+            cut = max(0, MAX_PLAINTEXT_LENGTH - len(data))
+            first = memoryview(bytes(data) + payload[:cut])
+            rest = payload[cut:]
+        else:
+            rest = memoryview(b"")
+        parts: list[bytes] = []
+        for view in (first, rest):
+            for start in range(0, len(view), MAX_PLAINTEXT_LENGTH):
+                self._seal(view[start : start + MAX_PLAINTEXT_LENGTH], parts)
+        if not parts:
+            self._seal(first, parts)  # an empty message still travels
+        await self._send(b"".join(parts))
+
+    def _seal(self, plaintext: memoryview, parts: list[bytes]) -> None:
+        """Encrypt one Noise message (without copying the plaintext) and append it, length first."""
+        state = self._noise.noise_state
+        cipher = getattr(getattr(state, "noise_protocol", None), "cipher_state_encrypt", None)
+        if cipher is None:
+            ciphertext = state.encrypt(bytes(plaintext))
+        else:
+            ciphertext = cipher.encrypt_with_ad(None, plaintext)
+        parts.append(len(ciphertext).to_bytes(SIZE_NOISE_MESSAGE_LEN, "big"))
+        parts.append(ciphertext)
+
+    async def _receive(self) -> bytes:
+        """Up to ``RECEIVE_SIZE`` bytes off the connection, b"" at its end (as py-libp2p)."""
+        if self._socket is None:
+            return await self._raw.read(RECEIVE_SIZE)
+        try:
+            return await self._socket.receive_some(RECEIVE_SIZE)
+        except trio.BrokenResourceError as exc:
+            raise ConnectionClosedError(f"TCP connection reset by peer: {exc}") from exc
+        except trio.ClosedResourceError:  # closed on this side
+            return b""
+
+    async def _send(self, data: bytes) -> None:
+        """Send all of ``data``; a send cut off part-way closes the connection.
+
+        A partial Noise message would desynchronise the connection for good (the peer
+        would wait for the rest, then fail to decrypt), and py-libp2p's own write is
+        cut off that way when a send times out.  Cancelled before its first byte, a
+        send leaves the connection as it was.
+        """
+        if self._socket is None:
+            await self._raw.write(data)
+            return
+        sock = self._socket.socket
+        view = memoryview(data)
+        sent = 0
+        try:
+            while sent < len(view):
+                sent += await sock.send(view[sent:])
+        except BaseException as exc:
+            if sent:
+                sock.close()
+            if isinstance(exc, trio.ClosedResourceError) and not sent:
+                return  # closed on this side: py-libp2p ignores the write
+            if isinstance(exc, OSError | trio.ClosedResourceError):
+                raise ConnectionClosedError(f"TCP connection lost: {exc!r}") from exc
+            raise
 
 
 class _PatchedYamuxNegotiator(MuxerMultistream):

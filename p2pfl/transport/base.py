@@ -15,8 +15,17 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 
-__all__ = ["DiscoveryHandler", "Handler", "Transport", "TransportError", "TransportStats"]
+__all__ = [
+    "AbuseHandler",
+    "DiscoveryHandler",
+    "FrameAbuse",
+    "Handler",
+    "Transport",
+    "TransportError",
+    "TransportStats",
+]
 
 Handler = Callable[[str, bytes], None]
 """Called on the asyncio loop with (sender peer id, payload); must not block."""
@@ -24,7 +33,18 @@ Handler = Callable[[str, bytes], None]
 DiscoveryHandler = Callable[[str, list[str]], None]
 """Called on the asyncio loop with (peer id, dialable multiaddrs) of a peer found on the LAN."""
 
+AbuseHandler = Callable[[str, str], None]
+"""Called on the asyncio loop with (peer id, ``FrameAbuse`` reason) of a refused inbound frame."""
+
 _log = logging.getLogger(__name__)
+
+
+class FrameAbuse(StrEnum):
+    """Why a transport refused an inbound frame from an authenticated peer."""
+
+    OVERSIZED = "oversized"  # the length prefix exceeded the receiver's cap
+    TRUNCATED = "truncated"  # the stream ended or was reset in the middle of a frame
+    STALLED = "stalled"  # the sender went silent in the middle of a frame
 
 
 class TransportError(Exception):
@@ -68,6 +88,7 @@ class Transport(ABC):
         self.listen_addrs = []
         self._handler: Handler | None = None
         self._discovery_handler: DiscoveryHandler | None = None
+        self._abuse_handler: AbuseHandler | None = None
         self._stats = TransportStats()
         self._stats_lock = threading.Lock()
 
@@ -110,6 +131,24 @@ class Transport(ABC):
     def set_discovery_handler(self, handler: DiscoveryHandler | None) -> None:
         """Set the callback for peers the transport finds by itself (mDNS); most never call it."""
         self._discovery_handler = handler
+
+    def set_abuse_handler(self, handler: AbuseHandler | None) -> None:
+        """Set the callback told about each inbound frame refused from a known peer.
+
+        The transport counts such frames in its stats either way; the handler lets the
+        node charge them to the peer (its ban score).  Reasons are ``FrameAbuse`` values.
+        """
+        self._abuse_handler = handler
+
+    def _report_abuse(self, peer: str, reason: str) -> None:
+        """Run the abuse handler on the asyncio thread, keeping its errors contained."""
+        handler = self._abuse_handler
+        if handler is None:
+            return
+        try:
+            handler(peer, reason)
+        except Exception:
+            _log.exception("abuse handler failed on peer %s", peer)
 
     def _discovered(self, peer: str, addrs: list[str]) -> None:
         """Run the discovery handler on the asyncio thread, keeping its errors contained."""

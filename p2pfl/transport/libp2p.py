@@ -1,10 +1,27 @@
 """py-libp2p 0.8.1 behind the ``Transport`` interface.
 
-Wire protocol ``/p2pfl/msg/1.0.0``: one libp2p stream per payload.  The sender
-writes a 4-byte big-endian length and the payload, then waits for one
-acknowledgement byte; the receiver reads the whole frame, hands it to the
-asyncio loop, acknowledges and closes.  A stream that ends early is a truncated
-frame, a length above the receiver's cap is refused before any body is read.
+Wire protocol ``/p2pfl/msg/2.0.0``: frames on long-lived streams.  A frame is a
+4-byte big-endian length and the payload; the receiver reads the whole frame,
+hands it to the asyncio loop and answers one acknowledgement byte, after which
+the sender may write the next frame on the same stream.  A sender therefore has
+at most one unacknowledged frame per stream, and frames never interleave.
+
+- Sender: each payload takes an idle outbound stream to the peer, or opens one
+  (negotiating a stream costs ~4-5 ms of CPU in py-libp2p, more than moving a
+  1 MB payload); concurrent sends to one peer use a stream each, and up to
+  ``MAX_IDLE_STREAMS`` per peer are kept for reuse.  A kept stream the receiver
+  has closed meanwhile is discarded before use; one that turns out closed during
+  the send (EOF where the acknowledgement should be) is retried once on a fresh
+  stream.  A reset (the receiver refused the frame) is never retried.  Kept
+  streams are closed when idle for half of ``stream_idle_timeout``, when the
+  peer disconnects and on ``close()``.
+- Receiver: the handler reads frames until the sender closes the stream, always
+  draining at once (yamux resets a stream whose reader stalls for 5 s).  A length
+  above the cap is refused before any body is read, a stream that ends, is reset
+  or stays silent for ``read_idle_timeout`` within a frame is a truncated frame:
+  either way the stream is reset, counted in the stats and reported to the abuse
+  handler.  A stream silent *between* frames for ``stream_idle_timeout`` is
+  closed cleanly (FIN; reset if the sender does not close its side in turn).
 
 The host runs on the process-wide trio thread of ``_trio_bridge`` and is built
 with the settings measured in DESIGN.md ("py-libp2p facts"):
@@ -48,7 +65,7 @@ from typing import Any, TypeVar
 
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -57,32 +74,38 @@ from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.utils.address_validation import expand_wildcard_address
 from multiaddr import Multiaddr
 
 from . import _trio_bridge
 from ._yamux import PatchedYamux, use_patched_yamux
-from .base import Transport, TransportError
+from .base import FrameAbuse, Transport, TransportError
 
 __all__ = [
     "ACK",
     "DEFAULT_LISTEN_ADDRS",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "HEADER_SIZE",
+    "MAX_IDLE_STREAMS",
     "PROTOCOL_ID",
     "Libp2pTransport",
     "configure_libp2p_logging",
 ]
 
-PROTOCOL_ID = TProtocol("/p2pfl/msg/1.0.0")
+PROTOCOL_ID = TProtocol("/p2pfl/msg/2.0.0")
 ACK = b"\x01"
 HEADER_SIZE = 4
 DEFAULT_LISTEN_ADDRS = ("/ip4/127.0.0.1/tcp/0",)
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+MAX_IDLE_STREAMS = 4
+"""Idle outbound streams kept open per peer for later sends."""
 
 T = TypeVar("T")
 
@@ -116,29 +139,68 @@ class _NoAutoConnect(AutoConnector):
 
 
 class _FrameError(Exception):
-    """An inbound frame that is not acceptable; ``counter`` names the stat it counts as."""
+    """An inbound frame that is not acceptable.
 
-    def __init__(self, counter: str, message: str) -> None:
+    ``counter`` names the stat it counts as, ``abuse`` what to report to the abuse
+    handler (``None``: nothing, the sender is not to blame).
+    """
+
+    def __init__(self, counter: str, message: str, abuse: FrameAbuse | None = None) -> None:
         super().__init__(message)
         self.counter = counter
+        self.abuse = abuse
+
+
+class _StaleStream(Exception):
+    """A kept outbound stream that the receiver had closed: the frame may be sent again."""
 
 
 async def _read_exactly(stream: INetStream, size: int, idle_timeout: float) -> bytes:
-    """Read ``size`` bytes, failing if the stream ends early or stays silent for ``idle_timeout``.
+    """Read ``size`` bytes of a frame; a stream that ends early or stays silent is truncated.
 
     Memory grows with the bytes actually received, not with the length a peer
-    claims, and each read asks for no more than what is still due.
+    claims, and each read asks for no more than what is still due.  Frames are
+    read and written on the muxed stream itself: ``NetStream`` adds only a state
+    check behind a lock, which costs a trip through the trio scheduler per call.
     """
     chunks: list[bytes] = []
     received = 0
     while received < size:
-        with trio.fail_after(idle_timeout):
-            chunk = await stream.read(size - received)
+        try:
+            with trio.fail_after(idle_timeout):
+                chunk = await stream.muxed_stream.read(size - received)
+        except trio.TooSlowError:
+            raise _FrameError(
+                "truncated",
+                f"silent for {idle_timeout}s after {received} of {size} bytes",
+                FrameAbuse.STALLED,
+            ) from None
+        except Exception as exc:  # EOF, reset, connection lost
+            raise _FrameError(
+                "truncated",
+                f"stream ended after {received} of {size} bytes: {exc!r}",
+                FrameAbuse.TRUNCATED,
+            ) from exc
         if not chunk:
-            raise _FrameError("truncated", f"stream ended after {received} of {size} bytes")
+            raise _FrameError(
+                "truncated", f"stream ended after {received} of {size} bytes", FrameAbuse.TRUNCATED
+            )
         chunks.append(chunk)
         received += len(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _reusable(stream: INetStream) -> bool:
+    """Whether a kept stream is still open both ways, as far as this side knows."""
+    muxed = stream.muxed_stream
+    for flag in ("closed", "send_closed", "recv_closed", "reset_received"):
+        if getattr(muxed, flag, False):
+            return False
+    return not getattr(stream.muxed_conn, "is_closed", False)
+
+
+def _was_reset(stream: INetStream) -> bool:
+    return bool(getattr(stream.muxed_stream, "reset_received", False))
 
 
 async def _reset(stream: INetStream) -> None:
@@ -150,14 +212,49 @@ async def _reset(stream: INetStream) -> None:
             pass
 
 
+async def _close(stream: INetStream) -> None:
+    """Close a stream (our FIN), even from inside a cancelled scope, without ever raising."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            await stream.close()
+        except Exception:  # noqa: BLE001 - the stream is being discarded anyway
+            pass
+
+
+class _Disconnects(INotifee):
+    """Drops the kept streams of a connection that closed."""
+
+    def __init__(self, transport: Libp2pTransport) -> None:
+        self._transport = transport
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._transport._forget_connection(conn)
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+
 class Libp2pTransport(Transport):
-    """A ``Transport`` over py-libp2p: TCP, Noise, yamux, one stream per payload.
+    """A ``Transport`` over py-libp2p: TCP, Noise, yamux, frames on reused streams.
 
     ``key_pair`` is the node's persisted Ed25519 libp2p key pair: the peer id is
     derived from it.  ``max_message_size`` caps inbound (and outbound) payloads;
-    ``read_idle_timeout`` bounds how long an inbound stream may stay silent before
-    it is dropped as truncated.  ``mdns`` announces this host on the LAN and
-    reports peers found there to the discovery handler.
+    ``read_idle_timeout`` bounds how long an inbound stream may stay silent within
+    a frame before it is dropped as truncated, ``stream_idle_timeout`` how long
+    between frames before it is closed.  ``mdns`` announces this host on the LAN
+    and reports peers found there to the discovery handler.
     """
 
     def __init__(
@@ -167,6 +264,7 @@ class Libp2pTransport(Transport):
         listen_addrs: Sequence[str] = DEFAULT_LISTEN_ADDRS,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         read_idle_timeout: float = 30.0,
+        stream_idle_timeout: float = 60.0,
         mdns: bool = False,
     ) -> None:
         super().__init__()
@@ -177,6 +275,7 @@ class Libp2pTransport(Transport):
         self._listen = [Multiaddr(addr) for addr in listen_addrs]
         self.max_message_size = max_message_size
         self.read_idle_timeout = read_idle_timeout
+        self.stream_idle_timeout = stream_idle_timeout
         self.mdns = mdns
         self._bridge: _trio_bridge.TrioThread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -184,6 +283,8 @@ class Libp2pTransport(Transport):
         self._stop: trio.Event | None = None
         self._stopped: trio.Event | None = None
         self._closed = False
+        # kept outbound streams per peer, with the trio time they became idle (trio thread only)
+        self._idle: dict[ID, list[tuple[INetStream, float]]] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -248,6 +349,7 @@ class Libp2pTransport(Transport):
             network = host.get_network()
             network.auto_connector = _NoAutoConnect(network)  # type: ignore[attr-defined]
             network.retry_config = RetryConfig(max_retries=1)  # type: ignore[attr-defined]
+            network.register_notifee(_Disconnects(self))
             async with host.run(listen_addrs=self._listen):
                 try:
                     # The swarm logs a failed listen at debug level and carries on without it.
@@ -262,6 +364,7 @@ class Libp2pTransport(Transport):
                 finally:
                     self._host = None
                     with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                        await self._close_kept_streams()
                         await host.close()
         except Exception:
             if not started:
@@ -377,22 +480,93 @@ class Libp2pTransport(Transport):
     async def _send_in_trio(self, peer: ID, data: bytes, timeout: float) -> None:
         host = self._running_host()
         with trio.fail_after(timeout):
+            stream = await self._take_kept(peer)
+            if stream is not None:
+                try:
+                    await self._exchange(stream, data)
+                except _StaleStream as exc:  # closed by the receiver meanwhile: once more
+                    _log.debug("kept stream to %s was closed (%s): retrying", peer, exc)
+                else:
+                    await self._keep(peer, stream)
+                    return
             stream = await host.new_stream(peer, [PROTOCOL_ID])
-            try:
-                header = len(data).to_bytes(HEADER_SIZE, "big")
-                if len(data) <= _COALESCE_LIMIT:  # one frame instead of two
-                    await stream.write(header + data)
-                else:  # not worth copying a model for
-                    await stream.write(header)
-                    await stream.write(data)
-                ack = await stream.read(1)
-            except BaseException:
-                await _reset(stream)
-                raise
-            if ack != ACK:
-                await _reset(stream)
-                raise TransportError(f"peer {peer} answered {ack!r} instead of an acknowledgement")
-            await stream.close()
+            await self._exchange(stream, data)
+            await self._keep(peer, stream)
+
+    async def _exchange(self, stream: INetStream, data: bytes) -> None:
+        """Write one frame and wait for its acknowledgement; a failed stream is reset.
+
+        Raises ``_StaleStream`` when the stream turned out closed without a reset
+        (the receiver closed it before this frame), any other error otherwise.
+        """
+        muxed = stream.muxed_stream  # frames skip NetStream (see _read_exactly)
+        try:
+            header = len(data).to_bytes(HEADER_SIZE, "big")
+            if len(data) <= _COALESCE_LIMIT:  # one frame instead of two
+                await muxed.write(header + data)
+            else:  # not worth copying a model for
+                await muxed.write(header)
+                await muxed.write(data)
+            ack = await muxed.read(1)
+        except Exception as exc:
+            stale = not _was_reset(stream)
+            await _reset(stream)
+            if stale:
+                raise _StaleStream(repr(exc)) from exc
+            raise
+        except BaseException:  # cancelled (timed out): the frame may be half sent
+            await _reset(stream)
+            raise
+        if ack != ACK:
+            await _reset(stream)
+            if not ack:
+                raise _StaleStream("stream ended where the acknowledgement was due")
+            raise TransportError(f"peer answered {ack!r} instead of an acknowledgement")
+
+    async def _take_kept(self, peer: ID) -> INetStream | None:
+        """A kept stream to ``peer`` that is still open and fresh; stale ones are closed."""
+        kept = self._idle.get(peer)
+        if not kept:
+            return None
+        found: INetStream | None = None
+        stale: list[INetStream] = []
+        oldest = trio.current_time() - self.stream_idle_timeout / 2
+        while kept and found is None:
+            stream, since = kept.pop()  # the most recently used first
+            if since > oldest and _reusable(stream):
+                found = stream
+            else:
+                stale.append(stream)
+        if not kept:
+            del self._idle[peer]
+        for stream in stale:
+            await _close(stream)
+        return found
+
+    async def _keep(self, peer: ID, stream: INetStream) -> None:
+        """Put a stream back for the next send to ``peer``, or close it if enough are kept."""
+        kept = self._idle.setdefault(peer, [])
+        if self._host is None or len(kept) >= MAX_IDLE_STREAMS or not _reusable(stream):
+            if not kept:
+                del self._idle[peer]
+            await _close(stream)
+            return
+        kept.append((stream, trio.current_time()))
+
+    def _forget_connection(self, conn: INetConn) -> None:
+        """Drop the kept streams of a closed connection (they died with it)."""
+        muxed = conn.muxed_conn
+        kept = self._idle.get(muxed.peer_id)
+        if kept:
+            kept[:] = [entry for entry in kept if entry[0].muxed_conn is not muxed]
+            if not kept:
+                del self._idle[muxed.peer_id]
+
+    async def _close_kept_streams(self) -> None:
+        kept = [stream for streams in self._idle.values() for stream, _ in streams]
+        self._idle.clear()
+        for stream in kept:
+            await _close(stream)
 
     async def _ping_in_trio(self, peer: ID, timeout: float) -> float:
         host = self._running_host()
@@ -423,39 +597,90 @@ class Libp2pTransport(Transport):
         return known
 
     async def _on_stream(self, stream: INetStream) -> None:
-        """Receive one frame: drain it at once, hand it to asyncio, then acknowledge."""
+        """Receive frames until the sender closes the stream (see the module docstring)."""
         sender = stream.muxed_conn.peer_id.to_base58()
         try:
-            header = await _read_exactly(stream, HEADER_SIZE, self.read_idle_timeout)
-            size = int.from_bytes(header, "big")
-            if size > self.max_message_size:
-                raise _FrameError(
-                    "rejected_oversized",
-                    f"frame of {size} bytes exceeds the cap of {self.max_message_size}",
-                )
-            data = await _read_exactly(stream, size, self.read_idle_timeout) if size else b""
-            if self._handler is None:
-                raise _FrameError("unhandled", "no handler is set")
-            loop = self._loop
-            assert loop is not None
-            loop.call_soon_threadsafe(self._dispatch, sender, data)
+            while await self._receive_frame(stream, sender):
+                pass
         except _FrameError as exc:
             self._count(**{exc.counter: 1})
             _log.debug("refused a frame from %s: %s", sender, exc)
+            if exc.abuse is not None and self._host is not None:  # not our own shutdown
+                # reported before the reset, so that asyncio hears of it before the sender's failure
+                self._to_asyncio(self._report_abuse, sender, exc.abuse)
             await _reset(stream)
-            return
-        except Exception as exc:  # EOF, reset, idle timeout, closed asyncio loop
-            self._count(truncated=1)
-            _log.debug("lost a frame from %s: %r", sender, exc)
-            await _reset(stream)
-            return
+
+    async def _receive_frame(self, stream: INetStream, sender: str) -> bool:
+        """Receive one frame, hand it to asyncio and acknowledge it; False once the stream is over."""
+        header = await self._read_header(stream)
+        if header is None:
+            return False
+        size = int.from_bytes(header, "big")
+        if size > self.max_message_size:
+            raise _FrameError(
+                "rejected_oversized",
+                f"frame of {size} bytes exceeds the cap of {self.max_message_size}",
+                FrameAbuse.OVERSIZED,
+            )
+        data = await _read_exactly(stream, size, self.read_idle_timeout) if size else b""
+        if self._handler is None:
+            raise _FrameError("unhandled", "no handler is set")
+        if not self._to_asyncio(self._dispatch, sender, data):
+            raise _FrameError("unhandled", "the asyncio loop is closed")
         self._count(messages_received=1, bytes_received=len(data))
         try:
-            await stream.write(ACK)
-            await stream.close()
+            await stream.muxed_stream.write(ACK)
         except Exception as exc:  # noqa: BLE001 - the sender will time out and retry
             _log.debug("could not acknowledge a frame from %s: %r", sender, exc)
             await _reset(stream)
+            return False
+        return True
+
+    async def _read_header(self, stream: INetStream) -> bytes | None:
+        """The next frame's length prefix; ``None`` when the stream ended or idled between frames."""
+        first = b""
+        with trio.move_on_after(self.stream_idle_timeout) as idle:
+            try:
+                first = await stream.muxed_stream.read(HEADER_SIZE)
+            except (StreamEOF, MuxedStreamEOF):  # the sender closed the stream: so do we
+                pass
+            except Exception:  # noqa: BLE001 - reset, connection closed: the sender is gone
+                await _reset(stream)
+                return None
+        if idle.cancelled_caught:
+            await self._close_idle(stream)
+            return None
+        if not first:
+            await _close(stream)
+            return None
+        if len(first) < HEADER_SIZE:
+            first += await _read_exactly(stream, HEADER_SIZE - len(first), self.read_idle_timeout)
+        return first
+
+    async def _close_idle(self, stream: INetStream) -> None:
+        """Close an idle stream: our FIN, then the sender's (any frame that crossed it is dropped)."""
+        try:
+            await stream.close_write()
+            with trio.fail_after(self.read_idle_timeout):
+                while await stream.read():
+                    pass
+        except Exception:  # noqa: BLE001 - EOF (the sender closed too), reset, or it stayed open
+            pass
+        if getattr(stream.muxed_stream, "recv_closed", False):
+            await _close(stream)
+        else:
+            await _reset(stream)
+
+    def _to_asyncio(self, fn: Any, *args: Any) -> bool:
+        """Schedule ``fn(*args)`` on the asyncio loop; False if that loop is gone."""
+        loop = self._loop
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the asyncio loop is closed
+            return False
+        return True
 
 
 def concrete_addrs(candidates: list[Multiaddr]) -> list[Multiaddr]:

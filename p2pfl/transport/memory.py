@@ -5,7 +5,8 @@ listening, and it can be told to lose payloads (``drop_rate``), to delay them
 (``latency``), to cut single links, or to split the peers into partitions.
 ``MemoryTransport`` honours the same contract as the libp2p transport: a send
 returns once the receiver has the payload and its handler is scheduled, and any
-failure surfaces as ``TransportError``.
+failure surfaces as ``TransportError``.  A payload over the receiver's cap is also
+reported to the receiver's abuse handler (the only frame fault a memory wire has).
 
 Everything runs on the asyncio loop that starts each transport; nothing here
 is thread-safe, nor needs to be.
@@ -18,7 +19,7 @@ import itertools
 import random
 from collections.abc import Iterable
 
-from .base import Transport, TransportError
+from .base import FrameAbuse, Transport, TransportError
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "MemoryNetwork", "MemoryTransport"]
 
@@ -193,6 +194,8 @@ class MemoryTransport(Transport):
     def _receive(self, sender: str, data: bytes) -> None:
         if len(data) > self.max_message_size:
             self._count(rejected_oversized=1)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._report_abuse, sender, FrameAbuse.OVERSIZED)
             raise TransportError(
                 f"payload of {len(data)} bytes exceeds the receiver's cap of {self.max_message_size}"
             )

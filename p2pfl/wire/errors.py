@@ -15,6 +15,7 @@ class DropReason(StrEnum):
     """
 
     OVERSIZED = "oversized"  # bigger than the configured cap (checked before allocating)
+    TRUNCATED = "truncated"  # a transport frame cut short, reset or stalled mid-way
     MALFORMED = "malformed"  # not our framing / msgpack layout, unknown keys, bad version
     BAD_TYPE = "bad_type"  # a known field with a value of the wrong type or range
     BAD_TENSOR = "bad_tensor"  # dtype, shape, layout, codec payload or byte count wrong
