@@ -311,7 +311,7 @@ class Mixer:
         self.stack_type: type[PendingStack] = type("PendingStack", (PendingStack,), bound)
         self.mix_type: type[PendingMix] = type("PendingMix", (PendingMix,), bound)
         self._pending: dict[int, PendingMix] = {}
-        self._uniform: dict[int, torch.Tensor] = {}
+        self._uniform: dict[int, np.ndarray] = {}
         self.deferred = 0  # mixes recorded
         self.products = 0  # sparse products run
 
@@ -374,8 +374,9 @@ class Mixer:
             raise ValueError("resolve() was given a mix that is already computed")
         counts = np.fromiter((len(rows) for rows in sources), dtype=np.int64, count=len(mixes))  # type: ignore[arg-type]
         keys = np.fromiter((r._key for rows in sources for r in rows), dtype=np.int64)  # type: ignore[union-attr]
-        weights = torch.cat([self._weights_of(m, int(k)) for m, k in zip(mixes, counts, strict=True)])
-        values = weights.to(torch.float32).numpy()
+        values = np.concatenate(
+            [self._weights_of(m, len(rows)) for m, rows in zip(mixes, sources, strict=True)]  # type: ignore[arg-type]
+        ).astype(np.float32, copy=False)
         buffers = keys >> _ROW_BITS
         columns = keys & ((1 << _ROW_BITS) - 1)
         idents = np.unique(buffers)
@@ -407,12 +408,15 @@ class Mixer:
             self._pending.pop(id(mix), None)
         return chunk
 
-    def _weights_of(self, mix: PendingMix, count: int) -> torch.Tensor:
-        if mix._weights is not None:
-            return plain(mix._weights).reshape(-1)
+    def _weights_of(self, mix: PendingMix, count: int) -> np.ndarray:
+        weights = mix._weights
+        if weights is not None:
+            if type(weights) is torch.Tensor and weights.dim() == 1 and not weights.requires_grad:
+                return weights.numpy()  # the usual case, a view: no per-peer torch call
+            return plain(weights).detach().reshape(-1).numpy()
         uniform = self._uniform.get(count)
         if uniform is None:
-            uniform = self._uniform[count] = torch.full((count,), 1.0 / count)
+            uniform = self._uniform[count] = np.full(count, 1.0 / count, dtype=np.float32)
         return uniform
 
 

@@ -168,9 +168,22 @@ def test_cli_runs_example_with_overrides(tmp_path):
     assert (tmp_path / "run" / "metrics.csv").exists()
 
 
+def _is_node_config(path: Path) -> bool:
+    return path.name == "node.toml" or path.parent.name == "node"
+
+
 SCENARIO_FILES = sorted(
-    p for p in EXAMPLES.rglob("*.toml") if p.name not in {"node.toml", "sweep.toml"}
+    p for p in EXAMPLES.rglob("*.toml") if p.name != "sweep.toml" and not _is_node_config(p)
 )
+NODE_CONFIG_FILES = sorted(p for p in EXAMPLES.rglob("*.toml") if _is_node_config(p))
+
+
+@pytest.mark.parametrize("path", NODE_CONFIG_FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))
+def test_example_node_configs_are_valid(path):
+    from p2pfl.nodecli import load_node_config
+
+    config = load_node_config(path, [])
+    assert config.rounds > 0
 
 
 @pytest.mark.parametrize("path", SCENARIO_FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))

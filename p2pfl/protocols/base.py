@@ -41,14 +41,20 @@ class Message:
     round: int
     params: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: ``nbytes()`` once computed: a simulator sizes each message at every send and
+    #: every arrival (a message is not changed once sent)
+    _size: int = field(default=-1, init=False, repr=False, compare=False)
 
     def nbytes(self) -> int:
         """Approximate encoded size in bytes: tensor payload + meta + envelope."""
+        if self._size >= 0:
+            return self._size
         size = ENVELOPE_OVERHEAD
         if self.params is not None:
             size += self.params.numel() * self.params.element_size()
         if self.meta:
             size += _meta_size(self.meta)
+        self._size = size
         return size
 
 

@@ -16,7 +16,15 @@ from typing import Any
 
 import torch
 
-from p2pfl.protocols.base import Effect, Event, PeerDown, PeerId, PeerUp, SendFailed
+from p2pfl.protocols.base import (
+    Effect,
+    Event,
+    MessageReceived,
+    PeerDown,
+    PeerId,
+    PeerUp,
+    SendFailed,
+)
 from p2pfl.protocols.synchronous import AggregateFn, SynchronousRoundProtocol
 
 
@@ -95,6 +103,8 @@ class DPSGD(SynchronousRoundProtocol):
         return torch.tensor([own, *others], dtype=torch.float32)
 
     def handle(self, event: Event) -> list[Effect]:
+        if type(event) is MessageReceived:  # most events: straight to the round logic
+            return self._on_message(event)
         if isinstance(event, PeerDown):
             self.alive.discard(event.peer)
             self._live = None
