@@ -84,6 +84,12 @@ CATCH_UP_QUORUM = 2
 #: protocol messages kept while still discovering (a peer that found everyone first
 #: sends its round-0 model before we start); they are handled once the protocol starts
 EARLY_MESSAGES = 16
+#: peers a node keeps addresses of; a hello naming more (a hostile one) adds nothing beyond
+MAX_KNOWN_PEERS = 1024
+#: addresses kept per peer, and dials (connection attempts) running at once: a hello can
+#: name many peers, and must not turn the node into a dialling flood
+MAX_ADDRS_PER_PEER = 4
+MAX_CONCURRENT_DIALS = 8
 
 
 class Node:
@@ -135,6 +141,7 @@ class Node:
         self._down: set[str] = set()
         #: peers found by the transport (mDNS) that we dialled and greeted
         self._greeted: set[str] = set()
+        self._dial_slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
         self._early: list[tuple[str, Envelope]] = []
         self.graph: PeerGraph | None = None
         if config.network.topology_file:
@@ -431,8 +438,11 @@ class Node:
         for peer, peer_addrs in list(addrs.items())[:256]:
             if peer == self.peer_id or not isinstance(peer, str) or not isinstance(peer_addrs, list):
                 continue
-            clean = [a for a in peer_addrs if isinstance(a, str) and len(a) < 256][:8]
+            clean = [a for a in peer_addrs if isinstance(a, str) and len(a) < 256]
+            clean = clean[:MAX_ADDRS_PER_PEER]
             if peer not in self.known:
+                if len(self.known) >= MAX_KNOWN_PEERS:
+                    continue  # the sender itself is always kept (above); strangers are not
                 self.known[peer] = clean
                 if clean and self._wanted(peer):
                     self._spawn(self._dial_and_greet(peer, clean))
@@ -457,16 +467,19 @@ class Node:
             return
         if self._wanted(peer):
             self._greeted.add(peer)
-            self._spawn(self._dial_and_greet(peer, addrs[:8]))
+            self._spawn(self._dial_and_greet(peer, addrs[:MAX_ADDRS_PER_PEER]))
 
     async def _dial_and_greet(self, peer: str, addrs: list[str]) -> None:
-        for addr in addrs:
-            try:
-                await self.transport.connect(addr, timeout=5.0)
-            except TransportError:
-                continue
-            await self._send_hello(peer)
-            return
+        async with self._dial_slots:  # at most MAX_CONCURRENT_DIALS peers dialled at once
+            for addr in addrs:
+                try:
+                    await self.transport.connect(addr, timeout=5.0)
+                except TransportError:
+                    continue
+                break
+            else:
+                return
+        await self._send_hello(peer)
 
     # -- protocol ------------------------------------------------------------------------
     def _choose_neighbours(self) -> list[str]:

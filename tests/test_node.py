@@ -109,3 +109,49 @@ def test_bad_node_config_names_the_key(tmp_path):
         load_node_config(path, [])
     with pytest.raises(NodeConfigError, match="peer_index=3 must be < num_peers=2"):
         load_node_config(None, ["peer_index=3", "num_peers=2"])
+
+
+def test_a_hostile_hello_bounds_dials_and_known_peers(tmp_path):
+    """Hellos naming over a thousand peers: at most MAX_CONCURRENT_DIALS dials at once, at
+    most MAX_KNOWN_PEERS strangers and MAX_ADDRS_PER_PEER addresses each remembered."""
+    from p2pfl.node import MAX_ADDRS_PER_PEER, MAX_CONCURRENT_DIALS, MAX_KNOWN_PEERS
+    from p2pfl.transport.base import TransportError
+
+    class StalledDials(MemoryTransport):
+        active = peak = attempts = 0
+
+        async def connect(self, addr: str, *, timeout: float = 10.0) -> str:
+            cls = StalledDials
+            cls.active += 1
+            cls.attempts += 1
+            cls.peak = max(cls.peak, cls.active)
+            try:
+                await release.wait()
+            finally:
+                cls.active -= 1
+            raise TransportError("unreachable")
+
+    identity = Identity.generate(b"\x01" * 32)
+    node = Node(
+        node_config(tmp_path, 0, 2, []), StalledDials(MemoryNetwork(), identity.peer_id), identity
+    )
+    fake = [Identity.generate(i.to_bytes(2, "big") * 16).peer_id for i in range(1, 1400)]
+
+    release = asyncio.Event()  # binds to the loop that first waits on it
+
+    async def scenario() -> None:
+        for sender in range(6):  # each hello names 256 peers (the cap per hello) ...
+            names = fake[sender * 230 : sender * 230 + 256]
+            addrs = {p: [f"/ip4/10.0.0.{k}/tcp/1/p2p/{p}" for k in range(20)] for p in names}
+            node._on_hello(fake[-1 - sender], {"addrs": addrs})
+        for _ in range(50):  # let every dial task start (no time passes)
+            await asyncio.sleep(0)
+        assert StalledDials.peak == MAX_CONCURRENT_DIALS
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*node._tasks), 30)
+
+    asyncio.run(scenario())
+    assert StalledDials.peak == MAX_CONCURRENT_DIALS
+    assert len(node.known) <= MAX_KNOWN_PEERS + 6  # + the (connected) senders themselves
+    assert all(len(a) <= MAX_ADDRS_PER_PEER for a in node.known.values())
+    assert StalledDials.attempts <= MAX_KNOWN_PEERS * MAX_ADDRS_PER_PEER
