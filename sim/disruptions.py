@@ -146,20 +146,30 @@ def _amount_text(count: int | None, fraction: float | None, peers: Sequence[Any]
     return f"{count}" if count is not None else f"{fraction:.0%}"
 
 
-class Crash(_Disruption):
-    """Peers stop at once (device destroyed, power lost); neighbours notice on failed sends."""
+class _PeerSelection(_Disruption):
+    """A disruption that picks peers: ``count``, ``fraction`` of ``among``, or ``peers``."""
 
-    kind: Literal["crash"]
     count: NonNegativeInt | None = None
     fraction: float | None = Field(None, ge=0, le=1, description="share of the `among` pool")
     peers: list[NonNegativeInt] | None = Field(None, description="exactly these peers")
-    strategy: Literal["random", "degree", "betweenness"] = "random"
     among: Among = "all"
 
     @model_validator(mode="after")
-    def _check_amount(self) -> Crash:
+    def _check_amount(self) -> _PeerSelection:
         _exactly_one(self, "count", "fraction", "peers")
         return self
+
+
+class _TargetedSelection(_PeerSelection):
+    """Peer selection that can also target the most connected or most central peers."""
+
+    strategy: Literal["random", "degree", "betweenness"] = "random"
+
+
+class Crash(_TargetedSelection):
+    """Peers stop at once (device destroyed, power lost); neighbours notice on failed sends."""
+
+    kind: Literal["crash"]
 
     def _describe(self) -> str:
         pool = "" if self.among == "all" else f" {self.among.replace('_', '-')}"
@@ -167,7 +177,7 @@ class Crash(_Disruption):
         return f"crash {_amount_text(self.count, self.fraction, self.peers)}{pool}{how}"
 
 
-class DataLoss(_Disruption):
+class DataLoss(_TargetedSelection):
     """Peers lose their training data (storage destroyed) but stay up and keep relaying.
 
     The counterpart of a crash for separating the two harms: a crash of data-holders
@@ -175,16 +185,7 @@ class DataLoss(_Disruption):
     """
 
     kind: Literal["data_loss"]
-    count: NonNegativeInt | None = None
-    fraction: float | None = Field(None, ge=0, le=1, description="share of the `among` pool")
-    peers: list[NonNegativeInt] | None = Field(None, description="exactly these peers")
-    strategy: Literal["random", "degree", "betweenness"] = "random"
     among: Among = "data_holders"
-
-    @model_validator(mode="after")
-    def _check_amount(self) -> DataLoss:
-        _exactly_one(self, "count", "fraction", "peers")
-        return self
 
     def _describe(self) -> str:
         return f"{_amount_text(self.count, self.fraction, self.peers)} lose data"
@@ -329,19 +330,10 @@ class Churn(_Disruption):
         return "churn"
 
 
-class Join(_Disruption):
+class Join(_PeerSelection):
     """Peers that are not there at the start and join late (they greet their neighbours)."""
 
     kind: Literal["join"]
-    count: NonNegativeInt | None = None
-    fraction: float | None = Field(None, ge=0, le=1)
-    peers: list[NonNegativeInt] | None = None
-    among: Among = "all"
-
-    @model_validator(mode="after")
-    def _check_amount(self) -> Join:
-        _exactly_one(self, "count", "fraction", "peers")
-        return self
 
     def _describe(self) -> str:
         return f"{_amount_text(self.count, self.fraction, self.peers)} join"
