@@ -33,6 +33,7 @@ from p2pfl.learning import (
 )
 from p2pfl.learning.sampler import derive_seed  # noqa: F401 - kept importable from here
 from p2pfl.protocols.base import Protocol
+from p2pfl.protocols.records import Keyring
 from p2pfl.protocols.registry import ROUND_PROGRESS, build_protocol, make_aggregate
 from sim.adversary import Adversary, plan_adversary, prepare_defence
 from sim.disruptions import DisruptionRuntime, install_disruptions
@@ -125,6 +126,7 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
     # The batched backend defers the protocols' plain means (one sparse product per chunk).
     aggregate = deferred_aggregate(executor.mixer, make_aggregate(protocol_cfg))
     protocols: list[Protocol] = []
+    keyring = Keyring.derive(peer_ids, seed) if scenario.sim.sign_relayed else None
     for i in range(n):
         neighbours = [peer_ids[j] for j in sorted(graph.neighbors(i))]
         weights = None
@@ -142,6 +144,7 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
                 aggregate=aggregate,
                 seed=seed,
                 extras=protocol_extras(i),
+                signer=keyring.signer(peer_ids[i]) if keyring is not None else None,
             )
         )
 

@@ -60,6 +60,9 @@ class SimConfig(Strict):
     threads: int = Field(0, ge=0, description="torch threads; 0 leaves torch's default")
     #: connectivity columns (components, accuracy per component); on when there are disruptions
     connectivity: bool = False
+    #: sign relayed data (MoDeST view entries, SybilWall histories) with per-peer keys, as
+    #: nodes do; off by default for speed (see p2pfl.protocols.records)
+    sign_relayed: bool = False
 
 
 class Scenario(Strict):

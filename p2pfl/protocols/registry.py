@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from p2pfl.protocols.dpsgd import DPSGD
 from p2pfl.protocols.epidemic import EpidemicLearning
 from p2pfl.protocols.gossip import GossipLearning
 from p2pfl.protocols.synchronous import AggregateFn
+
+if TYPE_CHECKING:
+    from p2pfl.protocols.records import RecordSigner
 
 #: how a simulator measures progress: every peer's round (min) or the system's (max)
 ROUND_PROGRESS = {
@@ -53,11 +56,15 @@ def build_protocol(
     aggregate: AggregateFn | None = None,
     seed: int = 0,
     extras: Mapping[str, Any] | None = None,
+    signer: RecordSigner | None = None,
 ) -> Protocol:
     """The protocol object ``config`` describes, for one peer.
 
     ``extras`` are driver-supplied inputs some protocols need beyond the config: Bristle
     needs ``output`` (an ``OutputLayer``), ``probe_features`` and ``probe_labels``.
+    ``signer`` signs and checks the data a protocol relays for others (MoDeST's view
+    entries, SybilWall's histories; see ``p2pfl.protocols.records``); protocols that
+    relay nothing ignore it. ``None``: relayed data travels unsigned.
     """
     common = {"local_steps": config.local_steps, "seed": seed}
     if isinstance(config, DPSGDConfig):
@@ -101,6 +108,7 @@ def build_protocol(
             min_aggregation_count=config.min_aggregation_count,
             idle_timeout=config.idle_timeout,
             aggregate=aggregate,
+            signer=signer,
             **common,
         )
     if isinstance(config, SybilWallConfig):
@@ -115,6 +123,7 @@ def build_protocol(
             kappa=config.kappa,
             round_timeout=config.round_timeout,
             aggregate=aggregate,
+            signer=signer,
             **common,
         )
     if isinstance(config, BristleConfig):

@@ -50,6 +50,40 @@ random known peers, which answer with their view. Announced joins are held back 
 applied to a peer's view only after its next model send (so they do not reorder the
 sample a round is in the middle of using) and travel, meanwhile, in that send's
 ``joins`` field. Leaves (``leave()``) are applied at once.
+
+Signed view entries (``signer``, issue 8). Views are relayed: what a peer says about a
+third one reached it through others. Unsigned (the default, and the simulator's), any
+relayer can rewrite any entry -- mark an honest peer as left, or bump its round. With a
+:class:`~p2pfl.protocols.records.RecordSigner` every entry about a peer ``P`` travels
+with ``P``'s own signature:
+
+- ``P`` signs its own entry (a record ``{"k": "modest.entry", "r", "l", "c"}``) whenever
+  it changes it (activity at a round, leave, rejoin); the signature is made lazily, when
+  the entry next goes out;
+- on the wire an entry is ``[round, left, counter, record]``; peers store the record with
+  the entry and relay it verbatim;
+- a receiver first compares the *claim* (the three numbers) with what it knows, and only
+  verifies records that would change its view: the record must verify, its origin must be
+  the peer the entry is about, and its content must be the claim. So a message costs one
+  comparison per entry and one verification per *new* entry, not one per entry. Entries
+  that fail are dropped and counted (``Record("modest.bad_entry", n)``); after
+  ``MAX_BAD_ENTRIES`` failures in one message, its remaining new entries are dropped
+  unverified (a forger cannot buy one verification per entry);
+- entries about ``P`` are ordered by ``(counter, left, round)`` and the newest record
+  wins whole (honest entries grow in both round and counter, so this agrees with the
+  unsigned max-merge); a replayed older record is simply not newer and changes nothing,
+  and an old record cannot be passed off as newer since the claim must match it;
+- the one unsigned entry accepted is the bottom ``[0, 0, 0]`` (a member that never did
+  anything): it claims nothing but membership, which any fresh key could claim for
+  itself, and it is how the initial population (the driver's configuration, which nobody
+  signed) travels to joiners;
+- a sender's activity comes from its own signed entry in the view it sends (it raised
+  its round before sending), not from ``touch(sender, round)``, which would be an
+  unsigned claim.
+
+What signing does not cover: ``P`` can still lie about itself (e.g. claim a round it did
+not take part in), and a relayer can withhold entries (a view is a set of independent
+records, not one signed whole); both only delay, views still converge through others.
 """
 
 from __future__ import annotations
@@ -57,7 +91,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -84,6 +118,9 @@ from p2pfl.protocols.base import (
 from p2pfl.protocols.modest.sampling import SampleResolver
 from p2pfl.protocols.modest.view import PopulationView, ViewEntry, derive_candidates
 
+if TYPE_CHECKING:
+    from p2pfl.protocols.records import RecordSigner
+
 #: ``(stack (n, d), weights (n,) or None, own_index or -1) -> aggregated (d,)``
 Aggregate = Callable[[Tensor, Tensor | None, int], Tensor]
 
@@ -96,6 +133,26 @@ STATUS = "status"  # "your model came too late": the round it is at, and done
 JOIN = "join"
 VIEW = "view"  # the answer to a join
 LEAVE = "leave"
+
+#: the ``"k"`` of a signed view entry record
+ENTRY_RECORD = "modest.entry"
+#: after this many forged entries in one message, its other new entries are refused
+#: unverified: a forger cannot make a peer spend a verification on each of 60k entries
+MAX_BAD_ENTRIES = 16
+_BOTTOM = ViewEntry()
+
+#: a view entry and the signed record that proves it (signed mode)
+Proven = tuple[ViewEntry, bytes]
+
+
+def _rank(entry: ViewEntry) -> tuple[int, bool, int]:
+    """The order of signed entries about one peer: newer status first, then newer round."""
+    return (entry.counter, entry.left, entry.round)
+
+
+def entry_record(entry: ViewEntry) -> dict[str, Any]:
+    """What a peer signs about itself: its own view entry."""
+    return {"k": ENTRY_RECORD, "r": entry.round, "l": int(entry.left), "c": entry.counter}
 
 
 def weighted_mean(stack: Tensor, weights: Tensor | None, own_index: int) -> Tensor:
@@ -126,6 +183,22 @@ class _Delivery:
     params: Tensor
     sent: set[PeerId] = field(default_factory=set)
     retries: int = 0
+
+
+def _claim_part(raw: Any) -> Any:
+    """The ``[round, left, counter]`` of a signed entry's wire form (``None`` if malformed)."""
+    if isinstance(raw, list | tuple) and len(raw) in (3, 4):
+        return raw[:3]
+    return None
+
+
+def _proofs_from_state(value: Any) -> dict[PeerId, Proven]:
+    proofs: dict[PeerId, Proven] = {}
+    for peer, raw in (value or {}).items():
+        entry = ViewEntry.from_wire(_claim_part(raw))
+        if entry is not None and len(raw) == 4 and isinstance(raw[3], bytes):
+            proofs[str(peer)] = (entry, raw[3])
+    return proofs
 
 
 def _int(value: Any, default: int = 0) -> int:
@@ -163,6 +236,9 @@ class ModestProtocol(Protocol):
       a model's recipients, re-announcements of a join, and aggregation extensions.
     - ``suspect_rounds``: how long an unresponsive peer is skipped without a ping.
     - ``idle_timeout``: period of the idle watchdog (default ``4 * aggregation_timeout``).
+    - ``signer``: a :class:`~p2pfl.protocols.records.RecordSigner` to sign this peer's own
+      view entry and check relayed ones (see "Signed view entries" above); ``None``: views
+      travel unsigned.
 
     ``params`` is always the latest model this peer received or produced (the model it was
     sent to train, its trained model, or its aggregate), so every peer can be evaluated,
@@ -196,6 +272,7 @@ class ModestProtocol(Protocol):
         max_retries: int = 3,
         suspect_rounds: int = 10,
         idle_timeout: float | None = None,
+        signer: RecordSigner | None = None,
     ) -> None:
         super().__init__(peer_id, params, neighbours, local_steps=local_steps, seed=seed)
         if sample_size < 1:
@@ -233,6 +310,7 @@ class ModestProtocol(Protocol):
         self.max_retries = max_retries
         self.suspect_rounds = suspect_rounds
         self.idle_timeout = 4 * aggregation_timeout if idle_timeout is None else idle_timeout
+        self.signer = signer
 
         members = set(population if population is not None else neighbours) | {peer_id}
         self.view = PopulationView.of(sorted(members))
@@ -245,6 +323,9 @@ class ModestProtocol(Protocol):
         self._completed = 0  # highest round announced with RoundCompleted
         self._left = False
         self._join_confirmed = False
+        # signed mode: the records proving view entries and pending joins
+        self._proofs: dict[PeerId, Proven] = {}
+        self._join_proofs: dict[PeerId, Proven] = {}
         # transient state (dropped on restore)
         self._resolvers: dict[int, SampleResolver] = {}
         self._deliveries: dict[tuple[str, int], _Delivery] = {}
@@ -256,6 +337,7 @@ class ModestProtocol(Protocol):
         self._join_attempts = 0
         self._active = False  # progress seen since the last idle check
         self._restart = 0  # the round of a restart in progress (0: none)
+        self._bad_entries = 0  # forged or unsigned entries in the message being handled
 
     # ------------------------------------------------------------------ public API
     @property
@@ -310,6 +392,9 @@ class ModestProtocol(Protocol):
                 self._on_unreachable(now, peer, out)
             case SendFailed(now, to, _message):
                 self._on_unreachable(now, to, out)
+        if self._bad_entries:
+            out.append(Record("modest.bad_entry", float(self._bad_entries)))
+            self._bad_entries = 0
         return out
 
     def withhold(self, peers: Iterable[PeerId]) -> None:
@@ -337,8 +422,9 @@ class ModestProtocol(Protocol):
         own = self.view[self.peer_id]
         entry = ViewEntry(own.round, True, own.counter + 1)
         self.view.set(self.peer_id, entry)
+        wire = self._entry_wire(self.peer_id, entry, self._proofs)
         for peer in self._random_peers(self.announce_fanout):
-            out.append(Send(peer, Message(LEAVE, self.round, None, {"entry": entry.to_wire()})))
+            out.append(Send(peer, Message(LEAVE, self.round, None, {"entry": wire})))
         for name in list(self._timers):
             self._cancel_timer(name, out)
         self._resolvers.clear()
@@ -362,6 +448,8 @@ class ModestProtocol(Protocol):
             left=self._left,
             joining=self.joining,
             join_confirmed=self._join_confirmed,
+            proofs={p: [*e.to_wire(), b] for p, (e, b) in self._proofs.items()},
+            join_proofs={p: [*e.to_wire(), b] for p, (e, b) in self._join_proofs.items()},
         )
         return state
 
@@ -379,6 +467,8 @@ class ModestProtocol(Protocol):
         self._left = bool(state["left"])
         self.joining = bool(state["joining"])
         self._join_confirmed = bool(state["join_confirmed"])
+        self._proofs = _proofs_from_state(state.get("proofs"))
+        self._join_proofs = _proofs_from_state(state.get("join_proofs"))
         self._resolvers.clear()
         self._deliveries.clear()
         self._agg = None
@@ -422,7 +512,10 @@ class ModestProtocol(Protocol):
             case "join":
                 self._on_join(sender, msg, out)
             case "view":
-                self._merge_view(now, PopulationView.from_wire(msg.meta.get("view")), out)
+                if self.signer is None:
+                    self._merge_view(now, PopulationView.from_wire(msg.meta.get("view")), out)
+                else:
+                    self._merge_signed_view(now, msg.meta.get("view"), out)
                 self._learn_progress(msg.meta, out)
                 if not self._join_confirmed:
                     self._join_confirmed = True
@@ -500,21 +593,33 @@ class ModestProtocol(Protocol):
         self._start_delivery(now, AGGREGATE, r + 1, self.num_aggregators, params, out)
 
     def _on_join(self, sender: PeerId, msg: Message, out: list[Effect]) -> None:
-        entry = ViewEntry.from_wire(msg.meta.get("entry"))
-        if entry is None or entry.left:
-            return
-        known = self.view.get(sender)
-        if known is None or known.merge(entry) != known:
-            pending = self._pending_joins.get(sender)
-            self._pending_joins[sender] = entry if pending is None else pending.merge(entry)
-        meta = {"view": self.view.to_wire(), "at": self.round, "done": self._done}
+        if self.signer is not None:
+            if not self._admit_join(sender, msg.meta.get("entry")):
+                return
+        else:
+            entry = ViewEntry.from_wire(msg.meta.get("entry"))
+            if entry is None or entry.left:
+                return
+            known = self.view.get(sender)
+            if known is None or known.merge(entry) != known:
+                pending = self._pending_joins.get(sender)
+                self._pending_joins[sender] = entry if pending is None else pending.merge(entry)
+        meta = {"view": self._view_wire(), "at": self.round, "done": self._done}
         out.append(Send(sender, Message(VIEW, self.round, None, meta)))
 
     def _on_leave(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> None:
-        entry = ViewEntry.from_wire(msg.meta.get("entry"))
+        raw = msg.meta.get("entry")
+        entry = ViewEntry.from_wire(raw if self.signer is None else _claim_part(raw))
         if entry is None or not entry.left:
             return
-        self.view.merge_entry(sender, entry)  # leaves apply at once
+        if self.signer is None:
+            self.view.merge_entry(sender, entry)  # leaves apply at once
+        else:
+            admitted = self._admit(sender, raw, self.view.get(sender))
+            if admitted == "bad":
+                return
+            if admitted != "stale":
+                self._set_proven(sender, admitted)
         self._drop_known_joins()
         self._on_unreachable(now, sender, out, suspect=False)
 
@@ -694,17 +799,24 @@ class ModestProtocol(Protocol):
             self._restart = 0  # it goes out: the round really was stuck
         if delivery.kind == AGGREGATE:
             self._advance(delivery.round, out)  # this peer now knows of round r+1
-        meta: dict[str, Any] = {"view": self.view.to_wire()}
+        meta: dict[str, Any] = {"view": self._view_wire()}
         if self._pending_joins:
-            meta["joins"] = {p: e.to_wire() for p, e in self._pending_joins.items()}
+            proofs = self._join_proofs
+            meta["joins"] = {
+                p: self._entry_wire(p, e, proofs) for p, e in self._pending_joins.items()
+            }
         if delivery.kind == AGGREGATE and self.num_samples is not None:
             meta["w"] = self.num_samples
         message = Message(delivery.kind, delivery.round, delivery.params, meta)
         out.extend(Send(p, message) for p in recipients if p != self.peer_id)
         # joins announced to us take effect after our next send (see the module docstring)
         if self._pending_joins:
-            self.view.merge(self._pending_joins)
+            if self.signer is None:
+                self.view.merge(self._pending_joins)
+            else:
+                self._apply_signed_joins()
             self._pending_joins.clear()
+            self._join_proofs.clear()
         if self.peer_id in recipients:
             self._on_message(now, self.peer_id, message, out)
 
@@ -809,6 +921,15 @@ class ModestProtocol(Protocol):
         """Merge the view and the pending joins a model message carries."""
         if sender == self.peer_id:
             return
+        if self.signer is not None:
+            # the sender's activity is in its own signed entry, in the view it sent
+            self._merge_signed_view(now, msg.meta.get("view"), out)
+            joins = msg.meta.get("joins")
+            if isinstance(joins, dict):
+                for peer, raw in joins.items():
+                    if peer != self.peer_id:
+                        self._admit_join(peer, raw)
+            return
         self._merge_view(now, PopulationView.from_wire(msg.meta.get("view")), out)
         self.view.touch(sender, msg.round)
         for peer, entry in PopulationView.from_wire(msg.meta.get("joins")).items():
@@ -834,15 +955,132 @@ class ModestProtocol(Protocol):
             self._join_attempts = 0
             self._announce_join(now, out)
 
+    # -- signed entries (``signer`` set) -----------------------------------------------
+    def _view_wire(self) -> dict[str, Any]:
+        """The view as sent: bare entries, or entries with their records when signing."""
+        if self.signer is None:
+            return self.view.to_wire()
+        proofs = self._proofs
+        return {p: self._entry_wire(p, e, proofs) for p, e in self.view.items()}
+
+    def _entry_wire(self, peer: PeerId, entry: ViewEntry, proofs: dict[PeerId, Proven]) -> Any:
+        """``[round, left, counter, record]``; ``[0, 0, 0]`` for an entry nobody proved.
+
+        This peer's own entry is (re-)signed here when it changed since it was last signed.
+        """
+        if self.signer is None:
+            return entry.to_wire()
+        held = proofs.get(peer)
+        if held is None or held[0] != entry:
+            if peer != self.peer_id or entry == _BOTTOM:
+                return [0, 0, 0]  # never relay a claim we cannot prove; bottom needs none
+            held = (entry, self.signer.sign(entry_record(entry)))
+            proofs[peer] = held
+        return [entry.round, int(entry.left), entry.counter, held[1]]
+
+    def _admit(
+        self, peer: Any, raw: Any, *known: ViewEntry | None
+    ) -> Proven | tuple[ViewEntry, None] | Literal["stale", "bad"]:
+        """Check a relayed entry about ``peer`` against the ``known`` entries about it.
+
+        ``"stale"`` when it is not newer than every known one (nothing verified: the
+        common case), ``"bad"`` (counted) when it is malformed or its record does not
+        prove it, else the entry and its record (``None`` for an unsigned bottom entry).
+        """
+        claim = ViewEntry.from_wire(_claim_part(raw))
+        if claim is None or not isinstance(peer, str) or not peer:
+            self._bad_entries += 1
+            return "bad"
+        rank = _rank(claim)
+        if any(k is not None and rank <= _rank(k) for k in known):
+            return "stale"
+        if claim == _BOTTOM:
+            return claim, None  # membership only: needs no proof
+        assert self.signer is not None
+        if self._bad_entries >= MAX_BAD_ENTRIES:
+            self._bad_entries += 1
+            return "bad"
+        proof = raw[3] if len(raw) == 4 else None
+        opened = self.signer.verify(proof)
+        if opened is None or opened[0] != peer or opened[1] != entry_record(claim):
+            self._bad_entries += 1
+            return "bad"
+        return claim, proof
+
+    def _set_proven(self, peer: PeerId, admitted: tuple[ViewEntry, bytes | None]) -> None:
+        entry, proof = admitted
+        self.view.set(peer, entry)
+        if proof is None:
+            self._proofs.pop(peer, None)
+        else:
+            self._proofs[peer] = (entry, proof)
+
+    def _merge_signed_view(self, now: float, raw_view: Any, out: list[Effect]) -> None:
+        """Take the newer, proven entries of a received view (signed ``_merge_view``)."""
+        if not isinstance(raw_view, dict):
+            return
+        own = self.view[self.peer_id]
+        theirs: ViewEntry | None = None
+        view = self.view
+        for peer, raw in raw_view.items():
+            admitted = self._admit(peer, raw, view.get(peer))
+            if admitted == "stale" or admitted == "bad":
+                continue
+            if peer == self.peer_id:
+                theirs = admitted[0]  # our own record, newer than our entry (lost state)
+            else:
+                self._set_proven(peer, admitted)
+        for peer, mark in list(self._suspects.items()):
+            entry = view.get(peer)
+            if entry is not None and entry.round > mark:
+                del self._suspects[peer]  # someone saw it take part after we gave up on it
+        if theirs is None:
+            return
+        if (theirs.counter, theirs.left) > (own.counter, own.left):
+            # others hold our older leave (a lost checkpoint): we are here
+            view.set(self.peer_id, ViewEntry(max(own.round, theirs.round), False, theirs.counter + 1))
+            self._join_confirmed = False
+            self._join_attempts = 0
+            self._announce_join(now, out)
+        else:  # only the round is newer: catch up with what we signed before
+            view.set(self.peer_id, ViewEntry(theirs.round, own.left, own.counter))
+
+    def _admit_join(self, peer: PeerId, raw: Any) -> bool:
+        """Hold a proven join of ``peer`` back until the next send; ``False`` if refused."""
+        claim = ViewEntry.from_wire(_claim_part(raw))
+        if claim is None or claim.left:
+            return False
+        admitted = self._admit(peer, raw, self.view.get(peer), self._pending_joins.get(peer))
+        if admitted == "bad":
+            return False
+        if admitted != "stale":
+            entry, proof = admitted
+            self._pending_joins[peer] = entry
+            if proof is None:
+                self._join_proofs.pop(peer, None)
+            else:
+                self._join_proofs[peer] = (entry, proof)
+        return True
+
+    def _apply_signed_joins(self) -> None:
+        for peer, entry in self._pending_joins.items():
+            known = self.view.get(peer)
+            if known is None or _rank(entry) > _rank(known):
+                held = self._join_proofs.get(peer)
+                self._set_proven(peer, (entry, None if held is None else held[1]))
+
     def _drop_known_joins(self) -> None:
         for peer, entry in list(self._pending_joins.items()):
             known = self.view.get(peer)
-            if known is not None and known.merge(entry) == known:
+            if known is None:
+                continue
+            if known.merge(entry) == known if self.signer is None else _rank(entry) <= _rank(known):
                 del self._pending_joins[peer]
+                self._join_proofs.pop(peer, None)
 
     def _announce_join(self, now: float, out: list[Effect]) -> None:
         self._join_attempts += 1
-        entry = self.view[self.peer_id].to_wire()
+        entry = self._entry_wire(self.peer_id, self.view[self.peer_id], self._proofs)
         for peer in self._random_peers(self.announce_fanout):
             out.append(Send(peer, Message(JOIN, self.round, None, {"entry": entry})))
         self._set_timer("modest.join", now + self.retry_interval, (), out)

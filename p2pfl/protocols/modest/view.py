@@ -20,7 +20,8 @@ from typing import Any
 
 from p2pfl.protocols.base import PeerId
 
-#: wire form of a view: ``{peer id: [last active round, left (0/1), counter]}``
+#: wire form of a view: ``{peer id: [last active round, left (0/1), counter]}`` (signed
+#: views append the entry's record: ``[round, left, counter, record]``, see ``protocol.py``)
 WireView = dict[str, list[int]]
 
 
@@ -100,7 +101,11 @@ class PopulationView(Mapping[PeerId, ViewEntry]):
         return [peer for peer, entry in other.items() if self.merge_entry(peer, entry)]
 
     def set(self, peer: PeerId, entry: ViewEntry) -> None:
-        """Overwrite an entry. Only a peer's own entry may be set this way (it owns it)."""
+        """Overwrite an entry: a peer's own (it owns it), or one its owner signed.
+
+        With signed entries (see ``protocol.py``) a newer record replaces the older whole
+        instead of being merged field by field.
+        """
         self._entries[peer] = entry
 
     def touch(self, peer: PeerId, round: int) -> None:
