@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ from p2pfl.protocols.base import (
     TrainingDone,
 )
 from p2pfl.protocols.dpsgd import DPSGD
-from p2pfl.protocols.synchronous import MODEL, ROUND_TIMER
+from p2pfl.protocols.synchronous import MODEL, ROUND_TIMER, RoundSettings
 
 if TYPE_CHECKING:
     from p2pfl.learning import LocalTrainer
@@ -121,20 +121,10 @@ class Bristle(DPSGD):
         keep_closest: int = 4,
         n_random: int = 1,
         tolerance: float = 0.1,
-        local_steps: int = 1,
         round_timeout: float = 10.0,
-        catch_up: bool = True,
-        seed: int = 0,
+        **settings: Unpack[RoundSettings],
     ) -> None:
-        super().__init__(
-            peer_id,
-            params,
-            neighbours,
-            local_steps=local_steps,
-            round_timeout=round_timeout,
-            catch_up=catch_up,
-            seed=seed,
-        )
+        super().__init__(peer_id, params, neighbours, round_timeout=round_timeout, **settings)
         if probe_features.dim() != 2 or probe_features.shape[1] != output.features:
             raise ValueError(
                 f"probe_features must be (m, {output.features}), got {tuple(probe_features.shape)}"

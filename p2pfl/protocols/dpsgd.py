@@ -12,7 +12,7 @@ combination stays a convex one. Any robust aggregator can replace the weighted m
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
@@ -25,7 +25,7 @@ from p2pfl.protocols.base import (
     PeerUp,
     SendFailed,
 )
-from p2pfl.protocols.synchronous import AggregateFn, SynchronousRoundProtocol
+from p2pfl.protocols.synchronous import RoundSettings, SynchronousRoundProtocol
 
 
 class DPSGD(SynchronousRoundProtocol):
@@ -40,22 +40,10 @@ class DPSGD(SynchronousRoundProtocol):
         neighbours: list[PeerId],
         *,
         weights: Mapping[PeerId, float] | None = None,
-        local_steps: int = 1,
         round_timeout: float = 10.0,
-        aggregate: AggregateFn | None = None,
-        catch_up: bool = True,
-        seed: int = 0,
+        **settings: Unpack[RoundSettings],
     ) -> None:
-        super().__init__(
-            peer_id,
-            params,
-            neighbours,
-            local_steps=local_steps,
-            round_timeout=round_timeout,
-            aggregate=aggregate,
-            catch_up=catch_up,
-            seed=seed,
-        )
+        super().__init__(peer_id, params, neighbours, round_timeout=round_timeout, **settings)
         if weights is None:  # uniform over self and neighbours
             share = 1.0 / (len(self.neighbours) + 1)
             weights = {p: share for p in self.neighbours}

@@ -12,10 +12,12 @@ paper's EL-Oracle/EL-Local settings -- the whole population known to it.
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 
 from p2pfl.protocols.base import Effect, Event, PeerId
-from p2pfl.protocols.synchronous import AggregateFn, SynchronousRoundProtocol
+from p2pfl.protocols.synchronous import RoundSettings, SynchronousRoundProtocol
 
 
 class EpidemicLearning(SynchronousRoundProtocol):
@@ -30,22 +32,10 @@ class EpidemicLearning(SynchronousRoundProtocol):
         neighbours: list[PeerId],
         *,
         fanout: int = 3,
-        local_steps: int = 1,
         round_timeout: float = 1.0,
-        aggregate: AggregateFn | None = None,
-        catch_up: bool = True,
-        seed: int = 0,
+        **settings: Unpack[RoundSettings],
     ) -> None:
-        super().__init__(
-            peer_id,
-            params,
-            neighbours,
-            local_steps=local_steps,
-            round_timeout=round_timeout,
-            aggregate=aggregate,
-            catch_up=catch_up,
-            seed=seed,
-        )
+        super().__init__(peer_id, params, neighbours, round_timeout=round_timeout, **settings)
         if fanout < 1:
             raise ValueError(f"fanout must be >= 1, got {fanout}")
         self.fanout = fanout

@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import torch
 from torch import Tensor
@@ -98,7 +98,7 @@ from p2pfl.protocols.base import (
     TrainingDone,
 )
 from p2pfl.protocols.dpsgd import DPSGD
-from p2pfl.protocols.synchronous import AggregateFn
+from p2pfl.protocols.synchronous import RoundSettings
 
 if TYPE_CHECKING:
     from p2pfl.protocols.records import RecordSigner
@@ -139,24 +139,12 @@ class SybilWall(DPSGD):
         gossip_decay: float = 0.5,
         max_known: int = 16,
         kappa: float = 1.0,
-        local_steps: int = 1,
         round_timeout: float = 10.0,
-        aggregate: AggregateFn | None = None,
-        catch_up: bool = True,
-        seed: int = 0,
         signer: RecordSigner | None = None,
         history_window: int = 8,
+        **settings: Unpack[RoundSettings],
     ) -> None:
-        super().__init__(
-            peer_id,
-            params,
-            neighbours,
-            local_steps=local_steps,
-            round_timeout=round_timeout,
-            aggregate=aggregate,
-            catch_up=catch_up,
-            seed=seed,
-        )
+        super().__init__(peer_id, params, neighbours, round_timeout=round_timeout, **settings)
         if not 0 < gossip_decay <= 1:
             raise ValueError(f"gossip_decay must be in (0, 1], got {gossip_decay}")
         if max_known < 0:

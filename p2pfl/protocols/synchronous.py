@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -51,6 +51,21 @@ from p2pfl.protocols.base import (
 
 #: ``(stack (n, d), weights (n,) or None, own row index) -> aggregated vector (d,)``
 AggregateFn = Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor]
+
+class RoundSettings(TypedDict, total=False):
+    """Keyword settings every round protocol passes through to this base unchanged.
+
+    Subclasses take them as ``**settings: Unpack[RoundSettings]`` (typed, checked) instead
+    of repeating each one in their own signature.
+    """
+
+    local_steps: int
+    aggregate: AggregateFn | None
+    max_lead: int
+    catch_up: bool
+    catch_up_quorum: int
+    seed: int
+
 
 MODEL = "model"
 ROUND_TIMER = "round"
