@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -172,8 +173,12 @@ def _is_node_config(path: Path) -> bool:
     return path.name == "node.toml" or path.parent.name == "node"
 
 
+def _is_sweep(path: Path) -> bool:
+    return "defences" in tomllib.loads(path.read_text())  # sweeps: tests/test_sweep.py
+
+
 SCENARIO_FILES = sorted(
-    p for p in EXAMPLES.rglob("*.toml") if p.name != "sweep.toml" and not _is_node_config(p)
+    p for p in EXAMPLES.rglob("*.toml") if not _is_sweep(p) and not _is_node_config(p)
 )
 NODE_CONFIG_FILES = sorted(p for p in EXAMPLES.rglob("*.toml") if _is_node_config(p))
 

@@ -136,5 +136,13 @@ def test_reference_sweep_file_is_valid() -> None:
     cells = plan_cells(sweep, base)
     attacks = {c.attack for c in cells}
     defences = {c.defence for c in cells}
-    assert len(attacks) == 6 and len(defences) == 7 and len(cells) == 42
+    assert len(attacks) == 6 and len(defences) == 8 and len(cells) == 48
     assert {c.scenario.protocol.name for c in cells} == {"dpsgd", "sybilwall", "bristle"}
+
+
+def test_label_flip_seeds_sweep_file_is_valid() -> None:
+    """The 3-seed label-flip study of BENCHMARKS.md: none + label flip x 12 defences."""
+    sweep, base = load_sweep(EXAMPLES / "label_flip_seeds.toml")
+    cells = plan_cells(sweep, base)
+    assert {c.attack for c in cells} == {"none", "label flip"}
+    assert len({c.defence for c in cells}) == 12 and len(cells) == 24
