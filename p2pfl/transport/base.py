@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
+from typing import Any
 
 __all__ = [
     "AbuseHandler",
@@ -142,23 +143,11 @@ class Transport(ABC):
 
     def _report_abuse(self, peer: str, reason: str) -> None:
         """Run the abuse handler on the asyncio thread, keeping its errors contained."""
-        handler = self._abuse_handler
-        if handler is None:
-            return
-        try:
-            handler(peer, reason)
-        except Exception:
-            _log.exception("abuse handler failed on peer %s", peer)
+        _run_contained("abuse", self._abuse_handler, peer, reason)
 
     def _discovered(self, peer: str, addrs: list[str]) -> None:
         """Run the discovery handler on the asyncio thread, keeping its errors contained."""
-        handler = self._discovery_handler
-        if handler is None:
-            return
-        try:
-            handler(peer, addrs)
-        except Exception:
-            _log.exception("discovery handler failed on peer %s", peer)
+        _run_contained("discovery", self._discovery_handler, peer, addrs)
 
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters as a plain dict."""
@@ -185,3 +174,14 @@ class Transport(ABC):
         except Exception:
             self._count(handler_errors=1)
             _log.exception("message handler failed on a payload from %s", sender)
+
+
+def _run_contained(what: str, handler: Callable[..., None] | None, peer: str, arg: Any) -> None:
+    """Call an application handler about ``peer``: a handler's bug must not kill the
+    transport's loop, so it is logged, not raised."""
+    if handler is None:
+        return
+    try:
+        handler(peer, arg)
+    except Exception:
+        _log.exception("%s handler failed on peer %s", what, peer)

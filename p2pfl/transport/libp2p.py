@@ -60,7 +60,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -205,18 +205,18 @@ def _was_reset(stream: INetStream) -> bool:
 
 async def _reset(stream: INetStream) -> None:
     """Reset a stream, even from inside a cancelled scope, without ever raising."""
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        try:
-            await stream.reset()
-        except Exception:  # noqa: BLE001 - the stream is being discarded anyway
-            pass
+    await _discard(stream.reset)
 
 
 async def _close(stream: INetStream) -> None:
     """Close a stream (our FIN), even from inside a cancelled scope, without ever raising."""
+    await _discard(stream.close)
+
+
+async def _discard(end: Callable[[], Awaitable[None]]) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(1.0):
         try:
-            await stream.close()
+            await end()
         except Exception:  # noqa: BLE001 - the stream is being discarded anyway
             pass
 
