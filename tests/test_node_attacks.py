@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -30,6 +31,9 @@ from p2pfl.nodecli import NodeConfigError, load_node_config
 from p2pfl.protocols.base import Message
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 from p2pfl.wire import DropReason, WireError, decode, encode
+
+if TYPE_CHECKING:
+    from sim.runner import Simulation
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,6 +78,26 @@ def make_nodes(
         transport = MemoryTransport(network, identity.peer_id)
         nodes.append(Node(NodeConfig.model_validate(raw), transport, identity))
     return nodes
+
+
+def node_scenario_in_the_simulator(n: int, rounds: int, protocol: dict) -> Simulation:
+    """The scenario ``make_nodes`` runs (seed, data, model, complete graph), as a simulation."""
+    from sim.runner import build_simulation
+    from sim.scenario import scenario_from_dict
+
+    return build_simulation(
+        scenario_from_dict(
+            {
+                "seed": 5,
+                "rounds": rounds,
+                "topology": {"kind": "complete", "n": n},
+                "data": {"dataset": "digits", "batch_size": 16},
+                "model": {"name": "mlp", "hidden": [32], "lr": 0.1},
+                "protocol": protocol,
+                "sim": {"eval_every": rounds},
+            }
+        )
+    )
 
 
 def run_all(nodes: list[Node]) -> list[dict]:
@@ -150,22 +174,8 @@ def test_a_label_flip_node_trains_on_flipped_labels_and_says_so(tmp_path, caplog
 
 def test_bristle_nodes_share_the_simulators_extractor(tmp_path) -> None:
     """Each node builds the start vector and its probe set as the simulator does."""
-    from sim.runner import build_simulation
-    from sim.scenario import scenario_from_dict
-
     nodes = make_nodes(tmp_path, 3, BRISTLE)
-    simulation = build_simulation(
-        scenario_from_dict(
-            {
-                "seed": 5,
-                "rounds": 1,
-                "topology": {"kind": "complete", "n": 3},
-                "data": {"dataset": "digits", "batch_size": 16},
-                "model": {"name": "mlp", "hidden": [32], "lr": 0.1},
-                "protocol": BRISTLE,
-            }
-        )
-    )
+    simulation = node_scenario_in_the_simulator(3, 1, BRISTLE)
     for i, node in enumerate(nodes):
         simulated = simulation.engine.protocols[i]
         assert torch.equal(node._init_params, simulated.params)
@@ -217,26 +227,13 @@ def test_sybilwall_nodes_converge_as_in_the_simulator(tmp_path) -> None:
     On IID data SybilWall gives some honest neighbours weight 0 (their histories look
     alike), in the simulator as on nodes; the model still converges.
     """
-    from sim.runner import build_simulation, run_simulation
-    from sim.scenario import scenario_from_dict
+    from sim.runner import run_simulation
 
     protocol = {"name": "sybilwall", "local_steps": 10, "round_timeout": 30.0}
     nodes = make_nodes(tmp_path, 5, protocol)
     statuses = run_all(nodes)
     accuracies = [status["accuracy"] for status in statuses]
-    simulation = build_simulation(
-        scenario_from_dict(
-            {
-                "seed": 5,
-                "rounds": 15,
-                "topology": {"kind": "complete", "n": 5},
-                "data": {"dataset": "digits", "batch_size": 16},
-                "model": {"name": "mlp", "hidden": [32], "lr": 0.1},
-                "protocol": protocol,
-                "sim": {"eval_every": 15},
-            }
-        )
-    )
+    simulation = node_scenario_in_the_simulator(5, 15, protocol)
     simulated = run_simulation(simulation, show_progress=False)[-1]["acc_mean"]
     print("sybilwall", [round(a, 3) for a in accuracies], "sim", round(simulated, 3))
     assert min(accuracies) >= 0.75, accuracies

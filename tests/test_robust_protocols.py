@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from p2pfl.attacks import ByzantineProtocol
@@ -101,14 +102,18 @@ def _sim(protocol: dict, attack: dict | None = None, rounds: int = 6, seed: int 
     return raw
 
 
-def test_sybilwall_in_a_small_simulation_zeroes_the_sybil_identities() -> None:
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "sign_relayed"])
+def test_sybilwall_in_a_small_simulation_zeroes_the_sybil_identities(signed: bool) -> None:
     """Twins next to a peer are identical; a lone Sybil neighbour's twins arrive by gossip.
 
     (Gossiped histories are snapshots: a peer far from every twin can still trust a lone
-    Sybil neighbour for a while -- in 1 of 8 seeds tried here, after 12 rounds.)
+    Sybil neighbour for a while -- in 1 of 8 seeds tried here, after 12 rounds.) With
+    ``sim.sign_relayed`` the gossiped histories are the subjects' signed declared sums
+    (see ``p2pfl.protocols.sybilwall``), and the Sybils must still get no weight.
     """
     attack = {"name": "sybil_label_flip", "identities": 3, "attach": 3}
     raw = _sim({"name": "sybilwall", "local_steps": 5}, attack, rounds=12, seed=0)
+    raw["sim"]["sign_relayed"] = signed
     simulation = build_simulation(scenario_from_dict(raw))
     run_simulation(simulation, show_progress=False)
     sybils = {simulation.peer_ids[i] for i in simulation.adversary.plan.sybils}
@@ -116,6 +121,8 @@ def test_sybilwall_in_a_small_simulation_zeroes_the_sybil_identities() -> None:
     for protocol in simulation.engine.protocols:
         if isinstance(protocol, ByzantineProtocol):
             continue
+        if signed:
+            assert protocol.own_proof is not None and protocol.proofs
         for peer, weight in protocol.trust.items():
             (sybil_weights if peer in sybils else honest_weights).append(weight)
     assert len(sybil_weights) == 9 and max(sybil_weights) < 0.05  # 3 identities x 3 victims

@@ -492,27 +492,8 @@ def test_sim_switch_runs_modest_signed_with_the_same_outcome() -> None:
     assert torch.equal(finals[0], finals[1])
 
 
-def test_sim_switch_signed_sybilwall_still_zeroes_the_sybils() -> None:
-    from p2pfl.attacks import ByzantineProtocol
-    from sim.runner import build_simulation, run_simulation
-    from sim.scenario import scenario_from_dict
-    from tests.test_robust_protocols import _sim
-
-    attack = {"name": "sybil_label_flip", "identities": 3, "attach": 3}
-    raw = _sim({"name": "sybilwall", "local_steps": 5}, attack, rounds=12, seed=0)
-    raw["sim"]["sign_relayed"] = True
-    simulation = build_simulation(scenario_from_dict(raw))
-    run_simulation(simulation, show_progress=False)
-    sybils = {simulation.peer_ids[i] for i in simulation.adversary.plan.sybils}
-    sybil_weights, honest_weights = [], []
-    for protocol in simulation.engine.protocols:
-        if isinstance(protocol, ByzantineProtocol):
-            continue
-        assert protocol.own_proof is not None and protocol.proofs
-        for peer, weight in protocol.trust.items():
-            (sybil_weights if peer in sybils else honest_weights).append(weight)
-    assert len(sybil_weights) == 9 and max(sybil_weights) < 0.05
-    assert sum(honest_weights) / len(honest_weights) > 0.6
+# The simulator's signed SybilWall against Sybils: tests/test_robust_protocols.py
+# (test_sybilwall_in_a_small_simulation_zeroes_the_sybil_identities[sign_relayed]).
 
 
 def test_a_flood_of_forged_entries_costs_a_bounded_number_of_verifications() -> None:
