@@ -214,15 +214,14 @@ class Node:
             )
             self._init_params, self._protocol_extras = shared.start, shared.extras(*probe)
         output = self._protocol_extras.get("output")
-        #: elements of an incoming model until the protocol says (``message_dim``)
+        #: elements of the model a message carries: Bristle's output layer (the same
+        #: ``output`` its ``message_dim`` reports, known before the protocol is built, for
+        #: early messages), else the whole model
         self._message_dim = output.numel if output is not None else self.trainer.dim
 
     def _layout(self, protocol: str, kind: str) -> int | None:
-        """Elements of the model a message carries: the protocol's ``message_dim`` (Bristle:
-        its output layer), else the whole model; none for the node's own messages."""
-        if protocol == CONTROL:
-            return None
-        return getattr(self.protocol, "message_dim", None) or self._message_dim
+        """Elements of the model a message carries; none for the node's own messages."""
+        return None if protocol == CONTROL else self._message_dim
 
     # -- attacker (experiments on a test network) ------------------------------------------
     def _setup_attack(self, num_classes: int) -> None:
