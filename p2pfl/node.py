@@ -103,7 +103,12 @@ class Node:
         if transport.peer_id != self.peer_id:
             raise ValueError("the transport and the identity name different peers")
         self.state_dir = Path(config.state_dir)
-        self.limits = WireLimits(max_message_bytes=config.network.max_message_bytes)
+        # protocols exchange float32 tensors only (codecs decode to float32): any other
+        # dtype is refused by the wire before it is allocated
+        self.limits = WireLimits(
+            max_message_bytes=config.network.max_message_bytes,
+            allowed_dtypes=frozenset({"f32"}),
+        )
         # MoDeST peers that were not sampled for a while are legitimately many rounds
         # behind, and a joiner starts at round 0: the protocol answers stale messages
         # itself, so the guard's lag window is off for it
@@ -219,9 +224,14 @@ class Node:
         #: early messages), else the whole model
         self._message_dim = output.numel if output is not None else self.trainer.dim
 
-    def _layout(self, protocol: str, kind: str) -> int | None:
-        """Elements of the model a message carries; none for the node's own messages."""
-        return None if protocol == CONTROL else self._message_dim
+    def _layout(self, protocol: str, kind: str) -> tuple[int, ...] | None:
+        """The exact shape of the tensor a message may carry, checked before it is
+        allocated (the protocol's contract checks it again, with dtype and magnitude);
+        none for the node's own messages."""
+        if protocol == CONTROL:
+            return None
+        dim = self.protocol.message_dim if self.protocol is not None else self._message_dim
+        return (dim,)
 
     # -- attacker (experiments on a test network) ------------------------------------------
     def _setup_attack(self, num_classes: int) -> None:
@@ -681,6 +691,16 @@ class Node:
                 now=time.time(),
                 detail=f"protocol {envelope.protocol}",
             )
+            return
+        refusal = self.protocol.screen(sender, envelope.message)
+        if refusal is not None:  # the protocol's message contract refuses it
+            self.guard.record_drop(
+                sender,
+                DropReason(refusal.value),
+                now=time.time(),
+                detail=f"{envelope.protocol}.{envelope.message.kind}",
+            )
+            log.debug("refused a %s message from %s: %s", envelope.message.kind, sender, refusal)
             return
         self._handle(MessageReceived(self._now(), sender, envelope.message))
 

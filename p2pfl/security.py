@@ -76,6 +76,12 @@ _DEFAULT_PENALTIES: Mapping[DropReason, float] = MappingProxyType(
         DropReason.NON_FINITE: 4.0,
         DropReason.BAD_SIGNATURE: 5.0,
         DropReason.UNKNOWN_SENDER: 5.0,
+        DropReason.UNKNOWN_KIND: 2.0,
+        # a peer whose view of roles differs (a neighbour set, a MoDeST sample) is not
+        # hostile; one that keeps sending where it has no role is, eventually
+        DropReason.NOT_ALLOWED: 0.5,
+        DropReason.BAD_FIELD: 4.0,
+        DropReason.TOO_LARGE: 4.0,
         DropReason.REPLAY: 1.0,  # an honest retry can repeat a message
         DropReason.FUTURE_ROUND: 0.5,
         DropReason.RATE_LIMITED: 0.5,

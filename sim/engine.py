@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import heapq
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +36,7 @@ from p2pfl.protocols.base import (
     Train,
     TrainingDone,
 )
+from p2pfl.protocols.contract import Refusal
 from sim.network import Network
 from sim.training import TrainingExecutor, TrainJob
 
@@ -140,6 +141,8 @@ class Engine:
         self.started = np.zeros(self.n, dtype=bool)
         self.stats = PeerStats(self.n)
         self.records: dict[str, float] = defaultdict(float)
+        #: messages the receivers' contracts refused, by reason (also in ``records``)
+        self.refusals: Counter[str] = Counter()
         self.events_processed = 0
         # The event queue: a heap of distinct times, and per time a FIFO of (peer, item).
         # Same order as a heap of (time, insertion number), but thousands of messages of
@@ -284,6 +287,10 @@ class Engine:
             if not self._up[peer]:
                 return
             self.stats.received_bytes[peer] += item.message.nbytes()
+            refusal = self.protocols[peer].screen(item.sender, item.message)
+            if refusal is not None:
+                self._refuse(peer, refusal)
+                return
             self._handle(peer, item)
             return
         if isinstance(item, _Action):
@@ -319,7 +326,16 @@ class Engine:
                     self._progress = None
             elif isinstance(event, MessageReceived):
                 self.stats.received_bytes[peer] += event.message.nbytes()
+                refusal = self.protocols[peer].screen(event.sender, event.message)
+                if refusal is not None:
+                    self._refuse(peer, refusal)
+                    return
         self._handle(peer, event)
+
+    def _refuse(self, peer: int, refusal: Refusal) -> None:
+        """A message the receiver's contract refuses: dropped, counted by reason."""
+        self.refusals[refusal.value] += 1
+        self.records[f"refused.{refusal.value}"] += 1.0
 
     def _handle(self, peer: int, event: Event) -> None:
         self.events_processed += 1

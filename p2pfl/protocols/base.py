@@ -14,10 +14,20 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+from p2pfl.protocols.contract import (
+    DEFAULT_MAX_ABS,
+    DEFAULT_ROUND_LEAD,
+    MessageSpec,
+    Refusal,
+    Role,
+    check_message,
+)
 
 PeerId = str
 
@@ -44,6 +54,9 @@ class Message:
     #: ``nbytes()`` once computed: a simulator sizes each message at every send and
     #: every arrival (a message is not changed once sent)
     _size: int = field(default=-1, init=False, repr=False, compare=False)
+    #: the contract's verdict on ``params`` once checked: ``((dim, max_abs), refusal)``
+    #: (a simulator delivers one message object to many peers; it is checked once)
+    _verdict: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def nbytes(self) -> int:
         """Approximate encoded size in bytes: tensor payload + meta + envelope."""
@@ -186,6 +199,13 @@ class Protocol(ABC):
 
     #: name used in scenario files and on the wire
     name: str = "base"
+    #: what this protocol accepts from the network, per message kind (see
+    #: ``p2pfl.protocols.contract``); a kind not declared here is refused
+    messages: ClassVar[Mapping[str, MessageSpec]] = {}
+    #: how far ahead of ``round`` a received round number may be (tags and fields)
+    max_round_lead: int = DEFAULT_ROUND_LEAD
+    #: bound on the magnitude of every entry of a received tensor
+    max_abs: float = DEFAULT_MAX_ABS
 
     def __init__(
         self,
@@ -199,6 +219,7 @@ class Protocol(ABC):
         self.peer_id = peer_id
         self.params = params
         self.neighbours: list[PeerId] = sorted(neighbours)
+        self._neighbour_lookup = frozenset(self.neighbours)
         self.local_steps = local_steps
         self.round = 0
         self.rng = random.Random(f"{seed}:{peer_id}")
@@ -208,6 +229,29 @@ class Protocol(ABC):
     @abstractmethod
     def handle(self, event: Event) -> list[Effect]:
         """Consume one event and return the effects the driver must carry out."""
+
+    # -- the message contract ------------------------------------------------------
+    def screen(self, sender: PeerId, message: Message) -> Refusal | None:
+        """The contract's verdict on a received message; ``None``: hand it to ``handle``.
+
+        Drivers call this before ``handle(MessageReceived(...))`` and drop (and count)
+        what it refuses, so ``handle`` only ever sees declared kinds, fields and tensors.
+        """
+        return check_message(self, sender, message)
+
+    @property
+    def message_dim(self) -> int:
+        """Elements of the tensor a message of this protocol carries (the whole model)."""
+        return self.params.numel()
+
+    def has_role(self, role: Role, sender: PeerId, message: Message) -> bool:
+        """Whether ``sender`` may send ``message`` in ``role``; protocols with roles of
+        their own (a view, samples, aggregators) extend this."""
+        if role is Role.ANYONE:
+            return sender != self.peer_id
+        if role is Role.NEIGHBOUR:
+            return sender in self._neighbour_lookup
+        raise NotImplementedError(f"{type(self).__name__} declares role {role} but cannot check it")
 
     # -- helpers for subclasses ----------------------------------------------------
     def _note_reachability(self, event: Event, unreachable: set[PeerId]) -> bool:

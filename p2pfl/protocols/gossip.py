@@ -13,7 +13,8 @@ memory however fast others push.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -32,6 +33,7 @@ from p2pfl.protocols.base import (
     TimerFired,
     TrainingDone,
 )
+from p2pfl.protocols.contract import Float, MessageSpec, Role
 
 MODEL = "model"
 GOSSIP_TIMER = "gossip"
@@ -51,6 +53,11 @@ class GossipLearning(Protocol):
     """Push to one random neighbour per period; merge by age, then train."""
 
     name = "gossip"
+    #: a neighbour's model and its age (local steps behind it); how much older than
+    #: ours an age may be is the protocol's own check (``max_age_lead``)
+    messages: ClassVar[Mapping[str, MessageSpec]] = {
+        MODEL: MessageSpec(sender=Role.NEIGHBOUR, tensor=True, fields={"age": Float(lo=0.0)}),
+    }
 
     def __init__(
         self,

@@ -81,7 +81,8 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from typing import TYPE_CHECKING, Any, Unpack
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Unpack
 
 import torch
 from torch import Tensor
@@ -97,8 +98,9 @@ from p2pfl.protocols.base import (
     Send,
     TrainingDone,
 )
+from p2pfl.protocols.contract import Bytes, Int, MessageSpec, PeerName, Role, RoundNumber
 from p2pfl.protocols.dpsgd import DPSGD
-from p2pfl.protocols.synchronous import RoundSettings
+from p2pfl.protocols.synchronous import MODEL, RoundSettings
 
 if TYPE_CHECKING:
     from p2pfl.protocols.records import RecordSigner
@@ -129,6 +131,23 @@ class SybilWall(DPSGD):
     """D-PSGD whose neighbours are weighted by how unlike each other their histories are."""
 
     name = "sybilwall"
+    #: models as in D-PSGD; histories (sums over rounds) about a ``subject`` from a
+    #: neighbour, signed by the subject when relayed data is signed (``hr``, ``proof``)
+    messages: ClassVar[Mapping[str, MessageSpec]] = {
+        MODEL: MessageSpec(sender=Role.NEIGHBOUR, tensor=True),
+        HISTORY: MessageSpec(
+            sender=Role.NEIGHBOUR,
+            tensor=True,
+            accumulates=True,
+            fields={
+                "subject": PeerName(),
+                "hops": Int(lo=0, hi=1 << 16),
+                "hr": RoundNumber(),
+                "proof": Bytes(max_len=4096),
+            },
+            required=frozenset({"subject", "hops"}),
+        ),
+    }
 
     def __init__(
         self,

@@ -27,8 +27,8 @@ How far a remote peer may push us ahead is also bounded by the node's round wind
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
-from typing import Any, TypedDict
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypedDict
 
 import torch
 
@@ -48,6 +48,7 @@ from p2pfl.protocols.base import (
     TimerFired,
     TrainingDone,
 )
+from p2pfl.protocols.contract import MessageSpec, Role
 
 #: ``(stack (n, d), weights (n,) or None, own row index) -> aggregated vector (d,)``
 AggregateFn = Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor]
@@ -80,6 +81,11 @@ def weighted_mean(stack: torch.Tensor, weights: torch.Tensor | None, own: int = 
 
 class SynchronousRoundProtocol(Protocol):
     """Base of protocols whose peers move through numbered rounds together."""
+
+    #: a round's trained model, from a neighbour (a full model, float32, bounded)
+    messages: ClassVar[Mapping[str, MessageSpec]] = {
+        MODEL: MessageSpec(sender=Role.NEIGHBOUR, tensor=True),
+    }
 
     def __init__(
         self,

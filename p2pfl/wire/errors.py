@@ -11,7 +11,9 @@ class DropReason(StrEnum):
     """The reasons a node drops incoming data; also the keys of its drop counters.
 
     The first group is raised by the stateless codec (:func:`p2pfl.wire.decode`), the
-    second by the per-peer accounting (:class:`p2pfl.security.PeerGuard`).
+    second is the receiving protocol's contract (:class:`p2pfl.protocols.contract.Refusal`
+    has the same values; ``bad_tensor`` and ``future_round`` are shared), the third the
+    per-peer accounting (:class:`p2pfl.security.PeerGuard`).
     """
 
     OVERSIZED = "oversized"  # bigger than the configured cap (checked before allocating)
@@ -22,6 +24,12 @@ class DropReason(StrEnum):
     NON_FINITE = "non_finite"  # tensor holds NaN or Inf
     BAD_SIGNATURE = "bad_signature"  # signature does not verify against the sender id
     UNKNOWN_SENDER = "unknown_sender"  # sender id carries no Ed25519 key / is not the peer
+
+    # refused by the receiving protocol's message contract (p2pfl.protocols.contract)
+    UNKNOWN_KIND = "unknown_kind"  # a message kind the protocol does not declare
+    NOT_ALLOWED = "not_allowed"  # the sender has no role that may send this kind
+    BAD_FIELD = "bad_field"  # a meta field missing, unknown, of the wrong type or range
+    TOO_LARGE = "too_large"  # a tensor entry beyond the protocol's magnitude bound
 
     REPLAY = "replay"  # sequence number already seen (or too old to tell)
     STALE_ROUND = "stale_round"  # round older than current - max_lag

@@ -91,7 +91,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -115,6 +115,18 @@ from p2pfl.protocols.base import (
     TimerFired,
     TrainingDone,
 )
+from p2pfl.protocols.contract import (
+    Bool,
+    Bytes,
+    Float,
+    Int,
+    MapOf,
+    MessageSpec,
+    PeerName,
+    Role,
+    RoundNumber,
+    Tuple,
+)
 from p2pfl.protocols.modest.sampling import SampleResolver
 from p2pfl.protocols.modest.view import PopulationView, ViewEntry, derive_candidates
 
@@ -133,6 +145,17 @@ STATUS = "status"  # "your model came too late": the round it is at, and done
 JOIN = "join"
 VIEW = "view"  # the answer to a join
 LEAVE = "leave"
+
+#: a view entry on the wire: ``[round, left, counter]``, signed: ``+ [record]``
+WIRE_ENTRY = Tuple(
+    (RoundNumber(), Bool(as_int=True), Int(lo=0, hi=(1 << 32) - 1), Bytes(max_len=4096)),
+    optional=1,
+)
+#: a view (or the joins) on the wire; how many entries one message may carry is the
+#: receiving protocol's ``max_view_entries``
+WIRE_VIEW = MapOf(PeerName(), WIRE_ENTRY, max_len="max_view_entries")
+_PROGRESS = {"at": RoundNumber(), "done": RoundNumber()}
+_MODEL_FIELDS = {"view": WIRE_VIEW, "joins": WIRE_VIEW, "w": Float(lo=0.0)}
 
 #: the ``"k"`` of a signed view entry record
 ENTRY_RECORD = "modest.entry"
@@ -248,6 +271,18 @@ class ModestProtocol(Protocol):
     """
 
     name = "modest"
+    messages: ClassVar[Mapping[str, MessageSpec]] = {
+        PING: MessageSpec(sender=Role.ANYONE),
+        PONG: MessageSpec(sender=Role.ANYONE, fields=_PROGRESS),
+        STATUS: MessageSpec(sender=Role.MEMBER, fields=_PROGRESS),
+        TRAIN: MessageSpec(sender=Role.MEMBER, tensor=True, fields=_MODEL_FIELDS),
+        AGGREGATE: MessageSpec(sender=Role.MEMBER, tensor=True, fields=_MODEL_FIELDS),
+        JOIN: MessageSpec(sender=Role.ANYONE, fields={"entry": WIRE_ENTRY}, required=frozenset({"entry"})),
+        VIEW: MessageSpec(sender=Role.ANYONE, fields={"view": WIRE_VIEW, **_PROGRESS}),
+        LEAVE: MessageSpec(sender=Role.MEMBER, fields={"entry": WIRE_ENTRY}, required=frozenset({"entry"})),
+    }
+    #: entries one received view (or set of joins) may carry
+    max_view_entries: int = 1 << 16
 
     def __init__(
         self,
@@ -372,6 +407,12 @@ class ModestProtocol(Protocol):
         made is not lost with it.
         """
         return all(delivery.sent for delivery in self._deliveries.values())
+
+    def has_role(self, role: Role, sender: PeerId, message: Message) -> bool:
+        if role is Role.MEMBER:
+            entry = self.view.get(sender)
+            return entry is not None and not entry.left and sender != self.peer_id
+        return super().has_role(role, sender, message)
 
     def handle(self, event: Event) -> list[Effect]:
         out: list[Effect] = []

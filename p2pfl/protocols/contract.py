@@ -1,0 +1,323 @@
+"""The message contract: what a protocol accepts from the network, declared per kind.
+
+A protocol acts on the fields of the messages it receives. A peer that is not honest
+chooses those fields, so each protocol *declares*, per message kind, what it accepts:
+
+- who may send it (a :class:`Role`: anyone, a neighbour, a member of the view, the
+  aggregator of the message's round, ...), answered by the protocol's ``has_role``;
+- the meta fields, each with a type and a range (:class:`Field` and its kinds), which of
+  them are required, and no others;
+- whether a tensor comes with it; if so it must be float32, of exactly the shape
+  ``(protocol.message_dim,)``, and every entry within ``protocol.max_abs`` (which also
+  refuses NaN and Inf: a float64 ``1e300`` is finite but turns into Inf in float32);
+- how far ahead of the receiver's round the message's round, and every field declared a
+  :class:`RoundNumber`, may be (``protocol.max_round_lead``).
+
+:func:`check_message` applies the declaration. Both drivers call it (through
+``Protocol.screen``) before the protocol sees a message, drop what it refuses and count
+the refusal by its :class:`Refusal` reason, so the protocols' own code can trust types,
+shapes and ranges. What a declaration cannot express (a view entry's signature, whether a
+round tag is corroborated) stays the protocol's own check.
+
+The tensor part of a verdict is cached on the :class:`~p2pfl.protocols.base.Message`: a
+simulator delivers one message object to every neighbour, and it is checked once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from p2pfl.protocols.base import Message, PeerId, Protocol
+
+__all__ = [
+    "ANYONE",
+    "DEFAULT_MAX_ABS",
+    "DEFAULT_ROUND_LEAD",
+    "MEMBER",
+    "NEIGHBOUR",
+    "Bool",
+    "Bytes",
+    "Field",
+    "Float",
+    "Int",
+    "ListOf",
+    "MapOf",
+    "MessageSpec",
+    "PeerName",
+    "Refusal",
+    "Role",
+    "RoundNumber",
+    "Tuple",
+    "check_message",
+]
+
+#: how far ahead of the receiver's round a round number may be, by default: a restarted
+#: or rarely sampled peer legitimately learns of rounds well ahead of its own
+DEFAULT_ROUND_LEAD = 1000
+#: the default bound on the magnitude of a received parameter: far above what training
+#: produces, far below what overflows a float32 sum of thousands of models
+DEFAULT_MAX_ABS = 1e6
+
+
+class Refusal(StrEnum):
+    """Why a message was refused by the contract; also the keys of the refusal counters.
+
+    The values are also :class:`p2pfl.wire.DropReason` values, so a node counts them with
+    the wire's drops and charges them to the sender.
+    """
+
+    UNKNOWN_KIND = "unknown_kind"  # the protocol declares no such message kind
+    NOT_ALLOWED = "not_allowed"  # the sender has no role that may send this kind
+    BAD_FIELD = "bad_field"  # a meta field missing, unknown, of the wrong type or range
+    BAD_TENSOR = "bad_tensor"  # tensor missing or unexpected, not float32, wrong shape
+    TOO_LARGE = "too_large"  # a tensor entry beyond the magnitude bound, NaN or Inf
+    FUTURE_ROUND = "future_round"  # a round number (tag or field) too far ahead
+
+
+class Role(StrEnum):
+    """Who may send a message kind. A protocol answers for the roles it declares."""
+
+    ANYONE = "anyone"  # any authenticated peer (a node's transport proved who it is)
+    NEIGHBOUR = "neighbour"  # one of the protocol's current neighbours
+    MEMBER = "member"  # a member of the protocol's population view (not left)
+    AGGREGATOR = "aggregator"  # a peer that may aggregate the message's round
+    SAMPLED = "sampled"  # a peer that may be in the sample of the message's round
+
+
+ANYONE, NEIGHBOUR, MEMBER = Role.ANYONE, Role.NEIGHBOUR, Role.MEMBER
+
+
+# ---------------------------------------------------------------- field kinds
+
+
+class Field:
+    """A meta field's type and range; ``accepts`` never raises, whatever the value."""
+
+    def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class Int(Field):
+    """An int (not a bool) in ``[lo, hi]``."""
+
+    lo: int = 0
+    hi: int = (1 << 63) - 1
+
+    def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
+        if type(value) is int and self.lo <= value <= self.hi:
+            return None
+        return Refusal.BAD_FIELD
+
+
+@dataclass(frozen=True, slots=True)
+class RoundNumber(Field):
+    """A round number: an int ``>= 0``, at most ``max_round_lead`` ahead of the receiver."""
+
+    def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
+        if type(value) is not int or value < 0:
+            return Refusal.BAD_FIELD
+        if value > protocol.round + protocol.max_round_lead:
+            return Refusal.FUTURE_ROUND
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Float(Field):
+    """A finite number (int or float, not bool) in ``[lo, hi]``."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+
+    def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
+        kind = type(value)
+        if (kind is float or kind is int) and math.isfinite(value) and self.lo <= value <= self.hi:
+            return None
+        return Refusal.BAD_FIELD
+
+
+@dataclass(frozen=True, slots=True)
+class Bool(Field):
+    """``True`` or ``False``; with ``as_int``, also ``0`` or ``1``."""
+
+    as_int: bool = False
+
+    def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
+        if type(value) is bool or (self.as_int and type(value) is int and value in (0, 1)):
+            return None
+        return Refusal.BAD_FIELD
+
+
+@dataclass(frozen=True, slots=True)
+class Bytes(Field):
+    """A byte string of at most ``max_len`` bytes."""
+
+    max_len: int
+
+    def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
+        if type(value) is bytes and len(value) <= self.max_len:
+            return None
+        return Refusal.BAD_FIELD
+
+
+@dataclass(frozen=True, slots=True)
+class PeerName(Field):
+    """A peer id: a non-empty string of at most ``max_len`` characters."""
+
+    max_len: int = 128
+
+    def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
+        if type(value) is str and 0 < len(value) <= self.max_len:
+            return None
+        return Refusal.BAD_FIELD
+
+
+@dataclass(frozen=True, slots=True)
+class Tuple(Field):
+    """A list whose first items match ``items`` in order; the last ``optional`` may be absent."""
+
+    items: tuple[Field, ...]
+    optional: int = 0
+
+    def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
+        if type(value) is not list and type(value) is not tuple:
+            return Refusal.BAD_FIELD
+        if not len(self.items) - self.optional <= len(value) <= len(self.items):
+            return Refusal.BAD_FIELD
+        for item, spec in zip(value, self.items, strict=False):
+            refusal = spec.accepts(item, protocol)
+            if refusal is not None:
+                return refusal
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ListOf(Field):
+    """A list of at most ``max_len`` items, each matching ``item``."""
+
+    item: Field
+    max_len: int
+
+    def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
+        if (type(value) is not list and type(value) is not tuple) or len(value) > self.max_len:
+            return Refusal.BAD_FIELD
+        for item in value:
+            refusal = self.item.accepts(item, protocol)
+            if refusal is not None:
+                return refusal
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class MapOf(Field):
+    """A map of at most ``max_len`` entries (``max_len`` may name a protocol attribute)."""
+
+    key: Field
+    value: Field
+    max_len: int | str
+
+    def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
+        limit = self.max_len if isinstance(self.max_len, int) else getattr(protocol, self.max_len)
+        if type(value) is not dict or len(value) > limit:
+            return Refusal.BAD_FIELD
+        key_spec, value_spec = self.key, self.value
+        for key, item in value.items():
+            refusal = key_spec.accepts(key, protocol) or value_spec.accepts(item, protocol)
+            if refusal is not None:
+                return refusal
+        return None
+
+
+# ---------------------------------------------------------------- message kinds
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSpec:
+    """What one message kind may carry, and who may send it.
+
+    ``tensor``: ``True`` a tensor is required, ``False`` none may come. ``fields`` are
+    the meta keys accepted (no others); ``required`` those that must be there.
+    ``accumulates``: the tensor is a sum over the sender's rounds (a history), bounded by
+    ``max_abs * (round + 1)`` instead of ``max_abs``.
+    """
+
+    sender: Role = Role.ANYONE
+    tensor: bool = False
+    accumulates: bool = False
+    fields: Mapping[str, Field] = field(default_factory=dict)
+    required: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        missing = self.required - self.fields.keys()
+        if missing:
+            raise ValueError(f"required fields {sorted(missing)} are not declared")
+
+
+def check_message(protocol: Protocol, sender: PeerId, message: Message) -> Refusal | None:
+    """Apply ``protocol``'s declaration to a received ``message``; ``None`` if accepted.
+
+    Cheap checks first (kind, round, sender), the tensor last (and once per message
+    object). Never raises for any message content.
+    """
+    spec = protocol.messages.get(message.kind)
+    if spec is None:
+        return Refusal.UNKNOWN_KIND
+    round_ = message.round
+    if type(round_) is not int or round_ < 0:
+        return Refusal.BAD_FIELD
+    if round_ > protocol.round + protocol.max_round_lead:
+        return Refusal.FUTURE_ROUND
+    if not protocol.has_role(spec.sender, sender, message):
+        return Refusal.NOT_ALLOWED
+    meta = message.meta
+    if meta or spec.required:
+        if type(meta) is not dict:
+            return Refusal.BAD_FIELD
+        fields = spec.fields
+        for key, value in meta.items():
+            kind = fields.get(key)
+            if kind is None:
+                return Refusal.BAD_FIELD
+            refusal = kind.accepts(value, protocol)
+            if refusal is not None:
+                return refusal
+        if not spec.required <= meta.keys():
+            return Refusal.BAD_FIELD
+    params = message.params
+    if not spec.tensor:
+        return None if params is None else Refusal.BAD_TENSOR
+    if params is None:
+        return Refusal.BAD_TENSOR
+    bound = protocol.max_abs * (round_ + 1) if spec.accumulates else protocol.max_abs
+    return _check_tensor(message, params, protocol.message_dim, bound)
+
+
+def _check_tensor(message: Message, params: Any, dim: int, max_abs: float) -> Refusal | None:
+    key = (dim, max_abs)
+    cached = message._verdict
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    verdict = _tensor_verdict(params, dim, max_abs)
+    message._verdict = (key, verdict)
+    return verdict
+
+
+def _tensor_verdict(params: Any, dim: int, max_abs: float) -> Refusal | None:
+    if not isinstance(params, torch.Tensor) or params.dtype is not torch.float32:
+        return Refusal.BAD_TENSOR
+    if params.dim() != 1 or params.shape[0] != dim:
+        return Refusal.BAD_TENSOR
+    if dim == 0:
+        return None
+    low, high = torch.aminmax(params)
+    # NaN fails both comparisons; Inf the bound
+    if not (-max_abs <= float(low) and float(high) <= max_abs):
+        return Refusal.TOO_LARGE
+    return None
