@@ -188,7 +188,8 @@ def test_bristle_nodes_share_the_simulators_extractor(tmp_path) -> None:
 def test_bristle_node_accepts_output_layers_and_drops_whole_models(tmp_path) -> None:
     node = make_nodes(tmp_path, 2, BRISTLE)[0]
     output = node._protocol_extras["output"]
-    assert node._layout("bristle", "model") == output.numel < node.trainer.dim
+    assert node._layout("bristle", "model") == (output.numel,)
+    assert output.numel < node.trainer.dim
     sender = Identity.generate(b"\x07" * 32)
 
     def wire(size: int) -> bytes:
