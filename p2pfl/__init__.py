@@ -1,3 +1,61 @@
-"""p2pfl: fully decentralized peer-to-peer learning."""
+"""p2pfl: fully decentralized peer-to-peer learning.
+
+The names a notebook or a script needs are importable from here; each is loaded on first
+use, so ``import p2pfl`` stays cheap (a node's command line imports only what it runs)::
+
+    from p2pfl import NodeConfig, Node, build_protocol, check_message
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: public name -> module that defines it
+_EXPORTS = {
+    # configuration
+    "ConfigError": "p2pfl.config",
+    "NodeConfig": "p2pfl.config",
+    "ProtocolConfig": "p2pfl.config",
+    # protocols and their contract
+    "Protocol": "p2pfl.protocols.base",
+    "Message": "p2pfl.protocols.base",
+    "build_protocol": "p2pfl.protocols.registry",
+    "MessageSpec": "p2pfl.protocols.contract",
+    "Refusal": "p2pfl.protocols.contract",
+    "Role": "p2pfl.protocols.contract",
+    "check_message": "p2pfl.protocols.contract",
+    # aggregation and attacks
+    "get_aggregator": "p2pfl.aggregation",
+    "get_attack": "p2pfl.attacks",
+    # the real node
+    "Identity": "p2pfl.identity",
+    "Node": "p2pfl.node",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from p2pfl.aggregation import get_aggregator
+    from p2pfl.attacks import get_attack
+    from p2pfl.config import ConfigError, NodeConfig, ProtocolConfig
+    from p2pfl.identity import Identity
+    from p2pfl.node import Node
+    from p2pfl.protocols.base import Message, Protocol
+    from p2pfl.protocols.contract import MessageSpec, Refusal, Role, check_message
+    from p2pfl.protocols.registry import build_protocol
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'p2pfl' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
