@@ -35,7 +35,23 @@ _EXPORTS = {
     "Node": "p2pfl.node",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "ConfigError",
+    "Identity",
+    "Message",
+    "MessageSpec",
+    "Node",
+    "NodeConfig",
+    "Protocol",
+    "ProtocolConfig",
+    "Refusal",
+    "Role",
+    "__version__",
+    "build_protocol",
+    "check_message",
+    "get_aggregator",
+    "get_attack",
+]
 
 if TYPE_CHECKING:
     from p2pfl.aggregation import get_aggregator

@@ -30,7 +30,17 @@ _EXPORTS = {
     "write_run": "sim.runner",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "Scenario",
+    "ScenarioError",
+    "Simulation",
+    "build_simulation",
+    "load_scenario",
+    "run_simulation",
+    "scenario_from_dict",
+    "summarize",
+    "write_run",
+]
 
 if TYPE_CHECKING:
     from sim.runner import Simulation, build_simulation, run_simulation, summarize, write_run

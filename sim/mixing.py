@@ -32,6 +32,12 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from p2pfl.versions import require
+
+# a private torch context manager and scipy's sparse kernel: the releases measured
+require("torch", at_least="2.2", below="2.15", why="sim.mixing")
+require("scipy", at_least="1.11", below="1.18", why="sim.mixing")
+
 import numpy as np
 import scipy.sparse as sp
 import torch

@@ -43,3 +43,8 @@ def test_a_scenario_from_a_dict_runs_and_returns_rows() -> None:
     rows = run_simulation(build_simulation(scenario), show_progress=False)
     assert [row["round"] for row in rows] == [0, 5, 10]
     assert rows[-1]["acc_mean"] > rows[0]["acc_mean"] + 0.3
+
+
+def test_all_lists_exactly_the_exported_names() -> None:
+    assert set(p2pfl.__all__) == {*p2pfl._EXPORTS, "__version__"}
+    assert set(sim.__all__) == set(sim._EXPORTS)

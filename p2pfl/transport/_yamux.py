@@ -53,6 +53,11 @@ from __future__ import annotations
 import struct
 from collections import deque
 
+from p2pfl.versions import require
+
+# everything below patches py-libp2p internals measured on this release only
+require("libp2p", at_least="0.8.1", below="0.8.2", why="p2pfl.transport._yamux")
+
 import trio
 from cryptography.exceptions import InvalidTag
 from libp2p.abc import IHost, IMuxedConn, ISecureConn
