@@ -1,7 +1,8 @@
 """The ``p2pfl`` command line: ``sim``, ``sweep``, ``node``, ``topo``, ``data``, ``report``.
 
 Errors a user can fix (a bad scenario, a missing dataset) are printed as one line and
-exit with status 2; a traceback means a bug.
+exit with status 2; a traceback means a bug. A node that stopped on an error of its own
+(an exception in a protocol timer, its training or an effect) exits with status 1.
 """
 
 from __future__ import annotations
@@ -173,9 +174,9 @@ def topo(
             print(preview_disruption(graph, disrupt, seed=seed, before=png, after=after))
         except DisruptionError as error:
             _fail(str(error))
-        for path in (png, after):
-            if path is not None:
-                print(f"drawn to {path}")
+        for drawing in (png, after):
+            if drawing is not None:
+                print(f"drawn to {drawing}")
     elif png is not None:
         draw_graph(graph, png, title=f"{kind} (n={graph.number_of_nodes()})")
         print(f"drawn to {png}")
@@ -255,6 +256,9 @@ def node(
         _fail(str(error))
         return
     print(json.dumps({k: status[k] for k in ("peer_id", "round", "rounds_done", "accuracy")}))
+    if status.get("failure"):  # stopped on an error of its own (logged): not a success
+        print(f"error: node failed: {status['failure']}", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 @app.command()

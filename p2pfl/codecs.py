@@ -82,7 +82,7 @@ def tensor_to_le_bytes(tensor: torch.Tensor) -> memoryview:
     raw = flat.view(torch.uint8)
     if sys.byteorder == "big" and flat.element_size() > 1:
         raw = raw.reshape(-1, flat.element_size()).flip(1).reshape(-1).contiguous()
-    return memoryview(raw.numpy()).cast("B")
+    return memoryview(raw.numpy().data).cast("B")
 
 
 def tensor_from_le_bytes(data: Buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -209,7 +209,7 @@ class _HonestModels:
             if isinstance(effect, Send) and effect.message.params is not None:
                 message = effect.message
                 if message.kind in self.kinds:
-                    self.by_round.setdefault(message.round, {})[peer] = message.params
+                    self.by_round.setdefault(message.round, {})[peer] = effect.message.params
         for old in sorted(self.by_round)[:-3]:
             del self.by_round[old]
 

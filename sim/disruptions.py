@@ -31,7 +31,7 @@ import json
 import logging
 import tomllib
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -59,6 +59,7 @@ from topologies import (
     select_links,
     select_peers,
 )
+from topologies.disruption import PeerStrategy
 from topologies.errors import TopologyError
 
 if TYPE_CHECKING:
@@ -639,7 +640,7 @@ class DisruptionRuntime:
                 self._by_round[spec.at_round].append(index)
             else:
                 at = spec.at_time if spec.at_time is not None else 0.0
-                self.engine.schedule(at, lambda now, i=index: self._fire(i))
+                self.engine.schedule(at, self._firing(index))
         if self._by_round:
             self.engine.on_progress(self._on_progress)
         if any(spec.kind == "battery" for spec in self.specs):
@@ -692,7 +693,7 @@ class DisruptionRuntime:
                 # shrank it) takes the whole pool
                 amount = min(spec.count, len(pool)) if spec.count is not None else spec.fraction
                 seed = _seed(self.seed, index, 1)
-                strategy = getattr(spec, "strategy", "random")
+                strategy: PeerStrategy = getattr(spec, "strategy", "random")
                 members = sorted(
                     select_peers(self.graph, amount, strategy, seed=seed, candidates=pool)
                 )
@@ -704,6 +705,10 @@ class DisruptionRuntime:
         for round_ in sorted(r for r in self._by_round if r <= progress):
             for index in self._by_round.pop(round_):
                 self._fire(index)
+
+    def _firing(self, index: int) -> Callable[[float], None]:
+        """An engine action that fires disruption ``index``."""
+        return lambda now: self._fire(index)
 
     def _fire(self, index: int) -> None:
         spec = self.specs[index]
@@ -919,10 +924,8 @@ class DisruptionRuntime:
             ]  # fmt: skip
         reason = f"churn:{index}"
         for time, peer, kind in events:
-            if kind == "leave":
-                self.engine.schedule(start + time, lambda now, p=peer: self._take_down(p, reason))
-            else:
-                self.engine.schedule(start + time, lambda now, p=peer: self._bring_up(p, reason))
+            change = self._take_down if kind == "leave" else self._bring_up
+            self.engine.schedule(start + time, _at_time(change, peer, reason))
 
     # -- measuring and writing -----------------------------------------------------------
     def measure(self) -> dict[str, Any]:
@@ -997,3 +1000,12 @@ def install_disruptions(simulation: Simulation) -> DisruptionRuntime | None:
 
         raise ScenarioError(str(error)) from None
     return runtime
+
+
+def _at_time(change: Callable[[int, str], bool], peer: int, reason: str) -> Callable[[float], None]:
+    """An engine action that applies ``change(peer, reason)`` (a churn event)."""
+
+    def action(now: float) -> None:
+        change(peer, reason)
+
+    return action

@@ -185,7 +185,7 @@ class Row(torch.Tensor):
     _key: int
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func is torch.stack and not kwargs and len(args) == 1:
             rows = args[0]
             if rows and all(type(r) is cls for r in rows):
@@ -193,10 +193,10 @@ class Row(torch.Tensor):
         with DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
-    def numel(self) -> int:  # type: ignore[override]
+    def numel(self) -> int:
         return self._dim
 
-    def element_size(self) -> int:  # type: ignore[override]
+    def element_size(self) -> int:
         return 4
 
 
@@ -213,7 +213,7 @@ class _Deferred(torch.Tensor):
         raise NotImplementedError
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _METADATA:
             with DisableTorchFunctionSubclass():
@@ -354,7 +354,7 @@ class Mixer:
 
         def deferred_mean(stack: torch.Tensor, weights: torch.Tensor | None, own: int) -> torch.Tensor:
             if type(stack) is stack_type:
-                return stack.mix(weights)  # type: ignore[attr-defined]
+                return stack.mix(weights)
             return weighted_mean(plain(stack), weights, own)
 
         return deferred_mean
@@ -365,7 +365,7 @@ class Mixer:
         return len(self._pending)
 
     def is_pending(self, tensor: torch.Tensor) -> bool:
-        return type(tensor) is self.mix_type and tensor._chunk is None  # type: ignore[attr-defined]
+        return type(tensor) is self.mix_type and tensor._chunk is None
 
     def flush(self) -> None:
         """Compute every pending mix."""

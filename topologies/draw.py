@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -63,7 +64,8 @@ def draw_graph(
     if title:
         ax.set_title(title)
 
-    kept, lost = [], []
+    kept: list[tuple[Any, Any]] = []
+    lost: list[tuple[Any, Any]] = []
     for u, v in g.edges:
         segment = (pos[u], pos[v])
         broken = u in removed or v in removed or frozenset((u, v)) in lost_links
@@ -80,14 +82,15 @@ def draw_graph(
     alive = [v for v in g if v not in removed and v not in highlight]
     marked = [v for v in g if v in highlight and v not in removed]
     gone = [v for v in g if v in removed]
-    for nodes, style in (
+    styles: tuple[tuple[list[Any], dict[str, Any]], ...] = (
         (alive, {"c": _ALIVE, "marker": "o", "s": size, "label": None}),
         (
             marked,
             {"c": _HIGHLIGHT, "marker": "o", "s": size, "label": f"highlighted ({len(marked)})"},
         ),
         (gone, {"c": _REMOVED, "marker": "x", "s": 1.5 * size, "label": f"removed ({len(gone)})"}),
-    ):
+    )
+    for nodes, style in styles:
         if nodes:
             xy = np.array([pos[v] for v in nodes])
             ax.scatter(xy[:, 0], xy[:, 1], zorder=2, linewidths=1.5, **style)

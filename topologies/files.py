@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Iterable
 from pathlib import Path
+from typing import TypeGuard
 from xml.etree.ElementTree import ParseError
 
 import networkx as nx
@@ -99,5 +100,5 @@ def _node_order(nodes: Iterable[Hashable]) -> list[Hashable]:
         return nodes
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)

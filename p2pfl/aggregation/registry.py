@@ -203,7 +203,10 @@ class RuleAggregator:
         f = self.effective_f(n)
         if f is not None and f < 0:
             return mean(stack, weights)
-        x = nnm(stack, f) if self.nnm else stack
+        if self.nnm:
+            assert f is not None  # an nnm+ rule always uses f
+            stack = nnm(stack, f)
+        x = stack
         return _RULES[self.rule].run(x, weights, own, 0 if f is None else f, self.params)
 
 
@@ -230,7 +233,7 @@ def get_aggregator(name: str, **params: Any) -> RuleAggregator:
     spec = _RULES[rule]
     values = {
         key: check(f"{name}: {key}", params.get(key, default))
-        for key, (default, check) in (spec.params | _F_PARAMS).items()
+        for key, (default, check) in {**spec.params, **_F_PARAMS}.items()
         if key in accepted
     }
     f_values = {key: values.pop(key, default) for key, (default, _) in _F_PARAMS.items()}

@@ -127,7 +127,7 @@ def default_data_dir() -> Path:
 def load_dataset(
     name: str,
     *,
-    data_dir: Path | None = None,
+    data_dir: str | Path | None = None,
     seed: int = 0,
     normalize: bool = False,
     verify: bool = True,
@@ -265,10 +265,10 @@ def _load_idx_dataset(name: str, data_dir: Path, verify: bool) -> Dataset:
     train_x, train_y, test_x, test_y = (
         _read_verified(folder, name, f, verify) for f in IDX_DATASETS[name]
     )
-    for images, labels in ((train_x, train_y), (test_x, test_y)):
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+    for pixels, labels in ((train_x, train_y), (test_x, test_y)):
+        if pixels.ndim != 3 or labels.ndim != 1 or len(pixels) != len(labels):
             raise DatasetUnavailable(
-                f"{folder}: images {images.shape} and labels {labels.shape} do not match; "
+                f"{folder}: images {pixels.shape} and labels {labels.shape} do not match; "
                 f"{_fetch_hint(name)}"
             )
 

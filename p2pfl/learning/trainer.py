@@ -175,7 +175,8 @@ class LocalTrainer:
             loss.backward()
             with torch.no_grad():
                 for p in net.parameters():
-                    self._sgd_update(p, p.grad)
+                    if p.grad is not None:  # a parameter the loss does not reach stays
+                        self._sgd_update(p, p.grad)
             total += loss.item()
         return flatten_module(net), total / steps
 
@@ -325,8 +326,8 @@ class _StackedMLP:
                 bias = f"{name}.bias" if child.bias is not None else None
                 layers.append((f"{name}.weight", bias, False))
             elif type(child) is nn.ReLU and layers and not layers[-1][2]:
-                weight, bias, _ = layers[-1]
-                layers[-1] = (weight, bias, True)
+                weight, last_bias, _ = layers[-1]
+                layers[-1] = (weight, last_bias, True)
             else:
                 return None
         if not layers or layers[-1][2]:

@@ -66,7 +66,7 @@ def build_protocol(
     entries, SybilWall's histories; see ``p2pfl.protocols.records``); protocols that
     relay nothing ignore it. ``None``: relayed data travels unsigned.
     """
-    common = {"local_steps": config.local_steps, "seed": seed}
+    steps = config.local_steps
     if isinstance(config, DPSGDConfig):
         return DPSGD(
             peer_id,
@@ -75,7 +75,8 @@ def build_protocol(
             weights=mixing_weights,
             round_timeout=config.round_timeout,
             aggregate=aggregate,
-            **common,
+            local_steps=steps,
+            seed=seed,
         )
     if isinstance(config, EpidemicConfig):
         candidates = neighbours
@@ -88,10 +89,11 @@ def build_protocol(
             fanout=config.fanout,
             round_timeout=config.round_timeout,
             aggregate=aggregate,
-            **common,
+            local_steps=steps,
+            seed=seed,
         )
     if isinstance(config, GossipConfig):
-        return GossipLearning(peer_id, params, neighbours, period=config.period, **common)
+        return GossipLearning(peer_id, params, neighbours, period=config.period, local_steps=steps, seed=seed)
     if isinstance(config, ModestConfig):
         from p2pfl.protocols.modest import ModestProtocol
 
@@ -109,7 +111,8 @@ def build_protocol(
             idle_timeout=config.idle_timeout,
             aggregate=aggregate,
             signer=signer,
-            **common,
+            local_steps=steps,
+            seed=seed,
         )
     if isinstance(config, SybilWallConfig):
         from p2pfl.protocols.sybilwall import SybilWall
@@ -124,7 +127,8 @@ def build_protocol(
             round_timeout=config.round_timeout,
             aggregate=aggregate,
             signer=signer,
-            **common,
+            local_steps=steps,
+            seed=seed,
         )
     if isinstance(config, BristleConfig):
         from p2pfl.protocols.bristle import Bristle
@@ -148,6 +152,7 @@ def build_protocol(
             n_random=config.n_random,
             tolerance=config.tolerance,
             round_timeout=config.round_timeout,
-            **common,
+            local_steps=steps,
+            seed=seed,
         )
     raise ValueError(f"unknown protocol config {config!r}")

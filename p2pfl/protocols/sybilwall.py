@@ -115,7 +115,7 @@ def history_digest(history: Tensor) -> bytes:
     array = history.detach().to(torch.float32).cpu().contiguous().reshape(-1).numpy()
     if sys.byteorder == "big":
         array = array.astype("<f4")
-    return hashlib.sha256(array).digest()
+    return hashlib.sha256(array.data).digest()
 
 
 def history_record(history: Tensor, round_: int) -> dict[str, Any]:
@@ -272,7 +272,7 @@ class SybilWall(DPSGD):
         message = event.message
         subject, hops = message.meta.get("subject"), message.meta.get("hops")
         history = message.params
-        valid = (
+        if not (
             event.sender in self.weights
             and isinstance(subject, str)
             and isinstance(hops, int)
@@ -280,8 +280,7 @@ class SybilWall(DPSGD):
             and hops >= 1
             and history is not None
             and history.shape == self.params.shape
-        )
-        if not valid:
+        ):
             return [Record("sybilwall.bad_history", 1.0)]
         if subject == self.peer_id or subject in self.weights or self.max_known == 0:
             return []  # our own neighbours' histories we keep ourselves
@@ -380,18 +379,19 @@ class SybilWall(DPSGD):
         meta = message.meta
         subject, hops, claimed, proof = (meta.get(k) for k in ("subject", "hops", "hr", "proof"))
         history = message.params
-        valid = (
+        if not (
             event.sender in self.weights
             and isinstance(subject, str)
+            and isinstance(hops, int)
             and _count(hops)
+            and isinstance(claimed, int)
             and _count(claimed)
-            and type(proof) is bytes
+            and isinstance(proof, bytes)
             and history is not None
             and history.shape == self.params.shape
-        )
-        if not valid:
+        ):
             return [Record("sybilwall.bad_history", 1.0)]
-        assert history is not None and self.signer is not None
+        assert self.signer is not None
         direct = subject in self.weights
         if subject == self.peer_id or (self.max_known == 0 and not direct):
             return []

@@ -190,7 +190,7 @@ class _PatchedYamuxStream(YamuxStream):
 
     _window_opened: trio.Event | None = None
 
-    @property  # type: ignore[override]
+    @property
     def send_window(self) -> int:
         return self.__dict__["send_window"]
 
@@ -222,7 +222,7 @@ class _PatchedYamuxStream(YamuxStream):
                 await self._wait_for_window()
                 continue
             header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, self.stream_id, size)
-            await self.conn._write_data(header, view[sent : sent + size])
+            await self.conn._write_data(header, view[sent : sent + size])  # type: ignore[attr-defined]
             sent += size
 
     async def read(self, n: int | None = -1) -> bytes:
@@ -366,7 +366,7 @@ class _FastNoise:
         """
         state = self._noise.noise_state
         try:
-            cipher = state.noise_protocol.cipher_state_decrypt  # type: ignore[attr-defined]
+            cipher = state.noise_protocol.cipher_state_decrypt
         except AttributeError:
             return state.decrypt(bytes(ciphertext))
         try:
