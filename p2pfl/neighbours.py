@@ -4,7 +4,13 @@ A node learns of peers through bootstrap, peer exchange and (optionally) mDNS; t
 *neighbour policy* decides which of them the protocol talks to:
 
 - no policy (``network.max_neighbours = 0``): every discovered peer;
-- ``network.max_neighbours = k``: k of the discovered peers, drawn from the node's seed;
+- ``network.max_neighbours = k``: a ring lattice over the discovered peers and the node
+  itself, ordered by ``hash(seed, peer id)``: the ``k // 2`` peers after it and the
+  ``k // 2`` before it on the ring (plus the opposite peer for an odd ``k`` on an even
+  ring). Every node that knows the same set of peers derives the same graph, so the
+  relation is symmetric -- D-PSGD waits for every neighbour, and a one-way neighbour
+  times out every round -- ``k``-regular and connected. Peers whose known sets differ
+  may still disagree; the node settles that at run time (``p2pfl.node``, ``unlink``);
 - ``network.topology_file``: an explicit graph naming peer ids, shared by every peer.
   A node's neighbours are its graph neighbours, and D-PSGD mixes with weights that
   every peer computes identically from the file's degrees (Metropolis-Hastings,
@@ -20,7 +26,7 @@ are dropped. This module reads it without networkx: a node needs no graph librar
 
 from __future__ import annotations
 
-import random
+import hashlib
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -128,15 +134,38 @@ def choose_neighbours(
 
     With a graph, the neighbours are the graph's whether or not they were discovered
     yet (the graph is the agreement; one not found yet is treated as down until it
-    answers). Otherwise: the known peers, or ``max_neighbours`` of them drawn from a
-    stream seeded by ``seed`` and ``peer_id``.
+    answers). Otherwise: the known peers, or with ``max_neighbours`` the node's
+    neighbours on the ring lattice over them (:func:`ring_lattice_neighbours`).
     """
     if graph is not None:
         return graph.neighbours(peer_id)
     peers = sorted(set(known) - {peer_id})
     if max_neighbours and len(peers) > max_neighbours:
-        peers = sorted(random.Random(f"{seed}:{peer_id}").sample(peers, max_neighbours))
+        peers = ring_lattice_neighbours(peer_id, peers, max_neighbours, seed=seed)
     return peers
+
+
+def ring_position(peer_id: str, seed: int) -> bytes:
+    """A peer's place on the ring: the same on every node (no process-salted ``hash``),
+    and not chosen by the peer (its id is a public key; the seed is shared)."""
+    return hashlib.sha256(f"{seed}:{peer_id}".encode()).digest()
+
+
+def ring_lattice_neighbours(peer_id: str, others: Iterable[str], k: int, *, seed: int) -> list[str]:
+    """``peer_id``'s neighbours on the k-regular ring lattice over it and ``others``.
+
+    Symmetric by construction: ``b`` is within ``k // 2`` steps of ``a`` on the ring
+    exactly when ``a`` is within ``k // 2`` steps of ``b``, and so is "opposite". For an
+    odd ``k`` on an odd ring there is no opposite peer: the degree is ``k - 1``.
+    """
+    ring = sorted({peer_id, *others}, key=lambda peer: (ring_position(peer, seed), peer))
+    n, me = len(ring), ring.index(peer_id)
+    if k >= n - 1:
+        return sorted(set(ring) - {peer_id})
+    offsets = {step for half in range(1, k // 2 + 1) for step in (half, n - half)}
+    if k % 2 and n % 2 == 0:
+        offsets.add(n // 2)
+    return sorted(ring[(me + step) % n] for step in offsets)
 
 
 def check_member(graph: PeerGraph, peer_id: str, source: str) -> None:

@@ -15,7 +15,21 @@ effects into I/O and I/O into events:
 Incoming bytes pass through a :class:`~p2pfl.security.PeerGuard` (ban, rate, decode,
 signature, replay, round window) before the protocol sees them; whatever is refused is
 counted by reason and shows in the status. Peers find each other through bootstrap
-addresses and peer exchange (``hello`` messages listing known addresses).
+addresses and peer exchange (``hello`` messages listing known addresses). A name heard of
+in someone's hello is only an address to dial: a peer becomes a neighbour (or a member of
+the protocol's population) only once *met* -- its own hello arrived over a connection the
+transport authenticated as that peer id, or we dialled it as a bootstrap peer -- so one
+hello naming thousands of made-up peers cannot fill the neighbour list.
+
+Neighbour relations must be two-way for protocols whose round waits for its neighbours:
+a node that receives such a model from a met peer it did not choose answers ``unlink``
+once, and the sender stops waiting for it (``PeerDown``); a banned peer is no longer
+waited for either.
+
+An exception inside a protocol callback never hangs the node: one raised while handling
+a received message drops that message and charges its sender; one raised by the node's
+own timers, training or effects stops the node with ``failure`` set in its status (and
+``p2pfl node`` exits non-zero). Both are logged and counted (``errors`` in the status).
 
 A node configured with an ``[attack]`` (test networks only) carries it out as a simulated
 Byzantine peer does: poisoned batches for data attacks, its protocol wrapped in
@@ -67,10 +81,11 @@ from p2pfl.protocols.base import (
     Train,
     TrainingDone,
 )
+from p2pfl.protocols.contract import Role
 from p2pfl.protocols.records import IdentitySigner
 from p2pfl.protocols.registry import build_protocol, make_aggregate
 from p2pfl.protocols.synchronous import SynchronousRoundProtocol
-from p2pfl.security import GuardConfig, PeerGuard, SequenceNumbers
+from p2pfl.security import Ban, GuardConfig, PeerGuard, SequenceNumbers
 from p2pfl.transport.base import Transport, TransportError
 from p2pfl.wire import DropReason, Envelope, WireError, WireLimits, encode
 
@@ -78,6 +93,8 @@ log = logging.getLogger("p2pfl.node")
 
 CONTROL = "p2pfl"  # wire protocol name of the node's own messages (peer exchange)
 HELLO = "hello"
+#: "you are not my neighbour": the answer to a model from a peer that chose us one-way
+UNLINK = "unlink"
 STATUS_NAME = "status.json"
 #: distinct neighbours that must be far ahead before a round-based protocol jumps ahead
 CATCH_UP_QUORUM = 2
@@ -122,11 +139,22 @@ class Node:
                 unrounded=frozenset({CONTROL}),
                 **lag,
             ),
-            on_ban=lambda ban: log.warning("%s", ban.describe()),
+            on_ban=self._on_ban,
         )
         self.seq = SequenceNumbers(time.time())
         self.protocol: Protocol | None = None
+        #: addresses of peers heard of (dial candidates), bounded by MAX_KNOWN_PEERS
         self.known: dict[str, list[str]] = {}
+        #: peers met directly: only these may become neighbours or population members
+        self.met: set[str] = set()
+        #: met peers that told us they do not take us as a neighbour (never waited for)
+        self.unlinked: set[str] = set()
+        #: peers we told so (once each: later models from them are refused as usual)
+        self._told_unlink: set[str] = set()
+        #: exceptions raised inside protocol callbacks, by where they happened
+        self.errors: dict[str, int] = {}
+        #: why the node stopped on an error of its own, if it did
+        self.failure: str | None = None
         self.counters: dict[str, float] = {}
         self.accuracy: float | None = None
         self.resumed_from: int | None = None
@@ -316,7 +344,7 @@ class Node:
                 await self._discover()
             self._start_protocol(checkpoint)
             await self._done.wait()
-            if self.rounds_done >= self.config.rounds:
+            if self.rounds_done >= self.config.rounds and self.failure is None:
                 await self._leave()
         finally:
             await self._shutdown()
@@ -353,8 +381,8 @@ class Node:
             handle.cancel()
         for task in list(self._tasks):
             task.cancel()
-        if self.protocol is not None:
-            self._checkpoint()
+        if self.protocol is not None and self.failure is None:
+            self._checkpoint()  # after a failure the last round's checkpoint is the good one
         self._write_status(final=True)
         await self.transport.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -376,6 +404,7 @@ class Node:
                     retry.append(addr)
                     continue
                 self.known.setdefault(peer, []).append(addr)
+                self._meet(peer)  # we dialled it: the transport authenticated its id
                 self._spawn(self._send_hello(peer))
             pending = retry
             if pending:
@@ -392,15 +421,21 @@ class Node:
         if not self._found_enough():
             log.warning(
                 "only %d of %d peers found before the discovery timeout",
-                len(self.known),
+                len(self.met),
                 len(self.graph.neighbours(self.peer_id)) if self.graph else net.min_peers,
             )
 
     def _found_enough(self) -> bool:
-        """Discovery is over: all graph neighbours, or ``min_peers`` peers, are known."""
+        """Discovery is over: all graph neighbours, or ``min_peers`` peers, are met
+        (names only heard of do not count: they may be made up)."""
         if self.graph is not None:
-            return set(self.graph.neighbours(self.peer_id)) <= self.known.keys()
-        return len(self.known) >= self.config.network.min_peers
+            return set(self.graph.neighbours(self.peer_id)) <= self.met
+        return len(self.met) >= self.config.network.min_peers
+
+    def _meet(self, peer: str) -> None:
+        """``peer`` proved its id on a connection: from now on it may be a neighbour."""
+        if peer != self.peer_id:
+            self.met.add(peer)
 
     def _wanted(self, peer: str) -> bool:
         """Whether to dial a peer we heard of: with a graph, only our graph neighbours."""
@@ -413,6 +448,7 @@ class Node:
         checkpoint, and those that are gone are found out by failed sends.
         """
         self.known.update({peer: list(addrs) for peer, addrs in known.items()})
+        self.met.update(peer for peer in known if peer != self.peer_id)  # met before (saved)
         addrs = [a for peer_addrs in self.known.values() for a in peer_addrs[:2]]
         addrs += list(self.config.network.bootstrap)
         timeout = min(5.0, self.config.network.discovery_timeout)
@@ -442,8 +478,9 @@ class Node:
                 sender, DropReason.BAD_TYPE, now=time.time(), detail="hello without addrs"
             )
             return
-        new_peer = sender not in self.known
+        new_peer = sender not in self.met
         self.known.setdefault(sender, [])
+        self._meet(sender)  # its own hello, on a connection authenticated as ``sender``
         for peer, peer_addrs in list(addrs.items())[:256]:
             if peer == self.peer_id or not isinstance(peer, str) or not isinstance(peer_addrs, list):
                 continue
@@ -460,11 +497,11 @@ class Node:
         if meta.get("reply"):
             self._spawn(self._send_hello(sender, reply=False))
         self._peers_changed.set()
-        if self.protocol is not None:
+        if self.protocol is not None and sender not in self.unlinked:
             # a peer we may have given up on is back (e.g. restarted)
             self._handle(PeerUp(self._now(), sender))
         elif new_peer:
-            log.info("discovered %s (%d known)", sender, len(self.known))
+            log.info("discovered %s (%d met, %d known)", sender, len(self.met), len(self.known))
 
     def _on_discovered(self, peer: str, addrs: list[str]) -> None:
         """A peer the transport found by itself (mDNS): greet it once, if we want it.
@@ -492,9 +529,10 @@ class Node:
 
     # -- protocol ------------------------------------------------------------------------
     def _choose_neighbours(self) -> list[str]:
+        """Neighbours among the peers met (never among names only heard of)."""
         return choose_neighbours(
             self.peer_id,
-            self.known,
+            self.met,
             graph=self.graph,
             max_neighbours=self.config.network.max_neighbours,
             seed=self.config.seed,
@@ -512,7 +550,7 @@ class Node:
             neighbours = list(checkpoint["neighbours"])
         else:  # the graph file is authoritative, also over a checkpoint
             neighbours = self._choose_neighbours()
-        population = sorted({self.peer_id, *self.known, *neighbours})
+        population = sorted({self.peer_id, *self.met, *neighbours})
         init = self._init_params.clone()
         protocol = build_protocol(
             self.config.protocol,
@@ -548,7 +586,7 @@ class Node:
         self._handle(Start(self._now()))
         early, self._early = self._early, []
         for sender, envelope in early:
-            self._deliver(sender, envelope)
+            self._route(sender, envelope)
         if self.config.network.ping_interval > 0:
             self._spawn(self._liveness())
 
@@ -565,12 +603,12 @@ class Node:
         misses: dict[str, int] = {}
         while self.protocol is not None and not self._stopping:
             await asyncio.sleep(net.ping_interval)
-            peers = list(self.protocol.neighbours)
+            peers = [p for p in self.protocol.neighbours if p not in self.unlinked]
             answers = await asyncio.gather(*(self._ping(peer) for peer in peers))
             for peer, alive in zip(peers, answers, strict=True):
                 if alive:
                     misses.pop(peer, None)
-                    if peer in self._down:
+                    if peer in self._down and not self.guard.is_banned(peer, time.time()):
                         self._down.discard(peer)
                         log.info("neighbour %s answers again", peer)
                         self._handle(PeerUp(self._now(), peer))
@@ -592,11 +630,50 @@ class Node:
         return asyncio.get_running_loop().time()
 
     def _handle(self, event: Event) -> None:
+        """Feed one event to the protocol and carry out its effects, containing errors.
+
+        The protocol raising on a received message costs that message (and its sender's
+        standing); anything else raising -- the protocol on a timer, a finished training,
+        a start or a peer event, or one of the node's own effects -- would leave no timer
+        armed and the node waiting forever, so the node stops with ``failure`` set.
+        """
         if self.protocol is None or self._stopping:
             return
-        effects = self.protocol.handle(event)
-        for effect in effects:
-            self._apply(effect)
+        try:
+            effects = self.protocol.handle(event)
+        except Exception as error:
+            if isinstance(event, MessageReceived):
+                self._message_failed(event.sender, event.message.kind, error)
+            else:
+                self._fail(_event_source(event), error)
+            return
+        try:
+            for effect in effects:
+                self._apply(effect)
+        except Exception as error:
+            self._fail("effect", error)
+
+    def _count_error(self, where: str) -> None:
+        self.errors[where] = self.errors.get(where, 0) + 1
+
+    def _message_failed(self, sender: str, kind: str, error: Exception) -> None:
+        """Handling a received message raised: drop it and charge the sender."""
+        self._count_error("message")
+        name = type(error).__name__
+        log.warning("dropped a %s message from %s: handling it raised %s: %s", kind, sender, name, error)
+        log.debug("traceback of the failed %s message", kind, exc_info=error)
+        detail = f"{kind}: handler raised {name}"
+        self.guard.record_drop(sender, DropReason.MALFORMED, now=time.time(), detail=detail)
+
+    def _fail(self, where: str, error: BaseException) -> None:
+        """An error of the node's own (timer, training, effect): stop instead of hanging."""
+        self._count_error(where)
+        if self.failure is None:
+            self.failure = f"{where}: {type(error).__name__}: {error}"
+            log.error("node failed, stopping: an exception in %s: %s", where, self.failure)
+            log.debug("traceback of the failure in %s", where, exc_info=error)
+        self._stopping = True  # no further events: the protocol's state is suspect
+        self._done.set()
 
     def _apply(self, effect: Effect) -> None:
         loop = asyncio.get_running_loop()
@@ -623,7 +700,19 @@ class Node:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A background task (send, training, dial) that died of an error stops the node:
+        unnoticed, it would leave the protocol waiting for an answer that never comes."""
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is None:
+            return
+        if self._stopping and self.failure is None:  # a normal shutdown closed its way
+            log.debug("a task ended with an error while stopping: %r", error)
+            return
+        self._fail("task", error)
 
     async def _train(self, effect: Train) -> None:
         loop = asyncio.get_running_loop()
@@ -633,9 +722,13 @@ class Node:
             self._next_train_at = max(loop.time(), self._next_train_at) + interval
             if wait > 0:
                 await asyncio.sleep(wait)  # pacing, not synchronisation
-        params, loss = await loop.run_in_executor(
-            self._pool, self._train_locally, effect.params, effect.steps
-        )
+        try:
+            params, loss = await loop.run_in_executor(
+                self._pool, self._train_locally, effect.params, effect.steps
+            )
+        except Exception as error:  # no TrainingDone would ever come: stop, do not hang
+            self._fail("training", error)
+            return
         self._handle(TrainingDone(self._now(), effect.ticket, params, loss))
 
     async def _send(self, effect: Send) -> None:
@@ -672,15 +765,70 @@ class Node:
         except WireError as error:
             log.debug("dropped a message from %s: %s", sender, error)
             return
+        try:
+            self._on_envelope(sender, envelope)
+        except Exception as error:  # a bug or a message we cannot handle: not a hang
+            self._message_failed(sender, envelope.message.kind, error)
+
+    def _on_envelope(self, sender: str, envelope: Envelope) -> None:
         if envelope.protocol == CONTROL:
             if envelope.message.kind == HELLO:
                 self._on_hello(sender, envelope.message.meta)
+            elif envelope.message.kind == UNLINK:
+                self._on_unlink(sender)
             return
         if self.protocol is None:  # still discovering: keep a few for the start
             if len(self._early) < EARLY_MESSAGES:
                 self._early.append((sender, envelope))
             return
-        self._deliver(sender, envelope)
+        self._route(sender, envelope)
+
+    def _route(self, sender: str, envelope: Envelope) -> None:
+        if not self._one_way(sender, envelope):
+            self._deliver(sender, envelope)
+
+    def _one_way(self, sender: str, envelope: Envelope) -> bool:
+        """A neighbour's message from a met peer that is not our neighbour: it chose us
+        and we did not choose it (our known peers differed). Tell it once, so that its
+        rounds stop waiting for us; it is not charged for this first one."""
+        protocol = self.protocol
+        assert protocol is not None
+        spec = getattr(protocol, "messages", {}).get(envelope.message.kind)
+        if (
+            spec is None
+            or spec.sender is not Role.NEIGHBOUR
+            or envelope.protocol != protocol.name
+            or sender not in self.met
+            or sender in self._told_unlink
+            or protocol.has_role(Role.NEIGHBOUR, sender, envelope.message)
+        ):
+            return False
+        self._told_unlink.add(sender)
+        log.info("%s takes us as a neighbour, we do not take it: unlinking", sender)
+        self._spawn(self._send_control(sender, UNLINK))
+        return True
+
+    async def _send_control(self, peer: str, kind: str) -> None:
+        try:
+            await self._send_bytes(peer, Message(kind, 0, None, {}), CONTROL)
+        except TransportError as error:
+            log.debug("%s to %s failed: %s", kind, peer, error)
+
+    def _on_unlink(self, sender: str) -> None:
+        """A neighbour does not take us as its neighbour: our rounds stop waiting for it."""
+        if self.protocol is None or sender not in self.protocol.neighbours:
+            return
+        if sender not in self.unlinked:
+            self.unlinked.add(sender)
+            log.info("%s does not take us as a neighbour: not waiting for it", sender)
+            self._handle(PeerDown(self._now(), sender))
+
+    def _on_ban(self, ban: Ban) -> None:
+        """A banned neighbour's models are refused: the round must not wait for them."""
+        log.warning("%s", ban.describe())
+        if self.protocol is not None and ban.peer in self.protocol.neighbours:
+            # after the refusal that caused the ban has been counted, not inside it
+            asyncio.get_running_loop().call_soon(self._handle, PeerDown(self._now(), ban.peer))
 
     def _deliver(self, sender: str, envelope: Envelope) -> None:
         assert self.protocol is not None
@@ -734,7 +882,8 @@ class Node:
                 "neighbours": list(self.protocol.neighbours),
                 "counters": self.counters,
                 "rounds_done": self.rounds_done,
-                "known": {peer: addrs[:4] for peer, addrs in self.known.items()},
+                # the peers met only: a restart dials these, not every name heard of
+                "known": {peer: self.known.get(peer, [])[:4] for peer in sorted(self.met)},
             },
         )
 
@@ -751,6 +900,8 @@ class Node:
             "accuracy": self.accuracy,
             "neighbours": list(protocol.neighbours) if protocol else [],
             "known_peers": sorted(self.known),
+            "met_peers": sorted(self.met),
+            "one_way_neighbours": sorted(self.unlinked),
             "peers_down": sorted(self._down),
             "connected": self.transport.connected_peers(),
             "bytes_sent": self.bytes_sent,
@@ -759,9 +910,22 @@ class Node:
             "guard": self.guard.status(),
             "uptime_s": time.time() - self.started_at,
             "attack": self._attack_status(),
+            "errors": dict(self.errors),
+            "failure": self.failure,
         }
 
     def _write_status(self, *, final: bool = False) -> None:
         status = self.status()
         status["state"] = "stopped" if final else ("running" if self.protocol else "discovering")
+        if self.failure is not None:
+            status["state"] = "failed"
         write_json_atomic(self.state_dir / STATUS_NAME, status)
+
+
+def _event_source(event: Event) -> str:
+    """The ``errors`` key of an exception raised while handling ``event``."""
+    if isinstance(event, TimerFired):
+        return "timer"
+    if isinstance(event, TrainingDone):
+        return "training"
+    return type(event).__name__.lower()

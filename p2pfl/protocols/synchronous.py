@@ -22,6 +22,15 @@ them (at most all of them) are that far ahead: it goes to the highest round that
 have reached. With a quorum of 2, one hostile identity cannot drag a peer ahead -- past
 its honest neighbours, or past its last round -- with one validly signed message.
 How far a remote peer may push us ahead is also bounded by the node's round window (wire guard).
+
+Rounds that end by the timer keep their phase: a peer that started more than a round
+timeout after its neighbours would stay a round behind them for good, its models always
+arriving stale, if a silent neighbour (crashed unnoticed, its models lost) made every
+round time out. So a round also ends as soon as a neighbour is already in a later round
+while the only expected peers still missing are ones that were missing when the last
+round ended as well: the peer follows the others instead of waiting out the timer for
+neighbours that are silent anyway (``rounds_realigned``). A neighbour that answered last
+round is still waited for, so a slow honest neighbour is not cut off.
 """
 
 from __future__ import annotations
@@ -118,6 +127,8 @@ class SynchronousRoundProtocol(Protocol):
         self.inbox: dict[int, dict[PeerId, torch.Tensor]] = {}
         self.dropped_stale = 0
         self.dropped_ahead = 0
+        #: expected senders whose model had not come when the last round ended
+        self.missed: set[PeerId] = set()
 
     # -- hooks -----------------------------------------------------------------------
     @abstractmethod
@@ -229,12 +240,23 @@ class SynchronousRoundProtocol(Protocol):
         received = self.inbox.get(self.round, {})
         if expected.issubset(received):
             return self._finish_round(now, timed_out=False)
+        if self._others_moved_on(expected - received.keys()):
+            return [Record("rounds_realigned", 1.0), *self._finish_round(now, timed_out=False)]
         return []
+
+    def _others_moved_on(self, missing: set[PeerId]) -> bool:
+        """Whether to stop waiting for ``missing``: all of them were silent last round
+        too, and a neighbour's model of a later round is here (it has moved on)."""
+        if not missing.issubset(self.missed):
+            return False
+        return any(round_ > self.round and models for round_, models in self.inbox.items())
 
     def _finish_round(self, now: float, *, timed_out: bool) -> list[Effect]:
         assert self.trained is not None
         received = self.inbox.pop(self.round, {})
         senders = sorted(received)
+        expected = self._expected_senders()
+        self.missed = set(expected) - received.keys() if expected is not None else set()
         if senders:
             stack = torch.stack([self.trained, *(received[p] for p in senders)])
             weights = self._mixing_weights(senders)
@@ -267,3 +289,4 @@ class SynchronousRoundProtocol(Protocol):
         self.trained = None
         self.inbox.clear()
         self.ahead.clear()
+        self.missed.clear()
