@@ -129,15 +129,15 @@ class Node:
         # MoDeST peers that were not sampled for a while are legitimately many rounds
         # behind, and a joiner starts at round 0: the protocol answers stale messages
         # itself, so the guard's lag window is off for it
-        lag = {"max_lag": None} if config.protocol.name == "modest" else {}
+        max_lag = None if config.protocol.name == "modest" else GuardConfig().max_lag
         self.guard = PeerGuard(
             GuardConfig(
+                max_lag=max_lag,
                 max_lead=config.network.max_round_lead,
                 byte_burst=float(2 * config.network.max_message_bytes),
                 # peer exchange belongs to no round: a late or restarted peer must
                 # still be able to introduce itself
                 unrounded=frozenset({CONTROL}),
-                **lag,
             ),
             on_ban=self._on_ban,
         )
@@ -685,9 +685,7 @@ class Node:
             old = self._timers.pop(effect.name, None)
             if old is not None:
                 old.cancel()
-            self._timers[effect.name] = loop.call_at(
-                effect.at, lambda name=effect.name: self._handle(TimerFired(self._now(), name))
-            )
+            self._timers[effect.name] = loop.call_at(effect.at, self._fire_timer, effect.name)
         elif isinstance(effect, CancelTimer):
             handle = self._timers.pop(effect.name, None)
             if handle is not None:
@@ -696,6 +694,9 @@ class Node:
             self.counters[effect.name] = self.counters.get(effect.name, 0.0) + effect.value
         elif isinstance(effect, RoundCompleted):
             self._on_round(effect.round)
+
+    def _fire_timer(self, name: str) -> None:
+        self._handle(TimerFired(self._now(), name))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -65,7 +65,7 @@ from typing import Any, TypeVar
 
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, IMuxedStream, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -75,6 +75,8 @@ from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.network.stream.net_stream import NetStream
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -168,7 +170,7 @@ async def _read_exactly(stream: INetStream, size: int, idle_timeout: float) -> b
     while received < size:
         try:
             with trio.fail_after(idle_timeout):
-                chunk = await stream.muxed_stream.read(size - received)
+                chunk = await _muxed(stream).read(size - received)
         except trio.TooSlowError:
             raise _FrameError(
                 "truncated",
@@ -190,9 +192,20 @@ async def _read_exactly(stream: INetStream, size: int, idle_timeout: float) -> b
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def _net(stream: INetStream) -> NetStream:
+    """The py-libp2p ``NetStream`` behind the interface (the only kind its hosts make)."""
+    assert isinstance(stream, NetStream), type(stream)
+    return stream
+
+
+def _muxed(stream: INetStream) -> IMuxedStream:
+    """The muxed stream under ``stream``: frames are read and written on it directly."""
+    return _net(stream).muxed_stream
+
+
 def _reusable(stream: INetStream) -> bool:
     """Whether a kept stream is still open both ways, as far as this side knows."""
-    muxed = stream.muxed_stream
+    muxed = _muxed(stream)
     for flag in ("closed", "send_closed", "recv_closed", "reset_received"):
         if getattr(muxed, flag, False):
             return False
@@ -200,7 +213,7 @@ def _reusable(stream: INetStream) -> bool:
 
 
 def _was_reset(stream: INetStream) -> bool:
-    return bool(getattr(stream.muxed_stream, "reset_received", False))
+    return bool(getattr(_muxed(stream), "reset_received", False))
 
 
 async def _reset(stream: INetStream) -> None:
@@ -347,8 +360,9 @@ class Libp2pTransport(Transport):
                 peerDiscovery.register_peer_discovered_handler(self._on_mdns_peer)
             use_patched_yamux(host)
             network = host.get_network()
-            network.auto_connector = _NoAutoConnect(network)  # type: ignore[attr-defined]
-            network.retry_config = RetryConfig(max_retries=1)  # type: ignore[attr-defined]
+            assert isinstance(network, Swarm)  # what new_host builds
+            network.auto_connector = _NoAutoConnect(network)
+            network.retry_config = RetryConfig(max_retries=1)
             network.register_notifee(_Disconnects(self))
             async with host.run(listen_addrs=self._listen):
                 try:
@@ -499,7 +513,7 @@ class Libp2pTransport(Transport):
         Raises ``_StaleStream`` when the stream turned out closed without a reset
         (the receiver closed it before this frame), any other error otherwise.
         """
-        muxed = stream.muxed_stream  # frames skip NetStream (see _read_exactly)
+        muxed = _muxed(stream)  # frames skip NetStream (see _read_exactly)
         try:
             header = len(data).to_bytes(HEADER_SIZE, "big")
             if len(data) <= _COALESCE_LIMIT:  # one frame instead of two
@@ -629,7 +643,7 @@ class Libp2pTransport(Transport):
             raise _FrameError("unhandled", "the asyncio loop is closed")
         self._count(messages_received=1, bytes_received=len(data))
         try:
-            await stream.muxed_stream.write(ACK)
+            await _muxed(stream).write(ACK)
         except Exception as exc:  # noqa: BLE001 - the sender will time out and retry
             _log.debug("could not acknowledge a frame from %s: %r", sender, exc)
             await _reset(stream)
@@ -641,7 +655,7 @@ class Libp2pTransport(Transport):
         first = b""
         with trio.move_on_after(self.stream_idle_timeout) as idle:
             try:
-                first = await stream.muxed_stream.read(HEADER_SIZE)
+                first = await _muxed(stream).read(HEADER_SIZE)
             except (StreamEOF, MuxedStreamEOF):  # the sender closed the stream: so do we
                 pass
             except Exception:  # noqa: BLE001 - reset, connection closed: the sender is gone
@@ -660,13 +674,13 @@ class Libp2pTransport(Transport):
     async def _close_idle(self, stream: INetStream) -> None:
         """Close an idle stream: our FIN, then the sender's (any frame that crossed it is dropped)."""
         try:
-            await stream.close_write()
+            await _net(stream).close_write()
             with trio.fail_after(self.read_idle_timeout):
                 while await stream.read():
                     pass
         except Exception:  # noqa: BLE001 - EOF (the sender closed too), reset, or it stayed open
             pass
-        if getattr(stream.muxed_stream, "recv_closed", False):
+        if getattr(_muxed(stream), "recv_closed", False):
             await _close(stream)
         else:
             await _reset(stream)
