@@ -84,7 +84,6 @@ from p2pfl.protocols.base import (
 from p2pfl.protocols.contract import Role
 from p2pfl.protocols.records import IdentitySigner
 from p2pfl.protocols.registry import build_protocol, make_aggregate
-from p2pfl.protocols.synchronous import SynchronousRoundProtocol
 from p2pfl.security import Ban, GuardConfig, PeerGuard, SequenceNumbers
 from p2pfl.transport.base import Transport, TransportError
 from p2pfl.wire import DropReason, Envelope, WireError, WireLimits, encode
@@ -96,8 +95,6 @@ HELLO = "hello"
 #: "you are not my neighbour": the answer to a model from a peer that chose us one-way
 UNLINK = "unlink"
 STATUS_NAME = "status.json"
-#: distinct neighbours that must be far ahead before a round-based protocol jumps ahead
-CATCH_UP_QUORUM = 2
 #: protocol messages kept while still discovering (a peer that found everyone first
 #: sends its round-0 model before we start); they are handled once the protocol starts
 EARLY_MESSAGES = 16
@@ -565,9 +562,6 @@ class Node:
             # relayed data (views, histories) signed by its origin (issue 8)
             signer=IdentitySigner(self.identity),
         )
-        if isinstance(protocol, SynchronousRoundProtocol):
-            # one identity alone cannot drag this node to a far-future round (issue 8)
-            protocol.catch_up_quorum = CATCH_UP_QUORUM
         if checkpoint is not None:
             protocol.load_state_dict(checkpoint["protocol"])
             self.sampler.load_state_dict(checkpoint["sampler"])

@@ -19,9 +19,9 @@ import msgpack
 import pytest
 import torch
 
-from p2pfl import node as node_module
 from p2pfl.config import NodeConfig
 from p2pfl.node import Node
+from p2pfl.protocols import synchronous
 from p2pfl.protocols.base import Message, MessageReceived, Record, Start, Train, TrainingDone
 from p2pfl.protocols.dpsgd import DPSGD
 from p2pfl.protocols.epidemic import EpidemicLearning
@@ -341,7 +341,7 @@ def far(protocol, sender: str, round_: int) -> list:
 
 
 def started(protocol, quorum: int = 2):
-    protocol.catch_up_quorum = quorum  # as the node sets it (DPSGD/EL take no argument)
+    protocol.catch_up_quorum = quorum  # the default, or as a test sets it
     protocol.handle(Start(0.0))
     return protocol
 
@@ -461,7 +461,7 @@ def test_one_sybil_cannot_drag_a_node_to_a_far_future_round(tmp_path, monkeypatc
     assert all("round_jumps" not in s["counters"] for s in statuses)
 
     # without the quorum the same single message ends the node's training at once
-    monkeypatch.setattr(node_module, "CATCH_UP_QUORUM", 1)
+    monkeypatch.setattr(synchronous, "DEFAULT_CATCH_UP_QUORUM", 1)
     statuses = asyncio.run(sybil_far_future(tmp_path, "undefended"))
     assert statuses[0]["counters"].get("round_jumps") == 1
     assert statuses[0]["round"] > 500

@@ -89,7 +89,10 @@ class TestDPSGD:
     def test_far_future_round_makes_a_lagging_peer_catch_up(self):
         p = self.make()
         p.handle(Start(0.0))
-        effects = p.handle(MessageReceived(0.2, "b", Message("model", 7, vec(9.0, 9.0))))
+        # one neighbour's word is not enough (the default quorum is 2 distinct ones)
+        effects = p.handle(MessageReceived(0.1, "b", Message("model", 7, vec(9.0, 9.0))))
+        assert p.round == 0 and Record("catch_up.pending", 1.0) in effects
+        effects = p.handle(MessageReceived(0.2, "c", Message("model", 7, vec(9.0, 9.0))))
         assert p.round == 7 and Record("round_jumps", 1.0) in effects
         assert of_type(effects, Train)  # trains for round 7 with its own model
         assert torch.equal(of_type(effects, Train)[0].params, vec(0.0, 0.0))

@@ -277,9 +277,9 @@ def check_message(protocol: Protocol, sender: PeerId, message: Message) -> Refus
     if not protocol.has_role(spec.sender, sender, message):
         return Refusal.NOT_ALLOWED
     meta = message.meta
+    if type(meta) is not dict:
+        return Refusal.BAD_FIELD
     if meta or spec.required:
-        if type(meta) is not dict:
-            return Refusal.BAD_FIELD
         fields = spec.fields
         for key, value in meta.items():
             kind = fields.get(key)

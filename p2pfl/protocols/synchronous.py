@@ -73,11 +73,14 @@ class RoundSettings(TypedDict, total=False):
     aggregate: AggregateFn | None
     max_lead: int
     catch_up: bool
-    catch_up_quorum: int
+    catch_up_quorum: int | None
     seed: int
 
 
 MODEL = "model"
+#: distinct neighbours that must be far ahead before a peer jumps to their round: one
+#: hostile identity alone cannot drag a peer ahead, in the simulator as on a node
+DEFAULT_CATCH_UP_QUORUM = 2
 ROUND_TIMER = "round"
 
 
@@ -107,12 +110,14 @@ class SynchronousRoundProtocol(Protocol):
         aggregate: AggregateFn | None = None,
         max_lead: int = 2,
         catch_up: bool = True,
-        catch_up_quorum: int = 1,
+        catch_up_quorum: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(peer_id, params, neighbours, local_steps=local_steps, seed=seed)
         if round_timeout <= 0:
             raise ValueError(f"round_timeout must be > 0, got {round_timeout}")
+        if catch_up_quorum is None:
+            catch_up_quorum = DEFAULT_CATCH_UP_QUORUM
         if catch_up_quorum < 1:
             raise ValueError(f"catch_up_quorum must be >= 1, got {catch_up_quorum}")
         self.catch_up_quorum = catch_up_quorum
