@@ -313,7 +313,8 @@ class HostileMessages:
         spec = self.specs[message.kind]
         choice = self.rng.randrange(6)
         if choice == 0:
-            message.meta = self.rng.choice([None, [], "meta", 5, [("a", 1)]])  # type: ignore[assignment]
+            junk: list[Any] = [None, [], "meta", 5, [("a", 1)]]
+            message.meta = self.rng.choice(junk)
         elif choice == 1 and spec.required:
             meta = {n: self._value(f, round_) for n, f in spec.fields.items()}
             del meta[self.rng.choice(sorted(spec.required))]
@@ -353,8 +354,8 @@ class HostileMessages:
             }
         entries = [(n, f) for n, f in spec.fields.items() if isinstance(f, Tuple)]
         if entries and self.rng.random() < 0.5:  # one's own entry, claiming to have left
-            name, field_ = self.rng.choice(entries)
-            message.meta[name] = self._entry(field_, round_, left=True)
+            entry_name, entry_field = self.rng.choice(entries)
+            message.meta[entry_name] = self._entry(entry_field, round_, left=True)
         return message
 
     def _undeclared(self, round_: int, model: torch.Tensor) -> Message:
