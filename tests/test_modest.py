@@ -339,16 +339,22 @@ def test_send_failed_and_peer_down_pass_over_a_candidate() -> None:
 # --------------------------------------------------------------------------- one peer by hand
 
 
+def vouched(p: ModestProtocol, round: int) -> ModestProtocol:
+    """``p`` at ``round``, which a quorum of members vouched for (as in a running system;
+    a fresh peer acts on at most ``round_lead`` rounds beyond what was vouched for)."""
+    p.round = p._confirmed = round
+    return p
+
+
 def model(round: int, value: float, **meta) -> Message:
     return Message("aggregate", round, torch.full((4,), value), dict(meta))
 
 
 def aggregator(ids: list[str], **kwargs) -> ModestProtocol:
-    options = dict(sample_size=4, num_aggregators=1, success_fraction=0.75)
+    # any peer may aggregate here (roles: tests/test_modest_hostile.py)
+    options = dict(sample_size=4, num_aggregators=1, success_fraction=0.75, role_slack=len(ids))
     options.update(kwargs)
-    p = make(ids[0], ids, **options)
-    p.round = 4
-    return p
+    return vouched(make(ids[0], ids, **options), 4)
 
 
 def test_aggregator_proceeds_at_quorum() -> None:
@@ -468,7 +474,8 @@ def test_stale_models_are_dropped_and_answered_with_status() -> None:
 
 def test_newer_round_cancels_training() -> None:
     ids = peers(10)
-    p = make(ids[0], ids)
+    p = make(ids[0], ids, role_slack=len(ids))  # any peer may aggregate here
+    p._confirmed = 3  # round 3 is vouched for: rounds up to 5 are taken from one aggregator
     effects = p.handle(MessageReceived(1.0, ids[1], Message("train", 3, torch.ones(4))))
     [old] = of_type(effects, Train)
     effects = p.handle(MessageReceived(1.1, ids[2], Message("train", 3, torch.ones(4))))
@@ -487,11 +494,16 @@ def test_newer_round_cancels_training() -> None:
 
 def test_pong_from_a_later_round_abandons_the_delivery() -> None:
     ids = peers(10)
-    p = make(ids[0], ids, sample_size=3, num_aggregators=1)
+    p = vouched(make(ids[0], ids, sample_size=3, num_aggregators=1, role_slack=len(ids)), 1)
     p.handle(MessageReceived(1.0, ids[1], Message("train", 3, torch.ones(4))))
     effects = p.handle(TrainingDone(1.1, p._next_ticket, torch.ones(4)))
     [ping] = sends(effects, "ping")
-    pong = Message("pong", 4, None, {"at": 6, "done": 5})  # the run is already at round 6
+    # the run is already at round 6: a member says so (one word moves nothing) ...
+    other = next(q for q in ids[2:] if q != ping.to)
+    status = Message("status", 6, None, {"at": 6, "done": 5})
+    assert Record("modest.claims_pending", 1.0) in p.handle(MessageReceived(1.15, other, status))
+    assert p.round == 3
+    pong = Message("pong", 4, None, {"at": 6, "done": 5})  # ... and the pong vouches for it
     effects = p.handle(MessageReceived(1.2, ping.to, pong))
     assert not sends(effects, "aggregate")
     assert p.round == 6 and p.done_round == 5
@@ -499,7 +511,7 @@ def test_pong_from_a_later_round_abandons_the_delivery() -> None:
 
 def test_peers_answer_pings_with_their_progress() -> None:
     ids = peers(4)
-    p = make(ids[0], ids)
+    p = vouched(make(ids[0], ids), 2)
     p.handle(MessageReceived(0.0, ids[2], model(3, 1.0)))  # a round-3 model: round 2 is done
     [pong] = p.handle(MessageReceived(0.0, ids[1], Message("ping", 4)))
     assert pong == Send(ids[1], Message("pong", 4, None, {"at": 3, "done": 2}))
@@ -507,7 +519,7 @@ def test_peers_answer_pings_with_their_progress() -> None:
 
 def test_state_dict_round_trip() -> None:
     ids = peers(6)
-    p = make(ids[0], ids)
+    p = vouched(make(ids[0], ids, role_slack=len(ids)), 1)
     p.handle(MessageReceived(1.0, ids[1], Message("train", 3, torch.ones(4))))
     p.handle(SendFailed(1.0, ids[2], Message("ping", 3)))
     p.handle(MessageReceived(1.1, "newcomer", Message("join", 3, None, {"entry": [0, 0, 0]})))
@@ -629,7 +641,7 @@ def test_leave_applies_at_once() -> None:
 
 def test_join_is_applied_after_the_next_send_and_travels_with_it() -> None:
     ids = peers(6)
-    p = make(ids[0], ids, sample_size=1, num_aggregators=1)
+    p = make(ids[0], ids, sample_size=1, num_aggregators=1, role_slack=len(ids))
     join = Message("join", 0, None, {"entry": [0, 0, 0]})
     [reply] = p.handle(MessageReceived(1.0, "newcomer", join))
     assert reply.to == "newcomer" and reply.message.kind == "view"
@@ -663,9 +675,10 @@ def test_a_peer_seen_as_left_reasserts_itself() -> None:
 def idle_peer(ids: list[str], at: int) -> tuple[ModestProtocol, list[Effect]]:
     """A peer that joined a system at round ``at`` and was not sampled since."""
     p = make(ids[0], ids, joining=True, idle_timeout=10.0)
-    p.handle(Start(0.0))
+    announced = sends(p.handle(Start(0.0)), "join")
     view = {"view": PopulationView.of(ids).to_wire(), "at": at, "done": at}
-    p.handle(MessageReceived(0.1, ids[1], Message("view", at, None, view)))
+    for join in announced[:2]:  # two answers vouch for the round
+        p.handle(MessageReceived(0.1, join.to, Message("view", at, None, view)))
     assert p.round == at
     assert p.handle(TimerFired(10.0, "modest.idle")) == [SetTimer("modest.idle", 20.0)]
     effects = p.handle(TimerFired(20.0, "modest.idle"))  # nothing moved for a whole period
@@ -709,7 +722,8 @@ def test_a_fresh_peer_that_finds_the_system_past_round_one_joins() -> None:
     [ping] = sends(effects, "ping")
     meta = {"at": 7, "done": 6}
     out = p.handle(MessageReceived(0.1, ping.to, Message("pong", 1, None, meta)))
-    assert p.joining and sends(out, "join") and p.round == 7
+    assert p.joining and sends(out, "join")
+    assert p.round == 0  # one member's word: the round comes with the answers to the join
 
 
 def test_peers_that_finish_and_leave_do_not_strand_the_others() -> None:

@@ -497,18 +497,27 @@ def test_sim_switch_runs_modest_signed_with_the_same_outcome() -> None:
 
 
 def test_a_flood_of_forged_entries_costs_a_bounded_number_of_verifications() -> None:
-    from p2pfl.protocols.modest.protocol import MAX_BAD_ENTRIES
+    from p2pfl.protocols.modest.protocol import MAX_BAD_ENTRIES, MAX_NEW_MEMBERS
 
-    ids = peers(4)
-    me = signed(ids[0], ids)
-    junk = KEYS.signer("mallory").sign(entry_record(ViewEntry(3, False, 0)))
-    view = {ids[1]: entry_wire(ids[1], ViewEntry(4, False, 0))}  # genuine, before the flood
+    ids = [f"m{i:03d}" for i in range(60)]
+    keys = Keyring.derive([*ids, "mallory"], seed=5)
+    me = make(ids[0], ids, signer=Counting(keys.signer(ids[0])))
+    junk = keys.signer("mallory").sign(entry_record(ViewEntry(3, False, 0)))
+    # forged entries about known members: verified until MAX_BAD_ENTRIES, then refused
+    view = {p: [3, 0, 0, junk] for p in ids[1:50]}
+    # made-up names: only MAX_NEW_MEMBERS of them are even looked at
     view |= {f"fake-{i}": [3, 0, 0, junk] for i in range(500)}
-    view[ids[2]] = entry_wire(ids[2], ViewEntry(4, False, 0))  # genuine, after it: refused too
     effects = me.handle(MessageReceived(1.0, "mallory", view_message(view)))
-    assert bad_entries(effects) == 501 and me.signer.verified == MAX_BAD_ENTRIES + 1
+    refused = sum(
+        e.value for e in effects if isinstance(e, Record) and e.name == "modest.entries_refused"
+    )
+    assert me.signer.verified == MAX_BAD_ENTRIES
+    assert bad_entries(effects) == 49 + MAX_NEW_MEMBERS
+    assert refused == 500 - MAX_NEW_MEMBERS
     assert not any(p.startswith("fake-") for p in me.view)
-    assert me.view[ids[1]] == ViewEntry(4, False, 0) and me.view[ids[2]] == ViewEntry()
+    assert all(me.view[p] == ViewEntry() for p in ids[1:50])
     # the budget is per message: the next one is checked again
-    me.handle(MessageReceived(1.1, ids[3], view_message({ids[2]: view[ids[2]]})))
-    assert me.view[ids[2]] == ViewEntry(4, False, 0)
+    entry = ViewEntry(4, False, 0)
+    ok = {ids[2]: [*entry.to_wire(), keys.signer(ids[2]).sign(entry_record(entry))]}
+    me.handle(MessageReceived(1.1, ids[3], view_message(ok)))
+    assert me.view[ids[2]] == entry

@@ -39,11 +39,14 @@ The idle watchdog. A round can still be lost for good: its only aggregator crash
 leaves, its work done) after collecting but before sending. Every peer therefore checks,
 every ``idle_timeout``, whether it saw any progress (a new round tag, a newly finished
 round, a message about a round ahead of its own) and had nothing in flight. If not, it
-*restarts*: it sends its current model, as the aggregate of round ``round + 1``, to that
-round's sample, like the aggregators of round 1 do. The restart's pings double as a probe:
-if any pong shows a peer already at that round or beyond, the system was not stuck, just
-out of sight (a large population samples each peer rarely); the restart is abandoned and
-the peer has learnt the current round. Only a stalled system ever receives the model.
+*restarts*: it pings the candidates of round ``round + 1`` and, if it is one of that
+round's first ``a`` responsive candidates (an aggregator: the others would refuse its
+model), sends its current model as the aggregate of that round to its sample, like the
+aggregators of round 1 do; otherwise it leaves the restart to them. The restart's pings
+double as a probe: if the pongs vouch (see below) for that round or beyond, the system
+was not stuck, just out of sight (a large population samples each peer rarely); the
+restart is abandoned and the peer has learnt the current round. Only a stalled system
+ever receives the model.
 
 Joins and leaves. A late joiner (``joining=True``) announces itself to ``announce_fanout``
 random known peers, which answer with their view. Announced joins are held back and
@@ -73,10 +76,13 @@ with ``P``'s own signature:
   wins whole (honest entries grow in both round and counter, so this agrees with the
   unsigned max-merge); a replayed older record is simply not newer and changes nothing,
   and an old record cannot be passed off as newer since the claim must match it;
-- the one unsigned entry accepted is the bottom ``[0, 0, 0]`` (a member that never did
-  anything): it claims nothing but membership, which any fresh key could claim for
-  itself, and it is how the initial population (the driver's configuration, which nobody
-  signed) travels to joiners;
+- every peer signs its own entry, the bottom ``[0, 0, 0]`` too; the one unsigned entry
+  taken is a bottom entry about the sender itself (its connection proves who it is): an
+  unsigned bottom entry about anyone else is refused and counted
+  (``modest.entries_refused``), or made-up names would inflate the view. Entries about
+  members a peer knows already cost nothing (not newer: not checked), so the initial
+  population (the driver's configuration, which nobody signed) still travels as bare
+  ``[0, 0, 0]`` between peers that have it;
 - a sender's activity comes from its own signed entry in the view it sends (it raised
   its round before sending), not from ``touch(sender, round)``, which would be an
   unsigned claim.
@@ -84,11 +90,51 @@ with ``P``'s own signature:
 What signing does not cover: ``P`` can still lie about itself (e.g. claim a round it did
 not take part in), and a relayer can withhold entries (a view is a set of independent
 records, not one signed whole); both only delay, views still converge through others.
+
+A hostile peer (issue 12). The message contract (``messages`` and ``has_role``) refuses
+what no honest peer sends; what it cannot tell, ``handle`` checks:
+
+- Roles. ``train`` only from an aggregator of its round, ``aggregate`` only from a member
+  of the sample that trained it (the round before), ``status``/``leave`` from members
+  (a leave is about its sender only), ``view`` from members or a peer this peer
+  announced its join to. "An aggregator" is one of the first ``a + role_slack`` live
+  candidates of the round in this peer's view, where candidates found unresponsive and
+  not heard from since do not count and the rest are scaled by the share of this peer's
+  recent pings that were answered. The contract allows ``OUTER_RANKS`` times as deep (an
+  aggregator sits far down the order after a crash, behind dead peers this peer never
+  pinged); between the two, ``handle`` pings the live-looking candidates ahead once,
+  holds the model, and takes or refuses it (``modest.trains_refused``) when they have
+  answered or timed out. So no peer adopts a model from a peer it would not have chosen.
+  A peer that is itself no aggregator of a round takes a lone model for it as its own
+  aggregate only when it finds itself within the outer bound (``_may_aggregate``).
+- Round claims. A round tag or an ``at``/``done`` field is a *claim* that the round
+  exists. Each member's highest claim counts once towards ``catch_up_quorum`` (capped by
+  the live population - 1); the highest round that many distinct members claim is
+  *vouched* (``_confirmed``). Passive claims (pongs, statuses, views, pings) move this
+  peer only as far as the vouched round; a model may be ``round_lead`` rounds beyond it,
+  its sender's role being checked. One identity's word, repeated or not, moves nothing
+  (``modest.claims_pending``). A train too far ahead is held and the likely trainers of
+  the round before it are pinged (with this peer's own round, so a probe never spreads a
+  forged one): their pongs vouch for a real round, and a peer that was not sampled for
+  many rounds catches up within a round trip (``modest.catch_ups``).
+- Membership. A message adds at most ``max_new_members`` new members to the view (or the
+  pending joins), and a sender at most ``member_budget`` in all, besides itself; the
+  answers to this peer's own join announcement are exempt (the joiner chose whom to
+  ask). Refused entries are counted (``modest.entries_refused``).
+
+What this does not cover: a hostile peer that *is* an aggregator of a round (one of the
+first ``a`` responsive candidates) is trusted with that round's model, as MoDeST trusts
+its aggregators; it can poison that round, or tag its model up to ``round_lead`` rounds
+ahead. Robust aggregation (``aggregate``) covers hostile trainers, not aggregators.
+Unsigned views (``signer=None``) let honest peers relay the few names a hostile one got
+into their views: growth is bounded by ``member_budget`` per sender, not zero.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -163,6 +209,29 @@ ENTRY_RECORD = "modest.entry"
 #: unverified: a forger cannot make a peer spend a verification on each of 60k entries
 MAX_BAD_ENTRIES = 16
 _BOTTOM = ViewEntry()
+#: how far beyond the round vouched for by a quorum of members a model message's round may
+#: be and still be acted on at one sender's word (the sender's role is checked too)
+DEFAULT_LEAD = 2
+#: distinct members that must claim a round before this peer takes it as reached
+#: (capped by the live population - 1)
+DEFAULT_CATCH_UP_QUORUM = 2
+#: live candidates beyond the first ``a`` (aggregators) or ``s`` (sample) that may still
+#: be taken for one. 0: exactly whom this peer would have chosen (candidates ahead that it
+#: did not know to be down are pinged first). Views that differ by a join cost a model
+#: now and then (a slower round); each slot of slack is a slot for a hostile peer
+DEFAULT_ROLE_SLACK = 0
+#: new members one message may add to the view (or to the pending joins)
+MAX_NEW_MEMBERS = 4
+#: new members one sender may add in all (besides itself): honest joiners announce
+#: themselves, and the answers to this peer's own join are not limited by it
+MEMBER_BUDGET = 8
+#: models held back at most, waiting for their round to be vouched for
+MAX_HELD = 8
+#: pings whose outcome estimates the share of candidates that answer (see ``_scaled``)
+PING_MEMORY = 32
+#: the contract's bound on a role, in multiples of the ranks that hold it (see has_role):
+#: after a crash of 80% of the peers, an honest aggregator sits ~5x deeper than it would
+OUTER_RANKS = 8
 
 #: a view entry and the signed record that proves it (signed mode)
 Proven = tuple[ViewEntry, bytes]
@@ -262,6 +331,11 @@ class ModestProtocol(Protocol):
     - ``signer``: a :class:`~p2pfl.protocols.records.RecordSigner` to sign this peer's own
       view entry and check relayed ones (see "Signed view entries" above); ``None``: views
       travel unsigned.
+    - ``round_lead``, ``catch_up_quorum``: how far beyond the vouched round a model may
+      be, and how many distinct members vouch for a round (see "A hostile peer").
+    - ``role_slack``: live candidates beyond the first ``a`` (or ``s``) still taken for
+      an aggregator (or a trainer).
+    - ``max_new_members``, ``member_budget``: new view members per message and per sender.
 
     ``params`` is always the latest model this peer received or produced (the model it was
     sent to train, its trained model, or its aggregate), so every peer can be evaluated,
@@ -275,11 +349,19 @@ class ModestProtocol(Protocol):
         PING: MessageSpec(sender=Role.ANYONE),
         PONG: MessageSpec(sender=Role.ANYONE, fields=_PROGRESS),
         STATUS: MessageSpec(sender=Role.MEMBER, fields=_PROGRESS),
-        TRAIN: MessageSpec(sender=Role.MEMBER, tensor=True, fields=_MODEL_FIELDS),
-        AGGREGATE: MessageSpec(sender=Role.MEMBER, tensor=True, fields=_MODEL_FIELDS),
-        JOIN: MessageSpec(sender=Role.ANYONE, fields={"entry": WIRE_ENTRY}, required=frozenset({"entry"})),
-        VIEW: MessageSpec(sender=Role.ANYONE, fields={"view": WIRE_VIEW, **_PROGRESS}),
-        LEAVE: MessageSpec(sender=Role.MEMBER, fields={"entry": WIRE_ENTRY}, required=frozenset({"entry"})),
+        # an aggregated model: only from a plausible aggregator of its round (see has_role)
+        TRAIN: MessageSpec(sender=Role.AGGREGATOR, tensor=True, fields=_MODEL_FIELDS),
+        # a trained model: only from a plausible member of the sample that trained it
+        AGGREGATE: MessageSpec(sender=Role.SAMPLED, tensor=True, fields=_MODEL_FIELDS),
+        JOIN: MessageSpec(
+            sender=Role.ANYONE, fields={"entry": WIRE_ENTRY}, required=frozenset({"entry"})
+        ),
+        # a member, or a peer this peer announced its join to (see has_role)
+        VIEW: MessageSpec(sender=Role.MEMBER, fields={"view": WIRE_VIEW, **_PROGRESS}),
+        # a leave is always about its sender: a member can only announce its own
+        LEAVE: MessageSpec(
+            sender=Role.MEMBER, fields={"entry": WIRE_ENTRY}, required=frozenset({"entry"})
+        ),
     }
     #: entries one received view (or set of joins) may carry
     max_view_entries: int = 1 << 16
@@ -308,8 +390,17 @@ class ModestProtocol(Protocol):
         suspect_rounds: int = 10,
         idle_timeout: float | None = None,
         signer: RecordSigner | None = None,
+        round_lead: int = DEFAULT_LEAD,
+        catch_up_quorum: int = DEFAULT_CATCH_UP_QUORUM,
+        role_slack: int = DEFAULT_ROLE_SLACK,
+        max_new_members: int = MAX_NEW_MEMBERS,
+        member_budget: int = MEMBER_BUDGET,
     ) -> None:
         super().__init__(peer_id, params, neighbours, local_steps=local_steps, seed=seed)
+        if round_lead < 1 or catch_up_quorum < 1 or role_slack < 0:
+            raise ValueError("round_lead >= 1, catch_up_quorum >= 1, role_slack >= 0")
+        if max_new_members < 0 or member_budget < max_new_members:
+            raise ValueError("max_new_members >= 0 and member_budget >= max_new_members")
         if sample_size < 1:
             raise ValueError(f"sample_size must be >= 1, got {sample_size}")
         if not 1 <= num_aggregators <= sample_size:
@@ -346,6 +437,11 @@ class ModestProtocol(Protocol):
         self.suspect_rounds = suspect_rounds
         self.idle_timeout = 4 * aggregation_timeout if idle_timeout is None else idle_timeout
         self.signer = signer
+        self.round_lead = round_lead
+        self.catch_up_quorum = catch_up_quorum
+        self.role_slack = role_slack
+        self.max_new_members = max_new_members
+        self.member_budget = member_budget
 
         members = set(population if population is not None else neighbours) | {peer_id}
         self.view = PopulationView.of(sorted(members))
@@ -373,6 +469,23 @@ class ModestProtocol(Protocol):
         self._active = False  # progress seen since the last idle check
         self._restart = 0  # the round of a restart in progress (0: none)
         self._bad_entries = 0  # forged or unsigned entries in the message being handled
+        # hostile-peer defences (see "A hostile peer" in the module docstring)
+        self._confirmed = 0  # highest round vouched for by catch_up_quorum distinct members
+        self._claims: dict[PeerId, int] = {}  # member -> highest round claimed, > _confirmed
+        #: models held back, awaiting vouchers for their round or a check of their sender
+        self._held: dict[tuple[PeerId, str], Message] = {}
+        self._probed: set[int] = set()  # rounds of held trains already probed for
+        self._silent: dict[PeerId, int] = {}  # unresponsive (since round), not heard from since
+        #: whether this peer's latest pings were answered: the share of candidates alive
+        self._ping_outcomes: deque[bool] = deque(maxlen=PING_MEMORY)
+        self._verifying: set[PeerId] = set()  # candidates pinged to check a train's sender
+        self._verified: set[tuple[str, int]] = set()  # (kind, round) checked by pings
+        self._replay_due = False  # something changed that may free held trains
+        self._announced_to: set[PeerId] = set()  # peers whose answer to our join is awaited
+        self._growth: dict[PeerId, int] = {}  # new members taken from each sender
+        self._orders: dict[int, tuple[int, list[PeerId]]] = {}  # round -> (view version, order)
+        self._refused_entries = 0  # view entries refused in the message being handled
+        self._message_growth = 0  # new members taken from the message being handled
 
     # ------------------------------------------------------------------ public API
     @property
@@ -409,10 +522,78 @@ class ModestProtocol(Protocol):
         return all(delivery.sent for delivery in self._deliveries.values())
 
     def has_role(self, role: Role, sender: PeerId, message: Message) -> bool:
+        """MEMBER: in the view, not left (for a ``view``: also a peer we announced our join
+        to); AGGREGATOR: a member among the first ``OUTER_RANKS * (a + role_slack)`` live
+        candidates of the message's round (``handle`` then narrows it to ``a +
+        role_slack``, pinging the candidates ahead to tell); SAMPLED: a member among the
+        first ``OUTER_RANKS * (s + role_slack)`` of the round whose sample made the message
+        (the previous one for a trained model). Honest samples reach deep down the order
+        when candidates ahead timed out for their resolver but not (yet) for this peer."""
         if role is Role.MEMBER:
-            entry = self.view.get(sender)
-            return entry is not None and not entry.left and sender != self.peer_id
+            if message.kind == VIEW and sender in self._announced_to:
+                return True
+            return self._is_member(sender)
+        if role is Role.AGGREGATOR:
+            return self._plausible(sender, message.round, OUTER_RANKS * self._ranks(AGGREGATE))
+        if role is Role.SAMPLED:
+            round_ = message.round - 1 if message.kind == AGGREGATE else message.round
+            return self._plausible(sender, round_, OUTER_RANKS * self._ranks(TRAIN))
         return super().has_role(role, sender, message)
+
+    def _ranks(self, kind: str) -> int:
+        """Live candidates that may hold a role: aggregators (who receive ``aggregate``)
+        or the sample (who receive ``train``), plus ``role_slack`` for views that differ."""
+        first = self.num_aggregators if kind == AGGREGATE else self.sample_size
+        return first + self.role_slack
+
+    def _is_member(self, peer: PeerId) -> bool:
+        entry = self.view.get(peer)
+        return entry is not None and not entry.left and peer != self.peer_id
+
+    def _plausible(self, sender: PeerId, round_: int, ranks: int) -> bool:
+        """Whether member ``sender`` is among the first ``ranks`` live candidates of
+        ``round_`` (see ``_live_ahead``)."""
+        return round_ >= 0 and self._is_member(sender) and self._within(sender, round_, ranks)
+
+    def _within(self, peer: PeerId, round_: int, ranks: int) -> bool:
+        ahead = self._live_ahead(peer, round_, ranks)
+        return ahead is not None and len(ahead) < self._scaled(ranks)
+
+    def _scaled(self, ranks: int) -> int:
+        """``ranks`` over the share of this peer's recent pings that were answered: after a
+        mass crash the survivors sit far down every order, among dead peers this peer has
+        not pinged yet."""
+        outcomes = self._ping_outcomes
+        answered = sum(outcomes) / len(outcomes) if outcomes else 1.0
+        return math.ceil(ranks / max(answered, 0.1))
+
+    def _live_ahead(self, peer: PeerId, round_: int, ranks: int) -> list[PeerId] | None:
+        """Candidates of ``round_`` ahead of ``peer`` not found unresponsive, at most
+        ``_scaled(ranks)`` of them (enough to tell ``peer`` is not within ``ranks``);
+        ``None`` when ``peer`` is no candidate at all."""
+        limit = self._scaled(ranks)
+        ahead: list[PeerId] = []
+        silent, suspects = self._silent, self._suspects
+        for candidate in self._candidates(round_):
+            if candidate == peer:
+                return ahead
+            if candidate not in silent and candidate not in suspects:
+                ahead.append(candidate)
+                if len(ahead) >= limit:
+                    return ahead
+        return None
+
+    def _candidates(self, round_: int) -> list[PeerId]:
+        """``derive_candidates(view, round_)``, cached while the membership is unchanged."""
+        version = self.view.version
+        cached = self._orders.get(round_)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        order = derive_candidates(self.view, round_)
+        if len(self._orders) >= 16:
+            del self._orders[next(iter(self._orders))]
+        self._orders[round_] = (version, order)
+        return order
 
     def handle(self, event: Event) -> list[Effect]:
         out: list[Effect] = []
@@ -422,6 +603,7 @@ class ModestProtocol(Protocol):
             case Start(now):
                 self._on_start(now, out)
             case MessageReceived(now, sender, message):
+                self._message_growth = 0
                 self._on_message(now, sender, message, out)
             case TimerFired(now, name):
                 self._on_timer(now, name, out)
@@ -429,13 +611,19 @@ class ModestProtocol(Protocol):
                 self._on_trained(now, ticket, params, out)
             case PeerUp(_now, peer):
                 self._suspects.pop(peer, None)
+                self._silent.pop(peer, None)
             case PeerDown(now, peer):
                 self._on_unreachable(now, peer, out)
             case SendFailed(now, to, _message):
                 self._on_unreachable(now, to, out)
+        if self._held and self._replay_due and not self._left:
+            self._replay_held(getattr(event, "now", 0.0), out)
         if self._bad_entries:
             out.append(Record("modest.bad_entry", float(self._bad_entries)))
             self._bad_entries = 0
+        if self._refused_entries:
+            out.append(Record("modest.entries_refused", float(self._refused_entries)))
+            self._refused_entries = 0
         return out
 
     def withhold(self, peers: Iterable[PeerId]) -> None:
@@ -486,6 +674,7 @@ class ModestProtocol(Protocol):
             agg_done=self._agg_done,
             trained_round=self._trained_round,
             completed=self._completed,
+            confirmed=self._confirmed,
             left=self._left,
             joining=self.joining,
             join_confirmed=self._join_confirmed,
@@ -505,6 +694,7 @@ class ModestProtocol(Protocol):
         self._agg_done = int(state["agg_done"])
         self._trained_round = int(state["trained_round"])
         self._completed = int(state["completed"])
+        self._confirmed = int(state.get("confirmed", self.round))
         self._left = bool(state["left"])
         self.joining = bool(state["joining"])
         self._join_confirmed = bool(state["join_confirmed"])
@@ -519,6 +709,17 @@ class ModestProtocol(Protocol):
         self._join_attempts = 0
         self._active = False  # progress seen since the last idle check
         self._restart = 0  # the round of a restart in progress (0: none)
+        self._claims.clear()
+        self._held.clear()
+        self._probed.clear()
+        self._silent.clear()
+        self._ping_outcomes.clear()
+        self._verifying.clear()
+        self._verified.clear()
+        self._replay_due = False
+        self._announced_to.clear()
+        self._growth.clear()
+        self._orders.clear()
 
     # ------------------------------------------------------------------ events
     def _on_start(self, now: float, out: list[Effect]) -> None:
@@ -535,17 +736,19 @@ class ModestProtocol(Protocol):
         if not isinstance(msg.round, int) or msg.round < 0 or not isinstance(msg.meta, dict):
             return
         if sender != self.peer_id:
-            self._suspects.pop(sender, None)  # it just spoke: it is up
-            if msg.round > self.round:
+            self._heard_from(sender, out)  # it just spoke: it is up
+            if self.round < msg.round <= self._confirmed + self.round_lead:
                 self._active = True  # someone works on a round ahead of ours
         match msg.kind:
             case "ping":
+                # the pinger resolves round r: it knows that round r - 1 exists
+                self._hear(sender, msg.round - 1, out)
                 meta = {"at": self.round, "done": self._done}
                 out.append(Send(sender, Message(PONG, msg.round, None, meta)))
             case "pong":
                 self._on_pong(now, sender, msg, out)
             case "status":
-                self._learn_progress(msg.meta, out)
+                self._learn_progress(sender, msg.meta, out)
             case "train":
                 self._on_train_msg(now, sender, msg, out)
             case "aggregate":
@@ -553,11 +756,16 @@ class ModestProtocol(Protocol):
             case "join":
                 self._on_join(sender, msg, out)
             case "view":
+                solicited = sender in self._announced_to
+                self._announced_to.discard(sender)  # one answer per announcement
                 if self.signer is None:
-                    self._merge_view(now, PopulationView.from_wire(msg.meta.get("view")), out)
+                    other = PopulationView.from_wire(msg.meta.get("view"))
+                    self._merge_view(now, sender, other, out, solicited=solicited)
                 else:
-                    self._merge_signed_view(now, msg.meta.get("view"), out)
-                self._learn_progress(msg.meta, out)
+                    self._merge_signed_view(
+                        now, sender, msg.meta.get("view"), out, solicited=solicited
+                    )
+                self._learn_progress(sender, msg.meta, out)
                 if not self._join_confirmed:
                     self._join_confirmed = True
                     self._cancel_timer("modest.join", out)
@@ -565,20 +773,21 @@ class ModestProtocol(Protocol):
                 self._on_leave(now, sender, msg, out)
 
     def _on_pong(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> None:
-        if self._restart and _int(msg.meta.get("at")) >= self._restart:
-            # the system is at the restart's round already: it was not stuck
-            self._drop_delivery(TRAIN, self._restart, out)
-            self._restart = 0
-            out.append(Record("modest.restarts_abandoned", 1.0))
-        if self._bootstrapping and _int(msg.meta.get("at")) > 1:
+        if self._bootstrapping and _int(msg.meta.get("at")) > 1 and self._is_member(sender):
             # a fresh peer that started after round 1: the others may not know it, so it
             # joins like a late joiner instead of waiting to be sampled
             self._bootstrapping = False
             self.joining = True
             self._announce_join(now, out)
-        self._learn_progress(msg.meta, out)
+        self._learn_progress(sender, msg.meta, out)
+        if self._restart and self.round >= self._restart:
+            # the system is at the restart's round already: it was not stuck
+            self._drop_delivery(TRAIN, self._restart, out)
+            self._restart = 0
+            out.append(Record("modest.restarts_abandoned", 1.0))
         resolver = self._resolvers.get(msg.round)
         if resolver is not None and resolver.answer(sender):
+            self._ping_outcomes.append(True)
             self._advance_resolver(now, resolver, out)
 
     def _on_train_msg(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> None:
@@ -587,12 +796,23 @@ class ModestProtocol(Protocol):
             return
         r = msg.round
         self._merge_meta(now, sender, msg, out)
+        if not self._claim(sender, r, out):
+            self._hold(sender, msg, out)  # too far ahead on one word: ask others first
+            return
+        if not self._checked_role(now, sender, msg, out):
+            return
         self._advance(r, out)
         self._learn_done(r, out)  # someone aggregated round r
         if r == self._trained_round:
             return  # the same round from another aggregator: the first one wins
         if r < self._trained_round or r + 1 < self.round:
             out.append(Record("modest.stale_dropped", 1.0))
+            return
+        outer = OUTER_RANKS * self._ranks(TRAIN)
+        if sender != self.peer_id and not self._within(self.peer_id, r, outer):
+            # not for us: only the sample of r takes the model of r as its own (generous:
+            # this peer may not know yet of crashed candidates ahead of it)
+            out.append(Record("modest.trains_not_sampled", 1.0))
             return
         self._trained_round = r
         self.params = msg.params  # the latest model, also for evaluating this peer
@@ -608,6 +828,10 @@ class ModestProtocol(Protocol):
             return
         r = msg.round
         self._merge_meta(now, sender, msg, out)
+        if not self._claim(sender, r, out):
+            return  # a round nobody else vouched for: counted as a pending claim
+        if not self._checked_role(now, sender, msg, out):
+            return  # a trained model from outside the sample that trained
         self._advance(r, out)
         if r < self.round or r <= self._agg_done:
             out.append(Record("modest.late_models", 1.0))
@@ -618,9 +842,12 @@ class ModestProtocol(Protocol):
         if self._agg is None or self._agg.round != r:
             self._agg = _Aggregation(r)
             self._set_timer("modest.aggregate", now + self.aggregation_timeout, (r,), out)
-        weight = msg.meta.get("w")
+        weight = msg.meta.get("w")  # the contract: a finite number >= 0, when present
         valid = isinstance(weight, int | float) and not isinstance(weight, bool) and weight >= 0
-        self._agg.models[sender] = (msg.params, float(weight) if valid else None)
+        self._agg.models[sender] = (
+            msg.params,
+            float(weight) if valid and isinstance(weight, int | float) else None,
+        )
         if len(self._agg.models) >= self._quorum():
             self._finish_aggregation(now, out, timed_out=False)
 
@@ -635,7 +862,7 @@ class ModestProtocol(Protocol):
 
     def _on_join(self, sender: PeerId, msg: Message, out: list[Effect]) -> None:
         if self.signer is not None:
-            if not self._admit_join(sender, msg.meta.get("entry")):
+            if not self._admit_join(sender, msg.meta.get("entry"), sender):
                 return
         else:
             entry = ViewEntry.from_wire(msg.meta.get("entry"))
@@ -656,8 +883,8 @@ class ModestProtocol(Protocol):
         if self.signer is None:
             self.view.merge_entry(sender, entry)  # leaves apply at once
         else:
-            admitted = self._admit(sender, raw, self.view.get(sender))
-            if admitted == "bad":
+            admitted = self._admit(sender, raw, sender, self.view.get(sender))
+            if admitted == "bad" or admitted == "unproven":
                 return
             if admitted != "stale":
                 self._set_proven(sender, admitted)
@@ -672,6 +899,7 @@ class ModestProtocol(Protocol):
             return
         if suspect:
             self._suspects[peer] = self.round
+            self._silent[peer] = self.round
         for resolver in list(self._resolvers.values()):
             if resolver.fail(peer):
                 self._advance_resolver(now, resolver, out)
@@ -686,8 +914,10 @@ class ModestProtocol(Protocol):
             if resolver is None:
                 return
             lost = resolver.expire(wave)
+            self._ping_outcomes.extend(False for _ in lost)
             for peer in lost:
                 self._suspects[peer] = self.round
+                self._silent[peer] = self.round
             if lost:
                 out.append(Record("modest.ping_timeouts", float(len(lost))))
                 self._advance_resolver(now, resolver, out)
@@ -697,6 +927,8 @@ class ModestProtocol(Protocol):
             self._on_watch(now, payload, out)
         elif name == "modest.idle":
             self._on_idle_check(now, out)
+        elif name == "modest.verify":
+            self._on_verified(out)
         elif name == "modest.join":
             if not self._join_confirmed and self._join_attempts <= self.max_retries:
                 self._announce_join(now, out)
@@ -722,6 +954,9 @@ class ModestProtocol(Protocol):
         assert agg is not None
         self._agg = None
         self._cancel_timer("modest.aggregate", out)
+        if not self._may_aggregate(agg):
+            out.append(Record("modest.aggregations_refused", 1.0))
+            return
         senders = list(agg.models)
         stack, weights, own = self._stack(agg)
         result = self.aggregate(stack, weights, own)
@@ -731,6 +966,20 @@ class ModestProtocol(Protocol):
         self._complete(agg.round, out)
         self._learn_done(agg.round, out)
         self._start_delivery(now, TRAIN, agg.round, self.sample_size, result, out)
+
+    def _may_aggregate(self, agg: _Aggregation) -> bool:
+        """Whether this peer takes the aggregate of ``agg`` as its own model.
+
+        Trainers send their models to the aggregators they found; a peer that does not
+        find itself among the first ``OUTER_RANKS * (a + role_slack)`` live candidates of
+        the round (and did not send itself a model) was chosen by nobody, and aggregates only
+        the models of at least two distinct senders: one hostile trainer cannot make its
+        model this peer's own.
+        """
+        if self.peer_id in agg.models or len(agg.models) >= 2:
+            return True
+        # generous: after a crash, an aggregator does not know all the dead ahead of it
+        return self._within(self.peer_id, agg.round, OUTER_RANKS * self._ranks(AGGREGATE))
 
     def _quorum(self) -> int:
         """The quorum, scaled down when the live population is smaller than the sample."""
@@ -817,6 +1066,9 @@ class ModestProtocol(Protocol):
             delivery = self._deliveries.get(key)
             if delivery is None:
                 continue  # pruned by a local delivery just made
+            if delivery.kind == TRAIN and round == self._restart and not delivery.sent:
+                if not self._may_restart(resolver, out):
+                    continue
             chosen = resolver.first(delivery.target)
             if chosen is None:
                 continue
@@ -887,6 +1139,20 @@ class ModestProtocol(Protocol):
             self._ping(now, resolver, recheck, out)
         self._set_timer(f"modest.watch:{kind}:{round}", now + self.retry_interval, payload, out)
 
+    def _may_restart(self, resolver: SampleResolver, out: list[Effect]) -> bool:
+        """A restart goes out only from an aggregator of its round (the first ``a``
+        responsive candidates): the others would refuse its model from anyone else. An
+        idle peer that is not one drops its restart; the aggregators restart themselves."""
+        aggregators = resolver.first(self.num_aggregators)
+        if aggregators is None:
+            return False  # not known yet
+        if self.peer_id in aggregators:
+            return True
+        self._drop_delivery(TRAIN, resolver.round, out)
+        self._restart = 0
+        out.append(Record("modest.restarts_deferred", 1.0))
+        return False
+
     def _drop_delivery(self, kind: str, round: int, out: list[Effect]) -> None:
         if self._deliveries.pop((kind, round), None) is not None:
             self._cancel_timer(f"modest.watch:{kind}:{round}", out)
@@ -924,9 +1190,175 @@ class ModestProtocol(Protocol):
             self._active = True
             self._prune(out)
 
-    def _learn_progress(self, meta: Mapping[str, Any], out: list[Effect]) -> None:
-        self._advance(_int(meta.get("at")), out)
-        self._learn_done(_int(meta.get("done")), out)
+    def _learn_progress(self, sender: PeerId, meta: Mapping[str, Any], out: list[Effect]) -> None:
+        """``at``/``done`` of a pong, status or view: this peer moves only as far as a
+        quorum of members vouched (one identity's word moves nothing)."""
+        at, done = _int(meta.get("at")), _int(meta.get("done"))
+        self._claim(sender, max(at, done), out)
+        self._advance(min(at, self._confirmed), out)
+        # a vouched round r proves that r - 1 was aggregated, not r itself
+        self._learn_done(min(done, at, self._confirmed - 1), out)
+
+    def _hear(self, sender: PeerId, round_: int, out: list[Effect]) -> None:
+        """A passive claim that ``round_`` exists (a ping's round): it counts toward a
+        quorum, and moves this peer only as far as the quorum vouched."""
+        self._claim(sender, round_, out)
+        self._advance(min(round_, self._confirmed), out)
+
+    # -- round claims -------------------------------------------------------------------
+    def _claim(self, sender: PeerId, round_: int, out: list[Effect]) -> bool:
+        """``sender`` says round ``round_`` exists; whether this peer may act on it now.
+
+        Every member's highest claim above the vouched round counts (once per member)
+        toward ``catch_up_quorum``; a round is acted on when it is at most ``round_lead``
+        beyond what that quorum vouched for, so one identity cannot drag this peer ahead
+        (the pending claim is counted), while an honest peer that was not sampled for many
+        rounds catches up as soon as two members show it the current round.
+        """
+        if sender == self.peer_id:
+            return True
+        if round_ > self._confirmed and round_ > self._claims.get(sender, -1):
+            if self._is_member(sender):
+                self._claims[sender] = round_
+                self._confirm(out)
+        if round_ <= self._confirmed + self.round_lead:
+            return True
+        out.append(Record("modest.claims_pending", 1.0))
+        return False
+
+    def _confirm(self, out: list[Effect]) -> None:
+        """Raise the vouched round to the highest one ``quorum`` distinct members claim.
+
+        Claims at or below the vouched round are dropped, so at most ``quorum - 1`` stay.
+        """
+        quorum = self._catch_up_quorum()
+        if len(self._claims) < quorum:
+            return
+        reached = heapq.nlargest(quorum, self._claims.values())[-1]
+        if reached <= self._confirmed:
+            return
+        if reached > max(self._confirmed + self.round_lead, self.round):
+            out.append(Record("modest.catch_ups", 1.0))
+        self._confirmed = reached
+        self._claims = {p: r for p, r in self._claims.items() if r > reached}
+        self._replay_due = True
+
+    def _catch_up_quorum(self) -> int:
+        """``catch_up_quorum``, capped by the other live members (a pair vouches alone)."""
+        live = sum(1 for p in self.view.active() if p not in self._suspects)
+        return max(1, min(self.catch_up_quorum, live - 1))
+
+    def _hold(self, sender: PeerId, msg: Message, out: list[Effect], *, probe: bool = True) -> None:
+        """Keep a model whose round is not vouched for yet, or whose sender is being checked
+        (one per sender and kind, ``MAX_HELD`` in all); ``_replay_held`` takes it up again.
+        A round not vouched for is probed for."""
+        key = (sender, msg.kind)
+        if key not in self._held and len(self._held) >= MAX_HELD:
+            out.append(Record("modest.held_dropped", 1.0))
+            return
+        if self._held.get(key) is not msg:
+            out.append(Record(f"modest.{msg.kind}s_held", 1.0))
+        self._held[key] = msg
+        if probe:
+            self._probe(msg.round, sender, out)
+
+    def _probe(self, round_: int, sender: PeerId, out: list[Effect]) -> None:
+        """Ask the likely trainers of ``round_ - 1`` (they moved to ``round_`` when they
+        sent their models) for their progress: their pongs vouch for a real round.
+
+        The pings carry this peer's own round, never the claimed one: a probe must not
+        spread a forged round as if this peer vouched for it.
+        """
+        if round_ in self._probed:
+            return
+        if len(self._probed) >= 4 * MAX_HELD:
+            self._probed.clear()
+        self._probed.add(round_)
+        skip = {sender, self.peer_id}
+        targets = [
+            p
+            for p in self._candidates(round_ - 1)
+            if p not in skip and p not in self._suspects and p not in self._silent
+        ][: self.sample_size]
+        ping = Message(PING, self.round)
+        out.extend(Send(p, ping) for p in targets)
+        out.append(Record("modest.probes", 1.0))
+
+    def _checked_role(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> bool:
+        """Whether this peer would have chosen ``sender`` for what ``msg`` says it did:
+        for a ``train``, one of the first ``a + role_slack`` live candidates of its round
+        (an aggregator); for an ``aggregate``, one of the first ``s + role_slack`` of the
+        round before (a trainer).
+
+        When live-looking candidates ahead of it are what stands in the way, they may be
+        dead without this peer knowing (the sender's pings found out, ours did not go
+        out): they are pinged once, the model is held, and decided on when they answered
+        or timed out. Refusals are counted (``modest.trains_refused``, ...).
+        """
+        if sender == self.peer_id:
+            return True
+        round_ = msg.round if msg.kind == TRAIN else msg.round - 1
+        ranks = self._ranks(AGGREGATE if msg.kind == TRAIN else TRAIN)
+        ahead = self._live_ahead(sender, round_, OUTER_RANKS * ranks)
+        if ahead is not None and len(ahead) < self._scaled(ranks):
+            return True
+        if ahead is not None and self._verifying:
+            self._hold(sender, msg, out, probe=False)  # a check is under way: wait for it
+            return False
+        check = (msg.kind, round_)
+        if ahead is None or check in self._verified:
+            out.append(Record(f"modest.{msg.kind}s_refused", 1.0))
+            return False
+        if len(self._verified) >= 4 * MAX_HELD:
+            self._verified.clear()
+        self._verified.add(check)
+        unchecked = [p for p in ahead if p != self.peer_id]
+        ping = Message(PING, self.round)
+        out.extend(Send(p, ping) for p in unchecked)
+        self._verifying.update(unchecked)
+        self._set_timer("modest.verify", now + self.ping_timeout, (), out)
+        out.append(Record("modest.verifications", 1.0))
+        self._hold(sender, msg, out, probe=False)
+        return False
+
+    def _on_verified(self, out: list[Effect]) -> None:
+        """The verification pings timed out: who did not answer is unresponsive."""
+        for peer in self._verifying:
+            self._suspects[peer] = self._silent[peer] = self.round
+            self._ping_outcomes.append(False)
+        self._verifying.clear()
+        self._replay_due = True
+
+    def _heard_from(self, peer: PeerId, out: list[Effect]) -> None:
+        """``peer`` spoke: it is up, and a verification waiting on it may be over."""
+        self._suspects.pop(peer, None)
+        self._silent.pop(peer, None)
+        if peer in self._verifying:
+            self._verifying.discard(peer)
+            self._ping_outcomes.append(True)
+            if not self._verifying:
+                self._cancel_timer("modest.verify", out)
+                self._replay_due = True
+
+    def _replay_held(self, now: float, out: list[Effect]) -> None:
+        """Take up the held models whose round is now vouched for (and whose sender is
+        found to be an aggregator, for a train); drop the stale ones."""
+        self._replay_due = False
+        horizon = self._confirmed + self.round_lead
+        for key, msg in list(self._held.items()):
+            sender, kind = key
+            if kind == TRAIN:
+                stale = msg.round <= self._trained_round or msg.round + 1 < self.round
+                ready = msg.round <= horizon
+            else:
+                stale = msg.round < self.round or msg.round <= self._agg_done
+                ready = True  # held for a check of its sender only: handled again
+            if stale:
+                del self._held[key]
+            elif ready:
+                del self._held[key]
+                handler = self._on_train_msg if kind == TRAIN else self._on_aggregate_msg
+                handler(now, sender, msg, out)
 
     def _prune(self, out: list[Effect]) -> None:
         """Abandon everything older than ``self.round``: keeps every buffer bounded."""
@@ -964,29 +1396,56 @@ class ModestProtocol(Protocol):
             return
         if self.signer is not None:
             # the sender's activity is in its own signed entry, in the view it sent
-            self._merge_signed_view(now, msg.meta.get("view"), out)
+            self._merge_signed_view(now, sender, msg.meta.get("view"), out)
             joins = msg.meta.get("joins")
             if isinstance(joins, dict):
                 for peer, raw in joins.items():
-                    if peer != self.peer_id:
-                        self._admit_join(peer, raw)
+                    if peer != self.peer_id and self._may_grow(sender, peer):
+                        self._admit_join(peer, raw, sender)
             return
-        self._merge_view(now, PopulationView.from_wire(msg.meta.get("view")), out)
+        self._merge_view(now, sender, PopulationView.from_wire(msg.meta.get("view")), out)
         self.view.touch(sender, msg.round)
         for peer, entry in PopulationView.from_wire(msg.meta.get("joins")).items():
-            if peer != self.peer_id and not entry.left:
+            if peer != self.peer_id and not entry.left and self._may_grow(sender, peer):
                 pending = self._pending_joins.get(peer)
                 self._pending_joins[peer] = entry if pending is None else pending.merge(entry)
         self._drop_known_joins()
 
-    def _merge_view(self, now: float, other: PopulationView, out: list[Effect]) -> None:
+    def _may_grow(self, sender: PeerId, peer: PeerId, *, solicited: bool = False) -> bool:
+        """Whether an entry about ``peer`` from ``sender`` may be taken, as far as growth
+        goes: known peers and the sender itself always; another new one within
+        ``max_new_members`` per message and ``member_budget`` per sender in all, so no
+        sender can flood the view (refusals are counted). A view that answers this peer's
+        own join is bounded by the contract's ``max_view_entries`` only: the joiner chose
+        whom to ask."""
+        if peer in self.view or peer in self._pending_joins or peer == sender or solicited:
+            return True
+        used = self._growth.get(sender, 0)
+        if self._message_growth >= self.max_new_members or used >= self.member_budget:
+            self._refused_entries += 1
+            return False
+        self._message_growth += 1
+        self._growth[sender] = used + 1
+        return True
+
+    def _merge_view(
+        self,
+        now: float,
+        sender: PeerId,
+        other: PopulationView,
+        out: list[Effect],
+        *,
+        solicited: bool = False,
+    ) -> None:
         own = self.view[self.peer_id]
         theirs = other.get(self.peer_id)
-        self.view.merge({p: e for p, e in other.items() if p != self.peer_id})
-        for peer, mark in list(self._suspects.items()):
-            entry = self.view.get(peer)
-            if entry is not None and entry.round > mark:
-                del self._suspects[peer]  # someone saw it take part after we gave up on it
+        taken = {
+            p: e
+            for p, e in other.items()
+            if p != self.peer_id and self._may_grow(sender, p, solicited=solicited)
+        }
+        self.view.merge(taken)
+        self._forget_suspicions()
         if theirs is not None and (theirs.counter, theirs.left) > (own.counter, own.left):
             # others think we left (an old leave, or a lost checkpoint): we are here
             self.view.set(
@@ -995,6 +1454,15 @@ class ModestProtocol(Protocol):
             self._join_confirmed = False
             self._join_attempts = 0
             self._announce_join(now, out)
+
+    def _forget_suspicions(self) -> None:
+        """Drop suspicions of peers that someone saw take part after we gave up on them."""
+        view = self.view
+        for marks in (self._suspects, self._silent):
+            for peer, mark in list(marks.items()):
+                entry = view.get(peer)
+                if entry is not None and entry.round > mark:
+                    del marks[peer]
 
     # -- signed entries (``signer`` set) -----------------------------------------------
     def _view_wire(self) -> dict[str, Any]:
@@ -1013,20 +1481,26 @@ class ModestProtocol(Protocol):
             return entry.to_wire()
         held = proofs.get(peer)
         if held is None or held[0] != entry:
-            if peer != self.peer_id or entry == _BOTTOM:
-                return [0, 0, 0]  # never relay a claim we cannot prove; bottom needs none
+            if peer != self.peer_id:
+                # never relay a claim we cannot prove; an unproven bottom entry is taken
+                # only by peers that know the member already (or from the member itself)
+                return [0, 0, 0]
             held = (entry, self.signer.sign(entry_record(entry)))
             proofs[peer] = held
         return [entry.round, int(entry.left), entry.counter, held[1]]
 
     def _admit(
-        self, peer: Any, raw: Any, *known: ViewEntry | None
-    ) -> Proven | tuple[ViewEntry, None] | Literal["stale", "bad"]:
-        """Check a relayed entry about ``peer`` against the ``known`` entries about it.
+        self, peer: Any, raw: Any, sender: PeerId, *known: ViewEntry | None
+    ) -> Proven | tuple[ViewEntry, None] | Literal["stale", "bad", "unproven"]:
+        """Check an entry about ``peer``, relayed by ``sender``, against the ``known``
+        entries about it.
 
         ``"stale"`` when it is not newer than every known one (nothing verified: the
         common case), ``"bad"`` (counted) when it is malformed or its record does not
-        prove it, else the entry and its record (``None`` for an unsigned bottom entry).
+        prove it, ``"unproven"`` (counted as refused) for an unsigned bottom entry about
+        a peer other than the sender: a fresh name nobody proved would let any relayer
+        inflate the view. Else the entry and its record (``None`` for the sender's own
+        unsigned bottom entry: its connection proves who it is).
         """
         claim = ViewEntry.from_wire(_claim_part(raw))
         if claim is None or not isinstance(peer, str) or not peer:
@@ -1035,8 +1509,11 @@ class ModestProtocol(Protocol):
         rank = _rank(claim)
         if any(k is not None and rank <= _rank(k) for k in known):
             return "stale"
-        if claim == _BOTTOM:
-            return claim, None  # membership only: needs no proof
+        if claim == _BOTTOM and len(raw) == 3:
+            if peer == sender:
+                return claim, None  # membership only, of the peer we hear it from
+            self._refused_entries += 1
+            return "unproven"
         assert self.signer is not None
         if self._bad_entries >= MAX_BAD_ENTRIES:
             self._bad_entries += 1
@@ -1056,7 +1533,15 @@ class ModestProtocol(Protocol):
         else:
             self._proofs[peer] = (entry, proof)
 
-    def _merge_signed_view(self, now: float, raw_view: Any, out: list[Effect]) -> None:
+    def _merge_signed_view(
+        self,
+        now: float,
+        sender: PeerId,
+        raw_view: Any,
+        out: list[Effect],
+        *,
+        solicited: bool = False,
+    ) -> None:
         """Take the newer, proven entries of a received view (signed ``_merge_view``)."""
         if not isinstance(raw_view, dict):
             return
@@ -1064,35 +1549,37 @@ class ModestProtocol(Protocol):
         theirs: ViewEntry | None = None
         view = self.view
         for peer, raw in raw_view.items():
-            admitted = self._admit(peer, raw, view.get(peer))
-            if admitted == "stale" or admitted == "bad":
+            if not self._may_grow(sender, peer, solicited=solicited):
+                continue
+            admitted = self._admit(peer, raw, sender, view.get(peer))
+            if isinstance(admitted, str):
                 continue
             if peer == self.peer_id:
                 theirs = admitted[0]  # our own record, newer than our entry (lost state)
             else:
                 self._set_proven(peer, admitted)
-        for peer, mark in list(self._suspects.items()):
-            entry = view.get(peer)
-            if entry is not None and entry.round > mark:
-                del self._suspects[peer]  # someone saw it take part after we gave up on it
+        self._forget_suspicions()
         if theirs is None:
             return
         if (theirs.counter, theirs.left) > (own.counter, own.left):
             # others hold our older leave (a lost checkpoint): we are here
-            view.set(self.peer_id, ViewEntry(max(own.round, theirs.round), False, theirs.counter + 1))
+            view.set(
+                self.peer_id, ViewEntry(max(own.round, theirs.round), False, theirs.counter + 1)
+            )
             self._join_confirmed = False
             self._join_attempts = 0
             self._announce_join(now, out)
         else:  # only the round is newer: catch up with what we signed before
             view.set(self.peer_id, ViewEntry(theirs.round, own.left, own.counter))
 
-    def _admit_join(self, peer: PeerId, raw: Any) -> bool:
+    def _admit_join(self, peer: PeerId, raw: Any, sender: PeerId) -> bool:
         """Hold a proven join of ``peer`` back until the next send; ``False`` if refused."""
         claim = ViewEntry.from_wire(_claim_part(raw))
         if claim is None or claim.left:
             return False
-        admitted = self._admit(peer, raw, self.view.get(peer), self._pending_joins.get(peer))
-        if admitted == "bad":
+        known = (self.view.get(peer), self._pending_joins.get(peer))
+        admitted = self._admit(peer, raw, sender, *known)
+        if admitted == "bad" or admitted == "unproven":
             return False
         if admitted != "stale":
             entry, proof = admitted
@@ -1122,7 +1609,10 @@ class ModestProtocol(Protocol):
     def _announce_join(self, now: float, out: list[Effect]) -> None:
         self._join_attempts += 1
         entry = self._entry_wire(self.peer_id, self.view[self.peer_id], self._proofs)
+        if len(self._announced_to) > self.announce_fanout * (self.max_retries + 2):
+            self._announced_to.clear()  # answers that never came
         for peer in self._random_peers(self.announce_fanout):
+            self._announced_to.add(peer)
             out.append(Send(peer, Message(JOIN, self.round, None, {"entry": entry})))
         self._set_timer("modest.join", now + self.retry_interval, (), out)
 

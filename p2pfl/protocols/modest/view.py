@@ -14,6 +14,7 @@ which is salted per process and would give every peer a different order.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,9 @@ from p2pfl.protocols.base import PeerId
 #: wire form of a view: ``{peer id: [last active round, left (0/1), counter]}`` (signed
 #: views append the entry's record: ``[round, left, counter, record]``, see ``protocol.py``)
 WireView = dict[str, list[int]]
+
+#: versions of views' membership, unique across all views of a process (see ``version``)
+_VERSIONS = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,9 @@ class PopulationView(Mapping[PeerId, ViewEntry]):
 
     def __init__(self, entries: Mapping[PeerId, ViewEntry] | None = None) -> None:
         self._entries: dict[PeerId, ViewEntry] = dict(entries or {})
+        #: changes whenever the set of members or a member's left flag changes (never on
+        #: activity alone): whoever caches a sample order keys it on this
+        self.version = next(_VERSIONS)
 
     @classmethod
     def of(cls, peers: Iterable[PeerId]) -> PopulationView:
@@ -93,7 +100,7 @@ class PopulationView(Mapping[PeerId, ViewEntry]):
         new = entry if old is None else old.merge(entry)
         if new == old:
             return False
-        self._entries[peer] = new
+        self._store(peer, old, new)
         return True
 
     def merge(self, other: Mapping[PeerId, ViewEntry]) -> list[PeerId]:
@@ -106,7 +113,12 @@ class PopulationView(Mapping[PeerId, ViewEntry]):
         With signed entries (see ``protocol.py``) a newer record replaces the older whole
         instead of being merged field by field.
         """
-        self._entries[peer] = entry
+        self._store(peer, self._entries.get(peer), entry)
+
+    def _store(self, peer: PeerId, old: ViewEntry | None, new: ViewEntry) -> None:
+        if old is None or old.left != new.left:
+            self.version = next(_VERSIONS)
+        self._entries[peer] = new
 
     def touch(self, peer: PeerId, round: int) -> None:
         """Record that ``peer`` took part in ``round`` (raises its last active round)."""
@@ -131,6 +143,7 @@ class PopulationView(Mapping[PeerId, ViewEntry]):
                 entry = ViewEntry.from_wire(raw)
                 if isinstance(peer, str) and peer and entry is not None:
                     view._entries[peer] = entry
+        view.version = next(_VERSIONS)
         return view
 
 
