@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it
 _EXPORTS = {
+    # errors: every error of the project derives from P2PFLError
+    "P2PFLError": "p2pfl.errors",
     # configuration
     "ConfigError": "p2pfl.config",
     "NodeConfig": "p2pfl.config",
@@ -42,6 +44,7 @@ __all__ = [
     "MessageSpec",
     "Node",
     "NodeConfig",
+    "P2PFLError",
     "Protocol",
     "ProtocolConfig",
     "Refusal",
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
     from p2pfl.aggregation import get_aggregator
     from p2pfl.attacks import get_attack
     from p2pfl.config import ConfigError, NodeConfig, ProtocolConfig
+    from p2pfl.errors import P2PFLError
     from p2pfl.identity import Identity
     from p2pfl.node import Node
     from p2pfl.protocols.base import Message, Protocol

@@ -35,6 +35,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from p2pfl.errors import P2PFLError
+
 __all__ = [
     "CODECS",
     "Codec",
@@ -52,7 +54,7 @@ __all__ = [
 Buffer = bytes | bytearray | memoryview
 
 
-class CodecError(ValueError):
+class CodecError(P2PFLError, ValueError):
     """An encoded payload that cannot be decoded: corrupt, truncated or hostile."""
 
 

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from p2pfl.errors import P2PFLError
+
 if TYPE_CHECKING:
     from p2pfl.attacks.registry import Attack
 
 
-class ConfigError(ValueError):
+class ConfigError(P2PFLError, ValueError):
     """A configuration that cannot be used; the message is one line meant for the user."""
 
 
@@ -76,6 +78,10 @@ class _ProtocolBase(Strict):
     aggregator: str = "mean"
     aggregator_params: dict[str, Any] = Field(default_factory=dict)
 
+    def population_error(self, peers: int) -> str | None:
+        """Why these settings cannot run on ``peers`` peers (``None``: they can)."""
+        return None
+
 
 class DPSGDConfig(_ProtocolBase):
     name: Literal["dpsgd"]
@@ -105,6 +111,11 @@ class ModestConfig(_ProtocolBase):
     min_aggregation_count: int = Field(1, ge=1)
     #: period of the idle watchdog that restarts a lost round; default 4 * aggregation_timeout
     idle_timeout: float | None = Field(None, gt=0)
+
+    def population_error(self, peers: int) -> str | None:
+        if self.sample_size > peers:
+            return f"protocol.sample_size={self.sample_size} exceeds topology.n={peers}"
+        return None
 
 
 class SybilWallConfig(_ProtocolBase):

@@ -50,18 +50,11 @@ import numpy as np
 import torch
 
 from p2pfl.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
-from p2pfl.config import BristleConfig, NodeConfig
+from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
-from p2pfl.learning import (
-    BatchSampler,
-    LocalTrainer,
-    build_model,
-    evaluate,
-    load_dataset,
-    partition,
-    sampler_seed,
-)
+from p2pfl.learning import BatchSampler, evaluate
 from p2pfl.neighbours import PeerGraph, check_member, choose_neighbours
+from p2pfl.peer import build_commons, wrap_attacker
 from p2pfl.protocols.base import (
     CancelTimer,
     Effect,
@@ -83,7 +76,7 @@ from p2pfl.protocols.base import (
 )
 from p2pfl.protocols.contract import Role
 from p2pfl.protocols.records import IdentitySigner
-from p2pfl.protocols.registry import build_protocol, make_aggregate
+from p2pfl.protocols.registry import mixing_scheme, protocol_class
 from p2pfl.security import Ban, GuardConfig, PeerGuard, SequenceNumbers
 from p2pfl.transport.base import Transport, TransportError
 from p2pfl.wire import DropReason, Envelope, WireError, WireLimits, encode
@@ -123,13 +116,10 @@ class Node:
             max_message_bytes=config.network.max_message_bytes,
             allowed_dtypes=frozenset({"f32"}),
         )
-        # MoDeST peers that were not sampled for a while are legitimately many rounds
-        # behind, and a joiner starts at round 0: the protocol answers stale messages
-        # itself, so the guard's lag window is off for it
-        max_lag = None if config.protocol.name == "modest" else GuardConfig().max_lag
         self.guard = PeerGuard(
             GuardConfig(
-                max_lag=max_lag,
+                # the protocol declares its round window (none: it answers stale ones)
+                max_lag=protocol_class(config.protocol).max_round_lag,
                 max_lead=config.network.max_round_lead,
                 byte_burst=float(2 * config.network.max_message_bytes),
                 # peer exchange belongs to no round: a late or restarted peer must
@@ -181,30 +171,18 @@ class Node:
 
     # -- learning set-up ---------------------------------------------------------------
     def _setup_learning(self) -> None:
+        """This node's peer, assembled as the simulator assembles peer ``peer_index``
+        (``p2pfl.peer``): share ``peer_index`` of ``num_peers``, its sampler, the shared
+        start model (and Bristle's extractor and this node's probe set)."""
         cfg = self.config
-        dataset = load_dataset(cfg.data.dataset, data_dir=cfg.data.data_dir, seed=cfg.seed)
-        parts = partition(
-            dataset.y_train.numpy(),
-            cfg.num_peers,
-            cfg.data.partition,
-            seed=cfg.seed,
-            alpha=cfg.data.alpha,
-            shards_per_peer=cfg.data.shards_per_peer,
-            sources=dataset.sources,
+        self.commons = build_commons(
+            cfg.data, cfg.model, cfg.protocol, seed=cfg.seed, shares=cfg.num_peers
         )
-        hidden = tuple(cfg.model.hidden) if cfg.model.hidden else None
-        model = build_model(cfg.model.name, dataset.input_shape, dataset.num_classes, hidden=hidden)
-        self.trainer = LocalTrainer(
-            model,
-            dataset.x_train,
-            dataset.y_train,
-            lr=cfg.model.lr,
-            batch_size=cfg.data.batch_size,
-            weight_decay=cfg.model.weight_decay,
-        )
-        self.sampler = BatchSampler(
-            parts[cfg.peer_index], cfg.data.batch_size, sampler_seed(cfg.seed, cfg.peer_index)
-        )
+        self.peer = self.commons.peer(cfg.peer_index, cfg.peer_index)
+        dataset = self.commons.dataset
+        self.trainer = self.commons.trainer
+        assert self.peer.sampler is not None  # every node holds a share
+        self.sampler: BatchSampler = self.peer.sampler
         self.x_test, self.y_test = dataset.x_test, dataset.y_test
         if cfg.eval_test_samples and cfg.eval_test_samples < len(self.y_test):
             keep = np.random.default_rng(cfg.seed).choice(
@@ -212,42 +190,8 @@ class Node:
             )
             index = torch.from_numpy(np.sort(keep))
             self.x_test, self.y_test = self.x_test[index], self.y_test[index]
-        self.data_size = len(parts[cfg.peer_index])
-        self._setup_protocol_inputs(dataset, parts[cfg.peer_index])
+        self.data_size = self.peer.data_size
         self._setup_attack(dataset.num_classes)
-
-    def _setup_protocol_inputs(self, dataset: Any, own: np.ndarray) -> None:
-        """The starting model and the protocol's extras: Bristle's shared pre-trained
-        extractor (the simulator's, from the seed) and this node's probe set."""
-        cfg = self.config
-        init = self.trainer.init_params(cfg.seed)
-        self._init_params, self._protocol_extras = init, {}
-        pc = cfg.protocol
-        if isinstance(pc, BristleConfig):
-            from p2pfl.protocols.bristle import pretrain_extractor, probe_set
-
-            shared = pretrain_extractor(
-                self.trainer,
-                init,
-                seed=cfg.seed,
-                pretrain_samples=pc.pretrain_samples,
-                pretrain_steps=pc.pretrain_steps,
-            )
-            probe = probe_set(
-                shared,
-                dataset.x_train,
-                dataset.y_train,
-                own,
-                pc.probe_samples,
-                seed=cfg.seed,
-                peer=cfg.peer_index,
-            )
-            self._init_params, self._protocol_extras = shared.start, shared.extras(*probe)
-        output = self._protocol_extras.get("output")
-        #: elements of the model a message carries: Bristle's output layer (the same
-        #: ``output`` its ``message_dim`` reports, known before the protocol is built, for
-        #: early messages), else the whole model
-        self._message_dim = output.numel if output is not None else self.trainer.dim
 
     def _layout(self, protocol: str, kind: str) -> tuple[int, ...] | None:
         """The exact shape of the tensor a message may carry, checked before it is
@@ -255,7 +199,8 @@ class Node:
         none for the node's own messages."""
         if protocol == CONTROL:
             return None
-        dim = self.protocol.message_dim if self.protocol is not None else self._message_dim
+        # before the protocol is built (early messages), the assembly knows the same size
+        dim = self.protocol.message_dim if self.protocol is not None else self.commons.message_dim
         return (dim,)
 
     # -- attacker (experiments on a test network) ------------------------------------------
@@ -279,17 +224,16 @@ class Node:
         isolation); what it knows of honest models is what this node received."""
         if self.attack is None:
             return protocol
-        from p2pfl.attacks import as_attacker
-
         cfg = self.config
-        return as_attacker(
+        return wrap_attacker(
             protocol,
             self.attack,
+            cfg.attack,
+            index=cfg.peer_index,
+            seed=cfg.seed,
             isolate=cfg.attack.isolate,
-            delay=cfg.attack.delay,
             n_total=max(2, len(protocol.neighbours) + 1),  # ALIE's z_max: it and its neighbours
             n_byzantine=1,
-            seed=cfg.peer_index + 7919 * cfg.seed,
         )
 
     def _train_locally(self, params: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
@@ -306,7 +250,8 @@ class Node:
     def _attack_status(self) -> dict[str, Any] | None:
         if self.attack is None:
             return None
-        crafted = getattr(self.protocol, "crafted", None)  # the Byzantine wrapper's count
+        report = self.protocol.report() if self.protocol is not None else {}
+        crafted = report.get("crafted_messages")  # the Byzantine wrapper's count
         return {
             "attacker": True,
             "name": self.attack.name,
@@ -359,15 +304,15 @@ class Node:
         resumes from its checkpoint; the others pass over it meanwhile. A model still on
         its way out (an aggregate just made) gets up to ``send_timeout`` to leave first.
         """
-        leave = getattr(self.protocol, "leave", None)
-        if self.protocol is None or leave is None:
+        protocol = self.protocol
+        if protocol is None:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.network.send_timeout
-        while not getattr(self.protocol, "settled", True) and loop.time() < deadline:
+        while not protocol.settled and loop.time() < deadline:
             await asyncio.sleep(0.05)  # the protocol keeps handling pongs meanwhile
-        name = self.protocol.name
-        sends = [effect for effect in leave(self._now()) if isinstance(effect, Send)]
+        name = protocol.name
+        sends = [effect for effect in protocol.leave(self._now()) if isinstance(effect, Send)]
         await asyncio.gather(
             *(self._send_bytes(e.to, e.message, name) for e in sends), return_exceptions=True
         )
@@ -537,31 +482,30 @@ class Node:
 
     def _mixing_weights(self) -> dict[str, float] | None:
         """D-PSGD's weights from the graph file (every peer derives the same matrix)."""
-        scheme = getattr(self.config.protocol, "mixing", None)
+        scheme = mixing_scheme(self.config.protocol)
         if self.graph is None or scheme is None:
-            return None  # D-PSGD's default: uniform over itself and its neighbours
+            return None  # D-PSGD learns them: Metropolis-Hastings from declared degrees
         return self.graph.mixing_weights(self.peer_id, scheme)
+
+    def _new_protocol(self, neighbours: list[str]) -> Protocol:
+        """This node's protocol as the assembly builds it (``p2pfl.peer``), honest and
+        fresh: over ``neighbours``, with every met peer in its population."""
+        return self.commons.build_protocol(
+            self.peer,
+            peer_id=self.peer_id,
+            neighbours=neighbours,
+            population=sorted({self.peer_id, *self.met, *neighbours}),
+            mixing_weights=self._mixing_weights(),
+            # relayed data (views, histories) signed by its origin (issue 8)
+            signer=IdentitySigner(self.identity),
+        )
 
     def _start_protocol(self, checkpoint: dict[str, Any] | None) -> None:
         if checkpoint is not None and self.graph is None:
             neighbours = list(checkpoint["neighbours"])
         else:  # the graph file is authoritative, also over a checkpoint
             neighbours = self._choose_neighbours()
-        population = sorted({self.peer_id, *self.met, *neighbours})
-        init = self._init_params.clone()
-        protocol = build_protocol(
-            self.config.protocol,
-            peer_id=self.peer_id,
-            params=init,
-            neighbours=neighbours,
-            population=population,
-            mixing_weights=self._mixing_weights(),
-            aggregate=make_aggregate(self.config.protocol),
-            seed=self.config.seed,
-            extras=self._protocol_extras,
-            # relayed data (views, histories) signed by its origin (issue 8)
-            signer=IdentitySigner(self.identity),
-        )
+        protocol = self._new_protocol(neighbours)
         if checkpoint is not None:
             protocol.load_state_dict(checkpoint["protocol"])
             self.sampler.load_state_dict(checkpoint["sampler"])
@@ -788,7 +732,7 @@ class Node:
         rounds stop waiting for us; it is not charged for this first one."""
         protocol = self.protocol
         assert protocol is not None
-        spec = getattr(protocol, "messages", {}).get(envelope.message.kind)
+        spec = protocol.message_spec(envelope.message.kind)
         if (
             spec is None
             or spec.sender is not Role.NEIGHBOUR

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from importlib import metadata
 
+from p2pfl.errors import P2PFLError
+
 __all__ = ["UnsupportedVersion", "require"]
 
 
-class UnsupportedVersion(ImportError):
+class UnsupportedVersion(P2PFLError, ImportError):
     """An installed library's version is not one whose internals we were written for."""
 
 

@@ -48,11 +48,9 @@ for targeted attacks the ``attack_success_rate`` over honest peers (mean, and ma
 
 Untargeted attacks have no success rate: their effect is the honest accuracy.
 
-Robust protocols: :func:`prepare_defence` pre-trains Bristle's shared feature extractor
-(``p2pfl.protocols.bristle.pretrain_extractor``, as real nodes do) on a public split (``pretrain_samples`` training samples drawn with the scenario's seed;
-the output layer is then re-initialised, so the classifier is learned in the network)
-and gives each peer a probe set of ``probe_samples`` of its own samples (Bristle's small
-local test set).
+A Byzantine peer's protocol is wrapped by :func:`p2pfl.peer.wrap_attacker`, as a node
+started with an ``[attack]`` wraps its own. (Robust protocols' set-up, Bristle's shared
+extractor and probe sets, is the peer assembly's: :mod:`p2pfl.peer`.)
 """
 
 from __future__ import annotations
@@ -64,13 +62,14 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 
-from p2pfl.attacks import Attack, Collusion, as_attacker, needs_wrapper
+from p2pfl.attacks import Attack, Collusion, needs_wrapper
 from p2pfl.attacks.data_poisoning import Backdoor, LabelFlip, TargetedLabelFlip
-from p2pfl.config import PLACEHOLDER_CLASSES, AttackOptions, BristleConfig
-from p2pfl.learning import BatchSampler, Dataset, LocalTrainer, predict
+from p2pfl.config import PLACEHOLDER_CLASSES
+from p2pfl.learning import BatchSampler, predict
+from p2pfl.peer import wrap_attacker
 from p2pfl.protocols.base import Effect, Event, Send
+from sim.attack_config import AttackConfig  # re-exported: the [attack] table
 
 if TYPE_CHECKING:
     from sim.engine import Engine
@@ -81,50 +80,7 @@ __all__ = [
     "AdversaryPlan",
     "AttackConfig",
     "plan_adversary",
-    "prepare_defence",
 ]
-
-
-class AttackConfig(AttackOptions):
-    """The scenario's ``[attack]`` table; see the module docstring.
-
-    ``name``, ``params``, ``isolate`` and ``delay`` (and their checks, and ``build``) are
-    :class:`p2pfl.config.AttackOptions`, shared with a node's ``[attack]`` section.
-    """
-
-    #: Byzantine peers as a fraction of the graph's peers (Sybil: of all peers)
-    fraction: float | None = Field(None, ge=0, lt=1)
-    #: Byzantine peers as a count (not for Sybil attacks: use ``identities``)
-    count: int | None = Field(None, ge=0)
-    #: which peers are Byzantine (and which honest peers Sybil identities attach to)
-    seed: int = 0
-    #: Sybil attacks: the number of identities (overrides params.identities and fraction)
-    identities: int | None = Field(None, ge=1)
-    #: Sybil attacks: honest peers each identity links to
-    attach: int = Field(3, ge=1)
-    #: (isolate: default None, on for Sybil identities only)
-
-    @model_validator(mode="after")
-    def _check(self) -> AttackConfig:
-        if self.fraction is not None and self.count is not None:
-            raise ValueError("give fraction or count, not both")
-        attack = self.build(PLACEHOLDER_CLASSES)
-        if attack.sybil is not None and self.count is not None:
-            raise ValueError(
-                f"{self.name} adds identities: give identities (or fraction), not count"
-            )
-        if attack.sybil is None and self.identities is not None:
-            raise ValueError(f"identities is for Sybil attacks; {self.name} is not one")
-        if (
-            attack.kind != "none"
-            and attack.sybil is None
-            and self.fraction is None
-            and self.count is None
-        ):
-            raise ValueError(
-                f"attack {self.name!r} needs fraction or count (how many peers are Byzantine)"
-            )
-        return self
 
 
 # --------------------------------------------------------------------- planning (before peers exist)
@@ -157,7 +113,7 @@ class AdversaryPlan:
 
 def plan_adversary(scenario: Any, graph: nx.Graph) -> tuple[nx.Graph, AdversaryPlan]:
     """Choose the Byzantine peers and add Sybil identities to ``graph`` (a copy)."""
-    config: AttackConfig = getattr(scenario, "attack", None) or AttackConfig()
+    config: AttackConfig = scenario.attack
     n = graph.number_of_nodes()
     num_classes = PLACEHOLDER_CLASSES
     attack = config.build(num_classes) if config.name != "none" else None
@@ -266,17 +222,18 @@ class Adversary:
             collusion = Collusion() if len(plan.sybils) else None
             jitter = attack.sybil.jitter if attack.sybil is not None else 0.0
             for i in self.malicious:
-                engine.protocols[int(i)] = as_attacker(
+                engine.protocols[int(i)] = wrap_attacker(
                     engine.protocols[int(i)],
                     attack,
-                    knowledge=knowledge,
+                    plan.config,
+                    index=int(i),
+                    seed=scenario.seed,
+                    isolate=isolate,
                     n_total=engine.n,
                     n_byzantine=len(self.malicious),
-                    delay=plan.config.delay,
-                    isolate=isolate,
+                    knowledge=knowledge,
                     collusion=collusion,
                     jitter=jitter,
-                    seed=int(i) + 7919 * scenario.seed,
                 )
 
         evaluator = simulation.evaluator
@@ -325,52 +282,3 @@ class Adversary:
         row["attack_success_rate"] = float(rates.mean())
         row["attack_success_max"] = float(rates.max())
         return row
-
-
-# --------------------------------------------------------------------- robust protocols' set-up
-
-
-def prepare_defence(
-    scenario: Any,
-    trainer: LocalTrainer,
-    dataset: Dataset,
-    samplers: list[BatchSampler | None],
-    init: torch.Tensor,
-) -> tuple[torch.Tensor, Callable[[int], dict[str, Any]]]:
-    """The starting model and per-peer protocol extras of the scenario's protocol.
-
-    For Bristle: the pre-trained, shared starting vector (features trained on a public
-    split, output layer freshly initialised) and, per peer, the output layer's place and
-    the features of its probe set. For other protocols: ``init`` and no extras.
-    """
-    config = scenario.protocol
-    if not isinstance(config, BristleConfig):
-        return init, lambda peer: {}
-    from p2pfl.protocols.bristle import pretrain_extractor, probe_set
-
-    seed = scenario.seed
-    shared = pretrain_extractor(
-        trainer,
-        init,
-        seed=seed,
-        pretrain_samples=config.pretrain_samples,
-        pretrain_steps=config.pretrain_steps,
-    )
-    probes = {
-        peer: probe_set(
-            shared,
-            dataset.x_train,
-            dataset.y_train,
-            np.asarray(sampler.indices),
-            config.probe_samples,
-            seed=seed,
-            peer=peer,
-        )
-        for peer, sampler in enumerate(samplers)
-        if sampler is not None
-    }
-
-    def extras(peer: int) -> dict[str, Any]:
-        return shared.extras(*probes.get(peer, shared.empty_probe()))
-
-    return shared.start, extras

@@ -9,6 +9,9 @@ O(peers + links) per evaluation, which 10k-peer runs without disruptions should 
 Connectivity is measured on the topology graph among the *alive* peers, without the
 links that are currently failed. In ``overlay`` network mode the graph says who knows
 whom, which is still who a peer exchanges models with.
+
+matplotlib is imported when a figure is made, not with this module: the scenario's
+configuration imports the disruptions package, which must stay cheap to import.
 """
 
 from __future__ import annotations
@@ -17,14 +20,10 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import networkx as nx
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import networkx as nx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from topologies import component_stats, draw_graph, layout  # noqa: E402
+from topologies import component_stats, draw_graph, layout
 
 __all__ = ["CONNECTIVITY_COLUMNS", "connectivity_row", "draw_disruption", "plot_disruption_run"]
 
@@ -133,6 +132,7 @@ def plot_disruption_run(
     def column(name: str) -> list[float]:
         return [float(r.get(name, float("nan"))) for r in rows]
 
+    plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.0, 6.4), sharex=True)
     top.plot(rounds, column("acc_mean"), marker="o", markersize=3, label="all alive peers (mean)")
     top.fill_between(rounds, column("acc_min"), column("acc_max"), alpha=0.15, label="min-max")
@@ -222,3 +222,13 @@ def draw_disruption(
             )
         )  # fmt: skip
     return paths
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

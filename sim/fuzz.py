@@ -84,6 +84,8 @@ from p2pfl.protocols.contract import (
     RoundNumber,
     Tuple,
 )
+from p2pfl.protocols.records import Keyring
+from p2pfl.protocols.wrapper import ProtocolWrapper
 from sim.mixing import plain
 from sim.runner import Simulation, build_simulation
 from sim.scenario import scenario_from_dict
@@ -486,7 +488,7 @@ class HostileMessages:
 # --------------------------------------------------------------------------- the hostile peer
 
 
-class HostilePeer:
+class HostilePeer(ProtocolWrapper):
     """One peer's honest protocol, plus bursts of hostile messages on its own timer.
 
     Events go to ``inner`` as usual (except the burst timer and failures of its own
@@ -503,11 +505,11 @@ class HostilePeer:
         signer: Any = None,
         options: FuzzOptions = FuzzOptions(),
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.targets = sorted(targets)
         self.period = period
         self.options = options
-        self.messages = HostileMessages(
+        self.hostile = HostileMessages(
             dict(inner.messages),
             inner.message_dim,
             inner.max_abs,
@@ -520,24 +522,6 @@ class HostilePeer:
         self.bursts = 0
         self._mine: dict[int, Message] = {}  # id -> message: hostile sends, to tell failures apart
 
-    # -- what the driver sees: the inner protocol's identity and model -----------------------
-    @property
-    def peer_id(self) -> PeerId:
-        return self.inner.peer_id
-
-    @property
-    def params(self) -> torch.Tensor:
-        return self.inner.params
-
-    @property
-    def round(self) -> int:
-        return self.inner.round
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
     # -- events --------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Effect]:
         if isinstance(event, TimerFired) and event.name == BURST_TIMER:
@@ -545,7 +529,7 @@ class HostilePeer:
         if isinstance(event, SendFailed) and id(event.message) in self._mine:
             return []
         if isinstance(event, MessageReceived):
-            self.messages.remember(event.message)
+            self.hostile.remember(event.message)
         effects = self.inner.handle(event)
         if isinstance(event, Start):
             effects = [*effects, SetTimer(BURST_TIMER, event.now + self.period)]
@@ -553,22 +537,20 @@ class HostilePeer:
 
     def _model(self) -> torch.Tensor:
         """The adversary's model in the message space (Bristle sends output layers only)."""
-        to_message = getattr(self.inner, "message_params", None)
-        params = plain(self.inner.params)
-        return to_message(params) if to_message is not None else params
+        return self.inner.message_params(plain(self.inner.params))
 
     def _burst(self, now: float) -> list[Effect]:
         if not self.targets:
             return []
         self.bursts += 1
         round_, model = self.inner.round, self._model()
-        rng = self.messages.rng
+        rng = self.hostile.rng
         sends: list[Effect] = []
-        for category, message in self.messages.burst(round_, model, self.options.burst_size):
+        for category, message in self.hostile.burst(round_, model, self.options.burst_size):
             sends.append(self._send(rng.choice(self.targets), category, message))
         if self.options.flood_every and self.bursts % self.options.flood_every == 0:
             victim = rng.choice(self.targets)
-            for message in self.messages.flood(round_, model):
+            for message in self.hostile.flood(round_, model):
                 sends.append(self._send(victim, "flood", message))
         return [*sends, SetTimer(BURST_TIMER, now + self.period)]
 
@@ -744,10 +726,13 @@ def fuzz_scenario(
         "sybilwall": {"name": "sybilwall", "local_steps": 3, **timeout},
         "bristle": {"name": "bristle", "local_steps": 3, **timeout},
     }
-    topology: dict[str, Any] = {"kind": "regular", "n": n, "params": {"k": 3}}
-    network: dict[str, Any] = {"step_time": 0.002}
-    if protocol in ("epidemic", "modest"):
-        topology, network = {"kind": "complete", "n": n}, {**network, "mode": "overlay"}
+    # graph protocols on a 3-regular graph; those that pick peers from their population
+    # (epidemic, modest) on an overlay where anyone reaches anyone
+    graph = ({"kind": "regular", "n": n, "params": {"k": 3}}, {"mode": "graph"})
+    overlay = ({"kind": "complete", "n": n}, {"mode": "overlay"})
+    placement = {"epidemic": overlay, "modest": overlay}.get(protocol, graph)
+    topology: dict[str, Any] = placement[0]
+    network: dict[str, Any] = {"step_time": 0.002, **placement[1]}
     return {
         "name": f"fuzz-{protocol}",
         "seed": seed,
@@ -761,7 +746,7 @@ def fuzz_scenario(
     }
 
 
-def patience(protocol: Any) -> float:
+def patience(config: Any) -> float:
     """Virtual seconds per round one peer may legitimately cost the others, by design.
 
     A neighbour that is slow or silent (its link congested by its own floods, say) makes a
@@ -770,7 +755,7 @@ def patience(protocol: Any) -> float:
     bound allows that much per round on top of ``stall_factor`` x the undisturbed time.
     """
     waits = ("round_timeout", "ping_timeout", "aggregation_timeout")
-    return float(sum(getattr(protocol, name, 0.0) or 0.0 for name in waits))
+    return float(sum(getattr(config, name, None) or 0.0 for name in waits))
 
 
 def _honest_accuracy(simulation: Simulation, honest: list[int]) -> float:
@@ -831,9 +816,11 @@ def _install_hostile(
             targets = [p.peer_id for p in engine.protocols if p.peer_id != me]
         else:
             targets = [simulation.peer_ids[j] for j in simulation.graph.neighbors(hostile_index)]
-        signer = getattr(inner, "signer", None)
+        signer = None  # its own key, as the simulator gives it when relayed data is signed
+        if simulation.scenario.sim.sign_relayed:
+            signer = Keyring.derive(simulation.peer_ids, simulation.scenario.seed).signer(me)
         adversary = HostilePeer(inner, targets, period, signer=signer, options=options)
-        engine.protocols[hostile_index] = adversary  # type: ignore[call-overload]
+        engine.protocols[hostile_index] = adversary
         return adversary
 
     return install
@@ -857,7 +844,7 @@ def run_fuzz(
         raise RuntimeError(f"the undisturbed run failed: {baseline.error or baseline.rounds_done}")
     period = baseline.virtual_time / rounds / options.bursts_per_round
     install = _install_hostile(hostile_index, period, options)
-    slack = rounds * patience(undisturbed.engine.protocols[hostile_index])
+    slack = rounds * patience(undisturbed.scenario.protocol)
     until = margins.stall_factor * baseline.virtual_time + slack
     hostile, simulation = _run(raw, hostile_index, until=until, install=install, dataset=dataset)
     adversary = simulation.engine.protocols[hostile_index]

@@ -1,7 +1,8 @@
 """From a scenario to a results folder: build the peers, run the engine, write it all out.
 
-``build_simulation`` wires a ``Scenario`` into an ``Engine`` (dataset shared once, each
-peer an index array and a protocol object); ``run_simulation`` runs it with a progress
+``build_simulation`` wires a ``Scenario`` into an ``Engine``: its peers are assembled by
+``p2pfl.peer``, as a node assembles itself (dataset and trainer shared once, each peer a
+data share, a sampler and a protocol object); ``run_simulation`` runs it with a progress
 bar, measuring at every ``sim.eval_every`` rounds; ``write_run`` produces the run folder:
 the resolved config, ``metrics.csv``, ``summary.json`` and PNG plots.
 """
@@ -22,20 +23,13 @@ import tomli_w
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from p2pfl.learning import (
-    BatchSampler,
-    Dataset,
-    LocalTrainer,
-    build_model,
-    load_dataset,
-    partition,
-    sampler_seed,
-)
+from p2pfl.learning import BatchSampler, Dataset, LocalTrainer, load_dataset
 from p2pfl.learning.sampler import derive_seed  # noqa: F401 - kept importable from here
+from p2pfl.peer import build_commons
 from p2pfl.protocols.base import Protocol
 from p2pfl.protocols.records import Keyring
-from p2pfl.protocols.registry import ROUND_PROGRESS, build_protocol, make_aggregate
-from sim.adversary import Adversary, plan_adversary, prepare_defence
+from p2pfl.protocols.registry import mixing_scheme, protocol_class
+from sim.adversary import Adversary, plan_adversary
 from sim.disruptions import DisruptionRuntime, install_disruptions
 from sim.engine import Engine
 from sim.metrics import Evaluator, write_csv
@@ -73,9 +67,10 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
     if scenario.sim.threads:
         torch.set_num_threads(scenario.sim.threads)
     topo = scenario.topology
+    declared = protocol_class(scenario.protocol)  # what the protocol declares to drivers
     try:
         graph = build_graph(topo.kind, topo.n, seed=seed, **topo.params)
-        if scenario.protocol.name == "dpsgd" or scenario.network.mode == "graph":
+        if declared.needs_connected_graph or scenario.network.mode == "graph":
             require_connected(graph, purpose=f"{scenario.protocol.name} over topology.kind={topo.kind!r}")
     except TopologyError as error:
         raise ScenarioError(f"topology: {error}") from None
@@ -89,42 +84,30 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
     n_relays = int(round(scenario.data.relay_fraction * n))
     relays = np.sort(rng.choice(n, n_relays, replace=False)) if n_relays else np.zeros(0, int)
     holders = np.setdiff1d(np.setdiff1d(np.arange(n), relays), adversary.sybils)
-    parts = partition(
-        dataset.y_train.numpy(),
-        len(holders),
-        scenario.data.partition,
+    # the peers' shared parts (one dataset, one trainer, the start model, Bristle's
+    # extractor) and each peer's own, assembled as a node assembles itself (p2pfl.peer)
+    commons = build_commons(
+        scenario.data,
+        scenario.model,
+        scenario.protocol,
         seed=seed,
-        alpha=scenario.data.alpha,
-        shards_per_peer=scenario.data.shards_per_peer,
-        sources=dataset.sources,
+        shares=len(holders),
+        dataset=dataset,
     )
-    samplers: list[BatchSampler | None] = [None] * n
-    data_sizes = np.zeros(n, dtype=np.int64)
-    for holder, indices in zip(holders, parts, strict=True):
-        samplers[holder] = BatchSampler(indices, scenario.data.batch_size, sampler_seed(seed, int(holder)))
-        data_sizes[holder] = len(indices)
+    trainer = commons.trainer
+    share_of = {int(holder): k for k, holder in enumerate(holders)}
+    setups = [commons.peer(i, share_of.get(i)) for i in range(n)]
+    samplers: list[BatchSampler | None] = [setup.sampler for setup in setups]
+    data_sizes = np.array([setup.data_size for setup in setups], dtype=np.int64)
 
-    mc = scenario.model
-    model = build_model(mc.name, dataset.input_shape, dataset.num_classes, hidden=tuple(mc.hidden) if mc.hidden else None)
-    trainer = LocalTrainer(
-        model,
-        dataset.x_train,
-        dataset.y_train,
-        lr=mc.lr,
-        batch_size=scenario.data.batch_size,
-        weight_decay=mc.weight_decay,
-    )
-    # robust protocols' set-up: Bristle's shared pre-trained extractor and probe sets
-    init, protocol_extras = prepare_defence(scenario, trainer, dataset, samplers, trainer.init_params(seed))
-
-    protocol_cfg = scenario.protocol
     mixing = None
-    if protocol_cfg.name == "dpsgd":
-        matrix = metropolis_hastings(graph) if protocol_cfg.mixing == "metropolis_hastings" else uniform(graph)
+    scheme = mixing_scheme(scenario.protocol)
+    if scheme is not None:
+        matrix = metropolis_hastings(graph) if scheme == "metropolis_hastings" else uniform(graph)
         mixing = matrix.tocsr()
     executor = TrainingExecutor(trainer, samplers, backend=scenario.sim.backend)
     # The batched backend defers the protocols' plain means (one sparse product per chunk).
-    aggregate = deferred_aggregate(executor.mixer, make_aggregate(protocol_cfg))
+    aggregate = deferred_aggregate(executor.mixer, commons.aggregate)
     protocols: list[Protocol] = []
     keyring = Keyring.derive(peer_ids, seed) if scenario.sim.sign_relayed else None
     for i in range(n):
@@ -134,16 +117,13 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
             row = mixing.getrow(i)
             weights = {peer_ids[j]: float(w) for j, w in zip(row.indices, row.data, strict=True) if j != i}
         protocols.append(
-            build_protocol(
-                protocol_cfg,
+            commons.build_protocol(
+                setups[i],
                 peer_id=peer_ids[i],
-                params=init.clone(),
                 neighbours=neighbours,
                 population=peer_ids,
                 mixing_weights=weights,
                 aggregate=aggregate,
-                seed=seed,
-                extras=protocol_extras(i),
                 signer=keyring.signer(peer_ids[i]) if keyring is not None else None,
             )
         )
@@ -168,7 +148,7 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
         step_time=net.step_time,
         speeds=speeds,
         rounds=scenario.rounds,
-        progress=ROUND_PROGRESS[protocol_cfg.name],
+        progress=declared.progress,
     )
     evaluator = Evaluator(
         trainer,
@@ -185,9 +165,8 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
     late = simulation.disruptions.late_joiners if simulation.disruptions else set()
     if late:  # protocols that learn their population (MoDeST) must not know them yet
         absent = [peer_ids[i] for i in sorted(late)]
-        for protocol in protocols:
-            if hasattr(protocol, "withhold"):
-                protocol.withhold(absent)
+        for protocol in engine.protocols:
+            protocol.withhold(absent)
     for i in range(n):
         if i not in late:
             engine.start_peer(i, 0.0)

@@ -4,6 +4,11 @@ A scenario is a TOML file (see ``examples/``). It is validated with pydantic so 
 mistake is reported as one line that names the key, the value and what was expected,
 instead of a traceback from deep inside the run. ``--set key=value`` overrides use dotted
 keys (``protocol.local_steps=2``) and TOML values.
+
+Configuration only: this module imports the configuration classes of attacks
+(:mod:`sim.attack_config`) and disruptions (:mod:`sim.disruptions.config`), never the
+runtime modules that carry them out, which import it (imports in ``sim`` run one way).
+``ScenarioError`` is defined in :mod:`sim.errors` and re-exported here.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from pydantic import Field, ValidationError, model_validator
 
 from p2pfl.config import (
     UNION_TAGS,
-    ConfigError,
     DataConfig,
     DPSGDConfig,
     ModelConfig,
@@ -25,12 +29,20 @@ from p2pfl.config import (
     apply_overrides,
     describe_validation_error,
 )
-from sim.adversary import AttackConfig
-from sim.disruptions import DISRUPTION_KINDS, DisruptionList
+from sim.attack_config import AttackConfig
+from sim.disruptions.config import DISRUPTION_KINDS, DisruptionList
+from sim.errors import ScenarioError
 
-
-class ScenarioError(ConfigError):
-    """A scenario that cannot run; the message is one line meant for the user."""
+__all__ = [
+    "SCENARIO_UNION_TAGS",
+    "NetworkConfig",
+    "Scenario",
+    "ScenarioError",
+    "SimConfig",
+    "TopologyConfig",
+    "load_scenario",
+    "scenario_from_dict",
+]
 
 
 class TopologyConfig(Strict):
@@ -82,10 +94,9 @@ class Scenario(Strict):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Scenario:
-        if self.protocol.name == "modest" and self.protocol.sample_size > self.topology.n:
-            raise ValueError(
-                f"protocol.sample_size={self.protocol.sample_size} exceeds topology.n={self.topology.n}"
-            )
+        error = self.protocol.population_error(self.topology.n)
+        if error is not None:
+            raise ValueError(error)
         return self
 
 

@@ -178,8 +178,8 @@ def test_bristle_nodes_share_the_simulators_extractor(tmp_path) -> None:
     simulation = node_scenario_in_the_simulator(3, 1, BRISTLE)
     for i, node in enumerate(nodes):
         simulated = simulation.engine.protocols[i]
-        assert torch.equal(node._init_params, simulated.params)
-        extras = node._protocol_extras
+        assert torch.equal(node.commons.start, simulated.params)
+        extras = node.peer.extras
         assert torch.equal(extras["probe_features"], simulated.probe_features)
         assert torch.equal(extras["probe_labels"], simulated.probe_labels)
         assert extras["output"] == simulated.output
@@ -187,7 +187,7 @@ def test_bristle_nodes_share_the_simulators_extractor(tmp_path) -> None:
 
 def test_bristle_node_accepts_output_layers_and_drops_whole_models(tmp_path) -> None:
     node = make_nodes(tmp_path, 2, BRISTLE)[0]
-    output = node._protocol_extras["output"]
+    output = node.peer.extras["output"]
     assert node._layout("bristle", "model") == (output.numel,)
     assert output.numel < node.trainer.dim
     sender = Identity.generate(b"\x07" * 32)
@@ -208,7 +208,7 @@ def test_bristle_nodes_learn_the_output_layer(tmp_path) -> None:
     """5 peers, 15 rounds. Observed: 0.908-0.917, from 0.472 for the pre-trained start
     (features trained from the initial model, its output layer put back)."""
     nodes = make_nodes(tmp_path, 5, BRISTLE)
-    start = nodes[0]._init_params.clone()
+    start = nodes[0].commons.start.clone()
     before = evaluate(nodes[0].trainer, start, nodes[0].x_test, nodes[0].y_test)
     statuses = run_all(nodes)
     accuracies = [status["accuracy"] for status in statuses]

@@ -96,3 +96,21 @@ def test_clean_eof_after_whole_frames() -> None:
     reader = FrameReader(max_frame_bytes=64)
     reader.feed(frame(b"a") + frame(b"b"))
     reader.eof()
+
+
+def test_frame_length_reads_what_frame_header_wrote() -> None:
+    from p2pfl.wire.framing import frame_header, frame_length
+
+    for length in (0, 1, 65_535, 2**32 - 1):
+        assert frame_length(frame_header(length)) == length
+
+
+def test_the_libp2p_transport_frames_with_the_wire_format() -> None:
+    """One definition of the frame format: the transport's names are the wire's."""
+    from p2pfl.transport import libp2p
+    from p2pfl.wire import framing
+
+    assert libp2p.ACK is framing.ACK
+    assert libp2p.HEADER_SIZE == framing.FRAME_HEADER_BYTES
+    assert libp2p.frame_header is framing.frame_header
+    assert libp2p.frame_length is framing.frame_length

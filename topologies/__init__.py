@@ -3,41 +3,49 @@ drawings and disruption choices (who fails, which links break, where the network
 
 Pure graph logic on networkx, numpy and scipy: it knows nothing of models, protocols or
 the simulator, which import it. Nodes are always the ints ``0..n-1``: peer ``i`` is node ``i``.
+
+Names load on first use (PEP 562), so ``import topologies`` (or ``topologies.errors``,
+which ``p2pfl.errors`` re-exports) costs nothing until a graph function is needed, and
+matplotlib loads only when something is drawn.
 """
 
-from topologies.battery import Battery
-from topologies.churn import ChurnEvent, churn_trace
-from topologies.connectivity import component_sizes, require_connected
-from topologies.disruption import (
-    LINK_STRATEGIES,
-    PARTITION_METHODS,
-    PEER_STRATEGIES,
-    component_stats,
-    cut_edges,
-    partition_groups,
-    region_outage,
-    select_links,
-    select_peers,
-)
-from topologies.draw import draw_graph
-from topologies.errors import DisconnectedGraphError, TopologyError
-from topologies.files import read_graph
-from topologies.generators import (
-    GRAPH_KINDS,
-    GRAPH_PARAMS,
-    build_graph,
-    resolve_params,
-    torus_shape,
-)
-from topologies.mixing import (
-    is_doubly_stochastic,
-    is_row_stochastic,
-    metropolis_hastings,
-    spectral_gap,
-    uniform,
-)
-from topologies.positions import layout
-from topologies.stats import graph_stats
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Battery": "topologies.battery",
+    "ChurnEvent": "topologies.churn",
+    "churn_trace": "topologies.churn",
+    "component_sizes": "topologies.connectivity",
+    "require_connected": "topologies.connectivity",
+    "LINK_STRATEGIES": "topologies.disruption",
+    "PARTITION_METHODS": "topologies.disruption",
+    "PEER_STRATEGIES": "topologies.disruption",
+    "component_stats": "topologies.disruption",
+    "cut_edges": "topologies.disruption",
+    "partition_groups": "topologies.disruption",
+    "region_outage": "topologies.disruption",
+    "select_links": "topologies.disruption",
+    "select_peers": "topologies.disruption",
+    "draw_graph": "topologies.draw",
+    "DisconnectedGraphError": "topologies.errors",
+    "TopologyError": "topologies.errors",
+    "read_graph": "topologies.files",
+    "GRAPH_KINDS": "topologies.generators",
+    "GRAPH_PARAMS": "topologies.generators",
+    "build_graph": "topologies.generators",
+    "resolve_params": "topologies.generators",
+    "torus_shape": "topologies.generators",
+    "is_doubly_stochastic": "topologies.mixing",
+    "is_row_stochastic": "topologies.mixing",
+    "metropolis_hastings": "topologies.mixing",
+    "spectral_gap": "topologies.mixing",
+    "uniform": "topologies.mixing",
+    "layout": "topologies.positions",
+    "graph_stats": "topologies.stats",
+}
 
 __all__ = [
     "GRAPH_KINDS",
@@ -71,3 +79,51 @@ __all__ = [
     "torus_shape",
     "uniform",
 ]
+
+if TYPE_CHECKING:
+    from topologies.battery import Battery
+    from topologies.churn import ChurnEvent, churn_trace
+    from topologies.connectivity import component_sizes, require_connected
+    from topologies.disruption import (
+        LINK_STRATEGIES,
+        PARTITION_METHODS,
+        PEER_STRATEGIES,
+        component_stats,
+        cut_edges,
+        partition_groups,
+        region_outage,
+        select_links,
+        select_peers,
+    )
+    from topologies.draw import draw_graph
+    from topologies.errors import DisconnectedGraphError, TopologyError
+    from topologies.files import read_graph
+    from topologies.generators import (
+        GRAPH_KINDS,
+        GRAPH_PARAMS,
+        build_graph,
+        resolve_params,
+        torus_shape,
+    )
+    from topologies.mixing import (
+        is_doubly_stochastic,
+        is_row_stochastic,
+        metropolis_hastings,
+        spectral_gap,
+        uniform,
+    )
+    from topologies.positions import layout
+    from topologies.stats import graph_stats
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'topologies' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,8 +1,10 @@
 """Draw a peer graph to PNG, before or after a disruption.
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global state, no
-display needed). Nodes and edges are drawn as one scatter and one line collection each,
-so graphs of a few thousand peers render in seconds.
+display needed), imported inside :func:`draw_graph` only: ``import topologies`` must not
+need matplotlib (DESIGN.md: topologies import matplotlib only lazily, for drawing).
+Nodes and edges are drawn as one scatter and one line collection each, so graphs of a
+few thousand peers render in seconds.
 
 To compare a graph before and after a disruption, draw both from the same positions:
 pass ``pos=layout(g)`` (:mod:`topologies.positions`) to both calls, or mark the lost
@@ -17,9 +19,6 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.collections import LineCollection
-from matplotlib.figure import Figure
 
 from topologies.positions import Position, layout
 
@@ -48,6 +47,10 @@ def draw_graph(
     links (and any ``removed_edges``) as faint dashed lines. Node size shrinks with ``n``
     and labels are written only up to 50 peers. ``pos`` overrides :func:`layout`.
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     highlight = set(highlight or ())

@@ -23,8 +23,12 @@ honest message. Knowing none yet, IPM reverses its own update and ALIE sends its
 
 Models of the message space: ``ctx.own`` is what the protocol wanted to send, and
 ``ctx.reference`` the model its last ``Train`` effect started from, mapped into the
-message space by the protocol's ``message_params`` when it has one (Bristle exchanges
-only the output layer).
+message space by the protocol's ``message_params`` (Bristle exchanges only the output
+layer).
+
+The wrapper is a :class:`~p2pfl.protocols.base.Protocol` and delegates the whole contract
+explicitly (identity, model, round, neighbours, message contract, lifecycle), so a driver
+handles it as any protocol, without knowing it is one.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from p2pfl.protocols.base import (
     TimerFired,
     Train,
 )
+from p2pfl.protocols.wrapper import ProtocolWrapper
 
 #: message kinds that carry a model in the built-in protocols (modest: train, aggregate)
 MODEL_KINDS = frozenset({"model", "train", "aggregate"})
@@ -97,16 +102,20 @@ def as_attacker(
     colluding = options.get("collusion") is not None
     if not needs_wrapper(attack, isolate=isolate, colluding=colluding):
         return protocol
-    return ByzantineProtocol(protocol, attack, isolate=isolate, **options)  # type: ignore[return-value]
+    return ByzantineProtocol(protocol, attack, isolate=isolate, **options)
 
 
-class ByzantineProtocol:
+class ByzantineProtocol(ProtocolWrapper):
     """An honest ``inner`` protocol whose outgoing models an ``attack`` rewrites.
 
     ``n_total`` and ``n_byzantine`` are what ALIE's ``z_max`` is computed from;
     ``collusion`` (with ``jitter``) makes Sybil identities send one shared vector;
     ``seed`` seeds the noise of noise attacks and jitter. See the module docstring for
     ``knowledge``, ``delay`` and ``isolate``.
+
+    A driver reads the class declarations (``progress``, ``max_round_lag``, ...) from the
+    configured protocol's class (``p2pfl.protocols.registry.protocol_class``), which the
+    wrapper does not change; everything per peer it delegates to ``inner``.
     """
 
     def __init__(
@@ -126,7 +135,7 @@ class ByzantineProtocol:
     ) -> None:
         if delay < 0:
             raise ValueError(f"delay must be >= 0, got {delay}")
-        self.inner = inner
+        super().__init__(inner)
         self.attack = attack
         self.knowledge = knowledge or self._heard_models
         self.n_total = n_total
@@ -143,24 +152,10 @@ class ByzantineProtocol:
         self._held: list[Send] = []
         self._heard: dict[int, dict[PeerId, Tensor]] = {}
 
-    # -- what the driver sees: the inner protocol's identity and model --------------------
-    @property
-    def peer_id(self) -> PeerId:
-        return self.inner.peer_id
-
-    @property
-    def params(self) -> Tensor:
-        return self.inner.params
-
-    @property
-    def round(self) -> int:
-        return self.inner.round
-
-    def __getattr__(self, name: str) -> Any:
-        # only reached for attributes the wrapper lacks: neighbours, trust, aggregate...
-        if name == "inner":  # not set yet (copy, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    # -- what the driver sees is the inner protocol (ProtocolWrapper), plus: ------------------
+    def report(self) -> dict[str, Any]:
+        """The inner protocol's counters, and how many messages the attack crafted."""
+        return {**self.inner.report(), "crafted_messages": self.crafted}
 
     # -- events ------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Effect]:
@@ -170,7 +165,7 @@ class ByzantineProtocol:
         if isinstance(event, MessageReceived) and self._carries_model(event.message):
             event = self._on_model(event)
         effects = self.inner.handle(event)
-        return self._rewrite(effects, getattr(event, "now", 0.0))
+        return self._rewrite(effects, event.now)
 
     def _carries_model(self, message: Message) -> bool:
         return message.params is not None and message.kind in self.model_kinds
@@ -197,8 +192,7 @@ class ByzantineProtocol:
         sends: list[Send] = []
         for effect in effects:
             if isinstance(effect, Train):
-                view = getattr(self.inner, "message_params", None)
-                self._reference = view(effect.params) if view else effect.params
+                self._reference = self.inner.message_params(effect.params)
             if isinstance(effect, Send) and self._carries_model(effect.message):
                 sends.append(effect)
             else:
@@ -255,10 +249,3 @@ class ByzantineProtocol:
 
     def _needs_honest(self) -> bool:
         return self.attack.omniscient
-
-    # -- checkpoints: the honest protocol's state is the peer's state ---------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)

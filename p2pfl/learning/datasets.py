@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from p2pfl.errors import P2PFLError
 from p2pfl.learning.idx import IdxError, parse_idx, payload_md5, read_payload
 
 __all__ = [
@@ -84,7 +85,7 @@ IDX_DATASETS: dict[str, tuple[IdxFile, ...]] = {
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "synthetic")
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(P2PFLError, RuntimeError):
     """A dataset's files are missing or corrupt; the message says how to fetch them."""
 
 

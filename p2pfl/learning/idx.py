@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from p2pfl.errors import P2PFLError
+
 __all__ = [
     "IdxError",
     "decompress",
@@ -39,7 +41,7 @@ _CODES = {dt.newbyteorder("="): code for code, dt in _DTYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-class IdxError(ValueError):
+class IdxError(P2PFLError, ValueError):
     """A file is not a well-formed IDX file."""
 
 

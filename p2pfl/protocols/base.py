@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 
+# the message types live in a leaf module that p2pfl.wire also uses (wire never imports
+# protocols); re-exported here, where protocol code has always found them
+from p2pfl.messages import ENVELOPE_OVERHEAD, Message, PeerId, _meta_size  # noqa: F401
 from p2pfl.protocols.contract import (
     DEFAULT_MAX_ABS,
     DEFAULT_ROUND_LEAD,
@@ -29,57 +32,9 @@ from p2pfl.protocols.contract import (
     check_message,
 )
 
-PeerId = str
-
-# Bytes of an envelope around a message's tensor: ids, round, kind, signature, framing.
-# Used by the simulator to count traffic; the wire codec's real size is within a few
-# bytes of ``Message.nbytes()`` for every protocol message.
-ENVELOPE_OVERHEAD = 160
-
-
-@dataclass(slots=True)
-class Message:
-    """What a protocol sends to another peer, before any wire encoding.
-
-    ``params`` is a flat parameter vector (or ``None`` for control messages such as
-    pings); ``meta`` holds small msgpack-able values (ages, views, counters).
-    Inside the simulator a message carries the sender's tensor by reference: a protocol
-    must never modify a received ``params`` in place.
-    """
-
-    kind: str
-    round: int
-    params: torch.Tensor | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    #: ``nbytes()`` once computed: a simulator sizes each message at every send and
-    #: every arrival (a message is not changed once sent)
-    _size: int = field(default=-1, init=False, repr=False, compare=False)
-    #: the contract's verdict on ``params`` once checked: ``((dim, max_abs), refusal)``
-    #: (a simulator delivers one message object to many peers; it is checked once)
-    _verdict: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
-
-    def nbytes(self) -> int:
-        """Approximate encoded size in bytes: tensor payload + meta + envelope."""
-        if self._size >= 0:
-            return self._size
-        size = ENVELOPE_OVERHEAD
-        if self.params is not None:
-            size += self.params.numel() * self.params.element_size()
-        if self.meta:
-            size += _meta_size(self.meta)
-        self._size = size
-        return size
-
-
-def _meta_size(value: Any) -> int:
-    if isinstance(value, dict):
-        return sum(_meta_size(k) + _meta_size(v) for k, v in value.items()) + 1
-    if isinstance(value, list | tuple):
-        return sum(_meta_size(v) for v in value) + 1
-    if isinstance(value, str | bytes):
-        return len(value) + 1
-    return 9
-
+#: rounds behind ours a received message may be before a node's guard refuses it as stale
+#: (unless the protocol declares otherwise: ``Protocol.max_round_lag``)
+DEFAULT_ROUND_LAG = 4
 
 # ---------------------------------------------------------------- events (driver -> protocol)
 
@@ -195,6 +150,14 @@ class Protocol(ABC):
 
     Subclasses implement ``handle``. They hold their own model (``params``), their round,
     and a private ``random.Random`` seeded by the driver, so a run is reproducible.
+
+    Everything a driver needs to know of a protocol is declared here, so that no driver
+    branches on a protocol's name or probes its attributes: the class attributes below
+    (read from the class the configuration names, before any peer is built:
+    ``p2pfl.protocols.registry.protocol_class``), the message contract (``messages``,
+    ``screen``, ``message_dim``, ``message_params``), and the lifecycle hooks
+    (``settled``, ``leave``, ``withhold``, ``report``), whose defaults suit a protocol
+    that keeps no population and sends nothing on its own when it stops.
     """
 
     #: name used in scenario files and on the wire
@@ -206,6 +169,17 @@ class Protocol(ABC):
     max_round_lead: int = DEFAULT_ROUND_LEAD
     #: bound on the magnitude of every entry of a received tensor
     max_abs: float = DEFAULT_MAX_ABS
+    #: how a simulator measures a run's progress: "min", the round every live peer has
+    #: reached (rounds that advance together), or "max", the furthest peer's (a system
+    #: that moves on without waiting for everyone, as MoDeST's samples do)
+    progress: ClassVar[Literal["min", "max"]] = "min"
+    #: rounds behind ours a received message may be before a node's guard refuses it;
+    #: ``None``: no such window (the protocol answers stale messages itself, as a MoDeST
+    #: peer must: one not sampled for a while is legitimately many rounds behind)
+    max_round_lag: ClassVar[int | None] = DEFAULT_ROUND_LAG
+    #: whether peers only ever mix with their graph neighbours, so that over a
+    #: disconnected graph they can never agree (a simulator refuses such a graph)
+    needs_connected_graph: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -244,6 +218,15 @@ class Protocol(ABC):
         """Elements of the tensor a message of this protocol carries (the whole model)."""
         return self.params.numel()
 
+    def message_params(self, full: torch.Tensor) -> torch.Tensor:
+        """What travels for a full parameter vector: the vector itself, unless a protocol
+        exchanges part of its model only (Bristle: the output layer)."""
+        return full
+
+    def message_spec(self, kind: str) -> MessageSpec | None:
+        """The declared spec of message ``kind`` (``None``: not a kind this protocol takes)."""
+        return self.messages.get(kind)
+
     def has_role(self, role: Role, sender: PeerId, message: Message) -> bool:
         """Whether ``sender`` may send ``message`` in ``role``; protocols with roles of
         their own (a view, samples, aggregators) extend this."""
@@ -252,6 +235,28 @@ class Protocol(ABC):
         if role is Role.NEIGHBOUR:
             return sender in self._neighbour_lookup
         raise NotImplementedError(f"{type(self).__name__} declares role {role} but cannot check it")
+
+    # -- lifecycle ---------------------------------------------------------------
+    @property
+    def settled(self) -> bool:
+        """Whether nothing this peer owes others is still waiting to go out; a driver about
+        to stop (or ``leave``) waits for it, up to a timeout, so that nothing is lost."""
+        return True
+
+    def leave(self, now: float) -> list[Effect]:
+        """Leave for good: the effects that tell the others (a protocol that tracks its
+        population announces it); afterwards the peer takes no further part."""
+        return []
+
+    def withhold(self, peers: Iterable[PeerId]) -> None:
+        """Before ``Start``: ``peers`` are not there yet and will join later (a driver that
+        knows its late joiners in advance, the simulator, tells every peer). Protocols
+        that learn their population keep them out of it until they announce themselves."""
+        return None
+
+    def report(self) -> dict[str, Any]:
+        """Counters a driver shows in its status (e.g. what a Byzantine wrapper crafted)."""
+        return {}
 
     # -- helpers for subclasses ----------------------------------------------------
     def _note_reachability(self, event: Event, unreachable: set[PeerId]) -> bool:

@@ -4,6 +4,23 @@ Every round a peer trains its model for ``local_steps`` steps, sends the result 
 neighbours, waits for theirs (tagged with the same round) and replaces its model by the
 weighted combination ``x_i = sum_j W_ij x_j`` -- Metropolis-Hastings weights by default.
 
+Where the weights come from, one behaviour in every driver:
+- given (``weights``): the simulator's graph, a node's topology file. They win;
+- otherwise learned: every model carries its sender's degree (meta ``deg``), and the
+  weight of neighbour ``j`` is ``1 / (max(deg_i, deg_j) + 1)`` -- the Metropolis-Hastings
+  weight, computed by ``i`` and ``j`` alike, so the matrix is symmetric and doubly
+  stochastic as in the simulator, with no graph file. ``mixing="uniform"`` ignores the
+  degrees: ``1 / (deg_i + 1)`` each.
+
+In both cases the own weight is ``1 - sum`` of the others. A neighbour chooses the
+degree it declares, so it is bounded where it matters: a weight is never above
+``1 / (deg_i + 1)`` whatever is declared (a small degree cannot buy influence; a large one
+only lowers the liar's own weight), and the own weight stays ``>= 1 / (deg_i + 1)``. A
+declared degree that disagrees with given Metropolis-Hastings weights is counted
+(``dpsgd.degree_mismatch``). A model without a degree (from a protocol whose models do
+not carry one, e.g. Bristle's output layers) leaves its sender's weight where it was:
+at most the bound.
+
 The wait is bounded by ``round_timeout``: a neighbour that crashed or whose message was
 lost does not block the round. Its weight then goes to the peer's own model, so the
 combination stays a convex one. Any robust aggregator can replace the weighted mean.
@@ -12,7 +29,7 @@ combination stays a convex one. Any robust aggregator can replace the weighted m
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Unpack
+from typing import Any, ClassVar, Literal, Unpack
 
 import torch
 
@@ -23,15 +40,40 @@ from p2pfl.protocols.base import (
     PeerDown,
     PeerId,
     PeerUp,
+    Record,
+    Send,
     SendFailed,
+    TrainingDone,
 )
-from p2pfl.protocols.synchronous import RoundSettings, SynchronousRoundProtocol
+from p2pfl.protocols.contract import Int, MessageSpec, Role
+from p2pfl.protocols.synchronous import MODEL, RoundSettings, SynchronousRoundProtocol
+
+#: meta key of a model message: the sender's degree (its number of neighbours)
+DEGREE = "deg"
+#: the largest degree a peer may declare (far above any neighbour list a node keeps)
+MAX_DEGREE = 1 << 20
+#: relative difference beyond which a declared degree disagrees with a given weight
+_AGREE = 1e-9
+
+
+def metropolis_hastings_weight(own_degree: int, other_degree: int) -> float:
+    """``1 / (max(deg_i, deg_j) + 1)``: the same number on both ends of an edge."""
+    return 1.0 / (max(own_degree, other_degree) + 1.0)
 
 
 class DPSGD(SynchronousRoundProtocol):
     """D-PSGD: train, exchange with every neighbour, mix with fixed weights."""
 
     name = "dpsgd"
+    #: a peer mixes with its graph neighbours only
+    needs_connected_graph: ClassVar[bool] = True
+    #: a round's trained model from a neighbour, with the sender's degree (optional on
+    #: the wire: a model without one leaves its sender's weight at most the bound)
+    messages: ClassVar[Mapping[str, MessageSpec]] = {
+        MODEL: MessageSpec(
+            sender=Role.NEIGHBOUR, tensor=True, fields={DEGREE: Int(lo=1, hi=MAX_DEGREE)}
+        ),
+    }
 
     def __init__(
         self,
@@ -40,12 +82,21 @@ class DPSGD(SynchronousRoundProtocol):
         neighbours: list[PeerId],
         *,
         weights: Mapping[PeerId, float] | None = None,
+        mixing: Literal["metropolis_hastings", "uniform"] = "metropolis_hastings",
         round_timeout: float = 10.0,
         **settings: Unpack[RoundSettings],
     ) -> None:
         super().__init__(peer_id, params, neighbours, round_timeout=round_timeout, **settings)
-        if weights is None:  # uniform over self and neighbours
-            share = 1.0 / (len(self.neighbours) + 1)
+        if mixing not in ("metropolis_hastings", "uniform"):
+            raise ValueError(f"unknown mixing scheme {mixing!r}")
+        self.mixing = mixing
+        self.degree = len(self.neighbours)
+        #: the weights are learned from declared degrees (none were given)
+        self.learns_weights = weights is None and mixing == "metropolis_hastings"
+        #: whether this protocol's models carry the degree (a subclass's contract may not)
+        self.declares_degree = DEGREE in self.messages[MODEL].fields
+        if weights is None:  # the bound for everyone until a degree says otherwise
+            share = 1.0 / (self.degree + 1)
             weights = {p: share for p in self.neighbours}
         unknown = set(weights) - set(self.neighbours) - {peer_id}
         if unknown:
@@ -90,8 +141,44 @@ class DPSGD(SynchronousRoundProtocol):
         own = 1.0 - sum(others)
         return torch.tensor([own, *others], dtype=torch.float32)
 
+    # -- degrees ---------------------------------------------------------------------
+    def _on_trained(self, event: TrainingDone) -> list[Effect]:
+        """Send the trained model as the base does, with this peer's degree attached.
+
+        The sends share one message object; it gets its ``deg`` before any driver sees it.
+        """
+        effects = super()._on_trained(event)
+        if self.declares_degree:
+            for effect in effects:
+                if type(effect) is Send and effect.message.kind == MODEL:
+                    effect.message.meta[DEGREE] = self.degree
+        return effects
+
+    def _learn_degree(self, event: MessageReceived) -> list[Effect]:
+        """Take a neighbour's declared degree into its weight (or check it, if given)."""
+        sender = event.sender
+        if sender not in self.weights or event.message.kind != MODEL:
+            return []
+        declared = event.message.meta.get(DEGREE) if type(event.message.meta) is dict else None
+        if type(declared) is not int or not 1 <= declared <= MAX_DEGREE:
+            return []  # its weight stays where it is: at most the bound
+        if self.mixing != "metropolis_hastings":
+            return []
+        weight = metropolis_hastings_weight(self.degree, declared)
+        current = self.weights[sender]
+        if not self.learns_weights:
+            if abs(weight - current) > _AGREE * max(weight, current):
+                return [Record("dpsgd.degree_mismatch", 1.0)]
+            return []
+        if weight != current:
+            self.weights[sender] = weight
+            self._all_weights = None
+        return []
+
     def handle(self, event: Event) -> list[Effect]:
         if type(event) is MessageReceived:  # most events: straight to the round logic
+            if self.declares_degree:
+                return self._learn_degree(event) + self._on_message(event)
             return self._on_message(event)
         if isinstance(event, PeerDown):
             self.alive.discard(event.peer)

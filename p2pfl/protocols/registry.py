@@ -1,4 +1,10 @@
-"""Building a protocol object from its configuration, for the node and the simulator alike."""
+"""Building a protocol object from its configuration, for the node and the simulator alike.
+
+The one place that maps a protocol's configuration to its code: :func:`protocol_class`
+(whose class attributes tell a driver how rounds progress, whether the guard's round
+window applies, whether the graph must be connected) and :func:`build_protocol`.
+Drivers ask these instead of branching on a protocol's name.
+"""
 
 from __future__ import annotations
 
@@ -25,15 +31,36 @@ from p2pfl.protocols.synchronous import AggregateFn
 if TYPE_CHECKING:
     from p2pfl.protocols.records import RecordSigner
 
-#: how a simulator measures progress: every peer's round (min) or the system's (max)
-ROUND_PROGRESS = {
-    "dpsgd": "min",
-    "epidemic": "min",
-    "gossip": "min",
-    "modest": "max",
-    "sybilwall": "min",
-    "bristle": "min",
-}
+
+def protocol_class(config: ProtocolConfig) -> type[Protocol]:
+    """The class of the protocol ``config`` describes: what a driver reads the protocol's
+    declarations from (``progress``, ``max_round_lag``, ``needs_connected_graph``) before
+    any peer is built."""
+    if isinstance(config, DPSGDConfig):
+        return DPSGD
+    if isinstance(config, EpidemicConfig):
+        return EpidemicLearning
+    if isinstance(config, GossipConfig):
+        return GossipLearning
+    if isinstance(config, ModestConfig):
+        from p2pfl.protocols.modest import ModestProtocol
+
+        return ModestProtocol
+    if isinstance(config, SybilWallConfig):
+        from p2pfl.protocols.sybilwall import SybilWall
+
+        return SybilWall
+    if isinstance(config, BristleConfig):
+        from p2pfl.protocols.bristle import Bristle
+
+        return Bristle
+    raise ValueError(f"unknown protocol config {config!r}")
+
+
+def mixing_scheme(config: ProtocolConfig) -> str | None:
+    """The scheme of the mixing weights a driver derives from its graph for this protocol
+    (``"metropolis_hastings"`` or ``"uniform"``); ``None``: it takes no given weights."""
+    return config.mixing if isinstance(config, DPSGDConfig) else None
 
 
 def make_aggregate(config: ProtocolConfig) -> AggregateFn | None:
@@ -73,6 +100,7 @@ def build_protocol(
             params,
             neighbours,
             weights=mixing_weights,
+            mixing=config.mixing,
             round_timeout=config.round_timeout,
             aggregate=aggregate,
             local_steps=steps,

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from p2pfl.errors import P2PFLError
+
 __all__ = ["BridgeClosed", "TrioThread", "acquire", "release"]
 
 T = TypeVar("T")
@@ -27,7 +29,7 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 
-class BridgeClosed(RuntimeError):
+class BridgeClosed(P2PFLError, RuntimeError):
     """The trio loop is not running (never started, stopped, or crashed)."""
 
 

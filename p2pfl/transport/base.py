@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+from p2pfl.errors import P2PFLError
+
 __all__ = [
     "AbuseHandler",
     "DiscoveryHandler",
@@ -48,7 +50,7 @@ class FrameAbuse(StrEnum):
     STALLED = "stalled"  # the sender went silent in the middle of a frame
 
 
-class TransportError(Exception):
+class TransportError(P2PFLError):
     """A send, connect or ping that did not succeed (refused, reset, timed out, closed)."""
 
 

@@ -1,7 +1,8 @@
 """py-libp2p 0.8.1 behind the ``Transport`` interface.
 
 Wire protocol ``/p2pfl/msg/2.0.0``: frames on long-lived streams.  A frame is a
-4-byte big-endian length and the payload; the receiver reads the whole frame,
+4-byte big-endian length and the payload (the format of :mod:`p2pfl.wire.framing`,
+the one place it is defined); the receiver reads the whole frame,
 hands it to the asyncio loop and answers one acknowledgement byte, after which
 the sender may write the next frame on the same stream.  A sender therefore has
 at most one unacknowledged frame per stream, and frames never interleave.
@@ -86,6 +87,9 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.utils.address_validation import expand_wildcard_address
 from multiaddr import Multiaddr
 
+from p2pfl.errors import P2PFLError
+from p2pfl.wire.framing import ACK, FRAME_HEADER_BYTES, frame_header, frame_length
+
 from . import _trio_bridge
 from ._yamux import PatchedYamux, use_patched_yamux
 from .base import FrameAbuse, Transport, TransportError
@@ -102,8 +106,7 @@ __all__ = [
 ]
 
 PROTOCOL_ID = TProtocol("/p2pfl/msg/2.0.0")
-ACK = b"\x01"
-HEADER_SIZE = 4
+HEADER_SIZE = FRAME_HEADER_BYTES  # frames are p2pfl.wire.framing's (ACK is re-exported)
 DEFAULT_LISTEN_ADDRS = ("/ip4/127.0.0.1/tcp/0",)
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 MAX_IDLE_STREAMS = 4
@@ -140,7 +143,7 @@ class _NoAutoConnect(AutoConnector):
         return
 
 
-class _FrameError(Exception):
+class _FrameError(P2PFLError):
     """An inbound frame that is not acceptable.
 
     ``counter`` names the stat it counts as, ``abuse`` what to report to the abuse
@@ -153,7 +156,7 @@ class _FrameError(Exception):
         self.abuse = abuse
 
 
-class _StaleStream(Exception):
+class _StaleStream(P2PFLError):
     """A kept outbound stream that the receiver had closed: the frame may be sent again."""
 
 
@@ -515,7 +518,7 @@ class Libp2pTransport(Transport):
         """
         muxed = _muxed(stream)  # frames skip NetStream (see _read_exactly)
         try:
-            header = len(data).to_bytes(HEADER_SIZE, "big")
+            header = frame_header(len(data))
             if len(data) <= _COALESCE_LIMIT:  # one frame instead of two
                 await muxed.write(header + data)
             else:  # not worth copying a model for
@@ -629,7 +632,7 @@ class Libp2pTransport(Transport):
         header = await self._read_header(stream)
         if header is None:
             return False
-        size = int.from_bytes(header, "big")
+        size = frame_length(header)
         if size > self.max_message_size:
             raise _FrameError(
                 "rejected_oversized",

@@ -9,13 +9,36 @@ Everything a node receives goes through here before a protocol sees it::
 ``decode`` is stateless; replay, round-window, rate and ban checks need per-peer state
 and live in :class:`p2pfl.security.PeerGuard`. Anything refused raises ``WireError``
 whose ``reason`` (a :class:`DropReason`) names the drop counter.
+
+Names load on first use (PEP 562), so a module that needs only the framing (the libp2p
+transport) does not load torch and the codecs with it.
 """
 
-from .envelope import Envelope, Layout, LayoutCheck, decode, encode
-from .errors import DropReason, WireError
-from .framing import FRAME_HEADER_BYTES, FrameReader, frame, frame_header
-from .limits import DEFAULT_LIMITS, DTYPES, WireLimits
-from .signed import SignedRecord, sign_record, verify_record
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Envelope": "p2pfl.wire.envelope",
+    "Layout": "p2pfl.wire.envelope",
+    "LayoutCheck": "p2pfl.wire.envelope",
+    "decode": "p2pfl.wire.envelope",
+    "encode": "p2pfl.wire.envelope",
+    "DropReason": "p2pfl.wire.errors",
+    "WireError": "p2pfl.wire.errors",
+    "FRAME_HEADER_BYTES": "p2pfl.wire.framing",
+    "FrameReader": "p2pfl.wire.framing",
+    "frame": "p2pfl.wire.framing",
+    "frame_header": "p2pfl.wire.framing",
+    "frame_length": "p2pfl.wire.framing",
+    "DEFAULT_LIMITS": "p2pfl.wire.limits",
+    "DTYPES": "p2pfl.wire.limits",
+    "WireLimits": "p2pfl.wire.limits",
+    "SignedRecord": "p2pfl.wire.signed",
+    "sign_record": "p2pfl.wire.signed",
+    "verify_record": "p2pfl.wire.signed",
+}
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -33,6 +56,27 @@ __all__ = [
     "encode",
     "frame",
     "frame_header",
+    "frame_length",
     "sign_record",
     "verify_record",
 ]
+
+if TYPE_CHECKING:
+    from .envelope import Envelope, Layout, LayoutCheck, decode, encode
+    from .errors import DropReason, WireError
+    from .framing import FRAME_HEADER_BYTES, FrameReader, frame, frame_header, frame_length
+    from .limits import DEFAULT_LIMITS, DTYPES, WireLimits
+    from .signed import SignedRecord, sign_record, verify_record
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'p2pfl.wire' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

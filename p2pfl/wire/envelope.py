@@ -40,7 +40,7 @@ from p2pfl.codecs import (
     tensor_to_le_bytes,
 )
 from p2pfl.identity import Identity, peer_id_from_bytes
-from p2pfl.protocols.base import Message, PeerId
+from p2pfl.messages import Message, PeerId
 
 from .errors import DropReason, WireError
 from .limits import DEFAULT_LIMITS, DTYPE_CODES, DTYPES, WireLimits, check_value

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from p2pfl.errors import P2PFLError
+
 __all__ = ["DropReason", "WireError"]
 
 
@@ -38,7 +40,7 @@ class DropReason(StrEnum):
     BANNED = "banned"  # peer is serving a ban for earlier misbehaviour
 
 
-class WireError(Exception):
+class WireError(P2PFLError):
     """Raised for any input the wire refuses; ``reason`` says which counter to bump."""
 
     def __init__(self, reason: DropReason, detail: str = "") -> None:

@@ -4,6 +4,11 @@ A frame is a 4-byte big-endian length followed by that many bytes. The reader re
 length above its cap as soon as the 4 prefix bytes are in, before buffering any payload,
 and grows its buffer only as data actually arrives: a peer announcing a huge frame and
 sending nothing costs nothing.
+
+This module is the one definition of the frame format: :class:`FrameReader` parses pushed
+chunks, and the libp2p transport (which pulls exact byte counts from a stream) writes
+:func:`frame_header`, reads :func:`frame_length` and answers each frame with :data:`ACK`.
+It imports neither torch nor the codecs, so the transport that uses it stays light.
 """
 
 from __future__ import annotations
@@ -11,13 +16,16 @@ from __future__ import annotations
 import struct
 
 from .errors import DropReason, WireError
-from .limits import DEFAULT_LIMITS
 
-__all__ = ["FRAME_HEADER_BYTES", "FrameReader", "frame", "frame_header"]
+__all__ = ["ACK", "FRAME_HEADER_BYTES", "FrameReader", "frame", "frame_header", "frame_length"]
 
 _HEADER = struct.Struct(">I")
 FRAME_HEADER_BYTES = _HEADER.size
 MAX_FRAME_BYTES = (1 << 32) - 1
+#: the default cap on one frame, which holds one message (``WireLimits.max_message_bytes``)
+DEFAULT_MAX_FRAME_BYTES = 128 << 20
+#: the byte a receiver answers once it has taken a whole frame (streams that acknowledge)
+ACK = b"\x01"
 
 Buffer = bytes | bytearray | memoryview
 
@@ -27,6 +35,12 @@ def frame_header(length: int) -> bytes:
     if not 0 <= length <= MAX_FRAME_BYTES:
         raise ValueError(f"a frame holds 0 to {MAX_FRAME_BYTES} bytes, not {length}")
     return _HEADER.pack(length)
+
+
+def frame_length(header: Buffer) -> int:
+    """The payload length that a 4-byte prefix announces."""
+    length: int = _HEADER.unpack(header)[0]
+    return length
 
 
 def frame(payload: Buffer) -> bytes:
@@ -43,7 +57,7 @@ class FrameReader:
 
     __slots__ = ("max_frame_bytes", "_header", "_payload", "_need", "_error")
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_LIMITS.max_message_bytes) -> None:
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         if not 0 <= max_frame_bytes <= MAX_FRAME_BYTES:
             raise ValueError(f"max_frame_bytes must be in [0, {MAX_FRAME_BYTES}]")
         self.max_frame_bytes = max_frame_bytes
@@ -71,7 +85,7 @@ class FrameReader:
                 pos += take
                 if len(self._header) < FRAME_HEADER_BYTES:
                     break
-                (length,) = _HEADER.unpack(self._header)
+                length = frame_length(self._header)
                 self._header.clear()
                 if length > self.max_frame_bytes:
                     self._error = WireError(

@@ -16,6 +16,7 @@ import torch
 from p2pfl.codecs import CODECS
 
 from .errors import DropReason, WireError
+from .framing import DEFAULT_MAX_FRAME_BYTES
 
 __all__ = ["DTYPES", "DEFAULT_LIMITS", "WireLimits", "check_value"]
 
@@ -46,7 +47,7 @@ class WireLimits:
     allocate a huge list) and the decoded tensor.
     """
 
-    max_message_bytes: int = 128 << 20
+    max_message_bytes: int = DEFAULT_MAX_FRAME_BYTES  # one message is one frame
     max_name_len: int = 64  # protocol and kind names
     max_str_len: int = 64 << 10  # any string in meta
     max_container_len: int = 1 << 16  # any one array or map

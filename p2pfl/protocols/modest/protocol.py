@@ -345,6 +345,11 @@ class ModestProtocol(Protocol):
     """
 
     name = "modest"
+    #: the system's progress is its furthest round: samples move on without everyone
+    progress: ClassVar[Literal["min", "max"]] = "max"
+    #: no round window in a node's guard: a peer not sampled for a while is legitimately
+    #: many rounds behind, and a joiner starts at round 0; stale messages are answered here
+    max_round_lag: ClassVar[int | None] = None
     messages: ClassVar[Mapping[str, MessageSpec]] = {
         PING: MessageSpec(sender=Role.ANYONE),
         PONG: MessageSpec(sender=Role.ANYONE, fields=_PROGRESS),

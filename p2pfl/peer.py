@@ -1,0 +1,269 @@
+"""The assembly of a peer: what both drivers call to build the peers they run.
+
+The node (one peer per process) and the simulator (thousands in one process) must run the
+same peer, or what a simulation shows would not hold on a real network. So neither
+assembles one itself; both go through this module, from the same configuration sections
+(:mod:`p2pfl.config`: data, model, protocol, attack):
+
+- :func:`build_commons`, once per network: the dataset cut into data shares, one
+  :class:`~p2pfl.learning.LocalTrainer` (the simulator trains every peer through it, in
+  batches), the start model every peer begins from (``init_params(seed)``, or Bristle's
+  pre-trained shared extractor) and the aggregator the configuration names;
+- :meth:`Commons.peer`, per peer: its data share, its minibatch sampler and its protocol
+  inputs (Bristle's probe set), all derived from the seed and the peer's index;
+- :meth:`Commons.build_protocol`, per peer: the protocol object
+  (:func:`~p2pfl.protocols.registry.build_protocol`);
+- :func:`wrap_attacker`, per Byzantine peer: the protocol wrapped as its attack needs.
+
+What is the driver's own stays with it: which peers hold which share (the simulator's
+relay-only and Sybil peers hold none), the neighbours and the population (a graph, or the
+peers a node met), the signer of relayed data, and what an attacker knows of honest models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from p2pfl.config import AttackOptions, BristleConfig, DataConfig, ModelConfig, ProtocolConfig
+from p2pfl.learning import (
+    BatchSampler,
+    Dataset,
+    LocalTrainer,
+    build_model,
+    load_dataset,
+    partition,
+    sampler_seed,
+)
+from p2pfl.protocols.base import PeerId, Protocol
+from p2pfl.protocols.registry import build_protocol, make_aggregate
+
+if TYPE_CHECKING:
+    from p2pfl.attacks import Attack, Collusion
+    from p2pfl.attacks.behaviour import Knowledge
+    from p2pfl.protocols.bristle import SharedExtractor
+    from p2pfl.protocols.records import RecordSigner
+    from p2pfl.protocols.synchronous import AggregateFn
+
+__all__ = [
+    "Commons",
+    "PeerSetup",
+    "attacker_seed",
+    "build_commons",
+    "build_trainer",
+    "wrap_attacker",
+]
+
+
+@dataclass(frozen=True)
+class PeerSetup:
+    """What one peer starts with besides its protocol: its data and its protocol inputs."""
+
+    index: int
+    #: its samples (indices into the training set); empty for a peer that holds no data
+    share: np.ndarray
+    #: its minibatches, seeded by ``(seed, index)``; ``None`` when it holds no data
+    sampler: BatchSampler | None
+    #: the per-peer inputs its protocol needs beyond the configuration (Bristle's probe set)
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_size(self) -> int:
+        return len(self.share)
+
+
+@dataclass(frozen=True)
+class Commons:
+    """What every peer of one network shares, built once by :func:`build_commons`."""
+
+    protocol: ProtocolConfig
+    seed: int
+    batch_size: int
+    dataset: Dataset
+    #: the training set cut into data shares (``shares[k]``: indices of share ``k``)
+    shares: list[np.ndarray]
+    #: one trainer for all peers (the simulator batches their training through it)
+    trainer: LocalTrainer
+    #: every peer's start vector (never handed out: each peer gets a copy)
+    start: torch.Tensor
+    #: the aggregator the configuration names; ``None``: the protocol's own mean
+    aggregate: AggregateFn | None = None
+    #: Bristle's pre-trained shared feature extractor (``None`` for other protocols)
+    extractor: SharedExtractor | None = None
+
+    @property
+    def message_dim(self) -> int:
+        """Elements of the tensor a message carries, known before any protocol is built
+        (a node screens messages that arrive while it is still discovering)."""
+        return self.extractor.output.numel if self.extractor is not None else self.trainer.dim
+
+    def peer(self, index: int, share: int | None) -> PeerSetup:
+        """Peer ``index`` holding data share ``share`` (``None``: it holds no data)."""
+        if share is None:
+            return PeerSetup(index, np.zeros(0, dtype=np.int64), None, self._extras(index, None))
+        indices = self.shares[share]
+        sampler = BatchSampler(indices, self.batch_size, sampler_seed(self.seed, index))
+        return PeerSetup(index, indices, sampler, self._extras(index, indices))
+
+    def _extras(self, index: int, indices: np.ndarray | None) -> dict[str, Any]:
+        """Bristle's per-peer inputs: the output layer's place and the features of a probe
+        set drawn from the peer's own samples (empty without data); nothing otherwise."""
+        if self.extractor is None:
+            return {}
+        assert isinstance(self.protocol, BristleConfig)
+        from p2pfl.protocols.bristle import probe_set
+
+        if indices is None:
+            return self.extractor.extras(*self.extractor.empty_probe())
+        probe = probe_set(
+            self.extractor,
+            self.dataset.x_train,
+            self.dataset.y_train,
+            indices,
+            self.protocol.probe_samples,
+            seed=self.seed,
+            peer=index,
+        )
+        return self.extractor.extras(*probe)
+
+    def build_protocol(
+        self,
+        setup: PeerSetup,
+        *,
+        peer_id: PeerId,
+        neighbours: list[PeerId],
+        population: list[PeerId] | None = None,
+        mixing_weights: Mapping[PeerId, float] | None = None,
+        signer: RecordSigner | None = None,
+        aggregate: AggregateFn | None = None,
+    ) -> Protocol:
+        """The protocol of peer ``setup``, starting from a copy of the shared start vector.
+
+        ``aggregate`` replaces the configured aggregator (the simulator's batched backend
+        defers the plain means); ``None`` keeps :attr:`aggregate`.
+        """
+        return build_protocol(
+            self.protocol,
+            peer_id=peer_id,
+            params=self.start.clone(),
+            neighbours=neighbours,
+            population=population,
+            mixing_weights=mixing_weights,
+            aggregate=aggregate if aggregate is not None else self.aggregate,
+            seed=self.seed,
+            extras=setup.extras,
+            signer=signer,
+        )
+
+
+def build_trainer(dataset: Dataset, model: ModelConfig, data: DataConfig) -> LocalTrainer:
+    """The local trainer of the configured model on ``dataset``'s training set."""
+    hidden = tuple(model.hidden) if model.hidden else None
+    net = build_model(model.name, dataset.input_shape, dataset.num_classes, hidden=hidden)
+    return LocalTrainer(
+        net,
+        dataset.x_train,
+        dataset.y_train,
+        lr=model.lr,
+        batch_size=data.batch_size,
+        weight_decay=model.weight_decay,
+    )
+
+
+def build_commons(
+    data: DataConfig,
+    model: ModelConfig,
+    protocol: ProtocolConfig,
+    *,
+    seed: int,
+    shares: int,
+    dataset: Dataset | None = None,
+) -> Commons:
+    """Everything the peers of a network seeded ``seed`` share, the training set cut into
+    ``shares`` data shares; ``dataset`` is loaded from ``data`` unless given.
+
+    Deterministic in the configuration and the seed: a node computes the same commons as
+    the simulator (and as every other node), without exchanging anything.
+    """
+    if dataset is None:
+        dataset = load_dataset(data.dataset, data_dir=data.data_dir, seed=seed)
+    parts = partition(
+        dataset.y_train.numpy(),
+        shares,
+        data.partition,
+        seed=seed,
+        alpha=data.alpha,
+        shards_per_peer=data.shards_per_peer,
+        sources=dataset.sources,
+    )
+    trainer = build_trainer(dataset, model, data)
+    start = trainer.init_params(seed)
+    extractor = None
+    if isinstance(protocol, BristleConfig):
+        from p2pfl.protocols.bristle import pretrain_extractor
+
+        extractor = pretrain_extractor(
+            trainer,
+            start,
+            seed=seed,
+            pretrain_samples=protocol.pretrain_samples,
+            pretrain_steps=protocol.pretrain_steps,
+        )
+        start = extractor.start
+    return Commons(
+        protocol=protocol,
+        seed=seed,
+        batch_size=data.batch_size,
+        dataset=dataset,
+        shares=list(parts),
+        trainer=trainer,
+        start=start,
+        aggregate=make_aggregate(protocol),
+        extractor=extractor,
+    )
+
+
+def attacker_seed(index: int, seed: int) -> int:
+    """The seed of Byzantine peer ``index``'s noise (noise attacks, Sybil jitter)."""
+    return index + 7919 * seed
+
+
+def wrap_attacker(
+    protocol: Protocol,
+    attack: Attack,
+    options: AttackOptions,
+    *,
+    index: int,
+    seed: int,
+    isolate: bool,
+    n_total: int,
+    n_byzantine: int,
+    knowledge: Knowledge | None = None,
+    collusion: Collusion | None = None,
+    jitter: float = 0.0,
+) -> Protocol:
+    """Peer ``index``'s protocol as a Byzantine peer carrying out ``attack``: wrapped in
+    :class:`~p2pfl.attacks.ByzantineProtocol` when the attack needs it, else unchanged.
+
+    ``n_total``/``n_byzantine`` feed ALIE's ``z_max``; ``knowledge`` is what it knows of
+    honest models (``None``: what the peer itself received); ``collusion`` and ``jitter``
+    make Sybil identities send one shared vector.
+    """
+    from p2pfl.attacks import as_attacker
+
+    return as_attacker(
+        protocol,
+        attack,
+        isolate=isolate,
+        knowledge=knowledge,
+        delay=options.delay,
+        n_total=n_total,
+        n_byzantine=n_byzantine,
+        collusion=collusion,
+        jitter=jitter,
+        seed=attacker_seed(index, seed),
+    )
