@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from p2pfl.config import ConfigError
+from topologies.weights import metropolis_hastings_weight
 
 __all__ = ["PeerGraph", "TopologyFileError", "check_member", "choose_neighbours"]
 
@@ -107,7 +108,7 @@ class PeerGraph:
     def metropolis_hastings(self, peer: str) -> dict[str, float]:
         """``peer``'s row of the Metropolis-Hastings matrix, without its own weight."""
         deg = self.degree(peer)
-        return {j: 1.0 / (max(deg, self.degree(j)) + 1.0) for j in self.neighbours(peer)}
+        return {j: metropolis_hastings_weight(deg, self.degree(j)) for j in self.neighbours(peer)}
 
     def uniform(self, peer: str) -> dict[str, float]:
         """``1 / (deg + 1)`` for every neighbour (row-stochastic only)."""

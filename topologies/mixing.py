@@ -15,6 +15,8 @@ import scipy.sparse as sp
 import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
 
+from topologies.weights import metropolis_hastings_weight
+
 __all__ = [
     "DENSE_EIG_LIMIT",
     "is_doubly_stochastic",
@@ -39,7 +41,7 @@ def metropolis_hastings(g: nx.Graph) -> sp.csr_matrix:
     stochastic on any graph, so gossip averaging converges to the true mean.
     """
     n, deg, u, v = _edge_arrays(g)
-    w = 1.0 / (np.maximum(deg[u], deg[v]) + 1.0)
+    w = metropolis_hastings_weight(deg[u], deg[v])
     off = sp.coo_matrix(
         (np.concatenate([w, w]), (np.concatenate([u, v]), np.concatenate([v, u]))), shape=(n, n)
     )

@@ -47,6 +47,7 @@ from p2pfl.protocols.base import (
 )
 from p2pfl.protocols.contract import Int, MessageSpec, Role
 from p2pfl.protocols.synchronous import MODEL, RoundSettings, SynchronousRoundProtocol
+from topologies.weights import metropolis_hastings_weight
 
 #: meta key of a model message: the sender's degree (its number of neighbours)
 DEGREE = "deg"
@@ -54,11 +55,6 @@ DEGREE = "deg"
 MAX_DEGREE = 1 << 20
 #: relative difference beyond which a declared degree disagrees with a given weight
 _AGREE = 1e-9
-
-
-def metropolis_hastings_weight(own_degree: int, other_degree: int) -> float:
-    """``1 / (max(deg_i, deg_j) + 1)``: the same number on both ends of an edge."""
-    return 1.0 / (max(own_degree, other_degree) + 1.0)
 
 
 class DPSGD(SynchronousRoundProtocol):
