@@ -8,8 +8,9 @@ use, so ``import p2pfl`` stays cheap (a node's command line imports only what it
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from topologies.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -68,14 +69,4 @@ if TYPE_CHECKING:
     from p2pfl.protocols.registry import build_protocol
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'p2pfl' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -15,8 +15,9 @@ Names load on first use, so ``import sim`` is cheap.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from topologies.lazy import lazy_exports
 
 _EXPORTS = {
     "Scenario": "sim.scenario",
@@ -47,14 +48,4 @@ if TYPE_CHECKING:
     from sim.scenario import Scenario, ScenarioError, load_scenario, scenario_from_dict
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sim' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

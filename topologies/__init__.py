@@ -11,8 +11,9 @@ matplotlib loads only when something is drawn.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from topologies.lazy import lazy_exports
 
 _EXPORTS = {
     "Battery": "topologies.battery",
@@ -116,14 +117,4 @@ if TYPE_CHECKING:
     from topologies.stats import graph_stats
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'topologies' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -16,8 +16,9 @@ transport) does not load torch and the codecs with it.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from topologies.lazy import lazy_exports
 
 _EXPORTS = {
     "Envelope": "p2pfl.wire.envelope",
@@ -69,14 +70,4 @@ if TYPE_CHECKING:
     from .signed import SignedRecord, sign_record, verify_record
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'p2pfl.wire' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

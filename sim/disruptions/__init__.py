@@ -43,8 +43,9 @@ without loading the runtime that carries disruptions out.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from topologies.lazy import lazy_exports
 
 _EXPORTS = {
     "BatteryDrain": "sim.disruptions.config",
@@ -121,14 +122,4 @@ if TYPE_CHECKING:
     from sim.errors import DisruptionError
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sim.disruptions' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
