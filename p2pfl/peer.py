@@ -146,7 +146,7 @@ class Commons:
         ``aggregate`` replaces the configured aggregator (the simulator's batched backend
         defers the plain means); ``None`` keeps :attr:`aggregate`.
         """
-        return build_protocol(
+        protocol = build_protocol(
             self.protocol,
             peer_id=peer_id,
             params=self.start.clone(),
@@ -158,6 +158,14 @@ class Commons:
             extras=setup.extras,
             signer=signer,
         )
+        # the stream of peer ``index`` in both drivers (the simulator names it ``p{index}``)
+        protocol.use_stream(stream_label(setup.index))
+        return protocol
+
+
+def stream_label(index: int) -> str:
+    """The label of peer ``index``'s random stream: its simulator name, in both drivers."""
+    return f"p{index}"
 
 
 def build_trainer(dataset: Dataset, model: ModelConfig, data: DataConfig) -> LocalTrainer:

@@ -73,8 +73,9 @@ class SimConfig(Strict):
     #: connectivity columns (components, accuracy per component); on when there are disruptions
     connectivity: bool = False
     #: sign relayed data (MoDeST view entries, SybilWall histories) with per-peer keys, as
-    #: nodes do; off by default for speed (see p2pfl.protocols.records)
-    sign_relayed: bool = False
+    #: nodes do, so that both drivers run the same code (see p2pfl.protocols.records);
+    #: ``false`` is faster and lets any relayer rewrite what it relays
+    sign_relayed: bool = True
 
 
 class Scenario(Strict):

@@ -15,27 +15,22 @@ peer id, so that anything a protocol orders by peer id (its neighbour list, a st
 received models) is in the same order as the simulator's ``p0 < p1 < ...``.
 
 Observed: every passing case agrees to within 1.2e-7 (float32 rounding of sums taken in
-another order); ``TOLERANCE`` is 1e-5. Two configurations still diverge, each for a
-reason found here, and are marked ``xfail(strict=True)`` so that the fix shows:
+another order); ``TOLERANCE`` is 1e-5. Two causes of divergence were found and fixed:
 
-- a protocol's private random stream is seeded with ``f"{seed}:{peer_id}"``
-  (``Protocol.__init__``), and a simulated peer is named ``p{i}`` while node ``i`` is named
-  by its key: every random draw differs (Bristle's ``n_random`` picks);
-- MoDeST orders a round's candidates by SHA-256 of ``(round, peer id)``: with fewer
-  aggregators than sampled peers, the drivers choose different aggregators.
+- a protocol's private random stream was seeded with ``f"{seed}:{peer_id}"``, and a
+  simulated peer is named ``p{i}`` while node ``i`` is named by its key, so every random
+  draw differed (Bristle's ``n_random`` picks, SybilWall's choice of which history to
+  gossip): the assembly of a peer (``p2pfl.peer``) now labels the stream by the peer's
+  index in both drivers (``Protocol.use_stream``);
+- SybilWall gossiped what a peer knew *when its training ended* and scored whatever
+  gossip had arrived *when its round ended*, both wall-clock order on nodes (about 0.04
+  apart on the Barabasi-Albert graph): its gossip is now round-synchronous.
 
-SybilWall on the Barabasi-Albert graph diverged (by about 0.04) until its gossip was made
-round-synchronous (``p2pfl.protocols.sybilwall``): it gossiped what a peer knew *when its
-training ended*, scored whatever gossip had arrived *when its round ended* (both
-wall-clock order on nodes), and drew the history to gossip from the peer-id-seeded random
-stream. Now a round's gossip is built from what was known when the previous round ended,
-applied when its round ends in the senders' order, and chosen by weighted round-robin;
-the drivers agree to 6e-8. (Only graphs with peers two hops apart score gossiped
-histories: a complete graph agreed before too.)
-
-Checked by hand (a copy of ``build_simulation`` naming simulated peer ``i`` by node
-``i``'s peer id): MoDeST with one aggregator and Bristle with ``n_random = 1`` then agree
-to 1e-7.
+One remains, marked ``xfail(strict=True)`` so that a fix shows: MoDeST orders a round's
+candidates by SHA-256 of ``(round, peer id)``, and the ids differ, so with fewer
+aggregators than sampled peers the drivers choose different aggregators (checked by hand:
+with simulated peer ``i`` named by node ``i``'s peer id they agree to 1e-7). The test
+with eight aggregators of eight peers is unaffected.
 """
 
 from __future__ import annotations
@@ -310,12 +305,6 @@ def test_bristle_on_barabasi_albert(tmp_path: Path) -> None:
     check_equivalent(tmp_path, BRISTLE, BARABASI_ALBERT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Bristle's n_random picks draw from the protocol rng, seeded with the peer id "
-    "(p{i} in the simulator, a key-derived id on a node)",
-)
 def test_bristle_random_picks_on_barabasi_albert(tmp_path: Path) -> None:
     check_equivalent(tmp_path, {**BRISTLE, "n_random": 1}, BARABASI_ALBERT)
 

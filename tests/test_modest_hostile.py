@@ -24,7 +24,7 @@ from p2pfl.protocols.base import (
 )
 from p2pfl.protocols.contract import Refusal
 from p2pfl.protocols.modest import ModestProtocol, derive_candidates
-from p2pfl.protocols.modest.protocol import MAX_NEW_MEMBERS, MEMBER_BUDGET
+from p2pfl.protocols.modest.membership import MAX_NEW_MEMBERS, MEMBER_BUDGET
 from tests.test_modest import make, peers, vouched
 from tests.test_signed_relay import signed
 
@@ -225,7 +225,7 @@ def test_signed_views_take_no_unproven_names_at_all() -> None:
 
 def test_a_peer_signs_its_own_bottom_entry() -> None:
     p = signed(IDS[0], IDS)
-    wire = p._view_wire()
+    wire = p.membership.view_wire()
     assert len(wire[IDS[0]]) == 4  # [0, 0, 0, record]: checkable by everyone
     assert wire[IDS[1]] == [0, 0, 0]  # what it cannot prove, it relays bare
 

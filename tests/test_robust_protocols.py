@@ -46,10 +46,11 @@ def test_sybilwall_scores_against_gossiped_twins_of_a_lone_sybil_neighbour() -> 
     _train_once(wall, torch.tensor([1.0, 0.0, 0.0]))
     twin = torch.tensor([0.0, 3.0, 3.0])  # s2's history as b saw it: the same direction as s1
     wall.handle(MessageReceived(0.15, "b", Message(HISTORY, 0, twin, {"subject": "s2", "hops": 1})))
-    assert set(wall.gossiped) == {"s2"} and wall.gossiped["s2"][1] == 2
+    assert not wall.gossiped and set(wall.pending[0]) == {"b"}  # kept until round 0 ends
     wall.handle(_model("a", torch.tensor([2.0, 0.0, 0.0])))
     wall.handle(_model("b", torch.tensor([0.0, 0.0, -1.0])))
     wall.handle(_model("s1", torch.tensor([0.0, 1.0, 1.0])))
+    assert set(wall.gossiped) == {"s2"} and wall.gossiped["s2"][1] == 2
     assert wall.trust["s1"] == 0.0 and wall.trust["a"] > 0.5 and wall.trust["b"] > 0.5
 
 
@@ -69,20 +70,116 @@ def test_sybilwall_gossips_one_history_per_neighbour_favouring_near_ones() -> No
     assert picks["a"] > 300 and picks["b"] > 300
 
 
+def _gossip_from(sender: str, subject: str, round_: int = 0, hops: int = 1) -> MessageReceived:
+    meta = {"subject": subject, "hops": hops}
+    return MessageReceived(0.15, sender, Message(HISTORY, round_, torch.ones(2), meta))
+
+
 def test_sybilwall_ignores_gossip_about_its_own_neighbours_and_evicts_far_histories() -> None:
-    wall = SybilWall("me", torch.zeros(2), ["a", "b"], max_known=2, seed=4)
-    history = torch.ones(2)
-    for subject, hops in [("a", 1), ("me", 1), ("x", 3), ("y", 1), ("z", 1)]:
-        wall.handle(
-            MessageReceived(
-                0.0, "b", Message(HISTORY, 0, history, {"subject": subject, "hops": hops})
-            )
-        )
-    assert set(wall.gossiped) == {"y", "z"}  # x (4 hops) went first when z came
-    effects = wall.handle(
-        MessageReceived(0.0, "stranger", Message(HISTORY, 0, history, {"subject": "q", "hops": 1}))
-    )
-    assert "q" not in wall.gossiped and effects[0].name == "sybilwall.bad_history"
+    neighbours = ["a", "b1", "b2", "b3", "b4", "b5"]
+    wall = SybilWall("me", torch.zeros(2), neighbours, max_known=2, seed=4)
+    _train_once(wall, torch.zeros(2))
+    for sender, subject, hops in [("b1", "a", 1), ("b2", "me", 1), ("b3", "x", 3)]:
+        wall.handle(_gossip_from(sender, subject, hops=hops))
+    for sender, subject in [("b4", "y"), ("b5", "z")]:
+        wall.handle(_gossip_from(sender, subject))
+    effects = wall.handle(_gossip_from("stranger", "q"))
+    assert effects[0].name == "sybilwall.bad_history" and "stranger" not in wall.pending[0]
+    for peer in neighbours:
+        wall.handle(_model(peer, torch.zeros(2)))
+    assert wall.round == 1
+    # applied in the senders' order: x (4 hops) went first when z came
+    assert set(wall.gossiped) == {"y", "z"}
+
+
+def _names(effects: list, name: str) -> float:
+    return sum(e.value for e in effects if getattr(e, "name", "") == name)
+
+
+def test_sybilwall_keeps_at_most_one_history_per_neighbour_and_round() -> None:
+    """A hostile neighbour cannot make the buffer grow: one slot per round, current rounds."""
+    wall = SybilWall("me", torch.zeros(2), ["a", "b"], seed=4)  # max_lead 2: rounds 0..2
+    _train_once(wall, torch.zeros(2))
+    effects = []
+    for round_ in range(6):
+        for i in range(5):
+            effects += wall.handle(_gossip_from("b", f"far{i}", round_=round_))
+    assert _names(effects, "dropped.future_round") == 3 * 5  # rounds 3, 4, 5
+    assert _names(effects, "sybilwall.extra_history") == 3 * 4
+    assert {r: set(heard) for r, heard in wall.pending.items()} == {0: {"b"}, 1: {"b"}, 2: {"b"}}
+    assert wall.pending[0]["b"][0] == "far0"  # the first one came: the others are dropped
+    wall.handle(_model("a", torch.zeros(2)))
+    wall.handle(_model("b", torch.zeros(2)))
+    assert wall.round == 1 and set(wall.gossiped) == {"far0"} and set(wall.pending) == {1, 2}
+    late = wall.handle(_gossip_from("a", "far9", round_=0))
+    assert _names(late, "sybilwall.late_history") == 1 and 0 not in wall.pending
+
+
+def _round_zero(order: list[MessageReceived]) -> SybilWall:
+    wall = SybilWall("me", torch.zeros(3), ["a", "b", "c"], seed=5)
+    _train_once(wall, torch.tensor([1.0, 0.0, 0.0]))
+    for event in order:
+        wall.handle(event)
+    assert wall.round == 1
+    return wall
+
+
+def test_sybilwall_round_does_not_depend_on_arrival_order() -> None:
+    """The same messages of a round, in any order, give the same model, trust and gossip."""
+    twins = [
+        MessageReceived(0.15, "a", Message(HISTORY, 0, torch.tensor([0.0, 2.0, 2.0]), {"subject": "s", "hops": 1})),
+        MessageReceived(0.15, "b", Message(HISTORY, 0, torch.tensor([0.0, 1.0, 1.0]), {"subject": "s", "hops": 2})),
+        MessageReceived(0.15, "c", Message(HISTORY, 0, torch.tensor([5.0, 0.0, 1.0]), {"subject": "t", "hops": 1})),
+    ]
+    models = [
+        _model("a", torch.tensor([2.0, 0.0, 0.0])),
+        _model("b", torch.tensor([0.0, 0.0, -1.0])),
+        _model("c", torch.tensor([0.0, 1.0, 1.0])),
+    ]
+    # histories first; interleaved; in reverse order (the round ends with the last one)
+    orders = [twins + models, [twins[2], models[0], twins[0], models[1], twins[1], models[2]]]
+    orders.append(list(reversed(twins)) + models)
+    walls = [_round_zero(order) for order in orders]
+    for wall in walls[1:]:
+        assert torch.equal(wall.params, walls[0].params) and wall.trust == walls[0].trust
+        assert list(wall.gossiped) == list(walls[0].gossiped)
+        for subject, (history, hops) in wall.gossiped.items():
+            assert torch.equal(history, walls[0].gossiped[subject][0])
+            assert hops == walls[0].gossiped[subject][1]
+    # b's copy of s comes after a's (senders in order): the one kept, at b's distance
+    assert walls[0].gossiped["s"][1] == 3
+
+
+def test_sybilwall_gossips_what_it_knew_when_the_last_round_ended() -> None:
+    """A history heard during round 0 is not relayed in round 0, and is in round 1."""
+    wall = SybilWall("me", torch.zeros(2), ["a", "b"], seed=6)
+    (train,) = [e for e in wall.handle(Start(0.0)) if isinstance(e, Train)]
+    wall.handle(_gossip_from("a", "far"))  # before its own training ended
+    effects = wall.handle(TrainingDone(0.1, train.ticket, torch.zeros(2)))
+    assert not [e for e in effects if isinstance(e, Send) and e.message.kind == HISTORY]
+    models = [e.message for e in effects if isinstance(e, Send) and e.message.kind == "model"]
+    assert models and all("hist" not in m.meta for m in models)
+    wall.handle(_model("a", torch.ones(2)))
+    effects = wall.handle(_model("b", torch.ones(2)))
+    assert wall.round == 1
+    (train,) = [e for e in effects if isinstance(e, Train)]
+    effects = wall.handle(TrainingDone(1.1, train.ticket, torch.ones(2)))
+    gossip = {e.to: e.message for e in effects if isinstance(e, Send) and e.message.kind == HISTORY}
+    assert set(gossip) == {"a", "b"} and all(m.round == 1 for m in gossip.values())
+    flagged = {e.to: e.message for e in effects if isinstance(e, Send) and e.message.kind == "model"}
+    assert set(flagged) == {"a", "b"} and all(m.meta.get("hist") == 1 for m in flagged.values())
+
+
+def test_sybilwall_waits_for_a_history_announced_with_a_model() -> None:
+    """Transports may reorder a history and the model after it: the round waits for both."""
+    wall = SybilWall("me", torch.zeros(2), ["a", "b"], seed=7)
+    _train_once(wall, torch.zeros(2))
+    wall.handle(_model("a", torch.ones(2)))
+    flagged = MessageReceived(0.2, "b", Message("model", 0, torch.ones(2), {"hist": 1}))
+    wall.handle(flagged)
+    assert wall.round == 0 and wall.announced == {0: {"b"}}
+    wall.handle(_gossip_from("b", "far"))
+    assert wall.round == 1 and "far" in wall.gossiped
 
 
 def _sim(protocol: dict, attack: dict | None = None, rounds: int = 6, seed: int = 5) -> dict:

@@ -16,7 +16,7 @@ import torch
 from p2pfl.identity import Identity
 from p2pfl.protocols.base import Message, MessageReceived, Record, Send, Start, Train, TrainingDone
 from p2pfl.protocols.modest import ModestProtocol, ViewEntry
-from p2pfl.protocols.modest.protocol import entry_record
+from p2pfl.protocols.modest.signed import entry_record
 from p2pfl.protocols.records import IdentitySigner, Keyring, RecordSigner
 from p2pfl.protocols.sybilwall import HISTORY, SybilWall, history_digest, history_record
 from tests.test_modest import TARGET, Loop, make, peers, sends
@@ -112,7 +112,7 @@ def test_forged_entries_in_model_messages_and_joins_are_dropped() -> None:
     }
     effects = me.handle(MessageReceived(1.0, "mallory", Message("train", 7, torch.ones(4), meta)))
     assert bad_entries(effects) == 2
-    assert me.view[ids[2]] == ViewEntry() and not me._pending_joins
+    assert me.view[ids[2]] == ViewEntry() and not me.membership.pending_joins
     # mallory's own entry, signed by mallory, is fine: that is how a sender's activity shows
     assert me.view["mallory"] == ViewEntry(7, False, 0)
 
@@ -148,17 +148,17 @@ def test_genuine_entries_travel_two_hops_and_are_verified_once() -> None:
     a.view.touch(a.peer_id, 4)
     a.leave(2.0)  # a's newest entry: left at round 4, counter 1
     assert a.view[a.peer_id] == ViewEntry(4, True, 1)
-    hop1 = view_message(a._view_wire())
+    hop1 = view_message(a.membership.view_wire())
     b.handle(MessageReceived(2.1, a.peer_id, hop1))
-    c.handle(MessageReceived(2.2, b.peer_id, view_message(b._view_wire())))
-    d.handle(MessageReceived(2.3, c.peer_id, view_message(c._view_wire())))
+    c.handle(MessageReceived(2.2, b.peer_id, view_message(b.membership.view_wire())))
+    d.handle(MessageReceived(2.3, c.peer_id, view_message(c.membership.view_wire())))
     for p in (b, c, d):
         assert p.view[a.peer_id] == ViewEntry(4, True, 1)
     # relayed verbatim: the record c got is the one a signed
-    assert c._view_wire()[a.peer_id][3] == hop1.meta["view"][a.peer_id][3]
+    assert c.membership.view_wire()[a.peer_id][3] == hop1.meta["view"][a.peer_id][3]
     # the same view again costs no verification: only entries that change the view are checked
     verified = d.signer.verified
-    d.handle(MessageReceived(2.4, c.peer_id, view_message(c._view_wire())))
+    d.handle(MessageReceived(2.4, c.peer_id, view_message(c.membership.view_wire())))
     assert d.signer.verified == verified
 
 
@@ -166,14 +166,15 @@ def test_signed_state_dict_keeps_the_records() -> None:
     ids = peers(4)
     a, b = signed(ids[0], ids), signed(ids[1], ids)
     a.view.touch(a.peer_id, 3)
-    b.handle(MessageReceived(1.0, a.peer_id, view_message(a._view_wire())))
+    b.handle(MessageReceived(1.0, a.peer_id, view_message(a.membership.view_wire())))
     b.handle(MessageReceived(1.1, "x", Message("join", 3, None, {"entry": entry_wire("late", ViewEntry(0, False, 2))})))
     state = b.state_dict()
     again = signed(ids[1], ids[:2])
     again.load_state_dict(state)
-    assert again._proofs == b._proofs and again._join_proofs == b._join_proofs
+    assert again.membership.state_dict() == b.membership.state_dict()
+    assert again.membership.proofs == b.membership.proofs
     c = signed(ids[2], ids)
-    c.handle(MessageReceived(1.2, b.peer_id, view_message(again._view_wire())))
+    c.handle(MessageReceived(1.2, b.peer_id, view_message(again.membership.view_wire())))
     assert c.view[ids[0]] == ViewEntry(3, False, 0)  # the restored peer relays a's record
 
 
@@ -292,9 +293,28 @@ def train_round(protocol: SybilWall, trained: torch.Tensor, now: float = 0.0) ->
     return protocol.handle(TrainingDone(now + 0.1, ticket, trained))
 
 
-def history_message(subject: str, history: torch.Tensor, round_: int, hops: int, proof: Any) -> Message:
+def history_message(
+    subject: str, history: torch.Tensor, round_: int, hops: int, proof: Any, tag: int = 0
+) -> Message:
+    """A relayed declaration of ``subject``'s round ``round_``, gossiped in round ``tag``."""
     meta = {"subject": subject, "hops": hops, "hr": round_, "proof": proof}
-    return Message(HISTORY, round_, history, meta)
+    return Message(HISTORY, tag, history, meta)
+
+
+def end_round(protocol: SybilWall, now: float = 0.5) -> None:
+    """Every neighbour's model of the current round arrives: the round ends, its gossip
+    is applied."""
+    round_ = protocol.round
+    for peer in protocol.neighbours:
+        protocol.handle(MessageReceived(now, peer, Message("model", round_, torch.zeros(3))))
+    assert protocol.round == round_ + 1
+
+
+def finish_rounds(protocol: SybilWall, through: int) -> None:
+    """Train and end rounds until round ``through`` has ended."""
+    while protocol.round <= through:
+        train_round(protocol, protocol.params.clone())
+        end_round(protocol)
 
 
 def genuine(subject: str, history: torch.Tensor, round_: int) -> bytes:
@@ -317,9 +337,9 @@ def test_sybilwall_signs_its_own_history_and_gossips_it() -> None:
 
 
 def test_fabricated_histories_of_an_honest_peer_are_dropped_and_counted() -> None:
-    """mallory (a neighbour) relays histories of honest peer-05, who is 2 hops away."""
-    me = wall("peer-00", ["peer-01", "mallory"])
-    train_round(me, torch.ones(3))
+    """mallory (a neighbour) relays histories of honest peer-05, who is 2 hops away.
+
+    (Each attempt goes to a fresh peer: a neighbour has one history per round.)"""
     real = torch.tensor([1.0, 0.0, 0.0])
     fake = torch.tensor([0.0, 5.0, 5.0])  # e.g. a twin of one of mallory's Sybils
     attempts = [
@@ -329,13 +349,26 @@ def test_fabricated_histories_of_an_honest_peer_are_dropped_and_counted() -> Non
         history_message("peer-05", fake, 3, 1, genuine("peer-05", fake, 2)),  # round claim bumped
         history_message("peer-05", fake, 2, 1, b"\x00" * 200),
     ]
+    genuine_one = history_message("peer-05", real, 2, 1, genuine("peer-05", real, 2))
     for message in attempts:
+        me = wall("peer-00", ["peer-01", "mallory"])
+        train_round(me, torch.ones(3))
         effects = me.handle(MessageReceived(0.2, "mallory", message))
         assert records_named(effects, "sybilwall.bad_history") == 1
-    assert "peer-05" not in me.gossiped
+        # mallory's one history this round was that: the next is not even looked at
+        verified = me.signer.verified
+        effects = me.handle(MessageReceived(0.25, "mallory", genuine_one))
+        assert records_named(effects, "sybilwall.extra_history") == 1
+        assert me.signer.verified == verified
+        end_round(me)
+        assert "peer-05" not in me.gossiped
     # the genuine history, relayed by the same mallory, is accepted: origin is what counts
-    effects = me.handle(MessageReceived(0.3, "mallory", history_message("peer-05", real, 2, 1, genuine("peer-05", real, 2))))
-    assert not effects and torch.equal(me.gossiped["peer-05"][0], real) and me.gossiped["peer-05"][1] == 2
+    me = wall("peer-00", ["peer-01", "mallory"])
+    train_round(me, torch.ones(3))
+    effects = me.handle(MessageReceived(0.3, "mallory", genuine_one))
+    assert not effects and "peer-05" not in me.gossiped  # kept until its round ends
+    end_round(me)
+    assert torch.equal(me.gossiped["peer-05"][0], real) and me.gossiped["peer-05"][1] == 2
 
 
 def test_replayed_older_history_is_refused_without_verification() -> None:
@@ -343,12 +376,30 @@ def test_replayed_older_history_is_refused_without_verification() -> None:
     train_round(me, torch.ones(3))
     old, new = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([2.0, 1.0, 0.0])
     me.handle(MessageReceived(0.2, "peer-01", history_message("peer-05", new, 4, 1, genuine("peer-05", new, 4))))
+    end_round(me)
     verified = me.signer.verified
-    replay = history_message("peer-05", old, 3, 1, genuine("peer-05", old, 3))
-    effects = me.handle(MessageReceived(0.3, "mallory", replay))
+    replay = history_message("peer-05", old, 3, 1, genuine("peer-05", old, 3), tag=1)
+    effects = me.handle(MessageReceived(0.6, "mallory", replay))
     assert records_named(effects, "sybilwall.stale_history") == 1
     assert me.signer.verified == verified
     assert torch.equal(me.gossiped["peer-05"][0], new)
+
+
+def test_in_one_round_the_newest_declaration_wins_whatever_came_first() -> None:
+    """Two neighbours relay declarations of one subject in the same round: the newer one is
+    kept, in either order of arrival (both are verified on arrival, neither is stale yet)."""
+    old, new = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([2.0, 1.0, 0.0])
+    relayed = [
+        ("mallory", history_message("peer-05", old, 3, 1, genuine("peer-05", old, 3))),
+        ("peer-01", history_message("peer-05", new, 4, 1, genuine("peer-05", new, 4))),
+    ]
+    for order in (relayed, relayed[::-1]):
+        me = wall("peer-00", ["peer-01", "mallory"])
+        train_round(me, torch.ones(3))
+        for sender, message in order:
+            me.handle(MessageReceived(0.2, sender, message))
+        end_round(me)
+        assert me.proofs["peer-05"][0] == 4 and torch.equal(me.gossiped["peer-05"][0], new)
 
 
 def test_signed_histories_travel_two_hops() -> None:
@@ -359,11 +410,15 @@ def test_signed_histories_travel_two_hops() -> None:
     effects = train_round(s, torch.tensor([0.5, -1.0, 2.0]))
     [own] = [e.message for e in effects if isinstance(e, Send) and e.message.kind == HISTORY]
     a.handle(MessageReceived(0.2, "peer-10", own))
+    finish_rounds(a, 0)
     assert "peer-10" in a.declared  # a's neighbour's self-declared history, kept for relaying
     hop = a._history_message("peer-10")
     b.handle(MessageReceived(0.3, "peer-11", hop))
+    finish_rounds(b, hop.round)
     assert b.gossiped["peer-10"][1] == 2
-    c.handle(MessageReceived(0.4, "peer-12", b._history_message("peer-10")))
+    hop = b._history_message("peer-10")
+    c.handle(MessageReceived(0.4, "peer-12", hop))
+    finish_rounds(c, hop.round)
     history, hops = c.gossiped["peer-10"]
     assert hops == 3 and torch.equal(history, torch.tensor([0.5, -1.0, 2.0]))
     assert c._history_message("peer-10").meta["proof"] == own.meta["proof"]  # verbatim
@@ -409,12 +464,14 @@ def test_far_rows_are_what_the_peer_would_have_observed() -> None:
         _round(me, me.params + 1.0, torch.full((3,), float(r)), now=float(r))
     q_models = [torch.tensor([2.0, 0.0, 1.0]), torch.tensor([3.0, 1.0, 1.0])]  # rounds 0, 1
     declared = q_models[0] + q_models[1]
-    me.handle(MessageReceived(3.5, "peer-01", history_message("peer-09", declared, 1, 1, genuine("peer-09", declared, 1))))
+    relayed = history_message("peer-09", declared, 1, 1, genuine("peer-09", declared, 1), tag=3)
+    me.handle(MessageReceived(3.1, "peer-01", relayed))
+    _round(me, me.params + 1.0, torch.zeros(3), now=3.0)  # round 3 ends: the gossip is in
     [row] = me._far_rows()
     expected = (q_models[0] - starts[0]) + (q_models[1] - starts[1])
     assert torch.allclose(row, expected)
     # once round 1 has left the window, the declaration can no longer be aligned: not scored
-    for r in range(3, 6):
+    for r in range(4, 6):
         _round(me, me.params + 1.0, torch.zeros(3), now=float(r))
     assert me._far_rows() == [] and "peer-09" in me.gossiped  # still relayable
 
@@ -425,6 +482,7 @@ def test_sybilwall_signed_checkpoint_keeps_records() -> None:
     h = torch.tensor([3.0, 0.0, 1.0])
     me.handle(MessageReceived(0.2, "peer-01", history_message("peer-05", h, 2, 1, genuine("peer-05", h, 2))))
     me.handle(MessageReceived(0.2, "peer-02", history_message("peer-01", h, 1, 0, genuine("peer-01", h, 1))))
+    end_round(me)
     again = wall("peer-00", ["peer-01", "peer-02"])
     again.load_state_dict(me.state_dict())
     assert torch.equal(again.sent_sum, me.sent_sum) and again.own_proof == me.own_proof
@@ -434,6 +492,7 @@ def test_sybilwall_signed_checkpoint_keeps_records() -> None:
         message = again._history_message(subject)
         other = wall("peer-03", ["peer-00"])
         other.handle(MessageReceived(0.5, "peer-00", message))
+        finish_rounds(other, message.round)
         assert subject in other.gossiped or subject in other.declared
 
 
@@ -441,24 +500,27 @@ def test_sybilwall_signed_checkpoint_keeps_records() -> None:
 def test_sybilwall_hostile_relayer_frames_an_honest_neighbour_only_when_unsigned(sign: bool) -> None:
     """Mallory gossips fabricated twins of honest neighbour a's history under the names of
     honest far peers: unsigned, a looks like a Sybil and loses its weight; signed, the
-    fabrications are dropped and a keeps its weight."""
+    fabrications are dropped and a keeps its weight. (One twin suffices; a second one in
+    the same round is dropped unread: a neighbour has one history per round.)"""
     kwargs = {"signer": Counting(KEYS.signer("peer-00"))} if sign else {}
     me = SybilWall("peer-00", torch.zeros(3), ["peer-01", "peer-02", "mallory"], seed=3, **kwargs)
     train_round(me, torch.tensor([1.0, 0.0, 0.0]))
     a_update = torch.tensor([0.0, 2.0, 1.0])
-    bad = 0.0
+    bad = extra = 0.0
     for far in ("peer-07", "peer-08"):
         meta: dict[str, Any] = {"subject": far, "hops": 1}
         if sign:
             meta |= {"hr": 0, "proof": KEYS.signer("mallory").sign(history_record(a_update * 3, 0))}
         effects = me.handle(MessageReceived(0.15, "mallory", Message(HISTORY, 0, a_update * 3, meta)))
         bad += records_named(effects, "sybilwall.bad_history")
+        extra += records_named(effects, "sybilwall.extra_history")
+    assert extra == 1
     me.handle(MessageReceived(0.2, "peer-01", Message("model", 0, a_update)))
     me.handle(MessageReceived(0.2, "peer-02", Message("model", 0, torch.tensor([0.0, 0.0, -1.0]))))
     me.handle(MessageReceived(0.2, "mallory", Message("model", 0, torch.tensor([-1.0, 0.0, 0.0]))))
     assert me.round == 1
     if sign:
-        assert bad == 2 and not me.gossiped and me.trust["peer-01"] > 0.5
+        assert bad == 1 and not me.gossiped and me.trust["peer-01"] > 0.5
     else:
         assert me.trust["peer-01"] == 0.0
 
@@ -488,7 +550,7 @@ def test_sim_switch_runs_modest_signed_with_the_same_outcome() -> None:
         assert all((p.signer is not None) == sign for p in protocols)
         finals.append(torch.stack([torch.as_tensor(p.params) for p in protocols]))
         if sign:
-            assert all(len(p._proofs) > 1 for p in protocols)
+            assert all(len(p.membership.proofs) > 1 for p in protocols)
     assert torch.equal(finals[0], finals[1])
 
 
@@ -497,7 +559,8 @@ def test_sim_switch_runs_modest_signed_with_the_same_outcome() -> None:
 
 
 def test_a_flood_of_forged_entries_costs_a_bounded_number_of_verifications() -> None:
-    from p2pfl.protocols.modest.protocol import MAX_BAD_ENTRIES, MAX_NEW_MEMBERS
+    from p2pfl.protocols.modest.membership import MAX_NEW_MEMBERS
+    from p2pfl.protocols.modest.signed import MAX_BAD_ENTRIES
 
     ids = [f"m{i:03d}" for i in range(60)]
     keys = Keyring.derive([*ids, "mallory"], seed=5)

@@ -196,6 +196,7 @@ class Protocol(ABC):
         self._neighbour_lookup = frozenset(self.neighbours)
         self.local_steps = local_steps
         self.round = 0
+        self._seed = seed
         self.rng = random.Random(f"{seed}:{peer_id}")
         self._next_ticket = 0
 
@@ -203,6 +204,15 @@ class Protocol(ABC):
     @abstractmethod
     def handle(self, event: Event) -> list[Effect]:
         """Consume one event and return the effects the driver must carry out."""
+
+    def use_stream(self, label: str) -> None:
+        """Seed the random stream from ``(seed, label)`` instead of ``(seed, peer id)``.
+
+        A peer's id differs between the drivers (the simulator's ``p3``, a node's key),
+        its index in the configuration does not: the assembly of a peer labels the stream
+        by the index, so a node and its simulated twin draw the same random numbers.
+        """
+        self.rng = random.Random(f"{self._seed}:{label}")
 
     # -- the message contract ------------------------------------------------------
     def screen(self, sender: PeerId, message: Message) -> Refusal | None:

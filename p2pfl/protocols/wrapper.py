@@ -103,6 +103,9 @@ class ProtocolWrapper(Protocol):
     def report(self) -> dict[str, Any]:
         return self.inner.report()
 
+    def use_stream(self, label: str) -> None:
+        self.inner.use_stream(label)
+
     # -- checkpoints: the inner protocol's state is the peer's state --------------------------
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()

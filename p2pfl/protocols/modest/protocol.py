@@ -52,44 +52,15 @@ Joins and leaves. A late joiner (``joining=True``) announces itself to ``announc
 random known peers, which answer with their view. Announced joins are held back and
 applied to a peer's view only after its next model send (so they do not reorder the
 sample a round is in the middle of using) and travel, meanwhile, in that send's
-``joins`` field. Leaves (``leave()``) are applied at once.
+``joins`` field. Leaves (``leave()``) are applied at once. The view, the pending joins
+and the rules for merging what others send are :class:`~.membership.Membership`'s
+(``self.membership``); the announcements, their retries and the rejoin of a peer that
+others think has left are this module's.
 
-Signed view entries (``signer``, issue 8). Views are relayed: what a peer says about a
-third one reached it through others. Unsigned (the default, and the simulator's), any
-relayer can rewrite any entry -- mark an honest peer as left, or bump its round. With a
-:class:`~p2pfl.protocols.records.RecordSigner` every entry about a peer ``P`` travels
-with ``P``'s own signature:
-
-- ``P`` signs its own entry (a record ``{"k": "modest.entry", "r", "l", "c"}``) whenever
-  it changes it (activity at a round, leave, rejoin); the signature is made lazily, when
-  the entry next goes out;
-- on the wire an entry is ``[round, left, counter, record]``; peers store the record with
-  the entry and relay it verbatim;
-- a receiver first compares the *claim* (the three numbers) with what it knows, and only
-  verifies records that would change its view: the record must verify, its origin must be
-  the peer the entry is about, and its content must be the claim. So a message costs one
-  comparison per entry and one verification per *new* entry, not one per entry. Entries
-  that fail are dropped and counted (``Record("modest.bad_entry", n)``); after
-  ``MAX_BAD_ENTRIES`` failures in one message, its remaining new entries are dropped
-  unverified (a forger cannot buy one verification per entry);
-- entries about ``P`` are ordered by ``(counter, left, round)`` and the newest record
-  wins whole (honest entries grow in both round and counter, so this agrees with the
-  unsigned max-merge); a replayed older record is simply not newer and changes nothing,
-  and an old record cannot be passed off as newer since the claim must match it;
-- every peer signs its own entry, the bottom ``[0, 0, 0]`` too; the one unsigned entry
-  taken is a bottom entry about the sender itself (its connection proves who it is): an
-  unsigned bottom entry about anyone else is refused and counted
-  (``modest.entries_refused``), or made-up names would inflate the view. Entries about
-  members a peer knows already cost nothing (not newer: not checked), so the initial
-  population (the driver's configuration, which nobody signed) still travels as bare
-  ``[0, 0, 0]`` between peers that have it;
-- a sender's activity comes from its own signed entry in the view it sends (it raised
-  its round before sending), not from ``touch(sender, round)``, which would be an
-  unsigned claim.
-
-What signing does not cover: ``P`` can still lie about itself (e.g. claim a round it did
-not take part in), and a relayer can withhold entries (a view is a set of independent
-records, not one signed whole); both only delay, views still converge through others.
+Signed view entries (``signer``, issue 8). Views are relayed, so an unsigned entry can be
+rewritten by any relayer; with a :class:`~p2pfl.protocols.records.RecordSigner` every
+entry about a peer travels with that peer's own signed record. How entries are taken,
+signed or not, is ``membership.py``'s and ``signed.py``'s job; this module only asks.
 
 A hostile peer (issue 12). The message contract (``messages`` and ``has_role``) refuses
 what no honest peer sends; what it cannot tell, ``handle`` checks:
@@ -137,6 +108,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -173,8 +145,17 @@ from p2pfl.protocols.contract import (
     RoundNumber,
     Tuple,
 )
+from p2pfl.protocols.modest.membership import (
+    MAX_NEW_MEMBERS,
+    MEMBER_BUDGET,
+    Membership,
+    Merged,
+    PlainMembership,
+)
 from p2pfl.protocols.modest.sampling import SampleResolver
-from p2pfl.protocols.modest.view import PopulationView, ViewEntry, derive_candidates
+from p2pfl.protocols.modest.signed import Proven, SignedMembership
+from p2pfl.protocols.modest.signed import entry_record as entry_record  # re-export (benchmarks)
+from p2pfl.protocols.modest.view import PopulationView, derive_candidates
 
 if TYPE_CHECKING:
     from p2pfl.protocols.records import RecordSigner
@@ -203,12 +184,6 @@ WIRE_VIEW = MapOf(PeerName(), WIRE_ENTRY, max_len="max_view_entries")
 _PROGRESS = {"at": RoundNumber(), "done": RoundNumber()}
 _MODEL_FIELDS = {"view": WIRE_VIEW, "joins": WIRE_VIEW, "w": Float(lo=0.0)}
 
-#: the ``"k"`` of a signed view entry record
-ENTRY_RECORD = "modest.entry"
-#: after this many forged entries in one message, its other new entries are refused
-#: unverified: a forger cannot make a peer spend a verification on each of 60k entries
-MAX_BAD_ENTRIES = 16
-_BOTTOM = ViewEntry()
 #: how far beyond the round vouched for by a quorum of members a model message's round may
 #: be and still be acted on at one sender's word (the sender's role is checked too)
 DEFAULT_LEAD = 2
@@ -220,11 +195,6 @@ DEFAULT_CATCH_UP_QUORUM = 2
 #: did not know to be down are pinged first). Views that differ by a join cost a model
 #: now and then (a slower round); each slot of slack is a slot for a hostile peer
 DEFAULT_ROLE_SLACK = 0
-#: new members one message may add to the view (or to the pending joins)
-MAX_NEW_MEMBERS = 4
-#: new members one sender may add in all (besides itself): honest joiners announce
-#: themselves, and the answers to this peer's own join are not limited by it
-MEMBER_BUDGET = 8
 #: models held back at most, waiting for their round to be vouched for
 MAX_HELD = 8
 #: pings whose outcome estimates the share of candidates that answer (see ``_scaled``)
@@ -233,18 +203,27 @@ PING_MEMORY = 32
 #: after a crash of 80% of the peers, an honest aggregator sits ~5x deeper than it would
 OUTER_RANKS = 8
 
-#: a view entry and the signed record that proves it (signed mode)
-Proven = tuple[ViewEntry, bytes]
+
+class Timer(Enum):
+    """The kinds of timers this protocol sets, each handled by one method (see
+    ``ModestProtocol._on_timer_kind``). The value is the timer name's prefix; a keyed
+    kind (several at once) appends its payload: ``modest.ping:<round>:<wave>``."""
+
+    PING = "modest.ping"  # payload (round, wave): a wave of pings expires
+    AGGREGATE = "modest.aggregate"  # payload (round,): an aggregator's collection times out
+    WATCH = "modest.watch"  # payload (kind, round): recheck a delivery's recipients
+    IDLE = "modest.idle"  # the idle watchdog
+    VERIFY = "modest.verify"  # pings checking a model's sender expire
+    JOIN = "modest.join"  # re-announce an unanswered join
+
+    def name_for(self, payload: tuple[Any, ...]) -> str:
+        """The timer's name as the driver sees it: unique per pending timer."""
+        if self in _KEYED_TIMERS:
+            return ":".join([self.value, *map(str, payload)])
+        return self.value
 
 
-def _rank(entry: ViewEntry) -> tuple[int, bool, int]:
-    """The order of signed entries about one peer: newer status first, then newer round."""
-    return (entry.counter, entry.left, entry.round)
-
-
-def entry_record(entry: ViewEntry) -> dict[str, Any]:
-    """What a peer signs about itself: its own view entry."""
-    return {"k": ENTRY_RECORD, "r": entry.round, "l": int(entry.left), "c": entry.counter}
+_KEYED_TIMERS = frozenset({Timer.PING, Timer.WATCH})
 
 
 def weighted_mean(stack: Tensor, weights: Tensor | None, own_index: int) -> Tensor:
@@ -275,22 +254,6 @@ class _Delivery:
     params: Tensor
     sent: set[PeerId] = field(default_factory=set)
     retries: int = 0
-
-
-def _claim_part(raw: Any) -> Any:
-    """The ``[round, left, counter]`` of a signed entry's wire form (``None`` if malformed)."""
-    if isinstance(raw, list | tuple) and len(raw) in (3, 4):
-        return raw[:3]
-    return None
-
-
-def _proofs_from_state(value: Any) -> dict[PeerId, Proven]:
-    proofs: dict[PeerId, Proven] = {}
-    for peer, raw in (value or {}).items():
-        entry = ViewEntry.from_wire(_claim_part(raw))
-        if entry is not None and len(raw) == 4 and isinstance(raw[3], bytes):
-            proofs[str(peer)] = (entry, raw[3])
-    return proofs
 
 
 def _int(value: Any, default: int = 0) -> int:
@@ -329,8 +292,8 @@ class ModestProtocol(Protocol):
     - ``suspect_rounds``: how long an unresponsive peer is skipped without a ping.
     - ``idle_timeout``: period of the idle watchdog (default ``4 * aggregation_timeout``).
     - ``signer``: a :class:`~p2pfl.protocols.records.RecordSigner` to sign this peer's own
-      view entry and check relayed ones (see "Signed view entries" above); ``None``: views
-      travel unsigned.
+      view entry and check relayed ones (a :class:`~.signed.SignedMembership`, see
+      ``signed.py``); ``None``: views travel unsigned (a :class:`~.membership.PlainMembership`).
     - ``round_lead``, ``catch_up_quorum``: how far beyond the vouched round a model may
       be, and how many distinct members vouch for a round (see "A hostile peer").
     - ``role_slack``: live candidates beyond the first ``a`` (or ``s``) still taken for
@@ -342,6 +305,11 @@ class ModestProtocol(Protocol):
     sampled or not. ``round`` is the highest round tag it has seen or produced.
     ``RoundCompleted(r)`` is emitted once per round, when the peer first finishes an
     aggregation or a training of ``r``. The driver calls ``leave(now)`` to make it leave.
+
+    ``membership`` holds the population view (``view``) and the pending joins and decides
+    what is taken from others' views; this class keeps the rounds: sampling, aggregation,
+    deliveries, round claims, the watchdog. Timers are dispatched by their :class:`Timer`
+    kind (``_on_timer_kind``).
     """
 
     name = "modest"
@@ -445,13 +413,16 @@ class ModestProtocol(Protocol):
         self.round_lead = round_lead
         self.catch_up_quorum = catch_up_quorum
         self.role_slack = role_slack
-        self.max_new_members = max_new_members
-        self.member_budget = member_budget
-
-        members = set(population if population is not None else neighbours) | {peer_id}
-        self.view = PopulationView.of(sorted(members))
+        #: the population view, the pending joins and what is taken from others' views;
+        #: the one place where signing changes how this peer treats views
+        members = population if population is not None else neighbours
+        caps = {"max_new_members": max_new_members, "member_budget": member_budget}
+        self.membership: Membership = (
+            PlainMembership(peer_id, members, **caps)
+            if signer is None
+            else SignedMembership(peer_id, members, signer, **caps)
+        )
         # durable state (checkpointed)
-        self._pending_joins: dict[PeerId, ViewEntry] = {}
         self._suspects: dict[PeerId, int] = {}  # peer -> round it was suspected in
         self._done = 0  # highest round known to be aggregated (by anyone)
         self._agg_done = 0  # highest round this peer aggregated
@@ -459,21 +430,26 @@ class ModestProtocol(Protocol):
         self._completed = 0  # highest round announced with RoundCompleted
         self._left = False
         self._join_confirmed = False
-        # signed mode: the records proving view entries and pending joins
-        self._proofs: dict[PeerId, Proven] = {}
-        self._join_proofs: dict[PeerId, Proven] = {}
         # transient state (dropped on restore)
         self._resolvers: dict[int, SampleResolver] = {}
         self._deliveries: dict[tuple[str, int], _Delivery] = {}
         self._agg: _Aggregation | None = None
         self._training: tuple[int, int] | None = None  # (ticket, round)
-        self._timers: dict[str, tuple[Any, ...]] = {}
+        self._timers: dict[str, tuple[Timer, tuple[Any, ...]]] = {}  # name -> (kind, payload)
+        self._on_timer_kind: dict[Timer, Callable[[float, tuple[Any, ...], list[Effect]], None]]
+        self._on_timer_kind = {
+            Timer.PING: self._on_ping_timeout,
+            Timer.AGGREGATE: self._on_aggregation_timeout,
+            Timer.WATCH: self._on_watch,
+            Timer.IDLE: self._on_idle_check,
+            Timer.VERIFY: self._on_verified,
+            Timer.JOIN: self._on_join_timeout,
+        }
         self._wave = 0
         self._bootstrapping = False
         self._join_attempts = 0
         self._active = False  # progress seen since the last idle check
         self._restart = 0  # the round of a restart in progress (0: none)
-        self._bad_entries = 0  # forged or unsigned entries in the message being handled
         # hostile-peer defences (see "A hostile peer" in the module docstring)
         self._confirmed = 0  # highest round vouched for by catch_up_quorum distinct members
         self._claims: dict[PeerId, int] = {}  # member -> highest round claimed, > _confirmed
@@ -487,12 +463,25 @@ class ModestProtocol(Protocol):
         self._verified: set[tuple[str, int]] = set()  # (kind, round) checked by pings
         self._replay_due = False  # something changed that may free held trains
         self._announced_to: set[PeerId] = set()  # peers whose answer to our join is awaited
-        self._growth: dict[PeerId, int] = {}  # new members taken from each sender
         self._orders: dict[int, tuple[int, list[PeerId]]] = {}  # round -> (view version, order)
-        self._refused_entries = 0  # view entries refused in the message being handled
-        self._message_growth = 0  # new members taken from the message being handled
 
     # ------------------------------------------------------------------ public API
+    @property
+    def view(self) -> PopulationView:
+        """This peer's population view (owned by ``membership``)."""
+        return self.membership.view
+
+    @property
+    def _proofs(self) -> dict[PeerId, Proven]:
+        """The records proving the view's entries (signed mode; empty otherwise); kept
+        for the benchmarks and node tests that inspect them."""
+        members = self.membership
+        return members.proofs if isinstance(members, SignedMembership) else {}
+
+    def _view_wire(self) -> dict[str, Any]:
+        """The view as sent (kept for the benchmarks and tests that build messages)."""
+        return self.membership.view_wire()
+
     @property
     def done_round(self) -> int:
         """Highest round this peer knows to have been aggregated."""
@@ -608,7 +597,7 @@ class ModestProtocol(Protocol):
             case Start(now):
                 self._on_start(now, out)
             case MessageReceived(now, sender, message):
-                self._message_growth = 0
+                self.membership.begin_message()
                 self._on_message(now, sender, message, out)
             case TimerFired(now, name):
                 self._on_timer(now, name, out)
@@ -623,12 +612,11 @@ class ModestProtocol(Protocol):
                 self._on_unreachable(now, to, out)
         if self._held and self._replay_due and not self._left:
             self._replay_held(getattr(event, "now", 0.0), out)
-        if self._bad_entries:
-            out.append(Record("modest.bad_entry", float(self._bad_entries)))
-            self._bad_entries = 0
-        if self._refused_entries:
-            out.append(Record("modest.entries_refused", float(self._refused_entries)))
-            self._refused_entries = 0
+        bad, refused = self.membership.take_counts()
+        if bad:
+            out.append(Record("modest.bad_entry", float(bad)))
+        if refused:
+            out.append(Record("modest.entries_refused", float(refused)))
         return out
 
     def withhold(self, peers: Iterable[PeerId]) -> None:
@@ -642,7 +630,7 @@ class ModestProtocol(Protocol):
         absent = set(peers) - {self.peer_id}
         if self.peer_id in set(peers):
             self.joining = True
-        self.view = PopulationView({p: e for p, e in self.view.items() if p not in absent})
+        self.membership.withhold(absent)
 
     def leave(self, now: float) -> list[Effect]:
         """Leave the population for good: announce it and stop taking part.
@@ -653,14 +641,11 @@ class ModestProtocol(Protocol):
         out: list[Effect] = []
         if self._left:
             return out
-        own = self.view[self.peer_id]
-        entry = ViewEntry(own.round, True, own.counter + 1)
-        self.view.set(self.peer_id, entry)
-        wire = self._entry_wire(self.peer_id, entry, self._proofs)
+        wire = self.membership.leave()
         for peer in self._random_peers(self.announce_fanout):
             out.append(Send(peer, Message(LEAVE, self.round, None, {"entry": wire})))
         for name in list(self._timers):
-            self._cancel_timer(name, out)
+            self._cancel(name, out)
         self._resolvers.clear()
         self._deliveries.clear()
         self._agg = None
@@ -671,9 +656,10 @@ class ModestProtocol(Protocol):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        members = self.membership.state_dict()
         state.update(
-            view=self.view.to_wire(),
-            pending_joins={p: e.to_wire() for p, e in self._pending_joins.items()},
+            view=members["view"],
+            pending_joins=members["pending_joins"],
             suspects=dict(self._suspects),
             done=self._done,
             agg_done=self._agg_done,
@@ -683,8 +669,8 @@ class ModestProtocol(Protocol):
             left=self._left,
             joining=self.joining,
             join_confirmed=self._join_confirmed,
-            proofs={p: [*e.to_wire(), b] for p, (e, b) in self._proofs.items()},
-            join_proofs={p: [*e.to_wire(), b] for p, (e, b) in self._join_proofs.items()},
+            proofs=members["proofs"],
+            join_proofs=members["join_proofs"],
         )
         return state
 
@@ -692,8 +678,7 @@ class ModestProtocol(Protocol):
         """Restore a checkpoint. Work in flight (pings, collections, training) is not
         saved: a restored peer waits for the next message of its round."""
         super().load_state_dict(state)
-        self.view = PopulationView.from_wire(state["view"])
-        self._pending_joins = dict(PopulationView.from_wire(state["pending_joins"]))
+        self.membership.load_state_dict(state)
         self._suspects = {str(p): int(r) for p, r in state["suspects"].items()}
         self._done = int(state["done"])
         self._agg_done = int(state["agg_done"])
@@ -703,8 +688,6 @@ class ModestProtocol(Protocol):
         self._left = bool(state["left"])
         self.joining = bool(state["joining"])
         self._join_confirmed = bool(state["join_confirmed"])
-        self._proofs = _proofs_from_state(state.get("proofs"))
-        self._join_proofs = _proofs_from_state(state.get("join_proofs"))
         self._resolvers.clear()
         self._deliveries.clear()
         self._agg = None
@@ -723,13 +706,12 @@ class ModestProtocol(Protocol):
         self._verified.clear()
         self._replay_due = False
         self._announced_to.clear()
-        self._growth.clear()
         self._orders.clear()
 
     # ------------------------------------------------------------------ events
     def _on_start(self, now: float, out: list[Effect]) -> None:
         self._active = True
-        self._set_timer("modest.idle", now + self.idle_timeout, (), out)
+        self._set_timer(Timer.IDLE, now + self.idle_timeout, (), out)
         if self.joining:
             if not self._join_confirmed:
                 self._announce_join(now, out)
@@ -763,17 +745,14 @@ class ModestProtocol(Protocol):
             case "view":
                 solicited = sender in self._announced_to
                 self._announced_to.discard(sender)  # one answer per announcement
-                if self.signer is None:
-                    other = PopulationView.from_wire(msg.meta.get("view"))
-                    self._merge_view(now, sender, other, out, solicited=solicited)
-                else:
-                    self._merge_signed_view(
-                        now, sender, msg.meta.get("view"), out, solicited=solicited
-                    )
+                merged = self.membership.merge_view(
+                    sender, msg.meta.get("view"), solicited=solicited
+                )
+                self._merged(now, merged, out)
                 self._learn_progress(sender, msg.meta, out)
                 if not self._join_confirmed:
                     self._join_confirmed = True
-                    self._cancel_timer("modest.join", out)
+                    self._cancel_timer(Timer.JOIN, out)
             case "leave":
                 self._on_leave(now, sender, msg, out)
 
@@ -846,7 +825,7 @@ class ModestProtocol(Protocol):
             return
         if self._agg is None or self._agg.round != r:
             self._agg = _Aggregation(r)
-            self._set_timer("modest.aggregate", now + self.aggregation_timeout, (r,), out)
+            self._set_timer(Timer.AGGREGATE, now + self.aggregation_timeout, (r,), out)
         weight = msg.meta.get("w")  # the contract: a finite number >= 0, when present
         valid = isinstance(weight, int | float) and not isinstance(weight, bool) and weight >= 0
         self._agg.models[sender] = (
@@ -866,35 +845,14 @@ class ModestProtocol(Protocol):
         self._start_delivery(now, AGGREGATE, r + 1, self.num_aggregators, params, out)
 
     def _on_join(self, sender: PeerId, msg: Message, out: list[Effect]) -> None:
-        if self.signer is not None:
-            if not self._admit_join(sender, msg.meta.get("entry"), sender):
-                return
-        else:
-            entry = ViewEntry.from_wire(msg.meta.get("entry"))
-            if entry is None or entry.left:
-                return
-            known = self.view.get(sender)
-            if known is None or known.merge(entry) != known:
-                pending = self._pending_joins.get(sender)
-                self._pending_joins[sender] = entry if pending is None else pending.merge(entry)
-        meta = {"view": self._view_wire(), "at": self.round, "done": self._done}
+        if not self.membership.take_join(sender, msg.meta.get("entry")):
+            return
+        meta = {"view": self.membership.view_wire(), "at": self.round, "done": self._done}
         out.append(Send(sender, Message(VIEW, self.round, None, meta)))
 
     def _on_leave(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> None:
-        raw = msg.meta.get("entry")
-        entry = ViewEntry.from_wire(raw if self.signer is None else _claim_part(raw))
-        if entry is None or not entry.left:
-            return
-        if self.signer is None:
-            self.view.merge_entry(sender, entry)  # leaves apply at once
-        else:
-            admitted = self._admit(sender, raw, sender, self.view.get(sender))
-            if admitted == "bad" or admitted == "unproven":
-                return
-            if admitted != "stale":
-                self._set_proven(sender, admitted)
-        self._drop_known_joins()
-        self._on_unreachable(now, sender, out, suspect=False)
+        if self.membership.take_leave(sender, msg.meta.get("entry")):  # applied at once
+            self._on_unreachable(now, sender, out, suspect=False)
 
     def _on_unreachable(
         self, now: float, peer: PeerId, out: list[Effect], *, suspect: bool = True
@@ -910,36 +868,37 @@ class ModestProtocol(Protocol):
                 self._advance_resolver(now, resolver, out)
 
     def _on_timer(self, now: float, name: str, out: list[Effect]) -> None:
-        payload = self._timers.pop(name, None)
-        if payload is None:
+        timer = self._timers.pop(name, None)
+        if timer is None:
             return  # cancelled or replaced
-        if name.startswith("modest.ping"):
-            round, wave = payload
-            resolver = self._resolvers.get(round)
-            if resolver is None:
-                return
-            lost = resolver.expire(wave)
-            self._ping_outcomes.extend(False for _ in lost)
-            for peer in lost:
-                self._suspects[peer] = self.round
-                self._silent[peer] = self.round
-            if lost:
-                out.append(Record("modest.ping_timeouts", float(len(lost))))
-                self._advance_resolver(now, resolver, out)
-        elif name == "modest.aggregate":
-            self._on_aggregation_timeout(now, payload[0], out)
-        elif name.startswith("modest.watch"):
-            self._on_watch(now, payload, out)
-        elif name == "modest.idle":
-            self._on_idle_check(now, out)
-        elif name == "modest.verify":
-            self._on_verified(out)
-        elif name == "modest.join":
-            if not self._join_confirmed and self._join_attempts <= self.max_retries:
-                self._announce_join(now, out)
+        kind, payload = timer
+        self._on_timer_kind[kind](now, payload, out)
+
+    def _on_ping_timeout(self, now: float, payload: tuple[Any, ...], out: list[Effect]) -> None:
+        """A wave of pings went unanswered: pass over (and suspect) who did not answer."""
+        round, wave = payload
+        resolver = self._resolvers.get(round)
+        if resolver is None:
+            return
+        lost = resolver.expire(wave)
+        self._ping_outcomes.extend(False for _ in lost)
+        for peer in lost:
+            self._suspects[peer] = self.round
+            self._silent[peer] = self.round
+        if lost:
+            out.append(Record("modest.ping_timeouts", float(len(lost))))
+            self._advance_resolver(now, resolver, out)
+
+    def _on_join_timeout(self, now: float, payload: tuple[Any, ...], out: list[Effect]) -> None:
+        """No view answered the join announcement yet: announce again (a few times)."""
+        if not self._join_confirmed and self._join_attempts <= self.max_retries:
+            self._announce_join(now, out)
 
     # ------------------------------------------------------------------ aggregation
-    def _on_aggregation_timeout(self, now: float, round: int, out: list[Effect]) -> None:
+    def _on_aggregation_timeout(
+        self, now: float, payload: tuple[Any, ...], out: list[Effect]
+    ) -> None:
+        (round,) = payload
         agg = self._agg
         if agg is None or agg.round != round:
             return
@@ -948,7 +907,7 @@ class ModestProtocol(Protocol):
             self._finish_aggregation(now, out, timed_out=True)
         elif agg.retries < self.max_retries:
             agg.retries += 1
-            self._set_timer("modest.aggregate", now + self.aggregation_timeout, (round,), out)
+            self._set_timer(Timer.AGGREGATE, now + self.aggregation_timeout, (round,), out)
         else:
             # give up cleanly; a trainer that sends this round again restarts the collection
             self._agg = None
@@ -958,7 +917,7 @@ class ModestProtocol(Protocol):
         agg = self._agg
         assert agg is not None
         self._agg = None
-        self._cancel_timer("modest.aggregate", out)
+        self._cancel_timer(Timer.AGGREGATE, out)
         if not self._may_aggregate(agg):
             out.append(Record("modest.aggregations_refused", 1.0))
             return
@@ -1050,8 +1009,7 @@ class ModestProtocol(Protocol):
         resolver.pinged(peers, self._wave)
         for peer in peers:
             out.append(Send(peer, Message(PING, resolver.round)))
-        name = f"modest.ping:{resolver.round}:{self._wave}"
-        self._set_timer(name, now + self.ping_timeout, (resolver.round, self._wave), out)
+        self._set_timer(Timer.PING, now + self.ping_timeout, (resolver.round, self._wave), out)
 
     def _pump(self, now: float, resolver: SampleResolver, out: list[Effect]) -> None:
         """Send each delivery of this round to the responsive candidates it still lacks."""
@@ -1084,8 +1042,8 @@ class ModestProtocol(Protocol):
                 out.append(
                     Record("modest.sample_fallbacks", float(resolver.passed_over(delivery.target)))
                 )
-                name = f"modest.watch:{delivery.kind}:{round}"
-                self._set_timer(name, now + self.retry_interval, (delivery.kind, round), out)
+                watch = (delivery.kind, round)
+                self._set_timer(Timer.WATCH, now + self.retry_interval, watch, out)
             delivery.sent.update(fresh)
             self._send_model(now, delivery, fresh, out)
 
@@ -1097,24 +1055,15 @@ class ModestProtocol(Protocol):
             self._restart = 0  # it goes out: the round really was stuck
         if delivery.kind == AGGREGATE:
             self._advance(delivery.round, out)  # this peer now knows of round r+1
-        meta: dict[str, Any] = {"view": self._view_wire()}
-        if self._pending_joins:
-            proofs = self._join_proofs
-            meta["joins"] = {
-                p: self._entry_wire(p, e, proofs) for p, e in self._pending_joins.items()
-            }
+        members = self.membership
+        meta: dict[str, Any] = {"view": members.view_wire()}
+        if members.pending_joins:
+            meta["joins"] = members.joins_wire()
         if delivery.kind == AGGREGATE and self.num_samples is not None:
             meta["w"] = self.num_samples
         message = Message(delivery.kind, delivery.round, delivery.params, meta)
         out.extend(Send(p, message) for p in recipients if p != self.peer_id)
-        # joins announced to us take effect after our next send (see the module docstring)
-        if self._pending_joins:
-            if self.signer is None:
-                self.view.merge(self._pending_joins)
-            else:
-                self._apply_signed_joins()
-            self._pending_joins.clear()
-            self._join_proofs.clear()
+        members.apply_joins()  # joins announced to us take effect after our next send
         if self.peer_id in recipients:
             self._on_message(now, self.peer_id, message, out)
 
@@ -1142,7 +1091,7 @@ class ModestProtocol(Protocol):
         recheck = resolver.recheck(sorted(delivery.sent))
         if recheck:
             self._ping(now, resolver, recheck, out)
-        self._set_timer(f"modest.watch:{kind}:{round}", now + self.retry_interval, payload, out)
+        self._set_timer(Timer.WATCH, now + self.retry_interval, payload, out)
 
     def _may_restart(self, resolver: SampleResolver, out: list[Effect]) -> bool:
         """A restart goes out only from an aggregator of its round (the first ``a``
@@ -1160,11 +1109,11 @@ class ModestProtocol(Protocol):
 
     def _drop_delivery(self, kind: str, round: int, out: list[Effect]) -> None:
         if self._deliveries.pop((kind, round), None) is not None:
-            self._cancel_timer(f"modest.watch:{kind}:{round}", out)
+            self._cancel_timer(Timer.WATCH, out, (kind, round))
 
-    def _on_idle_check(self, now: float, out: list[Effect]) -> None:
+    def _on_idle_check(self, now: float, payload: tuple[Any, ...], out: list[Effect]) -> None:
         """The watchdog: restart the next round if nothing moved since the last check."""
-        self._set_timer("modest.idle", now + self.idle_timeout, (), out)
+        self._set_timer(Timer.IDLE, now + self.idle_timeout, (), out)
         busy = (
             self._agg is not None
             or self._training is not None
@@ -1321,12 +1270,12 @@ class ModestProtocol(Protocol):
         ping = Message(PING, self.round)
         out.extend(Send(p, ping) for p in unchecked)
         self._verifying.update(unchecked)
-        self._set_timer("modest.verify", now + self.ping_timeout, (), out)
+        self._set_timer(Timer.VERIFY, now + self.ping_timeout, (), out)
         out.append(Record("modest.verifications", 1.0))
         self._hold(sender, msg, out, probe=False)
         return False
 
-    def _on_verified(self, out: list[Effect]) -> None:
+    def _on_verified(self, now: float, payload: tuple[Any, ...], out: list[Effect]) -> None:
         """The verification pings timed out: who did not answer is unresponsive."""
         for peer in self._verifying:
             self._suspects[peer] = self._silent[peer] = self.round
@@ -1342,7 +1291,7 @@ class ModestProtocol(Protocol):
             self._verifying.discard(peer)
             self._ping_outcomes.append(True)
             if not self._verifying:
-                self._cancel_timer("modest.verify", out)
+                self._cancel_timer(Timer.VERIFY, out)
                 self._replay_due = True
 
     def _replay_held(self, now: float, out: list[Effect]) -> None:
@@ -1370,19 +1319,19 @@ class ModestProtocol(Protocol):
         current, done = self.round, self._done
         if self._agg is not None and self._agg.round < current:
             self._agg = None
-            self._cancel_timer("modest.aggregate", out)
+            self._cancel_timer(Timer.AGGREGATE, out)
             out.append(Record("modest.aggregations_abandoned", 1.0))
         if self._training is not None and self._training[1] + 1 < current:
             self._training = None
         for kind, round in list(self._deliveries):
             if round < current or (kind == AGGREGATE and round <= done):
                 del self._deliveries[(kind, round)]
-                self._cancel_timer(f"modest.watch:{kind}:{round}", out)
+                self._cancel_timer(Timer.WATCH, out, (kind, round))
         for round in [r for r in self._resolvers if r < current]:
             del self._resolvers[round]
-        for name, payload in list(self._timers.items()):
-            if name.startswith("modest.ping") and payload[0] not in self._resolvers:
-                self._cancel_timer(name, out)
+        for name, (timer, payload) in list(self._timers.items()):
+            if timer is Timer.PING and payload[0] not in self._resolvers:
+                self._cancel(name, out)
         expired = [p for p, r in self._suspects.items() if r + self.suspect_rounds <= current]
         for peer in expired:
             del self._suspects[peer]
@@ -1399,63 +1348,18 @@ class ModestProtocol(Protocol):
         """Merge the view and the pending joins a model message carries."""
         if sender == self.peer_id:
             return
-        if self.signer is not None:
-            # the sender's activity is in its own signed entry, in the view it sent
-            self._merge_signed_view(now, sender, msg.meta.get("view"), out)
-            joins = msg.meta.get("joins")
-            if isinstance(joins, dict):
-                for peer, raw in joins.items():
-                    if peer != self.peer_id and self._may_grow(sender, peer):
-                        self._admit_join(peer, raw, sender)
+        members = self.membership
+        self._merged(now, members.merge_view(sender, msg.meta.get("view")), out)
+        members.note_activity(sender, msg.round)
+        members.merge_joins(sender, msg.meta.get("joins"))
+
+    def _merged(self, now: float, merged: Merged, out: list[Effect]) -> None:
+        """After a received view was merged: drop stale suspicions, and rejoin when the
+        sender thought this peer had left."""
+        if merged is Merged.IGNORED:
             return
-        self._merge_view(now, sender, PopulationView.from_wire(msg.meta.get("view")), out)
-        self.view.touch(sender, msg.round)
-        for peer, entry in PopulationView.from_wire(msg.meta.get("joins")).items():
-            if peer != self.peer_id and not entry.left and self._may_grow(sender, peer):
-                pending = self._pending_joins.get(peer)
-                self._pending_joins[peer] = entry if pending is None else pending.merge(entry)
-        self._drop_known_joins()
-
-    def _may_grow(self, sender: PeerId, peer: PeerId, *, solicited: bool = False) -> bool:
-        """Whether an entry about ``peer`` from ``sender`` may be taken, as far as growth
-        goes: known peers and the sender itself always; another new one within
-        ``max_new_members`` per message and ``member_budget`` per sender in all, so no
-        sender can flood the view (refusals are counted). A view that answers this peer's
-        own join is bounded by the contract's ``max_view_entries`` only: the joiner chose
-        whom to ask."""
-        if peer in self.view or peer in self._pending_joins or peer == sender or solicited:
-            return True
-        used = self._growth.get(sender, 0)
-        if self._message_growth >= self.max_new_members or used >= self.member_budget:
-            self._refused_entries += 1
-            return False
-        self._message_growth += 1
-        self._growth[sender] = used + 1
-        return True
-
-    def _merge_view(
-        self,
-        now: float,
-        sender: PeerId,
-        other: PopulationView,
-        out: list[Effect],
-        *,
-        solicited: bool = False,
-    ) -> None:
-        own = self.view[self.peer_id]
-        theirs = other.get(self.peer_id)
-        taken = {
-            p: e
-            for p, e in other.items()
-            if p != self.peer_id and self._may_grow(sender, p, solicited=solicited)
-        }
-        self.view.merge(taken)
         self._forget_suspicions()
-        if theirs is not None and (theirs.counter, theirs.left) > (own.counter, own.left):
-            # others think we left (an old leave, or a lost checkpoint): we are here
-            self.view.set(
-                self.peer_id, ViewEntry(max(own.round, theirs.round), False, theirs.counter + 1)
-            )
+        if merged is Merged.DISOWNED:
             self._join_confirmed = False
             self._join_attempts = 0
             self._announce_join(now, out)
@@ -1469,167 +1373,32 @@ class ModestProtocol(Protocol):
                 if entry is not None and entry.round > mark:
                     del marks[peer]
 
-    # -- signed entries (``signer`` set) -----------------------------------------------
-    def _view_wire(self) -> dict[str, Any]:
-        """The view as sent: bare entries, or entries with their records when signing."""
-        if self.signer is None:
-            return self.view.to_wire()
-        proofs = self._proofs
-        return {p: self._entry_wire(p, e, proofs) for p, e in self.view.items()}
-
-    def _entry_wire(self, peer: PeerId, entry: ViewEntry, proofs: dict[PeerId, Proven]) -> Any:
-        """``[round, left, counter, record]``; ``[0, 0, 0]`` for an entry nobody proved.
-
-        This peer's own entry is (re-)signed here when it changed since it was last signed.
-        """
-        if self.signer is None:
-            return entry.to_wire()
-        held = proofs.get(peer)
-        if held is None or held[0] != entry:
-            if peer != self.peer_id:
-                # never relay a claim we cannot prove; an unproven bottom entry is taken
-                # only by peers that know the member already (or from the member itself)
-                return [0, 0, 0]
-            held = (entry, self.signer.sign(entry_record(entry)))
-            proofs[peer] = held
-        return [entry.round, int(entry.left), entry.counter, held[1]]
-
-    def _admit(
-        self, peer: Any, raw: Any, sender: PeerId, *known: ViewEntry | None
-    ) -> Proven | tuple[ViewEntry, None] | Literal["stale", "bad", "unproven"]:
-        """Check an entry about ``peer``, relayed by ``sender``, against the ``known``
-        entries about it.
-
-        ``"stale"`` when it is not newer than every known one (nothing verified: the
-        common case), ``"bad"`` (counted) when it is malformed or its record does not
-        prove it, ``"unproven"`` (counted as refused) for an unsigned bottom entry about
-        a peer other than the sender: a fresh name nobody proved would let any relayer
-        inflate the view. Else the entry and its record (``None`` for the sender's own
-        unsigned bottom entry: its connection proves who it is).
-        """
-        claim = ViewEntry.from_wire(_claim_part(raw))
-        if claim is None or not isinstance(peer, str) or not peer:
-            self._bad_entries += 1
-            return "bad"
-        rank = _rank(claim)
-        if any(k is not None and rank <= _rank(k) for k in known):
-            return "stale"
-        if claim == _BOTTOM and len(raw) == 3:
-            if peer == sender:
-                return claim, None  # membership only, of the peer we hear it from
-            self._refused_entries += 1
-            return "unproven"
-        assert self.signer is not None
-        if self._bad_entries >= MAX_BAD_ENTRIES:
-            self._bad_entries += 1
-            return "bad"
-        proof = raw[3] if len(raw) == 4 else None
-        opened = self.signer.verify(proof)
-        if opened is None or opened[0] != peer or opened[1] != entry_record(claim):
-            self._bad_entries += 1
-            return "bad"
-        return claim, proof
-
-    def _set_proven(self, peer: PeerId, admitted: tuple[ViewEntry, bytes | None]) -> None:
-        entry, proof = admitted
-        self.view.set(peer, entry)
-        if proof is None:
-            self._proofs.pop(peer, None)
-        else:
-            self._proofs[peer] = (entry, proof)
-
-    def _merge_signed_view(
-        self,
-        now: float,
-        sender: PeerId,
-        raw_view: Any,
-        out: list[Effect],
-        *,
-        solicited: bool = False,
-    ) -> None:
-        """Take the newer, proven entries of a received view (signed ``_merge_view``)."""
-        if not isinstance(raw_view, dict):
-            return
-        own = self.view[self.peer_id]
-        theirs: ViewEntry | None = None
-        view = self.view
-        for peer, raw in raw_view.items():
-            if not self._may_grow(sender, peer, solicited=solicited):
-                continue
-            admitted = self._admit(peer, raw, sender, view.get(peer))
-            if isinstance(admitted, str):
-                continue
-            if peer == self.peer_id:
-                theirs = admitted[0]  # our own record, newer than our entry (lost state)
-            else:
-                self._set_proven(peer, admitted)
-        self._forget_suspicions()
-        if theirs is None:
-            return
-        if (theirs.counter, theirs.left) > (own.counter, own.left):
-            # others hold our older leave (a lost checkpoint): we are here
-            view.set(
-                self.peer_id, ViewEntry(max(own.round, theirs.round), False, theirs.counter + 1)
-            )
-            self._join_confirmed = False
-            self._join_attempts = 0
-            self._announce_join(now, out)
-        else:  # only the round is newer: catch up with what we signed before
-            view.set(self.peer_id, ViewEntry(theirs.round, own.left, own.counter))
-
-    def _admit_join(self, peer: PeerId, raw: Any, sender: PeerId) -> bool:
-        """Hold a proven join of ``peer`` back until the next send; ``False`` if refused."""
-        claim = ViewEntry.from_wire(_claim_part(raw))
-        if claim is None or claim.left:
-            return False
-        known = (self.view.get(peer), self._pending_joins.get(peer))
-        admitted = self._admit(peer, raw, sender, *known)
-        if admitted == "bad" or admitted == "unproven":
-            return False
-        if admitted != "stale":
-            entry, proof = admitted
-            self._pending_joins[peer] = entry
-            if proof is None:
-                self._join_proofs.pop(peer, None)
-            else:
-                self._join_proofs[peer] = (entry, proof)
-        return True
-
-    def _apply_signed_joins(self) -> None:
-        for peer, entry in self._pending_joins.items():
-            known = self.view.get(peer)
-            if known is None or _rank(entry) > _rank(known):
-                held = self._join_proofs.get(peer)
-                self._set_proven(peer, (entry, None if held is None else held[1]))
-
-    def _drop_known_joins(self) -> None:
-        for peer, entry in list(self._pending_joins.items()):
-            known = self.view.get(peer)
-            if known is None:
-                continue
-            if known.merge(entry) == known if self.signer is None else _rank(entry) <= _rank(known):
-                del self._pending_joins[peer]
-                self._join_proofs.pop(peer, None)
-
     def _announce_join(self, now: float, out: list[Effect]) -> None:
         self._join_attempts += 1
-        entry = self._entry_wire(self.peer_id, self.view[self.peer_id], self._proofs)
+        entry = self.membership.own_wire()
         if len(self._announced_to) > self.announce_fanout * (self.max_retries + 2):
             self._announced_to.clear()  # answers that never came
         for peer in self._random_peers(self.announce_fanout):
             self._announced_to.add(peer)
             out.append(Send(peer, Message(JOIN, self.round, None, {"entry": entry})))
-        self._set_timer("modest.join", now + self.retry_interval, (), out)
+        self._set_timer(Timer.JOIN, now + self.retry_interval, (), out)
 
     def _random_peers(self, k: int) -> list[PeerId]:
         others = sorted(p for p in self.view.active() if p != self.peer_id)
         return self.rng.sample(others, min(k, len(others)))
 
     # ------------------------------------------------------------------ timers
-    def _set_timer(self, name: str, at: float, payload: tuple[Any, ...], out: list[Effect]) -> None:
-        self._timers[name] = payload
+    def _set_timer(
+        self, kind: Timer, at: float, payload: tuple[Any, ...], out: list[Effect]
+    ) -> None:
+        """(Re)arm the timer of ``kind``; a keyed kind has one timer per payload."""
+        name = kind.name_for(payload)
+        self._timers[name] = (kind, payload)
         out.append(SetTimer(name, at))
 
-    def _cancel_timer(self, name: str, out: list[Effect]) -> None:
+    def _cancel_timer(self, kind: Timer, out: list[Effect], key: tuple[Any, ...] = ()) -> None:
+        self._cancel(kind.name_for(key), out)
+
+    def _cancel(self, name: str, out: list[Effect]) -> None:
         if self._timers.pop(name, None) is not None:
             out.append(CancelTimer(name))

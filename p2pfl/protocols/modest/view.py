@@ -21,8 +21,8 @@ from typing import Any
 
 from p2pfl.protocols.base import PeerId
 
-#: wire form of a view: ``{peer id: [last active round, left (0/1), counter]}`` (signed
-#: views append the entry's record: ``[round, left, counter, record]``, see ``protocol.py``)
+#: wire form of a view: ``{peer id: [last active round, left (0/1), counter]}`` (signed views
+#: append the entry's record: ``[round, left, counter, record]``, see ``membership.py``)
 WireView = dict[str, list[int]]
 
 #: versions of views' membership, unique across all views of a process (see ``version``)
@@ -110,7 +110,7 @@ class PopulationView(Mapping[PeerId, ViewEntry]):
     def set(self, peer: PeerId, entry: ViewEntry) -> None:
         """Overwrite an entry: a peer's own (it owns it), or one its owner signed.
 
-        With signed entries (see ``protocol.py``) a newer record replaces the older whole
+        With signed entries (see ``membership.py``) a newer record replaces the older whole
         instead of being merged field by field.
         """
         self._store(peer, self._entries.get(peer), entry)
