@@ -7,9 +7,10 @@ the peer it is about); the simulator does too by default (``sim.sign_relayed = t
 so that both drivers take the same code paths. This measures the price: one MoDeST
 scenario (digits, logistic regression, sample 10, one aggregator, overlay network), run
 signed and unsigned alternately, ``--repeats`` times each, torch on one thread. Reports
-the wall time of each run (set-up excluded), medians and their ratio, the signing work
-(records signed and verified, from the engine's counters) and the final accuracy (which
-must not depend on signing: it is checked equal). Writes ``<out>.csv`` and ``<out>.png``.
+the wall time of each run (set-up excluded), medians and their ratio, the events, bytes
+and final accuracy of each (signed and unsigned views merge by different rules -- the
+newest record about a peer wins whole, against a max-merge of the numbers -- so the two
+runs may take slightly different decisions). Writes ``<out>.csv`` and ``<out>.png``.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def main() -> None:
     print(
         f"{args.peers} peers x {args.rounds} rounds: unsigned {plain:.2f} s, signed {signed:.2f} s "
         f"(median of {args.repeats}), ratio {signed / plain:.2f}; "
-        f"final accuracy {'equal' if len(accuracies) == 1 else 'DIFFERS'}: {sorted(accuracies)}"
+        f"final accuracy {'equal' if len(accuracies) == 1 else 'differs'}: {sorted(accuracies)}"
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

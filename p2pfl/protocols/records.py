@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -92,13 +93,22 @@ class Keyring:
 
     ``Keyring.derive(names, seed)`` is deterministic (the same seed gives the same keys),
     so simulations with signing stay reproducible.
+
+    Verification is a pure function of the record's bytes, and a simulator's peers share
+    one process: the signers of one keyring share a memo of the last ``VERIFIED_KEPT``
+    records verified, so a record relayed to a thousand peers is checked once, not a
+    thousand times (each peer still decides on it exactly as a node would). A node
+    verifies every record itself (:class:`IdentitySigner`).
     """
+
+    VERIFIED_KEPT = 1 << 16
 
     def __init__(self, identities: Mapping[PeerId, Identity]) -> None:
         self.identities = dict(identities)
         self.names = {identity.peer_id: name for name, identity in self.identities.items()}
         if len(self.names) != len(self.identities):
             raise ValueError("two names share one identity")
+        self._verified: OrderedDict[bytes, tuple[PeerId, dict[str, Any]] | None] = OrderedDict()
 
     @classmethod
     def derive(cls, names: Iterable[PeerId], seed: int | str = 0) -> Keyring:
@@ -110,22 +120,34 @@ class Keyring:
 
     def signer(self, name: PeerId) -> RecordSigner:
         """The signer of peer ``name`` (``KeyError`` if it has no identity here)."""
-        return _KeyringSigner(self.identities[name], self.names)
+        return _KeyringSigner(self.identities[name], self)
+
+    def verify(self, data: Any) -> tuple[PeerId, dict[str, Any]] | None:
+        """The origin's name and the record, or ``None``; memoised by the record's bytes."""
+        if type(data) is not bytes:
+            return None
+        verified = self._verified
+        if data in verified:
+            verified.move_to_end(data)
+            return verified[data]
+        opened = _open(data)
+        name = None if opened is None else self.names.get(opened[0])
+        result = None if opened is None or name is None else (name, opened[1])
+        verified[data] = result
+        if len(verified) > self.VERIFIED_KEPT:
+            verified.popitem(last=False)
+        return result
 
 
 class _KeyringSigner(RecordSigner):
-    __slots__ = ("identity", "names")
+    __slots__ = ("identity", "keyring")
 
-    def __init__(self, identity: Identity, names: Mapping[str, PeerId]) -> None:
+    def __init__(self, identity: Identity, keyring: Keyring) -> None:
         self.identity = identity
-        self.names = names  # shared, read-only: key-derived id -> name
+        self.keyring = keyring  # shared by all its signers: names and the verification memo
 
     def sign(self, record: dict[str, Any]) -> bytes:
         return sign_record(self.identity, record).data
 
     def verify(self, data: Any) -> tuple[PeerId, dict[str, Any]] | None:
-        opened = _open(data)
-        if opened is None:
-            return None
-        name = self.names.get(opened[0])
-        return None if name is None else (name, opened[1])
+        return self.keyring.verify(data)
