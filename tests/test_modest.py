@@ -750,3 +750,30 @@ def test_peers_that_finish_and_leave_do_not_strand_the_others() -> None:
     loop.run(until=300.0, stop=lambda: loop.crashed == set(ids))
     assert loop.crashed == set(ids), {p: loop.completed[p][-1:] for p in ids}
     assert loop.records["modest.restarts"] >= 1
+
+
+class TestLateStarterFirstInRoundOne:
+    """A node started after the others may rank first for round 1: it must not restart
+    round 1 from its own initial model before it has heard that the system moved on."""
+
+    def setup(self) -> tuple[ModestProtocol, list[str]]:
+        ids = peers(6)
+        first = derive_candidates(PopulationView.of(ids), 1)[0]
+        return make(first, ids, num_aggregators=1), ids
+
+    def test_it_asks_one_more_candidate_before_aggregating_round_one(self) -> None:
+        p, ids = self.setup()
+        effects = p.handle(Start(0.0))
+        pings = sends(effects, "ping")
+        assert pings and all(s.to != p.peer_id for s in pings)
+        assert not sends(effects, "train") and p.aggregated_round == 0
+        # the witness says round 1 is where the system is: it takes round 1 on itself
+        p.handle(MessageReceived(0.1, pings[0].to, Message("pong", 1, None, {"at": 0})))
+        assert p.aggregated_round == 1 and not p.joining
+
+    def test_a_pong_from_a_system_past_round_one_makes_it_join(self) -> None:
+        p, ids = self.setup()
+        pings = sends(p.handle(Start(0.0)), "ping")
+        effects = p.handle(MessageReceived(0.1, pings[0].to, Message("pong", 1, None, {"at": 9})))
+        assert p.aggregated_round == 0 and p.joining
+        assert sends(effects, "join")

@@ -1016,6 +1016,17 @@ class ModestProtocol(Protocol):
         round = resolver.round
         if self._bootstrapping and round == 1:
             aggregators = resolver.first(self.num_aggregators)
+            if aggregators is not None and self.peer_id in aggregators:
+                # Before taking round 1 on itself, hear from one more candidate: a peer that
+                # started late (a node started after the others) learns from that pong that
+                # the system is past round 1 and joins instead of restarting it.
+                witness = self.num_aggregators + 1
+                if resolver.first(witness) is None:
+                    resolver.want(witness)
+                    wave = resolver.to_ping()
+                    if wave:
+                        self._ping(now, resolver, wave, out)
+                    return
             if aggregators is not None:
                 self._bootstrapping = False
                 if self.peer_id in aggregators:
