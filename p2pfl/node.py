@@ -14,12 +14,13 @@ effects into I/O and I/O into events:
 
 Incoming bytes pass through a :class:`~p2pfl.security.PeerGuard` (ban, rate, decode,
 signature, replay, round window) before the protocol sees them; whatever is refused is
-counted by reason and shows in the status. Peers find each other through bootstrap
-addresses and peer exchange (``hello`` messages listing known addresses). A name heard of
-in someone's hello is only an address to dial: a peer becomes a neighbour (or a member of
-the protocol's population) only once *met* -- its own hello arrived over a connection the
-transport authenticated as that peer id, or we dialled it as a bootstrap peer -- so one
-hello naming thousands of made-up peers cannot fill the neighbour list.
+counted by reason and shows in the status.
+
+Two jobs live in their own modules and know nothing of protocols: finding peers
+(:class:`~p2pfl.discovery.Discovery`: bootstrap, ``hello`` peer exchange, mDNS, restarts;
+only peers *met* -- not names heard of -- may become neighbours) and noticing that
+neighbours stop or start answering (:class:`~p2pfl.liveness.Liveness`: pings). The node
+wires them to the transport and turns what they report into ``PeerUp`` / ``PeerDown``.
 
 Neighbour relations must be two-way for protocols whose round waits for its neighbours:
 a node that receives such a model from a met peer it did not choose answers ``unlink``
@@ -51,8 +52,16 @@ import torch
 
 from p2pfl.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from p2pfl.config import NodeConfig
+from p2pfl.discovery import (
+    HELLO,
+    MAX_ADDRS_PER_PEER,
+    MAX_CONCURRENT_DIALS,
+    MAX_KNOWN_PEERS,
+    Discovery,
+)
 from p2pfl.identity import Identity
 from p2pfl.learning import BatchSampler, evaluate
+from p2pfl.liveness import Liveness
 from p2pfl.neighbours import PeerGraph, check_member, choose_neighbours
 from p2pfl.peer import build_commons, wrap_attacker
 from p2pfl.protocols.base import (
@@ -81,22 +90,27 @@ from p2pfl.security import Ban, GuardConfig, PeerGuard, SequenceNumbers
 from p2pfl.transport.base import Transport, TransportError
 from p2pfl.wire import DropReason, Envelope, WireError, WireLimits, encode
 
+__all__ = [
+    "CONTROL",
+    "EARLY_MESSAGES",
+    "HELLO",
+    "MAX_ADDRS_PER_PEER",
+    "MAX_CONCURRENT_DIALS",
+    "MAX_KNOWN_PEERS",
+    "STATUS_NAME",
+    "UNLINK",
+    "Node",
+]
+
 log = logging.getLogger("p2pfl.node")
 
 CONTROL = "p2pfl"  # wire protocol name of the node's own messages (peer exchange)
-HELLO = "hello"
 #: "you are not my neighbour": the answer to a model from a peer that chose us one-way
 UNLINK = "unlink"
 STATUS_NAME = "status.json"
 #: protocol messages kept while still discovering (a peer that found everyone first
 #: sends its round-0 model before we start); they are handled once the protocol starts
 EARLY_MESSAGES = 16
-#: peers a node keeps addresses of; a hello naming more (a hostile one) adds nothing beyond
-MAX_KNOWN_PEERS = 1024
-#: addresses kept per peer, and dials (connection attempts) running at once: a hello can
-#: name many peers, and must not turn the node into a dialling flood
-MAX_ADDRS_PER_PEER = 4
-MAX_CONCURRENT_DIALS = 8
 
 
 class Node:
@@ -130,10 +144,6 @@ class Node:
         )
         self.seq = SequenceNumbers(time.time())
         self.protocol: Protocol | None = None
-        #: addresses of peers heard of (dial candidates), bounded by MAX_KNOWN_PEERS
-        self.known: dict[str, list[str]] = {}
-        #: peers met directly: only these may become neighbours or population members
-        self.met: set[str] = set()
         #: met peers that told us they do not take us as a neighbour (never waited for)
         self.unlinked: set[str] = set()
         #: peers we told so (once each: later models from them are refused as usual)
@@ -154,20 +164,39 @@ class Node:
         self._done = asyncio.Event()
         #: set once the transport listens (tests and embedders wait on it)
         self.listening = asyncio.Event()
-        self._peers_changed = asyncio.Event()
         self._stopping = False
         self._next_train_at = 0.0
-        #: neighbours reported down (missed pings, failed sends) until they answer a ping
-        self._down: set[str] = set()
-        #: peers found by the transport (mDNS) that we dialled and greeted
-        self._greeted: set[str] = set()
-        self._dial_slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
         self._early: list[tuple[str, Envelope]] = []
         self.graph: PeerGraph | None = None
         if config.network.topology_file:
             self.graph = PeerGraph.from_file(config.network.topology_file)
             check_member(self.graph, self.peer_id, config.network.topology_file)
+        net = config.network
+        self.discovery = Discovery(
+            self.peer_id, transport, net, graph=self.graph, send=self._send_own, spawn=self._spawn
+        )
+        self.liveness = Liveness(
+            transport,
+            interval=net.ping_interval,
+            timeout=net.ping_timeout,
+            failures=net.ping_failures,
+            watched=self._watched,
+            running=lambda: self.protocol is not None and not self._stopping,
+            may_return=lambda peer: not self.guard.is_banned(peer, time.time()),
+            on_down=self._peer_down,
+            on_up=self._peer_up,
+        )
         self._setup_learning()
+
+    @property
+    def known(self) -> dict[str, list[str]]:
+        """Addresses of peers heard of (dial candidates), bounded by ``MAX_KNOWN_PEERS``."""
+        return self.discovery.known
+
+    @property
+    def met(self) -> set[str]:
+        """Peers met directly: only these may become neighbours or population members."""
+        return self.discovery.met
 
     # -- learning set-up ---------------------------------------------------------------
     def _setup_learning(self) -> None:
@@ -272,7 +301,7 @@ class Node:
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (tests): stop() is called directly
         self.transport.set_handler(self._on_payload)
-        self.transport.set_discovery_handler(self._on_discovered)
+        self.transport.set_discovery_handler(self.discovery.on_discovered)
         self.transport.set_abuse_handler(self._on_transport_abuse)
         await self.transport.start()
         self.listening.set()
@@ -281,9 +310,9 @@ class Node:
         checkpoint = load_checkpoint(self.state_dir)
         try:
             if checkpoint is not None:
-                await self._reconnect(checkpoint.get("known", {}))
+                await self.discovery.reconnect(checkpoint.get("known", {}))
             else:
-                await self._discover()
+                await self.discovery.discover()
             self._start_protocol(checkpoint)
             await self._done.wait()
             if self.rounds_done >= self.config.rounds and self.failure is None:
@@ -328,146 +357,6 @@ class Node:
         self._write_status(final=True)
         await self.transport.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-    # -- discovery -----------------------------------------------------------------------
-    async def _discover(self) -> None:
-        net = self.config.network
-        deadline = time.monotonic() + net.discovery_timeout
-        pending = list(net.bootstrap)
-        while pending and time.monotonic() < deadline:
-            retry = []
-            for addr in pending:
-                try:
-                    peer = await self.transport.connect(
-                        addr, timeout=min(5.0, net.discovery_timeout)
-                    )
-                except TransportError as error:
-                    log.debug("bootstrap %s not reachable yet: %s", addr, error)
-                    retry.append(addr)
-                    continue
-                self.known.setdefault(peer, []).append(addr)
-                self._meet(peer)  # we dialled it: the transport authenticated its id
-                self._spawn(self._send_hello(peer))
-            pending = retry
-            if pending:
-                await asyncio.sleep(0.2)  # back off before dialling again (bounded by deadline)
-        while not self._found_enough():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._peers_changed.clear()
-            try:
-                await asyncio.wait_for(self._peers_changed.wait(), remaining)
-            except TimeoutError:
-                break
-        if not self._found_enough():
-            log.warning(
-                "only %d of %d peers found before the discovery timeout",
-                len(self.met),
-                len(self.graph.neighbours(self.peer_id)) if self.graph else net.min_peers,
-            )
-
-    def _found_enough(self) -> bool:
-        """Discovery is over: all graph neighbours, or ``min_peers`` peers, are met
-        (names only heard of do not count: they may be made up)."""
-        if self.graph is not None:
-            return set(self.graph.neighbours(self.peer_id)) <= self.met
-        return len(self.met) >= self.config.network.min_peers
-
-    def _meet(self, peer: str) -> None:
-        """``peer`` proved its id on a connection: from now on it may be a neighbour."""
-        if peer != self.peer_id:
-            self.met.add(peer)
-
-    def _wanted(self, peer: str) -> bool:
-        """Whether to dial a peer we heard of: with a graph, only our graph neighbours."""
-        return self.graph is None or peer in self.graph.neighbours(self.peer_id)
-
-    async def _reconnect(self, known: dict[str, list[str]]) -> None:
-        """After a restart: dial the peers we knew (and the bootstrap peers), then go on.
-
-        A resuming node does not wait for ``min_peers``: its neighbours are fixed by the
-        checkpoint, and those that are gone are found out by failed sends.
-        """
-        self.known.update({peer: list(addrs) for peer, addrs in known.items()})
-        self.met.update(peer for peer in known if peer != self.peer_id)  # met before (saved)
-        addrs = [a for peer_addrs in self.known.values() for a in peer_addrs[:2]]
-        addrs += list(self.config.network.bootstrap)
-        timeout = min(5.0, self.config.network.discovery_timeout)
-
-        async def dial(addr: str) -> None:
-            try:
-                peer = await self.transport.connect(addr, timeout=timeout)
-            except TransportError:
-                return
-            await self._send_hello(peer)
-
-        await asyncio.gather(*(dial(addr) for addr in dict.fromkeys(addrs)), return_exceptions=True)
-
-    async def _send_hello(self, peer: str, *, reply: bool = True) -> None:
-        addrs = {p: a for p, a in self.transport.known_addrs().items() if a}
-        addrs[self.peer_id] = list(self.transport.listen_addrs)
-        message = Message(HELLO, 0, None, {"addrs": addrs, "reply": reply})
-        try:
-            await self._send_bytes(peer, message, CONTROL)
-        except TransportError as error:  # a peer that connects but takes nothing (issue 8)
-            log.debug("hello to %s failed: %s", peer, error)
-
-    def _on_hello(self, sender: str, meta: dict[str, Any]) -> None:
-        addrs = meta.get("addrs")
-        if not isinstance(addrs, dict):
-            self.guard.record_drop(
-                sender, DropReason.BAD_TYPE, now=time.time(), detail="hello without addrs"
-            )
-            return
-        new_peer = sender not in self.met
-        self.known.setdefault(sender, [])
-        self._meet(sender)  # its own hello, on a connection authenticated as ``sender``
-        for peer, peer_addrs in list(addrs.items())[:256]:
-            if peer == self.peer_id or not isinstance(peer, str) or not isinstance(peer_addrs, list):
-                continue
-            clean = [a for a in peer_addrs if isinstance(a, str) and len(a) < 256]
-            clean = clean[:MAX_ADDRS_PER_PEER]
-            if peer not in self.known:
-                if len(self.known) >= MAX_KNOWN_PEERS:
-                    continue  # the sender itself is always kept (above); strangers are not
-                self.known[peer] = clean
-                if clean and self._wanted(peer):
-                    self._spawn(self._dial_and_greet(peer, clean))
-            elif not self.known[peer]:
-                self.known[peer] = clean
-        if meta.get("reply"):
-            self._spawn(self._send_hello(sender, reply=False))
-        self._peers_changed.set()
-        if self.protocol is not None and sender not in self.unlinked:
-            # a peer we may have given up on is back (e.g. restarted)
-            self._handle(PeerUp(self._now(), sender))
-        elif new_peer:
-            log.info("discovered %s (%d met, %d known)", sender, len(self.met), len(self.known))
-
-    def _on_discovered(self, peer: str, addrs: list[str]) -> None:
-        """A peer the transport found by itself (mDNS): greet it once, if we want it.
-
-        It becomes known only when its hello arrives, so a LAN peer that is not a p2pfl
-        node (any libp2p host announces the same mDNS service) never turns neighbour.
-        """
-        if peer == self.peer_id or peer in self.known or peer in self._greeted:
-            return
-        if self._wanted(peer):
-            self._greeted.add(peer)
-            self._spawn(self._dial_and_greet(peer, addrs[:MAX_ADDRS_PER_PEER]))
-
-    async def _dial_and_greet(self, peer: str, addrs: list[str]) -> None:
-        async with self._dial_slots:  # at most MAX_CONCURRENT_DIALS peers dialled at once
-            for addr in addrs:
-                try:
-                    await self.transport.connect(addr, timeout=5.0)
-                except TransportError:
-                    continue
-                break
-            else:
-                return
-        await self._send_hello(peer)
 
     # -- protocol ------------------------------------------------------------------------
     def _choose_neighbours(self) -> list[str]:
@@ -525,44 +414,20 @@ class Node:
         early, self._early = self._early, []
         for sender, envelope in early:
             self._route(sender, envelope)
-        if self.config.network.ping_interval > 0:
-            self._spawn(self._liveness())
+        if self.liveness.enabled:
+            self._spawn(self.liveness.run())
 
     # -- liveness ------------------------------------------------------------------------
-    async def _liveness(self) -> None:
-        """Ping the neighbours every ``ping_interval`` seconds and report changes.
+    def _watched(self) -> list[str]:
+        """The peers to ping: our neighbours, except those that do not take us as theirs."""
+        assert self.protocol is not None
+        return [p for p in self.protocol.neighbours if p not in self.unlinked]
 
-        ``ping_failures`` misses in a row make a ``PeerDown`` (so a dead neighbour is
-        noticed even when no send is pending); the first answer of a peer reported down
-        -- by pings or by a failed send -- makes a ``PeerUp``. One ping per neighbour is
-        in flight at most, each bounded by ``ping_timeout``.
-        """
-        net = self.config.network
-        misses: dict[str, int] = {}
-        while self.protocol is not None and not self._stopping:
-            await asyncio.sleep(net.ping_interval)
-            peers = [p for p in self.protocol.neighbours if p not in self.unlinked]
-            answers = await asyncio.gather(*(self._ping(peer) for peer in peers))
-            for peer, alive in zip(peers, answers, strict=True):
-                if alive:
-                    misses.pop(peer, None)
-                    if peer in self._down and not self.guard.is_banned(peer, time.time()):
-                        self._down.discard(peer)
-                        log.info("neighbour %s answers again", peer)
-                        self._handle(PeerUp(self._now(), peer))
-                    continue
-                misses[peer] = misses.get(peer, 0) + 1
-                if misses[peer] >= net.ping_failures and peer not in self._down:
-                    self._down.add(peer)
-                    log.info("neighbour %s missed %d pings: down", peer, misses[peer])
-                    self._handle(PeerDown(self._now(), peer))
+    def _peer_down(self, peer: str) -> None:
+        self._handle(PeerDown(self._now(), peer))
 
-    async def _ping(self, peer: str) -> bool:
-        try:
-            await self.transport.ping(peer, timeout=self.config.network.ping_timeout)
-        except TransportError:
-            return False
-        return True
+    def _peer_up(self, peer: str) -> None:
+        self._handle(PeerUp(self._now(), peer))
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -598,7 +463,9 @@ class Node:
         """Handling a received message raised: drop it and charge the sender."""
         self._count_error("message")
         name = type(error).__name__
-        log.warning("dropped a %s message from %s: handling it raised %s: %s", kind, sender, name, error)
+        log.warning(
+            "dropped a %s message from %s: handling it raised %s: %s", kind, sender, name, error
+        )
         log.debug("traceback of the failed %s message", kind, exc_info=error)
         detail = f"{kind}: handler raised {name}"
         self.guard.record_drop(sender, DropReason.MALFORMED, now=time.time(), detail=detail)
@@ -676,13 +543,17 @@ class Node:
             await self._send_bytes(effect.to, effect.message, self.protocol.name)
         except TransportError as error:
             log.debug("send to %s failed: %s", effect.to, error)
-            self._down.add(effect.to)  # the next ping it answers brings it back
+            self.liveness.mark_down(effect.to)  # the next ping it answers brings it back
             self._handle(SendFailed(self._now(), effect.to, effect.message))
 
     async def _send_bytes(self, peer: str, message: Message, protocol: str) -> None:
         data = encode(message, identity=self.identity, protocol=protocol, seq=self.seq.next())
         await self.transport.send(peer, data, timeout=self.config.network.send_timeout)
         self.bytes_sent += len(data)
+
+    async def _send_own(self, peer: str, message: Message) -> None:
+        """One of the node's own messages (hello, unlink); raises ``TransportError``."""
+        await self._send_bytes(peer, message, CONTROL)
 
     # -- receiving -----------------------------------------------------------------------
     def _on_transport_abuse(self, peer: str, reason: str) -> None:
@@ -749,9 +620,23 @@ class Node:
 
     async def _send_control(self, peer: str, kind: str) -> None:
         try:
-            await self._send_bytes(peer, Message(kind, 0, None, {}), CONTROL)
+            await self._send_own(peer, Message(kind, 0, None, {}))
         except TransportError as error:
             log.debug("%s to %s failed: %s", kind, peer, error)
+
+    def _on_hello(self, sender: str, meta: dict[str, Any]) -> None:
+        """A peer introduces itself (:meth:`Discovery.on_hello`); one we may have given up on
+        is back (e.g. restarted)."""
+        outcome = self.discovery.on_hello(sender, meta)
+        if outcome == "malformed":
+            self.guard.record_drop(
+                sender, DropReason.BAD_TYPE, now=time.time(), detail="hello without addrs"
+            )
+            return
+        if self.protocol is not None and sender not in self.unlinked:
+            self._handle(PeerUp(self._now(), sender))
+        elif outcome == "new":
+            log.info("discovered %s (%d met, %d known)", sender, len(self.met), len(self.known))
 
     def _on_unlink(self, sender: str) -> None:
         """A neighbour does not take us as its neighbour: our rounds stop waiting for it."""
@@ -822,7 +707,7 @@ class Node:
                 "counters": self.counters,
                 "rounds_done": self.rounds_done,
                 # the peers met only: a restart dials these, not every name heard of
-                "known": {peer: self.known.get(peer, [])[:4] for peer in sorted(self.met)},
+                "known": self.discovery.saved(),
             },
         )
 
@@ -841,7 +726,7 @@ class Node:
             "known_peers": sorted(self.known),
             "met_peers": sorted(self.met),
             "one_way_neighbours": sorted(self.unlinked),
-            "peers_down": sorted(self._down),
+            "peers_down": sorted(self.liveness.down),
             "connected": self.transport.connected_peers(),
             "bytes_sent": self.bytes_sent,
             "counters": self.counters,

@@ -1,0 +1,121 @@
+"""Discovery and liveness on their own: driven without a node, a protocol or a guard.
+
+The node's tests cover them end to end; these pin down the contract each offers the
+node (what it reports, when, and what it keeps) with a stand-in transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from p2pfl.config import NodeNetworkConfig
+from p2pfl.discovery import HELLO, MAX_ADDRS_PER_PEER, Discovery
+from p2pfl.liveness import Liveness
+from p2pfl.messages import Message
+from p2pfl.transport.base import Transport, TransportError
+
+
+class StandIn:
+    """The few transport calls discovery and liveness make; ``dead`` peers fail pings."""
+
+    listen_addrs = ["/memory/me"]
+
+    def __init__(self) -> None:
+        self.dead: set[str] = set()
+        self.dialled: list[str] = []
+
+    async def ping(self, peer: str, *, timeout: float) -> None:
+        if peer in self.dead:
+            raise TransportError("no answer")
+
+    async def connect(self, addr: str, *, timeout: float = 10.0) -> str:
+        self.dialled.append(addr)
+        return addr.rsplit("/", 1)[-1]
+
+    def known_addrs(self) -> dict[str, list[str]]:
+        return {}
+
+
+def test_liveness_reports_down_after_misses_and_up_on_the_first_answer() -> None:
+    transport = StandIn()
+    events: list[tuple[str, str]] = []
+    banned: set[str] = set()
+    stop = False
+
+    liveness = Liveness(
+        cast(Transport, transport),
+        interval=0.001,
+        timeout=0.1,
+        failures=2,
+        watched=lambda: ["a", "b", "c"],
+        running=lambda: not stop,
+        may_return=lambda peer: peer not in banned,
+        on_down=lambda peer: events.append(("down", peer)),
+        on_up=lambda peer: events.append(("up", peer)),
+    )
+    transport.dead = {"a", "c"}
+    liveness.mark_down("b")  # a failed send: b's next answer brings it back
+    banned.add("c")
+
+    async def until(done: Any) -> None:
+        while not done():
+            await asyncio.sleep(0.001)
+
+    async def scenario() -> None:
+        nonlocal stop
+        task = asyncio.create_task(liveness.run())
+        await asyncio.wait_for(until(lambda: ("down", "c") in events), 5)
+        await asyncio.sleep(0.02)  # more misses: reported once only
+        transport.dead = set()  # everyone answers from now on
+        await asyncio.wait_for(until(lambda: ("up", "a") in events), 5)
+        await asyncio.sleep(0.02)  # c answers too, but stays down (banned)
+        stop = True
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(scenario())
+    assert events[0] == ("up", "b")
+    assert events.count(("down", "a")) == 1 and events.count(("down", "c")) == 1
+    assert ("up", "a") in events and ("up", "c") not in events  # c is banned: stays down
+    assert events.index(("down", "a")) < events.index(("up", "a"))
+    assert liveness.down == {"c"}
+
+
+def test_a_hello_meets_its_sender_only_and_notes_bounded_addresses() -> None:
+    transport = StandIn()
+    sent: list[tuple[str, Message]] = []
+    spawned: list[Any] = []
+
+    async def send(peer: str, message: Message) -> None:
+        sent.append((peer, message))
+
+    def spawn(coroutine: Any) -> None:
+        spawned.append(coroutine)
+
+    discovery = Discovery(
+        "me",
+        cast(Transport, transport),
+        NodeNetworkConfig(),
+        graph=None,
+        send=send,
+        spawn=spawn,
+    )
+    assert discovery.on_hello("x", {"addrs": "not a map"}) == "malformed"
+    assert discovery.met == set()
+    addrs = {"y": [f"/memory/{k}/y" for k in range(10)], "me": ["/memory/me"], "z": [1, 2]}
+    assert discovery.on_hello("x", {"addrs": addrs, "reply": True}) == "new"
+    assert discovery.on_hello("x", {"addrs": {}}) == "known"
+    assert discovery.met == {"x"}  # y and z are only heard of
+    assert set(discovery.known) == {"x", "y", "z"}
+    assert len(discovery.known["y"]) == MAX_ADDRS_PER_PEER and discovery.known["z"] == []
+    assert discovery.saved() == {"x": []}  # a checkpoint keeps the met peers only
+
+    async def run_spawned() -> None:
+        await asyncio.gather(*spawned)
+
+    asyncio.run(run_spawned())  # a dial-and-greet of y, the reply to x
+    assert transport.dialled == ["/memory/0/y"]
+    assert sorted(peer for peer, _ in sent) == ["x", "y"]
+    assert all(message.kind == HELLO for _, message in sent)
+    reply = next(message for peer, message in sent if peer == "x")
+    assert reply.meta["reply"] is False and reply.meta["addrs"] == {"me": ["/memory/me"]}
