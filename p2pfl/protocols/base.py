@@ -197,6 +197,7 @@ class Protocol(ABC):
         self.local_steps = local_steps
         self.round = 0
         self._seed = seed
+        self._model_size = params.numel()
         self.rng = random.Random(f"{seed}:{peer_id}")
         self._next_ticket = 0
 
@@ -225,8 +226,11 @@ class Protocol(ABC):
 
     @property
     def message_dim(self) -> int:
-        """Elements of the tensor a message of this protocol carries (the whole model)."""
-        return self.params.numel()
+        """Elements of the tensor a message of this protocol carries (the whole model).
+
+        Asked for every message received: the model's size, taken once (it never changes).
+        """
+        return self._model_size
 
     def message_params(self, full: torch.Tensor) -> torch.Tensor:
         """What travels for a full parameter vector: the vector itself, unless a protocol

@@ -98,7 +98,13 @@ ANYONE, NEIGHBOUR, MEMBER = Role.ANYONE, Role.NEIGHBOUR, Role.MEMBER
 
 
 class Field:
-    """A meta field's type and range; ``accepts`` never raises, whatever the value."""
+    """A meta field's type and range; ``accepts`` never raises, whatever the value.
+
+    ``relative``: whether the verdict depends on the receiving protocol (a round bounded
+    by its round, a map bounded by one of its attributes), not on the value alone.
+    """
+
+    relative: bool = False
 
     def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:  # pragma: no cover
         raise NotImplementedError
@@ -120,6 +126,8 @@ class Int(Field):
 @dataclass(frozen=True, slots=True)
 class RoundNumber(Field):
     """A round number: an int ``>= 0``, at most ``max_round_lead`` ahead of the receiver."""
+
+    relative = True
 
     def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
         if type(value) is not int or value < 0:
@@ -186,6 +194,10 @@ class Tuple(Field):
     items: tuple[Field, ...]
     optional: int = 0
 
+    @property
+    def relative(self) -> bool:  # type: ignore[override]
+        return any(item.relative for item in self.items)
+
     def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
         if type(value) is not list and type(value) is not tuple:
             return Refusal.BAD_FIELD
@@ -205,6 +217,10 @@ class ListOf(Field):
     item: Field
     max_len: int
 
+    @property
+    def relative(self) -> bool:  # type: ignore[override]
+        return self.item.relative
+
     def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
         if (type(value) is not list and type(value) is not tuple) or len(value) > self.max_len:
             return Refusal.BAD_FIELD
@@ -222,6 +238,10 @@ class MapOf(Field):
     key: Field
     value: Field
     max_len: int | str
+
+    @property
+    def relative(self) -> bool:  # type: ignore[override]
+        return isinstance(self.max_len, str) or self.key.relative or self.value.relative
 
     def accepts(self, value: Any, protocol: Protocol) -> Refusal | None:
         limit = self.max_len if isinstance(self.max_len, int) else getattr(protocol, self.max_len)
@@ -254,10 +274,17 @@ class MessageSpec:
     fields: Mapping[str, Field] = field(default_factory=dict)
     required: frozenset[str] = frozenset()
 
+    #: whether a message's fields and tensor are judged by themselves alone (no field
+    #: bounded by the receiver): then one verdict on a message object holds for every
+    #: receiver of the same model size and bound (set from the fields)
+    absolute: bool = field(init=False, default=False)
+
     def __post_init__(self) -> None:
         missing = self.required - self.fields.keys()
         if missing:
             raise ValueError(f"required fields {sorted(missing)} are not declared")
+        relative = self.accumulates or any(f.relative for f in self.fields.values())
+        object.__setattr__(self, "absolute", not relative)
 
 
 def check_message(protocol: Protocol, sender: PeerId, message: Message) -> Refusal | None:
@@ -276,6 +303,21 @@ def check_message(protocol: Protocol, sender: PeerId, message: Message) -> Refus
         return Refusal.FUTURE_ROUND
     if not protocol.has_role(spec.sender, sender, message):
         return Refusal.NOT_ALLOWED
+    if spec.absolute:  # the content's verdict is the message's own: judged once
+        key = (spec, protocol.message_dim, protocol.max_abs)
+        cached = message._content
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        verdict = _content_verdict(protocol, spec, message, round_)
+        message._content = (key, verdict)
+        return verdict
+    return _content_verdict(protocol, spec, message, round_)
+
+
+def _content_verdict(
+    protocol: Protocol, spec: MessageSpec, message: Message, round_: int
+) -> Refusal | None:
+    """The meta fields and the tensor of ``message`` against ``spec``."""
     meta = message.meta
     if type(meta) is not dict:
         return Refusal.BAD_FIELD
@@ -310,13 +352,16 @@ def _check_tensor(message: Message, params: Any, dim: int, max_abs: float) -> Re
 
 
 def _tensor_verdict(params: Any, dim: int, max_abs: float) -> Refusal | None:
-    if not isinstance(params, torch.Tensor) or params.dtype is not torch.float32:
+    if not isinstance(params, torch.Tensor):
         return Refusal.BAD_TENSOR
-    if params.dim() != 1 or params.shape[0] != dim:
-        return Refusal.BAD_TENSOR
-    if dim == 0:
-        return None
-    low, high = torch.aminmax(params)
+    # One pass over the values, read as a plain tensor: a subclass's dispatch (the
+    # simulator's arena rows, which hold real values) costs more than the scan itself.
+    with torch._C.DisableTorchFunctionSubclass():
+        if params.dtype is not torch.float32 or params.dim() != 1 or params.shape[0] != dim:
+            return Refusal.BAD_TENSOR
+        if dim == 0:
+            return None
+        low, high = torch.aminmax(params)
     # NaN fails both comparisons; Inf the bound
     if not (-max_abs <= float(low) and float(high) <= max_abs):
         return Refusal.TOO_LARGE

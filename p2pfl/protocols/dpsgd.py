@@ -91,6 +91,8 @@ class DPSGD(SynchronousRoundProtocol):
         self.learns_weights = weights is None and mixing == "metropolis_hastings"
         #: whether this protocol's models carry the degree (a subclass's contract may not)
         self.declares_degree = DEGREE in self.messages[MODEL].fields
+        #: the degree each neighbour last declared (taken into account once per change)
+        self._declared: dict[PeerId, int] = {}
         if weights is None:  # the bound for everyone until a degree says otherwise
             share = 1.0 / (self.degree + 1)
             weights = {p: share for p in self.neighbours}
@@ -158,6 +160,7 @@ class DPSGD(SynchronousRoundProtocol):
         declared = event.message.meta.get(DEGREE) if type(event.message.meta) is dict else None
         if type(declared) is not int or not 1 <= declared <= MAX_DEGREE:
             return []  # its weight stays where it is: at most the bound
+        self._declared[sender] = declared
         if self.mixing != "metropolis_hastings":
             return []
         weight = metropolis_hastings_weight(self.degree, declared)
@@ -173,9 +176,10 @@ class DPSGD(SynchronousRoundProtocol):
 
     def handle(self, event: Event) -> list[Effect]:
         if type(event) is MessageReceived:  # most events: straight to the round logic
-            if self.declares_degree:
+            meta = event.message.meta
+            if meta and self._declared.get(event.sender) != meta.get(DEGREE):
                 return self._learn_degree(event) + self._on_message(event)
-            return self._on_message(event)
+            return self._on_message(event)  # no degree, or the one already taken in
         if isinstance(event, PeerDown):
             self.alive.discard(event.peer)
             self._live = None

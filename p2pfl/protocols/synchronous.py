@@ -245,7 +245,7 @@ class SynchronousRoundProtocol(Protocol):
         received = self.inbox.get(self.round, {})
         if expected.issubset(received):
             return self._finish_round(now, timed_out=False)
-        if self._others_moved_on(expected - received.keys()):
+        if self.missed and self._others_moved_on(expected - received.keys()):
             return [Record("rounds_realigned", 1.0), *self._finish_round(now, timed_out=False)]
         return []
 
