@@ -44,8 +44,10 @@ class Message:
     #: (a simulator delivers one message object to many peers; it is checked once)
     _verdict: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
     #: the contract's verdict on the whole content (fields and tensor) when it depends on
-    #: the message alone: ``((spec, dim, max_abs), refusal)``
-    _content: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    #: the message alone: ``(spec, dim, max_abs, refusal)``
+    _content: tuple[Any, Any, Any, Any] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def nbytes(self) -> int:
         """Approximate encoded size in bytes: tensor payload + meta + envelope."""

@@ -304,12 +304,12 @@ def check_message(protocol: Protocol, sender: PeerId, message: Message) -> Refus
     if not protocol.has_role(spec.sender, sender, message):
         return Refusal.NOT_ALLOWED
     if spec.absolute:  # the content's verdict is the message's own: judged once
-        key = (spec, protocol.message_dim, protocol.max_abs)
-        cached = message._content
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        dim, bound = protocol.message_dim, protocol.max_abs
+        cached = message._content  # (spec, dim, bound, verdict); compared without allocating
+        if cached is not None and cached[0] is spec and cached[1] == dim and cached[2] == bound:
+            return cached[3]
         verdict = _content_verdict(protocol, spec, message, round_)
-        message._content = (key, verdict)
+        message._content = (spec, dim, bound, verdict)
         return verdict
     return _content_verdict(protocol, spec, message, round_)
 
