@@ -320,16 +320,9 @@ class Engine:
             event = TrainingDone(self.now, item.ticket, item.job.result, item.job.loss)
         else:
             event = item  # type: ignore[assignment]
-            if isinstance(event, Start):
-                if not self.started[peer]:
-                    self.started[peer] = True
-                    self._progress = None
-            elif isinstance(event, MessageReceived):
-                self.stats.received_bytes[peer] += event.message.nbytes()
-                refusal = self.protocols[peer].screen(event.sender, event.message)
-                if refusal is not None:
-                    self._refuse(peer, refusal)
-                    return
+            if isinstance(event, Start) and not self.started[peer]:
+                self.started[peer] = True
+                self._progress = None
         self._handle(peer, event)
 
     def _refuse(self, peer: int, refusal: Refusal) -> None:
