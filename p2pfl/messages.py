@@ -43,9 +43,9 @@ class Message:
     #: the contract's verdict on ``params`` once checked: ``((dim, max_abs), refusal)``
     #: (a simulator delivers one message object to many peers; it is checked once)
     _verdict: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
-    #: the contract's verdict on the whole content (fields and tensor) when it depends on
-    #: the message alone: ``(spec, dim, max_abs, refusal)``
-    _content: tuple[Any, Any, Any, Any] | None = field(
+    #: the contract's verdict on the whole content when it depends on the message alone:
+    #: ``(spec, the receiver's content_key, refusal)``
+    _content: tuple[Any, Any, Any] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 

@@ -183,6 +183,9 @@ class Row(torch.Tensor):
     _mixer: Mixer
     _dim: int
     _key: int
+    #: ``(min, max)`` of the row's values, set where the row was made (one scan of the
+    #: whole training block): a message contract reads it instead of scanning again
+    value_range: tuple[float, float] | None = None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -322,14 +325,23 @@ class Mixer:
         self.products = 0  # sparse products run
 
     # -- building ----------------------------------------------------------------------
-    def rows(self, ident: int, first: int, block: torch.Tensor) -> list[Row]:
-        """``block`` (rows ``first..`` of arena buffer ``ident``) as one row per peer."""
+    def rows(
+        self,
+        ident: int,
+        first: int,
+        block: torch.Tensor,
+        ranges: Sequence[tuple[float, float]] | None = None,
+    ) -> list[Row]:
+        """``block`` (rows ``first..`` of arena buffer ``ident``) as one row per peer,
+        with each row's ``(min, max)`` when the caller scanned the block (``ranges``)."""
         row_type = self.row_type
         key = (ident << _ROW_BITS) + first
         rows = []
-        for view in block.unbind(0):
+        for index, view in enumerate(block.unbind(0)):
             row = view.as_subclass(row_type)
             row._key = key
+            if ranges is not None:
+                row.value_range = ranges[index]
             key += 1
             rows.append(row)
         return rows

@@ -130,6 +130,7 @@ class TrainingExecutor:
         for steps, group in sorted(by_steps.items()):
             ident, first, out = self.arena.take(len(group))
             losses = torch.empty(len(group))
+            low, high = torch.empty(len(group)), torch.empty(len(group))
             # Equal chunks (190 jobs: 95 + 95, not 152 + 38): no tiny call at the end.
             size = -(-len(group) // -(-len(group) // self.chunk))
             for start in range(0, len(group), size):
@@ -142,16 +143,24 @@ class TrainingExecutor:
                     if source is not target:
                         target.copy_(source)
                     losses[start:stop] = float("nan")
-                    continue
-                samplers = [self.samplers[job.peer] for job in chunk]
-                transforms = None
-                if self.transforms:
-                    transforms = [self.transforms.get(job.peer) for job in chunk]
-                _, losses[start:stop] = self.trainer.train_batched(
-                    source, samplers, steps, transforms=transforms, chunk=len(chunk), out=target  # type: ignore[arg-type]
-                )
+                else:
+                    samplers = [self.samplers[job.peer] for job in chunk]
+                    transforms = None
+                    if self.transforms:
+                        transforms = [self.transforms.get(job.peer) for job in chunk]
+                    _, losses[start:stop] = self.trainer.train_batched(
+                        source, samplers, steps, transforms=transforms, chunk=len(chunk), out=target  # type: ignore[arg-type]
+                    )
+                if self.mixer is not None and target.shape[1]:
+                    # every result is about to travel and be bounded by each receiver's
+                    # contract: scan the chunk now, while it is in cache, in one call
+                    torch.aminmax(target, dim=1, out=(low[start:stop], high[start:stop]))
             results: Sequence[torch.Tensor]
-            results = self.mixer.rows(ident, first, out) if self.mixer else out.unbind(0)
+            if self.mixer is not None:
+                ranges = list(zip(low.tolist(), high.tolist())) if out.shape[1] else None
+                results = self.mixer.rows(ident, first, out, ranges)
+            else:
+                results = out.unbind(0)
             for job, result, loss in zip(group, results, losses.tolist(), strict=True):
                 job.result = result
                 job.loss = loss

@@ -198,6 +198,7 @@ class Protocol(ABC):
         self.round = 0
         self._seed = seed
         self._model_size = params.numel()
+        self._content_key: tuple[int, float] | None = None
         self.rng = random.Random(f"{seed}:{peer_id}")
         self._next_ticket = 0
 
@@ -232,6 +233,15 @@ class Protocol(ABC):
         """
         return self._model_size
 
+    @property
+    def content_key(self) -> tuple[int, float]:
+        """What a message's content verdict depends on at this receiver: the tensor's
+        length and bound. Receivers with equal keys share one verdict per message."""
+        key = self._content_key
+        if key is None:
+            key = self._content_key = (self.message_dim, self.max_abs)
+        return key
+
     def message_params(self, full: torch.Tensor) -> torch.Tensor:
         """What travels for a full parameter vector: the vector itself, unless a protocol
         exchanges part of its model only (Bristle: the output layer)."""
@@ -246,7 +256,7 @@ class Protocol(ABC):
         their own (a view, samples, aggregators) extend this."""
         if role is Role.ANYONE:
             return sender != self.peer_id
-        if role is Role.NEIGHBOUR:
+        if role is Role.NEIGHBOUR:  # checked inline by the contract too: never redefine it
             return sender in self._neighbour_lookup
         raise NotImplementedError(f"{type(self).__name__} declares role {role} but cannot check it")
 
