@@ -157,7 +157,7 @@ class TrainingExecutor:
                     torch.aminmax(target, dim=1, out=(low[start:stop], high[start:stop]))
             results: Sequence[torch.Tensor]
             if self.mixer is not None:
-                ranges = list(zip(low.tolist(), high.tolist())) if out.shape[1] else None
+                ranges = list(zip(low.tolist(), high.tolist(), strict=True)) if out.shape[1] else None
                 results = self.mixer.rows(ident, first, out, ranges)
             else:
                 results = out.unbind(0)
