@@ -153,8 +153,10 @@ class TrainingExecutor:
                     )
                 if self.mixer is not None and target.shape[1]:
                     # every result is about to travel and be bounded by each receiver's
-                    # contract: scan the chunk now, while it is in cache, in one call
-                    torch.aminmax(target, dim=1, out=(low[start:stop], high[start:stop]))
+                    # contract: scan the chunk now, while it is in cache (amin and amax:
+                    # torch's aminmax along a row is twenty times slower than both)
+                    torch.amin(target, dim=1, out=low[start:stop])
+                    torch.amax(target, dim=1, out=high[start:stop])
             results: Sequence[torch.Tensor]
             if self.mixer is not None:
                 ranges = list(zip(low.tolist(), high.tolist(), strict=True)) if out.shape[1] else None
