@@ -504,3 +504,176 @@ def test_every_aggregator_returns_the_vector_shared_by_all_rows(v: np.ndarray) -
 def test_median_matches_numpy_with_ties_and_even_n(x: np.ndarray) -> None:
     expected = torch.from_numpy(np.median(x, axis=0).astype(np.float32))
     assert torch.equal(coordinate_median(torch.from_numpy(x)), expected)
+
+
+# ---------------------------------------------------------------- fast paths vs float64 references
+#
+# Stacks large enough (``use_fast_gram``) for the memory-bound paths: column
+# blocks, the centred float32 Gram matrix with its exact re-check, direct clipping.
+
+
+def _fl_like(n: int = 24, d: int = 12_000, seed: int = 5) -> torch.Tensor:
+    """Models of norm ~30 that differ by ~0.07, two sign-flipped, two far outliers, one tiny."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(d, generator=g) * (30 / d**0.5)
+    x = common + torch.randn(n, d, generator=g) * (0.05 / d**0.5)
+    x[1] = -x[1]
+    x[2] = -x[2]
+    x[3] = 1e20 * torch.randn(d, generator=g)  # its float32 squares overflow
+    x[4] = x[4] * 1e3
+    x[5] = x[5] * 1e-25  # its float32 squares underflow
+    return x
+
+
+def _exact_sq(x: torch.Tensor) -> torch.Tensor:
+    """Squared distances by explicit float64 differences (exact for float32 input, up to sums)."""
+    x64 = x.double()
+    return torch.cdist(x64, x64, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+
+
+def _exact_krum_order(x: torch.Tensor, f: int) -> torch.Tensor:
+    d2 = _exact_sq(x)
+    d2.fill_diagonal_(math.inf)
+    k = len(x) - f - 2
+    scores = torch.sort(d2, dim=1).values[:, :k].sum(dim=1)
+    return torch.sort(scores, stable=True).indices
+
+
+from p2pfl.aggregation.distance import krum_best  # noqa: E402
+
+
+def test_fast_paths_are_taken_on_these_stacks() -> None:
+    from p2pfl.aggregation._linalg import centred_gram, use_fast_gram
+
+    x = _fl_like()
+    assert use_fast_gram(x)
+    cg = centred_gram(x)
+    assert cg.unit == 2.0**-24  # float32 products
+    assert cg.reference not in (1, 2, 3, 4, 5)  # centred among the ordinary rows
+
+
+@pytest.mark.parametrize("n", [7, 8, 100])
+def test_median_and_trimmed_mean_match_float64_references(n: int) -> None:
+    x = torch.randn(n, 4_000, generator=torch.Generator().manual_seed(n))  # several blocks
+    x[0] = 1e30
+    expected = torch.from_numpy(np.median(x.numpy(), axis=0))
+    assert torch.equal(coordinate_median(x), expected)
+    f = (n - 1) // 3
+    kept = torch.sort(x.double(), dim=0).values[f : n - f]
+    assert torch.equal(trimmed_mean(x, f), kept.mean(dim=0).float())  # correctly rounded
+    x64 = x.double()
+    assert torch.equal(coordinate_median(x64), torch.from_numpy(np.median(x64.numpy(), axis=0)))
+
+
+def test_median_of_half_precision_stacks_uses_torch_sort() -> None:
+    x = torch.randn(9, 300, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    assert torch.equal(coordinate_median(x), torch.sort(x, dim=0).values[4])
+    assert coordinate_median(x).dtype == torch.bfloat16
+
+
+def test_krum_and_multi_krum_choose_as_exact_distances_do() -> None:
+    for seed in range(2):
+        x = _fl_like(seed=seed)
+        for f in (2, 5):
+            order = _exact_krum_order(x, f)
+            assert torch.equal(krum(x, f), x[order[0]])
+            for m in (1, 5, len(x) - f):
+                assert torch.equal(krum_best(x, f, m), torch.sort(order[:m]).values)
+            chosen = torch.sort(order[:5]).values
+            assert torch.equal(multi_krum(x, f, 5), x[chosen].sum(dim=0) / 5)
+
+
+def test_krum_exact_ties_are_broken_by_index_on_the_fast_path() -> None:
+    # Entries in {-1, 0, 1}: every float32 product and block sum is exact, so the float32
+    # Gram matrix equals the float64 one, scores tie exactly, and only the re-check with
+    # the index rule decides (rows 6 and 9 are copies of the most central row 2).
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(-1, 2, (16, 17_000), generator=g).float()
+    x[6] = x[2]
+    x[9] = x[2]
+    x[10:] = x[2]
+    x[10:, :40] = torch.randint(-1, 2, (6, 40), generator=g).float()
+    order = _exact_krum_order(x, 3)
+    assert torch.equal(krum(x, 3), x[order[0]])
+    for m in (2, 3, 4, 8):
+        assert torch.equal(krum_best(x, 3, m), torch.sort(order[:m]).values)
+
+
+def _float64_geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld on explicit float64 vectors, as ByzFL and RFA run it (no Gram matrix)."""
+    x64 = x.double()
+    z = x64.mean(dim=0)
+    for _ in range(iters):
+        beta = 1.0 / torch.linalg.vector_norm(x64 - z, dim=1).clamp_min(eps)
+        new = (beta / beta.sum()) @ x64
+        moved = float(torch.linalg.vector_norm(new - z))
+        z = new
+        if moved <= 1e-7 * max(float(torch.linalg.vector_norm(z)), eps):
+            break
+    return z
+
+
+def test_geometric_median_matches_a_float64_weiszfeld() -> None:
+    x = _fl_like()
+    # No overflowing row: the reference squares in float64 but sums its norms naively.
+    x = x[torch.tensor([0] + list(range(6, 24)) + [1, 4])]
+    got = geometric_median(x).double()
+    expected = _float64_geometric_median(x)
+    spread = float(torch.linalg.vector_norm(x[2].double() - x[3].double()))  # two honest rows
+    assert float(torch.linalg.vector_norm(got - expected)) <= 1e-4 * spread
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def _float64_centered_clipping(
+    x: torch.Tensor, centre: torch.Tensor, tau: float, iters: int, w: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ByzFL's algorithm (differences, norms, clip, weighted mean per iteration) in float64."""
+    x64 = x.double()
+    v = centre.double()
+    weights = torch.full((len(x),), 1.0 / len(x), dtype=torch.float64) if w is None else w.double()
+    weights = weights / weights.sum()
+    for _ in range(iters):
+        diff = x64 - v
+        scale = (tau / torch.linalg.vector_norm(diff, dim=1)).clamp(max=1.0)
+        v = v + (weights * scale) @ diff
+    return v
+
+
+@pytest.mark.parametrize("iters", [1, 3, 4, 9])  # 4 and 9 take the Gram-matrix form
+def test_centered_clipping_matches_a_float64_reference(iters: int) -> None:
+    x = _fl_like()
+    centre = x[0]
+    w = torch.rand(len(x), generator=torch.Generator().manual_seed(iters))
+    for tau, weights in ((0.02, None), (0.02, w), (1e30, None)):
+        got = centered_clipping(x, centre, tau, iters, weights).double()
+        expected = _float64_centered_clipping(x, centre, tau, iters, weights)
+        scale = float(expected.abs().max())
+        assert torch.allclose(got, expected, rtol=0, atol=2e-6 * scale), (tau, iters)
+
+
+def test_torch_products_give_the_same_choices_as_numpy_blas(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where numpy's BLAS cannot be pinned to one thread (or off CPU) torch multiplies."""
+    from p2pfl.aggregation import _threads
+
+    x = _fl_like(seed=4)
+    with_numpy = (krum_best(x, 3, 7), geometric_median(x), centered_clipping(x, x[0], 0.02, 9))
+    monkeypatch.setattr(_threads, "_setter", None)
+    assert not _threads.pinned_blas()
+    with_torch = (krum_best(x, 3, 7), geometric_median(x), centered_clipping(x, x[0], 0.02, 9))
+    assert torch.equal(with_numpy[0], with_torch[0])
+    for a, b in zip(with_numpy[1:], with_torch[1:], strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6 * float(a.abs().max()))
+
+
+def test_every_aggregator_takes_a_stack_that_requires_grad() -> None:
+    """Stacks of flattened parameters may carry requires_grad; the in-place fast paths detach."""
+    from p2pfl.aggregation._linalg import use_fast_gram
+
+    x = _fl_like(seed=6)[6:]  # the 18 ordinary rows
+    x = torch.cat([x, x + 0.01])
+    assert use_fast_gram(x)
+    for name, params in _EVERY_AGGREGATOR:
+        out = get_aggregator(name, **params)(x.detach().clone().requires_grad_(), own=1)
+        assert out.shape == (x.shape[1],) and bool(torch.isfinite(out).all()), name

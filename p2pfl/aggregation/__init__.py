@@ -3,7 +3,11 @@
 Every rule takes ``x`` of shape ``(n, d)`` (one flat model or update per row, float32 as a
 rule) and returns a ``(d,)`` tensor, except the pre-aggregation :func:`nnm` (``(n, d)``)
 and the scoring functions (weights). Pairwise distances come from one Gram-matrix
-product (float64), never from a Python loop over pairs.
+product, never from a Python loop over pairs: exact float64 for Bulyan, NNM and the
+reputation scores; for Krum, the geometric median and centered clipping with many
+iterations, float32 products of rows centred on a central row, summed in float64, with
+Krum's close calls re-checked exactly (``_linalg``). Coordinate-wise rules sort column
+blocks transposed to rows, with numpy's vectorised sort (``coordinatewise``).
 
 Protocols use the uniform interface: ``get_aggregator(name, **params)`` returns an
 :class:`Aggregator`, called as ``agg(stack, weights=None, own=0)``; :data:`AGGREGATORS`
@@ -14,7 +18,8 @@ protocols keep the state.
 Inputs are assumed finite: the wire layer rejects NaN and infinite tensors before a
 model reaches an aggregator.
 
-This package imports only torch and the standard library.
+This package imports only torch, numpy (its small-row sort, and its BLAS: about twice
+torch's sgemm on AMD cores) and the standard library.
 """
 
 from p2pfl.aggregation.averaging import mean

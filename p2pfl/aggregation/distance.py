@@ -4,6 +4,13 @@ All of them start from the ``n x n`` matrix of squared distances, computed once 
 matrix product (see ``_linalg``); only the final averaging reads the ``(n, d)`` stack
 again. Ties between equal scores are broken by the lower row index, so results are
 deterministic.
+
+Krum and Multi-Krum take the fast centred float32 Gram matrix and then make sure their
+choice is the one exact (float64) distances give: every row gets an interval that
+surely holds its exact score, from an error estimate of each distance; the rows whose
+fate those intervals leave open (usually none, at worst a handful of near ties) are
+re-scored with exact float64 distances, one extra read of the stack. Bulyan and NNM make
+``O(n)`` nested choices and keep the exact float64 Gram matrix.
 """
 
 from __future__ import annotations
@@ -12,7 +19,12 @@ import torch
 from torch import Tensor
 
 from p2pfl.aggregation._checks import check_f, check_stack, require_n
-from p2pfl.aggregation._linalg import pairwise_sq_distances
+from p2pfl.aggregation._linalg import (
+    centred_gram,
+    exact_sq_distance_rows,
+    pairwise_sq_distances,
+    use_fast_gram,
+)
 from p2pfl.aggregation.coordinatewise import coordinate_median
 
 
@@ -45,6 +57,54 @@ def krum_scores(x: Tensor, f: int) -> Tensor:
     return _krum_scores(pairwise_sq_distances(x), f)
 
 
+def _k_smallest_sum(d2: Tensor, k: int) -> Tensor:
+    """Row sums of the ``k`` smallest off-diagonal entries of a square matrix."""
+    masked = d2.clone()
+    masked.fill_diagonal_(torch.inf)
+    return torch.topk(masked, k, dim=1, largest=False, sorted=False).values.sum(dim=1)
+
+
+def krum_best(x: Tensor, f: int, m: int) -> Tensor:
+    """Indices of the ``m`` rows with the smallest exact Krum scores, in index order.
+
+    The same set as ``sort(krum_scores(x, f), stable=True)[:m]`` (ties by lower index),
+    found from the fast centred Gram matrix (see the module docstring). With ``e_ij``
+    the error estimate of distance ``ij`` and ``N~(i)`` the ``k`` nearest by the fast
+    distances, the exact score lies in ``[sum of the k smallest (d~_ij - e_ij),
+    sum over N~(i) of (d~_ij + e_ij)]``. A row is surely chosen when fewer than ``m``
+    others could score below it, surely not when ``m`` others surely do; the rest are
+    scored exactly and fill the remaining places.
+    """
+    n = x.shape[0]
+    k = min(max(n - f - 2, 1), n - 1)
+    if not use_fast_gram(x):  # small: exact distances cost less than the bounds
+        order = torch.sort(_krum_scores(pairwise_sq_distances(x), f), stable=True).indices
+        return torch.sort(order[:m]).values
+    cg = centred_gram(x)
+    d2 = cg.sq_distances()
+    err = cg.error_scale()
+    near = d2.clone()
+    near.fill_diagonal_(torch.inf)
+    picked = torch.topk(near, k, dim=1, largest=False, sorted=False)
+    upper = picked.values.sum(dim=1) + err.gather(1, picked.indices).sum(dim=1)
+    lower = _k_smallest_sum((d2 - err).clamp_min(0.0), k)
+    others = ~torch.eye(n, dtype=torch.bool, device=d2.device)
+    may_beat = ((lower[None, :] <= upper[:, None]) & others).sum(dim=1)  # j could precede i
+    beats = ((upper[None, :] < lower[:, None]) & others).sum(dim=1)  # j surely precedes i
+    surely_in = may_beat < m
+    open_rows = (~surely_in & (beats < m)).nonzero().flatten()
+    chosen = surely_in.nonzero().flatten()
+    places = m - len(chosen)
+    if places > 0:
+        centre = x[cg.reference]
+        exact = exact_sq_distance_rows(x, open_rows, centre)
+        exact[torch.arange(len(open_rows)), open_rows] = torch.inf  # not its own neighbour
+        scores = torch.topk(exact, k, dim=1, largest=False, sorted=False).values.sum(dim=1)
+        order = torch.sort(scores, stable=True).indices[:places]  # open_rows ascend
+        chosen = torch.cat([chosen, open_rows[order]])
+    return torch.sort(chosen).values
+
+
 def krum(x: Tensor, f: int) -> Tensor:
     """Krum (Blanchard et al., 2017): the row with the smallest Krum score; shape ``(d,)``.
 
@@ -52,8 +112,10 @@ def krum(x: Tensor, f: int) -> Tensor:
     ``n - f - 2`` nearest neighbours are close, which an isolated outlier never is. The
     result is a copy, never a view of the stack.
     """
-    scores = krum_scores(x, f)
-    return x[int(torch.argmin(scores))].clone()
+    check_stack(x, "krum")
+    check_f(f, "krum")
+    require_n("krum", x.shape[0], f)
+    return x[int(krum_best(x, f, 1)[0])].clone()
 
 
 def multi_krum(x: Tensor, f: int, m: int | None = None) -> Tensor:
@@ -62,13 +124,18 @@ def multi_krum(x: Tensor, f: int, m: int | None = None) -> Tensor:
     Scores are computed once on the whole stack (not recomputed after each pick), the
     usual reading of Blanchard et al.; ``m = 1`` is Krum. Needs ``n > 2f + 2``.
     """
-    scores = krum_scores(x, f)
+    check_stack(x, "krum")
+    check_f(f, "krum")
     n = x.shape[0]
+    require_n("krum", n, f)
     m = n - f if m is None else m
     if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
         raise ValueError(f"multi_krum: m must be an int in [1, n] = [1, {n}], got {m!r}")
-    order = torch.sort(scores, stable=True).indices[:m]
-    return x[order].mean(dim=0)
+    chosen = krum_best(x, f, m)
+    # One matrix-vector product reads the stack once; x[chosen].mean(0) would copy the rows.
+    pick = torch.zeros(n, dtype=x.dtype, device=x.device)
+    pick[chosen] = 1.0
+    return (pick @ x) / m
 
 
 def bulyan(x: Tensor, f: int) -> Tensor:

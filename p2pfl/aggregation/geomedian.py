@@ -11,15 +11,19 @@ point by the inverse of its distance to the current estimate:
 Every iterate is a convex combination ``z = sum_i a_i x_i`` of the rows, so distances can
 be read off the Gram matrix ``G``: ``||z - x_j||^2 = a'Ga - 2(Ga)_j + G_jj``. The
 iterations then cost ``O(n^2)`` each and the ``(n, d)`` stack is read only twice (once for
-``G``, once for the final combination), however many iterations run.
+``G``, once for the final combination), however many iterations run. ``G`` is the fast
+centred Gram matrix of ``_linalg`` (rows minus a reference row ``r``, float32 products
+summed in float64): since the coefficients sum to 1, the identity holds for the centred
+rows as well, and ``||z||^2`` (for the stopping test) is ``||r||^2 + 2 a.(r.(x - r)) + a'Ga``.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from p2pfl.aggregation._checks import check_stack, normalised_weights
-from p2pfl.aggregation._linalg import gram
+from p2pfl.aggregation._linalg import centred_gram, gram, use_fast_gram
 
 
 def geometric_median_coefficients(
@@ -43,7 +47,11 @@ def geometric_median_coefficients(
     if not eps > 0:
         raise ValueError(f"geometric_median: eps (smoothing) must be > 0, got {eps!r}")
     w = normalised_weights(weights, n, "geometric_median", x.device)
-    g = gram(x)
+    if not use_fast_gram(x):  # small: the exact Gram matrix, uncentred
+        g, cross, rr = gram(x), torch.zeros(n, dtype=torch.float64, device=x.device), 0.0
+    else:
+        cg = centred_gram(x)
+        g, cross, rr = cg.g, cg.cross, cg.rr
     diag = g.diagonal()
 
     def distances(a: Tensor) -> Tensor:
@@ -57,7 +65,8 @@ def geometric_median_coefficients(
         new = beta / beta.sum()
         step = new - coeffs
         moved_sq = float(step @ (g @ step))  # ||z_new - z_old||^2
-        size_sq = max(float(new @ (g @ new)), eps * eps)  # ||z_new||^2, at least eps^2
+        # ||z_new||^2, at least eps^2
+        size_sq = max(rr + 2.0 * float(new @ cross) + float(new @ (g @ new)), eps * eps)
         coeffs = new
         if moved_sq <= tol * tol * size_sq:
             break
