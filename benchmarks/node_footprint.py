@@ -15,8 +15,14 @@ process from outside:
 Each process runs torch on one thread (``OMP_NUM_THREADS=1``), as a phone-class device
 would. The target is a node under 500 MB.
 
+For scale, the *real work* of a round is measured in this process on the same
+configuration, without network or node: the local training steps, one evaluation on the
+test set the node evaluates on, and the mixing of its model with its neighbours'. A node
+is lean when its CPU per round is a small multiple of it (issue 17: within 3x).
+
     python benchmarks/node_footprint.py                    # 5 peers, 30 rounds
     python benchmarks/node_footprint.py --peers 5 --rounds 60 --set model.hidden=[64]
+    python benchmarks/node_footprint.py --lone-node   # checkpoints on the loop vs a thread
 """
 
 from __future__ import annotations
@@ -128,6 +134,137 @@ def summarize(i: int, watch: Watch, args: argparse.Namespace) -> dict[str, float
     }
 
 
+def real_work_ms(args: argparse.Namespace, rounds: int = 30) -> float:
+    """CPU milliseconds of one round's learning alone (train, evaluate, mix), in process."""
+    import torch
+
+    from p2pfl.learning import evaluate
+    from p2pfl.nodecli import load_node_config
+    from p2pfl.peer import build_commons
+
+    torch.set_num_threads(1)
+    overrides = [f"num_peers={args.peers}", *args.set]
+    cfg = load_node_config(Path(args.config), overrides)
+    commons = build_commons(cfg.data, cfg.model, cfg.protocol, seed=cfg.seed, shares=cfg.num_peers)
+    peer = commons.peer(0, 0)
+    assert peer.sampler is not None
+    x_test, y_test = commons.dataset.x_test, commons.dataset.y_test
+    if cfg.eval_test_samples and cfg.eval_test_samples < len(y_test):
+        x_test, y_test = x_test[: cfg.eval_test_samples], y_test[: cfg.eval_test_samples]
+    steps = getattr(cfg.protocol, "local_steps", 1)
+    params = commons.start.clone()
+    weights = torch.full((args.peers,), 1.0 / args.peers)
+
+    def one_round(params: torch.Tensor) -> torch.Tensor:
+        trained, _ = commons.trainer.train(params, peer.sampler, steps)
+        evaluate(commons.trainer, trained, x_test, y_test)
+        stack = torch.stack([trained] * args.peers)  # its model and its neighbours'
+        return weights @ stack
+
+    params = one_round(params)  # warm-up
+    start = time.process_time()
+    for _ in range(rounds):
+        params = one_round(params)
+    return 1000 * (time.process_time() - start) / rounds
+
+
+def checkpoint_cost_ms(args: argparse.Namespace, rounds: int = 100) -> dict[str, float]:
+    """What a round's checkpoint costs the event loop: written synchronously on it (as
+    before issue 17) or handed to the writer thread (now); CPU and wall, milliseconds."""
+    import torch
+
+    from p2pfl.checkpoint import StateDir, save_checkpoint
+    from p2pfl.nodecli import load_node_config
+    from p2pfl.peer import build_commons
+
+    torch.set_num_threads(1)
+    cfg = load_node_config(Path(args.config), [f"num_peers={args.peers}", *args.set])
+    commons = build_commons(cfg.data, cfg.model, cfg.protocol, seed=cfg.seed, shares=cfg.num_peers)
+    peer = commons.peer(0, 0)
+    assert peer.sampler is not None
+    neighbours = [f"peer{i}" for i in range(1, args.peers)]
+    protocol = commons.build_protocol(peer, peer_id="peer0", neighbours=neighbours)
+    result: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="p2pfl-checkpoint-cost-") as tmp:
+        disk = StateDir(Path(tmp) / "writer")
+        for how in ("sync", "writer"):
+            cpu = wall = 0.0
+            for r in range(rounds):
+                protocol.params += 1e-3  # a new state every round, as training gives
+                state = {
+                    "protocol": protocol.state_dict(),
+                    "sampler": peer.sampler.state_dict(),
+                    "neighbours": neighbours,
+                    "counters": {},
+                    "rounds_done": r,
+                    "known": {n: [] for n in neighbours},
+                }
+                cpu0, wall0 = time.thread_time(), time.perf_counter()
+                if how == "sync":
+                    save_checkpoint(Path(tmp) / "sync", state)
+                else:
+                    disk.save(state)
+                cpu += time.thread_time() - cpu0
+                wall += time.perf_counter() - wall0
+                time.sleep(0.005)  # the rest of a round: the writer works meanwhile
+            assert disk.writer.wait(60)
+            result[f"{how}_cpu_ms"] = 1000 * cpu / rounds
+            result[f"{how}_wall_ms"] = 1000 * wall / rounds
+    return result
+
+
+def lone_node_cpu_ms(args: argparse.Namespace, how: str, rounds: int = 200) -> float:
+    """CPU per round of one node alone in this process (memory transport, no peers):
+    training, evaluation, checkpoint and status only. ``how``: ``"loop"`` writes every
+    checkpoint on the event loop (as before issue 17), ``"thread"`` hands it to the writer
+    thread (now), ``"every10"`` does so every 10 rounds."""
+    import asyncio
+
+    import torch
+
+    from p2pfl.identity import Identity
+    from p2pfl.node import Node
+    from p2pfl.nodecli import load_node_config
+    from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
+
+    torch.set_num_threads(1)
+    identity = Identity.generate(b"\x05" * 32)
+    with tempfile.TemporaryDirectory(prefix="p2pfl-lone-node-") as tmp:
+        sets = [
+            f"rounds={rounds}",
+            f"num_peers={args.peers}",
+            "min_round_interval=0",
+            "network.min_peers=0",
+            "network.ping_interval=0",
+            f"state_dir={tmp!r}".replace("'", '"'),
+            f"checkpoint_every={10 if how == 'every10' else 1}",
+            *args.set,
+        ]
+        cfg = load_node_config(Path(args.config), sets)
+        node = Node(cfg, MemoryTransport(MemoryNetwork(seed=0), identity.peer_id), identity)
+        if how == "loop":
+            node.disk.save = node.disk.save_now  # type: ignore[method-assign]
+        start = time.process_time()
+        asyncio.run(node.run())
+        return 1000 * (time.process_time() - start) / rounds
+
+
+def lone_node_report(args: argparse.Namespace, repeats: int = 4) -> None:
+    runs: dict[str, list[float]] = {"loop": [], "thread": [], "every10": []}
+    for _ in range(repeats):  # alternating, so that a change of load hits all three
+        for how, values in runs.items():
+            values.append(lone_node_cpu_ms(args, how))
+    labels = {
+        "loop": "checkpoint on the event loop, every round (as before)",
+        "thread": "checkpoint in the writer thread, every round (default)",
+        "every10": "checkpoint in the writer thread, checkpoint_every = 10",
+    }
+    print(f"one node alone, in process, 200 rounds x {repeats}, CPU per round (median; runs):")
+    for how, values in runs.items():
+        median = sorted(values)[len(values) // 2]
+        print(f"- {labels[how]}: {median:.2f} ms ({', '.join(f'{v:.2f}' for v in values)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "examples/node/node.toml"))
@@ -136,7 +273,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="rounds left out of CPU/round")
     parser.add_argument("--set", action="append", default=[], help="config override, key=value")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--lone-node",
+        action="store_true",
+        help="only compare where a lone in-process node writes its checkpoints (no cluster)",
+    )
     args = parser.parse_args()
+    if args.lone_node:
+        print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")
+        print(f"load average {os.getloadavg()[0]:.1f}")
+        lone_node_report(args)
+        return
 
     load_before = os.getloadavg()[0]
     rows = run(args)
@@ -157,6 +304,18 @@ def main() -> None:
             f"| {row['cpu_per_round_ms']:.0f} | {row['cpu_total_s']:.2f} "
             f"| {row['rss_round1_mb']:.0f} | {row['peak_rss_mb']:.0f} |"
         )
+    real = real_work_ms(args)
+    per_round = sorted(row["cpu_per_round_ms"] for row in rows)[len(rows) // 2]
+    print(
+        f"\nreal work of a round (training, evaluation, mixing; in process, 1 thread): "
+        f"{real:.1f} ms CPU; the node's median CPU per round is {per_round / real:.1f}x that"
+    )
+    cost = checkpoint_cost_ms(args)
+    print(
+        "a checkpoint's cost to the event loop (in process): written on it "
+        f"{cost['sync_cpu_ms']:.2f} ms CPU / {cost['sync_wall_ms']:.2f} ms wall; handed to "
+        f"the writer thread {cost['writer_cpu_ms']:.2f} ms CPU / {cost['writer_wall_ms']:.2f} ms wall"
+    )
     worst = max(row["peak_rss_mb"] for row in rows)
     print(
         f"\nlargest peak RSS {worst:.0f} MB (target < 500 MB): {'ok' if worst < 500 else 'MISSED'}"

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,8 +29,10 @@ console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line
-    raise typer.Exit(2)
+    from rich.markup import escape  # a message may quote "[ray]" or a TOML table name
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)  # one line, exit status 2: bad input
 
 
 def setup_logging(verbose: bool) -> None:
@@ -50,24 +52,56 @@ def sim(
         list[str] | None,
         typer.Option("--set", "-s", help="override a key: --set protocol.local_steps=2"),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="run folder (default: runs/<name>-...)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run folder, new or empty (default: a new runs/<name>-...)")
+    ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(help="run once per seed (1,2,3 or 1-5): a group folder, tables across seeds"),
+    ] = None,
+    tensorboard: Annotated[
+        bool, typer.Option(help="also write TensorBoard event files (needs the optional tensorboard package, extra 'tracking')")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every evaluation")] = False,
 ) -> None:
-    """Run a simulation scenario and write its run folder (metrics.csv, summary.json, plots)."""
+    """Run a simulation scenario and write its run folder (metrics.csv, summary.json, plots).
+
+    Rows reach metrics.csv as they are measured; Ctrl-C writes the folder with the rows so
+    far, marked "interrupted" in summary.json, and exits with status 130.
+    """
     setup_logging(verbose)
     from p2pfl.learning import DatasetUnavailable
-    from sim.runner import build_simulation, run_simulation, write_run
+    from sim.rundir import Provenance, RunFolderError, prepare_out_dir
+    from sim.runner import build_simulation, default_run_dir, record_run
     from sim.scenario import ScenarioError, load_scenario
 
+    provenance = Provenance(str(scenario), tuple(set_ or []))
+    progress = not quiet and sys.stderr.isatty()
+    from sim.tracking import TrackingUnavailable, require_tensorboard
+
     try:
+        if tensorboard:
+            require_tensorboard()
         config = load_scenario(scenario, set_ or [])
+        if seeds is not None:
+            _sim_seeds(config, seeds, out, provenance, progress, tensorboard)
+            return
         simulation = build_simulation(config)
-    except (ScenarioError, DatasetUnavailable) as error:
+        run_dir = prepare_out_dir(out) if out is not None else default_run_dir(config, provenance)
+    except (ScenarioError, DatasetUnavailable, RunFolderError, TrackingUnavailable) as error:
         _fail(f"{scenario}: {error}")
         return
-    run_simulation(simulation, show_progress=not quiet and sys.stderr.isatty())
-    run_dir = write_run(simulation, out)
+    except KeyboardInterrupt:  # before the first round (or in --seeds, which kept its folder)
+        print("interrupted", file=sys.stderr)
+        raise typer.Exit(130) from None
+    try:
+        record_run(
+            simulation, run_dir, provenance=provenance, show_progress=progress, tensorboard=tensorboard
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(simulation.rows)} rows so far in {run_dir}", file=sys.stderr)
+        raise typer.Exit(130) from None
     last = simulation.rows[-1]
     table = Table(title=f"{config.name}: {config.protocol.name}, {simulation.engine.n} peers")
     for column in ("round", "mean acc", "min acc", "max acc", "MB sent", "virtual s", "wall s"):
@@ -94,6 +128,31 @@ def sim(
         )
 
 
+def _sim_seeds(
+    config: Any, seeds: str, out: Path | None, provenance: Any, progress: bool, tensorboard: bool
+) -> None:
+    """``p2pfl sim --seeds``: one run folder per seed in a group folder, then the tables."""
+    from sim.rundir import prepare_out_dir
+    from sim.seeds import group_dir_for, parse_seeds, run_seed_group
+
+    try:
+        chosen = parse_seeds(seeds)
+    except ValueError as error:
+        _fail(str(error))
+        return
+    group_dir = prepare_out_dir(out) if out is not None else group_dir_for(config, chosen, provenance)
+    try:
+        result = run_seed_group(
+            config, chosen, group_dir, provenance=provenance, show_progress=progress,
+            tensorboard=tensorboard,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: the seeds so far are in {group_dir} (seeds.md)", file=sys.stderr)
+        raise typer.Exit(130) from None
+    print((group_dir / "seeds.md").read_text())
+    print(f"{len(result.runs)} seeds; results in {group_dir} (seeds.csv, seeds.md, seeds.png)")
+
+
 @app.command()
 def sweep(
     sweep_file: Annotated[Path, typer.Argument(help="sweep TOML file (see examples/resilience/)")],
@@ -103,24 +162,63 @@ def sweep(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="sweep folder (default: runs/<name>-...)")] = None,
     resume: Annotated[bool, typer.Option(help="reuse the finished cells found in --out")] = False,
+    seeds: Annotated[
+        str | None,
+        typer.Option(help="every cell once per seed (1,2,3 or 1-5); tables give mean±std"),
+    ] = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=1, help="cells at once, in local processes")
+    ] = 1,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="run cells as Ray tasks: auto (the running cluster), an address, or local "
+            "(a private instance of --jobs CPUs); needs the ray extra"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Run attacks x defences x fractions of a base scenario; write results.csv and heatmaps."""
+    """Run attacks x defences x fractions (x seeds) of a base scenario; write results.csv and heatmaps.
+
+    A cell that fails is reported (status.csv, errors/) and the others go on; the exit
+    status is then 1. Ctrl-C keeps the finished cells: run again with --resume.
+    """
     setup_logging(False)
     from p2pfl.learning import DatasetUnavailable
+    from sim.cells import CellsError
     from sim.scenario import ScenarioError
-    from sim.sweep import load_sweep, results_table, run_sweep
+    from sim.sweep import load_sweep, parse_seed_list, results_table, run_sweep
 
     try:
         config, base = load_sweep(sweep_file, set_ or [])
+        if seeds is not None:
+            config = config.model_copy(update={"seeds": parse_seed_list(seeds)})
         folder, rows = run_sweep(
-            config, base, out_dir=out, resume=resume, show_progress=not quiet, console=console
+            config,
+            base,
+            out_dir=out,
+            resume=resume,
+            jobs=jobs,
+            ray=ray,
+            show_progress=not quiet,
+            console=console,
         )
-    except (ScenarioError, DatasetUnavailable) as error:
+    except (ScenarioError, DatasetUnavailable, CellsError) as error:
         _fail(f"{sweep_file}: {error}")
         return
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are kept; run again with --resume", file=sys.stderr)
+        raise typer.Exit(130) from None
     Console().print(results_table(rows, config.name))
+    failed = [row["cell"] for row in rows if row["status"] == "failed"]
     print(f"{len(rows)} cells; results in {folder}/results.csv")
+    if failed:
+        print(
+            f"error: {len(failed)} cell(s) failed: {', '.join(failed)} "
+            f"(errors in {folder}/errors/; --resume runs them again)",
+            file=sys.stderr,
+        )
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -228,6 +326,13 @@ def node(
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="override a key: --set rounds=20")
     ] = None,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            help="also write each round's measurements as TensorBoard event files into "
+            "<state_dir>/tensorboard (needs the optional tensorboard package, extra 'tracking')"
+        ),
+    ] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose/--quiet", "-v/-q", help="a status line per round")
     ] = True,
@@ -235,8 +340,10 @@ def node(
     """Run a real peer: discover peers, train, exchange models over libp2p, checkpoint every round."""
     setup_logging(verbose)
     from p2pfl.config import ConfigError
+    from p2pfl.jsonsafe import dumps
     from p2pfl.learning import DatasetUnavailable
-    from p2pfl.nodecli import load_node_config, run_node
+    from p2pfl.nodecli import StopRequested, load_node_config, run_node
+    from p2pfl.transport.base import TransportError
 
     flags = {
         "network.listen": listen,
@@ -246,6 +353,7 @@ def node(
         "peer_index": peer_index,
         "num_peers": num_peers,
         "attack.name": attack,
+        "tensorboard": True if tensorboard else None,  # unset: the TOML file's value
     }
     try:
         node_config = load_node_config(
@@ -255,26 +363,91 @@ def node(
     except (ConfigError, DatasetUnavailable) as error:  # incl. a bad topology file
         _fail(str(error))
         return
-    print(json.dumps({k: status[k] for k in ("peer_id", "round", "rounds_done", "accuracy")}))
-    if status.get("failure"):  # stopped on an error of its own (logged): not a success
+    except TransportError as error:  # the listen port was taken after the check
+        _fail(f"network.listen: {error}")
+        return
+    except StopRequested as stop:  # before the node ran: nothing to save
+        print(f"stopped by {stop} before the node started", file=sys.stderr)
+        _NODE_DONE.append(True)
+        return
+    _NODE_DONE.append(True)
+    print(dumps({k: status[k] for k in ("peer_id", "round", "rounds_done", "accuracy")}))
+    if status.get("failure"):  # stopped on an error (logged), or found too few peers
         print(f"error: node failed: {status['failure']}", file=sys.stderr)
         raise typer.Exit(1)
 
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a run folder written by `p2pfl sim`")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="a run folder written by `p2pfl sim`, or a seed group (--seeds)")
+    ],
 ) -> None:
-    """Print a run folder's summary."""
+    """Print a run folder's summary (a seed group's table across seeds)."""
+    seeds_table = run_dir / "seeds.md"
+    if seeds_table.exists():
+        print(seeds_table.read_text())
+        return
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         _fail(f"{run_dir}: no summary.json (is this a run folder?)")
     summary = json.loads(summary_path.read_text())
-    print(json.dumps(summary, indent=2))
+    from p2pfl.jsonsafe import dumps  # an old summary's NaN printed as null
+
+    print(dumps(summary, indent=2))
+
+
+@app.command()
+def compare(
+    folders: Annotated[
+        list[Path], typer.Argument(help="run folders, seed groups (--seeds) or sweep folders")
+    ],
+    target: Annotated[
+        float | None,
+        typer.Option(help="target mean accuracy: rounds, bytes and virtual time to reach it"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default: a new runs/compare-<time>)")
+    ] = None,
+) -> None:
+    """Overlay runs in one figure and one table: compare.png, compare.csv, compare.md."""
+    from sim.compare import compare_runs
+    from sim.rundata import RunDataError, read_entries
+    from sim.rundir import RunFolderError, claim_run_dir
+
+    if target is not None and not 0 < target <= 1:
+        _fail(f"--target: expected an accuracy in (0, 1], got {target:g}")
+    try:
+        read_entries(folders)  # every folder checked before anything is written
+        folder = out if out is not None else claim_run_dir("runs", "compare", tag="")
+        _, written = compare_runs(folders, folder, target=target)
+    except (RunDataError, RunFolderError, OSError) as error:
+        _fail(str(error))
+        return
+    print((folder / "compare.md").read_text())
+    print("written: " + ", ".join(str(path) for path in written))
+
+
+#: set by ``node`` once its node has stopped: the process may end without finalization
+_NODE_DONE: list[bool] = []
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if _NODE_DONE:  # everything is on disk and printed: skip the interpreter's
+            _exit_now(done.code)  # teardown of torch and libp2p (0.5-2 s), so that a
+        raise  # signalled node is gone within a second or two
+
+
+def _exit_now(code: object) -> None:  # pragma: no cover - ends the process
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,17 +30,21 @@ import math
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from p2pfl.errors import P2PFLError
+from p2pfl.messages import ENVELOPE_OVERHEAD, Message, _meta_size
 
 __all__ = [
     "CODECS",
     "Codec",
     "CodecError",
+    "EncodedMessage",
+    "Encoding",
     "Fp16Codec",
     "Fp32Codec",
     "Int8Codec",
@@ -282,3 +286,57 @@ def get_codec(name: str, **options: Any) -> Codec:
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; known: {sorted(CODECS)}") from None
     return cls(**options)
+
+
+# ---------------------------------------------------------------- messages that travel encoded
+
+
+@dataclass(frozen=True, slots=True)
+class Encoding:
+    """A tensor as a codec encoded it: what the wire carries in place of raw float32."""
+
+    codec: str
+    payload: bytes
+    meta: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """The payload, plus the codec's name and meta as the envelope carries them."""
+        return len(self.payload) + _meta_size({"c": self.codec, "x": self.meta})
+
+
+@dataclass(slots=True)
+class EncodedMessage(Message):
+    """A message whose tensor travels encoded: ``params`` is what the receiver decodes.
+
+    The sender encodes once (:mod:`p2pfl.protocols.compression`), then both drivers use
+    that one encoding: the node's wire sends ``encoding.payload`` as it is, the simulator
+    counts its size (``nbytes``) and hands the receiver ``params``, which is exactly what
+    the node's receiver decodes from the payload. ``encoding`` is not an ``__init__``
+    field on purpose: ``dataclasses.replace(message, params=...)`` (an attacker rewriting
+    a model) makes a message without it, which travels as raw float32 -- never a stale
+    payload that no longer matches ``params``.
+    """
+
+    encoding: Encoding | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def of(
+        cls, message: Message, params: torch.Tensor, encoding: Encoding | None
+    ) -> EncodedMessage:
+        """``message`` (kind, round, meta) carrying ``params``, encoded as ``encoding``."""
+        out = cls(message.kind, message.round, params, message.meta)
+        out.encoding = encoding
+        return out
+
+    def nbytes(self) -> int:
+        """The encoded size: envelope, meta and the codec's payload (not ``params``)."""
+        encoding = self.encoding
+        if encoding is None:
+            return Message.nbytes(self)
+        if self._size < 0:
+            size = ENVELOPE_OVERHEAD + encoding.nbytes
+            if self.meta:
+                size += _meta_size(self.meta)
+            self._size = size
+        return self._size

@@ -11,7 +11,14 @@ import tomllib
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from p2pfl.errors import P2PFLError
 
@@ -55,8 +62,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+BUILTIN_DATASETS = ("digits", "mnist", "fashion_mnist", "synthetic")
+BUILTIN_MODELS = ("logreg", "mlp", "cnn")
+
+
+def _builtin_or_factory(value: Any, builtin: tuple[str, ...]) -> Any:
+    """A built-in name as it is; ``module:factory`` checked as far as can be without running
+    it (p2pfl.plugins): the module imports and the factory is callable."""
+    if not isinstance(value, str) or value in builtin:
+        return value
+    if ":" not in value:
+        names = ", ".join(repr(name) for name in builtin)
+        raise ValueError(f"expected one of {names}, or a factory as module:factory")
+    from p2pfl.plugins import load_factory
+
+    load_factory(value)  # pydantic's error names the key and the value
+    return value
+
+
 class DataConfig(Strict):
-    dataset: Literal["digits", "mnist", "fashion_mnist", "synthetic"] = "digits"
+    #: a built-in dataset, or your own: ``module:factory`` / ``path/file.py:factory``
+    #: (what it must return: ``p2pfl.plugins.DATASET_CONTRACT``)
+    dataset: str = "digits"
     data_dir: str | None = None
     partition: Literal["iid", "dirichlet", "shards", "by_source"] = "iid"
     alpha: float = Field(0.5, gt=0)
@@ -65,18 +92,77 @@ class DataConfig(Strict):
     #: relay-only peers hold no data (disaster studies); a fraction of all peers
     relay_fraction: float = Field(0.0, ge=0, lt=1)
 
+    @field_validator("dataset", mode="after")
+    @classmethod
+    def _check_dataset(cls, value: str) -> str:
+        return _builtin_or_factory(value, BUILTIN_DATASETS)
+
 
 class ModelConfig(Strict):
-    name: Literal["logreg", "mlp", "cnn"] = "mlp"
+    #: a built-in model, or your own: ``module:factory`` / ``path/file.py:factory``
+    #: (what it must return: ``p2pfl.plugins.MODEL_CONTRACT``)
+    name: str = "mlp"
     hidden: list[int] | None = None
+    #: keyword arguments of your own model's factory
+    params: dict[str, Any] = Field(default_factory=dict)
     lr: float = Field(0.1, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+
+    @field_validator("name", mode="after")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _builtin_or_factory(value, BUILTIN_MODELS)
+
+    @model_validator(mode="after")
+    def _check_params(self) -> ModelConfig:
+        if self.params and ":" not in self.name:
+            raise ValueError(f"params apply to a model factory (module:factory), not {self.name}")
+        return self
+
+
+class CodecConfig(Strict):
+    """How every model a peer sends is compressed (``p2pfl.codecs``), in both drivers.
+
+    ``protocol.codec = "fp16"`` is short for ``[protocol.codec] name = "fp16"``. Top-k sends
+    the change of a model since the receiver's copy of it (``k`` values, or a ``fraction``
+    of them); ``error_feedback`` keeps what was left out and sends it later (EF-SGD).
+    """
+
+    name: Literal["fp32", "fp16", "int8", "topk"] = "fp32"
+    #: top-k: values kept per message (or ``fraction`` of the model; default 1%)
+    k: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+    #: top-k: keep the residual per receiver and add it to the next message
+    error_feedback: bool = False
+    #: top-k: every ``refresh``-th message to a peer travels whole (0: only after a
+    #: failed send), which resynchronises the pair's copies after a silent loss
+    refresh: int = Field(0, ge=0)
+    #: int8: values per float32 scale
+    chunk: int = Field(256, ge=1, le=1 << 24)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_options(self) -> CodecConfig:
+        if self.name != "topk":
+            given = [key for key in ("k", "fraction") if getattr(self, key) is not None]
+            given += [key for key in ("error_feedback", "refresh") if getattr(self, key)]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to codec topk only, not {self.name}")
+        elif self.k is not None and self.fraction is not None:
+            raise ValueError("give topk either k or fraction, not both")
+        return self
 
 
 class _ProtocolBase(Strict):
     local_steps: int = Field(1, ge=1)
     aggregator: str = "mean"
     aggregator_params: dict[str, Any] = Field(default_factory=dict)
+    #: compression of the models this peer sends (all peers must agree)
+    codec: CodecConfig = Field(default_factory=CodecConfig)
 
     def population_error(self, peers: int) -> str | None:
         """Why these settings cannot run on ``peers`` peers (``None``: they can)."""
@@ -146,12 +232,74 @@ class BristleConfig(_ProtocolBase):
     pretrain_steps: int = Field(200, ge=0)
 
 
+class FedAvgConfig(_ProtocolBase):
+    """Federated averaging: one server peer samples ``clients_per_round`` of its neighbours
+    each round, they train and send back, it averages by sample counts (the FL baseline)."""
+
+    name: Literal["fedavg"]
+    #: the server: the peer of this index (simulator: peer ``server``; a node: the
+    #: ``server``-th smallest of the peer ids it met), unless ``server_id`` names it
+    server: int = Field(0, ge=0)
+    #: the server's peer id (nodes: what every client is told); overrides ``server``
+    server_id: str | None = None
+    clients_per_round: int = Field(10, ge=1)
+    round_timeout: float = Field(5.0, gt=0)
+    #: fewer updates than this when the round times out: the global model is kept
+    min_updates: int = Field(1, ge=1)
+    #: an update's share of the mean: its declared sample count (FedAvg's n_k / n), or equal
+    weighting: Literal["samples", "uniform"] = "samples"
+
+    def population_error(self, peers: int) -> str | None:
+        if self.server >= peers:
+            return f"protocol.server={self.server} must be < topology.n={peers}"
+        if self.clients_per_round > peers - 1:
+            return (
+                f"protocol.clients_per_round={self.clients_per_round} exceeds the "
+                f"{peers - 1} clients of topology.n={peers}"
+            )
+        return None
+
+
+class FoolsGoldConfig(FedAvgConfig):
+    """Federated averaging whose server weights each client's update by FoolsGold scores
+    of the client's update history (cosine similarity, pardoning, logit)."""
+
+    name: Literal["foolsgold"]  # type: ignore[assignment]
+    #: confidence of the logit (the paper's kappa)
+    kappa: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _own_weighting(self) -> FoolsGoldConfig:
+        if self.aggregator != "mean" or self.aggregator_params:
+            raise ValueError(
+                f"foolsgold weights the updates itself: aggregator must be 'mean', "
+                f"not {self.aggregator!r}"
+            )
+        return self
+
+
 ProtocolConfig = Annotated[
-    DPSGDConfig | EpidemicConfig | GossipConfig | ModestConfig | SybilWallConfig | BristleConfig,
+    DPSGDConfig
+    | EpidemicConfig
+    | GossipConfig
+    | ModestConfig
+    | SybilWallConfig
+    | BristleConfig
+    | FedAvgConfig
+    | FoolsGoldConfig,
     Field(discriminator="name"),
 ]
 
-PROTOCOL_NAMES = ("dpsgd", "epidemic", "gossip", "modest", "sybilwall", "bristle")
+PROTOCOL_NAMES = (
+    "dpsgd",
+    "epidemic",
+    "gossip",
+    "modest",
+    "sybilwall",
+    "bristle",
+    "fedavg",
+    "foolsgold",
+)
 
 #: discriminated unions of the configs: top-level key -> tag values pydantic puts in
 #: error locations (``protocol.dpsgd.fanout``), which the user never wrote
@@ -189,6 +337,13 @@ class AttackOptions(Strict):
     isolate: bool | None = None
     #: model attacks: seconds between the end of training and sending (rushing attacker)
     delay: float = Field(1e-3, ge=0)
+    #: the schedule (p2pfl.attacks.schedule): attack in rounds [start_round, stop_round),
+    #: and with ``period``/``duty`` only in the first ``duty`` rounds of every ``period``;
+    #: honest in every other round
+    start_round: int = Field(0, ge=0)
+    stop_round: int | None = Field(None, ge=1)
+    period: int | None = Field(None, ge=1)
+    duty: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check_attack(self) -> AttackOptions:
@@ -205,11 +360,14 @@ class AttackOptions(Strict):
         """The configured :class:`p2pfl.attacks.Attack`; ``num_classes`` fills in a missing
         ``num_classes`` parameter (label flips)."""
         from p2pfl.attacks.registry import ATTACKS, get_attack
+        from p2pfl.attacks.schedule import AttackSchedule
 
         params = dict(self.params)
         if "num_classes" in ATTACKS[self.name] and "num_classes" not in params:
             params["num_classes"] = num_classes
-        return get_attack(self.name, **params)
+        attack = get_attack(self.name, **params)
+        schedule = AttackSchedule(self.start_round, self.stop_round, self.period, self.duty)
+        return attack if schedule.always else attack.scheduled(schedule)
 
 
 class NodeAttackConfig(AttackOptions):
@@ -259,6 +417,42 @@ class NodeNetworkConfig(Strict):
     max_message_bytes: int = Field(64 << 20, gt=1024)
     #: how many rounds ahead of ours a message may be (a restarted peer catches up)
     max_round_lead: int = Field(1000, ge=1)
+    #: transport resource bounds (p2pfl.transport.limits), checked before a frame's body
+    #: is read: concurrent inbound streams of one peer / of all; own frames in flight to
+    #: one peer; bytes of inbound frames held for one peer / for all (0: max_message_bytes
+    #: + 1 MiB / twice that); a frame must be whole within frame_timeout + size /
+    #: min_frame_rate seconds
+    max_streams_per_peer: int = Field(32, ge=1)
+    max_streams: int = Field(1024, ge=1)
+    max_sends_per_peer: int = Field(8, ge=1)
+    max_buffered_bytes_per_peer: int = Field(0, ge=0)
+    max_buffered_bytes: int = Field(0, ge=0)
+    frame_timeout: float = Field(20.0, gt=0)
+    min_frame_rate: float = Field(float(1 << 20), gt=0)
+
+    @model_validator(mode="after")
+    def _check_transport_limits(self) -> NodeNetworkConfig:
+        if self.max_streams < self.max_streams_per_peer:
+            raise ValueError(
+                f"max_streams={self.max_streams} must be >= max_streams_per_peer="
+                f"{self.max_streams_per_peer}"
+            )
+        for key in ("max_buffered_bytes_per_peer", "max_buffered_bytes"):
+            value = getattr(self, key)
+            if 0 < value < self.max_message_bytes:
+                raise ValueError(
+                    f"{key}={value} must be 0 (default) or >= max_message_bytes="
+                    f"{self.max_message_bytes}, or no message of the largest size is ever read"
+                )
+        return self
+
+
+#: torch threads of a peer's process, simulator and node alike. One: torch's OpenMP
+#: threads spin-wait for each other, and on a machine busy with anything else a 0.15 s
+#: simulated round became 2-6.5 s with two threads on two cores; a node's per-round work
+#: is small. The same count in both drivers also keeps their float rounding the same
+#: (a matrix product's blocking depends on it).
+DEFAULT_TORCH_THREADS = 1
 
 
 class NodeConfig(Strict):
@@ -269,6 +463,10 @@ class NodeConfig(Strict):
     rounds: int = Field(50, ge=1)
     key_file: str = "node.key"
     state_dir: str = "node-state"
+    #: checkpoint every this many rounds (written off the event loop; also at exit)
+    checkpoint_every: int = Field(1, ge=1)
+    #: torch threads (0: torch's default); as in the simulator (see DEFAULT_TORCH_THREADS)
+    threads: int = Field(DEFAULT_TORCH_THREADS, ge=0)
     #: this node trains on share ``peer_index`` of the dataset cut into ``num_peers`` shares
     peer_index: int = Field(0, ge=0)
     num_peers: int = Field(1, ge=1)
@@ -277,6 +475,9 @@ class NodeConfig(Strict):
     #: pacing: local training starts at most once per this many seconds (saves battery
     #: and bandwidth on small devices; 0 trains as fast as the protocol allows)
     min_round_interval: float = Field(0.0, ge=0)
+    #: per-round measurements also as TensorBoard scalars in ``<state_dir>/tensorboard/``
+    #: (needs the optional extra ``p2pfl-gossip[tracking]``; checked at start-up)
+    tensorboard: bool = False
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     protocol: ProtocolConfig = Field(default_factory=lambda: DPSGDConfig(name="dpsgd"))

@@ -46,6 +46,16 @@ MAX_ADDR_CHARS = 256
 SAVED_ADDRS = 4
 REDIAL_ADDRS = 2
 
+#: bootstrap dials: the wait after the first failed round of dials, doubled after each
+#: (up to MAX_RETRY_DELAY), the timeout of one dial, and a bound on the rounds of dials
+#: (the discovery timeout ends them first in practice)
+FIRST_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 8.0
+DIAL_TIMEOUT = 5.0
+MAX_BOOTSTRAP_ATTEMPTS = 10_000
+#: the longest failure reason quoted in a log line
+MAX_REASON_CHARS = 160
+
 #: what a hello did: ``malformed`` (no address map: the sender is to be charged), ``new``
 #: (the sender was met by it), ``known`` (the sender had been met before)
 HelloOutcome = Literal["malformed", "new", "known"]
@@ -79,6 +89,8 @@ class Discovery:
         self.known: dict[str, list[str]] = {}
         #: peers met directly: only these may become neighbours or population members
         self.met: set[str] = set()
+        #: bootstrap addresses dialled, with the outcome of the last attempt (for messages)
+        self.tried: dict[str, str] = {}
         #: peers found by the transport (mDNS) that we dialled and greeted
         self._greeted: set[str] = set()
         self._dial_slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
@@ -86,28 +98,26 @@ class Discovery:
 
     # -- start-up ------------------------------------------------------------------------
     async def discover(self) -> None:
-        """Dial the bootstrap peers (retrying until ``discovery_timeout``), then wait until
-        enough peers are met (:meth:`found_enough`) or the timeout passes."""
+        """Dial the bootstrap peers (retrying with backoff until ``discovery_timeout``), then
+        wait until enough peers are met (:meth:`found_enough`) or the timeout passes.
+
+        Each failed dial is logged at WARNING with its address: a typo in a bootstrap
+        address, or a peer that is down, shows at once, not after the timeout. Whether
+        the node may start with what it met is :meth:`shortfall`'s answer.
+        """
         net = self.network
         deadline = time.monotonic() + net.discovery_timeout
-        pending = list(net.bootstrap)
-        while pending and time.monotonic() < deadline:
-            retry = []
-            for addr in pending:
-                try:
-                    peer = await self.transport.connect(
-                        addr, timeout=min(5.0, net.discovery_timeout)
-                    )
-                except TransportError as error:
-                    log.debug("bootstrap %s not reachable yet: %s", addr, error)
-                    retry.append(addr)
-                    continue
-                self.known.setdefault(peer, []).append(addr)
-                self.meet(peer)  # we dialled it: the transport authenticated its id
-                self._spawn(self.send_hello(peer))
-            pending = retry
-            if pending:
-                await asyncio.sleep(0.2)  # back off before dialling again (bounded by deadline)
+        own = f"/p2p/{self.peer_id}"  # one bootstrap list for every node may name us too
+        pending = [addr for addr in net.bootstrap if not addr.endswith(own)]
+        delay = FIRST_RETRY_DELAY
+        for attempt in range(1, MAX_BOOTSTRAP_ATTEMPTS + 1):
+            if not pending or time.monotonic() >= deadline:
+                break
+            pending = await self._dial_bootstrap(pending, attempt, deadline, delay)
+            wait = min(delay, deadline - time.monotonic())
+            if pending and wait > 0:
+                await asyncio.sleep(wait)  # backoff, bounded by the deadline
+            delay = min(delay * 2, MAX_RETRY_DELAY)
         while not self.found_enough():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -117,12 +127,78 @@ class Discovery:
                 await asyncio.wait_for(self._peers_changed.wait(), remaining)
             except TimeoutError:
                 break
-        if not self.found_enough():
+        if not self.found_enough() and self.shortfall() is None:
             log.warning(
-                "only %d of %d peers found before the discovery timeout",
-                len(self.met),
+                "only %d of %d peers found before the discovery timeout (%gs); starting with "
+                "them (network.min_peers = %d)",
+                self.met_count(),
                 len(self.graph.neighbours(self.peer_id)) if self.graph else net.min_peers,
+                net.discovery_timeout,
+                net.min_peers,
             )
+
+    async def _dial_bootstrap(
+        self, addrs: list[str], attempt: int, deadline: float, delay: float
+    ) -> list[str]:
+        """Dial each bootstrap address once; the ones that failed (to retry)."""
+        retry = []
+        for addr in addrs:
+            timeout = min(DIAL_TIMEOUT, max(0.1, deadline - time.monotonic()))
+            try:
+                peer = await self.transport.connect(addr, timeout=timeout)
+            except TransportError as error:
+                reason = _short(error, addr)
+                self.tried[addr] = reason
+                left = deadline - time.monotonic()
+                log.warning(
+                    "bootstrap peer %s not reachable (attempt %d: %s); %s",
+                    addr,
+                    attempt,
+                    reason,
+                    f"retrying in {delay:.1f}s"
+                    if left > delay
+                    else "no time left for another attempt (network.discovery_timeout)",
+                )
+                retry.append(addr)
+                continue
+            self.tried[addr] = "reached"
+            self.known.setdefault(peer, []).append(addr)
+            self.meet(peer)  # we dialled it: the transport authenticated its id
+            self._spawn(self.send_hello(peer))
+        return retry
+
+    def met_count(self) -> int:
+        """Peers met that count towards ``min_peers`` (with a graph: graph neighbours only)."""
+        if self.graph is not None:
+            return len(set(self.graph.neighbours(self.peer_id)) & self.met)
+        return len(self.met)
+
+    def shortfall(self) -> str | None:
+        """Why the node may not start learning after discovery (``None``: it may).
+
+        Fewer peers met than ``network.min_peers`` (with a graph: than its degree, if that
+        is smaller) is a failure, not a node training alone that looks like it works: the
+        message names the addresses tried and what became of them. ``min_peers = 0``
+        lets a node learn alone.
+        """
+        net = self.network
+        need = net.min_peers
+        if self.graph is not None:
+            need = min(need, len(self.graph.neighbours(self.peer_id)))
+        have = self.met_count()
+        if have >= need:
+            return None
+        if self.tried:
+            tried = "; ".join(f"{addr} ({what})" for addr, what in self.tried.items())
+        elif net.mdns:
+            tried = "no bootstrap address, mDNS found none"
+        else:
+            tried = "no bootstrap address given (network.bootstrap), mDNS off"
+        return (
+            f"met {have} of the {need} peers network.min_peers asks for within "
+            f"network.discovery_timeout = {net.discovery_timeout:g}s; tried: {tried}; "
+            "set network.min_peers = 0 to learn alone"
+        )
 
     async def reconnect(self, known: dict[str, list[str]]) -> None:
         """After a restart: dial the peers we knew (and the bootstrap peers), then go on.
@@ -134,13 +210,16 @@ class Discovery:
         self.met.update(peer for peer in known if peer != self.peer_id)  # met before (saved)
         addrs = [a for peer_addrs in self.known.values() for a in peer_addrs[:REDIAL_ADDRS]]
         addrs += list(self.network.bootstrap)
-        timeout = min(5.0, self.network.discovery_timeout)
+        timeout = min(DIAL_TIMEOUT, self.network.discovery_timeout)
 
         async def dial(addr: str) -> None:
             try:
                 peer = await self.transport.connect(addr, timeout=timeout)
-            except TransportError:
+            except TransportError as error:
+                self.tried[addr] = _short(error, addr)
+                log.warning("resuming: %s not reachable (%s)", addr, self.tried[addr])
                 return
+            self.tried[addr] = "reached"
             await self.send_hello(peer)
 
         await asyncio.gather(*(dial(addr) for addr in dict.fromkeys(addrs)), return_exceptions=True)
@@ -234,3 +313,12 @@ class Discovery:
             else:
                 return
         await self.send_hello(peer)
+
+
+def _short(error: Exception, addr: str) -> str:
+    """A dial error in a few words: without the address (the line names it already) and
+    without libp2p's nested exception reprs."""
+    text = " ".join(str(error).split()).replace(f"connect to {addr}: ", "")
+    if "SwarmDialAllFailedError" in text or "no addresses established" in text:
+        return "connection refused or no answer"
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."

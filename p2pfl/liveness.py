@@ -29,7 +29,7 @@ class Liveness:
     ``watched`` gives the peers to ping now (read before each round of pings, as the
     neighbours change); ``running`` says whether to go on; ``may_return(peer)`` whether a
     peer reported down may be reported up when it answers; ``on_down`` / ``on_up`` are
-    called once per change.
+    called once per change (the driver logs them, with its round).
     """
 
     def __init__(
@@ -44,6 +44,7 @@ class Liveness:
         may_return: Callable[[str], bool],
         on_down: Callable[[str], None],
         on_up: Callable[[str], None],
+        on_unreachable: Callable[[str, str], None] | None = None,
     ) -> None:
         self.transport = transport
         self.interval = interval
@@ -54,6 +55,7 @@ class Liveness:
         self._may_return = may_return
         self._on_down = on_down
         self._on_up = on_up
+        self._on_unreachable = on_unreachable
         #: peers reported down (missed pings, failed sends) until they answer a ping
         self.down: set[str] = set()
 
@@ -62,10 +64,15 @@ class Liveness:
         """Whether to ping at all (``ping_interval = 0``: failed sends only)."""
         return self.interval > 0
 
-    def mark_down(self, peer: str) -> None:
+    def mark_down(self, peer: str, why: str = "a send failed") -> None:
         """A send to ``peer`` failed: the next ping it answers brings it back (the driver
-        has already told the protocol, as ``SendFailed``)."""
+        has already told the protocol, as ``SendFailed``); ``on_unreachable`` hears of it
+        once, when the peer was not down already."""
+        if peer in self.down:
+            return
         self.down.add(peer)
+        if self._on_unreachable is not None:
+            self._on_unreachable(peer, why)
 
     async def run(self) -> None:
         """Ping the watched peers every ``interval`` seconds and report changes.
@@ -82,13 +89,13 @@ class Liveness:
                     misses.pop(peer, None)
                     if peer in self.down and self._may_return(peer):
                         self.down.discard(peer)
-                        log.info("neighbour %s answers again", peer)
+                        log.debug("neighbour %s answers again", peer)
                         self._on_up(peer)
                     continue
                 misses[peer] = misses.get(peer, 0) + 1
                 if misses[peer] >= self.failures and peer not in self.down:
                     self.down.add(peer)
-                    log.info("neighbour %s missed %d pings: down", peer, misses[peer])
+                    log.debug("neighbour %s missed %d pings: down", peer, misses[peer])
                     self._on_down(peer)
 
     async def ping(self, peer: str) -> bool:

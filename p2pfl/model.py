@@ -11,8 +11,9 @@ have none, which is what makes a model a pure function of its vector.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ __all__ = [
     "ParamLayout",
     "flatten_module",
     "load_flat",
+    "model_from_factory",
     "unflatten",
 ]
 
@@ -140,3 +142,56 @@ def unflatten(vec: torch.Tensor, layout: ParamLayout) -> dict[str, torch.Tensor]
     for name, shape, offset in zip(layout.names, layout.shapes, layout.offsets, strict=True):
         out[name] = vec[..., offset : offset + math.prod(shape)].view(*lead, *shape)
     return out
+
+
+def model_from_factory(
+    path: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    params: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """The user's model that ``path`` (``module:factory``) builds, checked against
+    :data:`p2pfl.plugins.MODEL_CONTRACT`: a module with float32 parameters and no buffers
+    (what makes it a function of its flat vector) whose logits for a batch of two zero
+    inputs have shape ``(2, num_classes)``. ``FactoryError`` (one line) otherwise."""
+    from p2pfl.plugins import MODEL_CONTRACT, FactoryError, load_factory
+
+    where = f"model.name={path!r}"
+    factory = load_factory(path, "model.name")
+    try:
+        model = factory(tuple(input_shape), num_classes, **dict(params or {}))
+    except Exception as error:
+        raise FactoryError(
+            f"{where}: the factory raised {_one_line(error)}; {MODEL_CONTRACT}"
+        ) from None
+    problem = _model_problem(model, tuple(input_shape), num_classes)
+    if problem is not None:
+        raise FactoryError(f"{where}: {problem}; {MODEL_CONTRACT}")
+    return model
+
+
+def _model_problem(model: Any, input_shape: tuple[int, ...], num_classes: int) -> str | None:
+    if not isinstance(model, nn.Module):
+        return f"it returned a {type(model).__name__}"
+    parameters = list(model.parameters())
+    if not parameters:
+        return "the model has no parameters"
+    if any(p.dtype != torch.float32 for p in parameters):
+        return "its parameters must be float32"
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        return f"the model has buffers ({', '.join(buffers[:3])})"
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as error:
+        return f"its forward pass on a (2, {', '.join(map(str, input_shape))}) batch raised {_one_line(error)}"
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != (2, num_classes):
+        return f"its output for a batch of 2 is {shape}, not (2, {num_classes})"
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

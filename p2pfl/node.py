@@ -10,7 +10,8 @@ effects into I/O and I/O into events:
   back as ``TrainingDone``.
 - ``SetTimer`` / ``CancelTimer``: asyncio timer handles; ``now`` is the loop's clock.
 - ``RoundCompleted``: checkpoint atomically, evaluate, log a status line, write
-  ``status.json``; stop after the configured number of rounds.
+  ``status.json`` (and, with ``tensorboard = true``, the round's measurements as
+  TensorBoard scalars: ``p2pfl.tracking``); stop after the configured number of rounds.
 
 Incoming bytes pass through a :class:`~p2pfl.security.PeerGuard` (ban, rate, decode,
 signature, replay, round window) before the protocol sees them; whatever is refused is
@@ -50,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2pfl.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from p2pfl.checkpoint import Layout, StateDir
 from p2pfl.config import NodeConfig
 from p2pfl.discovery import (
     HELLO,
@@ -63,7 +64,7 @@ from p2pfl.identity import Identity
 from p2pfl.learning import BatchSampler, evaluate
 from p2pfl.liveness import Liveness
 from p2pfl.neighbours import PeerGraph, check_member, choose_neighbours
-from p2pfl.peer import build_commons, wrap_attacker
+from p2pfl.peer import build_commons, use_torch_threads, wrap_attacker
 from p2pfl.protocols.base import (
     CancelTimer,
     Effect,
@@ -87,6 +88,7 @@ from p2pfl.protocols.contract import Role
 from p2pfl.protocols.records import IdentitySigner
 from p2pfl.protocols.registry import mixing_scheme, protocol_class
 from p2pfl.security import Ban, GuardConfig, PeerGuard, SequenceNumbers
+from p2pfl.tracking import TensorBoardTracker
 from p2pfl.transport.base import Transport, TransportError
 from p2pfl.wire import DropReason, Envelope, WireError, WireLimits, encode
 
@@ -108,6 +110,8 @@ CONTROL = "p2pfl"  # wire protocol name of the node's own messages (peer exchang
 #: "you are not my neighbour": the answer to a model from a peer that chose us one-way
 UNLINK = "unlink"
 STATUS_NAME = "status.json"
+#: seconds between rewrites of status.json while discovering (no rounds end meanwhile)
+STATUS_EVERY = 1.0
 #: protocol messages kept while still discovering (a peer that found everyone first
 #: sends its round-0 model before we start); they are handled once the protocol starts
 EARLY_MESSAGES = 16
@@ -165,8 +169,14 @@ class Node:
         #: set once the transport listens (tests and embedders wait on it)
         self.listening = asyncio.Event()
         self._stopping = False
+        #: stop() was called (a signal): _leave does not linger
+        self._stop_asked = False
+        #: set once _shutdown began: the status says how the run ended
+        self._ended = False
         self._next_train_at = 0.0
         self._early: list[tuple[str, Envelope]] = []
+        #: per-round scalars into <state_dir>/tensorboard (config.tensorboard; opened in run)
+        self._tracker: TensorBoardTracker | None = None
         self.graph: PeerGraph | None = None
         if config.network.topology_file:
             self.graph = PeerGraph.from_file(config.network.topology_file)
@@ -185,8 +195,11 @@ class Node:
             may_return=lambda peer: not self.guard.is_banned(peer, time.time()),
             on_down=self._peer_down,
             on_up=self._peer_up,
+            on_unreachable=self._peer_unreachable,
         )
+        use_torch_threads(config.threads)  # before anything trains (Bristle pre-trains here)
         self._setup_learning()
+        self.disk = self._state_files()
 
     @property
     def known(self) -> dict[str, list[str]]:
@@ -294,6 +307,9 @@ class Node:
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
         """Discover peers, learn for ``rounds`` rounds (or until stopped), return the status."""
+        checkpoint = self._open_checkpoint()  # verified; CheckpointError: exit 2
+        if checkpoint is not None and checkpoint["rounds_done"] >= self.config.rounds:
+            return self._already_finished(checkpoint)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -307,23 +323,62 @@ class Node:
         self.listening.set()
         log.info("node %s listening on %s", self.peer_id, ", ".join(self.transport.listen_addrs))
         self._write_status()
-        checkpoint = load_checkpoint(self.state_dir)
         try:
-            if checkpoint is not None:
-                await self.discovery.reconnect(checkpoint.get("known", {}))
-            else:
-                await self.discovery.discover()
-            self._start_protocol(checkpoint)
-            await self._done.wait()
+            if self.config.tensorboard:  # inside try: a failure still closes the transport
+                self._tracker = TensorBoardTracker(self.state_dir / "tensorboard")
+            if await self._discover(checkpoint):
+                self._start_protocol(checkpoint)
+                self._write_status()  # "training": not left saying "discovering"
+                await self._done.wait()
             if self.rounds_done >= self.config.rounds and self.failure is None:
                 await self._leave()
         finally:
             await self._shutdown()
         return self.status()
 
+    async def _discover(self, checkpoint: dict[str, Any] | None) -> bool:
+        """Find peers (or, resuming, redial the saved ones) unless stopped meanwhile;
+        whether to start learning.
+
+        A signal ends discovery at once (not at ``discovery_timeout``), and status.json is
+        rewritten every ``STATUS_EVERY`` seconds meanwhile, so it shows the peers met so far.
+        Ending with fewer peers than ``network.min_peers`` is a failure (logged, in
+        ``failure``): a node that trains alone must have been asked to (``min_peers = 0``).
+        """
+        if checkpoint is not None:
+            work = asyncio.ensure_future(self.discovery.reconnect(checkpoint.get("known", {})))
+        else:
+            work = asyncio.ensure_future(self.discovery.discover())
+        stopped = asyncio.ensure_future(self._done.wait())
+        try:
+            # bounded: discovery ends by its own deadline, a stop ends it sooner
+            while not work.done() and not stopped.done():
+                await asyncio.wait(
+                    {work, stopped}, timeout=STATUS_EVERY, return_when=asyncio.FIRST_COMPLETED
+                )
+                self._write_status()
+        finally:
+            stopped.cancel()
+            if not work.done():
+                work.cancel()
+            await asyncio.gather(work, stopped, return_exceptions=True)
+        if self._done.is_set():
+            log.info("stopped while discovering: %d peers met", len(self.met))
+            return False
+        work.result()  # an error of discovery's own is the node's failure, raised here
+        shortfall = self.discovery.shortfall() if checkpoint is None else None
+        if shortfall is not None:
+            self.failure = f"discovery: {shortfall}"
+            log.error("not starting: %s", shortfall)
+            return False
+        return True
+
     def stop(self) -> None:
-        """Ask the node to stop after saving its state (signal handlers call this)."""
-        log.info("stopping")
+        """Ask the node to stop after saving its state (signal handlers call this); in
+        every phase it returns within a second or two."""
+        if not self._done.is_set():
+            log.info("stopping")
+        self._stop_asked = True
         self._done.set()
 
     async def _leave(self) -> None:
@@ -338,7 +393,7 @@ class Node:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.network.send_timeout
-        while not protocol.settled and loop.time() < deadline:
+        while not protocol.settled and loop.time() < deadline and not self._stop_asked:
             await asyncio.sleep(0.05)  # the protocol keeps handling pongs meanwhile
         name = protocol.name
         sends = [effect for effect in protocol.leave(self._now()) if isinstance(effect, Send)]
@@ -348,6 +403,7 @@ class Node:
 
     async def _shutdown(self) -> None:
         self._stopping = True
+        self._ended = True
         for handle in self._timers.values():
             handle.cancel()
         for task in list(self._tasks):
@@ -355,6 +411,8 @@ class Node:
         if self.protocol is not None and self.failure is None:
             self._checkpoint()  # after a failure the last round's checkpoint is the good one
         self._write_status(final=True)
+        if self._tracker is not None:
+            self._tracker.close()  # flushes what is still buffered
         await self.transport.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -424,10 +482,42 @@ class Node:
         return [p for p in self.protocol.neighbours if p not in self.unlinked]
 
     def _peer_down(self, peer: str) -> None:
+        """Missed pings: said at WARNING (a crashed neighbour must show in the log, not
+        only in status.json), then told to the protocol."""
+        self._log_peer("lost", peer, f"missed {self.liveness.failures} pings in a row")
         self._handle(PeerDown(self._now(), peer))
 
+    def _peer_unreachable(self, peer: str, why: str) -> None:
+        """A send to a neighbour failed (the protocol hears of it as ``SendFailed``)."""
+        self._log_peer("lost", peer, why)
+
     def _peer_up(self, peer: str) -> None:
+        self._log_peer("back", peer, "answers pings again")
         self._handle(PeerUp(self._now(), peer))
+
+    def _log_peer(self, what: str, peer: str, why: str) -> None:
+        protocol = self.protocol
+        log.warning(
+            "%s %s %s at round %s (%s); %d/%d neighbours live",
+            "neighbour" if protocol is not None and peer in protocol.neighbours else "peer",
+            peer,
+            what,
+            protocol.round if protocol is not None else "-",
+            why,
+            len(self._live_neighbours()),
+            len(protocol.neighbours) if protocol is not None else 0,
+        )
+
+    def _live_neighbours(self) -> list[str]:
+        """Neighbours neither reported down (pings, failed sends) nor banned."""
+        if self.protocol is None:
+            return []
+        now = time.time()
+        return [
+            peer
+            for peer in self.protocol.neighbours
+            if peer not in self.liveness.down and not self.guard.is_banned(peer, now)
+        ]
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -557,12 +647,28 @@ class Node:
 
     # -- receiving -----------------------------------------------------------------------
     def _on_transport_abuse(self, peer: str, reason: str) -> None:
-        """A frame the transport refused (oversized, truncated, stalled): charged to the peer."""
+        """A frame the transport refused (oversized, truncated, stalled, or bytes past the
+        flow-control window): charged to the peer."""
         drop = DropReason.OVERSIZED if reason == DropReason.OVERSIZED else DropReason.TRUNCATED
         self.guard.record_drop(peer, drop, now=time.time(), detail=f"transport: {reason}")
 
     def _on_payload(self, sender: str, data: bytes) -> None:
-        current = self.protocol.round if self.protocol is not None else 0
+        """Screen a payload (ban, rate, size, decode, signature, replay, round, kind) and
+        hand it on. A payload larger than any message this node can use, or of a kind it
+        does not take, is charged to its sender even while the node is still discovering:
+        otherwise validly signed junk costs a sender nothing but rate."""
+        protocol = self.protocol
+        current = protocol.round if protocol is not None else 0
+        dim = protocol.message_dim if protocol is not None else self.commons.message_dim
+        declared = protocol_class(self.config.protocol)
+
+        def takes(name: str, kind: str) -> bool:  # in any state, discovery included
+            if name == CONTROL:
+                return kind in (HELLO, UNLINK)
+            if protocol is not None:
+                return name == protocol.name and protocol.message_spec(kind) is not None
+            return name == declared.name and kind in declared.messages
+
         try:
             envelope = self.guard.screen(
                 sender,
@@ -571,6 +677,9 @@ class Node:
                 current_round=current,
                 limits=self.limits,
                 layout_check=self._layout,
+                # the widest codec (top-k: value and index) of the whole model, plus meta
+                max_bytes=self.limits.message_bound(dim),
+                known_kind=takes,
             )
         except WireError as error:
             log.debug("dropped a message from %s: %s", sender, error)
@@ -648,8 +757,11 @@ class Node:
             self._handle(PeerDown(self._now(), sender))
 
     def _on_ban(self, ban: Ban) -> None:
-        """A banned neighbour's models are refused: the round must not wait for them."""
+        """A banned neighbour's models are refused: the round must not wait for them; the
+        transport closes the peer's connections and reads nothing more of it until the
+        ban ends."""
         log.warning("%s", ban.describe())
+        self.transport.ban(ban.peer, ban.seconds)
         if self.protocol is not None and ban.peer in self.protocol.neighbours:
             # after the refusal that caused the ban has been counted, not inside it
             asyncio.get_running_loop().call_soon(self._handle, PeerDown(self._now(), ban.peer))
@@ -680,15 +792,20 @@ class Node:
     def _on_round(self, finished: int) -> None:
         assert self.protocol is not None
         self.rounds_done = max(self.rounds_done, finished + 1)
+        loss = None
         if finished % self.config.eval_every == 0 or finished + 1 >= self.config.rounds:
             result = evaluate(self.trainer, self.protocol.params, self.x_test, self.y_test)
             self.accuracy = float(result.accuracy[0])
+            loss = float(result.loss[0])
         self._checkpoint()
         self._write_status()
+        if self._tracker is not None:
+            self._track(finished, loss)
         log.info(
-            "round %d  acc %s  neighbours %d  sent %.1f MB  drops %d",
+            "round %d  acc %s  neighbours %d/%d live  sent %.1f MB  drops %d",
             finished,
             f"{self.accuracy:.3f}" if self.accuracy is not None else "-",
+            len(self._live_neighbours()),
             len(self.protocol.neighbours),
             self.bytes_sent / 1e6,
             sum(self.guard.drops().values()),
@@ -696,20 +813,90 @@ class Node:
         if finished + 1 >= self.config.rounds:
             self._done.set()
 
+    def _track(self, finished: int, loss: float | None) -> None:
+        """The round's measurements as TensorBoard scalars at step ``finished`` (the round
+        number of the log line); accuracy and loss only in rounds that evaluated (``loss``
+        not None), so a curve never repeats a stale value."""
+        assert self._tracker is not None and self.protocol is not None
+        row: dict[str, Any] = {
+            "round": finished,
+            "neighbours": len(self.protocol.neighbours),
+            "neighbours_live": len(self._live_neighbours()),
+            "bytes_sent": self.bytes_sent,
+            "drops": sum(self.guard.drops().values()),
+            "errors": sum(self.errors.values()),
+            **{f"counters/{name}": value for name, value in self.counters.items()},
+        }
+        if loss is not None:
+            row["accuracy"], row["loss"] = self.accuracy, loss
+        try:
+            self._tracker(row)
+        except OSError as error:  # a full disk costs the curves, not the run
+            log.warning("tensorboard: cannot write round %d: %s", finished, error)
+
     def _checkpoint(self) -> None:
+        """Save the state (``p2pfl.checkpoint``): every ``checkpoint_every`` rounds in a
+        worker thread, so the event loop goes on receiving; on the way out (``_shutdown``)
+        before returning, so the last state is on disk when the process exits."""
         assert self.protocol is not None
-        save_checkpoint(
-            self.state_dir,
-            {
-                "protocol": self.protocol.state_dict(),
-                "sampler": self.sampler.state_dict(),
-                "neighbours": list(self.protocol.neighbours),
-                "counters": self.counters,
-                "rounds_done": self.rounds_done,
-                # the peers met only: a restart dials these, not every name heard of
-                "known": self.discovery.saved(),
-            },
+        if not self._stopping and not self.disk.due(self.rounds_done):
+            return
+        state = {
+            "protocol": self.protocol.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "neighbours": list(self.protocol.neighbours),
+            "counters": self.counters,
+            "rounds_done": self.rounds_done,
+            "accuracy": self.accuracy,
+            # the peers met only: a restart dials these, not every name heard of
+            "known": self.discovery.saved(),
+        }
+        if self._stopping:
+            self.disk.save_now(state)
+        else:
+            self.disk.save(state)
+
+    def _state_files(self) -> StateDir:
+        """Checkpoints verified against this node: its peer id, protocol, parameter count
+        and data share (a checkpoint of another node or model is never resumed)."""
+        sampler = self.sampler.state_dict()
+        layout = Layout(
+            peer_id=self.peer_id,
+            protocol=protocol_class(self.config.protocol).name,
+            dim=int(self.commons.start.numel()),
+            sampler=(sampler["seed"], sampler["batch_size"], sampler["size"]),
         )
+        return StateDir(self.state_dir, layout, every=self.config.checkpoint_every)
+
+    def _open_checkpoint(self) -> dict[str, Any] | None:
+        """At start: stale temporary files removed, then the newest checkpoint that is
+        whole and this node's (the older generation if the newest is damaged), or none."""
+        checkpoint = self.disk.open(fits=self._fits)
+        if checkpoint is not None:  # the status written while discovering shows them
+            self.rounds_done = int(checkpoint["rounds_done"])
+            self.counters = dict(checkpoint.get("counters", {}))
+            self.accuracy = checkpoint.get("accuracy")
+        return checkpoint
+
+    def _fits(self, checkpoint: dict[str, Any]) -> None:
+        """Raises unless this node's protocol takes the saved state (tried on a throwaway
+        protocol, so that a misfit falls back to the older generation, not a traceback)."""
+        self._new_protocol(list(checkpoint["neighbours"])).load_state_dict(checkpoint["protocol"])
+
+    def _already_finished(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """A finished run started again: say so, train nothing, leave status.json as the
+        run left it."""
+        log.warning(
+            "this run is finished: %d of %d rounds done (checkpoint in %s); not training "
+            "again (raise rounds to go on, or use another state dir to start afresh)",
+            self.rounds_done,
+            self.config.rounds,
+            self.state_dir,
+        )
+        status = self.status()
+        status["round"] = checkpoint["protocol"].get("round")
+        status["state"] = "finished"
+        return status
 
     def status(self) -> dict[str, Any]:
         protocol = self.protocol
@@ -736,14 +923,21 @@ class Node:
             "attack": self._attack_status(),
             "errors": dict(self.errors),
             "failure": self.failure,
+            "state": self._state(),
         }
 
-    def _write_status(self, *, final: bool = False) -> None:
-        status = self.status()
-        status["state"] = "stopped" if final else ("running" if self.protocol else "discovering")
+    def _state(self) -> str:
+        """The phase: discovering, training, then finished (all rounds), stopped (a
+        signal, or stopped before the end) or failed (an error, too few peers)."""
         if self.failure is not None:
-            status["state"] = "failed"
-        write_json_atomic(self.state_dir / STATUS_NAME, status)
+            return "failed"
+        if self._ended:
+            return "finished" if self.rounds_done >= self.config.rounds else "stopped"
+        return "training" if self.protocol is not None else "discovering"
+
+    def _write_status(self, *, final: bool = False) -> None:
+        status = self.status()  # its "state" says which phase (final: how it ended)
+        self.disk.write_json(STATUS_NAME, status)  # a full disk is logged, not raised
 
 
 def _event_source(event: Event) -> str:

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from p2pfl.config import ConfigError, NodeConfig, describe_validation_error, parse_override
+from p2pfl.errors import P2PFLError
+
+if TYPE_CHECKING:
+    from p2pfl.identity import Identity
+    from p2pfl.transport.libp2p import Libp2pTransport
 
 
 class NodeConfigError(ConfigError):
@@ -51,28 +58,72 @@ def load_node_config(
         except ConfigError as error:
             raise NodeConfigError(str(error)) from None
         _set_path(raw, ".".join(keys), value)
+    protocol = raw.get("protocol")
+    if isinstance(protocol, dict) and "name" not in protocol:
+        # a [protocol] table (or --set protocol.x=...) without a name tunes the default
+        # protocol, as no table at all runs it
+        protocol["name"] = NodeConfig.model_fields["protocol"].get_default(
+            call_default_factory=True
+        ).name
     try:
         return NodeConfig.model_validate(raw)
     except ValidationError as error:
         raise NodeConfigError(describe_validation_error(error)) from None
 
 
+class StopRequested(P2PFLError):
+    """SIGINT or SIGTERM arrived before the node's event loop took over the signals."""
+
+
+def _stop_requested(signum: int, frame: object) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
 def run_node(config: NodeConfig) -> dict[str, Any]:
-    """Build identity, libp2p transport and node; run until done or signalled."""
-    from p2pfl.identity import Identity
-    from p2pfl.node import Node
+    """Check the inputs, build identity, libp2p transport and node; run until done or
+    signalled.
+
+    Bad input raises :class:`~p2pfl.startup.StartupError` (one line) before anything
+    starts. A signal while the dataset loads raises :class:`StopRequested`; from then on
+    the node handles signals itself (it stops within a second or two in every phase).
+    """
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _stop_requested)
+    try:
+        return _build_and_run(config)
+    finally:  # the caller's handlers again (a test runner's, an embedding program's)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def make_transport(config: NodeConfig, identity: Identity) -> Libp2pTransport:
+    """The node's libp2p transport, with the ``[network]`` table's addresses, sizes and
+    resource limits (streams, buffered bytes, the frame deadline)."""
     from p2pfl.transport.libp2p import Libp2pTransport, configure_libp2p_logging
+    from p2pfl.transport.limits import TransportLimits
 
     configure_libp2p_logging(logging.WARNING)
     # A dial to a peer that is down is expected (peers crash, restart, leave); the node
     # reports it in its own terms, so libp2p's per-attempt error lines are noise.
     logging.getLogger("libp2p.transport.tcp").setLevel(logging.CRITICAL)
-    identity = Identity.load_or_create(config.key_file)
-    transport = Libp2pTransport(
+    return Libp2pTransport(
         identity.libp2p_keypair,
         listen_addrs=config.network.listen,
         max_message_size=config.network.max_message_bytes,
         mdns=config.network.mdns,
+        limits=TransportLimits.from_config(config.network),
     )
+
+
+def _build_and_run(config: NodeConfig) -> dict[str, Any]:
+    from p2pfl.startup import check_node_inputs
+
+    identity = check_node_inputs(config)
+
+    from p2pfl.node import Node
+
+    transport = make_transport(config, identity)
     node = Node(config, transport, identity)
     return asyncio.run(node.run())

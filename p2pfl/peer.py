@@ -12,7 +12,8 @@ assembles one itself; both go through this module, from the same configuration s
 - :meth:`Commons.peer`, per peer: its data share, its minibatch sampler and its protocol
   inputs (Bristle's probe set), all derived from the seed and the peer's index;
 - :meth:`Commons.build_protocol`, per peer: the protocol object
-  (:func:`~p2pfl.protocols.registry.build_protocol`);
+  (:func:`~p2pfl.protocols.registry.build_protocol`), its models sent through the
+  configured codec (:mod:`p2pfl.protocols.compression`);
 - :func:`wrap_attacker`, per Byzantine peer: the protocol wrapped as its attack needs.
 
 What is the driver's own stays with it: which peers hold which share (the simulator's
@@ -39,7 +40,10 @@ from p2pfl.learning import (
     partition,
     sampler_seed,
 )
+from p2pfl.model import model_from_factory
+from p2pfl.plugins import is_factory_path
 from p2pfl.protocols.base import PeerId, Protocol
+from p2pfl.protocols.compression import compress
 from p2pfl.protocols.registry import build_protocol, make_aggregate
 
 if TYPE_CHECKING:
@@ -155,12 +159,22 @@ class Commons:
             mixing_weights=mixing_weights,
             aggregate=aggregate if aggregate is not None else self.aggregate,
             seed=self.seed,
-            extras=setup.extras,
+            # the peer's sample count: FedAvg weights a client's update by it
+            extras={"data_size": setup.data_size, **setup.extras},
             signer=signer,
         )
         # the stream of peer ``index`` in both drivers (the simulator names it ``p{index}``)
         protocol.use_stream(stream_label(setup.index))
-        return protocol
+        # the models it sends, through the configured codec (``protocol.codec``): the same
+        # lossy models, and the same encoded bytes, in both drivers
+        return compress(protocol, self.protocol.codec)
+
+
+def use_torch_threads(threads: int) -> None:
+    """Run torch with ``threads`` threads (0: leave torch's default, one per core);
+    ``p2pfl.config.DEFAULT_TORCH_THREADS`` says why both drivers default to one."""
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def stream_label(index: int) -> str:
@@ -171,7 +185,10 @@ def stream_label(index: int) -> str:
 def build_trainer(dataset: Dataset, model: ModelConfig, data: DataConfig) -> LocalTrainer:
     """The local trainer of the configured model on ``dataset``'s training set."""
     hidden = tuple(model.hidden) if model.hidden else None
-    net = build_model(model.name, dataset.input_shape, dataset.num_classes, hidden=hidden)
+    if is_factory_path(model.name):  # the user's own (p2pfl.plugins)
+        net = model_from_factory(model.name, dataset.input_shape, dataset.num_classes, model.params)
+    else:
+        net = build_model(model.name, dataset.input_shape, dataset.num_classes, hidden=hidden)
     return LocalTrainer(
         net,
         dataset.x_train,

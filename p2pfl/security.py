@@ -209,15 +209,31 @@ class PeerGuard:
         current_round: int,
         limits: WireLimits = DEFAULT_LIMITS,
         layout_check: LayoutCheck | None = None,
+        max_bytes: int | None = None,
+        known_kind: Callable[[str, str], bool] | None = None,
     ) -> Envelope:
-        """Check, decode and admit ``data`` received from ``peer``; ``WireError`` if dropped."""
+        """Check, decode and admit ``data`` received from ``peer``; ``WireError`` if dropped.
+
+        ``max_bytes``: the largest message the receiver can have a use for (its model's
+        size in the widest codec, plus meta); a larger one is refused as ``too_large``
+        before it is decoded, and charged as such: message size alone must cost a
+        sender its standing, not only its rate budget.  ``known_kind(protocol, kind)``:
+        whether the receiver takes such messages at all; others are refused (and
+        charged) as ``unknown_kind`` whatever the receiver's state.
+        """
         self.check_bytes(peer, len(data), now=now)
+        if max_bytes is not None and len(data) > max_bytes:
+            self._drop(self._touch(peer, now), DropReason.OVERSIZED, now,
+                       f"{len(data)} bytes, at most {max_bytes} expected")  # fmt: skip
         try:
             envelope = decode(data, limits=limits, layout_check=layout_check)
         except WireError as exc:
             self.record_drop(peer, exc.reason, now=now, detail=exc.detail)
             raise
         self.check_envelope(peer, envelope, now=now, current_round=current_round)
+        if known_kind is not None and not known_kind(envelope.protocol, envelope.message.kind):
+            detail = f"{envelope.protocol}.{envelope.message.kind}"
+            self._drop(self._touch(peer, now), DropReason.UNKNOWN_KIND, now, detail[:80])
         return envelope
 
     def check_bytes(self, peer: PeerId, nbytes: int, *, now: float) -> None:
@@ -361,7 +377,9 @@ class PeerGuard:
         state.last_drop = f"{reason.value}: {detail}" if detail else reason.value
         cfg = self.config
         penalty = cfg.penalties.get(reason, 0.0)
-        if penalty:
+        # a ban already running is not extended by what the peer had in flight when it
+        # began (frames its transport cut afterwards): one ban per burst of misbehaviour
+        if penalty and now >= state.banned_until:
             state.score = self._decayed(state, now) + penalty
             state.score_at = max(state.score_at, now)
             if state.score >= cfg.ban_threshold:

@@ -32,6 +32,12 @@ How each kind is carried out (the honest protocol code is never changed):
   ``fraction`` and no ``identities``, the count is chosen so that the identities make up
   that fraction of all peers: ``round(f * n / (1 - f))``.
 
+``start_round``, ``stop_round``, ``period`` and ``duty`` schedule the attack
+(:mod:`p2pfl.attacks.schedule`): outside its active rounds a Byzantine peer (or Sybil
+identity) is honest -- clean batches, its own trained model sent at once, no isolation.
+Each Byzantine peer then gets an attack object of its own, whose gate its wrapper sets to
+the round of each training.
+
 ``isolate = true`` makes the Byzantine peers deaf: every model they receive is replaced by
 their own last one, so their models stay purely poisoned (label flippers that never
 mix with honest models; on by default for Sybil identities).
@@ -208,9 +214,16 @@ class Adversary:
         if not attack.trains:  # the free rider
             for i in self.malicious:
                 samplers[int(i)] = None  # trains nothing: the executor hands the model back
-        if attack.batch_transform is not None:
-            for i in self.malicious:
-                executor.transforms[int(i)] = attack.batch_transform
+        # a scheduled attack keeps per-peer state (the round its batches are for)
+        scheduled = not attack.schedule.always
+        attacks = {
+            int(i): plan.config.build(dataset.num_classes) if scheduled else attack
+            for i in self.malicious
+        }
+        for i in self.malicious:
+            transform = attacks[int(i)].batch_transform
+            if transform is not None:
+                executor.transforms[int(i)] = transform
 
         isolate = plan.config.isolate if plan.config.isolate is not None else len(plan.sybils) > 0
         if needs_wrapper(attack, isolate=isolate, colluding=len(plan.sybils) > 0):
@@ -224,7 +237,7 @@ class Adversary:
             for i in self.malicious:
                 engine.protocols[int(i)] = wrap_attacker(
                     engine.protocols[int(i)],
-                    attack,
+                    attacks[int(i)],
                     plan.config,
                     index=int(i),
                     seed=scenario.seed,

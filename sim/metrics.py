@@ -125,11 +125,39 @@ class Evaluator:
         return row
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def csv_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The standard columns first, then any others in the order the rows bring them."""
     columns = list(METRIC_COLUMNS)
     for row in rows:
         columns.extend(k for k in row if k not in columns)
+    return columns
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=csv_columns(rows))
         writer.writeheader()
         writer.writerows(rows)
+
+
+class RowRecorder:
+    """Appends each row to ``metrics.csv`` the moment it is measured, flushed to the OS.
+
+    A run killed, interrupted or crashed keeps every row measured before: the file is
+    never only in memory. Rows of one run normally share their columns; should a later
+    row bring a new one, the file is rewritten once with the wider header.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self._columns: list[str] = []
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self._columns and all(k in self._columns for k in row):
+            with self.path.open("a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=self._columns).writerow(row)
+            return
+        self._columns = csv_columns(self.rows)
+        write_csv(self.rows, self.path)

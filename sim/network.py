@@ -18,7 +18,7 @@ import networkx as nx
 import numpy as np
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made for every message (see protocols.base)
 class Delivery:
     """Outcome of handing a message to the network."""
 

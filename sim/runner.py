@@ -5,11 +5,15 @@
 data share, a sampler and a protocol object); ``run_simulation`` runs it with a progress
 bar, measuring at every ``sim.eval_every`` rounds; ``write_run`` produces the run folder:
 the resolved config, ``metrics.csv``, ``summary.json`` and PNG plots.
+
+``record_run`` is the way that never loses a run: it writes the config and a "running"
+summary before the first round, appends each row to ``metrics.csv`` as it is measured,
+and on Ctrl-C writes the folder with what exists, marked ``"status": "interrupted"``,
+before letting the interrupt go on.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,22 +24,23 @@ from typing import Any
 
 import numpy as np
 import tomli_w
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from p2pfl.jsonsafe import dumps as safe_json
 from p2pfl.learning import BatchSampler, Dataset, LocalTrainer, load_dataset
 from p2pfl.learning.sampler import derive_seed  # noqa: F401 - kept importable from here
-from p2pfl.peer import build_commons
+from p2pfl.peer import build_commons, use_torch_threads
 from p2pfl.protocols.base import Protocol
-from p2pfl.protocols.records import Keyring
 from p2pfl.protocols.registry import mixing_scheme, protocol_class
 from sim.adversary import Adversary, plan_adversary
 from sim.disruptions import DisruptionRuntime, install_disruptions
 from sim.engine import Engine
-from sim.metrics import Evaluator, write_csv
+from sim.metrics import Evaluator, RowRecorder, write_csv
 from sim.mixing import deferred_aggregate
+from sim.naming import name_peers
 from sim.network import Network
 from sim.plots import plot_run
+from sim.rundir import Provenance, claim_run_dir
 from sim.scenario import Scenario, ScenarioError
 from sim.training import TrainingExecutor
 from topologies import build_graph, metropolis_hastings, require_connected, uniform
@@ -64,8 +69,7 @@ class Simulation:
 
 def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> Simulation:
     seed = scenario.seed
-    if scenario.sim.threads:
-        torch.set_num_threads(scenario.sim.threads)
+    use_torch_threads(scenario.sim.threads)
     topo = scenario.topology
     declared = protocol_class(scenario.protocol)  # what the protocol declares to drivers
     try:
@@ -76,7 +80,9 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
         raise ScenarioError(f"topology: {error}") from None
     graph, adversary = plan_adversary(scenario, graph)  # Byzantine peers, Sybil identities
     n = graph.number_of_nodes()
-    peer_ids = [f"p{i}" for i in range(n)]
+    peer_ids, keyring = name_peers(
+        n, seed, names=scenario.sim.peer_names, signed=scenario.sim.sign_relayed
+    )
 
     if dataset is None:
         dataset = load_dataset(scenario.data.dataset, data_dir=scenario.data.data_dir, seed=seed)
@@ -109,7 +115,6 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
     # The batched backend defers the protocols' plain means (one sparse product per chunk).
     aggregate = deferred_aggregate(executor.mixer, commons.aggregate)
     protocols: list[Protocol] = []
-    keyring = Keyring.derive(peer_ids, seed) if scenario.sim.sign_relayed else None
     for i in range(n):
         neighbours = [peer_ids[j] for j in sorted(graph.neighbors(i))]
         weights = None
@@ -215,26 +220,28 @@ def run_simulation(
             measure(round_)
 
     engine.on_progress(on_progress)
-    measure(0)
-    if show_progress:
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("rounds  acc {task.fields[acc]}"),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns) as progress:
-            task = progress.add_task(scenario.name, total=scenario.rounds, acc="-")
-            engine.on_progress(lambda r: progress.update(task, completed=min(r, scenario.rounds)))
-            listeners.append(lambda row: progress.update(task, acc=f"{row['acc_mean']:.3f}"))
+    try:  # the wall time is kept also when Ctrl-C stops the run
+        measure(0)
+        if show_progress:
+            columns = (
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("rounds  acc {task.fields[acc]}"),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns) as progress:
+                task = progress.add_task(scenario.name, total=scenario.rounds, acc="-")
+                engine.on_progress(lambda r: progress.update(task, completed=min(r, scenario.rounds)))
+                listeners.append(lambda row: progress.update(task, acc=f"{row['acc_mean']:.3f}"))
+                engine.run(until=scenario.sim.max_virtual_time)
+        else:
             engine.run(until=scenario.sim.max_virtual_time)
-    else:
-        engine.run(until=scenario.sim.max_virtual_time)
-    final = min(engine.progress(), scenario.rounds)
-    if final not in measured:
-        measure(final)
-    simulation.wall_time = time.perf_counter() - started
+        final = min(engine.progress(), scenario.rounds)
+        if final not in measured:
+            measure(final)
+    finally:
+        simulation.wall_time = time.perf_counter() - started
     return simulation.rows
 
 
@@ -259,17 +266,100 @@ def summarize(simulation: Simulation) -> dict[str, Any]:
     }
 
 
-def write_run(simulation: Simulation, out_dir: Path | None = None) -> Path:
+#: what ``summary.json`` says of a run: still going (or killed hard), ended, or stopped by Ctrl-C
+RUN_STATUSES = ("running", "completed", "interrupted")
+
+
+def default_run_dir(scenario: Scenario, provenance: Provenance | None = None) -> Path:
+    """A new, never-shared folder under ``sim.output_dir`` named by scenario, seed and overrides."""
+    overrides = provenance.overrides if provenance is not None else ()
+    return claim_run_dir(scenario.sim.output_dir, scenario.name, tag=f"s{scenario.seed}", overrides=overrides)
+
+
+def write_config(scenario: Scenario, path: Path, provenance: Provenance | None = None) -> None:
+    """The resolved scenario as TOML (it runs again as is), headed by how it was asked for."""
+    config = scenario.model_dump(mode="json", exclude_none=True)
+    header = (provenance or Provenance()).header()
+    path.write_text(header + tomli_w.dumps(config))
+
+
+def record_run(
+    simulation: Simulation,
+    run_dir: Path,
+    *,
+    provenance: Provenance | None = None,
+    show_progress: bool = False,
+    plots: bool = True,
+    tensorboard: bool = False,
+) -> list[dict[str, Any]]:
+    """Run ``simulation`` into ``run_dir`` (which must exist), losing nothing on the way.
+
+    Before the first round: ``config.toml`` and a ``summary.json`` saying ``running``.
+    During the run: each row appended to ``metrics.csv`` as it is measured (and, with
+    ``tensorboard``, to event files in ``tensorboard/``: :mod:`sim.tracking`). At the
+    end, the whole folder (``completed``); on Ctrl-C the folder with the rows so far
+    (``interrupted``), then the ``KeyboardInterrupt`` is raised again for the caller.
+    """
+    provenance = provenance or Provenance()
+    write_config(simulation.scenario, run_dir / "config.toml", provenance)
+    started = {
+        "name": simulation.scenario.name,
+        "status": "running",
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **provenance.as_dict(),
+    }
+    (run_dir / "summary.json").write_text(safe_json(started, indent=2) + "\n")
+    listeners: list[Callable[[dict[str, Any]], None]] = [RowRecorder(run_dir / "metrics.csv")]
+    tracker = None
+    if tensorboard:
+        from sim.tracking import TensorBoardTracker
+
+        tracker = TensorBoardTracker(run_dir / "tensorboard")
+        listeners.append(tracker)
+
+    def on_row(row: dict[str, Any]) -> None:
+        for listener in listeners:
+            listener(row)
+
+    try:
+        run_simulation(simulation, show_progress=show_progress, on_row=on_row)
+    except KeyboardInterrupt:
+        write_run(simulation, run_dir, status="interrupted", provenance=provenance, plots=plots)
+        raise
+    finally:
+        if tracker is not None:
+            tracker.close()
+    write_run(simulation, run_dir, status="completed", provenance=provenance, plots=plots)
+    return simulation.rows
+
+
+def write_run(
+    simulation: Simulation,
+    out_dir: Path | None = None,
+    *,
+    status: str = "completed",
+    provenance: Provenance | None = None,
+    plots: bool = True,
+) -> Path:
+    """The run folder: config, ``metrics.csv``, ``summary.json`` (with ``status``), plots.
+
+    Without ``out_dir``, a new folder of its own (:func:`default_run_dir`); a given
+    ``out_dir`` is written into (created if missing).
+    """
     scenario = simulation.scenario
     if out_dir is None:
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        out_dir = Path(scenario.sim.output_dir) / f"{scenario.name}-s{scenario.seed}-{stamp}"
+        out_dir = default_run_dir(scenario, provenance)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = scenario.model_dump(mode="json", exclude_none=True)
-    (out_dir / "config.toml").write_text(tomli_w.dumps(config))
+    write_config(scenario, out_dir / "config.toml", provenance)
     write_csv(simulation.rows, out_dir / "metrics.csv")
     summary = summarize(simulation)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    summary["status"] = status
+    summary["seed"] = scenario.seed
+    summary.update((provenance or Provenance()).as_dict())
+    # NaN/Infinity (a diverged run) written as null: summary.json stays JSON
+    (out_dir / "summary.json").write_text(safe_json(summary, indent=2, default=float) + "\n")
+    if not plots:
+        return out_dir
     plot_run(simulation.rows, out_dir, title=scenario.name, events=simulation.events)
     if simulation.disruptions is not None:
         simulation.disruptions.write(out_dir, title=scenario.name)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from p2pfl.config import (
+    DEFAULT_TORCH_THREADS,
     UNION_TAGS,
     DataConfig,
     DPSGDConfig,
@@ -69,13 +70,18 @@ class SimConfig(Strict):
     eval_test_samples: int = Field(0, ge=0, description="0: the whole test set")
     max_virtual_time: float = Field(1e9, gt=0)
     output_dir: str = "runs"
-    threads: int = Field(0, ge=0, description="torch threads; 0 leaves torch's default")
+    #: torch threads (see p2pfl.config.DEFAULT_TORCH_THREADS: one, and why)
+    threads: int = Field(DEFAULT_TORCH_THREADS, ge=0, description="torch threads; 0 leaves torch's default")
     #: connectivity columns (components, accuracy per component); on when there are disruptions
     connectivity: bool = False
     #: sign relayed data (MoDeST view entries, SybilWall histories) with per-peer keys, as
     #: nodes do, so that both drivers run the same code (see p2pfl.protocols.records);
     #: ``false`` is faster and lets any relayer rewrite what it relays
     sign_relayed: bool = True
+    #: "index": peer ``i`` is ``p{i}``; "keys": named by the peer id of its keyring key,
+    #: as a node running that key is, so protocols that order peers by id choose as
+    #: those nodes do (see sim.naming)
+    peer_names: Literal["index", "keys"] = "index"
 
 
 class Scenario(Strict):

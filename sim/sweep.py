@@ -28,23 +28,28 @@ set = { "protocol.name" = "sybilwall" }
 Each cell is the base scenario with the defence's overrides, then the attack table with
 ``fraction`` filled in (left out for ``name = "none"``, and cells that come out identical
 run once). A ``set`` key is a dotted path whose value *replaces* what is there (a table
-value replaces the whole table). Cells run one after the other, sharing the dataset.
+value replaces the whole table). ``seeds = [1, 2, 3]`` (or ``p2pfl sweep --seeds``) makes
+the scenario's ``seed`` an axis too: every cell once per seed, ``__s<seed>`` in its name.
 
-The sweep folder gets ``cells/<cell>/`` (each cell's run folder), ``results.csv`` (one row
-per cell: final honest accuracy, attack success rate...), ``sweep.toml`` (the resolved
-sweep) and one heatmap PNG per metric (and per fraction when there are several).
+Cells run one after the other in this process (sharing the dataset), in ``jobs`` local
+processes, or as Ray tasks (``ray``: see :func:`sim.cells.run_cells`); results.csv is the
+same bytes whichever way. A cell that raises is written as ``status = failed`` (its
+traceback in ``errors/<cell>.txt``) and the others go on.
+
+The sweep folder gets ``cells/<cell>/`` (each cell's run folder, placed whole when the cell
+finishes), ``results.csv`` (one row per cell: final honest accuracy, attack success
+rate...), ``status.csv`` (how each cell was obtained, its wall time), ``seeds.csv`` (with
+a seeds axis: mean and sample std over seeds), ``sweep.toml`` (the resolved sweep) and
+one heatmap PNG per metric (and per fraction when there are several).
 ``cell_plots = false`` leaves the plots out of the cells' folders. With ``resume``, cells
-whose run folder is complete are read back instead of run again.
+whose run folder is complete and of the same configuration are read back instead of run
+again.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import json
-import math
 import re
-import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,33 +61,30 @@ import tomli_w
 from pydantic import Field, ValidationError, field_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from p2pfl.config import Strict, apply_overrides
+from sim.cells import Outcome, run_cells
 from sim.scenario import Scenario, ScenarioError, scenario_from_dict
+from sim.sweep_cell import CellTask, clear_staging, place_files, read_back, run_cell, signature
+from sim.sweep_results import (
+    SWEEP_METRICS,
+    plot_heatmaps,
+    results_table,
+    write_results,
+    write_seed_stats,
+    write_status,
+)
 
-__all__ = ["SWEEP_METRICS", "Cell", "SweepConfig", "load_sweep", "plan_cells", "run_sweep"]
-
-#: columns of results.csv, in order
-RESULT_COLUMNS = [
-    "attack",
-    "defence",
-    "fraction",
-    "honest_acc_mean",
-    "honest_acc_min",
-    "attack_success_rate",
-    "attack_success_max",
-    "malicious_peers",
-    "honest_peers",
-    "rounds",
-    "wall_s",
-    "cell",
+__all__ = [
+    "SWEEP_METRICS",
+    "Cell",
+    "SweepConfig",
+    "load_sweep",
+    "plan_cells",
+    "plot_heatmaps",
+    "results_table",
+    "run_sweep",
 ]
-#: metrics drawn as heatmaps: column -> (title, higher is better)
-SWEEP_METRICS = {
-    "honest_acc_mean": ("final accuracy of honest peers (mean)", True),
-    "attack_success_rate": ("attack success rate (honest peers, mean)", False),
-}
 
 
 class SweepDefence(Strict):
@@ -102,6 +104,8 @@ class SweepConfig(Strict):
     output_dir: str = "runs"
     #: each cell's run folder gets its PNG plots too (about 2 s a cell)
     cell_plots: bool = True
+    #: the scenario's ``seed`` as an axis: every cell once per seed (None: the base's seed)
+    seeds: list[int] | None = Field(None, min_length=1)
 
     @field_validator("fractions")
     @classmethod
@@ -109,6 +113,13 @@ class SweepConfig(Strict):
         for f in value:
             if not 0 <= f < 1:
                 raise ValueError(f"every fraction must be in [0, 1), got {f}")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"seeds must be distinct, got {value}")
         return value
 
 
@@ -119,6 +130,10 @@ class Cell:
     fraction: float | None  # None: the attack has no Byzantine fraction ("none")
     ident: str
     scenario: Scenario
+
+    @property
+    def seed(self) -> int:
+        return self.scenario.seed
 
 
 def _slug(text: str) -> str:
@@ -168,8 +183,13 @@ def load_sweep(
 
 
 def plan_cells(sweep: SweepConfig, base: dict[str, Any]) -> list[Cell]:
-    """Every cell of the sweep, validated; raises ScenarioError naming the bad cell."""
+    """Every cell of the sweep, validated; raises ScenarioError naming the bad cell.
+
+    Order: attacks, then defences, then fractions, then seeds (innermost), so the seeds
+    of one cell sit together in results.csv.
+    """
     cells: list[Cell] = []
+    seeds: list[int | None] = list(sweep.seeds) if sweep.seeds else [None]
     for entry in sweep.attacks:
         table = dict(entry)
         label = str(table.pop("label", table.get("name", "none")))
@@ -177,56 +197,70 @@ def plan_cells(sweep: SweepConfig, base: dict[str, Any]) -> list[Cell]:
         fractions: list[float | None] = [None] if untargeted else list(sweep.fractions)
         for defence in sweep.defences:
             for fraction in fractions:
-                raw = copy.deepcopy(base)
-                where = f"defence {defence.label!r}"
-                for key, value in defence.set.items():
-                    _assign(raw, key, value, where)
-                attack = copy.deepcopy(table)
-                if fraction is not None and "count" not in attack and "identities" not in attack:
-                    attack["fraction"] = fraction
-                raw["attack"] = attack
-                name = f"{label} x {defence.label}" + (
-                    "" if fraction is None else f" @ {fraction:g}"
-                )
-                try:
-                    scenario = scenario_from_dict(raw)
-                except ScenarioError as error:
-                    raise ScenarioError(f"cell {name}: {error}") from None
-                scenario = scenario.model_copy(update={"name": f"{sweep.name}: {name}"})
-                ident = f"{_slug(label)}__{_slug(defence.label)}" + (
-                    "" if fraction is None else f"__f{fraction:g}"
-                )
-                cells.append(Cell(label, defence.label, fraction, ident, scenario))
+                for seed in seeds:
+                    cells.append(_plan_cell(sweep, base, label, table, defence, fraction, seed))
     return cells
 
 
-def _final_row(cell: Cell, rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
-    last = rows[-1] if rows else {}
-    nan = float("nan")
+def _plan_cell(
+    sweep: SweepConfig,
+    base: dict[str, Any],
+    label: str,
+    table: dict[str, Any],
+    defence: SweepDefence,
+    fraction: float | None,
+    seed: int | None,
+) -> Cell:
+    raw = copy.deepcopy(base)
+    where = f"defence {defence.label!r}"
+    for key, value in defence.set.items():
+        _assign(raw, key, value, where)
+    attack = copy.deepcopy(table)
+    if fraction is not None and "count" not in attack and "identities" not in attack:
+        attack["fraction"] = fraction
+    raw["attack"] = attack
+    if seed is not None:
+        raw["seed"] = seed
+    name = f"{label} x {defence.label}" + ("" if fraction is None else f" @ {fraction:g}")
+    name += "" if seed is None else f" seed {seed}"
+    try:
+        scenario = scenario_from_dict(raw)
+    except ScenarioError as error:
+        raise ScenarioError(f"cell {name}: {error}") from None
+    scenario = scenario.model_copy(update={"name": f"{sweep.name}: {name}"})
+    ident = f"{_slug(label)}__{_slug(defence.label)}"
+    ident += "" if fraction is None else f"__f{fraction:g}"
+    ident += "" if seed is None else f"__s{seed}"
+    return Cell(label, defence.label, fraction, ident, scenario)
+
+
+def _require_data(cells: list[Cell]) -> None:
+    """Fail at once, not in every cell, when a dataset's files are not there at all."""
+    from p2pfl.learning import DatasetUnavailable, default_data_dir
+    from p2pfl.learning.datasets import IDX_DATASETS, find_idx_file
+
+    for name, data_dir in dict.fromkeys(
+        (c.scenario.data.dataset, c.scenario.data.data_dir) for c in cells
+    ):
+        folder = Path(data_dir or default_data_dir()).expanduser() / name
+        for file in IDX_DATASETS.get(name, ()):
+            if find_idx_file(folder, file) is None:
+                raise DatasetUnavailable(
+                    f"dataset {name!r} is not in {folder} (missing {file.gz_name}); "
+                    f"run `p2pfl data fetch {name}` to download it"
+                )
+
+
+def _result_row(cell: Cell, metrics: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "attack": cell.attack,
         "defence": cell.defence,
         "fraction": "" if cell.fraction is None else cell.fraction,
-        "honest_acc_mean": last.get("acc_mean", nan),
-        "honest_acc_min": last.get("acc_min", nan),
-        "attack_success_rate": last.get("attack_success_rate", nan),
-        "attack_success_max": last.get("attack_success_max", nan),
-        "malicious_peers": last.get("malicious_peers", 0),
-        "honest_peers": last.get("peers_evaluated", 0),
-        "rounds": last.get("round", 0),
-        "wall_s": round(wall, 1),
+        "seed": cell.seed,
+        **(metrics or {}),
+        "status": "ok" if metrics is not None else "failed",
         "cell": cell.ident,
     }
-
-
-def _read_back(cell: Cell, folder: Path) -> dict[str, Any] | None:
-    summary = folder / "summary.json"
-    if not summary.exists():
-        return None
-    data = json.loads(summary.read_text())
-    if data.get("rounds_completed") != cell.scenario.rounds:
-        return None
-    return _final_row(cell, [data["final"]], float(data.get("wall_time_s", 0.0)))
 
 
 def run_sweep(
@@ -235,50 +269,38 @@ def run_sweep(
     *,
     out_dir: Path | None = None,
     resume: bool = False,
+    jobs: int = 1,
+    ray: str | None = None,
     show_progress: bool = True,
     console: Console | None = None,
     on_cell: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
-    """Run every cell; write results.csv, heatmaps and the cells' run folders."""
-    from p2pfl.learning import load_dataset
-    from sim.metrics import write_csv
-    from sim.runner import build_simulation, run_simulation, summarize, write_run
+    """Run every cell; write results.csv, status.csv, heatmaps and the cells' run folders.
 
+    ``jobs`` > 1 runs cells in that many local processes, ``ray`` (``"local"``, ``"auto"``
+    or a cluster address) as Ray tasks. Returns the sweep folder and the result rows in
+    planned order; a failed cell's row has ``status = "failed"``. Raises ScenarioError
+    for a bad cell, DatasetUnavailable when a dataset is missing (checked up front unless
+    on Ray, whose workers may be other machines), CellsError when Ray cannot run.
+    """
     cells = plan_cells(sweep, base)
+    if ray is None:
+        _require_data(cells)
     if out_dir is None:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         out_dir = Path(sweep.output_dir) / f"{_slug(sweep.name)}-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    clear_staging(out_dir / "cells")
     (out_dir / "sweep.toml").write_text(
         tomli_w.dumps({**sweep.model_dump(mode="json", exclude_none=True), "resolved_base": base})
     )
-    datasets: dict[tuple[str, str | None, int], Any] = {}
-    done: dict[str, dict[str, Any]] = {}  # scenario JSON -> its result row
-    results: list[dict[str, Any]] = []
-
-    def run_cell(cell: Cell) -> dict[str, Any]:
-        folder = out_dir / "cells" / cell.ident
-        if resume and (row := _read_back(cell, folder)) is not None:
-            return row
-        data = cell.scenario.data
-        key = (data.dataset, data.data_dir, cell.scenario.seed)
-        if key not in datasets:
-            datasets[key] = load_dataset(
-                data.dataset, data_dir=data.data_dir, seed=cell.scenario.seed
-            )
-        started = time.perf_counter()
-        simulation = build_simulation(cell.scenario, dataset=datasets[key])
-        rows = run_simulation(simulation, show_progress=False)
-        if sweep.cell_plots:
-            write_run(simulation, folder)
-        else:  # the run folder without its plots
-            folder.mkdir(parents=True, exist_ok=True)
-            config = cell.scenario.model_dump(mode="json", exclude_none=True)
-            (folder / "config.toml").write_text(tomli_w.dumps(config))
-            write_csv(simulation.rows, folder / "metrics.csv")
-            summary = json.dumps(summarize(simulation), indent=2, default=float)
-            (folder / "summary.json").write_text(summary + "\n")
-        return _final_row(cell, rows, time.perf_counter() - started)
+    # Cells that come out identical (e.g. "none" at every fraction) run once, as the first.
+    twins: dict[str, list[int]] = {}
+    for index, cell in enumerate(cells):
+        twins.setdefault(signature(cell.scenario), []).append(index)
+    firsts = [indices[0] for indices in twins.values()]
+    rows: list[dict[str, Any] | None] = [None] * len(cells)
+    status: list[dict[str, Any] | None] = [None] * len(cells)
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -289,137 +311,91 @@ def run_sweep(
         console=console,
         disable=not show_progress,
     )
-    with progress:
-        task = progress.add_task(sweep.name, total=len(cells))
-        for cell in cells:
-            progress.update(task, description=f"{cell.attack} x {cell.defence}")
-            signature = cell.scenario.model_copy(update={"name": ""}).model_dump_json()
-            if signature in done:  # an identical cell ran already (e.g. "none" per fraction)
-                row = {
-                    **done[signature],
-                    "attack": cell.attack,
-                    "defence": cell.defence,
-                    "cell": cell.ident,
-                }
-            else:
-                row = run_cell(cell)
-                done[signature] = row
-            results.append(row)
-            write_results(results, out_dir / "results.csv")
+    bar = progress.add_task(sweep.name, total=len(cells))
+
+    def finish(
+        first: int, metrics: dict[str, Any] | None, how: str, wall: Any = "", error: str = ""
+    ) -> None:
+        """Record a cell and its twins; rewrite the CSVs so a kill keeps what is done."""
+        group = twins[signature(cells[first].scenario)]
+        for index in group:
+            rows[index] = _result_row(cells[index], metrics)
+            status[index] = {
+                "cell": cells[index].ident,
+                "status": how if index == first else f"same as {cells[first].ident}",
+                "wall_s": round(wall, 2) if isinstance(wall, float) else wall,
+                "error": error,
+            }
+        write_results([r for r in rows if r is not None], out_dir / "results.csv")
+        write_status([s for s in status if s is not None], out_dir / "status.csv")
+        for index in group:
             if on_cell is not None:
-                on_cell(row)
-            progress.advance(task)
+                on_cell(rows[index])  # type: ignore[arg-type]
+        progress.update(bar, advance=len(group), description=f"{cells[first].ident}: {how}")
+
+    errors = out_dir / "errors"
+    to_run: list[int] = []
+    with progress:
+        for first in firsts:
+            folder = out_dir / "cells" / cells[first].ident
+            metrics = read_back(folder, cells[first].scenario) if resume else None
+            if metrics is not None:
+                finish(first, metrics, "resumed")
+            else:
+                to_run.append(first)
+        tasks = [
+            CellTask(
+                ident=cells[i].ident,
+                scenario=cells[i].scenario,
+                folder=str(out_dir / "cells" / cells[i].ident),
+                plots=sweep.cell_plots,
+                ship=ray is not None,  # a Ray worker may not see this file system
+            )
+            for i in to_run
+        ]
+
+        def done(outcome: Outcome[dict[str, Any]]) -> None:
+            first = to_run[outcome.index]
+            error_file = errors / f"{cells[first].ident}.txt"
+            if outcome.value is not None:
+                if outcome.value.get("files") is not None:
+                    place_files(out_dir / "cells" / cells[first].ident, outcome.value["files"])
+                error_file.unlink(missing_ok=True)
+                finish(first, outcome.value["metrics"], "ran", outcome.wall_s)
+            else:
+                errors.mkdir(exist_ok=True)
+                error_file.write_text(f"{outcome.error}\n\n{outcome.detail}")
+                finish(first, None, "failed", outcome.wall_s, outcome.error or "")
+
+        run_cells(run_cell, tasks, jobs=jobs, ray=ray, on_done=done)
+    clear_staging(out_dir / "cells")  # empty by now
+    results = [r for r in rows if r is not None]
+    if sweep.seeds:
+        write_seed_stats(results, out_dir / "seeds.csv")
     plot_heatmaps(results, out_dir, title=sweep.name)
     return out_dir, results
 
 
-def write_results(rows: list[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(k, row.get(k, "")) for k in RESULT_COLUMNS})
+#: the most seeds ``--seeds`` takes (a typo such as 1-100000 is refused, not run)
+MAX_SEEDS = 1000
 
 
-def _csv_value(key: str, value: Any) -> Any:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return ""
-        return f"{value:g}" if key in ("fraction", "wall_s") else f"{value:.4f}"
-    return value
-
-
-def _axes(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], list[Any]]:
-    attacks = list(dict.fromkeys(r["attack"] for r in rows))
-    defences = list(dict.fromkeys(r["defence"] for r in rows))
-    fractions = list(dict.fromkeys(r["fraction"] for r in rows if r["fraction"] != ""))
-    return attacks, defences, fractions or [""]
-
-
-def _grid(
-    rows: list[dict[str, Any]], metric: str, fraction: Any
-) -> tuple[list[str], list[str], list[list[float]]]:
-    attacks, defences, _ = _axes(rows)
-    values = [[float("nan")] * len(defences) for _ in attacks]
-    for row in rows:
-        if row["fraction"] in ("", fraction):
-            value = row.get(metric, float("nan"))
-            values[attacks.index(row["attack"])][defences.index(row["defence"])] = (
-                float(value) if value not in ("", None) else float("nan")
-            )
-    return attacks, defences, values
-
-
-def plot_heatmaps(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> list[Path]:
-    """One PNG per metric (and fraction): attacks down, defences across, values written in."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    paths: list[Path] = []
-    if not rows:
-        return paths
-    _, _, fractions = _axes(rows)
-    for metric, (label, higher_better) in SWEEP_METRICS.items():
-        for fraction in fractions:
-            attacks, defences, values = _grid(rows, metric, fraction)
-            data = np.array(values, dtype=float)
-            fig, ax = plt.subplots(figsize=(1.3 * len(defences) + 2.5, 0.55 * len(attacks) + 1.8))
-            cmap = plt.get_cmap("RdYlGn" if higher_better else "RdYlGn_r").with_extremes(
-                bad="#dddddd"
-            )
-            image = ax.imshow(
-                np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto"
-            )
-            ax.set_xticks(range(len(defences)), defences, rotation=30, ha="right")
-            ax.set_yticks(range(len(attacks)), attacks)
-            for i in range(len(attacks)):
-                for j in range(len(defences)):
-                    text = "-" if math.isnan(data[i, j]) else f"{data[i, j]:.2f}"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=8)
-            suffix = "" if fraction == "" else f" (Byzantine fraction {fraction:g})"
-            ax.set_title(f"{title}: {label}{suffix}", fontsize=9)
-            fig.colorbar(image, ax=ax, fraction=0.04)
-            fig.tight_layout()
-            name = f"heatmap_{metric}" + ("" if len(fractions) == 1 else f"_f{fraction:g}") + ".png"
-            fig.savefig(out_dir / name, dpi=120)
-            plt.close(fig)
-            paths.append(out_dir / name)
-    return paths
-
-
-def results_table(rows: list[dict[str, Any]], title: str) -> Table:
-    """A rich table: attacks down, defences across, ``accuracy / success rate`` per cell."""
-    attacks, defences, fractions = _axes(rows)
-    table = Table(title=f"{title}: honest accuracy / attack success rate")
-    table.add_column("attack")
-    if fractions != [""]:
-        table.add_column("fraction", justify="right")
-    for defence in defences:
-        table.add_column(defence, justify="right")
-    for attack in attacks:
-        for fraction in fractions:
-            cells = {
-                r["defence"]: r
-                for r in rows
-                if r["attack"] == attack and r["fraction"] in ("", fraction)
-            }
-            if not cells:
-                continue
-            untargeted = all(row["fraction"] == "" for row in cells.values())
-            shown = "-" if untargeted else f"{fraction:g}"
-            line = [attack] + ([shown] if fractions != [""] else [])
-            for defence in defences:
-                row = cells.get(defence)
-                if row is None:
-                    line.append("")
-                    continue
-                acc, asr = float(row["honest_acc_mean"]), row["attack_success_rate"]
-                text = f"{acc:.3f}"
-                if isinstance(asr, float) and not math.isnan(asr):
-                    text += f" / {asr:.2f}"
-                line.append(text)
-            table.add_row(*line)
-    return table
+def parse_seed_list(text: str) -> list[int]:
+    """``"1,2,3"``, ``"1-5"`` or both (``"1-3,7"``) -> distinct seeds in order (``--seeds``)."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        low, dash, high = part.partition("-")
+        try:
+            first, last = (int(low), int(high)) if dash and low else (int(part), int(part))
+        except ValueError:
+            raise ScenarioError(
+                f"--seeds: {part!r} is not a seed (expected e.g. 1,2,3 or 1-5)"
+            ) from None
+        if last - first >= MAX_SEEDS or len(seeds) + last - first >= MAX_SEEDS:
+            raise ScenarioError(f"--seeds: more than {MAX_SEEDS} seeds")
+        seeds.extend(seed for seed in range(first, last + 1) if seed not in seeds)
+    if not seeds:
+        raise ScenarioError(f"--seeds: no seed in {text!r} (expected e.g. 1,2,3 or 1-5)")
+    return seeds

@@ -167,3 +167,86 @@ def gate_training(node: Any, at_round: int) -> tuple[asyncio.Event, asyncio.Even
 
     node._train = gated
     return reached, release
+
+
+# ---------------------------------------------------------------- a node in its own process
+
+
+def memory_kb(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (peak since start, or since ``reset_peak``) in kB."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0])
+    return found
+
+
+def reset_peak(pid: int | str = "self") -> None:
+    """Start VmHWM over from the current RSS (Linux: ``clear_refs`` 5)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def serve(config_path: str, report_path: str) -> None:
+    """Run one node from a JSON config in this process, for tests that watch it from outside.
+
+    Prints ``LISTENING <multiaddr>`` once it listens, then rewrites ``report_path``
+    (atomically) every 50 ms with its transport counters, the peers its guard bans, the
+    peers connected to it, its drops per peer and its own RSS, until it is stopped
+    (SIGTERM).
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from p2pfl.config import NodeConfig
+    from p2pfl.node import Node
+    from p2pfl.transport.limits import TransportLimits
+
+    config = NodeConfig.model_validate(json.loads(Path(config_path).read_text()))
+    who = identity("bounds-node")
+    transport = Libp2pTransport(
+        who.libp2p_keypair,
+        listen_addrs=config.network.listen,
+        max_message_size=config.network.max_message_bytes,
+        limits=TransportLimits.from_config(config.network),
+    )
+    node = Node(config, transport, who)
+    report, partial = Path(report_path), Path(report_path + ".tmp")
+
+    def write_report() -> None:
+        guard = node.guard.status()
+        partial.write_text(
+            json.dumps(
+                {
+                    "transport": transport.stats(),
+                    "banned": guard["banned"],
+                    "dropped": {p: s["dropped"] for p, s in guard["peers"].items()},
+                    "connected": transport.connected_peers(),
+                    "memory_kb": memory_kb(),
+                }
+            )
+        )
+        os.replace(partial, report)
+
+    async def main() -> None:
+        run = asyncio.ensure_future(node.run())
+        await asyncio.wait_for(node.listening.wait(), 60)
+        write_report()
+        print("LISTENING", transport.listen_addrs[0], flush=True)
+        while not run.done():
+            write_report()
+            await asyncio.wait([run], timeout=0.05)
+        await run
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":  # python -m tests.hostile serve CONFIG.json REPORT.json
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "serve":
+        sys.exit("usage: python -m tests.hostile serve CONFIG.json REPORT.json")
+    serve(sys.argv[2], sys.argv[3])

@@ -154,3 +154,62 @@ def test_all_finite() -> None:
     for bad in (float("nan"), float("inf"), float("-inf")):
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             assert not all_finite(torch.tensor([0.0, bad, 1.0], dtype=dtype))
+
+
+# ---------------------------------------------------------------- encoded messages on the wire
+
+
+def _encoded(name: str, x: torch.Tensor) -> object:
+    from p2pfl.codecs import EncodedMessage, Encoding
+    from p2pfl.messages import Message
+
+    codec = get_codec(name, **({"k": 5} if name == "topk" else {}))
+    payload, meta = codec.encode(x)
+    decoded = codec.decode(payload, meta, x.numel())
+    return EncodedMessage.of(Message("model", 3, x, {"a": 1}), decoded, Encoding(name, payload, meta))
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "topk"])
+def test_an_encoded_message_travels_as_its_payload_and_decodes_to_its_params(name: str) -> None:
+    """The wire sends the sender's one encoding; the receiver decodes exactly ``params``."""
+    from p2pfl.codecs import EncodedMessage
+    from p2pfl.identity import Identity
+    from p2pfl.wire import decode, encode
+
+    x = torch.linspace(-2.0, 3.0, 700)
+    message = _encoded(name, x)
+    assert isinstance(message, EncodedMessage) and message.encoding is not None
+    data = encode(message, identity=Identity.generate(b"\x01" * 32), protocol="dpsgd", seq=1)
+    received = decode(data, layout_check=700).message
+    assert isinstance(received, EncodedMessage) and received.encoding is not None
+    assert received.encoding.payload == message.encoding.payload
+    assert received.params is not None and torch.equal(received.params, message.params)
+    # what the simulator counts is within a few bytes of the real envelope
+    assert abs(message.nbytes() - len(data)) < 100 < 4 * 700 - len(message.encoding.payload)
+
+
+def test_rewriting_an_encoded_message_drops_its_payload() -> None:
+    """``dataclasses.replace`` (an attacker's rewrite) never sends a stale payload."""
+    import dataclasses
+
+    from p2pfl.codecs import EncodedMessage
+
+    message = _encoded("fp16", torch.ones(10))
+    rewritten = dataclasses.replace(message, params=torch.zeros(10))  # type: ignore[type-var]
+    assert isinstance(rewritten, EncodedMessage) and rewritten.encoding is None
+    assert rewritten.nbytes() > message.nbytes()  # 4 bytes a value again
+
+
+def test_a_codec_payload_larger_than_any_codec_makes_is_refused_before_decoding() -> None:
+    import msgpack
+
+    from p2pfl.identity import Identity
+    from p2pfl.wire import DropReason, WireError, decode
+    from p2pfl.wire.signed import MESSAGE_DOMAIN, seal
+
+    body = {"v": 1, "p": "dpsgd", "k": "model", "r": 0, "q": 1}
+    body["t"] = {"d": "f32", "s": [10], "c": "topk", "x": {}}
+    data = seal(Identity.generate(b"\x02" * 32), msgpack.packb(body), b"\x00" * 88, MESSAGE_DOMAIN)
+    with pytest.raises(WireError) as caught:
+        decode(data, layout_check=10)
+    assert caught.value.reason is DropReason.BAD_TENSOR and "88 codec bytes" in str(caught.value)

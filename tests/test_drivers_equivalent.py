@@ -26,11 +26,14 @@ another order); ``TOLERANCE`` is 1e-5. Two causes of divergence were found and f
   gossip had arrived *when its round ended*, both wall-clock order on nodes (about 0.04
   apart on the Barabasi-Albert graph): its gossip is now round-synchronous.
 
-One remains, marked ``xfail(strict=True)`` so that a fix shows: MoDeST orders a round's
-candidates by SHA-256 of ``(round, peer id)``, and the ids differ, so with fewer
-aggregators than sampled peers the drivers choose different aggregators (checked by hand:
-with simulated peer ``i`` named by node ``i``'s peer id they agree to 1e-7). The test
-with eight aggregators of eight peers is unaffected.
+A third is a matter of names, not code: MoDeST orders a round's candidates by SHA-256
+of ``(round, peer id)``, so with fewer aggregators than sampled peers the drivers choose
+different aggregators when simulated ``p{i}`` and node ``i`` carry different ids. With
+``sim.peer_names = "keys"`` the simulator names peer ``i`` by the key its keyring derives
+for it, and the nodes here run those keys: the one-aggregator case then agrees through
+round 10 (a companion test shows that, named ``p{i}``, it does not from round 4 on). In
+about half the runs one peer's round 11 still differs (0.00315): a timing-dependent
+choice, not yet found, so that test is a non-strict xfail.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from p2pfl.protocols.synchronous import MODEL
 from p2pfl.transport.base import Transport
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 from sim.mixing import plain
+from sim.naming import name_peers
 from sim.runner import Simulation, build_simulation, run_simulation
 from sim.scenario import scenario_from_dict
 from topologies import build_graph, metropolis_hastings
@@ -117,6 +121,7 @@ def simulate(
     topology: dict[str, Any],
     rounds: int,
     prepare: Callable[[Simulation], None] | None = None,
+    peer_names: str = "index",
 ) -> tuple[Snapshots, nx.Graph]:
     """Each simulated peer's parameters at every ``RoundCompleted``, and the graph.
 
@@ -129,7 +134,7 @@ def simulate(
             "rounds": rounds,
             "topology": topology,
             "protocol": protocol,
-            "sim": {"eval_every": rounds, "sign_relayed": True},
+            "sim": {"eval_every": rounds, "sign_relayed": True, "peer_names": peer_names},
         }
     )
     simulation = build_simulation(scenario)
@@ -162,8 +167,17 @@ class RecordingNode(Node):
         super()._on_round(finished)
 
 
-def identities(n: int) -> list[Identity]:
-    """``n`` fixed keys, sorted by peer id: node ``i`` has the ``i``-th smallest id."""
+def identities(n: int, *, keyring: bool = False) -> list[Identity]:
+    """``n`` fixed keys for the nodes.
+
+    By default sorted by peer id: node ``i`` has the ``i``-th smallest id, as simulated
+    ``p{i}`` sorts ``i``-th. With ``keyring``: node ``i`` runs the key the simulator's
+    keyring derives for its peer ``i`` (``sim.peer_names = "keys"`` names it by that key).
+    """
+    if keyring:
+        names, ring = name_peers(n, SEED, names="keys")
+        assert ring is not None
+        return [ring.identities[name] for name in names]
     keys = (Identity.generate(bytes([90 + i]) * 32) for i in range(n))
     return sorted(keys, key=lambda identity: identity.peer_id)
 
@@ -195,13 +209,14 @@ async def run_nodes(
     rounds: int,
     graph: nx.Graph | None,
     make_transport: Callable[[Identity], Transport],
+    keys: list[Identity] | None = None,
 ) -> Snapshots:
     """Start the nodes one by one (each bootstraps off earlier neighbours), run them out.
 
     With ``graph``, the nodes get it as a topology file of their peer ids (sim peer ``i``
     is node ``i``); without, every node is every other's neighbour.
     """
-    keys = identities(PEERS)
+    keys = keys or identities(PEERS)
     peers = [key.peer_id for key in keys]
     topology: dict[str, Any] = {}
     if graph is not None:
@@ -250,11 +265,15 @@ def libp2p_transports() -> Callable[[Identity], Transport]:
     return lambda key: Libp2pTransport(key.libp2p_keypair, listen_addrs=["/ip4/127.0.0.1/tcp/0"])
 
 
-def largest_difference(simulated: Snapshots, on_nodes: Snapshots) -> tuple[float, str]:
-    """The largest difference over the rounds both drivers completed, and where it is."""
+def largest_difference(
+    simulated: Snapshots, on_nodes: Snapshots, until: int | None = None
+) -> tuple[float, str]:
+    """The largest difference over the rounds both drivers completed (up to ``until``),
+    and where it is."""
     worst, where = 0.0, "-"
     for peer in range(PEERS):
         common = sorted(set(simulated.get(peer, {})) & set(on_nodes.get(peer, {})))
+        common = [r for r in common if until is None or r <= until]
         assert len(common) >= MIN_ROUNDS, (peer, sorted(simulated.get(peer, {})), common)
         for round_ in common:
             diff = float((simulated[peer][round_] - on_nodes[peer][round_]).abs().max())
@@ -270,11 +289,16 @@ def check_equivalent(
     *,
     rounds: int = MIN_ROUNDS,
     make_transport: Callable[[], Callable[[Identity], Transport]] = memory_transports,
+    peer_names: str = "index",
+    until: int | None = None,
 ) -> None:
-    simulated, graph = simulate(protocol, topology, rounds)
+    simulated, graph = simulate(protocol, topology, rounds, peer_names=peer_names)
     file_graph = None if topology["kind"] == "complete" else graph
-    on_nodes = asyncio.run(run_nodes(tmp_path, protocol, rounds, file_graph, make_transport()))
-    worst, where = largest_difference(simulated, on_nodes)
+    keys = identities(PEERS, keyring=peer_names == "keys")
+    on_nodes = asyncio.run(
+        run_nodes(tmp_path, protocol, rounds, file_graph, make_transport(), keys)
+    )
+    worst, where = largest_difference(simulated, on_nodes, until)
     print(f"{protocol['name']}: largest difference {worst:.3g} ({where})")
     assert worst <= TOLERANCE, f"drivers diverge by {worst:.3g} at {where}"
 
@@ -316,13 +340,39 @@ def test_modest_whole_population_sampled(tmp_path: Path) -> None:
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,
     raises=AssertionError,
-    reason="MoDeST orders candidates by SHA-256 of (round, peer id): with one aggregator "
-    "the drivers pick different peers (p{i} vs key-derived ids)",
+    reason="intermittent: in about half the runs peer 1's model after round 11 differs by "
+    "0.00315 on the nodes (rounds 1-10 agree to 1e-7); a timing-dependent choice in "
+    "MoDeST's round 11 not yet found",
 )
 def test_modest_one_aggregator(tmp_path: Path) -> None:
-    check_equivalent(tmp_path, {**MODEST, "num_aggregators": 1}, COMPLETE, rounds=MIN_ROUNDS + 2)
+    """With fewer aggregators than peers the round's aggregator is the first candidate in
+    the order of SHA-256 of ``(round, peer id)``: the simulator names its peers by their
+    keys (``sim.peer_names = "keys"``) and the nodes run those keys, so both pick it alike.
+
+    Compared up to the round before the last: a node that has done its rounds leaves, and
+    in the last round a peer that left is no longer a candidate (the simulator stops
+    without anyone leaving), which changes the one aggregator when the leaver ranked first.
+    """
+    rounds = MIN_ROUNDS + 3
+    check_equivalent(
+        tmp_path,
+        {**MODEST, "num_aggregators": 1},
+        COMPLETE,
+        rounds=rounds,
+        peer_names="keys",
+        until=rounds - 2,
+    )
+
+
+def test_modest_one_aggregator_needs_the_same_names(tmp_path: Path) -> None:
+    """The test above can fail: named ``p{i}``, the simulator picks other aggregators."""
+    rounds = MIN_ROUNDS + 3
+    with pytest.raises(AssertionError, match="drivers diverge"):
+        check_equivalent(
+            tmp_path, {**MODEST, "num_aggregators": 1}, COMPLETE, rounds=rounds, until=rounds - 2
+        )
 
 
 def test_dpsgd_metropolis_hastings_over_libp2p(tmp_path: Path) -> None:

@@ -249,3 +249,34 @@ def test_fetch_replaces_only_bad_files(tmp_path: Path, fake_mnist: dict[str, byt
 def test_fetch_needs_nothing_for_builtin_datasets(tmp_path: Path) -> None:
     assert fetch_dataset("digits", tmp_path, sources=[]) == tmp_path / "digits"
     assert not (tmp_path / "digits").exists()
+
+
+def test_digits_split_is_read_back_without_scikit_learn(tmp_path, monkeypatch):
+    """The first load saves the split; a later process reads it without importing
+    scikit-learn (about 80 MB of a node's memory), and gets the very same arrays."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from p2pfl.learning import datasets
+
+    monkeypatch.setenv("P2PFL_DATA_DIR", str(tmp_path))
+    computed = datasets._digits_split(3)
+    assert (tmp_path / "digits" / "split-3.npz").exists()
+    again = datasets._digits_split(3)
+    for a, b in zip(computed, again, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    probe = (
+        "import sys; from p2pfl.learning import datasets as d; d._digits_split(3); "
+        "print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "P2PFL_DATA_DIR": str(tmp_path)},
+    )
+    assert out.stdout.strip() == "False", out.stderr
+    # a damaged copy is recomputed, not trusted
+    (tmp_path / "digits" / "split-3.npz").write_bytes(b"garbage")
+    for a, b in zip(computed, datasets._digits_split(3), strict=True):
+        assert np.array_equal(a, b)

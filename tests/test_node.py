@@ -55,7 +55,8 @@ def test_four_nodes_discover_each_other_and_converge(tmp_path):
         assert len(status["neighbours"]) == 3  # peer exchange found everyone
         assert status["accuracy"] >= 0.85, status["accuracy"]
     on_disk = json.loads((tmp_path / "node0" / "status.json").read_text())
-    assert on_disk["state"] == "stopped" and on_disk["rounds_done"] == 20
+    # all rounds done: "finished" (issue 14; "stopped" is a node stopped before the end)
+    assert on_disk["state"] == "finished" and on_disk["rounds_done"] == 20
     assert (tmp_path / "node0" / "checkpoint.pt").exists()
 
 

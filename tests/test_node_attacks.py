@@ -162,7 +162,7 @@ def test_a_label_flip_node_trains_on_flipped_labels_and_says_so(tmp_path, caplog
     assert status["attack"]["attacker"] and status["attack"]["kind"] == "data"
     assert status["attack"]["params"] == {"num_classes": 10}  # filled in from the dataset
     on_disk = json.loads((tmp_path / "node4" / "status.json").read_text())
-    assert on_disk["attack"]["name"] == "label_flip" and on_disk["state"] == "stopped"
+    assert on_disk["attack"]["name"] == "label_flip" and on_disk["state"] == "finished"
     # its model learns C - 1 - y: it predicts the flipped label, far more than the true one
     # (observed after 10 rounds: accuracy 0.019, on flipped labels 0.386; chance is 0.1)
     attacker = nodes[4]

@@ -180,3 +180,47 @@ def test_tensor_layout_is_checked_through_the_guard() -> None:
 
 def _rates() -> dict[str, float]:
     return {"msg_rate": 1e6, "msg_burst": 1e6}
+
+
+# ---------------------------------------------------------------- size and kind (issue 14)
+
+
+def test_messages_larger_than_any_use_are_charged_before_decoding() -> None:
+    guard = PeerGuard(RELAXED)
+    big = msg(1, blob=b"x" * 5000)
+    with pytest.raises(WireError) as info:
+        guard.screen(A, big, now=0.0, current_round=10, max_bytes=4096)
+    assert info.value.reason is DropReason.OVERSIZED
+    assert guard.score(A, 0.0) == RELAXED.penalties[DropReason.OVERSIZED]
+    assert guard.screen(A, big, now=0.0, current_round=10, max_bytes=len(big)).seq == 1
+
+
+def test_unknown_kinds_are_charged_until_the_sender_is_banned() -> None:
+    # validly signed, in its rate budget, but of no kind the receiver takes: the guard
+    # must not only rate-limit such a sender (issue 14: 60 MB messages, back to back)
+    bans = []
+    guard = PeerGuard(RELAXED, on_ban=bans.append)
+    known = lambda protocol, kind: (protocol, kind) == ("p", "model")  # noqa: E731
+    unknown = [
+        encode(Message("junk", 10), identity=ALICE, protocol="p", seq=seq) for seq in range(1, 7)
+    ]
+    reasons = []
+    for data in unknown:
+        with pytest.raises(WireError) as info:
+            guard.screen(A, data, now=1.0, current_round=10, known_kind=known)
+        reasons.append(info.value.reason.value)
+    assert reasons == ["unknown_kind"] * 5 + ["banned"]  # 2 points each, banned at 10
+    assert [ban.reason for ban in bans] == [DropReason.UNKNOWN_KIND]
+    assert guard.screen(B, msg(1, identity=BOB), now=1.0, current_round=10, known_kind=known)
+
+
+def test_a_running_ban_is_not_extended_by_what_was_in_flight() -> None:
+    bans = []
+    guard = PeerGuard(RELAXED, on_ban=bans.append)
+    for _ in range(3):
+        guard.record_drop(A, DropReason.OVERSIZED, now=0.0)
+    assert len(bans) == 1 and guard.is_banned(A, 1.0)
+    for _ in range(50):  # frames its transport cut after the ban began
+        guard.record_drop(A, DropReason.TRUNCATED, now=1.0)
+    assert len(bans) == 1 and guard.score(A, 1.0) == 0.0
+    assert not guard.is_banned(A, 61.0)

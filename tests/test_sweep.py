@@ -93,15 +93,29 @@ def test_sweep_runs_a_2x2_grid_and_writes_results_and_heatmaps(
     assert (out / "cells" / "label-flip__median__f0.34" / "metrics.csv").exists()
     assert "honest accuracy / attack success rate" in result.output
 
-    # resuming reads the finished cells back: same table, no new run folders
+    assert all(r["status"] == "ok" and r["seed"] == "4" for r in rows)
+    with (out / "status.csv").open() as handle:  # wall times live here, not in results.csv
+        assert [(r["status"], float(r["wall_s"]) >= 0) for r in csv.DictReader(handle)] == [
+            ("ran", True)
+        ] * 4
+
+    # resuming reads the finished cells back: the same bytes, no cell run again
+    first = (out / "results.csv").read_bytes()
     again = CliRunner().invoke(
         app, ["sweep", str(sweep_file), "--out", str(out), "--quiet", "--resume"]
     )
     assert again.exit_code == 0, again.output
-    with (out / "results.csv").open() as handle:
-        reread = list(csv.DictReader(handle))
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
-    assert strip(reread) == strip(rows)
+    assert (out / "results.csv").read_bytes() == first
+    with (out / "status.csv").open() as handle:
+        assert {r["status"] for r in csv.DictReader(handle)} == {"resumed"}
+
+    # a changed configuration is not mistaken for a finished cell: it runs again
+    changed = CliRunner().invoke(
+        app, ["sweep", str(sweep_file), "--out", str(out), "--quiet", "--resume", "-s", "seed=5"]
+    )
+    assert changed.exit_code == 0, changed.output
+    with (out / "status.csv").open() as handle:
+        assert {r["status"] for r in csv.DictReader(handle)} == {"ran"}
 
 
 def test_sweep_cells_carry_the_defence_and_the_fraction(sweep_file: Path) -> None:
@@ -146,3 +160,11 @@ def test_label_flip_seeds_sweep_file_is_valid() -> None:
     cells = plan_cells(sweep, base)
     assert {c.attack for c in cells} == {"none", "label flip"}
     assert len({c.defence for c in cells}) == 12 and len(cells) == 24
+
+
+def test_seeds_subset_sweep_file_is_valid() -> None:
+    """The 27-cell, 3-seed corner of the reference sweep that BENCHMARKS.md times."""
+    sweep, base = load_sweep(EXAMPLES / "seeds_subset.toml")
+    cells = plan_cells(sweep, base)
+    assert len(cells) == 27 and {c.seed for c in cells} == {1, 2, 3}
+    assert cells[0].ident == "none__mean__s1" and cells[1].scenario.seed == 2

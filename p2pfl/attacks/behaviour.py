@@ -15,6 +15,10 @@ timers and training as usual, and rewrites what comes out:
   vector before the protocol sees it: the protocol still closes its rounds on time, but
   the attacker's model is never pulled toward the honest ones (a label flipper then
   keeps a purely poisoned model).
+- The attack's ``schedule`` (:mod:`p2pfl.attacks.schedule`) says in which rounds all of
+  the above happens. In the other rounds the peer is honest: its models go out as the
+  protocol made them, at once, it hears what it is sent, and (the wrapper tells the
+  attack's gate the round each training is for) its batches are not poisoned.
 
 What the attacker knows of the honest models (ALIE, IPM) comes from ``knowledge``, a
 callable ``round -> (m, d) stack | None``. The default is what the peer itself received
@@ -55,8 +59,9 @@ from p2pfl.protocols.base import (
 )
 from p2pfl.protocols.wrapper import ProtocolWrapper
 
-#: message kinds that carry a model in the built-in protocols (modest: train, aggregate)
-MODEL_KINDS = frozenset({"model", "train", "aggregate"})
+#: message kinds that carry a model in the built-in protocols (modest: train, aggregate;
+#: fedavg: a client's update -- a Byzantine server's global model is not rewritten)
+MODEL_KINDS = frozenset({"model", "train", "aggregate", "update"})
 #: the wrapper's own timer (never shown to the wrapped protocol)
 DELAY_TIMER = "byzantine.delay"
 
@@ -89,9 +94,11 @@ def needs_wrapper(attack: Attack, *, isolate: bool = False, colluding: bool = Fa
 
     It does when it rewrites what it sends (model attacks, colluding Sybil identities) or
     what it hears (``isolate``). A data attack alone needs no wrapper: the driver poisons
-    the peer's batches (``attack.batch_transform``) and the protocol runs honestly.
+    the peer's batches (``attack.batch_transform``) and the protocol runs honestly --
+    unless it is scheduled: then the wrapper tells the attack's gate each training's round.
     """
-    return attack.kind == "model" or isolate or colluding
+    scheduled = attack.kind != "none" and not attack.schedule.always
+    return attack.kind == "model" or isolate or colluding or scheduled
 
 
 def as_attacker(
@@ -147,6 +154,7 @@ class ByzantineProtocol(ProtocolWrapper):
         self.model_kinds = frozenset(model_kinds)
         self.generator = torch.Generator().manual_seed(seed)
         self.crafted = 0  # messages whose model was replaced
+        self.passed = 0  # messages sent as the protocol made them (rounds off schedule)
         self._reference: Tensor | None = None
         self._last_sent: Tensor | None = None
         self._held: list[Send] = []
@@ -154,8 +162,12 @@ class ByzantineProtocol(ProtocolWrapper):
 
     # -- what the driver sees is the inner protocol (ProtocolWrapper), plus: ------------------
     def report(self) -> dict[str, Any]:
-        """The inner protocol's counters, and how many messages the attack crafted."""
-        return {**self.inner.report(), "crafted_messages": self.crafted}
+        """The inner protocol's counters, how many messages the attack crafted (and, on a
+        schedule, how many model messages it sent honestly)."""
+        report = {**self.inner.report(), "crafted_messages": self.crafted}
+        if not self.attack.schedule.always:  # and what it sent honestly, off schedule
+            report["honest_messages"] = self.passed
+        return report
 
     # -- events ------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Effect]:
@@ -163,19 +175,19 @@ class ByzantineProtocol(ProtocolWrapper):
             held, self._held = self._held, []
             return self._crafted(held)
         if isinstance(event, MessageReceived) and self._carries_model(event.message):
-            event = self._on_model(event)
+            event = self._on_model(event, self.attack.active(self.inner.round))
         effects = self.inner.handle(event)
         return self._rewrite(effects, event.now)
 
     def _carries_model(self, message: Message) -> bool:
         return message.params is not None and message.kind in self.model_kinds
 
-    def _on_model(self, event: MessageReceived) -> MessageReceived:
+    def _on_model(self, event: MessageReceived, active: bool) -> MessageReceived:
         heard = self._heard.setdefault(event.message.round, {})
         heard[event.sender] = event.message.params  # type: ignore[assignment]
         for old in sorted(self._heard)[:-2]:
             del self._heard[old]
-        if not self.isolate:
+        if not (self.isolate and active):
             return event
         own = self._last_sent if self._last_sent is not None else self._reference
         if own is None or own.shape != event.message.params.shape:  # type: ignore[union-attr]
@@ -190,13 +202,20 @@ class ByzantineProtocol(ProtocolWrapper):
     def _rewrite(self, effects: list[Effect], now: float) -> list[Effect]:
         out: list[Effect] = []
         sends: list[Send] = []
+        passed: set[int] = set()  # honest messages (one per message object, as ``crafted``)
         for effect in effects:
             if isinstance(effect, Train):
                 self._reference = self.inner.message_params(effect.params)
+                self.attack.gate.round = self.inner.round  # a scheduled data attack's round
             if isinstance(effect, Send) and self._carries_model(effect.message):
-                sends.append(effect)
+                if self.attack.active(effect.message.round):
+                    sends.append(effect)
+                else:  # an honest round: as the protocol made it, at once
+                    passed.add(id(effect.message))
+                    out.append(effect)
             else:
                 out.append(effect)
+        self.passed += len(passed)
         if not sends:
             return out
         if self.delay > 0 and self.attack.kind == "model":

@@ -16,7 +16,7 @@ identities (the driver gives each identity a peer id and sends the replicated ve
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ from p2pfl.attacks.data_poisoning import (
     Trigger,
 )
 from p2pfl.attacks.model_poisoning import alie, free_rider, gaussian, ipm, scaling, sign_flip
+from p2pfl.attacks.schedule import ALWAYS, AttackSchedule, RoundGate
 from p2pfl.attacks.sybil import SybilGroup
 
 AttackKind = Literal["none", "data", "model"]
@@ -59,7 +60,13 @@ class ModelAttackContext:
 
 @dataclass(frozen=True)
 class Attack:
-    """A configured attack. Call it as its ``kind`` says (see the module docstring)."""
+    """A configured attack. Call it as its ``kind`` says (see the module docstring).
+
+    ``schedule`` says in which rounds it is carried out (:mod:`p2pfl.attacks.schedule`);
+    ``gate`` is the round the attacker's protocol is training for, set by the Byzantine
+    wrapper, which a scheduled data attack's batch transform goes by. Build one attack
+    per attacker when the schedule is not ``always`` (the gate is per attacker).
+    """
 
     name: str
     kind: AttackKind
@@ -67,14 +74,41 @@ class Attack:
     apply: Callable[..., Any] = field(repr=False)
     trains: bool = True
     sybil: SybilGroup | None = None
+    schedule: AttackSchedule = ALWAYS
+    gate: RoundGate = field(default_factory=RoundGate, repr=False, compare=False)
 
     def __call__(self, *args: Any) -> Any:
         return self.apply(*args)
 
+    def scheduled(self, schedule: AttackSchedule) -> Attack:
+        """This attack carried out in ``schedule``'s rounds only, with a gate of its own.
+
+        A free rider that is honest in some rounds trains (in those it sends what it
+        trained; in the others the wrapper sends back the model it started from).
+        """
+        return replace(
+            self,
+            schedule=schedule,
+            gate=RoundGate(),
+            trains=self.trains or not schedule.always,
+        )
+
+    def active(self, round_: int) -> bool:
+        """Whether the attack is carried out in round ``round_``."""
+        return self.schedule.active(round_)
+
     @property
     def batch_transform(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
         """What a driver passes to the trainer for this peer's batches (data attacks only)."""
-        return self.transform if self.kind == "data" else None
+        if self.kind != "data":
+            return None
+        return self.transform if self.schedule.always else self._gated_transform
+
+    def _gated_transform(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch poisoned only in the schedule's rounds (the gate's round)."""
+        if self.schedule.active(self.gate.round):
+            return self.apply(x, y)
+        return x, y
 
     @property
     def omniscient(self) -> bool:

@@ -10,14 +10,20 @@ that asks for the same thing. Treat its tensors as read-only.
   ``<data_dir>/<name>/``, checksum-verified; ``p2pfl data fetch NAME`` puts them there.
 - ``synthetic``: a small Gaussian-mixture task drawn from a seed, with a ``sources``
   attribute (the "writer" of each sample) for the by-source partitioner; for tests.
+- your own: ``module:factory`` or ``path/file.py:factory`` (see :mod:`p2pfl.plugins`),
+  called with the seed and the data directory, its arrays checked by
+  :meth:`Dataset.from_arrays`.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,6 +113,38 @@ class Dataset:
     input_shape: tuple[int, ...]
     sources: np.ndarray | None = None
 
+    @classmethod
+    def from_arrays(
+        cls,
+        name: str,
+        x_train: Any,
+        y_train: Any,
+        x_test: Any,
+        y_test: Any,
+        num_classes: int | None = None,
+    ) -> Dataset:
+        """A dataset from arrays (numpy or torch): features ``(N, *input_shape)`` as float32,
+        labels ``(N,)`` as int64 in ``0..num_classes-1`` (default: the largest label + 1).
+        ``ValueError`` naming the array for anything else."""
+        xs = [_features(x, f"x_{part}") for x, part in ((x_train, "train"), (x_test, "test"))]
+        ys = [_labels(y, f"y_{part}") for y, part in ((y_train, "train"), (y_test, "test"))]
+        for x, y, part in zip(xs, ys, ("train", "test"), strict=True):
+            if len(x) != len(y):
+                raise ValueError(f"x_{part} has {len(x)} samples but y_{part} has {len(y)}")
+            if len(x) == 0:
+                raise ValueError(f"x_{part} is empty")
+        if xs[0].shape[1:] != xs[1].shape[1:]:
+            raise ValueError(
+                f"x_train samples are {tuple(xs[0].shape[1:])}, x_test's {tuple(xs[1].shape[1:])}"
+            )
+        top = int(max(int(ys[0].max()), int(ys[1].max()))) + 1
+        classes = top if num_classes is None else int(num_classes)
+        if classes < 2 or top > classes:
+            raise ValueError(
+                f"labels must lie in 0..num_classes-1 with num_classes >= 2 (got {classes}, largest label {top - 1})"
+            )
+        return cls(name, xs[0], ys[0], xs[1], ys[1], classes, tuple(xs[0].shape[1:]))
+
     @property
     def train_labels(self) -> np.ndarray:
         """Training labels as a numpy array (a view, not a copy): what partitioners take."""
@@ -141,6 +179,10 @@ def load_dataset(
     checks the IDX payloads' md5 against the canonical values (turn it off only for
     hand-made files). Raises ``DatasetUnavailable`` when files are missing or corrupt.
     """
+    if ":" in name:  # the user's own factory (p2pfl.plugins): given the seed and data_dir
+        return _load_cached(
+            name, str(data_dir) if data_dir is not None else "", int(seed), normalize, verify
+        )
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -157,7 +199,9 @@ def clear_dataset_cache() -> None:
 
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, directory: str, seed: int, normalize: bool, verify: bool) -> Dataset:
-    if name == "digits":
+    if ":" in name:
+        ds = _load_custom(name, directory or None, seed)
+    elif name == "digits":
         ds = _load_digits(seed)
     elif name == "synthetic":
         ds = _load_synthetic(seed)
@@ -170,16 +214,94 @@ def _load_cached(name: str, directory: str, seed: int, normalize: bool, verify: 
     return ds
 
 
-def _load_digits(seed: int) -> Dataset:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def _features(value: Any, what: str) -> torch.Tensor:
+    array = np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value)
+    if array.ndim < 2 or not (
+        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"{what} must be a numeric array (N, ...), got {array.dtype} {array.shape}"
+        )
+    out = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise ValueError(f"{what} holds NaN or Inf")
+    return torch.from_numpy(out)
 
-    bunch = load_digits()
-    x = (bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=seed, shuffle=True
-    )
+
+def _labels(value: Any, what: str) -> torch.Tensor:
+    array = np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value)
+    if (
+        array.ndim != 1
+        or not np.issubdtype(array.dtype, np.integer)
+        or (array.size and array.min() < 0)
+    ):
+        raise ValueError(
+            f"{what} must be integer labels >= 0 of shape (N,), got {array.dtype} {array.shape}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+
+
+def _load_custom(path: str, data_dir: str | None, seed: int) -> Dataset:
+    """The user's dataset factory (``p2pfl.plugins``), its result checked."""
+    from p2pfl.plugins import DATASET_CONTRACT, FactoryError, load_factory
+
+    where = f"data.dataset={path!r}"
+    factory = load_factory(path, "data.dataset")
+    try:
+        accepted = inspect.signature(factory).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    except (TypeError, ValueError):  # no signature (a builtin): give it everything
+        accepted, takes_any = {}, True  # type: ignore[assignment]
+    offered = {"seed": seed, "data_dir": data_dir}
+    kwargs = {k: v for k, v in offered.items() if takes_any or k in accepted}
+    try:
+        result = factory(**kwargs)
+    except Exception as error:
+        raise FactoryError(
+            f"{where}: the factory raised {_one_line(error)}; {DATASET_CONTRACT}"
+        ) from None
+    if isinstance(result, Dataset):
+        result = {
+            "name": result.name,
+            "x_train": result.x_train,
+            "y_train": result.y_train,
+            "x_test": result.x_test,
+            "y_test": result.y_test,
+            "num_classes": result.num_classes,
+            "sources": result.sources,
+        }
+    if not isinstance(result, Mapping):
+        raise FactoryError(f"{where}: it returned a {type(result).__name__}; {DATASET_CONTRACT}")
+    needed = ("x_train", "y_train", "x_test", "y_test")
+    missing = [key for key in needed if key not in result]
+    if missing:
+        raise FactoryError(f"{where}: it returned no {', '.join(missing)}; {DATASET_CONTRACT}")
+    try:
+        dataset = Dataset.from_arrays(
+            str(result.get("name") or path),
+            result["x_train"],
+            result["y_train"],
+            result["x_test"],
+            result["y_test"],
+            num_classes=result.get("num_classes"),
+        )
+    except ValueError as error:
+        raise FactoryError(f"{where}: {error}; {DATASET_CONTRACT}") from None
+    sources = result.get("sources")
+    if sources is not None:
+        dataset.sources = np.asarray(sources, dtype=np.int64)
+        if dataset.sources.shape != (len(dataset.y_train),):
+            raise FactoryError(f"{where}: sources must hold one int per training sample")
+    return dataset
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _load_digits(seed: int) -> Dataset:
+    x_tr, x_te, y_tr, y_te = _digits_split(seed)
     return Dataset(
         name="digits",
         x_train=torch.from_numpy(np.ascontiguousarray(x_tr)),
@@ -189,6 +311,42 @@ def _load_digits(seed: int) -> Dataset:
         num_classes=10,
         input_shape=(1, 8, 8),
     )
+
+
+#: arrays of one digits split, as saved (and checked when read back)
+_DIGITS_SPLIT = {"x_train": (1437, 1, 8, 8), "x_test": (360, 1, 8, 8), "y_train": (1437,), "y_test": (360,)}
+
+
+def _digits_split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits, split 80/20 stratified by ``seed``: from a saved copy when
+    there is one, since importing scikit-learn costs a node ~80 MB of memory for 1,797
+    tiny images. The copy is written on first use (best effort) and checked on read."""
+    cache = default_data_dir() / "digits" / f"split-{seed}.npz"
+    try:
+        with np.load(cache, allow_pickle=False) as saved:
+            arrays = {key: saved[key] for key in _DIGITS_SPLIT}
+        if all(arrays[k].shape == shape for k, shape in _DIGITS_SPLIT.items()):
+            return arrays["x_train"], arrays["x_test"], arrays["y_train"], arrays["y_test"]
+    except (OSError, ValueError, KeyError):
+        pass  # absent or unreadable: computed again below
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = (bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=0.2, stratify=y, random_state=seed, shuffle=True
+    )
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f".{cache.name}.{os.getpid()}")
+        with open(partial, "wb") as handle:
+            np.savez(handle, x_train=x_tr, x_test=x_te, y_train=y_tr, y_test=y_te)
+        os.replace(partial, cache)
+    except OSError:
+        pass  # a read-only data directory: computed each time, as before
+    return x_tr, x_te, y_tr, y_te
 
 
 # Synthetic task: 4 classes in 64 dimensions (shaped 1x8x8 so every model fits), drawn by

@@ -17,6 +17,8 @@ from p2pfl.config import (
     BristleConfig,
     DPSGDConfig,
     EpidemicConfig,
+    FedAvgConfig,
+    FoolsGoldConfig,
     GossipConfig,
     ModestConfig,
     ProtocolConfig,
@@ -54,6 +56,14 @@ def protocol_class(config: ProtocolConfig) -> type[Protocol]:
         from p2pfl.protocols.bristle import Bristle
 
         return Bristle
+    if isinstance(config, FoolsGoldConfig):
+        from p2pfl.protocols.foolsgold import FoolsGold
+
+        return FoolsGold
+    if isinstance(config, FedAvgConfig):
+        from p2pfl.protocols.fedavg import FedAvg
+
+        return FedAvg
     raise ValueError(f"unknown protocol config {config!r}")
 
 
@@ -183,4 +193,55 @@ def build_protocol(
             local_steps=steps,
             seed=seed,
         )
+    if isinstance(config, FedAvgConfig):
+        return _fedavg(config, peer_id, params, neighbours, population, aggregate, seed, extras)
     raise ValueError(f"unknown protocol config {config!r}")
+
+
+def fedavg_server(config: FedAvgConfig, peer_id: PeerId, population: list[PeerId] | None) -> PeerId:
+    """The server's peer id: ``server_id`` if given, else the peer of index ``server``.
+
+    The simulator passes its population in index order (``p0, p1, ...``); a node passes
+    the sorted ids of the peers it met, so there index ``server`` is the ``server``-th
+    smallest id: give ``server_id`` on real nodes.
+    """
+    if config.server_id is not None:
+        return config.server_id
+    members = list(population) if population else [peer_id]
+    if config.server >= len(members):
+        raise ValueError(
+            f"protocol.server={config.server} is not among the {len(members)} known peers; "
+            "give protocol.server_id"
+        )
+    return members[config.server]
+
+
+def _fedavg(
+    config: FedAvgConfig,
+    peer_id: PeerId,
+    params: torch.Tensor,
+    neighbours: list[PeerId],
+    population: list[PeerId] | None,
+    aggregate: AggregateFn | None,
+    seed: int,
+    extras: Mapping[str, Any] | None,
+) -> Protocol:
+    from p2pfl.protocols.fedavg import FedAvg
+
+    settings: dict[str, Any] = {
+        "server": fedavg_server(config, peer_id, population),
+        "clients_per_round": config.clients_per_round,
+        "round_timeout": config.round_timeout,
+        "min_updates": config.min_updates,
+        # a peer's weight is its number of training samples, when the assembly says it
+        "samples": int((extras or {}).get("data_size", 1)),
+        "weighting": config.weighting,
+        "aggregate": aggregate,
+        "local_steps": config.local_steps,
+        "seed": seed,
+    }
+    if isinstance(config, FoolsGoldConfig):
+        from p2pfl.protocols.foolsgold import FoolsGold
+
+        return FoolsGold(peer_id, params, neighbours, kappa=config.kappa, **settings)
+    return FedAvg(peer_id, params, neighbours, **settings)

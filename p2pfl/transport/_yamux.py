@@ -21,11 +21,16 @@ by byte); and 64 KiB data frames are one byte too big for a Noise message, so
 each travels as two, and every frame costs a dozen trio checkpoints.  With one
 stream per payload that meant ~20 ms per tiny message and 20-35 MB/s.  Here:
 
-- each stream grants its peer a 16 MiB window (go-yamux's maximum) in the very
-  frame that opens or acknowledges it (the length field of a SYN or ACK window
-  update is a window increment, as in go-yamux);
-- read credit goes back go-yamux style, in one update once half the window
+- a stream grants its peer yamux's initial 256 KiB window and no more until the
+  transport admits a frame on it (``admit``: its bytes fit the buffer bounds of
+  ``p2pfl.transport.limits``); then up to 4 MiB more of that frame at a time, so
+  that what a peer can push unread is 256 KiB per stream, and the rest is bytes
+  the transport has agreed to hold (16 MiB windows, go-yamux's maximum, were no
+  faster on loopback);
+- read credit goes back go-yamux style, in one update once half the allowance
   has been read;
+- a peer that sends past the window it was granted (py-libp2p only logs that and
+  buffers the bytes) gets its connection closed and is reported to the transport;
 - data frames carry up to ~1 MiB (within any peer's window: yamux bounds a
   frame by the window only), cut to fill whole Noise messages;
 - a writer out of window wakes on the window update instead of polling;
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 
 from p2pfl.versions import require
 
@@ -75,10 +81,11 @@ from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux.yamux import (
+    DEFAULT_WINDOW_SIZE,
     FLAG_ACK,
     FLAG_SYN,
+    GO_AWAY_PROTOCOL_ERROR,
     HEADER_SIZE,
-    MAX_WINDOW_SIZE,
     PROTOCOL_ID,
     TYPE_DATA,
     TYPE_WINDOW_UPDATE,
@@ -88,16 +95,25 @@ from libp2p.stream_muxer.yamux.yamux import (
 )
 from noise.exceptions import NoiseInvalidMessage
 
-__all__ = ["FRAME_PAYLOAD", "STREAM_WINDOW", "PatchedYamux", "use_patched_yamux"]
-
-STREAM_WINDOW = MAX_WINDOW_SIZE
-"""Receive window granted to the peer on every stream (16 MiB)."""
+__all__ = ["ADMITTED_WINDOW", "BASE_WINDOW", "FRAME_PAYLOAD", "PatchedYamux", "use_patched_yamux"]
 
 FRAME_PAYLOAD = 16 * MAX_PLAINTEXT_LENGTH - HEADER_SIZE
 """Data-frame payload (~1 MiB) whose frame fills exactly 16 Noise transport messages."""
 
-WINDOW_WAIT = 5.0
-"""Seconds a writer waits for window before the stream fails (py-libp2p's value)."""
+WINDOW_WAIT = 120.0
+"""Seconds a writer waits for window before the stream fails.
+
+py-libp2p waits 5 s; a receiver now grants window only once it has room to hold the
+frame, which may take longer, and every send of this project runs under its own
+timeout anyway."""
+
+BASE_WINDOW = DEFAULT_WINDOW_SIZE
+"""What a stream may have outstanding outside an admitted frame (yamux's initial window)."""
+
+ADMITTED_WINDOW = 4 * 1024 * 1024
+"""Window granted on top for the rest of an admitted frame: bytes that arrived but are
+not read yet are the part of a frame the transport does not see, so they are kept to
+a few MiB (16 MiB, go-yamux's maximum, made no difference to loopback throughput)."""
 
 RECEIVE_SIZE = 1024 * 1024
 """Bytes asked of the socket per receive by ``_FastNoise``."""
@@ -109,8 +125,13 @@ DATA_READ_TIMEOUT = 60.0
 class PatchedYamux(Yamux):
     """A ``Yamux`` connection whose reader never waits to write, with wide stream windows."""
 
+    #: told (peer id, why) when the peer breaks the flow control, and then to close its
+    #: connections (without one, the connection closes itself); set by the negotiator
+    on_abuse: Callable[[ID, str], None] | None = None
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._abused = False
         self._reader_task: trio.lowlevel.Task | None = None
         self._deferred: deque[bytes] = deque()
         self._flushing = False
@@ -149,19 +170,44 @@ class PatchedYamux(Yamux):
         await super()._write_frame(data)
 
     def _grant_window(self, frame: bytes) -> bytes:
-        """Turn the SYN or ACK frame of a new stream into one that also widens its window."""
+        """Make the stream that a SYN or ACK frame opens or accepts one of ours."""
         if len(frame) != HEADER_SIZE:
             return frame
-        version, kind, flags, stream_id, length = struct.unpack(YAMUX_HEADER_FORMAT, frame)
+        _, kind, flags, stream_id, length = struct.unpack(YAMUX_HEADER_FORMAT, frame)
         if kind != TYPE_WINDOW_UPDATE or not flags & (FLAG_SYN | FLAG_ACK) or length:
             return frame
         stream = self.streams.get(stream_id)
-        if stream is None:
-            return frame
-        delta = _adopt(stream)
-        if not delta:
-            return frame
-        return struct.pack(YAMUX_HEADER_FORMAT, version, kind, flags, stream_id, delta)
+        if stream is not None:
+            _adopt(stream)
+        return frame
+
+    def _window_exceeded(self, stream_id: int, excess: int) -> None:
+        """The peer sent past its window: close the connection (go-yamux does the same).
+
+        py-libp2p buffers such bytes and only logs, so a peer ignoring flow control
+        could make a stream hold any amount; one data frame (at most 16 MiB, py-libp2p
+        closes the connection on larger ones) is the most it gets in.
+        """
+        if self._abused:
+            return
+        self._abused = True
+        why = f"sent {excess} bytes past the window of stream {stream_id}"
+        if self.on_abuse is not None:  # the owner closes the peer's connections
+            try:
+                self.on_abuse(self.peer_id, why)
+                return
+            except Exception:  # noqa: BLE001 - a hook's bug must not stop the reader
+                pass
+        nursery = self._nursery
+        if nursery is not None:
+            nursery.start_soon(self._close_abused)
+
+    async def _close_abused(self) -> None:
+        with trio.move_on_after(5.0):
+            try:
+                await self.close(GO_AWAY_PROTOCOL_ERROR)
+            except Exception:  # noqa: BLE001 - closing a connection that is going anyway
+                pass
 
     def _write_soon(self, frame: bytes) -> bool:
         """Queue a frame for the helper task; False when there is no nursery to run it."""
@@ -189,6 +235,20 @@ class _PatchedYamuxStream(YamuxStream):
     """A yamux stream with large Noise-aligned frames and rare, large read-credit updates."""
 
     _window_opened: trio.Event | None = None
+    _admitted = 0  # bytes of an admitted frame not read yet
+
+    @property
+    def recv_window(self) -> int:
+        return self.__dict__["recv_window"]
+
+    @recv_window.setter
+    def recv_window(self, value: int) -> None:
+        # The connection's reader lowers it by each data frame's length before checking.
+        if value < 0:
+            conn = self.conn
+            if isinstance(conn, PatchedYamux):
+                conn._window_exceeded(self.stream_id, -value)
+        self.__dict__["recv_window"] = value
 
     @property
     def send_window(self) -> int:
@@ -247,7 +307,8 @@ class _PatchedYamuxStream(YamuxStream):
                     data = bytes(buffer)
                     buffer.clear()
                 else:
-                    data = bytes(buffer[:n])
+                    with memoryview(buffer) as view:  # one copy, not a slice and a copy
+                        data = bytes(view[:n])
                     del buffer[:n]
                 await self._auto_tune_and_send_window_update(bytes_read=len(data))
                 return data
@@ -269,31 +330,44 @@ class _PatchedYamuxStream(YamuxStream):
             with trio.move_on_after(0.01):  # a close or reset sets no event: look again soon
                 await self._window_opened.wait()
 
+    async def admit(self, size: int) -> None:
+        """Let the peer send the ``size`` bytes of a frame the transport has room for."""
+        self._admitted = size
+        await self._send_credit(eager=True)
+
+    def _allowance(self) -> int:
+        """Bytes the peer may have outstanding (sent or allowed, not read by us)."""
+        return BASE_WINDOW + min(self._admitted, ADMITTED_WINDOW)
+
     async def _auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
-        self._pending_recv_release += bytes_read
-        if self._pending_recv_release < self.target_recv_window // 2:
+        self._admitted = max(0, self._admitted - bytes_read)
+        await self._send_credit(eager=False)
+
+    async def _send_credit(self, *, eager: bool) -> None:
+        """Give back read credit up to the allowance: at once for a newly admitted frame,
+        otherwise in one update once half the allowance is due (as go-yamux does).
+
+        Credit follows what the transport agreed to hold: outside an admitted frame a
+        peer can never have more than ``BASE_WINDOW`` unread bytes on a stream.
+        """
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        allowance = self._allowance()
+        delta = allowance - (self.recv_window + buffered)
+        if delta <= 0 or (not eager and delta < allowance // 2):
             return
-        increment, self._pending_recv_release = self._pending_recv_release, 0
-        self.recv_window += increment
-        await self.send_window_update(increment)
+        self.recv_window += delta
+        await self.send_window_update(delta)
 
 
-def _adopt(stream: YamuxStream) -> int:
-    """Make a new stream a ``_PatchedYamuxStream`` with a ``STREAM_WINDOW`` receive window.
+def _adopt(stream: YamuxStream) -> None:
+    """Make a new stream a ``_PatchedYamuxStream`` (it keeps yamux's initial window).
 
     py-libp2p constructs its streams inline, so the class is switched on the
-    instance (the subclass needs nothing from a constructor).  Returns the window increment the
-    peer must be told about (0 if none).  Nothing here awaits, so the stream's
-    window lock is not needed on the single trio thread.
+    instance (the subclass needs nothing from a constructor).  Nothing here awaits,
+    so the stream's window lock is not needed on the single trio thread.
     """
     if type(stream) is YamuxStream:
         stream.__class__ = _PatchedYamuxStream
-    delta = STREAM_WINDOW - stream.target_recv_window
-    if delta <= 0:
-        return 0
-    stream.target_recv_window = STREAM_WINDOW
-    stream.recv_window += delta
-    return delta
 
 
 class _FastNoise:
@@ -484,15 +558,24 @@ class _FastNoise:
 class _PatchedYamuxNegotiator(MuxerMultistream):
     """Negotiates yamux (the only muxer offered) and builds a ``PatchedYamux`` for it."""
 
+    on_abuse: Callable[[ID, str], None] | None = None
+
     async def new_conn(self, conn: ISecureConn, peer_id: ID) -> IMuxedConn:
         protocol, _ = await self._selector.select(conn, conn.is_initiator, self.negotiate_timeout)
         muxed = PatchedYamux(conn, peer_id, is_initiator=conn.is_initiator)
+        muxed.on_abuse = self.on_abuse
         return self._annotate_connection(muxed, conn, protocol)
 
 
-def use_patched_yamux(host: IHost) -> None:
-    """Make ``host`` offer yamux only, as ``PatchedYamux``; call before the host runs."""
+def use_patched_yamux(host: IHost, on_abuse: Callable[[ID, str], None] | None = None) -> None:
+    """Make ``host`` offer yamux only, as ``PatchedYamux``; call before the host runs.
+
+    ``on_abuse(peer, why)`` is told of a peer whose connection is closed for breaking
+    the flow control (on the trio thread).
+    """
     upgrader = host.get_network().upgrader  # type: ignore[attr-defined]
-    upgrader.muxer_multistream = _PatchedYamuxNegotiator(
+    negotiator = _PatchedYamuxNegotiator(
         {TProtocol(PROTOCOL_ID): PatchedYamux}, upgrader.muxer_multistream.negotiate_timeout
     )
+    negotiator.on_abuse = on_abuse
+    upgrader.muxer_multistream = negotiator

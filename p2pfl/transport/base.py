@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -62,6 +63,12 @@ class TransportStats:
     (refused before reading the body), ``truncated`` inbound frames that ended or were
     reset before their declared length, ``unhandled`` payloads that arrived while no
     handler was set, ``handler_errors`` exceptions raised by the handler.
+    The resource bounds (``p2pfl.transport.limits``) add ``refused_banned``
+    (connections, streams and frames of banned peers, refused unread),
+    ``refused_streams`` (inbound streams over the per-peer or per-node bound, reset
+    before negotiation), ``frames_cut`` (frames not whole by their deadline: trickled,
+    stalled, or kept waiting for buffer space) and ``idle_streams_cut`` (streams opened
+    and left without a frame).
     """
 
     bytes_sent: int = 0
@@ -73,6 +80,10 @@ class TransportStats:
     truncated: int = 0
     unhandled: int = 0
     handler_errors: int = 0
+    refused_banned: int = 0
+    refused_streams: int = 0
+    frames_cut: int = 0
+    idle_streams_cut: int = 0
 
 
 class Transport(ABC):
@@ -94,6 +105,7 @@ class Transport(ABC):
         self._abuse_handler: AbuseHandler | None = None
         self._stats = TransportStats()
         self._stats_lock = threading.Lock()
+        self._banned: dict[str, float] = {}  # peer -> time.monotonic() when its ban ends
 
     @abstractmethod
     async def start(self) -> None:
@@ -142,6 +154,25 @@ class Transport(ABC):
         node charge them to the peer (its ban score).  Reasons are ``FrameAbuse`` values.
         """
         self._abuse_handler = handler
+
+    def ban(self, peer: str, seconds: float) -> None:
+        """Cut ``peer`` off for ``seconds``: its connections are closed, its new ones,
+        its streams and its frames refused unread.  Called on the asyncio loop when the
+        node bans a peer; the transport's refusals cost it nothing to read."""
+        now = time.monotonic()
+        with self._stats_lock:
+            if len(self._banned) >= 10_000:  # forget served bans (never a running one)
+                self._banned = {p: until for p, until in self._banned.items() if until > now}
+            self._banned[peer] = max(self._banned.get(peer, now), now + seconds)
+
+    def is_banned(self, peer: str) -> bool:
+        """Whether ``peer`` serves a ban of this transport right now."""
+        with self._stats_lock:
+            until = self._banned.get(peer)
+            if until is not None and time.monotonic() >= until:
+                del self._banned[peer]
+                until = None
+        return until is not None
 
     def _report_abuse(self, peer: str, reason: str) -> None:
         """Run the abuse handler on the asyncio thread, keeping its errors contained."""

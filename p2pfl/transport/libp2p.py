@@ -23,13 +23,25 @@ at most one unacknowledged frame per stream, and frames never interleave.
   either way the stream is reset, counted in the stats and reported to the abuse
   handler.  A stream silent *between* frames for ``stream_idle_timeout`` is
   closed cleanly (FIN; reset if the sender does not close its side in turn).
+- Resource bounds (``TransportLimits``, kept by ``_admission``), all checked
+  before a frame's body is read: inbound streams per peer and in all (one over is
+  reset before its protocol is negotiated); bytes of inbound frames held per peer
+  and in all, from a frame's length prefix until the node has handled it (a frame
+  that does not fit waits, unread, and its stream is granted no yamux window
+  beyond the initial 256 KiB meanwhile); a deadline on the whole frame
+  (``frame_timeout + size / min_frame_rate`` from its first byte, or from the
+  stream's opening for its first frame), so trickled and idle streams are cut.
+  A banned peer (``ban``) has its connections closed, its new connections and
+  streams refused, and its frames on streams already open refused unread.
+  A sender keeps at most ``max_sends_per_peer`` frames in flight to one peer.
 
 The host runs on the process-wide trio thread of ``_trio_bridge`` and is built
 with the settings measured in DESIGN.md ("py-libp2p facts"):
 
 - Noise is the only security offered (py-libp2p also offers plaintext, TLS and
   secio by default); yamux is the only muxer (mplex is ~6x slower), patched
-  against a two-way deadlock and given 16 MiB stream windows (see ``_yamux``);
+  against a two-way deadlock and given 4 MiB windows for admitted frames (see
+  ``_yamux``);
 - ``max_connections_per_peer=1``: more makes every connect cost >= 250 ms;
 - the receiving handler drains the stream at once, because yamux resets a
   stream whose reader stalls for 5 s, and never runs node code on trio;
@@ -91,8 +103,10 @@ from p2pfl.errors import P2PFLError
 from p2pfl.wire.framing import ACK, FRAME_HEADER_BYTES, frame_header, frame_length
 
 from . import _trio_bridge
+from ._admission import Admission, Gate
 from ._yamux import PatchedYamux, use_patched_yamux
 from .base import FrameAbuse, Transport, TransportError
+from .limits import DEFAULT_TRANSPORT_LIMITS, TransportLimits
 
 __all__ = [
     "ACK",
@@ -164,11 +178,13 @@ async def _read_exactly(stream: INetStream, size: int, idle_timeout: float) -> b
     """Read ``size`` bytes of a frame; a stream that ends early or stays silent is truncated.
 
     Memory grows with the bytes actually received, not with the length a peer
-    claims, and each read asks for no more than what is still due.  Frames are
-    read and written on the muxed stream itself: ``NetStream`` adds only a state
-    check behind a lock, which costs a trip through the trio scheduler per call.
+    claims, and each read asks for no more than what is still due.  Chunks are
+    appended to one buffer (no second copy of a whole frame to join them), which
+    is handed on as it is.  Frames are read and written on the muxed stream
+    itself: ``NetStream`` adds only a state check behind a lock, which costs a
+    trip through the trio scheduler per call.
     """
-    chunks: list[bytes] = []
+    buffer = bytearray()
     received = 0
     while received < size:
         try:
@@ -190,9 +206,12 @@ async def _read_exactly(stream: INetStream, size: int, idle_timeout: float) -> b
             raise _FrameError(
                 "truncated", f"stream ended after {received} of {size} bytes", FrameAbuse.TRUNCATED
             )
-        chunks.append(chunk)
-        received += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not buffer and len(chunk) == size:
+            return chunk  # the whole frame in one read: no copy at all
+        buffer += chunk
+        del chunk  # the buffer holds it; do not keep a second copy alive
+        received = len(buffer)
+    return buffer  # type: ignore[return-value]  # a bytearray: a bytes-like payload
 
 
 def _net(stream: INetStream) -> NetStream:
@@ -269,7 +288,8 @@ class Libp2pTransport(Transport):
     derived from it.  ``max_message_size`` caps inbound (and outbound) payloads;
     ``read_idle_timeout`` bounds how long an inbound stream may stay silent within
     a frame before it is dropped as truncated, ``stream_idle_timeout`` how long
-    between frames before it is closed.  ``mdns`` announces this host on the LAN
+    between frames before it is closed; ``limits`` are the per-peer and per-node
+    resource bounds (``TransportLimits``).  ``mdns`` announces this host on the LAN
     and reports peers found there to the discovery handler.
     """
 
@@ -282,6 +302,7 @@ class Libp2pTransport(Transport):
         read_idle_timeout: float = 30.0,
         stream_idle_timeout: float = 60.0,
         mdns: bool = False,
+        limits: TransportLimits | None = None,
     ) -> None:
         super().__init__()
         if not 0 < max_message_size < 2 ** (8 * HEADER_SIZE):
@@ -293,6 +314,10 @@ class Libp2pTransport(Transport):
         self.read_idle_timeout = read_idle_timeout
         self.stream_idle_timeout = stream_idle_timeout
         self.mdns = mdns
+        self.limits = limits or DEFAULT_TRANSPORT_LIMITS
+        self._admission: Admission | None = None  # built on the trio thread by _serve
+        # per peer: frames this side may still have in flight to it (trio thread only)
+        self._send_slots: dict[ID, trio.Semaphore] = {}
         self._bridge: _trio_bridge.TrioThread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._host: IHost | None = None
@@ -345,6 +370,10 @@ class Libp2pTransport(Transport):
         """Run the host until ``close``; lives in the bridge's root nursery."""
         self._stop, self._stopped = trio.Event(), trio.Event()
         started = False
+        self._admission = Admission(self.limits, self.max_message_size)
+        for peer in list(self._banned):  # bans decided before the start
+            if self.is_banned(peer):
+                self._admission.ban(peer, self._banned[peer] - time.monotonic())
         try:
             host = new_host(
                 key_pair=self._key_pair,
@@ -358,10 +387,11 @@ class Libp2pTransport(Transport):
                 connection_config=ConnectionConfig(max_connections_per_peer=1),
                 addrs_factory=concrete_addrs,
                 enable_mDNS=self.mdns,
+                resource_manager=Gate(self._admission, self._refused),
             )
             if self.mdns:
                 peerDiscovery.register_peer_discovered_handler(self._on_mdns_peer)
-            use_patched_yamux(host)
+            use_patched_yamux(host, on_abuse=self._on_flow_abuse)
             network = host.get_network()
             assert isinstance(network, Swarm)  # what new_host builds
             network.auto_connector = _NoAutoConnect(network)
@@ -468,6 +498,17 @@ class Libp2pTransport(Transport):
     async def ping(self, peer: str, *, timeout: float) -> float:
         return await self._call(f"ping {peer}", self._ping_in_trio, _parse_peer(peer), timeout)
 
+    def ban(self, peer: str, seconds: float) -> None:
+        super().ban(peer, seconds)
+        bridge = self._bridge
+        if bridge is None or self._closed:
+            return  # applied at the start (see _serve), or nothing left to cut off
+        try:
+            peer_id = _parse_peer(peer)
+            bridge.call_soon(self._ban_in_trio, peer_id, seconds)
+        except (TransportError, _trio_bridge.BridgeClosed):
+            pass
+
     def connected_peers(self) -> list[str]:
         return self._read_trio_state(
             lambda host: sorted(peer.to_base58() for peer in host.get_connected_peers()), []
@@ -494,21 +535,69 @@ class Libp2pTransport(Transport):
         with trio.fail_after(timeout):
             await host.connect(info)
 
+    def _ban_in_trio(self, peer: ID, seconds: float) -> None:
+        """Refuse ``peer`` from now on and close its connections (in the background)."""
+        admission, host, bridge = self._admission, self._host, self._bridge
+        if admission is None or host is None or bridge is None:
+            return
+        admission.ban(peer.to_base58(), seconds)
+        try:
+            bridge.nursery.start_soon(self._cut_off, host, peer)
+        except (_trio_bridge.BridgeClosed, RuntimeError):
+            pass
+
+    async def _cut_off(self, host: IHost, peer: ID) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+            try:
+                await host.get_network().close_peer(peer)
+            except Exception:  # noqa: BLE001 - must not take the shared trio loop down
+                _log.debug("closing the connections of %s failed", peer, exc_info=True)
+        _log.debug("closed the connections of %s", peer)
+
+    def _refused(self, counter: str) -> None:
+        """A connection or stream the admission refused (called on the trio thread)."""
+        self._count(**{counter: 1})
+
+    def _on_flow_abuse(self, peer: ID, why: str) -> None:
+        """A peer sent past its yamux window (trio thread): close its connections."""
+        _log.debug("closing the connections of %s: %s", peer, why)
+        self._count(rejected_oversized=1)
+        host, bridge = self._host, self._bridge
+        if host is None or bridge is None:
+            return
+        self._to_asyncio(self._report_abuse, peer.to_base58(), FrameAbuse.OVERSIZED)
+        try:
+            bridge.nursery.start_soon(self._cut_off, host, peer)
+        except (_trio_bridge.BridgeClosed, RuntimeError):
+            pass
+
     async def _send_in_trio(self, peer: ID, data: bytes, timeout: float) -> None:
+        slots = self._send_slots.get(peer)
+        if slots is None:
+            slots = self._send_slots[peer] = trio.Semaphore(self.limits.max_sends_per_peer)
+        try:
+            with trio.fail_after(timeout):
+                async with slots:  # the receiver resets streams over its bound: wait instead
+                    await self._send_frame(peer, data)
+        finally:
+            idle = slots.value == self.limits.max_sends_per_peer
+            if idle and not slots.statistics().tasks_waiting and self._send_slots.get(peer) is slots:
+                del self._send_slots[peer]
+
+    async def _send_frame(self, peer: ID, data: bytes) -> None:
         host = self._running_host()
-        with trio.fail_after(timeout):
-            stream = await self._take_kept(peer)
-            if stream is not None:
-                try:
-                    await self._exchange(stream, data)
-                except _StaleStream as exc:  # closed by the receiver meanwhile: once more
-                    _log.debug("kept stream to %s was closed (%s): retrying", peer, exc)
-                else:
-                    await self._keep(peer, stream)
-                    return
-            stream = await host.new_stream(peer, [PROTOCOL_ID])
-            await self._exchange(stream, data)
-            await self._keep(peer, stream)
+        stream = await self._take_kept(peer)
+        if stream is not None:
+            try:
+                await self._exchange(stream, data)
+            except _StaleStream as exc:  # closed by the receiver meanwhile: once more
+                _log.debug("kept stream to %s was closed (%s): retrying", peer, exc)
+            else:
+                await self._keep(peer, stream)
+                return
+        stream = await host.new_stream(peer, [PROTOCOL_ID])
+        await self._exchange(stream, data)
+        await self._keep(peer, stream)
 
     async def _exchange(self, stream: INetStream, data: bytes) -> None:
         """Write one frame and wait for its acknowledgement; a failed stream is reset.
@@ -617,8 +706,9 @@ class Libp2pTransport(Transport):
         """Receive frames until the sender closes the stream (see the module docstring)."""
         sender = stream.muxed_conn.peer_id.to_base58()
         try:
-            while await self._receive_frame(stream, sender):
-                pass
+            first = True
+            while await self._receive_frame(stream, sender, first):
+                first = False
         except _FrameError as exc:
             self._count(**{exc.counter: 1})
             _log.debug("refused a frame from %s: %s", sender, exc)
@@ -627,11 +717,31 @@ class Libp2pTransport(Transport):
                 self._to_asyncio(self._report_abuse, sender, exc.abuse)
             await _reset(stream)
 
-    async def _receive_frame(self, stream: INetStream, sender: str) -> bool:
-        """Receive one frame, hand it to asyncio and acknowledge it; False once the stream is over."""
-        header = await self._read_header(stream)
+    async def _receive_frame(self, stream: INetStream, sender: str, first: bool) -> bool:
+        """Receive one frame, hand it to asyncio and acknowledge it; False once the stream is over.
+
+        Everything that decides whether the body is read at all (the cap, a ban, the
+        room to hold it) is checked on the length prefix; the whole frame, waiting
+        for room included, must arrive by its deadline.
+        """
+        admission = self._admission
+        assert admission is not None  # set before the handler is
+        began = trio.current_time()  # a stream's first frame: from the stream's opening
+        header = await self._await_frame(stream, first)
         if header is None:
             return False
+        if not first:
+            began = trio.current_time()  # between frames the clock starts at the first byte
+        if len(header) < HEADER_SIZE:
+            with trio.move_on_at(began + self.limits.frame_timeout) as timer:
+                rest = HEADER_SIZE - len(header)
+                header += await _read_exactly(stream, rest, self.read_idle_timeout)
+            if timer.cancelled_caught:
+                raise _FrameError(
+                    "frames_cut",
+                    f"length prefix not whole within {self.limits.frame_timeout:.1f}s",
+                    FrameAbuse.STALLED,
+                )
         size = frame_length(header)
         if size > self.max_message_size:
             raise _FrameError(
@@ -639,11 +749,45 @@ class Libp2pTransport(Transport):
                 f"frame of {size} bytes exceeds the cap of {self.max_message_size}",
                 FrameAbuse.OVERSIZED,
             )
-        data = await _read_exactly(stream, size, self.read_idle_timeout) if size else b""
-        if self._handler is None:
-            raise _FrameError("unhandled", "no handler is set")
-        if not self._to_asyncio(self._dispatch, sender, data):
-            raise _FrameError("unhandled", "the asyncio loop is closed")
+        if admission.is_banned(sender):
+            raise _FrameError("refused_banned", "the sender is banned")
+        deadline = began + self.limits.frame_seconds(size)
+        held = False
+        # waiting for room that the peer's own frames take is the peer's doing
+        own = admission.over_own_share(sender, size)
+        try:
+            with trio.move_on_at(deadline) as timer:
+                await admission.hold(sender, size)  # waits for room, the body unread
+                held = True
+                if admission.is_banned(sender):  # banned while it waited
+                    raise _FrameError("refused_banned", "the sender is banned")
+                grant = getattr(_muxed(stream), "admit", None)
+                if grant is not None:
+                    await grant(size)
+                data = await _read_exactly(stream, size, self.read_idle_timeout) if size else b""
+            if timer.cancelled_caught:
+                seconds = deadline - began
+                if held:
+                    raise _FrameError(
+                        "frames_cut",
+                        f"frame of {size} bytes not whole within {seconds:.1f}s",
+                        FrameAbuse.STALLED,
+                    )
+                own = own or admission.over_own_share(sender, size)
+                raise _FrameError(
+                    "frames_cut",
+                    f"no room for a frame of {size} bytes within {seconds:.1f}s"
+                    + (" (its own frames hold its share)" if own else ""),
+                    FrameAbuse.STALLED if own else None,
+                )
+            if self._handler is None:
+                raise _FrameError("unhandled", "no handler is set")
+            if not self._to_asyncio(self._dispatch_held, sender, data, size):
+                raise _FrameError("unhandled", "the asyncio loop is closed")
+            held = False  # freed by _dispatch_held once the node has handled it
+        finally:
+            if held:
+                admission.free(sender, size)
         self._count(messages_received=1, bytes_received=len(data))
         try:
             await _muxed(stream).write(ACK)
@@ -653,10 +797,29 @@ class Libp2pTransport(Transport):
             return False
         return True
 
-    async def _read_header(self, stream: INetStream) -> bytes | None:
-        """The next frame's length prefix; ``None`` when the stream ended or idled between frames."""
+    def _dispatch_held(self, sender: str, data: bytes, size: int) -> None:
+        """Hand a frame to the node (asyncio thread), then free the bytes it held."""
+        try:
+            self._dispatch(sender, data)
+        finally:
+            del data
+            bridge, admission = self._bridge, self._admission
+            if bridge is not None and admission is not None:
+                try:
+                    bridge.call_soon(admission.free, sender, size)
+                except _trio_bridge.BridgeClosed:
+                    pass
+
+    async def _await_frame(self, stream: INetStream, opening: bool) -> bytes | None:
+        """The first bytes (at most a length prefix) of the next frame; ``None`` when the
+        stream ended or idled between frames.
+
+        A stream's first frame must begin within ``frame_timeout`` of its opening (an
+        honest sender writes at once); later ones within ``stream_idle_timeout``.
+        """
         first = b""
-        with trio.move_on_after(self.stream_idle_timeout) as idle:
+        wait = self.limits.frame_timeout if opening else self.stream_idle_timeout
+        with trio.move_on_after(wait) as idle:
             try:
                 first = await _muxed(stream).read(HEADER_SIZE)
             except (StreamEOF, MuxedStreamEOF):  # the sender closed the stream: so do we
@@ -665,13 +828,15 @@ class Libp2pTransport(Transport):
                 await _reset(stream)
                 return None
         if idle.cancelled_caught:
-            await self._close_idle(stream)
+            if opening:
+                self._count(idle_streams_cut=1)
+                await _reset(stream)
+            else:
+                await self._close_idle(stream)
             return None
         if not first:
             await _close(stream)
             return None
-        if len(first) < HEADER_SIZE:
-            first += await _read_exactly(stream, HEADER_SIZE - len(first), self.read_idle_timeout)
         return first
 
     async def _close_idle(self, stream: INetStream) -> None:

@@ -192,6 +192,9 @@ class MemoryTransport(Transport):
         self._count(messages_sent=1, bytes_sent=len(data))
 
     def _receive(self, sender: str, data: bytes) -> None:
+        if self.is_banned(sender):
+            self._count(refused_banned=1)
+            raise TransportError(f"peer {self.peer_id} refuses {sender}: banned")
         if len(data) > self.max_message_size:
             self._count(rejected_oversized=1)
             assert self._loop is not None

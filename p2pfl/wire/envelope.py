@@ -16,6 +16,10 @@ The body of the signed container (see :mod:`p2pfl.wire.signed`) is a msgpack map
 and the container's payload holds the tensor: raw little-endian bytes of dtype ``d``,
 or what codec ``c`` produced.
 
+A message the sender's protocol already encoded (:class:`p2pfl.codecs.EncodedMessage`)
+travels with that encoding; ``decode`` hands back such a message for a tensor that came
+with a codec, so the receiving protocol knows how it travelled.
+
 ``decode`` checks, in order: total size, container layout, sender key, signature, msgpack
 limits, known keys and types, tensor dtype/shape/layout/byte count, codec payload,
 finiteness. Whatever the input, it returns an ``Envelope`` or raises ``WireError``.
@@ -34,6 +38,8 @@ import torch
 from p2pfl.codecs import (
     Codec,
     CodecError,
+    EncodedMessage,
+    Encoding,
     all_finite,
     get_codec,
     tensor_from_le_bytes,
@@ -55,6 +61,8 @@ _BODY_KEYS = frozenset("vpkrqmt")
 _BODY_REQUIRED = frozenset("vpkrq")
 _TENSOR_KEYS = frozenset("dscx")
 _TENSOR_REQUIRED = frozenset("ds")
+#: the most payload bytes per decoded value any codec produces
+MAX_CODEC_BYTES_PER_VALUE = 8
 
 #: an expected tensor layout: a number of elements, or an exact shape
 Layout = int | tuple[int, ...]
@@ -114,7 +122,19 @@ def encode(
         body["m"] = message.meta
     payload: bytes | memoryview = b""
     if message.params is not None:
-        body["t"], payload = _tensor_field(message.params, codec)
+        encoding = message.encoding if isinstance(message, EncodedMessage) else None
+        if encoding is not None and codec is None:
+            # encoded once by the sender's protocol (p2pfl.protocols.compression): its
+            # payload travels as it is, and ``params`` is what the receiver decodes from it
+            body["t"] = {
+                "d": "f32",
+                "s": list(message.params.shape),
+                "c": encoding.codec,
+                "x": encoding.meta,
+            }
+            payload = encoding.payload
+        else:
+            body["t"], payload = _tensor_field(message.params, codec)
     return seal(identity, msgpack.packb(body, use_bin_type=True), payload, MESSAGE_DOMAIN)
 
 
@@ -172,17 +192,24 @@ def _decode(data: Any, limits: WireLimits, layout_check: LayoutCheck | None) -> 
         raise WireError(DropReason.BAD_TYPE, "meta is not a map")
     check_value(meta, limits)
     params = None
+    encoding = None
     if "t" in body:
         expected = layout_check(protocol, kind) if callable(layout_check) else layout_check
         params = _tensor(body["t"], opened.payload, limits, expected)
+        if "c" in body["t"]:  # _tensor checked the codec's name and meta
+            encoding = Encoding(body["t"]["c"], bytes(opened.payload), body["t"].get("x", {}))
     elif opened.payload:
         raise WireError(DropReason.MALFORMED, "payload without a tensor description")
+    message = Message(kind=kind, round=round_, params=params, meta=meta)
+    if encoding is not None:
+        # the receiver's protocol may need to know how it travelled (top-k changes)
+        message = EncodedMessage.of(message, params, encoding)  # type: ignore[arg-type]
     return Envelope(
         sender=peer_id_from_bytes(opened.sender),
         protocol=protocol,
         round=round_,
         seq=seq,
-        message=Message(kind=kind, round=round_, params=params, meta=meta),
+        message=message,
     )
 
 
@@ -270,4 +297,8 @@ def _decode_codec(
         codec = get_codec(name)
     except ValueError:
         raise WireError(DropReason.BAD_TENSOR, f"codec {name!r} unknown") from None
+    # no codec spends more than 8 bytes a value (top-k: index and value; int8 with one
+    # value per chunk: 5): a larger payload is refused before any decoding work
+    if len(payload) > MAX_CODEC_BYTES_PER_VALUE * numel:
+        raise WireError(DropReason.BAD_TENSOR, f"{len(payload)} codec bytes for {numel} values")
     return codec.decode(payload, meta, numel)

@@ -57,6 +57,19 @@ class WireLimits:
     max_numel: int = 32 << 20  # decoded tensor elements (top-k decodes to more than it sends)
     allowed_dtypes: frozenset[str] = field(default_factory=lambda: frozenset(DTYPES))
     allowed_codecs: frozenset[str] = field(default_factory=lambda: frozenset(CODECS))
+    #: bytes a message may carry besides its tensor: envelope, signature and meta (a peer
+    #: exchange of 1,024 peers x 4 addresses, a MoDeST view of thousands of peers)
+    max_meta_bytes: int = 4 << 20
+
+    def message_bound(self, numel: int) -> int:
+        """The largest message that can carry a tensor of ``numel`` elements: its bytes in
+        the widest codec (top-k sends a value and an index, 8 bytes, per element kept),
+        plus ``max_meta_bytes``; never above ``max_message_bytes``.
+
+        A receiver that knows its model's size refuses anything larger before decoding
+        it, and charges the sender: a message that big can only be junk.
+        """
+        return min(self.max_message_bytes, 8 * max(0, numel) + self.max_meta_bytes)
 
     def unpack_options(self) -> dict[str, Any]:
         """Keyword arguments for ``msgpack.unpackb``: strict, bounded, no ext types."""
