@@ -183,9 +183,10 @@ class Row(torch.Tensor):
     _mixer: Mixer
     _dim: int
     _key: int
-    #: ``(min, max)`` of the row's values, set where the row was made (one scan of the
-    #: whole training block): a message contract reads it instead of scanning again
-    value_range: tuple[float, float] | None = None
+    #: an upper bound on the magnitude of every value (the row's L2 norm), computed where
+    #: the row was made, in one pass over the whole training chunk: a message contract
+    #: that finds it well inside its bound skips its own scan (NaN/Inf: it scans)
+    abs_bound: float | None = None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -330,18 +331,18 @@ class Mixer:
         ident: int,
         first: int,
         block: torch.Tensor,
-        ranges: Sequence[tuple[float, float]] | None = None,
+        bounds: Sequence[float] | None = None,
     ) -> list[Row]:
         """``block`` (rows ``first..`` of arena buffer ``ident``) as one row per peer,
-        with each row's ``(min, max)`` when the caller scanned the block (``ranges``)."""
+        with each row's magnitude bound when the caller computed them (``bounds``)."""
         row_type = self.row_type
         key = (ident << _ROW_BITS) + first
         rows = []
         for index, view in enumerate(block.unbind(0)):
             row = view.as_subclass(row_type)
             row._key = key
-            if ranges is not None:
-                row.value_range = ranges[index]
+            if bounds is not None:
+                row.abs_bound = bounds[index]
             key += 1
             rows.append(row)
         return rows

@@ -1,10 +1,11 @@
-"""The simulator's message screen reads the value range its trainer took in one scan.
+"""The simulator's message screen reads the bound its trainer computed in one pass.
 
 Every trained row travels to every neighbour and each receiver's contract bounds its
-values; the executor scans a training chunk once, in cache, and the contract reads that
-range instead of scanning each row again. These tests pin down that the range is the
-one the contract acts on, that it is the row's true range, and that a simulation with
-it refuses exactly what one that scans every row refuses.
+values; the executor computes each row's L2 norm (which no entry's magnitude exceeds)
+once per training chunk, in cache, and the contract skips its own scan when that bound
+is well inside its limit. These tests pin down that the bound is what the contract acts
+on, that it is the row's true norm, that a bound near the limit (or NaN) still gets the
+exact scan, and that a simulation with bounds refuses exactly what one without refuses.
 """
 
 from __future__ import annotations
@@ -41,18 +42,28 @@ def _receiver(dim: int) -> DPSGD:
     return DPSGD("p0", torch.zeros(dim), ["p1"])
 
 
-def test_contract_acts_on_the_row_range_not_a_rescan():
-    values = torch.ones(2, 3)
-    fine, flagged = _rows(values, [(1.0, 1.0), (math.nan, math.nan)])
+def test_contract_skips_the_scan_only_for_a_bound_well_inside_the_limit():
+    values = torch.tensor([[1.0, -2.0, 2.0], [0.0, 0.0, 2e6], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    small, large, lying, unknown = _rows(values, [3.0, 2e6, math.nan, None])
     receiver = _receiver(3)
-    assert check_message(receiver, "p1", Message("model", 0, fine)) is None
-    # the same values, but the scan that made the row saw a NaN: refused on its word
-    assert check_message(receiver, "p1", Message("model", 0, flagged)) is Refusal.TOO_LARGE
+    assert check_message(receiver, "p1", Message("model", 0, small)) is None
+    # a bound beyond the limit: scanned, and 2e6 is refused
+    assert check_message(receiver, "p1", Message("model", 0, large)) is Refusal.TOO_LARGE
+    # a NaN bound (the row had a NaN or an Inf) or none at all: scanned; these are fine
+    assert check_message(receiver, "p1", Message("model", 0, lying)) is None
+    assert check_message(receiver, "p1", Message("model", 0, unknown)) is None
 
 
-def test_rows_without_a_range_are_scanned():
+def test_a_bound_is_trusted_when_well_inside_the_limit():
+    # the row's values exceed the limit but its (wrong) bound says 1.0: the contract acts
+    # on the bound, which shows that it reads it (the executor's bound is never wrong)
+    (row,) = _rows(torch.tensor([[0.0, 2e6, 1.0]]), [1.0])
+    assert check_message(_receiver(3), "p1", Message("model", 0, row)) is None
+
+
+def test_rows_without_a_bound_are_scanned():
     (row,) = _rows(torch.tensor([[0.0, 2e6, 1.0]]), None)
-    assert row.value_range is None
+    assert row.abs_bound is None
     assert check_message(_receiver(3), "p1", Message("model", 0, row)) is Refusal.TOO_LARGE
 
 
@@ -91,26 +102,26 @@ def test_training_rows_carry_their_true_range_and_refusals_match_a_full_scan(mon
 
     def recording(self, jobs):
         original(self, jobs)
-        seen.extend((job.result, job.result.value_range) for job in jobs)
+        seen.extend((job.result, job.result.abs_bound) for job in jobs)
 
     monkeypatch.setattr(training.TrainingExecutor, "_run_batched", recording)
     _run(_diverging())
     assert seen
-    for row, value_range in seen:
+    for row, bound in seen:
         plain = row.as_subclass(torch.Tensor)
-        low, high = value_range
-        if torch.isnan(plain).any():
-            assert math.isnan(low) and math.isnan(high)
+        if not torch.isfinite(plain).all():
+            assert not math.isfinite(bound)
         else:
-            assert (low, high) == (plain.min().item(), plain.max().item())
+            assert bound == pytest.approx(float(torch.linalg.vector_norm(plain.double())), rel=1e-5)
+            assert bound >= float(plain.abs().max()) * (1 - 1e-6)
 
-    # and with the ranges withheld (every row scanned by the contract) the run refuses the same
+    # and with the bounds withheld (every row scanned by the contract) the run refuses the same
     monkeypatch.setattr(training.TrainingExecutor, "_run_batched", original)
     from sim import mixing
 
     real_rows = mixing.Mixer.rows
     monkeypatch.setattr(
-        mixing.Mixer, "rows", lambda self, ident, first, block, ranges=None: real_rows(self, ident, first, block)
+        mixing.Mixer, "rows", lambda self, ident, first, block, bounds=None: real_rows(self, ident, first, block)
     )
     unscanned, _ = _run(_diverging())
     assert dict(unscanned.engine.refusals) == scanned

@@ -41,9 +41,7 @@ from p2pfl.protocols.base import (
     PeerId,
     PeerUp,
     Record,
-    Send,
     SendFailed,
-    TrainingDone,
 )
 from p2pfl.protocols.contract import Int, MessageSpec, Role
 from p2pfl.protocols.synchronous import MODEL, RoundSettings, SynchronousRoundProtocol
@@ -140,17 +138,9 @@ class DPSGD(SynchronousRoundProtocol):
         return torch.tensor([own, *others], dtype=torch.float32)
 
     # -- degrees ---------------------------------------------------------------------
-    def _on_trained(self, event: TrainingDone) -> list[Effect]:
-        """Send the trained model as the base does, with this peer's degree attached.
-
-        The sends share one message object; it gets its ``deg`` before any driver sees it.
-        """
-        effects = super()._on_trained(event)
-        if self.declares_degree:
-            for effect in effects:
-                if type(effect) is Send and effect.message.kind == MODEL:
-                    effect.message.meta[DEGREE] = self.degree
-        return effects
+    def _model_meta(self) -> dict[str, Any]:
+        """This peer's degree, which each neighbour's Metropolis-Hastings weight needs."""
+        return {DEGREE: self.degree} if self.declares_degree else {}
 
     def _learn_degree(self, event: MessageReceived) -> list[Effect]:
         """Take a neighbour's declared degree into its weight (or check it, if given)."""

@@ -168,6 +168,10 @@ class SynchronousRoundProtocol(Protocol):
             return []
         return []
 
+    def _model_meta(self) -> dict[str, Any]:
+        """The meta fields a trained model carries to the neighbours (none by default)."""
+        return {}
+
     def _start_round(self) -> list[Effect]:
         self.phase = "training"
         self.trained = None
@@ -178,7 +182,7 @@ class SynchronousRoundProtocol(Protocol):
             return []  # an answer to a training we no longer wait for
         self.trained = event.params
         self.phase = "collecting"
-        message = Message(MODEL, self.round, event.params)
+        message = Message(MODEL, self.round, event.params, self._model_meta())
         effects: list[Effect] = [Send(peer, message) for peer in self._recipients()]
         effects.append(SetTimer(ROUND_TIMER, event.now + self.round_timeout))
         effects.append(Record("train_loss", event.loss))
