@@ -222,13 +222,12 @@ class Protocol(ABC):
         self.rng = random.Random(f"{self._seed}:{label}")
 
     # -- the message contract ------------------------------------------------------
-    def screen(self, sender: PeerId, message: Message) -> Refusal | None:
-        """The contract's verdict on a received message; ``None``: hand it to ``handle``.
-
-        Drivers call this before ``handle(MessageReceived(...))`` and drop (and count)
-        what it refuses, so ``handle`` only ever sees declared kinds, fields and tensors.
-        """
-        return check_message(self, sender, message)
+    #: ``screen(sender, message)``: the contract's verdict on a received message; ``None``:
+    #: hand it to ``handle``. Drivers call it before ``handle(MessageReceived(...))`` and
+    #: drop (and count) what it refuses, so ``handle`` only ever sees declared kinds,
+    #: fields and tensors. The check itself (no wrapper call: a simulator screens every
+    #: message every peer receives); a wrapper of a protocol overrides it to delegate.
+    screen = check_message
 
     @property
     def message_dim(self) -> int:
