@@ -63,10 +63,24 @@ class Message:
 
 
 def _meta_size(value: Any) -> int:
-    if isinstance(value, dict):
-        return sum(_meta_size(k) + _meta_size(v) for k, v in value.items()) + 1
+    # exact types first, loops not generators: every message with meta is sized once
+    kind = type(value)
+    if kind is int or kind is float or kind is bool:
+        return 9
+    if kind is str or kind is bytes:
+        return len(value) + 1
+    if kind is dict:
+        total = 1
+        for key, item in value.items():
+            total += _meta_size(key) + _meta_size(item)
+        return total
     if isinstance(value, list | tuple):
-        return sum(_meta_size(v) for v in value) + 1
+        total = 1
+        for item in value:
+            total += _meta_size(item)
+        return total
     if isinstance(value, str | bytes):
         return len(value) + 1
+    if isinstance(value, dict):
+        return sum(_meta_size(k) + _meta_size(v) for k, v in value.items()) + 1
     return 9
