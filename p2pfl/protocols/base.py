@@ -27,7 +27,6 @@ from p2pfl.protocols.contract import (
     DEFAULT_MAX_ABS,
     DEFAULT_ROUND_LEAD,
     MessageSpec,
-    Refusal,
     Role,
     check_message,
 )

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any, ClassVar, TypedDict
 
 import torch
@@ -82,6 +83,8 @@ MODEL = "model"
 #: hostile identity alone cannot drag a peer ahead, in the simulator as on a node
 DEFAULT_CATCH_UP_QUORUM = 2
 ROUND_TIMER = "round"
+#: no peers (shared: most rounds miss nobody)
+_NONE: frozenset[str] = frozenset()
 
 
 def weighted_mean(stack: torch.Tensor, weights: torch.Tensor | None, own: int = 0) -> torch.Tensor:
@@ -133,7 +136,7 @@ class SynchronousRoundProtocol(Protocol):
         self.dropped_stale = 0
         self.dropped_ahead = 0
         #: expected senders whose model had not come when the last round ended
-        self.missed: set[PeerId] = set()
+        self.missed: AbstractSet[PeerId] = _NONE
 
     # -- hooks -----------------------------------------------------------------------
     @abstractmethod
@@ -265,7 +268,10 @@ class SynchronousRoundProtocol(Protocol):
         received = self.inbox.pop(self.round, {})
         senders = sorted(received)
         expected = self._expected_senders()
-        self.missed = set(expected) - received.keys() if expected is not None else set()
+        if expected is None or expected.issubset(received):
+            self.missed = _NONE  # the usual round: shared, not a new set per peer
+        else:
+            self.missed = set(expected) - received.keys()
         if senders:
             stack = torch.stack([self.trained, *(received[p] for p in senders)])
             weights = self._mixing_weights(senders)
@@ -298,4 +304,4 @@ class SynchronousRoundProtocol(Protocol):
         self.trained = None
         self.inbox.clear()
         self.ahead.clear()
-        self.missed.clear()
+        self.missed = _NONE
