@@ -240,9 +240,39 @@ def run_simulation(
         final = min(engine.progress(), scenario.rounds)
         if final not in measured:
             measure(final)
+        warning = timer_warning(simulation)
+        if warning is not None:
+            log.warning(warning)
     finally:
         simulation.wall_time = time.perf_counter() - started
     return simulation.rows
+
+
+#: above this share of round ends by the timer, a run says so (log and summary)
+TIMER_SHARE_WARNED = 0.5
+
+
+def rounds_closed_by_timer(engine: Engine) -> float | None:
+    """The share of the peers' round ends that came from the round timer rather than from
+    the last expected model (``None``: no round ended, or the protocol has no such timer)."""
+    ended = int(engine.stats.rounds_done.sum())
+    timeouts = engine.records.get("round_timeouts", 0.0)
+    return timeouts / ended if ended else None
+
+
+def timer_warning(simulation: Simulation) -> str | None:
+    """One line when most rounds closed on their timer: each then averaged only the
+    models that had arrived, which a user would otherwise take for the protocol's result."""
+    share = rounds_closed_by_timer(simulation.engine)
+    if share is None or share <= TIMER_SHARE_WARNED:
+        return None
+    timeout = simulation.scenario.protocol.model_dump().get("round_timeout")
+    setting = f" (protocol.round_timeout = {timeout:g} s)" if timeout is not None else ""
+    return (
+        f"{share:.0%} of the rounds closed on their round timer{setting}, not on their "
+        "messages: each averaged only the models that had arrived; raise "
+        "protocol.round_timeout or lower the load per round"
+    )
 
 
 def summarize(simulation: Simulation) -> dict[str, Any]:
@@ -263,6 +293,8 @@ def summarize(simulation: Simulation) -> dict[str, Any]:
         "training_batches": engine.executor.batches_run,
         "counters": dict(sorted(engine.records.items())),
         "relay_peers": int(len(simulation.relays)),
+        "rounds_closed_by_timer": rounds_closed_by_timer(engine),
+        "warnings": [w for w in (timer_warning(simulation),) if w is not None],
     }
 
 

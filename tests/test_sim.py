@@ -194,3 +194,40 @@ def test_example_node_configs_are_valid(path):
 @pytest.mark.parametrize("path", SCENARIO_FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_examples_are_valid(path):
     load_scenario(path)
+
+
+def test_a_run_whose_rounds_close_on_their_timer_says_so(caplog):
+    """A round timeout shorter than a round takes: every round ends on the timer with
+    only the models that arrived. The run says so in the log and in the summary."""
+    import logging
+
+    from sim.runner import build_simulation, run_simulation, summarize
+    from sim.scenario import scenario_from_dict
+
+    def run(timeout: float) -> dict:
+        raw = {
+            "name": "timer",
+            "seed": 1,
+            "rounds": 4,
+            "data": {"dataset": "digits", "partition": "iid", "batch_size": 16},
+            "model": {"name": "mlp", "hidden": [16], "lr": 0.1},
+            "topology": {"kind": "ring", "n": 6},
+            "protocol": {"name": "dpsgd", "local_steps": 1, "round_timeout": timeout},
+            # a message takes 1 s to arrive: a 0.1 s timer always fires first
+            "network": {"latency": 1.0, "step_time": 0.001},
+            "sim": {"eval_every": 4, "threads": 1},
+        }
+        simulation = build_simulation(scenario_from_dict(raw))
+        run_simulation(simulation, show_progress=False)
+        return summarize(simulation)
+
+    with caplog.at_level(logging.WARNING, logger="p2pfl.sim"):
+        late = run(0.1)
+    assert late["rounds_closed_by_timer"] == 1.0
+    assert len(late["warnings"]) == 1 and "round timer" in late["warnings"][0]
+    assert "protocol.round_timeout = 0.1 s" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="p2pfl.sim"):
+        fine = run(10.0)
+    assert fine["rounds_closed_by_timer"] == 0.0 and fine["warnings"] == []
+    assert "round timer" not in caplog.text
