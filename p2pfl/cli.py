@@ -15,7 +15,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(
     help="Fully decentralized peer-to-peer learning: simulator, real node, tools.",
@@ -59,6 +58,17 @@ def sim(
         str | None,
         typer.Option(help="run once per seed (1,2,3 or 1-5): a group folder, tables across seeds"),
     ] = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=1, help="with --seeds: seeds at once, in local processes")
+    ] = 1,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="with --seeds: run seeds as Ray tasks: local (a private instance of --jobs CPUs), "
+            "auto or an address; each task writes its seed folder where it runs, so use one machine "
+            "(or shared storage); needs the ray extra"
+        ),
+    ] = None,
     tensorboard: Annotated[
         bool, typer.Option(help="also write TensorBoard event files (needs the optional tensorboard package, extra 'tracking')")
     ] = False,
@@ -85,8 +95,10 @@ def sim(
             require_tensorboard()
         config = load_scenario(scenario, set_ or [])
         if seeds is not None:
-            _sim_seeds(config, seeds, out, provenance, progress, tensorboard)
+            _sim_seeds(config, seeds, out, provenance, progress, tensorboard, jobs, ray)
             return
+        if jobs > 1 or ray is not None:
+            _fail("--jobs and --ray run the seeds of --seeds in parallel; add --seeds 1,2,3")
         simulation = build_simulation(config)
         run_dir = prepare_out_dir(out) if out is not None else default_run_dir(config, provenance)
     except (ScenarioError, DatasetUnavailable, RunFolderError, TrackingUnavailable) as error:
@@ -102,6 +114,8 @@ def sim(
     except KeyboardInterrupt:
         print(f"interrupted: {len(simulation.rows)} rows so far in {run_dir}", file=sys.stderr)
         raise typer.Exit(130) from None
+    from rich.table import Table
+
     last = simulation.rows[-1]
     table = Table(title=f"{config.name}: {config.protocol.name}, {simulation.engine.n} peers")
     for column in ("round", "mean acc", "min acc", "max acc", "MB sent", "virtual s", "wall s"):
@@ -129,11 +143,18 @@ def sim(
 
 
 def _sim_seeds(
-    config: Any, seeds: str, out: Path | None, provenance: Any, progress: bool, tensorboard: bool
+    config: Any, seeds: str, out: Path | None, provenance: Any, progress: bool, tensorboard: bool,
+    jobs: int = 1, ray: str | None = None,
 ) -> None:
-    """``p2pfl sim --seeds``: one run folder per seed in a group folder, then the tables."""
+    """``p2pfl sim --seeds``: one run folder per seed in a group folder, then the tables.
+    Seeds run through ``sim.cells`` (serially, ``--jobs`` processes or Ray): a seed that
+    fails is one line on stderr, the others complete, and the exit status is then 1."""
+    from sim.cells import CellsError
     from sim.rundir import prepare_out_dir
-    from sim.seeds import group_dir_for, parse_seeds, run_seed_group
+    from sim.seeds import SeedFailure, cells_executor, group_dir_for, parse_seeds, run_seed_group
+
+    def failed(failure: SeedFailure) -> None:
+        print(f"error: seed {failure.seed} failed: {failure.error}", file=sys.stderr)
 
     try:
         chosen = parse_seeds(seeds)
@@ -143,14 +164,22 @@ def _sim_seeds(
     group_dir = prepare_out_dir(out) if out is not None else group_dir_for(config, chosen, provenance)
     try:
         result = run_seed_group(
-            config, chosen, group_dir, provenance=provenance, show_progress=progress,
-            tensorboard=tensorboard,
+            config, chosen, group_dir, provenance=provenance,
+            show_progress=progress and jobs == 1 and ray is None,  # one bar, not one per worker
+            tensorboard=tensorboard, executor=cells_executor(jobs, ray, on_failed=failed),
         )
+    except CellsError as error:
+        _fail(str(error))
+        return
     except KeyboardInterrupt:
         print(f"interrupted: the seeds so far are in {group_dir} (seeds.md)", file=sys.stderr)
         raise typer.Exit(130) from None
     print((group_dir / "seeds.md").read_text())
     print(f"{len(result.runs)} seeds; results in {group_dir} (seeds.csv, seeds.md, seeds.png)")
+    if result.failed:
+        seeds_failed = ", ".join(str(f.seed) for f in result.failed)
+        print(f"error: seed(s) {seeds_failed} failed (traceback in {group_dir}/seed-<n>/error.txt)", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -258,6 +287,8 @@ def topo(
     except TopologyError as error:
         _fail(str(error))
         return
+    from rich.table import Table
+
     stats = graph_stats(graph)
     table = Table(title=f"{kind} graph, n={graph.number_of_nodes()}")
     table.add_column("statistic")

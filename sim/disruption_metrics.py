@@ -41,7 +41,8 @@ CONNECTIVITY_COLUMNS = [
     "acc_component_min",
     "acc_by_component",
 ]
-"""Columns added to the metrics rows; ``acc_*`` are means over evaluated peers (NaN if none)."""
+"""Columns added to the metrics rows; ``acc_*`` are means over evaluated peers (NaN if none).
+The runtime adds :data:`sim.metrics.ALL_DEVICES_COLUMNS` too (dead peers' last models)."""
 
 _COMPONENTS_LISTED = 8
 
@@ -121,7 +122,8 @@ def plot_disruption_run(
     title: str,
     events: Sequence[tuple[float, str]] = (),
 ) -> list[Path]:
-    """``disruption.png``: accuracy (overall, largest component, outside it, isolated, and
+    """``disruption.png``: accuracy (alive peers, all devices with the dead ones' last
+    models, largest component, outside it, isolated, and
     peers without data when there are relays) over
     rounds above connectivity (largest component and alive peers as shares of all peers,
     number of components), with each disruption marked by a labelled vertical line."""
@@ -136,6 +138,8 @@ def plot_disruption_run(
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.0, 6.4), sharex=True)
     top.plot(rounds, column("acc_mean"), marker="o", markersize=3, label="all alive peers (mean)")
     top.fill_between(rounds, column("acc_min"), column("acc_max"), alpha=0.15, label="min-max")
+    if any("acc_mean_all" in r for r in rows):  # dead devices with their last model
+        top.plot(rounds, column("acc_mean_all"), linestyle="--", label="all devices (mean)")
     top.plot(rounds, column("acc_largest_component"), linestyle="-", label="largest component")
     top.plot(rounds, column("acc_outside_largest"), linestyle="-.", label="outside largest")
     top.plot(

@@ -40,6 +40,16 @@ METRIC_COLUMNS = [
     "test_samples",
 ]
 
+ALL_DEVICES_COLUMNS = [
+    "acc_mean_all",
+    "acc_min_all",
+    "acc_max_all",
+    "acc_std_all",
+    "peers_evaluated_all",
+]
+"""Accuracy over every started device, the dead ones with the model they last held
+(added by the disruption runtime; ``acc_*`` above are over live peers only)."""
+
 
 def consensus_distance(models: list[torch.Tensor], chunk: int = 512) -> float:
     """Mean L2 distance of the models to their average (0 when all agree)."""
@@ -82,26 +92,42 @@ class Evaluator:
         if eval_peers and eval_peers < n_peers:
             self.peer_sample = np.sort(rng.choice(n_peers, eval_peers, replace=False))
         self.chunk = chunk
+        self.last_all_peers: list[int] = []
+        self.last_all_accuracy: np.ndarray = np.zeros(0)
         self.started = time.perf_counter()
         self.seconds = 0.0  # wall time spent measuring (kept out of the rows: not reproducible)
 
-    def measure(self, engine: Engine, round_: int) -> dict[str, Any]:
-        started = time.perf_counter()
-        candidates = (
-            self.peer_sample if self.peer_sample is not None else np.arange(engine.n)
-        )
-        alive = [int(i) for i in candidates if engine.alive[i] and engine.started[i]]
-        models = [plain(engine.protocols[i].params) for i in alive]
+    def _evaluate(self, models: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accuracy and loss of each model (float64), a block of ``chunk`` at a time."""
         accuracies, losses = [], []
         for start in range(0, len(models), self.chunk):
             block = torch.stack(models[start : start + self.chunk])
             result = evaluate(self.trainer, block, self.x_test, self.y_test)
             accuracies.append(result.accuracy)
             losses.append(result.loss)
-        acc = torch.cat(accuracies).double() if accuracies else torch.full((1,), float("nan"))
+        empty = torch.zeros(0, dtype=torch.float64)
+        acc = torch.cat(accuracies).double() if accuracies else empty
+        loss = torch.cat(losses).double() if losses else empty
+        return acc, loss
+
+    def measure(self, engine: Engine, round_: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        candidates = self.peer_sample if self.peer_sample is not None else np.arange(engine.n)
+        alive = [int(i) for i in candidates if engine.alive[i] and engine.started[i]]
+        models = [plain(engine.protocols[i].params) for i in alive]
+        live_acc, live_loss = self._evaluate(models)
         # per-peer accuracies, for breakdowns such as accuracy per connected component
-        self.last_peers, self.last_accuracy = alive, acc[: len(alive)].numpy()
-        loss = torch.cat(losses).double() if losses else torch.full((1,), float("nan"))
+        self.last_peers, self.last_accuracy = alive, live_acc.numpy()
+        # Devices that died keep the model they last held: a disaster study that averages
+        # over survivors only hides what the dead devices' owners are left with. They are
+        # evaluated only when there are any (runs without failures pay nothing).
+        dead = [int(i) for i in candidates if not engine.alive[i] and engine.started[i]]
+        dead_acc, _ = self._evaluate([plain(engine.protocols[i].params) for i in dead])
+        self.last_all_peers = alive + dead
+        self.last_all_accuracy = torch.cat([live_acc, dead_acc]).numpy()
+        nan = torch.full((1,), float("nan"), dtype=torch.float64)
+        acc = live_acc if live_acc.numel() else nan
+        loss = live_loss if live_loss.numel() else nan
         sent = engine.stats.bytes_sent
         row = {
             "round": round_,
@@ -123,6 +149,25 @@ class Evaluator:
         }
         self.seconds += time.perf_counter() - started
         return row
+
+
+def all_devices_row(accuracy: np.ndarray | Any) -> dict[str, Any]:
+    """``ALL_DEVICES_COLUMNS`` from the accuracies of every evaluated device, dead or alive.
+
+    The counterpart of ``acc_mean`` / ``acc_min`` / ``acc_max`` / ``acc_std`` /
+    ``peers_evaluated``, which cover the peers still alive only (survivor-biased).
+    """
+    acc = np.asarray(accuracy, dtype=np.float64).reshape(-1)
+    if not acc.size:
+        nan = float("nan")
+        return dict.fromkeys(ALL_DEVICES_COLUMNS[:-1], nan) | {"peers_evaluated_all": 0}
+    return {
+        "acc_mean_all": float(acc.mean()),
+        "acc_min_all": float(acc.min()),
+        "acc_max_all": float(acc.max()),
+        "acc_std_all": float(acc.std(ddof=1)) if acc.size > 1 else 0.0,
+        "peers_evaluated_all": int(acc.size),
+    }
 
 
 def csv_columns(rows: list[dict[str, Any]]) -> list[str]:

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import tomli_w
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from p2pfl.jsonsafe import dumps as safe_json
 from p2pfl.learning import BatchSampler, Dataset, LocalTrainer, load_dataset
@@ -39,7 +38,6 @@ from sim.metrics import Evaluator, RowRecorder, write_csv
 from sim.mixing import deferred_aggregate
 from sim.naming import name_peers
 from sim.network import Network
-from sim.plots import plot_run
 from sim.rundir import Provenance, claim_run_dir
 from sim.scenario import Scenario, ScenarioError
 from sim.training import TrainingExecutor
@@ -223,6 +221,14 @@ def run_simulation(
     try:  # the wall time is kept also when Ctrl-C stops the run
         measure(0)
         if show_progress:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             columns = (
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -392,6 +398,8 @@ def write_run(
     (out_dir / "summary.json").write_text(safe_json(summary, indent=2, default=float) + "\n")
     if not plots:
         return out_dir
+    from sim.plots import plot_run  # lazily: matplotlib only when plots are written
+
     plot_run(simulation.rows, out_dir, title=scenario.name, events=simulation.events)
     if simulation.disruptions is not None:
         simulation.disruptions.write(out_dir, title=scenario.name)

@@ -18,15 +18,21 @@ own. Then, from what is on disk:
 
 Seeds run through an *executor*: a function from a list of :class:`SeedJob` to the
 :class:`~sim.result.SimResult` of each. :func:`serial_executor` runs them one after the
-other; a parallel one (processes, Ray tasks) can be passed instead, as every job is a
-plain, picklable value and :func:`run_seed_job` a module-level function.
+other; :func:`cells_executor` runs them through :func:`sim.cells.run_cells` (``p2pfl sim
+--seeds ... --jobs N``: a local process pool, or Ray tasks), possible because every job is
+a plain, picklable value and :func:`run_seed_job` a module-level function. An executor may
+yield a :class:`SeedFailure` for a seed that raised: the other seeds complete, the table is
+over the completed ones, and ``group.json`` (``failed``) and ``seeds.md`` name the failed
+seed, whose traceback is in its folder's ``error.txt``. Results are the same whichever way
+the seeds ran (each seed is its own process-independent run; the files are written from disk
+in seed order), except the wall-clock column ``wall_s``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,10 +54,12 @@ from sim.scenario import Scenario
 __all__ = [
     "SEED_METRICS",
     "SeedExecutor",
+    "SeedFailure",
     "SeedGroupResult",
     "SeedJob",
     "parse_seeds",
     "run_seed_group",
+    "cells_executor",
     "run_seed_job",
     "serial_executor",
     "write_seed_report",
@@ -100,29 +108,74 @@ def run_seed_job(job: SeedJob) -> SimResult:
     return SimResult(rows, summary, job.run_dir, job.scenario)
 
 
-#: runs the jobs (in any order, any number at once) and yields each one's result
-SeedExecutor = Callable[[Sequence[SeedJob]], Iterable[SimResult]]
+@dataclass(frozen=True)
+class SeedFailure:
+    """A seed whose run raised: the others go on; the group lists it as failed."""
+
+    seed: int
+    error: str  # one line: "ExceptionType: message"
+    detail: str = ""  # the traceback, written to the seed folder's error.txt
 
 
-def serial_executor(jobs: Sequence[SeedJob]) -> Iterable[SimResult]:
+#: runs the jobs (in any order, any number at once) and yields each one's result (or failure)
+SeedExecutor = Callable[[Sequence[SeedJob]], Iterable["SimResult | SeedFailure"]]
+
+
+def serial_executor(jobs: Sequence[SeedJob]) -> Iterable[SimResult | SeedFailure]:
+    """One seed after the other in this process; an exception ends the group (API default)."""
     for job in jobs:
         yield run_seed_job(job)
 
 
+def cells_executor(
+    jobs: int = 1, ray: str | None = None, on_failed: Callable[[SeedFailure], None] | None = None
+) -> SeedExecutor:
+    """An executor on :func:`sim.cells.run_cells`: ``jobs`` local processes (1: in this
+    process), or Ray tasks (``ray``: ``local``, ``auto`` or an address). A seed that raises
+    becomes a :class:`SeedFailure` (``on_failed`` sees it as it happens) and the others go on.
+
+    Ray: each task writes its seed folder on the machine it runs on, so the group is complete
+    only on a single-machine cluster (``local``, or ``auto`` on one node) or shared storage.
+    """
+    from sim.cells import run_cells
+
+    def execute(seed_jobs: Sequence[SeedJob]) -> Iterable[SimResult | SeedFailure]:
+        def done(outcome: Any) -> None:
+            if not outcome.ok and on_failed is not None:
+                on_failed(_failure(seed_jobs[outcome.index], outcome.error, outcome.detail))
+
+        outcomes = run_cells(run_seed_job, list(seed_jobs), jobs=jobs, ray=ray, on_done=done)
+        for outcome in outcomes:  # task (seed) order, whatever finished first
+            if outcome.ok and outcome.value is not None:
+                yield outcome.value
+            else:
+                yield _failure(seed_jobs[outcome.index], outcome.error or "no result", outcome.detail)
+
+    return execute
+
+
+def _failure(job: SeedJob, error: str, detail: str) -> SeedFailure:
+    return SeedFailure(int(job.scenario.seed), error, detail)
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"1,2,3"`` or ``"1-5"`` (or both: ``"1-3,7"``) -> distinct seeds, in order."""
+    """``"1,2,3"`` or ``"1-5"`` (or both: ``"1-3,7"``) -> distinct seeds, in order.
+
+    The size of a range is checked before it is made: a typo such as ``1-100000000`` is
+    refused in one line, not expanded. ``ValueError`` names what was wrong.
+    """
     seeds: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         low, dash, high = part.partition("-")
         try:
-            chunk = list(range(int(low), int(high) + 1)) if dash and low else [int(part)]
+            first, last = (int(low), int(high)) if dash and low else (int(part), int(part))
         except ValueError:
             raise ValueError(f"--seeds: {part!r} is not a seed (expected e.g. 1,2,3 or 1-5)") from None
-        if len(seeds) + len(chunk) > MAX_SEEDS:
+        if last - first >= MAX_SEEDS or len(seeds) + last - first >= MAX_SEEDS:
             raise ValueError(f"--seeds: more than {MAX_SEEDS} seeds")
-        seeds.extend(s for s in chunk if s not in seeds)
+        seeds.extend(seed for seed in range(first, last + 1) if seed not in seeds)
     if not seeds:
         raise ValueError(f"--seeds: no seed in {text!r} (expected e.g. 1,2,3 or 1-5)")
     return seeds
@@ -135,6 +188,7 @@ class SeedGroupResult:
     runs: list[SimResult]
     table: list[dict[str, Any]]
     group_dir: Path
+    failed: list[SeedFailure] = field(default_factory=list)  # seeds that raised (cells_executor)
 
     def to_pandas(self) -> Any:
         """``seeds.csv`` as a ``pandas.DataFrame`` indexed by metric (pandas is optional)."""
@@ -162,6 +216,9 @@ def run_seed_group(
     """Run ``scenario`` once per seed into ``group_dir`` (existing, empty) and write the report
     (``plots=False``: no PNGs in the seeds' folders; ``seeds.png`` is always drawn).
 
+    Seeds the executor reports as :class:`SeedFailure` are listed in ``group.json``
+    (``failed``: seed -> error) and ``seeds.md``, their traceback in ``seed-<n>/error.txt``;
+    the group's status is then ``failed`` and the table is over the completed seeds.
     On Ctrl-C the report is written over the seeds that exist (the running one marked
     interrupted) with the group's status ``interrupted``, then the interrupt goes on; a
     seed that fails (a scenario error) leaves the group ``failed`` the same way.
@@ -194,16 +251,28 @@ def run_seed_group(
     }
     _write_group_json(group_dir, {**meta, "status": "running"})
     results: list[SimResult] = []
+    failures: list[SeedFailure] = []
     try:
-        results.extend(executor(jobs))
+        for item in executor(jobs):
+            if isinstance(item, SeedFailure):
+                failures.append(item)
+                (group_dir / f"seed-{item.seed}" / "error.txt").write_text(item.detail or item.error + "\n")
+            else:
+                results.append(item)
     except BaseException as error:  # Ctrl-C, or a seed that cannot run: keep what exists
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        _write_group_json(group_dir, {**meta, "status": status})
+        _write_group_json(group_dir, {**meta, "status": status, **_failed_field(failures)})
         write_seed_report(group_dir, title=scenario.name)
         raise
-    _write_group_json(group_dir, {**meta, "status": "completed"})
+    status = "failed" if failures else "completed"
+    _write_group_json(group_dir, {**meta, "status": status, **_failed_field(failures)})
     table = write_seed_report(group_dir, title=scenario.name)
-    return SeedGroupResult(results, table, group_dir)
+    return SeedGroupResult(results, table, group_dir, failures)
+
+
+def _failed_field(failures: Sequence[SeedFailure]) -> dict[str, Any]:
+    ordered = sorted(failures, key=lambda f: f.seed)
+    return {"failed": {str(f.seed): f.error for f in ordered}} if failures else {}
 
 
 def _write_group_json(group_dir: Path, meta: dict[str, Any]) -> None:
@@ -266,21 +335,36 @@ def write_seed_report(group_dir: Path, *, title: str | None = None) -> list[dict
     seed folders on disk; returns the rows of ``seeds.csv``."""
     from sim.compare import plot_entries
 
-    [entry] = read_entries([group_dir])
-    runs = [run for run in entry.runs if run.rows]
+    failed = _read_failed(group_dir)
+    runs: list[RunData] = []
+    if any(group_dir.glob("seed-*/metrics.csv")):  # none when every seed failed before a row
+        [entry] = read_entries([group_dir])
+        runs = [run for run in entry.runs if run.rows]
     # a seed stopped early would drag the mean toward its early rounds: the statistics
     # are over the completed seeds (over all only when none completed)
     completed = [run for run in runs if run.status == "completed"]
     summarised = completed or runs
     table = seed_table(summarised)
-    per_seed = [{"seed": run.seed, "status": run.status, **run_metrics(run)} for run in runs]
+    per_seed = [
+        {"seed": run.seed, "status": "failed" if str(run.seed) in failed else run.status, **run_metrics(run)}
+        for run in runs
+    ]
+    listed = {str(row["seed"]) for row in per_seed}
+    nan = float("nan")  # a seed that failed before its first row: listed, no metrics
+    per_seed += [{"seed": int(s), "status": "failed", **dict.fromkeys(SEED_METRICS, nan)} for s in failed if s not in listed]
+    per_seed.sort(key=lambda row: _seed_key(row["seed"]))
     curve = seed_curve(summarised)
     write_table_csv(SEEDS_COLUMNS, table, group_dir / "seeds.csv")
     write_table_csv(PER_SEED_COLUMNS, per_seed, group_dir / "per_seed.csv")
     write_table_csv(CURVE_COLUMNS, curve, group_dir / "curve.csv")
     heading = title or group_dir.name
-    unfinished = [str(r["seed"]) for r in per_seed if r["status"] != "completed"]
+    unfinished = [str(r["seed"]) for r in per_seed if r["status"] not in ("completed", "failed")]
     notes = [SPREAD_NOTE]
+    if failed:
+        notes.append(
+            "Failed: " + "; ".join(f"seed {s} ({error})" for s, error in failed.items())
+            + "; listed per seed (traceback in seed-<n>/error.txt), left out of the statistics."
+        )
     if unfinished and completed:
         notes.append(f"Not completed (Ctrl-C): seed {', '.join(unfinished)}; listed per seed, left out of the statistics.")
     elif unfinished:
@@ -295,3 +379,20 @@ def write_seed_report(group_dir: Path, *, title: str | None = None) -> list[dict
     if summarised:
         plot_entries([Entry(heading, "seeds", summarised, group_dir)], group_dir / "seeds.png", title=heading, members=True)
     return table
+
+
+def _read_failed(group_dir: Path) -> dict[str, str]:
+    """``group.json``'s ``failed`` (seed -> error line), empty when none or no group.json."""
+    try:
+        meta = json.loads((group_dir / "group.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    failed = meta.get("failed") if isinstance(meta, dict) else None
+    return {str(k): str(v) for k, v in failed.items()} if isinstance(failed, dict) else {}
+
+
+def _seed_key(seed: Any) -> tuple[int, Any]:
+    try:
+        return (0, int(seed))
+    except (TypeError, ValueError):
+        return (1, str(seed))

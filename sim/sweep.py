@@ -65,6 +65,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from p2pfl.config import Strict, apply_overrides
 from sim.cells import Outcome, run_cells
 from sim.scenario import Scenario, ScenarioError, scenario_from_dict
+from sim.seeds import parse_seeds
 from sim.sweep_cell import CellTask, clear_staging, place_files, read_back, run_cell, signature
 from sim.sweep_results import (
     SWEEP_METRICS,
@@ -376,26 +377,9 @@ def run_sweep(
     return out_dir, results
 
 
-#: the most seeds ``--seeds`` takes (a typo such as 1-100000 is refused, not run)
-MAX_SEEDS = 1000
-
-
 def parse_seed_list(text: str) -> list[int]:
-    """``"1,2,3"``, ``"1-5"`` or both (``"1-3,7"``) -> distinct seeds in order (``--seeds``)."""
-    seeds: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        low, dash, high = part.partition("-")
-        try:
-            first, last = (int(low), int(high)) if dash and low else (int(part), int(part))
-        except ValueError:
-            raise ScenarioError(
-                f"--seeds: {part!r} is not a seed (expected e.g. 1,2,3 or 1-5)"
-            ) from None
-        if last - first >= MAX_SEEDS or len(seeds) + last - first >= MAX_SEEDS:
-            raise ScenarioError(f"--seeds: more than {MAX_SEEDS} seeds")
-        seeds.extend(seed for seed in range(first, last + 1) if seed not in seeds)
-    if not seeds:
-        raise ScenarioError(f"--seeds: no seed in {text!r} (expected e.g. 1,2,3 or 1-5)")
-    return seeds
+    """``--seeds`` of a sweep: :func:`sim.seeds.parse_seeds`, its error a ScenarioError."""
+    try:
+        return parse_seeds(text)
+    except ValueError as error:
+        raise ScenarioError(str(error)) from None

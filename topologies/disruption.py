@@ -65,6 +65,7 @@ def select_peers(
     *,
     seed: int = 0,
     candidates: Iterable[int] | None = None,
+    recompute: bool = False,
 ) -> list[int]:
     """Pick peers to fail from ``candidates`` (default: all peers), ranked by ``strategy``.
 
@@ -73,6 +74,11 @@ def select_peers(
     the peers most shortest paths cross); ties are broken at random under ``seed``.
     ``candidates`` restricts the pool, e.g. to data-holders or to relay-only peers, and a
     fraction is a share of that pool.
+
+    ``recompute=True`` is the adaptive attack: peers are taken one at a time, each the
+    highest-ranked on what is left of ``g`` once the earlier picks are removed (an
+    attacker who re-measures the network after every loss hits harder than one ranking
+    it once). It costs one ranking per pick; with ``"random"`` it changes nothing.
     """
     _check_choice("peer strategy", strategy, PEER_STRATEGIES)
     pool = sorted(g.nodes) if candidates is None else sorted(set(candidates))
@@ -82,6 +88,8 @@ def select_peers(
     count = _resolve_count(count_or_fraction, len(pool), "peers")
     rng = np.random.default_rng(seed)
     order = [pool[i] for i in rng.permutation(len(pool))]
+    if recompute and strategy != "random":
+        return _adaptive_order(g, order, count, strategy, seed)
     if strategy == "degree":
         order.sort(key=lambda p: -g.degree(p))
     elif strategy == "betweenness":
@@ -253,6 +261,29 @@ def _betweenness(g: nx.Graph, seed: int) -> dict[int, float]:
     n = g.number_of_nodes()
     pivots = None if n <= EXACT_BETWEENNESS_LIMIT else BETWEENNESS_PIVOTS
     return nx.betweenness_centrality(g, k=pivots, seed=seed)
+
+
+def _adaptive_order(
+    g: nx.Graph, order: list[int], count: int, strategy: PeerStrategy, seed: int
+) -> list[int]:
+    """Take ``count`` peers of ``order`` one by one, each ranked on the graph left so far.
+
+    ``order`` is the candidates in their seeded tie-breaking order: among equal scores
+    the earliest wins, as in the one-shot ranking.
+    """
+    remaining = nx.Graph(g)
+    left = list(order)
+    chosen: list[int] = []
+    for _ in range(count):
+        if strategy == "degree":
+            score: dict[int, float] = {p: float(remaining.degree(p)) for p in left}
+        else:
+            score = _betweenness(remaining, seed)
+        best = max(range(len(left)), key=lambda i: (score[left[i]], -i))
+        peer = left.pop(best)
+        chosen.append(peer)
+        remaining.remove_node(peer)
+    return chosen
 
 
 def _bisect(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import networkx as nx
 import numpy as np
-from scipy.spatial import cKDTree
 
 __all__ = ["NX_LAYOUT_LIMIT", "layout"]
 
@@ -41,6 +40,8 @@ def _fruchterman_reingold(
     g: nx.Graph, nodes: list[int], *, seed: int, iterations: int
 ) -> np.ndarray:
     """Fruchterman-Reingold (grid variant) from random points, rescaled to ``[-1, 1]``."""
+    from scipy.spatial import cKDTree  # lazily: a run that draws no graph never needs it
+
     n = len(nodes)
     index = {node: i for i, node in enumerate(nodes)}
     edges = np.array([(index[u], index[v]) for u, v in g.edges if u != v], dtype=np.int64)

@@ -6,7 +6,8 @@ A scenario lists its disruptions as an array of tables::
     kind = "crash"            # crash | recover | link_failure | region_outage | partition
     at_round = 20             #   | heal | battery | churn | join | data_loss
     count = 8
-    strategy = "degree"
+    strategy = "degree"       # random | degree | betweenness
+    recompute = true          # re-rank on the graph left after each loss (adaptive attack)
     among = "relays"
 
 Each table is validated in :mod:`~sim.disruptions.config` (pydantic, a discriminated

@@ -112,10 +112,28 @@ class Crash(_TargetedSelection):
     """Peers stop at once (device destroyed, power lost); neighbours notice on failed sends."""
 
     kind: Literal["crash"]
+    recompute: bool = Field(
+        False,
+        description="rank on the graph left by earlier losses, re-ranking after each pick "
+        "(needs strategy degree or betweenness)",
+    )
+
+    @model_validator(mode="after")
+    def _check_recompute(self) -> Crash:
+        if self.recompute and (self.peers is not None or self.strategy == "random"):
+            raise ValueError(
+                "recompute needs strategy = 'degree' or 'betweenness' (and no explicit peers)"
+            )
+        return self
 
     def _describe(self) -> str:
         pool = "" if self.among == "all" else f" {self.among.replace('_', '-')}"
-        how = "" if self.peers is not None or self.strategy == "random" else f" ({self.strategy})"
+        again = ", recomputed" if self.recompute else ""
+        how = (
+            ""
+            if self.peers is not None or self.strategy == "random"
+            else f" ({self.strategy}{again})"
+        )
         return f"crash {_amount_text(self.count, self.fraction, self.peers)}{pool}{how}"
 
 

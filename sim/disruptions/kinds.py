@@ -118,21 +118,29 @@ class GraphHit(DisruptionAction):
         seed: int,
         alive: Collection[int] | None = None,
         relays: Collection[int] = (),
+        failed_links: Collection[Edge] = (),
     ) -> Targets:
         """The peers or links this disruption takes out of ``graph``, deterministic in ``seed``.
 
         ``alive`` (default: every peer) restricts peer choices to peers still up, so
         "crash 8" really takes 8 more; a count larger than the pool left takes the whole
-        pool. Rankings (degree, betweenness, bridges) are measured on the intact ``graph``.
+        pool. Rankings (degree, betweenness, bridges) are measured on the intact ``graph``,
+        except for a crash with ``recompute``: it ranks on the graph that is left (alive
+        peers, without ``failed_links``) and re-ranks after each peer it takes.
         """
         alive_set = set(graph.nodes) if alive is None else set(alive)
         try:
-            return self._pick(graph, seed, alive_set, relays)
+            return self._pick(graph, seed, alive_set, relays, failed_links)
         except TopologyError as error:
             raise DisruptionError(str(error)) from None
 
     def _pick(
-        self, graph: nx.Graph, seed: int, alive: set[int], relays: Collection[int]
+        self,
+        graph: nx.Graph,
+        seed: int,
+        alive: set[int],
+        relays: Collection[int],
+        failed_links: Collection[Edge] = (),
     ) -> Targets:
         raise NotImplementedError
 
@@ -143,6 +151,7 @@ class GraphHit(DisruptionAction):
             seed=seed_for(runtime.seed, self.index),
             alive=alive,
             relays=runtime.relays,
+            failed_links=set(runtime.network.failed_links),
         )
         down = tuple(p for p in targets.peers if runtime.take_down(p, self.reason))
         cut = tuple(e for e in targets.links if runtime.cut_link(e))
@@ -167,7 +176,12 @@ class CrashAction(GraphHit):
         _check_count(self.spec.count, self.spec.among, runtime)
 
     def _pick(
-        self, graph: nx.Graph, seed: int, alive: set[int], relays: Collection[int]
+        self,
+        graph: nx.Graph,
+        seed: int,
+        alive: set[int],
+        relays: Collection[int],
+        failed_links: Collection[Edge] = (),
     ) -> Targets:
         spec = self.spec
         if spec.peers is not None:
@@ -176,7 +190,13 @@ class CrashAction(GraphHit):
         pool = peer_pool(graph, spec.among, relays) & alive
         amount = spec.fraction if spec.count is None else min(spec.count, len(pool))
         assert amount is not None  # the schema asks for exactly one of them
-        chosen = select_peers(graph, amount, spec.strategy, seed=seed, candidates=pool)
+        ranked_on = graph
+        if spec.recompute:  # the graph the earlier losses left: alive peers, links up
+            ranked_on = nx.Graph(graph.subgraph(alive))
+            ranked_on.remove_edges_from(e for e in failed_links if ranked_on.has_edge(*e))
+        chosen = select_peers(
+            ranked_on, amount, spec.strategy, seed=seed, candidates=pool, recompute=spec.recompute
+        )
         return Targets(peers=tuple(chosen))
 
 
@@ -188,7 +208,12 @@ class RegionOutageAction(GraphHit):
         _check_geometric(runtime)
 
     def _pick(
-        self, graph: nx.Graph, seed: int, alive: set[int], relays: Collection[int]
+        self,
+        graph: nx.Graph,
+        seed: int,
+        alive: set[int],
+        relays: Collection[int],
+        failed_links: Collection[Edge] = (),
     ) -> Targets:
         inside = region_outage(graph, self.spec.center, self.spec.radius)
         return Targets(peers=tuple(sorted(inside & alive)))
@@ -203,7 +228,12 @@ class LinkFailureAction(GraphHit):
             self.targets(runtime.graph, seed=0)  # refuses links that are not in the graph
 
     def _pick(
-        self, graph: nx.Graph, seed: int, alive: set[int], relays: Collection[int]
+        self,
+        graph: nx.Graph,
+        seed: int,
+        alive: set[int],
+        relays: Collection[int],
+        failed_links: Collection[Edge] = (),
     ) -> Targets:
         spec = self.spec
         if spec.links is not None:
@@ -225,7 +255,12 @@ class PartitionAction(GraphHit):
             _check_geometric(runtime)
 
     def _pick(
-        self, graph: nx.Graph, seed: int, alive: set[int], relays: Collection[int]
+        self,
+        graph: nx.Graph,
+        seed: int,
+        alive: set[int],
+        relays: Collection[int],
+        failed_links: Collection[Edge] = (),
     ) -> Targets:
         groups = partition_groups(graph, self.spec.parts, seed=seed, method=self.spec.method)
         return Targets(links=tuple(cut_edges(graph, groups)))
@@ -439,6 +474,7 @@ def choose_targets(
     seed: int,
     alive: Collection[int] | None = None,
     relays: Collection[int] = (),
+    failed_links: Collection[Edge] = (),
 ) -> Targets:
     """Pick the peers or links that ``spec`` (crash, region_outage, link_failure,
     partition) takes out of ``graph``, deterministically under ``seed``
@@ -446,7 +482,7 @@ def choose_targets(
     action = action_for(spec, 0)
     if not isinstance(action, GraphHit):
         raise DisruptionError(f"{spec.kind} is not a one-off disruption of a graph")
-    return action.targets(graph, seed=seed, alive=alive, relays=relays)
+    return action.targets(graph, seed=seed, alive=alive, relays=relays, failed_links=failed_links)
 
 
 # ------------------------------------------------------------------ checks

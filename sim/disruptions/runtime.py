@@ -25,6 +25,7 @@ from sim.disruptions.battery import BatteryBank
 from sim.disruptions.config import Edge
 from sim.disruptions.kinds import DisruptionAction, action_for
 from sim.errors import DisruptionError, ScenarioError
+from sim.metrics import all_devices_row
 from topologies import Battery
 
 if TYPE_CHECKING:
@@ -255,6 +256,8 @@ class DisruptionRuntime:
             self.graph, self.engine.alive, self.network.failed_links, peers, accuracy
         )
         row["peers_depleted"] = len(self.depleted)
+        # beside the survivors' acc_*: every device, the dead with their last model
+        row.update(all_devices_row(getattr(evaluator, "last_all_accuracy", ())))
         if self.relays:  # relays (and peers that lost their data) apart from data-holders
             relay = np.zeros(self.n, dtype=bool)
             relay[list(self.relays)] = True
