@@ -45,10 +45,24 @@ def test_five_processes_converge_and_a_killed_peer_resumes(tmp_path: Path) -> No
         cluster.wait_for(lambda: all(cluster.rounds_done(i) >= 6 for i in range(5)), 150, "round 6 everywhere")
 
         victim = 3
+        victim_id = cluster.status(victim)["peer_id"]
+        others = [i for i in range(5) if i != victim]
+        logs = {i: cluster.root / f"peer{i}.log" for i in others}
+        already = {i: logs[i].read_text(errors="replace").count(f"{victim_id} lost") for i in others}
         cluster.kill(victim)
+        # every neighbour says so at WARNING, within ping_failures x ping_interval (2 x 5 s
+        # by default) plus a margin: a SIGKILLed peer must show in the log, not only in
+        # status.json (a failed send to it may tell them sooner)
+        cluster.wait_for(
+            lambda: all(
+                logs[i].read_text(errors="replace").count(f"{victim_id} lost") > already[i]
+                for i in others
+            ),
+            2 * 5.0 + 5.0,
+            "the others to log the killed peer as lost",
+        )
         checkpoint_round = cluster.rounds_done(victim)
         assert checkpoint_round >= 6
-        others = [i for i in range(5) if i != victim]
         before = {i: cluster.rounds_done(i) for i in others}
         cluster.wait_for(
             lambda: all(cluster.rounds_done(i) >= before[i] + 4 for i in others),
