@@ -84,7 +84,6 @@ from p2pfl.protocols.contract import (
     RoundNumber,
     Tuple,
 )
-from p2pfl.protocols.records import Keyring
 from p2pfl.protocols.wrapper import ProtocolWrapper
 from sim.mixing import plain
 from sim.runner import Simulation, build_simulation
@@ -817,8 +816,8 @@ def _install_hostile(
         else:
             targets = [simulation.peer_ids[j] for j in simulation.graph.neighbors(hostile_index)]
         signer = None  # its own key, as the simulator gives it when relayed data is signed
-        if simulation.scenario.sim.sign_relayed:
-            signer = Keyring.derive(simulation.peer_ids, simulation.scenario.seed).signer(me)
+        if simulation.scenario.sim.sign_relayed and simulation.keyring is not None:
+            signer = simulation.keyring.signer(me)
         adversary = HostilePeer(inner, targets, period, signer=signer, options=options)
         engine.protocols[hostile_index] = adversary
         return adversary

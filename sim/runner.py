@@ -30,6 +30,7 @@ from p2pfl.learning import BatchSampler, Dataset, LocalTrainer, load_dataset
 from p2pfl.learning.sampler import derive_seed  # noqa: F401 - kept importable from here
 from p2pfl.peer import build_commons, use_torch_threads
 from p2pfl.protocols.base import Protocol
+from p2pfl.protocols.records import Keyring
 from p2pfl.protocols.registry import mixing_scheme, protocol_class
 from sim.adversary import Adversary, plan_adversary
 from sim.disruptions import DisruptionRuntime, install_disruptions
@@ -63,6 +64,8 @@ class Simulation:
     wall_time: float = 0.0
     disruptions: DisruptionRuntime | None = None
     adversary: Adversary | None = None
+    #: the peers' keys when they sign relayed data (or are named by key); ``None`` otherwise
+    keyring: Keyring | None = None
 
 
 def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> Simulation:
@@ -163,6 +166,7 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
         seed=seed,
     )
     simulation = Simulation(scenario, engine, evaluator, dataset, trainer, peer_ids, graph, relays, data_sizes)
+    simulation.keyring = keyring
     simulation.adversary = adversary.install(simulation)  # None when there is no attack
     simulation.disruptions = install_disruptions(simulation)  # None when there are none
     late = simulation.disruptions.late_joiners if simulation.disruptions else set()
