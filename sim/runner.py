@@ -33,6 +33,7 @@ from p2pfl.protocols.base import Protocol
 from p2pfl.protocols.records import Keyring
 from p2pfl.protocols.registry import mixing_scheme, protocol_class
 from sim.adversary import Adversary, plan_adversary
+from sim.conditions import apply_conditions
 from sim.disruptions import DisruptionRuntime, install_disruptions
 from sim.engine import Engine
 from sim.metrics import Evaluator, RowRecorder, write_csv
@@ -144,6 +145,11 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
         mode=net.mode,
         seed=seed,
     )
+    if net.regions or net.links:
+        try:
+            apply_conditions(network, graph, net.regions, net.links, seed)
+        except ValueError as error:
+            raise ScenarioError(str(error)) from None
     speeds = np.ones(n)
     if net.speed_spread > 0:
         speeds = rng.uniform(1 - net.speed_spread, 1 + net.speed_spread, size=n)

@@ -31,6 +31,7 @@ from p2pfl.config import (
     describe_validation_error,
 )
 from sim.attack_config import AttackConfig
+from sim.conditions import LinkOverride, RegionConditions
 from sim.disruptions.config import DISRUPTION_KINDS, DisruptionList
 from sim.errors import ScenarioError
 
@@ -61,6 +62,10 @@ class NetworkConfig(Strict):
     speed_spread: float = Field(0.0, ge=0, lt=1, description="peer compute speed in 1 +- spread")
     #: "graph": peers talk over topology edges only; "overlay": anyone reaches anyone
     mode: Literal["graph", "overlay"] = "graph"
+    #: peers whose uplink, access latency and loss differ (sim.conditions)
+    regions: list[RegionConditions] = Field(default_factory=list)
+    #: links whose latency, loss or rate differ (sim.conditions)
+    links: list[LinkOverride] = Field(default_factory=list)
 
 
 class SimConfig(Strict):

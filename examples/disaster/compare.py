@@ -30,7 +30,7 @@ from sim.runner import build_simulation, run_simulation, write_run
 from sim.scenario import load_scenario, scenario_from_dict
 
 COLUMNS = [
-    "among", "count", "strategy", "seed", "final_acc", "final_acc_min", "acc_largest_component",
+    "among", "count", "strategy", "seed", "final_acc", "final_acc_all", "final_acc_min", "acc_largest_component",
     "acc_outside_largest", "acc_with_data", "acc_without_data", "acc_at_crash", "components", "largest_component", "isolated_peers",
     "peers_alive", "wall_s",
 ]  # fmt: skip
@@ -49,6 +49,8 @@ def run_one(raw: dict[str, Any], dataset: Any, out: Path | None) -> dict[str, An
     )
     return {
         "final_acc": last["acc_mean"],
+        # every device, dead ones with the model they held when they went down
+        "final_acc_all": last.get("acc_mean_all", last["acc_mean"]),
         "final_acc_min": last["acc_min"],
         "acc_largest_component": last.get("acc_largest_component", last["acc_mean"]),
         "acc_outside_largest": last.get("acc_outside_largest", float("nan")),
@@ -78,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["data_holders", "relays"],
         choices=["data_holders", "relays", "all", "data_only"],
+    )
+    parser.add_argument(
+        "--recompute",
+        action="store_true",
+        help="degree/betweenness targets re-ranked after each loss (one peer at a time)",
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/disaster-compare"))
@@ -110,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     first = {**crash, "among": among, "count": count, "strategy": strategy}
                     first.pop("fraction", None)
+                    first.pop("recompute", None)
+                    if args.recompute and strategy != "random" and among != "data_only":
+                        first["recompute"] = True
                     first["name"] = f"{count} {among.replace('_', '-')} crash ({strategy})"
                     if among == "data_only":
                         first |= {"kind": "data_loss", "among": "data_holders"}
@@ -129,8 +139,39 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     print(markdown(results))
-    print(f"\nper-run rows in {csv_path}")
+    plot(results, args.out / "results.png")
+    print(f"\nper-run rows in {csv_path}, a figure in {args.out / 'results.png'}")
     return 0
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Final accuracy per setting, survivors and all devices (mean and std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for row in results:
+        groups.setdefault((row["among"], row["count"], row["strategy"]), []).append(row)
+    labels = [f"{a}\n{c} {s}" if a != "none" else "no loss" for a, c, s in groups]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups)), 4.2))
+    for offset, (key, name) in ((-0.2, ("final_acc", "survivors")), (0.2, ("final_acc_all", "all devices"))):
+        means = [statistics.fmean(float(r[key]) for r in rows) for rows in groups.values()]
+        spread = [
+            statistics.stdev(float(r[key]) for r in rows) if len(rows) > 1 else 0.0
+            for rows in groups.values()
+        ]
+        ax.bar([i + offset for i in range(len(groups))], means, width=0.4, yerr=spread, label=name)
+    ax.set_xticks(range(len(groups)), labels, fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("final test accuracy (mean over seeds)")
+    low = min(float(r["final_acc_all"]) for r in results)
+    ax.set_ylim(max(0.0, low - 0.1), 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -147,13 +188,15 @@ def markdown(results: list[dict[str, Any]]) -> str:
         return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
     lines = [
-        "| lost | count | strategy | seeds | final acc (mean) | final acc (min peer) | acc largest comp. "
+        "| lost | count | strategy | seeds | final acc (survivors) | final acc (all devices) "
+        "| final acc (min peer) | acc largest comp. "
         "| acc with data | acc without data | components | largest comp. | isolated |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (among, count, strategy), rows in groups.items():
         lines.append(
             f"| {among} | {count} | {strategy} | {len(rows)} | {stat(rows, 'final_acc')} | "
+            f"{stat(rows, 'final_acc_all')} | "
             f"{stat(rows, 'final_acc_min')} | {stat(rows, 'acc_largest_component')} | "
             f"{stat(rows, 'acc_with_data')} | {stat(rows, 'acc_without_data')} | "
             f"{stat(rows, 'components', 1)} | {stat(rows, 'largest_component', 1)} | {stat(rows, 'isolated_peers', 1)} |"

@@ -24,12 +24,14 @@ __all__ = [
     "Churn",
     "Crash",
     "DataLoss",
+    "Degrade",
     "Disruption",
     "DisruptionList",
     "Edge",
     "Heal",
     "Join",
     "LinkFailure",
+    "Mobility",
     "Partition",
     "Recover",
     "RegionOutage",
@@ -184,6 +186,58 @@ class LinkFailure(_Disruption):
         return f"cut {_amount_text(self.count, self.fraction, self.links)} links{how}"
 
 
+class Degrade(_Disruption):
+    """Links get worse step by step: over ``over_rounds`` rounds from when it fires, their
+    loss rises linearly to ``loss``, their latency to ``latency_factor`` times what it was
+    and their rate to ``bandwidth_factor`` times their sender's uplink (a storm, a failing
+    relay tower, batteries of radio repeaters running down). Which links: those touching
+    ``peers``, a ``fraction`` of all links (drawn with the seed), or every link."""
+
+    kind: Literal["degrade"]
+    peers: list[NonNegativeInt] | None = None
+    fraction: float | None = Field(None, gt=0, le=1, description="share of all links")
+    over_rounds: int = Field(1, ge=1, description="rounds from the first step to the last")
+    loss: float | None = Field(None, ge=0, lt=1, description="loss at the end")
+    latency_factor: float | None = Field(None, ge=1, description="latency x this at the end")
+    bandwidth_factor: float | None = Field(None, gt=0, le=1, description="rate x this at the end")
+
+    @model_validator(mode="after")
+    def _check_amount(self) -> Degrade:
+        if self.peers is not None and self.fraction is not None:
+            raise ValueError("give peers or fraction (or neither: every link), not both")
+        if self.loss is None and self.latency_factor is None and self.bandwidth_factor is None:
+            raise ValueError("give at least one of loss, latency_factor, bandwidth_factor")
+        return self
+
+    def _describe(self) -> str:
+        which = (
+            f"links of {len(self.peers)} peers" if self.peers is not None
+            else f"{self.fraction:.0%} of links" if self.fraction is not None
+            else "all links"
+        )  # fmt: skip
+        return f"degrade {which} over {self.over_rounds} rounds"
+
+
+class Mobility(_Disruption):
+    """Peers move on the geometric map (random waypoint: straight to a point drawn
+    uniformly in the unit square at ``speed`` map units per round, then the next); a link
+    of the topology is up only while its two ends are within ``radius`` of each other.
+
+    The topology says who knows whom (build it with a radius at least this one: a
+    geometric graph of ``topology.params.radius``); mobility says when they are in radio
+    range. Peers never learn of strangers they pass. Moves happen once per round, from
+    when it fires until ``until_round`` (or the end); links it cut come back when in range."""
+
+    kind: Literal["mobility"]
+    speed: float = Field(gt=0, description="map units per round")
+    radius: float = Field(gt=0, description="radio range, map units")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of the peers that move")
+    until_round: NonNegativeInt | None = None
+
+    def _describe(self) -> str:
+        return f"mobility speed {self.speed:g} range {self.radius:g}"
+
+
 class RegionOutage(_Disruption):
     """Every peer within ``radius`` of ``center`` goes dark (needs a geometric graph)."""
 
@@ -313,7 +367,9 @@ Disruption = Annotated[
     | BatteryDrain
     | Churn
     | Join
-    | DataLoss,
+    | DataLoss
+    | Degrade
+    | Mobility,
     Field(discriminator="kind"),
 ]
 DISRUPTION_KINDS: tuple[str, ...] = (
@@ -327,6 +383,8 @@ DISRUPTION_KINDS: tuple[str, ...] = (
     "churn",
     "join",
     "data_loss",
+    "degrade",
+    "mobility",
 )
 
 

@@ -14,12 +14,12 @@ whatever the kind.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import networkx as nx
 import numpy as np
 
+from sim.disruptions.action import DisruptionAction, Outcome
 from sim.disruptions.config import (
     DISRUPTION_KINDS,
     BatteryDrain,
@@ -35,6 +35,7 @@ from sim.disruptions.config import (
     RegionOutage,
     undo_target,
 )
+from sim.disruptions.moving import DegradeAction, MobilityAction
 from sim.disruptions.targets import Targets, check_peers, edge, peer_pool, seed_for
 from sim.errors import DisruptionError
 from topologies import (
@@ -53,49 +54,6 @@ if TYPE_CHECKING:
     from sim.disruptions.runtime import DisruptionRuntime
 
 __all__ = ["ACTIONS", "DisruptionAction", "GraphHit", "Outcome", "action_for", "choose_targets"]
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one firing changed, as the runtime logs it."""
-
-    down: tuple[int, ...] = ()
-    up: tuple[int, ...] = ()
-    cut: tuple[Edge, ...] = ()
-    restored: tuple[Edge, ...] = ()
-    lost_data: tuple[int, ...] = ()
-
-
-class DisruptionAction:
-    """The behaviour of one ``[[disruptions]]`` table (``spec``, at ``index`` in the list)."""
-
-    kind: ClassVar[str]
-    #: a one-off hit on the graph's peers or links: drawn before/after, previewable
-    hits_graph: ClassVar[bool] = False
-    #: needs to see every handled event and its effects (battery drain)
-    watches_work: ClassVar[bool] = False
-
-    spec: Any
-
-    def __init__(self, spec: Any, index: int) -> None:
-        self.spec = spec
-        self.index = index
-
-    @property
-    def reason(self) -> str:
-        """Why a peer is down or a link cut because of this disruption (one per table)."""
-        return f"{self.kind}:{self.index}"
-
-    def prepare(self, runtime: DisruptionRuntime) -> None:
-        """Checks against the graph made before the run (errors come at once); set-up."""
-
-    def fire(self, runtime: DisruptionRuntime) -> Outcome:
-        """Carry the disruption out now; return what changed."""
-        raise NotImplementedError
-
-    def undo(self, runtime: DisruptionRuntime) -> Outcome:
-        """Give back what :meth:`fire` took (for ``recover`` / ``heal``)."""
-        raise DisruptionError(f"{self.kind} cannot be undone")
 
 
 # ------------------------------------------------------------------ one-off hits on the graph
@@ -455,6 +413,8 @@ ACTIONS: dict[str, type[DisruptionAction]] = {
         ChurnAction,
         JoinAction,
         DataLossAction,
+        DegradeAction,
+        MobilityAction,
     )
 }
 """The behaviour of each kind of ``[[disruptions]]`` table, by its ``kind``."""
