@@ -35,6 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -53,6 +54,8 @@ class Watch:
 
     process: psutil.Process
     cpu_at: dict[int, float] = field(default_factory=dict)  # rounds done -> CPU seconds
+    #: rounds done -> CPU seconds of each thread, by thread name (``/proc``)
+    threads_at: dict[int, dict[str, float]] = field(default_factory=dict)
     rss_at_first_round: float = 0.0
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
@@ -66,7 +69,37 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def run(args: argparse.Namespace) -> list[dict[str, float]]:
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each live thread of ``pid``, summed by thread name
+    (the kernel's 15-character ``comm``: ``p2pfl-trio``, ``p2pfl-train_0``, ...; the
+    asyncio thread is the main one, named after the executable). Empty off Linux."""
+    totals: dict[str, float] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return totals
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                text = stat.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        # fields[11], fields[12]: utime, stime (fields 14 and 15 of proc(5))
+        seconds = (int(fields[11]) + int(fields[12])) / TICK
+        name = "main (asyncio)" if tid == str(pid) else name
+        totals[name] = totals.get(name, 0.0) + seconds
+    return totals
+
+
+def run(args: argparse.Namespace, real: RealWork | None = None) -> list[dict[str, float]]:
+    """Run the cluster, watching every peer; with ``real``, sample the real work of a
+    round in this process every ``REAL_EVERY`` seconds while the peers train (same load)."""
+    next_real = 0.0
     with tempfile.TemporaryDirectory(prefix="p2pfl-footprint-") as tmp:
         root = Path(tmp)
         overrides = [
@@ -88,6 +121,10 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
                 for i, watch in watches.items():
                     if watch.exit_code is None:
                         poll(cluster, i, watch)
+                training = all(len(w.cpu_at) > 1 for w in watches.values())
+                if real is not None and training and time.monotonic() >= next_real:
+                    real.sample()
+                    next_real = time.monotonic() + REAL_EVERY
                 time.sleep(0.05)
         finally:
             cluster.close()
@@ -110,6 +147,7 @@ def poll(cluster: Cluster, i: int, watch: Watch) -> None:
     if done and done not in watch.cpu_at:
         try:
             watch.cpu_at[done] = cpu_seconds(watch.process)
+            watch.threads_at[done] = thread_cpu_seconds(pid)
             if not watch.rss_at_first_round:
                 watch.rss_at_first_round = watch.process.memory_info().rss
         except psutil.NoSuchProcess:
@@ -122,7 +160,13 @@ def summarize(i: int, watch: Watch, args: argparse.Namespace) -> dict[str, float
     last = seen[-1]
     per_round = (watch.cpu_at[last] - watch.cpu_at[first]) / max(1, last - first)
     assert watch.finished is not None
+    threads_first, threads_last = watch.threads_at[first], watch.threads_at[last]
+    per_thread = {
+        name: 1000 * (threads_last[name] - threads_first.get(name, 0.0)) / max(1, last - first)
+        for name in threads_last
+    }
     return {
+        "threads": per_thread,  # type: ignore[dict-item]
         "peer": i,
         "rounds": last,
         "wall_s": watch.finished - watch.started,
@@ -134,38 +178,72 @@ def summarize(i: int, watch: Watch, args: argparse.Namespace) -> dict[str, float
     }
 
 
+#: seconds between two samples of the real work while the cluster trains
+REAL_EVERY = 1.0
+
+
+class RealWork:
+    """One round's learning alone (train, evaluate, mix) on the benchmark's config, in
+    this process, on one thread: ``sample`` runs a few rounds and keeps their CPU time.
+
+    Sampled *while the cluster runs*, the figure is taken under the same load as the
+    nodes' (on a shared 2-core machine the same round costs 1.5-2.5x more CPU at load
+    average 20 than on a quiet one, so a figure taken before or after the run is not
+    comparable with the nodes')."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+
+        from p2pfl.nodecli import load_node_config
+        from p2pfl.peer import build_commons
+
+        torch.set_num_threads(1)
+        cfg = load_node_config(Path(args.config), [f"num_peers={args.peers}", *args.set])
+        self.commons = build_commons(
+            cfg.data, cfg.model, cfg.protocol, seed=cfg.seed, shares=cfg.num_peers
+        )
+        self.peer = self.commons.peer(0, 0)
+        assert self.peer.sampler is not None
+        x_test, y_test = self.commons.dataset.x_test, self.commons.dataset.y_test
+        if cfg.eval_test_samples and cfg.eval_test_samples < len(y_test):
+            x_test, y_test = x_test[: cfg.eval_test_samples], y_test[: cfg.eval_test_samples]
+        self.x_test, self.y_test = x_test, y_test
+        self.steps = getattr(cfg.protocol, "local_steps", 1)
+        self.peers = args.peers
+        self.weights = torch.full((args.peers,), 1.0 / args.peers)
+        self.params = self._round(self.commons.start.clone())  # warm-up
+        self.samples: list[float] = []
+
+    def _round(self, params: Any) -> Any:
+        import torch
+
+        from p2pfl.learning import evaluate
+
+        assert self.peer.sampler is not None
+        trained, _ = self.commons.trainer.train(params, self.peer.sampler, self.steps)
+        evaluate(self.commons.trainer, trained, self.x_test, self.y_test)
+        stack = torch.stack([trained] * self.peers)  # its model and its neighbours'
+        return self.weights @ stack
+
+    def sample(self, rounds: int = 10) -> float:
+        """CPU milliseconds per round over ``rounds`` rounds (kept in ``samples``)."""
+        start = time.thread_time()
+        for _ in range(rounds):
+            self.params = self._round(self.params)
+        value = 1000 * (time.thread_time() - start) / rounds
+        self.samples.append(value)
+        return value
+
+    def median(self) -> float:
+        values = sorted(self.samples)
+        return values[len(values) // 2] if values else float("nan")
+
+
 def real_work_ms(args: argparse.Namespace, rounds: int = 30) -> float:
     """CPU milliseconds of one round's learning alone (train, evaluate, mix), in process."""
-    import torch
-
-    from p2pfl.learning import evaluate
-    from p2pfl.nodecli import load_node_config
-    from p2pfl.peer import build_commons
-
-    torch.set_num_threads(1)
-    overrides = [f"num_peers={args.peers}", *args.set]
-    cfg = load_node_config(Path(args.config), overrides)
-    commons = build_commons(cfg.data, cfg.model, cfg.protocol, seed=cfg.seed, shares=cfg.num_peers)
-    peer = commons.peer(0, 0)
-    assert peer.sampler is not None
-    x_test, y_test = commons.dataset.x_test, commons.dataset.y_test
-    if cfg.eval_test_samples and cfg.eval_test_samples < len(y_test):
-        x_test, y_test = x_test[: cfg.eval_test_samples], y_test[: cfg.eval_test_samples]
-    steps = getattr(cfg.protocol, "local_steps", 1)
-    params = commons.start.clone()
-    weights = torch.full((args.peers,), 1.0 / args.peers)
-
-    def one_round(params: torch.Tensor) -> torch.Tensor:
-        trained, _ = commons.trainer.train(params, peer.sampler, steps)
-        evaluate(commons.trainer, trained, x_test, y_test)
-        stack = torch.stack([trained] * args.peers)  # its model and its neighbours'
-        return weights @ stack
-
-    params = one_round(params)  # warm-up
-    start = time.process_time()
-    for _ in range(rounds):
-        params = one_round(params)
-    return 1000 * (time.process_time() - start) / rounds
+    real = RealWork(args)
+    real.sample(rounds)
+    return real.median()
 
 
 def checkpoint_cost_ms(args: argparse.Namespace, rounds: int = 100) -> dict[str, float]:
@@ -217,7 +295,8 @@ def lone_node_cpu_ms(args: argparse.Namespace, how: str, rounds: int = 200) -> f
     """CPU per round of one node alone in this process (memory transport, no peers):
     training, evaluation, checkpoint and status only. ``how``: ``"loop"`` writes every
     checkpoint on the event loop (as before issue 17), ``"thread"`` hands it to the writer
-    thread (now), ``"every10"`` does so every 10 rounds."""
+    thread (now), ``"every10"`` does so every 10 rounds; ``"status"`` also writes
+    status.json after every round (as before the lean round; now at most once a second)."""
     import asyncio
 
     import torch
@@ -243,19 +322,22 @@ def lone_node_cpu_ms(args: argparse.Namespace, how: str, rounds: int = 200) -> f
         cfg = load_node_config(Path(args.config), sets)
         node = Node(cfg, MemoryTransport(MemoryNetwork(seed=0), identity.peer_id), identity)
         if how == "loop":
-            node.disk.save = node.disk.save_now  # type: ignore[method-assign]
+            node.disk.save = node.disk.save_now  # type: ignore[method-assign,assignment]
+        if how == "status":  # status.json after every round, as before (now: at most 1/s)
+            node._round_status = lambda *, last: node._write_status()  # type: ignore[method-assign]
         start = time.process_time()
         asyncio.run(node.run())
         return 1000 * (time.process_time() - start) / rounds
 
 
 def lone_node_report(args: argparse.Namespace, repeats: int = 4) -> None:
-    runs: dict[str, list[float]] = {"loop": [], "thread": [], "every10": []}
+    runs: dict[str, list[float]] = {"loop": [], "status": [], "thread": [], "every10": []}
     for _ in range(repeats):  # alternating, so that a change of load hits all three
         for how, values in runs.items():
             values.append(lone_node_cpu_ms(args, how))
     labels = {
         "loop": "checkpoint on the event loop, every round (as before)",
+        "status": "checkpoint in the writer thread, status.json after every round (as before)",
         "thread": "checkpoint in the writer thread, every round (default)",
         "every10": "checkpoint in the writer thread, checkpoint_every = 10",
     }
@@ -286,7 +368,8 @@ def main() -> None:
         return
 
     load_before = os.getloadavg()[0]
-    rows = run(args)
+    during = RealWork(args)
+    rows = run(args, during)
     print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")
     print(
         f"{args.peers} peers ({args.peers - 1} neighbours each) on 127.0.0.1 over libp2p, "
@@ -301,14 +384,25 @@ def main() -> None:
     for row in rows:
         print(
             f"| {row['peer']} | {row['rounds']} | {row['wall_s']:.1f} | {row['start_cpu_s']:.2f} "
-            f"| {row['cpu_per_round_ms']:.0f} | {row['cpu_total_s']:.2f} "
+            f"| {row['cpu_per_round_ms']:.1f} | {row['cpu_total_s']:.2f} "
             f"| {row['rss_round1_mb']:.0f} | {row['peak_rss_mb']:.0f} |"
         )
+    print("\nCPU / round ms by thread (from /proc, same rounds):")
+    names = sorted({name for row in rows for name in row["threads"]})  # type: ignore[attr-defined]
+    for name in names:
+        values = [row["threads"].get(name, 0.0) for row in rows]  # type: ignore[attr-defined]
+        print(f"- {name}: {', '.join(f'{v:.1f}' for v in values)}")
     real = real_work_ms(args)
     per_round = sorted(row["cpu_per_round_ms"] for row in rows)[len(rows) // 2]
     print(
         f"\nreal work of a round (training, evaluation, mixing; in process, 1 thread): "
-        f"{real:.1f} ms CPU; the node's median CPU per round is {per_round / real:.1f}x that"
+        f"{real:.1f} ms CPU after the run; {during.median():.1f} ms sampled during it "
+        f"({len(during.samples)} samples of 10 rounds, same load as the nodes)"
+    )
+    print(
+        f"the node's median CPU per round ({per_round:.1f} ms) is {per_round / real:.1f}x "
+        f"the real work after the run, {per_round / during.median():.1f}x the real work "
+        "during it"
     )
     cost = checkpoint_cost_ms(args)
     print(

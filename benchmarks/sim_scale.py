@@ -28,6 +28,17 @@ Three parts, each in a fresh subprocess (so its peak memory is its own):
     ``--reference-n`` peers, same rounds; reports the speed-up and the largest parameter
     difference between the two.
 
+``memory``
+    For each N in ``--memory-sizes``: parameter rows per peer, (peak RSS - RSS before
+    the build) / (N x d x 4 bytes), over ``--memory-rounds`` rounds. Target: <= 2.5.
+``big``
+    The same measurement at ``--big-n`` peers (default 60,000) for ``--big-rounds``
+    rounds: wall per round and peak RSS of one very large run.
+``device``
+    For each N in ``--device-sizes`` (default 10,000 and 100,000): the bare batched
+    compute (train + mix, ``sim.device.DeviceRounds``) on the CPU and on CUDA, wall per
+    round and peak device memory; on a machine without CUDA only the CPU rows appear.
+
 Wall time is what the targets are about; CPU time (``time.process_time``) is printed too,
 because on a shared machine it is far less noisy. Results go to a CSV and a PNG
 (``--out``, default ``benchmarks/results/sim_scale.csv``).
@@ -55,7 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sim_scale.csv"
 COLUMNS = [
     "part", "n", "rounds", "variant", "wall_s", "cpu_s", "wall_per_round_s",
-    "ratio_wall", "ratio_cpu", "peak_rss_mib", "acc_final", "max_param_diff", "note",
+    "ratio_wall", "ratio_cpu", "peak_rss_mib", "acc_final", "max_param_diff", "note", "rows_per_peer",
 ]
 
 
@@ -318,6 +329,104 @@ def part_reference(n: int, rounds: int, dataset: str, threads: int) -> list[dict
     ]
 
 
+def _rss_bytes() -> int:
+    """Resident memory now (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def part_memory(
+    n: int, rounds: int, dataset: str, threads: int, label: str = "memory", bandwidth: float | None = None
+) -> list[dict[str, Any]]:
+    """Parameter rows per peer: (peak RSS - RSS before the build) / (N x d x 4 bytes).
+
+    The dataset is loaded before the baseline is taken, so what is left is what the
+    simulation holds for its peers: their parameter rows, and a little per-peer bookkeeping.
+    Run in a fresh process (the default) so that the peak is this run's alone.
+    """
+    import gc
+
+    from p2pfl.learning import load_dataset
+    from sim.runner import build_simulation
+    from sim.scenario import scenario_from_dict
+
+    raw = scenario(n, rounds, dataset=dataset, threads=threads)
+    if bandwidth is not None:  # e.g. 1e12: no uplink queueing, the rounds do not overlap
+        raw["network"] = {"bandwidth": bandwidth}
+    data = load_dataset(dataset, seed=raw["seed"])
+    gc.collect()
+    base = _rss_bytes()
+    start = _clock()
+    simulation = build_simulation(scenario_from_dict(raw), dataset=data)
+    build_wall, build_cpu = _since(start)
+    run_start = _clock()
+    simulation.engine.run()  # the last round's means stay deferred, as in a run that evaluates a sample
+    run_wall, run_cpu = _since(run_start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    row_bytes = n * simulation.trainer.dim * 4
+    rows = (peak - base) / row_bytes if base else float("nan")
+    executor = simulation.engine.executor
+    arena = executor.arena
+    touched = sum(getattr(arena, "high_water", {}).values()) if hasattr(arena, "high_water") else float("nan")
+    note = (
+        f"peak RSS {peak / 2**30:.2f} GiB over a baseline of {base / 2**30:.2f} GiB (dataset loaded); "
+        f"{rows:.2f} parameter rows per peer (d = {simulation.trainer.dim}); arena rows touched per peer "
+        f"{touched / n:.2f}; build {build_wall:.1f}s; {executor.batches_run} training calls"
+    )
+    if bandwidth is not None:
+        note += f"; uplinks {bandwidth:g} B/s"
+    return [
+        _row(
+            label, n, rounds, "simulator", build_wall + run_wall, build_cpu + run_cpu,
+            per_round=run_wall / rounds, peak_rss_mib=peak / 2**20, rows_per_peer=rows, note=note,
+        )
+    ]
+
+
+def part_device(n: int, rounds: int, dataset: str, threads: int) -> list[dict[str, Any]]:
+    """The batched rounds (train + mix, ``sim.device.DeviceRounds``) on the CPU and, where
+    there is one, on CUDA: wall per round and peak device memory; the final models of
+    both are compared on a sample of peers."""
+    import torch
+
+    from sim.device import DeviceRounds, peak_device_bytes
+    from sim.runner import build_simulation
+    from sim.scenario import scenario_from_dict
+    from topologies import metropolis_hastings
+
+    simulation = build_simulation(scenario_from_dict(scenario(n, rounds, dataset=dataset, threads=threads)))
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    weights = metropolis_hastings(simulation.graph)
+    start = simulation.trainer.init_params(simulation.scenario.seed)
+    sample = sorted({0, n // 3, n // 2, n - 1})
+    rows, finals = [], {}
+    for device in devices:
+        # each device starts from fresh samplers: the same batches in the same order
+        fresh = build_simulation(scenario_from_dict(scenario(n, rounds, dataset=dataset, threads=threads)))
+        rounds_on = DeviceRounds(simulation.trainer, fresh.engine.executor.samplers, weights, start, device=device)  # type: ignore[arg-type]
+        del fresh
+        rounds_on.run(1)  # warm-up: first touch, kernels, caches
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        begin = _clock()
+        rounds_on.run(rounds)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall, cpu = _since(begin)
+        finals[device] = rounds_on.params(sample)
+        peak = peak_device_bytes(rounds_on.device)
+        note = f"{rounds} timed rounds after 1 warm-up; peak device memory {peak / 2**30:.2f} GiB"
+        rows.append(_row("device", n, rounds, f"DeviceRounds on {device}", wall, cpu, note=note))
+        del rounds_on
+    if "cuda" in finals:
+        rows[-1]["max_param_diff"] = f"{float((finals['cuda'] - finals['cpu']).abs().max()):.1e}"
+    return rows
+
+
 def _row(
     part: str, n: int, rounds: int, variant: str, wall: float, cpu: float, *,
     per_round: float | None = None, **extra: Any,
@@ -347,7 +456,10 @@ def _run_in_process(task: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(task["threads"])
     try:
         kind = task.pop("part")
-        run = {"ratio": part_ratio, "scale": part_scale, "reference": part_reference}[kind]
+        run = {
+            "ratio": part_ratio, "scale": part_scale, "reference": part_reference,
+            "memory": part_memory, "big": part_memory, "device": part_device,
+        }[kind]
         return run(**task)
     finally:
         torch.set_num_threads(threads)
@@ -432,6 +544,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-test", type=int, default=1000, help="test images sampled for evaluation")
     parser.add_argument("--reference-n", type=int, default=100)
     parser.add_argument("--reference-rounds", type=int, default=20)
+    parser.add_argument("--memory-sizes", default="1000,10000", help="N for the memory part (rows per peer)")
+    parser.add_argument("--memory-rounds", type=int, default=6)
+    parser.add_argument("--memory-bandwidth", type=float, default=None,
+                        help="uplink bytes/s of the memory part (default: the scenario's; 1e12: rounds do not overlap)")
+    parser.add_argument("--big-n", type=int, default=60_000, help="peers of the big part (peak RSS, wall per round)")
+    parser.add_argument("--big-rounds", type=int, default=3)
+    parser.add_argument("--big-bandwidth", type=float, default=None,
+                        help="uplink bytes/s of the big part (default: the scenario's; 1e12: rounds do not overlap)")
+    parser.add_argument("--device-sizes", default="10000,100000", help="N for the device part (CPU vs CUDA)")
+    parser.add_argument("--device-rounds", type=int, default=5)
     parser.add_argument("--dataset", default=None, help="default mnist (digits with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV path (PNG beside it)")
@@ -448,12 +570,14 @@ def main(argv: list[str] | None = None) -> None:
         args.eval_every, args.eval_peers, args.eval_test = 3, 20, 200
         args.reference_n, args.reference_rounds = 16, 4
         args.ratio_rounds = args.ratio_rounds or 4
+        args.memory_sizes, args.memory_rounds, args.big_n, args.big_rounds = "60", 3, 120, 2
+        args.device_sizes, args.device_rounds = "60", 2
         args.warm_up = min(args.warm_up, 1)
         if args.out == DEFAULT_OUT:
             args.out = DEFAULT_OUT.with_name("sim_scale_quick.csv")
     dataset = args.dataset or ("digits" if args.quick else "mnist")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(parts) - {"ratio", "scale", "reference"}
+    unknown = set(parts) - {"ratio", "scale", "reference", "memory", "big", "device"}
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     common = {"dataset": dataset, "threads": args.threads}
@@ -469,6 +593,16 @@ def main(argv: list[str] | None = None) -> None:
                       "eval_test": args.eval_test, **common})
     if "reference" in parts:
         tasks.append({"part": "reference", "n": args.reference_n, "rounds": args.reference_rounds, **common})
+    if "memory" in parts:
+        for n in (int(s) for s in args.memory_sizes.split(",")):
+            tasks.append({"part": "memory", "n": n, "rounds": args.memory_rounds,
+                          "bandwidth": args.memory_bandwidth, **common})
+    if "big" in parts:
+        tasks.append({"part": "big", "n": args.big_n, "rounds": args.big_rounds, "label": "big",
+                      "bandwidth": args.big_bandwidth, **common})
+    if "device" in parts:
+        for n in (int(s) for s in args.device_sizes.split(",")):
+            tasks.append({"part": "device", "n": n, "rounds": args.device_rounds, **common})
 
     print(f"# sim_scale on {platform.node()} ({os.cpu_count()} cores), python {platform.python_version()}, "
           f"dataset {dataset}, {args.threads} torch thread(s) per process", flush=True)

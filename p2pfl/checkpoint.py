@@ -50,6 +50,7 @@ import torch
 
 from p2pfl.config import ConfigError
 from p2pfl.errors import P2PFLError
+from p2pfl.threadname import name_os_thread
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -400,7 +401,7 @@ class CheckpointWriter:
         self._pending: tuple[int, dict[str, Any]] | None = None
         self._scheduled = False  # a drain is queued or running on the worker
         self._worker = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="p2pfl-checkpoint"
+            1, thread_name_prefix="p2pfl-checkpoint", initializer=name_os_thread
         )
         self._seq = 0
         self._write_lock = threading.Lock()  # one write at a time

@@ -1,4 +1,4 @@
-"""The ``p2pfl`` command line: ``sim``, ``sweep``, ``node``, ``topo``, ``data``, ``report``.
+"""The ``p2pfl`` command line: ``sim``, ``sweep``, ``node``, ``relay``, ``topo``, ``data``, ``report``.
 
 Errors a user can fix (a bad scenario, a missing dataset) are printed as one line and
 exit with status 2; a traceback means a bug. A node that stopped on an error of its own
@@ -364,6 +364,12 @@ def node(
             "<state_dir>/tensorboard (needs the optional tensorboard package, extra 'tracking')"
         ),
     ] = False,
+    run: Annotated[
+        str | None,
+        typer.Option(
+            help="the run's name: find its other peers in the DHT (network.run, network.dht)"
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose/--quiet", "-v/-q", help="a status line per round")
     ] = True,
@@ -385,6 +391,8 @@ def node(
         "num_peers": num_peers,
         "attack.name": attack,
         "tensorboard": True if tensorboard else None,  # unset: the TOML file's value
+        "network.run": run,
+        "network.dht": True if run else None,
     }
     try:
         node_config = load_node_config(
@@ -457,6 +465,55 @@ def compare(
         return
     print((folder / "compare.md").read_text())
     print("written: " + ", ".join(str(path) for path in written))
+
+
+@app.command()
+def relay(
+    listen: Annotated[
+        list[str] | None,
+        typer.Option(help="multiaddr to listen on (repeatable; default /ip4/0.0.0.0/tcp/4001)"),
+    ] = None,
+    key_file: Annotated[
+        Path, typer.Option(help="Ed25519 identity key (created if missing): a stable address")
+    ] = Path("relay.key"),
+    max_reservations: Annotated[int, typer.Option(min=1, help="peers behind NAT it holds a slot for")] = 64,
+    max_circuits: Annotated[int, typer.Option(min=1, help="relayed connections at once")] = 64,
+    circuit_bytes: Annotated[
+        int, typer.Option(min=1 << 20, help="bytes one relayed connection may carry")
+    ] = 256 << 20,
+    circuit_seconds: Annotated[
+        int, typer.Option(min=10, help="seconds one relayed connection may last")
+    ] = 3600,
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet", "-v/-q")] = True,
+) -> None:
+    """Run a relay for nodes behind home routers, on a public box: it is their bootstrap
+    peer, a DHT node and a circuit relay (it trains nothing). Prints its addresses."""
+    setup_logging(verbose)
+    from p2pfl.config import ConfigError
+    from p2pfl.nodecli import run_relay
+    from p2pfl.transport.base import TransportError
+
+    def ready(addrs: list[str]) -> None:
+        print("relay listening; give nodes one of these as network.bootstrap:", file=sys.stderr)
+        for addr in addrs:
+            print(addr, flush=True)
+
+    try:
+        run_relay(
+            listen or ["/ip4/0.0.0.0/tcp/4001"],
+            key_file,
+            limits={
+                "max_reservations": max_reservations,
+                "max_circuits": max_circuits,
+                "circuit_bytes": circuit_bytes,
+                "circuit_seconds": circuit_seconds,
+            },
+            ready=ready,
+        )
+    except ConfigError as error:
+        _fail(str(error))
+    except TransportError as error:
+        _fail(f"--listen: {error}")
 
 
 #: set by ``node`` once its node has stopped: the process may end without finalization

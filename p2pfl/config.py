@@ -157,12 +157,39 @@ class CodecConfig(Strict):
         return self
 
 
+class SharedStartConfig(Strict):
+    """A start model every peer computes alike: a feature extractor pre-trained on a public
+    dataset, then a freshly initialised output layer (``p2pfl.protocols.bristle``).
+
+    Bristle's extractor is one; any protocol can start from the same one
+    (``protocol.shared_start``), so a comparison with Bristle starts level.
+    """
+
+    #: the public dataset ("task": a split of the task's training set that no peer holds)
+    dataset: str = "task"
+    #: pre-training draws its minibatches from this many samples of ``dataset``
+    samples: int = Field(1000, ge=1)
+    #: SGD steps of pre-training (0: the freshly initialised model)
+    steps: int = Field(200, ge=0)
+
+    @field_validator("dataset", mode="after")
+    @classmethod
+    def _check_dataset(cls, value: str) -> str:
+        return value if value == "task" else _builtin_or_factory(value, BUILTIN_DATASETS)
+
+
 class _ProtocolBase(Strict):
     local_steps: int = Field(1, ge=1)
     aggregator: str = "mean"
     aggregator_params: dict[str, Any] = Field(default_factory=dict)
     #: compression of the models this peer sends (all peers must agree)
     codec: CodecConfig = Field(default_factory=CodecConfig)
+    #: start from a pre-trained extractor (Bristle's, see ``BristleConfig.pretrain_*``)
+    shared_start: SharedStartConfig | None = None
+
+    def start_config(self) -> SharedStartConfig | None:
+        """The shared pre-trained start these settings ask for (``None``: a fresh model)."""
+        return self.shared_start
 
     def population_error(self, peers: int) -> str | None:
         """Why these settings cannot run on ``peers`` peers (``None``: they can)."""
@@ -225,11 +252,41 @@ class BristleConfig(_ProtocolBase):
     n_random: int = Field(1, ge=0)
     #: recall gap (absolute) at which a peer's class weight reaches 0
     tolerance: float = Field(0.1, ge=0)
-    #: size of each peer's local test set (drawn from its own data)
+    #: size of each peer's local test set, its probe
     probe_samples: int = Field(50, ge=1)
-    #: the shared feature extractor: SGD steps on a public split of this many samples
+    #: where a probe is drawn from: "own" (the peer's own samples, so only its own classes
+    #: can be checked) or "iid" (the paper's "small set of i.i.d. test samples": drawn from
+    #: a pool of ``probe_pool`` samples of the task's training set held out of every share)
+    probe: Literal["own", "iid"] = "own"
+    probe_pool: int = Field(2000, ge=1)
+    #: the shared feature extractor: ``pretrain_steps`` SGD steps on ``pretrain_samples``
+    #: samples of the public dataset ``pretrain_dataset`` (a dataset name, e.g.
+    #: "fashion_mnist" for an MNIST task; "task": a split of the task's training set that
+    #: is then held out of every peer's share); the output layer is then freshly initialised
+    pretrain_dataset: str = "task"
     pretrain_samples: int = Field(1000, ge=1)
     pretrain_steps: int = Field(200, ge=0)
+    @field_validator("pretrain_dataset", mode="after")
+    @classmethod
+    def _check_pretrain_dataset(cls, value: str) -> str:
+        return value if value == "task" else _builtin_or_factory(value, BUILTIN_DATASETS)
+
+    @model_validator(mode="after")
+    def _one_extractor(self) -> BristleConfig:
+        if self.shared_start is not None:
+            raise ValueError(
+                "bristle's extractor is set by pretrain_dataset/pretrain_samples/pretrain_steps,"
+                " not shared_start"
+            )
+        return self
+
+    def start_config(self) -> SharedStartConfig:
+        """Bristle's shared extractor, from its ``pretrain_*`` settings."""
+        return SharedStartConfig(
+            dataset=self.pretrain_dataset,
+            samples=self.pretrain_samples,
+            steps=self.pretrain_steps,
+        )
 
 
 class FedAvgConfig(_ProtocolBase):
@@ -278,6 +335,37 @@ class FoolsGoldConfig(FedAvgConfig):
         return self
 
 
+class ZerothOrderConfig(_ProtocolBase):
+    """Zeroth-order fine-tuning with shared randomness (``p2pfl.protocols.zeroth_order``):
+    each step a peer sends its neighbours one byte, an SPSA projected gradient."""
+
+    name: Literal["zeroth_order"]
+    round_timeout: float = Field(5.0, gt=0)
+    #: the SPSA learning rate (``model.lr`` is the pre-training's SGD rate)
+    lr: float = Field(0.05, gt=0)
+    #: the perturbation's scale: losses at ``x +- eps * z``
+    eps: float = Field(1e-3, gt=0)
+    #: the byte's grid: a projected gradient ``g`` travels as ``round(g / grad_scale)``,
+    #: clipped to [-127, 127]
+    grad_scale: float = Field(0.02, gt=0)
+    #: the shared start model: ``pretrain_steps`` SGD steps on a public split of
+    #: ``pretrain_samples`` training samples (0: the freshly initialised model)
+    pretrain_steps: int = Field(0, ge=0)
+    pretrain_samples: int = Field(300, ge=1)
+
+    @model_validator(mode="after")
+    def _one_probe(self) -> ZerothOrderConfig:
+        if self.local_steps != 1:
+            raise ValueError("zeroth_order takes one SPSA probe per round: local_steps must be 1")
+        if self.aggregator != "mean" or self.aggregator_params:
+            raise ValueError("zeroth_order sends no models to aggregate: aggregator must be 'mean'")
+        if self.codec.name != "fp32":
+            raise ValueError("zeroth_order sends one byte, no model: codec must be 'fp32'")
+        if self.pretrain_steps and self.start_config() is not None:
+            raise ValueError("give zeroth_order either pretrain_steps or shared_start, not both")
+        return self
+
+
 ProtocolConfig = Annotated[
     DPSGDConfig
     | EpidemicConfig
@@ -286,7 +374,8 @@ ProtocolConfig = Annotated[
     | SybilWallConfig
     | BristleConfig
     | FedAvgConfig
-    | FoolsGoldConfig,
+    | FoolsGoldConfig
+    | ZerothOrderConfig,
     Field(discriminator="name"),
 ]
 
@@ -299,6 +388,7 @@ PROTOCOL_NAMES = (
     "bristle",
     "fedavg",
     "foolsgold",
+    "zeroth_order",
 )
 
 #: discriminated unions of the configs: top-level key -> tag values pydantic puts in
@@ -390,6 +480,12 @@ class NodeAttackConfig(AttackOptions):
                 f"{self.name} speaks through several identities: the simulator runs it "
                 "(a node has one identity); on nodes use label_flip or targeted_flip"
             )
+        if self.build(PLACEHOLDER_CLASSES).omniscient:
+            raise ValueError(
+                f"params.knowledge = 'omniscient': {self.name} would need every honest "
+                "model, which only the simulator sees; a node knows what it received "
+                "('received')"
+            )
         return self
 
 
@@ -408,6 +504,29 @@ class NodeNetworkConfig(Strict):
     topology_file: str | None = None
     #: find peers on the LAN by mDNS (libp2p's ``_p2p._udp.local`` service), besides bootstrap
     mdns: bool = False
+    #: beyond a LAN: ``dht = true`` joins the Kademlia DHT (bootstrap addresses seed it),
+    #: advertises this node under a key derived from the run's name ``run`` and dials
+    #: the other peers advertised there (looked up again every ``dht_interval`` seconds
+    #: at most, sooner while new ones turn up)
+    dht: bool = False
+    run: str = Field("", max_length=200)
+    dht_interval: float = Field(30.0, ge=1)
+    #: a hello lists the addresses of the peers we know (false: only our own)
+    peer_exchange: bool = True
+    #: behind home routers (NAT): "off" (LAN / one machine), "auto" (AutoNAT asks the peers
+    #: we reach whether they can reach us; if not, reserve a slot on a relay and advertise
+    #: the address through it), "public" / "private" (known: a public box; a test of a
+    #: node behind NAT). ``relay = true`` serves as a circuit relay for others when
+    #: reachable (with reachability "off" it means "auto"), within the relay_* limits
+    #: (reservations, circuits at once, bytes and seconds per circuit); DCUtR hole
+    #: punching turns relayed connections direct where the NATs allow it
+    reachability: Literal["off", "auto", "public", "private"] = "off"
+    relay: bool = False
+    hole_punching: bool = True
+    relay_max_reservations: int = Field(64, ge=1)
+    relay_max_circuits: int = Field(64, ge=1)
+    relay_circuit_bytes: int = Field(256 << 20, ge=1 << 20)
+    relay_circuit_seconds: int = Field(3600, ge=10)
     #: ping every neighbour this often (seconds; 0: never); ``ping_failures`` misses in a
     #: row report it down to the protocol, the next answer reports it up again
     ping_interval: float = Field(5.0, ge=0)
@@ -432,6 +551,10 @@ class NodeNetworkConfig(Strict):
 
     @model_validator(mode="after")
     def _check_transport_limits(self) -> NodeNetworkConfig:
+        if self.dht and not self.run:
+            raise ValueError("dht = true needs the run's name: set network.run")
+        if self.run and not self.dht:
+            raise ValueError("network.run is looked up in the DHT: set network.dht = true")
         if self.max_streams < self.max_streams_per_peer:
             raise ValueError(
                 f"max_streams={self.max_streams} must be >= max_streams_per_peer="

@@ -39,6 +39,8 @@ MAX_KNOWN_PEERS = 1024
 #: name many peers, and must not turn the node into a dialling flood
 MAX_ADDRS_PER_PEER = 4
 MAX_CONCURRENT_DIALS = 8
+#: addresses of one peer found by the transport that are dialled, all rediscoveries together
+MAX_GREET_ADDRS = 16
 #: entries of one hello looked at (the rest is ignored), and the longest address kept
 MAX_HELLO_ENTRIES = 256
 MAX_ADDR_CHARS = 256
@@ -91,8 +93,9 @@ class Discovery:
         self.met: set[str] = set()
         #: bootstrap addresses dialled, with the outcome of the last attempt (for messages)
         self.tried: dict[str, str] = {}
-        #: peers found by the transport (mDNS) that we dialled and greeted
-        self._greeted: set[str] = set()
+        #: peers found by the transport (mDNS, the DHT) that we dialled and greeted, with
+        #: the addresses tried (bounded by MAX_KNOWN_PEERS peers, MAX_GREET_ADDRS each)
+        self._greeted: dict[str, set[str]] = {}
         self._dial_slots = asyncio.Semaphore(MAX_CONCURRENT_DIALS)
         self._peers_changed = asyncio.Event()
 
@@ -163,9 +166,18 @@ class Discovery:
                 continue
             self.tried[addr] = "reached"
             self.known.setdefault(peer, []).append(addr)
-            self.meet(peer)  # we dialled it: the transport authenticated its id
+            if not self.beyond_lan():
+                self.meet(peer)  # we dialled it: the transport authenticated its id
             self._spawn(self.send_hello(peer))
         return retry
+
+    def beyond_lan(self) -> bool:
+        """Whether bootstrap peers may be mere DHT seeds or relays (``network.dht``, NAT
+        traversal): then a bootstrap peer is met, like any other, only by its hello, so
+        that a ``p2pfl relay`` (which trains nothing and greets no one) never becomes a
+        neighbour. On a LAN a bootstrap peer is a node of the run: met once dialled."""
+        net = self.network
+        return net.dht or net.relay or net.reachability != "off"
 
     def met_count(self) -> int:
         """Peers met that count towards ``min_peers`` (with a graph: graph neighbours only)."""
@@ -190,8 +202,10 @@ class Discovery:
             return None
         if self.tried:
             tried = "; ".join(f"{addr} ({what})" for addr, what in self.tried.items())
-        elif net.mdns:
-            tried = "no bootstrap address, mDNS found none"
+        elif net.mdns or net.dht:
+            tried = "no bootstrap address, " + " and ".join(
+                what for what, on in (("mDNS", net.mdns), ("the DHT", net.dht)) if on
+            ) + " found none"
         else:
             tried = "no bootstrap address given (network.bootstrap), mDNS off"
         return (
@@ -250,7 +264,9 @@ class Discovery:
     async def send_hello(self, peer: str, *, reply: bool = True) -> None:
         """Introduce ourselves to ``peer`` with the addresses we know (``reply``: ask it
         to introduce itself back)."""
-        addrs = {p: a for p, a in self.transport.known_addrs().items() if a}
+        addrs: dict[str, list[str]] = {}
+        if self.network.peer_exchange:
+            addrs = {p: a for p, a in self.transport.known_addrs().items() if a}
         addrs[self.peer_id] = list(self.transport.listen_addrs)
         message = Message(HELLO, 0, None, {"addrs": addrs, "reply": reply})
         try:
@@ -269,7 +285,8 @@ class Discovery:
         self.meet(sender)  # its own hello, on a connection authenticated as ``sender``
         for peer, peer_addrs in list(addrs.items())[:MAX_HELLO_ENTRIES]:
             if (
-                peer == self.peer_id
+                (peer != sender and not self.network.peer_exchange)  # its own addresses only
+                or peer == self.peer_id
                 or not isinstance(peer, str)
                 or not isinstance(peer_addrs, list)
             ):
@@ -290,16 +307,27 @@ class Discovery:
         return "new" if new_peer else "known"
 
     def on_discovered(self, peer: str, addrs: list[str]) -> None:
-        """A peer the transport found by itself (mDNS): greet it once, if we want it.
+        """A peer the transport found by itself (mDNS, the DHT): greet it once, if we want it.
 
         It becomes known only when its hello arrives, so a LAN peer that is not a p2pfl
-        node (any libp2p host announces the same mDNS service) never turns neighbour.
+        node (any libp2p host announces the same mDNS service) never turns neighbour. A
+        peer not met yet that is found again with new addresses is dialled at those --
+        also one first heard of by peer exchange, whose addresses then may have been
+        private ones (behind NAT) and now include a relayed one from the DHT.
         """
-        if peer == self.peer_id or peer in self.known or peer in self._greeted:
+        if peer == self.peer_id or peer in self.met or not self.wanted(peer):
             return
-        if self.wanted(peer):
-            self._greeted.add(peer)
-            self._spawn(self.dial_and_greet(peer, addrs[:MAX_ADDRS_PER_PEER]))
+        tried = self._greeted.get(peer)
+        if tried is None:
+            if len(self._greeted) >= MAX_KNOWN_PEERS:
+                return
+            tried = self._greeted[peer] = set()
+        # found again with new addresses (a peer behind NAT that got a relay slot since):
+        # dialled again, at those only
+        fresh = [addr for addr in addrs if addr not in tried][:MAX_ADDRS_PER_PEER]
+        if fresh and len(tried) < MAX_GREET_ADDRS:
+            tried.update(fresh)
+            self._spawn(self.dial_and_greet(peer, fresh))
 
     async def dial_and_greet(self, peer: str, addrs: list[str]) -> None:
         """Dial ``peer`` at the first of ``addrs`` that answers and say hello."""

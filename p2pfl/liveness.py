@@ -45,8 +45,12 @@ class Liveness:
         on_down: Callable[[str], None],
         on_up: Callable[[str], None],
         on_unreachable: Callable[[str, str], None] | None = None,
+        backlog: Callable[[str], float] | None = None,
     ) -> None:
         self.transport = transport
+        #: seconds a ping to a peer may wait behind what is queued to it (a model on a
+        #: slow link), on top of ``timeout``: a saturated link is not a dead peer
+        self._backlog = backlog
         self.interval = interval
         self.timeout = timeout
         self.failures = failures
@@ -99,9 +103,10 @@ class Liveness:
                     self._on_down(peer)
 
     async def ping(self, peer: str) -> bool:
-        """Whether ``peer`` answered a ping within ``timeout``."""
+        """Whether ``peer`` answered a ping within ``timeout`` (plus the backlog to it)."""
+        wait = self.timeout + (self._backlog(peer) if self._backlog is not None else 0.0)
         try:
-            await self.transport.ping(peer, timeout=self.timeout)
+            await self.transport.ping(peer, timeout=wait)
         except TransportError:
             return False
         return True

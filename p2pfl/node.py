@@ -10,8 +10,9 @@ effects into I/O and I/O into events:
   back as ``TrainingDone``.
 - ``SetTimer`` / ``CancelTimer``: asyncio timer handles; ``now`` is the loop's clock.
 - ``RoundCompleted``: checkpoint atomically, evaluate, log a status line, write
-  ``status.json`` (and, with ``tensorboard = true``, the round's measurements as
-  TensorBoard scalars: ``p2pfl.tracking``); stop after the configured number of rounds.
+  ``status.json`` (at most once per ``STATUS_EVERY`` while rounds end faster than
+  that), with ``tensorboard = true`` the round's measurements as TensorBoard scalars
+  (``p2pfl.tracking``); stop after the configured number of rounds.
 
 Incoming bytes pass through a :class:`~p2pfl.security.PeerGuard` (ban, rate, decode,
 signature, replay, round window) before the protocol sees them; whatever is refused is
@@ -68,7 +69,9 @@ from p2pfl.peer import build_commons, use_torch_threads, wrap_attacker
 from p2pfl.protocols.base import (
     CancelTimer,
     Effect,
+    EvaluateLosses,
     Event,
+    LossesEvaluated,
     Message,
     MessageReceived,
     PeerDown,
@@ -88,8 +91,10 @@ from p2pfl.protocols.contract import Role
 from p2pfl.protocols.records import IdentitySigner
 from p2pfl.protocols.registry import mixing_scheme, protocol_class
 from p2pfl.security import Ban, GuardConfig, PeerGuard, SequenceNumbers
+from p2pfl.threadname import name_os_thread
 from p2pfl.tracking import TensorBoardTracker
 from p2pfl.transport.base import Transport, TransportError
+from p2pfl.transport.send_budget import SendBudget
 from p2pfl.wire import DropReason, Envelope, WireError, WireLimits, encode
 
 __all__ = [
@@ -110,7 +115,9 @@ CONTROL = "p2pfl"  # wire protocol name of the node's own messages (peer exchang
 #: "you are not my neighbour": the answer to a model from a peer that chose us one-way
 UNLINK = "unlink"
 STATUS_NAME = "status.json"
-#: seconds between rewrites of status.json while discovering (no rounds end meanwhile)
+#: seconds between rewrites of status.json while discovering (no rounds end meanwhile),
+#: and the most a round's status may wait while training: rounds that end faster than
+#: this share one rewrite (a JSON dump, a file and a rename on the event loop each)
 STATUS_EVERY = 1.0
 #: protocol messages kept while still discovering (a peer that found everyone first
 #: sends its round-0 model before we start); they are handled once the protocol starts
@@ -164,7 +171,9 @@ class Node:
         self.started_at = time.time()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2pfl-train")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="p2pfl-train", initializer=name_os_thread
+        )
         self._done = asyncio.Event()
         #: set once the transport listens (tests and embedders wait on it)
         self.listening = asyncio.Event()
@@ -174,6 +183,9 @@ class Node:
         #: set once _shutdown began: the status says how the run ended
         self._ended = False
         self._next_train_at = 0.0
+        #: monotonic time of the last status.json write; the deferred rewrite, if one waits
+        self._status_at = float("-inf")
+        self._status_later: asyncio.TimerHandle | None = None
         self._early: list[tuple[str, Envelope]] = []
         #: per-round scalars into <state_dir>/tensorboard (config.tensorboard; opened in run)
         self._tracker: TensorBoardTracker | None = None
@@ -185,10 +197,17 @@ class Node:
         self.discovery = Discovery(
             self.peer_id, transport, net, graph=self.graph, send=self._send_own, spawn=self._spawn
         )
+        #: per-peer send timeouts (``p2pfl.transport.send_budget``): ``network.send_timeout``
+        #: for a small message, more for a large one on a slow link, less waiting on a stall
+        self.send_budget = SendBudget(net.send_timeout)
+        #: sends on their way (``_flush_sends`` waits for them before the node leaves)
+        self._sends_in_flight: set[asyncio.Task[Any]] = set()
         self.liveness = Liveness(
             transport,
             interval=net.ping_interval,
             timeout=net.ping_timeout,
+            # a ping waits behind the models queued to that peer on the same connection
+            backlog=self.send_budget.backlog_seconds,
             failures=net.ping_failures,
             watched=self._watched,
             running=lambda: self.protocol is not None and not self._stopping,
@@ -391,6 +410,7 @@ class Node:
         protocol = self.protocol
         if protocol is None:
             return
+        await self._flush_sends()  # our last model, still on its way to slow neighbours
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.network.send_timeout
         while not protocol.settled and loop.time() < deadline and not self._stop_asked:
@@ -406,6 +426,8 @@ class Node:
         self._ended = True
         for handle in self._timers.values():
             handle.cancel()
+        if self._status_later is not None:
+            self._status_later.cancel()  # the final status below supersedes it
         for task in list(self._tasks):
             task.cancel()
         if self.protocol is not None and self.failure is None:
@@ -576,6 +598,8 @@ class Node:
             self._spawn(self._send(effect))
         elif isinstance(effect, Train):
             self._spawn(self._train(effect))
+        elif isinstance(effect, EvaluateLosses):  # zeroth-order protocols (n6)
+            self._spawn(self._evaluate_losses(effect))
         elif isinstance(effect, SetTimer):
             old = self._timers.pop(effect.name, None)
             if old is not None:
@@ -627,6 +651,25 @@ class Node:
             return
         self._handle(TrainingDone(self._now(), effect.ticket, params, loss))
 
+    async def _evaluate_losses(self, effect: EvaluateLosses) -> None:
+        """Losses of a few vectors on one batch (in the worker thread, like training)."""
+        from p2pfl.learning.batch_loss import batch_losses
+
+        loop = asyncio.get_running_loop()
+        attack = self.attack
+        transform = attack.batch_transform if attack is not None else None
+        # a free rider computes nothing, as it trains nothing (the simulator gives it no data)
+        sampler = self.sampler if attack is None or attack.trains else None
+        try:
+            losses = await loop.run_in_executor(
+                self._pool,
+                lambda: batch_losses(self.trainer, sampler, effect.params, transform=transform),
+            )
+        except Exception as error:  # no LossesEvaluated would ever come: stop, do not hang
+            self._fail("training", error)
+            return
+        self._handle(LossesEvaluated(self._now(), effect.ticket, losses))
+
     async def _send(self, effect: Send) -> None:
         assert self.protocol is not None
         try:
@@ -638,8 +681,31 @@ class Node:
 
     async def _send_bytes(self, peer: str, message: Message, protocol: str) -> None:
         data = encode(message, identity=self.identity, protocol=protocol, seq=self.seq.next())
-        await self.transport.send(peer, data, timeout=self.config.network.send_timeout)
+        budget = self.send_budget
+        ticket = budget.begin(peer, len(data))  # timeout from size and measured bandwidth
+        task = asyncio.current_task()
+        if task is not None:
+            self._sends_in_flight.add(task)
+        try:
+            await self.transport.send(peer, data, timeout=ticket.timeout)
+        except BaseException:  # a stalled transfer ends here: skipped for this peer
+            budget.end(ticket, ok=False)
+            log.debug("send of %d bytes to %s: not done within %.1fs", len(data), peer, ticket.timeout)
+            raise
+        finally:
+            if task is not None:
+                self._sends_in_flight.discard(task)
+        budget.end(ticket, ok=True)
         self.bytes_sent += len(data)
+
+    async def _flush_sends(self) -> None:
+        """After the last round: let the sends still in flight finish (each ends by its own
+        deadline), so that a neighbour still waiting for our last model on a slow link gets
+        it instead of waiting out its round timer because we exited."""
+        current = asyncio.current_task()
+        pending = {task for task in self._sends_in_flight if task is not current and not task.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=self.send_budget.ceiling)
 
     async def _send_own(self, peer: str, message: Message) -> None:
         """One of the node's own messages (hello, unlink); raises ``TransportError``."""
@@ -798,9 +864,16 @@ class Node:
             self.accuracy = float(result.accuracy[0])
             loss = float(result.loss[0])
         self._checkpoint()
-        self._write_status()
+        self._round_status(last=finished + 1 >= self.config.rounds)
         if self._tracker is not None:
             self._track(finished, loss)
+        if log.isEnabledFor(logging.INFO):  # its figures cost a pass over guard and peers
+            self._log_round(finished)
+        if finished + 1 >= self.config.rounds:
+            self._done.set()
+
+    def _log_round(self, finished: int) -> None:
+        assert self.protocol is not None
         log.info(
             "round %d  acc %s  neighbours %d/%d live  sent %.1f MB  drops %d",
             finished,
@@ -810,8 +883,6 @@ class Node:
             self.bytes_sent / 1e6,
             sum(self.guard.drops().values()),
         )
-        if finished + 1 >= self.config.rounds:
-            self._done.set()
 
     def _track(self, finished: int, loss: float | None) -> None:
         """The round's measurements as TensorBoard scalars at step ``finished`` (the round
@@ -915,6 +986,9 @@ class Node:
             "one_way_neighbours": sorted(self.unlinked),
             "peers_down": sorted(self.liveness.down),
             "connected": self.transport.connected_peers(),
+            # per connected peer "direct" or "relayed"; whether this node is reachable
+            "connections": self.transport.connection_kinds(),
+            "reachability": self.transport.reachability(),
             "bytes_sent": self.bytes_sent,
             "counters": self.counters,
             "transport": self.transport.stats(),
@@ -935,7 +1009,28 @@ class Node:
             return "finished" if self.rounds_done >= self.config.rounds else "stopped"
         return "training" if self.protocol is not None else "discovering"
 
+    def _round_status(self, *, last: bool) -> None:
+        """status.json after a round: at once when the last write is ``STATUS_EVERY`` old
+        (or this round is the run's last), else once it is. A slow round is reported as
+        it ends; fast ones (a digits round takes milliseconds) share a write, so that the
+        report does not cost the event loop more than the round's own learning."""
+        later = self._status_later
+        if last or time.monotonic() - self._status_at >= STATUS_EVERY:
+            if later is not None:
+                later.cancel()
+                self._status_later = None
+            self._write_status()
+        elif later is None:
+            wait = self._status_at + STATUS_EVERY - time.monotonic()
+            self._status_later = asyncio.get_running_loop().call_later(wait, self._late_status)
+
+    def _late_status(self) -> None:
+        self._status_later = None
+        if not self._ended:
+            self._write_status()
+
     def _write_status(self, *, final: bool = False) -> None:
+        self._status_at = time.monotonic()
         status = self.status()  # its "state" says which phase (final: how it ended)
         self.disk.write_json(STATUS_NAME, status)  # a full disk is logged, not raised
 

@@ -108,12 +108,45 @@ def make_transport(config: NodeConfig, identity: Identity) -> Libp2pTransport:
     # A dial to a peer that is down is expected (peers crash, restart, leave); the node
     # reports it in its own terms, so libp2p's per-attempt error lines are noise.
     logging.getLogger("libp2p.transport.tcp").setLevel(logging.CRITICAL)
+    # The DHT warns of each peer it could not tell of a record (peers leave), and logs
+    # every peer record older than one it holds as an error: noise too.
+    logging.getLogger("libp2p.kad_dht").setLevel(logging.CRITICAL)
+    # The relay protocol logs a peer closing its stream after a reservation as an error.
+    logging.getLogger("libp2p.relay.circuit_v2.protocol").setLevel(logging.CRITICAL)
+    net = config.network
     return Libp2pTransport(
         identity.libp2p_keypair,
-        listen_addrs=config.network.listen,
-        max_message_size=config.network.max_message_bytes,
-        mdns=config.network.mdns,
-        limits=TransportLimits.from_config(config.network),
+        listen_addrs=net.listen,
+        max_message_size=net.max_message_bytes,
+        mdns=net.mdns,
+        limits=TransportLimits.from_config(net),
+        dht=net.dht,
+        run=net.run or None,
+        dht_interval=net.dht_interval,
+        nat=nat_settings(config),
+    )
+
+
+def nat_settings(config: NodeConfig) -> Any:
+    """The transport's NAT traversal settings (``_nat.NatSettings``), or ``None`` when
+    ``network.reachability = "off"`` and the node is no relay."""
+    net = config.network
+    if net.reachability == "off" and not net.relay:
+        return None
+    from libp2p.relay.circuit_v2.resources import RelayLimits
+
+    from p2pfl.transport._nat import NatSettings
+
+    return NatSettings(
+        reachability="auto" if net.reachability == "off" else net.reachability,
+        relay=net.relay,
+        hole_punching=net.hole_punching,
+        limits=RelayLimits(
+            duration=net.relay_circuit_seconds,
+            data=net.relay_circuit_bytes,
+            max_circuit_conns=net.relay_max_circuits,
+            max_reservations=net.relay_max_reservations,
+        ),
     )
 
 
@@ -127,3 +160,63 @@ def _build_and_run(config: NodeConfig) -> dict[str, Any]:
     transport = make_transport(config, identity)
     node = Node(config, transport, identity)
     return asyncio.run(node.run())
+
+
+def run_relay(
+    listen: list[str],
+    key_file: Path,
+    *,
+    limits: dict[str, int],
+    ready: Any,
+) -> None:
+    """Run a relay / bootstrap / DHT node until SIGINT or SIGTERM (``p2pfl relay``).
+
+    It trains nothing and joins no run: it serves the DHT (every run's peers may use it
+    as their bootstrap address), answers AutoNAT dial-back requests and relays for peers
+    behind NAT within ``limits`` (``max_reservations``, ``max_circuits``,
+    ``circuit_bytes``, ``circuit_seconds``). ``ready(addrs)`` is told the addresses to
+    give to nodes as ``network.bootstrap`` once it listens. Bad input raises
+    :class:`~p2pfl.startup.StartupError` (one line) before anything starts.
+    """
+    from p2pfl.startup import check_port_free, load_identity, parse_addr
+
+    for addr in listen:
+        parse_addr("--listen", addr, dial=False)
+        check_port_free(addr)
+    identity = load_identity(key_file)
+
+    from libp2p.relay.circuit_v2.resources import RelayLimits
+
+    from p2pfl.transport._nat import NatSettings
+    from p2pfl.transport.libp2p import Libp2pTransport, configure_libp2p_logging
+
+    configure_libp2p_logging(logging.WARNING)
+    for name in ("libp2p.transport.tcp", "libp2p.relay.circuit_v2.protocol"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("libp2p.kad_dht").setLevel(logging.CRITICAL)
+    nat = NatSettings(
+        reachability="public",
+        relay=True,
+        hole_punching=False,
+        limits=RelayLimits(
+            duration=limits["circuit_seconds"],
+            data=limits["circuit_bytes"],
+            max_circuit_conns=limits["max_circuits"],
+            max_reservations=limits["max_reservations"],
+        ),
+    )
+    transport = Libp2pTransport(identity.libp2p_keypair, listen_addrs=listen, dht=True, nat=nat)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await transport.start()
+        try:
+            ready(list(transport.listen_addrs))
+            await stop.wait()
+        finally:
+            await transport.close()
+
+    asyncio.run(serve())

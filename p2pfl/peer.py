@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from p2pfl.config import AttackOptions, BristleConfig, DataConfig, ModelConfig, ProtocolConfig
+from p2pfl.config import (
+    AttackOptions,
+    BristleConfig,
+    DataConfig,
+    ModelConfig,
+    ProtocolConfig,
+    ZerothOrderConfig,
+)
 from p2pfl.learning import (
     BatchSampler,
     Dataset,
@@ -127,12 +134,13 @@ class Commons:
             self.extractor,
             self.dataset.x_train,
             self.dataset.y_train,
-            indices,
+            self.extractor.probe_source(indices),
             self.protocol.probe_samples,
             seed=self.seed,
             peer=index,
         )
-        return self.extractor.extras(*probe)
+        own = self.dataset.y_train[torch.from_numpy(indices.astype(np.int64))].unique()
+        return self.extractor.extras(*probe, own_labels=own)
 
     def build_protocol(
         self,
@@ -228,17 +236,33 @@ def build_commons(
     trainer = build_trainer(dataset, model, data)
     start = trainer.init_params(seed)
     extractor = None
-    if isinstance(protocol, BristleConfig):
-        from p2pfl.protocols.bristle import pretrain_extractor
+    spec = protocol.start_config()
+    if spec is not None:
+        # a pre-trained extractor and a fresh output layer: Bristle's, or the same for any
+        # protocol (protocol.shared_start); a public split of the task's own training set
+        # is held out of every share
+        from p2pfl.protocols.bristle import shared_start
 
-        extractor = pretrain_extractor(
+        shared, held_out = shared_start(spec, trainer, seed=seed, data_dir=data.data_dir)
+        if isinstance(protocol, BristleConfig) and protocol.probe == "iid":
+            shared = shared.with_probe_pool(protocol.probe_pool, len(trainer.y), seed)
+            assert shared.probe_pool is not None
+            held_out = np.union1d(held_out, shared.probe_pool)
+        if len(held_out):
+            parts = [np.setdiff1d(part, held_out) for part in parts]
+        start = shared.start
+        extractor = shared if isinstance(protocol, BristleConfig) else None
+    elif isinstance(protocol, ZerothOrderConfig):
+        # zeroth-order fine-tuning starts from a briefly SGD-trained model (n6)
+        from p2pfl.protocols.zo_start import pretrained_start
+
+        start = pretrained_start(
             trainer,
             start,
             seed=seed,
-            pretrain_samples=protocol.pretrain_samples,
-            pretrain_steps=protocol.pretrain_steps,
+            samples=protocol.pretrain_samples,
+            steps=protocol.pretrain_steps,
         )
-        start = extractor.start
     return Commons(
         protocol=protocol,
         seed=seed,

@@ -17,20 +17,31 @@ How each kind is carried out (the honest protocol code is never changed):
   run the protocol honestly with their poisoned models.
 - **model** attacks (sign flip, Gaussian, scaling, ALIE, IPM, free rider): each Byzantine
   peer's protocol object is wrapped in :class:`p2pfl.attacks.ByzantineProtocol`, which
-  replaces the model of its outgoing messages by the crafted vector. The attacker is
-  omniscient and colluding: ALIE and IPM see every model that honest peers sent in the
-  round (through the engine), and a rushing attacker sends ``delay`` seconds after its
-  training ends, so that the honest models of the round are out by then (when none are
-  yet, it uses the previous round's). A free rider holds no data and trains nothing; it
-  sends back the model its round started from.
+  replaces the model of its outgoing messages by the crafted vector. ALIE and IPM compute
+  from the honest models they know: by default (``params.knowledge = "received"``) only
+  those the attacker itself received from its neighbours -- not its fellow Byzantine
+  peers' -- as a real node would; with ``params.knowledge = "omniscient"`` every model
+  that honest peers sent in the round (seen through the engine), the papers' set-up. A
+  rushing attacker sends ``delay`` seconds after its training ends, so that what it can
+  know of the round is out by then (when nothing is yet, it uses the previous round's).
+  A free rider holds no data and trains nothing; it sends back the model its round
+  started from.
 - **Sybil** attacks (``sybil_label_flip``): one adversary adds ``identities`` extra peers to
-  the graph, each linked to ``attach`` honest peers drawn at random. The identities train
-  on one shared, label-flipped data set (as large as an average honest peer's share) and
-  all send the same vector each round (:class:`p2pfl.attacks.Collusion`). For a
-  targeted flip (``params.source``/``target``) that data set holds only ``source``
-  samples, all relabelled ``target`` (the Sybil set-up of FoolsGold's evaluation). With
-  ``fraction`` and no ``identities``, the count is chosen so that the identities make up
-  that fraction of all peers: ``round(f * n / (1 - f))``.
+  the graph, each linked to ``attach`` honest peers drawn at random. The adversary holds
+  one label-flipped data set (as large as an average honest peer's share) and one
+  device's training; ``budget`` says how they are spread over its identities:
+  ``"shared"`` (the default) -- one training a round on the whole set, which every
+  identity sends (:class:`p2pfl.attacks.Collusion`; the identities run the same training
+  from the same seed, so the simulator's K copies are one training's outcome), each
+  identity declaring ``1/K`` of the samples; ``"split"`` -- each identity trains on its
+  own disjoint ``1/K`` of the set, for ``local_steps // K`` steps (at least one), declares
+  that part, and sends its own model. Either way the adversary's declared samples add
+  up to the data it holds, whatever K (docs/attacks.md says why "shared" is the
+  default). For a targeted flip (``params.source``/``target``) that data set holds only
+  ``source`` samples, all relabelled ``target`` (the Sybil set-up of FoolsGold's
+  evaluation). With ``fraction`` and no ``identities``, the count is chosen so that the
+  identities make up that fraction of all peers: ``round(f * n / (1 - f))``; every
+  metrics row says the real share (``malicious_share``: malicious peers / all peers).
 
 ``start_round``, ``stop_round``, ``period`` and ``duty`` schedule the attack
 (:mod:`p2pfl.attacks.schedule`): outside its active rounds a Byzantine peer (or Sybil
@@ -69,13 +80,15 @@ import networkx as nx
 import numpy as np
 import torch
 
-from p2pfl.attacks import Attack, Collusion, needs_wrapper
+from p2pfl.attacks import Attack, ByzantineProtocol, Collusion, needs_wrapper
 from p2pfl.attacks.data_poisoning import Backdoor, LabelFlip, TargetedLabelFlip
 from p2pfl.config import PLACEHOLDER_CLASSES
 from p2pfl.learning import BatchSampler, predict
 from p2pfl.peer import wrap_attacker
-from p2pfl.protocols.base import Effect, Event, Send
+from p2pfl.protocols.base import Effect, Event, Protocol, Send
+from p2pfl.protocols.wrapper import ProtocolWrapper
 from sim.attack_config import AttackConfig  # re-exported: the [attack] table
+from sim.errors import ScenarioError
 
 if TYPE_CHECKING:
     from sim.engine import Engine
@@ -85,7 +98,9 @@ __all__ = [
     "Adversary",
     "AdversaryPlan",
     "AttackConfig",
+    "innermost",
     "plan_adversary",
+    "sybil_budget",
 ]
 
 
@@ -152,6 +167,41 @@ def plan_adversary(scenario: Any, graph: nx.Graph) -> tuple[nx.Graph, AdversaryP
     return graph, plan
 
 
+def sybil_budget(
+    indices: np.ndarray, k: int, budget: str, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[int]]:
+    """The data each of ``k`` identities trains on, and the samples each declares.
+
+    ``"shared"``: every identity trains on all of ``indices`` and declares its part of
+    them (``len // k``, the first ``len % k`` one more); ``"split"``: ``indices`` cut at
+    random into ``k`` disjoint parts, each identity declaring its own. Declarations add up
+    to ``len(indices)`` (with more identities than samples, "shared" declares 1 each: a
+    protocol's weight cannot be 0). Raises ValueError when ``"split"`` has fewer samples
+    than identities.
+    """
+    total = len(indices)
+    if budget == "split":
+        if total < k:
+            raise ValueError(
+                f"attack.budget = 'split': {k} identities cannot split {total} samples"
+            )
+        parts = [np.sort(part) for part in np.array_split(rng.permutation(indices), k)]
+        return parts, [len(part) for part in parts]
+    if budget != "shared":
+        raise ValueError(f"attack.budget must be 'shared' or 'split', got {budget!r}")
+    declared = [max(1, total // k + (j < total % k)) for j in range(k)]
+    return [indices] * k, declared
+
+
+def innermost(protocol: Protocol) -> Protocol:
+    """The honest protocol object under any wrappers (Byzantine, codec)."""
+    for _ in range(16):  # wrappers nest a few deep at most
+        if not isinstance(protocol, ProtocolWrapper):
+            break
+        protocol = protocol.inner
+    return protocol
+
+
 # --------------------------------------------------------------------- the attack at run time
 
 
@@ -200,17 +250,9 @@ class Adversary:
         samplers = executor.samplers
         batch_size = scenario.data.batch_size
 
-        if len(plan.sybils):  # the adversary's own data: one share, drawn from the training set
-            sizes = simulation.data_sizes[: plan.n_graph]
-            share = int(sizes[sizes > 0].mean()) if (sizes > 0).any() else batch_size
-            rng = np.random.default_rng([scenario.seed, plan.config.seed, 0x5B1])
-            pool = np.arange(len(dataset.y_train))
-            if isinstance(attack.apply, TargetedLabelFlip):  # FoolsGold's set-up: 1s labelled 7
-                pool = pool[dataset.train_labels == attack.apply.source]
-            indices = np.sort(rng.choice(pool, min(share, len(pool)), replace=False))
-            for s in plan.sybils:
-                samplers[int(s)] = BatchSampler(indices, batch_size, int(rng.integers(2**62)))
-                simulation.data_sizes[int(s)] = share
+        budget = plan.config.budget or "shared"
+        if len(plan.sybils):  # the adversary's one data set and training, over its identities
+            self._fund_sybils(simulation, budget, batch_size)
         if not attack.trains:  # the free rider
             for i in self.malicious:
                 samplers[int(i)] = None  # trains nothing: the executor hands the model back
@@ -226,13 +268,15 @@ class Adversary:
                 executor.transforms[int(i)] = transform
 
         isolate = plan.config.isolate if plan.config.isolate is not None else len(plan.sybils) > 0
-        if needs_wrapper(attack, isolate=isolate, colluding=len(plan.sybils) > 0):
+        colluding = len(plan.sybils) > 0 and budget == "shared"
+        if needs_wrapper(attack, isolate=isolate, colluding=colluding):
             from p2pfl.attacks import MODEL_KINDS
 
-            knowledge = None
+            knowledge = None  # "received": what each attacker's wrapper itself heard
             if attack.omniscient:
                 knowledge = _HonestModels(engine, malicious, MODEL_KINDS)
-            collusion = Collusion() if len(plan.sybils) else None
+            collusion = Collusion() if len(plan.sybils) and budget == "shared" else None
+            allies = frozenset(simulation.peer_ids[int(i)] for i in self.malicious)
             jitter = attack.sybil.jitter if attack.sybil is not None else 0.0
             for i in self.malicious:
                 engine.protocols[int(i)] = wrap_attacker(
@@ -248,6 +292,9 @@ class Adversary:
                     collusion=collusion,
                     jitter=jitter,
                 )
+                wrapped = engine.protocols[int(i)]
+                if isinstance(wrapped, ByzantineProtocol):  # colluders' models are no honest ones
+                    wrapped.allies = allies - {wrapped.peer_id}
 
         evaluator = simulation.evaluator
         sample = evaluator.peer_sample
@@ -256,6 +303,34 @@ class Adversary:
         self._success = self._success_measure(
             evaluator.x_test, evaluator.y_test, dataset.num_classes
         )
+
+    def _fund_sybils(self, simulation: Simulation, budget: str, batch_size: int) -> None:
+        """Give the Sybil identities the adversary's one data set and one training, spread
+        over them as ``budget`` says (module docstring), and the sample counts they declare."""
+        plan, dataset, attack = self.plan, simulation.dataset, self.attack
+        engine = simulation.engine
+        sizes = simulation.data_sizes[: plan.n_graph]
+        share = int(sizes[sizes > 0].mean()) if (sizes > 0).any() else batch_size
+        rng = np.random.default_rng([simulation.scenario.seed, plan.config.seed, 0x5B1])
+        pool = np.arange(len(dataset.y_train))
+        if isinstance(attack.apply, TargetedLabelFlip):  # FoolsGold's set-up: 1s labelled 7
+            pool = pool[dataset.train_labels == attack.apply.source]
+        indices = np.sort(rng.choice(pool, min(share, len(pool)), replace=False))
+        sybils = [int(s) for s in plan.sybils]
+        try:
+            parts, declared = sybil_budget(indices, len(sybils), budget, rng)
+        except ValueError as error:
+            raise ScenarioError(str(error)) from None
+        seed = int(rng.integers(2**62))  # "shared": one seed, so K identical trainings
+        for j, s in enumerate(sybils):
+            if budget == "split":
+                seed = int(rng.integers(2**62))
+            engine.executor.samplers[s] = BatchSampler(parts[j], batch_size, seed)
+            simulation.data_sizes[s] = declared[j]
+            inner = innermost(engine.protocols[s])
+            if budget == "split":  # one device's steps, split over the identities
+                inner.local_steps = max(1, inner.local_steps // len(sybils))
+            inner.declare_samples(declared[j])  # kept by protocols that weight by samples
 
     def _success_measure(
         self, x: torch.Tensor, y: torch.Tensor, num_classes: int
@@ -279,7 +354,12 @@ class Adversary:
 
     def measure(self) -> dict[str, Any]:
         """Columns added to a metrics row (after the evaluator measured the honest peers)."""
-        row: dict[str, Any] = {"acc_scope": "honest", "malicious_peers": int(len(self.malicious))}
+        row: dict[str, Any] = {
+            "acc_scope": "honest",
+            "malicious_peers": int(len(self.malicious)),
+            # the real share of malicious peers (Sybil identities among all peers)
+            "malicious_share": len(self.malicious) / self.simulation.engine.n,
+        }
         if self._success is None:
             return row
         engine = self.simulation.engine

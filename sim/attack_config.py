@@ -7,6 +7,8 @@ imported by runtime modules, never the reverse. ``sim.adversary`` re-exports it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from p2pfl.config import PLACEHOLDER_CLASSES, AttackOptions
@@ -31,6 +33,12 @@ class AttackConfig(AttackOptions):
     identities: int | None = Field(None, ge=1)
     #: Sybil attacks: honest peers each identity links to
     attach: int = Field(3, ge=1)
+    #: Sybil attacks: how the adversary's one data set and one device's training are
+    #: spread over its identities (sim.adversary, docs/attacks.md): "shared" (the default:
+    #: one training a round, every identity sends it, each declares 1/identities of the
+    #: data) or "split" (each identity trains on its own 1/identities of the data, for
+    #: local_steps / identities steps, and sends its own model)
+    budget: Literal["shared", "split"] | None = None
     #: (isolate: default None, on for Sybil identities only)
 
     @model_validator(mode="after")
@@ -44,6 +52,8 @@ class AttackConfig(AttackOptions):
             )
         if attack.sybil is None and self.identities is not None:
             raise ValueError(f"identities is for Sybil attacks; {self.name} is not one")
+        if attack.sybil is None and self.budget is not None:
+            raise ValueError(f"budget is for Sybil attacks; {self.name} is not one")
         if (
             attack.kind != "none"
             and attack.sybil is None

@@ -18,10 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from p2pfl.learning.batch_loss import batch_losses
 from p2pfl.protocols.base import (
     CancelTimer,
     Effect,
+    EvaluateLosses,
     Event,
+    LossesEvaluated,
     MessageReceived,
     PeerDown,
     PeerUp,
@@ -37,6 +40,7 @@ from p2pfl.protocols.base import (
     TrainingDone,
 )
 from p2pfl.protocols.contract import Refusal
+from sim.mixing import plain
 from sim.network import Network
 from sim.training import TrainingExecutor, TrainJob
 
@@ -351,6 +355,8 @@ class Engine:
                 job = self.executor.submit(peer, effect.params, effect.steps)
                 duration = effect.steps * self.step_time / float(self.speeds[peer])
                 self._push(self.now + duration, peer, _TrainingFinished(job, effect.ticket))
+            elif isinstance(effect, EvaluateLosses):
+                self._evaluate_losses(peer, effect)
             elif isinstance(effect, SetTimer):
                 key = (peer, effect.name)
                 self._timer_due[key] = effect.at
@@ -365,6 +371,22 @@ class Engine:
             elif isinstance(effect, Record):
                 if effect.value == effect.value:  # NaN (e.g. a relay's loss) counts nothing
                     self.records[effect.name] += effect.value
+
+    def _evaluate_losses(self, peer: int, effect: EvaluateLosses) -> None:
+        """Loss evaluations (zeroth-order protocols, n6): computed now, answered after one
+        step's time. The peer's queued training runs first, so that its sampler hands out
+        batches in the order the peer asked for them, as on a node."""
+        if self.executor.pending:
+            self.executor.flush()
+        executor = self.executor
+        losses = batch_losses(
+            executor.trainer,
+            executor.samplers[peer],
+            [plain(p) for p in effect.params],
+            transform=executor.transforms.get(peer),
+        )
+        at = self.now + self.step_time / float(self.speeds[peer])
+        self._push(at, peer, LossesEvaluated(at, effect.ticket, losses))
 
     def _send(self, peer: int, effect: Send, nbytes: int) -> None:
         receiver = self.index.get(effect.to)

@@ -12,24 +12,29 @@ defers the arithmetic instead:
   holds references to the rows and no data;
 - the weighted mean or mean of a ``PendingStack`` returns a ``PendingMix``: a tensor with a
   shape and a dtype but no value yet, whose rows and weights the ``Mixer`` records;
-- when a value is needed (the executor trains the peer, the evaluator reads its model, any
-  other torch operation touches it) the mixer computes pending mixes a chunk of peers at a
-  time, one sparse product per source buffer (usually one).
+- when the executor trains a chunk of peers from their mixes, the mixer computes the
+  chunk's values into the executor's scratch, one sparse product per source buffer
+  (usually one), and the values are not kept: the mix keeps its rows instead, so a
+  round's means cost no memory of their own (about two rows per peer in all: the round
+  being trained and the round its means read). Anything else that asks for a mix's value
+  (the evaluator, any other torch operation) gets it computed again from those rows, to
+  the same bits, and kept from then on.
 
 Every other operation on a ``PendingStack`` or ``PendingMix`` materialises it first and then
 runs unchanged, so code that does something else with a stack (a robust aggregator, an
 attack) gets exactly what eager code would have given it: deferral changes when the
 arithmetic happens and its float rounding, never its meaning.
 
-Memory safety comes from reference counting, not from bookkeeping: an arena buffer is
-handed out again only when no tensor viewing it (a row, or anything derived from one) is
-left, which ``RowArena`` learns from a weak reference.
+Memory safety comes from reference counting, not from bookkeeping: an arena block is
+handed out again only when no tensor viewing it (a row, or anything derived from one, or a
+mix that still reads it) is left, which ``RowArena`` learns from a weak reference.
 """
 
 from __future__ import annotations
 
+import bisect
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from p2pfl.versions import require
@@ -66,6 +71,8 @@ except ImportError:  # pragma: no cover - a scipy that moved it: the public prod
 # A row's key packs (arena buffer, row in it) into one int: resolving 10,000 mixes is then
 # a few numpy operations on an int64 array instead of a Python loop per row.
 _ROW_BITS = 32
+#: mixes settled one by one (an evaluated peer's) share chunks of this many rows
+_SETTLE_BLOCK = 64
 
 
 class RowArena:
@@ -75,11 +82,15 @@ class RowArena:
     2-core machine this was written on, cloning 1 GB into new memory took four times as
     long as copying it into memory already mapped). Why one buffer for many blocks: the
     mixer does one sparse product per buffer its inputs come from, so results of the
-    several small training batches of one round should share a buffer.
+    several small training batches of a round (and of the next) should share a buffer.
 
-    A buffer is reused once no tensor viewing it is alive: every block is handed out as
+    A block is reused once no tensor views it: every block is handed out as
     ``torch.from_numpy`` of a numpy view, which torch keeps alive exactly as long as any
-    tensor uses that memory, and the arena keeps only a weak reference to the view.
+    tensor uses that memory, and the arena keeps only a weak reference to the view. Free
+    space is found block by block (first fit, lowest address first), not buffer by
+    buffer: a buffer of about two rounds of rows then holds the round being trained and
+    the round its means still read, however the rounds interleave, and only the rows
+    written so far cost resident memory (a buffer is allocated untouched).
     """
 
     def __init__(self, dim: int, capacity: int, *, keep_idle: int = 1) -> None:
@@ -89,53 +100,93 @@ class RowArena:
         self.capacity = capacity
         self.keep_idle = keep_idle
         self.buffers: dict[int, np.ndarray] = {}
-        self._views: dict[int, list[weakref.ref[np.ndarray]]] = {}
-        self._used: dict[int, int] = {}
-        self._current: int | None = None
+        #: per buffer, its live blocks as ``(first row, end row, weak view)``, by first row
+        self._blocks: dict[int, list[tuple[int, int, weakref.ref[np.ndarray]]]] = {}
         self._next_id = 0
         self.allocated = 0  # buffers created over the arena's life
+        #: per buffer, the rows ever handed out from its start (its touched, resident part)
+        self.high_water: dict[int, int] = {}
+        #: asked before a new buffer is opened: let go of memory held for convenience
+        #: (``Mixer.settle_spent``); returns whether it let go of anything
+        self.reclaim: Callable[[], int] | None = None
 
-    def take(self, rows: int) -> tuple[int, int, torch.Tensor]:
-        """A block of ``rows`` rows: ``(buffer id, first row, tensor (rows, dim))``."""
-        ident = self._current
-        if ident is None or self._used[ident] + rows > self.buffers[ident].shape[0]:
-            ident = self._fresh(rows)
-        first = self._used[ident]
+    def take(self, rows: int, *, at_least: int | None = None) -> tuple[int, int, torch.Tensor]:
+        """A block of ``rows`` rows: ``(buffer id, first row, tensor (rows, dim))``.
+
+        With ``at_least``, the block may be shorter: the first free run of at least that
+        many rows, up to ``rows`` of it. A caller that can split its work this way fills
+        the holes that rows freed out of order leave, instead of growing the buffer.
+        """
+        need = rows if at_least is None else max(1, min(at_least, rows))
+        found = self._first_fit(need)
+        if found is None and self.buffers and self.reclaim is not None and self.reclaim():
+            found = self._first_fit(need)  # memory others held on to was let go: look again
+        if found is None:
+            found = (self._fresh(rows), 0, rows)
+        ident, first, room = found
+        rows = min(rows, room)
+        self._drop_idle(keep=ident)
         view = self.buffers[ident][first : first + rows]
-        self._used[ident] = first + rows
-        self._views[ident].append(weakref.ref(view))
+        blocks = self._blocks[ident]
+        bisect.insort(blocks, (first, first + rows, weakref.ref(view)), key=lambda b: b[0])
+        self.high_water[ident] = max(self.high_water.get(ident, 0), first + rows)
         return ident, first, torch.from_numpy(view)
+
+    def _first_fit(self, rows: int) -> tuple[int, int, int] | None:
+        """``(buffer, first row, free rows from there)`` of the first run of ``rows``."""
+        for ident in self.buffers:
+            self._purge(ident)
+        for ident in self.buffers:
+            found = self._gap(ident, rows)
+            if found is not None:
+                return ident, *found
+        return None
 
     def in_use(self, ident: int) -> bool:
         """Whether any tensor still views buffer ``ident``."""
-        return any(ref() is not None for ref in self._views[ident])
+        return any(ref() is not None for _, _, ref in self._blocks[ident])
 
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers.values())
 
+    @property
+    def rows_in_use(self) -> int:
+        """Rows of live blocks, over all buffers."""
+        return sum(hi - lo for blocks in self._blocks.values() for lo, hi, ref in blocks if ref() is not None)
+
+    def _purge(self, ident: int) -> None:
+        blocks = self._blocks[ident]
+        if any(ref() is None for _, _, ref in blocks):
+            self._blocks[ident] = [b for b in blocks if b[2]() is not None]
+
+    def _gap(self, ident: int, rows: int) -> tuple[int, int] | None:
+        """The lowest run of at least ``rows`` free rows in buffer ``ident``, if any, as
+        ``(first row, length)``."""
+        start = 0
+        for first, end, _ in self._blocks[ident]:
+            if first - start >= rows:
+                return start, first - start
+            start = max(start, end)
+        room = self.buffers[ident].shape[0] - start
+        return (start, room) if room >= rows else None
+
     def _fresh(self, rows: int) -> int:
-        """A buffer with room for ``rows``: a free one if any, else a new one."""
-        free = [i for i in self.buffers if not self.in_use(i) and self.buffers[i].shape[0] >= rows]
-        for extra in free[self.keep_idle :]:
-            self._drop(extra)  # more idle buffers than needed: give the memory back
-        if free:
-            ident = free[0]
-        else:
-            ident = self._next_id
-            self._next_id += 1
-            self.buffers[ident] = np.empty((max(rows, self.capacity), self.dim), dtype=np.float32)
-            self.allocated += 1
-        self._views[ident] = []
-        self._used[ident] = 0
-        if rows <= self.capacity:
-            self._current = ident  # an oversized request gets a buffer of its own
+        """A new buffer with room for ``rows`` (an oversized request gets its own)."""
+        ident = self._next_id
+        self._next_id += 1
+        self.buffers[ident] = np.empty((max(rows, self.capacity), self.dim), dtype=np.float32)
+        self._blocks[ident] = []
+        self.allocated += 1
         return ident
 
-    def _drop(self, ident: int) -> None:
-        del self.buffers[ident], self._views[ident], self._used[ident]
-        if self._current == ident:
-            self._current = None
+    def _drop_idle(self, keep: int) -> None:
+        """Give back buffers nobody views, beyond ``keep_idle`` of them (``keep`` stays)."""
+        idle = [i for i in self.buffers if i != keep and not self._blocks[i]]
+        spare = self.keep_idle - (0 if self._blocks[keep] else 1)
+        for extra in idle[max(spare, 0) :]:
+            del self.buffers[extra], self._blocks[extra]
+            self.high_water.pop(extra, None)
 
 
 def plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -292,12 +343,13 @@ class PendingMix(_Deferred):
 
     @property
     def computed(self) -> bool:
+        """Whether the mix holds its value (else it holds the rows it reads)."""
         return self._chunk is not None
 
     def value(self) -> torch.Tensor:
-        """The mixed vector (computing every pending mix if this one is not done yet)."""
+        """The mixed vector, computed (alone) and kept the first time it is asked for."""
         if self._chunk is None:
-            self._mixer.flush()
+            self._mixer.settle([self])
         assert self._chunk is not None
         return self._chunk[self._position]
 
@@ -322,6 +374,11 @@ class Mixer:
         self.mix_type: type[PendingMix] = type("PendingMix", (PendingMix,), bound)
         self._pending: dict[int, PendingMix] = {}
         self._uniform: dict[int, np.ndarray] = {}
+        #: spent mixes, with the generation (the peer's job count) they were spent at
+        self._spent: list[tuple[int, weakref.ref[PendingMix]]] = []
+        self._compact_at = 1024
+        #: the chunk mixes are settled into one by one, and its rows used so far
+        self._settling: tuple[torch.Tensor, int] | None = None
         self.deferred = 0  # mixes recorded
         self.products = 0  # sparse products run
 
@@ -373,59 +430,154 @@ class Mixer:
         return deferred_mean
 
     # -- computing -----------------------------------------------------------------------
+    # A mix is in one of three states: *pending* (never computed, in ``_pending``),
+    # *spent* (computed once into the executor's scratch to be trained from, value not
+    # kept, still holding its rows: it can be computed again, to the same bits) and
+    # *settled* (its value kept in a chunk of its own, rows let go). Only settled mixes
+    # cost memory of their own; a round's means are normally spent, never settled, so the
+    # simulator holds the rows of two rounds and nothing per peer (see ``RowArena``).
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     def is_pending(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a mix of this mixer without a value of its own."""
         return type(tensor) is self.mix_type and tensor._chunk is None
 
     def flush(self) -> None:
-        """Compute every pending mix."""
+        """Compute and keep every pending mix, a chunk at a time."""
         mixes = list(self._pending.values())
         for start in range(0, len(mixes), self.chunk):
             self.resolve(mixes[start : start + self.chunk])
 
     def resolve(self, mixes: Sequence[PendingMix]) -> torch.Tensor:
-        """Compute ``mixes`` (all pending) into one ``(len(mixes), dim)`` tensor, in order."""
-        sources = [m._rows for m in mixes]
+        """Compute ``mixes`` (none settled) into one new ``(len(mixes), dim)`` tensor, in
+        order, and keep each value there (the mixes let their rows go)."""
+        chunk = torch.from_numpy(self._compute(mixes, None))
+        self._keep(mixes, chunk)
+        return chunk
+
+    def settle(self, mixes: Sequence[PendingMix]) -> None:
+        """Compute and keep ``mixes`` (none settled), packed into small shared chunks.
+
+        Mixes settled one at a time (each peer an evaluator reads) share chunks of
+        ``_SETTLE_BLOCK`` rows rather than each owning a tensor; a chunk is freed when
+        the last mix in it is.
+        """
+        if not mixes:
+            return
+        if self._settling is None or self._settling[1] + len(mixes) > self._settling[0].shape[0]:
+            block = torch.empty((max(_SETTLE_BLOCK, len(mixes)), self.dim), dtype=torch.float32)
+            self._settling = (block, 0)
+        block, used = self._settling
+        self._compute(mixes, block[used : used + len(mixes)].numpy())
+        self._keep(mixes, block, offset=used)
+        self._settling = (block, used + len(mixes))
+
+    def compute_into(
+        self, mixes: Sequence[torch.Tensor], out: torch.Tensor, generations: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """The values of ``mixes`` in ``out`` (``(k, dim)``, contiguous), keeping none.
+
+        Unsettled mixes are computed (and become spent: they keep their rows, to be
+        computed again if their value is ever asked for); settled mixes, rows and plain
+        tensors are copied. ``out`` is scratch the caller reuses: the values of a chunk
+        live there only until the chunk is trained. ``generations`` (the training job
+        each input is for, counted per peer) lets ``settle_spent`` tell old means from new.
+        """
+        spent = [i for i, m in enumerate(mixes) if self.is_pending(m)]
+        target = out.numpy()
+        if len(spent) == len(mixes):
+            self._compute(mixes, target)  # type: ignore[arg-type]
+        else:
+            rows = [m if self.is_pending(m) else None for m in mixes]
+            self._compute(rows, target)  # type: ignore[arg-type]
+            for index, item in enumerate(mixes):
+                if rows[index] is None:
+                    out[index].copy_(plain(item))
+        for index in spent:
+            mix = mixes[index]
+            self._pending.pop(id(mix), None)
+            generation = generations[index] if generations is not None else 0
+            self._spent.append((generation, weakref.ref(mix)))  # type: ignore[arg-type]
+        if len(self._spent) > self._compact_at:  # forget the dead
+            self._spent = [(g, ref) for g, ref in self._spent if self._unsettled(ref)]
+            self._compact_at = max(1024, 2 * len(self._spent))
+        return out
+
+    def settle_spent(self, before: int) -> int:
+        """Settle the spent mixes of generations before ``before`` still alive; how many.
+
+        A peer's mean lives until the peer finishes its next round; a peer still holding
+        one from an older generation than others now train (it is behind, or stopped)
+        pins the rows that mean reads, and with them the arena's blocks of that round.
+        Its value costs one row; the blocks it pins, up to a round of rows.
+        """
+        stale: list[PendingMix] = []
+        kept: list[tuple[int, weakref.ref[PendingMix]]] = []
+        for generation, ref in self._spent:
+            if not self._unsettled(ref):
+                continue
+            if generation < before:
+                stale.append(ref())  # type: ignore[arg-type]
+            else:
+                kept.append((generation, ref))
+        self._spent = kept
+        self.settle(stale)
+        return len(stale)
+
+    @staticmethod
+    def _unsettled(ref: weakref.ref[PendingMix]) -> bool:
+        mix = ref()
+        return mix is not None and mix._chunk is None
+
+    def _keep(self, mixes: Sequence[PendingMix], chunk: torch.Tensor, offset: int = 0) -> None:
+        for position, mix in enumerate(mixes, start=offset):
+            mix._chunk = chunk
+            mix._position = position
+            mix._rows = None  # let the source rows go
+            mix._weights = None
+            self._pending.pop(id(mix), None)
+
+    def _compute(self, mixes: Sequence[PendingMix | None], out: np.ndarray | None) -> np.ndarray:
+        """``out[i] = sum_k w_ik rows_ik`` for each mix (``None``: row left at zero).
+
+        One sparse product per source buffer, in buffer order, each accumulated on zeros
+        with the kernel scipy's ``A @ X`` runs: a mix computed alone, in a chunk, into
+        scratch or kept, gets the same bits.
+        """
+        sources = [m._rows if m is not None else () for m in mixes]
         if any(rows is None for rows in sources):
-            raise ValueError("resolve() was given a mix that is already computed")
+            raise ValueError("a mix that is already computed cannot be computed again")
         counts = np.fromiter((len(rows) for rows in sources), dtype=np.int64, count=len(mixes))  # type: ignore[arg-type]
         keys = np.fromiter((r._key for rows in sources for r in rows), dtype=np.int64)  # type: ignore[union-attr]
         values = np.concatenate(
-            [self._weights_of(m, len(rows)) for m, rows in zip(mixes, sources, strict=True)]  # type: ignore[arg-type]
+            [self._weights_of(m, len(rows)) for m, rows in zip(mixes, sources, strict=True) if m is not None]  # type: ignore[arg-type]
+            or [np.zeros(0, dtype=np.float32)]
         ).astype(np.float32, copy=False)
+        if out is None:
+            out = np.zeros((len(mixes), self.dim), dtype=np.float32)
+        else:
+            out.fill(0.0)
         buffers = keys >> _ROW_BITS
         columns = keys & ((1 << _ROW_BITS) - 1)
         idents = np.unique(buffers)
-        out: np.ndarray | None = None
         for ident in idents.tolist():
             source = self.arena.buffers[ident]
             if len(idents) == 1:  # the usual case: every input row in one buffer
                 per_mix, cols, data = counts, columns, values
             else:
                 mask = buffers == ident
-                per_mix = np.add.reduceat(mask.astype(np.int64), np.cumsum(counts) - counts)
+                owner = np.repeat(np.arange(len(mixes)), counts)
+                per_mix = np.bincount(owner[mask], minlength=len(mixes))
                 cols, data = columns[mask], values[mask]
             indptr = np.zeros(len(mixes) + 1, dtype=np.int64)
             np.cumsum(per_mix, out=indptr[1:])
             # CSR needs neither sorted nor unique columns for a product: build it as is.
             matrix = sp.csr_array((data, cols, indptr), shape=(len(mixes), source.shape[0]))
-            if out is None:
-                out = matrix @ source
-            else:
-                _accumulate(matrix, source, out)
+            _accumulate(matrix, source, out)
             self.products += 1
-        assert out is not None
-        chunk = torch.from_numpy(out)
-        for position, mix in enumerate(mixes):
-            mix._chunk = chunk
-            mix._position = position
-            mix._rows = None  # let the source buffers go
-            mix._weights = None
-            self._pending.pop(id(mix), None)
-        return chunk
+        return out
 
     def _weights_of(self, mix: PendingMix, count: int) -> np.ndarray:
         weights = mix._weights

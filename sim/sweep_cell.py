@@ -73,6 +73,8 @@ def cell_metrics(last: dict[str, Any]) -> dict[str, Any]:
         "attack_success_rate": last.get("attack_success_rate", nan),
         "attack_success_max": last.get("attack_success_max", nan),
         "malicious_peers": last.get("malicious_peers", 0),
+        # the real share of malicious peers (a Sybil cell: identities / all peers)
+        "malicious_share": last.get("malicious_share", nan) if "malicious_peers" in last else 0.0,
         "honest_peers": last.get("peers_evaluated", 0),
         "rounds": last.get("round", 0),
     }

@@ -30,6 +30,7 @@ __all__ = [
     "plot_heatmaps",
     "results_table",
     "seed_stats",
+    "share_label",
     "write_results",
     "write_seed_stats",
     "write_status",
@@ -40,6 +41,7 @@ RESULT_COLUMNS = [
     "attack",
     "defence",
     "fraction",
+    "malicious_share",  # the real share of malicious peers (Sybils: identities / all peers)
     "seed",
     "honest_acc_mean",
     "honest_acc_min",
@@ -66,6 +68,8 @@ def _csv_value(key: str, value: Any) -> Any:
     if isinstance(value, float):
         if math.isnan(value):
             return ""
+        if key == "malicious_share":
+            return f"{value:.4g}"
         return f"{value:g}" if key in ("fraction", "wall_s") else f"{value:.4f}"
     return value
 
@@ -113,6 +117,7 @@ def seed_stats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "fraction": fraction,
             "seeds": len(ok),
             "failed": len(group) - len(ok),
+            "malicious_share": _share(ok),
         }
         for metric in SEED_METRICS:
             values = [v for v in (_number(r.get(metric)) for r in ok) if not math.isnan(v)]
@@ -123,8 +128,28 @@ def seed_stats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return stats
 
 
+def _share(rows: list[dict[str, Any]]) -> float:
+    """The real share of malicious peers of a cell's seeds (the same graph size in each:
+    their mean), ``nan`` when no row says it."""
+    values = [v for v in (_number(r.get("malicious_share")) for r in rows) if not math.isnan(v)]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def share_label(entries: list[dict[str, Any]], fraction: Any) -> str:
+    """``" (real share x)"`` when the cells' real share of malicious peers is not the
+    configured ``fraction`` (a Sybil cell with a fixed number of identities, a count, a
+    rounded fraction); ``""`` when it is, or is unknown. Several values: joined by "/"."""
+    values = (_number(e.get("malicious_share")) for e in entries if e["fraction"] != "")
+    shares = sorted({round(v, 4) for v in values if not math.isnan(v)})
+    if not shares or fraction in ("", None):
+        return ""
+    if all(abs(s - float(fraction)) < 5e-4 for s in shares):
+        return ""
+    return " (real share " + "/".join(f"{s:.3g}" for s in shares) + ")"
+
+
 def write_seed_stats(rows: list[dict[str, Any]], path: Path) -> None:
-    columns = ["attack", "defence", "fraction", "seeds", "failed"]
+    columns = ["attack", "defence", "fraction", "malicious_share", "seeds", "failed"]
     columns += [f"{m}_{s}" for m in SEED_METRICS for s in ("mean", "std", "ci95")]
     _write(seed_stats(rows), path, columns)
 
@@ -190,7 +215,11 @@ def plot_heatmaps(rows: list[dict[str, Any]], out_dir: Path, *, title: str) -> l
                 np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto"
             )
             ax.set_xticks(range(len(defences)), defences, rotation=30, ha="right")
-            ax.set_yticks(range(len(attacks)), attacks)
+            shown = [
+                attack + share_label([e for e in line if e is not None], fraction)
+                for attack, line in zip(attacks, grid, strict=True)
+            ]
+            ax.set_yticks(range(len(attacks)), shown)
             for i in range(len(attacks)):
                 for j in range(len(defences)):
                     text = "-" if math.isnan(data[i, j]) else f"{data[i, j]:.2f}"
@@ -239,6 +268,8 @@ def results_table(rows: list[dict[str, Any]], title: str) -> Table:
                 continue
             untargeted = all(entry["fraction"] == "" for entry in cells.values())
             shown = "-" if untargeted else f"{fraction:g}"
+            if not untargeted:  # a Sybil cell: the identities' real share beside it
+                shown += share_label(list(cells.values()), fraction)
             line = [attack] + ([shown] if fractions != [""] else [])
             for defence in defences:
                 entry = cells.get(defence)

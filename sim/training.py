@@ -9,8 +9,10 @@ still share a batch; thousands of peers become a handful of batched calls.
 With ``defer_mixing`` (the default of the batched backend) results come back as ``Row``
 tensors and the protocols' weighted means are deferred (see ``sim.mixing``): when a job's
 input is such a mean, the executor computes a chunk of peers' means as one sparse product
-and trains that chunk straight from it, writing into a pooled result buffer. No per-peer
-model object, stack or copy is made; a peer's model is a row of a shared buffer.
+into a reused scratch chunk and trains that chunk straight from it, writing into a block
+of the row arena (a chunk is split where it must fill a hole the arena has left). No
+per-peer model object, stack or copy is made, and a mean's value is not kept: a peer's
+model is a row of a shared buffer, or a mean of such rows.
 
 ``backend="per_peer"`` runs the same jobs one model at a time, in the same order per peer,
 with plain tensors and eager means: the reference path for equivalence tests and the
@@ -19,12 +21,13 @@ baseline of the benchmark.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from p2pfl.learning import BatchSampler, LocalTrainer
+from sim.memory import arena_rows, release_free_heap
 from sim.mixing import Mixer, RowArena, consecutive, plain
 
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -65,9 +68,26 @@ class TrainingExecutor:
         self.chunk = max_batch or trainer.peers_per_call(trainer.batch_size)
         if defer_mixing is None:
             defer_mixing = backend == "batched"
-        #: where results live: one buffer holds a whole round of peers, reused when free
-        self.arena = RowArena(trainer.dim, capacity=len(samplers))
+        #: where results live: one buffer of room for a few rounds of peers (the round
+        #: being trained and the rounds its means read), reused a block at a time as rows die
+        self.arena = RowArena(
+            trainer.dim, capacity=arena_rows(len(samplers), self.chunk, row_bytes=4 * trainer.dim)
+        )
         self.mixer: Mixer | None = Mixer(self.arena, chunk=self.chunk) if defer_mixing else None
+        #: one chunk's training inputs (deferred means computed for it), reused
+        self.scratch: torch.Tensor | None = None
+        self._trim_at = len(samplers)  # see ``flush``: give the start models' memory back
+        #: per peer, training jobs run so far (a job's generation), and the newest one
+        self.generation = [0] * len(samplers)
+        self._newest = 0
+        #: the smallest piece a chunk is split into to fill a hole of the arena
+        self.min_piece = max(8, self.chunk // 4)
+        if self.mixer is not None:
+            mixer = self.mixer
+            # the arena is full: settle the means of peers two generations or more behind
+            # the newest (stopped or far behind: their values cost a row each, the old
+            # rows they pin up to a block each)
+            self.arena.reclaim = lambda: mixer.settle_spent(before=self._newest - 1)
         self.pending: list[TrainJob] = []
         self.jobs_run = 0
         self.batches_run = 0
@@ -88,6 +108,13 @@ class TrainingExecutor:
         self.pending = []
         if not jobs:
             return
+        if self.jobs_run >= self._trim_at and self.backend == "batched":
+            # Every peer starts from its own copy of the start model: one small heap block
+            # each, freed after the first round but kept by the C allocator (other objects
+            # live between them), about a row per peer for nothing. Handed back twice,
+            # after the first and the second round of jobs.
+            self._trim_at = self._trim_at + len(self.samplers) if self._trim_at <= len(self.samplers) else 1 << 62
+            release_free_heap()
         if self.backend == "per_peer":
             for job in jobs:
                 self._run_one(job)
@@ -103,10 +130,11 @@ class TrainingExecutor:
                 seen.add(job.peer)
             self._run_batched(this_pass)
             jobs = later
-        if self.mixer is not None and self.mixer.pending:
-            # Means nobody trains from (a crashed peer's, say): compute them now, so that
-            # the rows they read can be reused instead of pinning a whole buffer.
-            self.mixer.flush()
+        if self.mixer is not None:
+            if self.mixer.pending:
+                # Means nobody trains from (a crashed peer's, say): compute them now, so
+                # that the rows they read can be reused instead of pinning their blocks.
+                self.mixer.flush()
 
     # -- execution ---------------------------------------------------------------------
     def _run_one(self, job: TrainJob) -> None:
@@ -128,53 +156,81 @@ class TrainingExecutor:
             steps = 0 if self.samplers[job.peer] is None else job.steps
             by_steps.setdefault(steps, []).append(job)
         for steps, group in sorted(by_steps.items()):
-            ident, first, out = self.arena.take(len(group))
             losses = torch.empty(len(group))
-            norms = torch.empty(len(group))
+            results: list[torch.Tensor] = []
             # Equal chunks (190 jobs: 95 + 95, not 152 + 38): no tiny call at the end.
             size = -(-len(group) // -(-len(group) // self.chunk))
             for start in range(0, len(group), size):
                 stop = min(start + size, len(group))
-                chunk = group[start:stop]
-                target = out[start:stop]
-                source = self._inputs([job.params for job in chunk], target)
-                self.batches_run += 1
-                if steps == 0:
-                    if source is not target:
-                        target.copy_(source)
-                    losses[start:stop] = float("nan")
-                else:
-                    samplers = [self.samplers[job.peer] for job in chunk]
-                    transforms = None
-                    if self.transforms:
-                        transforms = [self.transforms.get(job.peer) for job in chunk]
-                    _, losses[start:stop] = self.trainer.train_batched(
-                        source, samplers, steps, transforms=transforms, chunk=len(chunk), out=target  # type: ignore[arg-type]
-                    )
-                if self.mixer is not None and target.shape[1]:
-                    # every result is about to travel and be bounded by each receiver's
-                    # contract: bound the chunk now, while it is in cache, in one pass (a
-                    # row's L2 norm bounds each of its values; NaN and Inf carry through)
-                    torch.linalg.vector_norm(target, 2, dim=1, out=norms[start:stop])
-            results: Sequence[torch.Tensor]
-            if self.mixer is not None:
-                bounds = norms.tolist() if out.shape[1] else None
-                results = self.mixer.rows(ident, first, out, bounds)
-            else:
-                results = out.unbind(0)
+                while start < stop:  # a chunk, in as many pieces as the arena's holes need
+                    start += self._run_piece(group, start, stop, steps, losses, results)
             for job, result, loss in zip(group, results, losses.tolist(), strict=True):
                 job.result = result
                 job.loss = loss
             self.jobs_run += len(group)
 
-    def _inputs(self, params: list[torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
-        """The chunk's starting parameters as one ``(k, d)`` tensor, copying only if needed."""
+    def _run_piece(
+        self, group: list[TrainJob], start: int, stop: int, steps: int,
+        losses: torch.Tensor, results: list[torch.Tensor],
+    ) -> int:
+        """Train ``group[start:stop]``, or as much of it as the arena's first hole takes
+        (at least ``min_piece`` rows unless fewer are left); how many jobs it trained."""
+        ident, first, target = self.arena.take(stop - start, at_least=min(stop - start, self.min_piece))
+        stop = start + target.shape[0]
+        chunk = group[start:stop]
+        generations = [self.generation[job.peer] for job in chunk]
+        self._newest = max(self._newest, *generations)
+        source = self._inputs([job.params for job in chunk], target, generations)
+        for job in chunk:
+            self.generation[job.peer] += 1
+        self.batches_run += 1
+        if steps == 0:
+            if source is not target:
+                target.copy_(source)
+            losses[start:stop] = float("nan")
+        else:
+            samplers = [self.samplers[job.peer] for job in chunk]
+            transforms = None
+            if self.transforms:
+                transforms = [self.transforms.get(job.peer) for job in chunk]
+            _, losses[start:stop] = self.trainer.train_batched(
+                source, samplers, steps, transforms=transforms, chunk=len(chunk), out=target  # type: ignore[arg-type]
+            )
+        if self.mixer is not None:
+            bounds = None
+            if target.shape[1]:
+                # every result is about to travel and be bounded by each receiver's
+                # contract: bound the chunk now, while it is in cache, in one pass (a
+                # row's L2 norm bounds each of its values; NaN and Inf carry through)
+                bounds = torch.linalg.vector_norm(target, 2, dim=1).tolist()
+            results += self.mixer.rows(ident, first, target, bounds)
+        else:
+            results += target.unbind(0)
+        return len(chunk)
+
+    def _inputs(
+        self, params: list[torch.Tensor], target: torch.Tensor, generations: list[int] | None = None
+    ) -> torch.Tensor:
+        """The chunk's starting parameters as one ``(k, d)`` tensor, copying only if needed.
+
+        Deferred means are computed into the executor's scratch (one chunk's worth, reused
+        for every chunk) and trained from there: their values are never stored, which is
+        what keeps the batched path at about two rows per peer. Inputs with no deferred
+        mean among them are stacked into ``target`` and trained in place, as before.
+        """
         mixer = self.mixer
-        if mixer is not None and all(mixer.is_pending(p) for p in params):
-            self.fused_chunks += 1
-            return mixer.resolve(params)  # type: ignore[arg-type]
+        if mixer is not None and any(mixer.is_pending(p) for p in params):
+            if all(mixer.is_pending(p) for p in params):
+                self.fused_chunks += 1
+            return mixer.compute_into(params, self._scratch(len(params)), generations)
         rows = consecutive(params)
         if rows is not None:
             return rows
-        torch.stack([plain(p) for p in params], out=scratch)
-        return scratch
+        torch.stack([plain(p) for p in params], out=target)
+        return target
+
+    def _scratch(self, rows: int) -> torch.Tensor:
+        """``rows`` rows of the shared scratch (allocated once, at the largest chunk)."""
+        if self.scratch is None or self.scratch.shape[0] < rows:
+            self.scratch = torch.empty((max(rows, self.chunk), self.trainer.dim), dtype=torch.float32)
+        return self.scratch[:rows]

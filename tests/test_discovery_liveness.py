@@ -119,3 +119,35 @@ def test_a_hello_meets_its_sender_only_and_notes_bounded_addresses() -> None:
     assert all(message.kind == HELLO for _, message in sent)
     reply = next(message for peer, message in sent if peer == "x")
     assert reply.meta["reply"] is False and reply.meta["addrs"] == {"me": ["/memory/me"]}
+
+
+def test_a_ping_waits_out_the_backlog_to_its_peer_on_top_of_the_timeout() -> None:
+    """A ping behind a model on a slow link is not a dead peer: its deadline is
+    ``timeout`` plus what the node still has queued to that peer (the send budget's
+    backlog), so only ``slow`` (nothing queued) misses its deadline here."""
+    asked: dict[str, float] = {}
+
+    class Measured(StandIn):
+        async def ping(self, peer: str, *, timeout: float) -> None:
+            asked[peer] = timeout
+            if timeout < 0.5:  # the answer takes 0.5 s (queued behind a model)
+                raise TransportError("timed out")
+
+    liveness = Liveness(
+        cast(Transport, Measured()),
+        interval=0.001,
+        timeout=0.1,
+        failures=1,
+        watched=lambda: ["busy", "slow"],
+        running=lambda: True,
+        may_return=lambda peer: True,
+        on_down=lambda peer: None,
+        on_up=lambda peer: None,
+        backlog=lambda peer: 2.0 if peer == "busy" else 0.0,
+    )
+
+    async def both() -> list[bool]:
+        return [await liveness.ping("busy"), await liveness.ping("slow")]
+
+    assert asyncio.run(both()) == [True, False]
+    assert asked == {"busy": 2.1, "slow": 0.1}

@@ -78,11 +78,21 @@ def run(node: Node) -> dict[str, Any]:
     return asyncio.run(asyncio.wait_for(node.run(), 60))
 
 
+class WrittenEachRoundNode(Node):
+    """Waits for each round's checkpoint to be on disk: the writer keeps only the newest
+    state when rounds outpace it, so on a busy machine the older generation could be an
+    earlier round than the one before the last."""
+
+    def _checkpoint(self) -> None:
+        super()._checkpoint()
+        assert self.disk.writer.wait(30)
+
+
 @pytest.fixture(scope="module")
 def finished_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state dir after 3 rounds: newest generation 3 rounds done, the older one 2."""
     folder = tmp_path_factory.mktemp("finished")
-    status = run(make_node(folder, folder / "state"))
+    status = run(make_node(folder, folder / "state", WrittenEachRoundNode))
     assert status["rounds_done"] == 3 and status["failure"] is None
     return folder
 
@@ -191,8 +201,9 @@ def test_the_command_line_finished_exits_0_and_damaged_exits_2_in_one_line(
     assert "checksum mismatch" in lines[0] and "weights_only" not in bad.stderr
 
 
-class CountingNode(Node):
-    """Records which thread each checkpoint file write ran on."""
+class CountingNode(WrittenEachRoundNode):
+    """Records which thread each checkpoint file write ran on (each round's written
+    before the next, so that none is superseded on a busy machine)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -20,10 +20,19 @@ timers and training as usual, and rewrites what comes out:
   protocol made them, at once, it hears what it is sent, and (the wrapper tells the
   attack's gate the round each training is for) its batches are not poisoned.
 
-What the attacker knows of the honest models (ALIE, IPM) comes from ``knowledge``, a
-callable ``round -> (m, d) stack | None``. The default is what the peer itself received
-for that round (or the one before); a simulator can pass an omniscient view of every
-honest message. Knowing none yet, IPM reverses its own update and ALIE sends its own model.
+What the attacker knows of the honest models (ALIE, IPM) follows the attack's
+``knowledge`` parameter (:attr:`p2pfl.attacks.Attack.knowledge`):
+
+- ``"received"`` (the default): the models the peer itself received, in messages that
+  carry a model, from peers other than its ``allies`` (the colluding Byzantine peers, whose
+  models are not honest ones): those of the round it crafts for when it has received any,
+  else those of the round before. That is all a real node can know, so both drivers run
+  it through this same code (the wrapper records what it hears).
+- ``"omniscient"`` (the papers' set-up): every honest model of the round, from
+  ``knowledge``, a callable ``round -> (m, d) stack | None`` that a driver seeing all
+  messages supplies (the simulator); a wrapper asked for it without one refuses to start.
+
+Knowing none yet, IPM reverses its own update and ALIE sends its own model.
 
 Models of the message space: ``ctx.own`` is what the protocol wanted to send, and
 ``ctx.reference`` the model its last ``Train`` effect started from, mapped into the
@@ -117,8 +126,9 @@ class ByzantineProtocol(ProtocolWrapper):
 
     ``n_total`` and ``n_byzantine`` are what ALIE's ``z_max`` is computed from;
     ``collusion`` (with ``jitter``) makes Sybil identities send one shared vector;
-    ``seed`` seeds the noise of noise attacks and jitter. See the module docstring for
-    ``knowledge``, ``delay`` and ``isolate``.
+    ``seed`` seeds the noise of noise attacks and jitter; ``allies`` are the peer ids of
+    the colluding Byzantine peers (left out of what this one received). See the module
+    docstring for ``knowledge``, ``delay`` and ``isolate``.
 
     A driver reads the class declarations (``progress``, ``max_round_lag``, ...) from the
     configured protocol's class (``p2pfl.protocols.registry.protocol_class``), which the
@@ -139,12 +149,23 @@ class ByzantineProtocol(ProtocolWrapper):
         jitter: float = 0.0,
         model_kinds: Iterable[str] = MODEL_KINDS,
         seed: int = 0,
+        allies: Iterable[PeerId] = (),
     ) -> None:
         if delay < 0:
             raise ValueError(f"delay must be >= 0, got {delay}")
+        if attack.omniscient and knowledge is None:
+            raise ValueError(
+                f"attack {attack.name!r}: knowledge = 'omniscient' needs a driver that sees "
+                "every honest model (the simulator); a node knows only what it received "
+                "(knowledge = 'received')"
+            )
         super().__init__(inner)
         self.attack = attack
-        self.knowledge = knowledge or self._heard_models
+        #: what the attacker knows of the round's honest models (see the module docstring)
+        self.knowledge: Knowledge = (
+            knowledge if attack.omniscient and knowledge is not None else self.received
+        )
+        self.allies = frozenset(allies)
         self.n_total = n_total
         self.n_byzantine = n_byzantine
         self.delay = float(delay)
@@ -183,10 +204,11 @@ class ByzantineProtocol(ProtocolWrapper):
         return message.params is not None and message.kind in self.model_kinds
 
     def _on_model(self, event: MessageReceived, active: bool) -> MessageReceived:
-        heard = self._heard.setdefault(event.message.round, {})
-        heard[event.sender] = event.message.params  # type: ignore[assignment]
-        for old in sorted(self._heard)[:-2]:
-            del self._heard[old]
+        if event.sender not in self.allies:  # a colluder's model is no honest one
+            heard = self._heard.setdefault(event.message.round, {})
+            heard[event.sender] = event.message.params  # type: ignore[assignment]
+            for old in sorted(self._heard)[:-2]:
+                del self._heard[old]
         if not (self.isolate and active):
             return event
         own = self._last_sent if self._last_sent is not None else self._reference
@@ -194,9 +216,13 @@ class ByzantineProtocol(ProtocolWrapper):
             return event
         return replace(event, message=replace(event.message, params=own))
 
-    def _heard_models(self, round_: int) -> Tensor | None:
+    def received(self, round_: int) -> Tensor | None:
+        """The models this peer received from non-allies for ``round_`` (else for the round
+        before), one row per sender in the order of their ids; ``None`` when it has none."""
         models = self._heard.get(round_) or self._heard.get(round_ - 1)
-        return torch.stack(list(models.values())) if models else None
+        if not models:
+            return None
+        return torch.stack([models[sender] for sender in sorted(models)])
 
     # -- effects ------------------------------------------------------------------------------
     def _rewrite(self, effects: list[Effect], now: float) -> list[Effect]:
@@ -243,7 +269,7 @@ class ByzantineProtocol(ProtocolWrapper):
         vector = own
         if self.attack.kind == "model":
             reference = self._reference if self._reference is not None else own
-            honest = self.knowledge(message.round) if self._needs_honest() else None
+            honest = self.knowledge(message.round) if self.attack.needs_honest else None
             if honest is None and self.attack.name == "alie":
                 honest = own[None]  # nothing heard yet (a real node's first round): itself
             ctx = ModelAttackContext(
@@ -265,6 +291,3 @@ class ByzantineProtocol(ProtocolWrapper):
         self.crafted += 1
         self._last_sent = vector
         return vector
-
-    def _needs_honest(self) -> bool:
-        return self.attack.omniscient

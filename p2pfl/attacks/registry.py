@@ -11,6 +11,12 @@
 ``attack.trains`` is False for the free rider (skip its local training), and
 ``attack.sybil`` is a :class:`SybilGroup` when one adversary speaks through several
 identities (the driver gives each identity a peer id and sends the replicated vectors).
+
+ALIE and IPM compute from honest models, and their ``knowledge`` parameter says which:
+``"received"`` (the default) -- only the models the attacker itself received from its
+neighbours, in the round it crafts for (or the one before), which is all a real peer can
+know; ``"omniscient"`` -- every honest model of the round, the set-up of the papers that
+introduced them, which only a simulator can supply (docs/attacks.md).
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ from p2pfl.attacks.schedule import ALWAYS, AttackSchedule, RoundGate
 from p2pfl.attacks.sybil import SybilGroup
 
 AttackKind = Literal["none", "data", "model"]
+#: what an attacker that uses honest models knows of them (see ``Attack.knowledge``)
+KnowledgeMode = Literal["received", "omniscient"]
+KNOWLEDGE: tuple[str, ...] = ("received", "omniscient")
+#: the attacks that use the honest models they know (and accept ``knowledge``)
+KNOWING = frozenset({"alie", "ipm"})
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,10 @@ class ModelAttackContext:
     - ``own`` (d,): the model it would send if honest (after local training);
     - ``reference`` (d,): the model this round started from (before training), the origin
       of update-space attacks and what a free rider sends back;
-    - ``honest`` (m, d): honest models an omniscient attacker sees (e.g. what its honest
-      neighbours sent it); ALIE needs it, IPM falls back to ``own`` without it;
+    - ``honest`` (m, d): the honest models the attacker knows -- by default those it
+      received from its neighbours (``knowledge = "received"``), or every honest model of
+      the round (``"omniscient"``, which only a simulator can supply); ALIE needs it, IPM
+      falls back to ``own`` without it;
     - ``n_total``, ``n_byzantine``: the number of models the victim aggregates and how
       many of them are Byzantine (ALIE's ``z_max``);
     - ``generator``: the random source of noise attacks, for reproducible runs.
@@ -111,9 +124,22 @@ class Attack:
         return x, y
 
     @property
+    def needs_honest(self) -> bool:
+        """Whether crafting uses the honest models the attacker knows (ALIE; IPM when it can)."""
+        return self.name in KNOWING
+
+    @property
+    def knowledge(self) -> KnowledgeMode | None:
+        """What the attacker knows of the honest models: ``"received"`` (what its neighbours
+        sent it: the default, all a real node can know) or ``"omniscient"`` (every honest
+        model of the round: the papers' set-up, which only a simulator can supply);
+        ``None`` for attacks that use no honest models."""
+        return self.params.get("knowledge") if self.needs_honest else None
+
+    @property
     def omniscient(self) -> bool:
-        """Whether crafting needs the honest models of the round (ALIE; IPM when it can)."""
-        return self.name in ("alie", "ipm")
+        """Whether this attacker knows every honest model (``knowledge = "omniscient"``)."""
+        return self.knowledge == "omniscient"
 
     def transform(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Poison one training batch (``kind == "data"``); honest peers' batches pass unchanged."""
@@ -166,6 +192,17 @@ def _real(name: str, value: Any) -> float:
     return float(value)
 
 
+def _choice(*options: str) -> Check:
+    def check(name: str, value: Any) -> str:
+        if value not in options:
+            raise ValueError(
+                f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}"
+            )
+        return str(value)
+
+    return check
+
+
 def _optional(check: Check) -> Check:
     return lambda name, value: None if value is None else check(name, value)
 
@@ -179,7 +216,10 @@ def _passthrough(name: str, value: Any) -> Any:
 
 def _alie(ctx: ModelAttackContext, z: float | None) -> Tensor:
     if ctx.honest is None:
-        raise ValueError("alie is omniscient: the driver must pass the honest models (honest=)")
+        raise ValueError(
+            "alie needs the honest models the attacker knows (honest=): those it received, "
+            "or every honest model with knowledge = 'omniscient'"
+        )
     if z is None and (ctx.n_total is None or ctx.n_byzantine is None):
         raise ValueError("alie needs n_total and n_byzantine in the context, or a fixed z")
     return alie(ctx.honest, ctx.n_total or 0, ctx.n_byzantine or 0, z)
@@ -258,14 +298,19 @@ _SPECS: dict[str, _Spec] = {
         {"factor": (10.0, _real)},
     ),
     "alie": _Spec(
-        "model", lambda p: lambda ctx: _alie(ctx, p["z"]), {"z": (None, _optional(_real))}
+        "model",
+        lambda p: lambda ctx: _alie(ctx, p["z"]),
+        {"z": (None, _optional(_real)), "knowledge": ("received", _choice(*KNOWLEDGE))},
     ),
     "ipm": _Spec(
         "model",
         lambda p: (
             lambda ctx: ipm(ctx.own if ctx.honest is None else ctx.honest, p["eps"], ctx.reference)
         ),
-        {"eps": (0.5, _number(0.0, strict=True))},
+        {
+            "eps": (0.5, _number(0.0, strict=True)),
+            "knowledge": ("received", _choice(*KNOWLEDGE)),
+        },
     ),
     "free_rider": _Spec("model", lambda p: lambda ctx: free_rider(ctx.reference)),
 }

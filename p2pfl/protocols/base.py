@@ -74,6 +74,17 @@ class TrainingDone:
 
 
 @dataclass(slots=True)
+class LossesEvaluated:
+    """The driver finished the ``EvaluateLosses`` effect with the same ``ticket``:
+    ``losses[k]`` is the loss of its ``params[k]`` on the one mini-batch it drew (NaN
+    for a peer that holds no data). Zeroth-order protocols (n6) learn from these."""
+
+    now: float
+    ticket: int
+    losses: list[float]
+
+
+@dataclass(slots=True)
 class PeerUp:
     """A peer became reachable (joined, reconnected)."""
 
@@ -98,7 +109,16 @@ class SendFailed:
     message: Message
 
 
-Event = Start | MessageReceived | TimerFired | TrainingDone | PeerUp | PeerDown | SendFailed
+Event = (
+    Start
+    | MessageReceived
+    | TimerFired
+    | TrainingDone
+    | LossesEvaluated
+    | PeerUp
+    | PeerDown
+    | SendFailed
+)
 
 # ---------------------------------------------------------------- effects (protocol -> driver)
 
@@ -116,6 +136,16 @@ class Train:
     ticket: int
     params: torch.Tensor
     steps: int
+
+
+@dataclass(slots=True)
+class EvaluateLosses:
+    """Draw one mini-batch of this peer's data (its next, as ``Train`` would) and compute
+    the mean loss of each of ``params`` on that same batch; answer with
+    ``LossesEvaluated``. No gradient: what a zeroth-order protocol (SPSA) needs (n6)."""
+
+    ticket: int
+    params: list[torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -146,7 +176,7 @@ class RoundCompleted:
     round: int
 
 
-Effect = Send | Train | SetTimer | CancelTimer | Record | RoundCompleted
+Effect = Send | Train | EvaluateLosses | SetTimer | CancelTimer | Record | RoundCompleted
 
 
 class Protocol(ABC):
@@ -301,6 +331,15 @@ class Protocol(ABC):
         else:
             return False
         return True
+
+    def declare_samples(self, samples: int) -> None:
+        """The number of training samples this peer says it holds, from now on.
+
+        Only protocols that weight updates by sample counts (FedAvg) keep it; the others
+        ignore it. A driver that hands a peer its data after the protocol is built (the
+        simulator's Sybil identities) says so through this, never by probing attributes.
+        """
+        del samples  # not kept: this protocol does not weight by sample counts
 
     def _train(self, params: torch.Tensor, steps: int | None = None) -> Train:
         self._next_ticket += 1

@@ -7,26 +7,36 @@ every neighbour, wait for them or the round timer. Mixing is Bristle's:
 
 1. **Prioritiser** (:func:`~p2pfl.aggregation.bristle_select`): of the layers received,
    keep the ``keep_closest`` nearest to one's own by L2 distance, plus ``n_random`` others
-   drawn at random (to keep discovering useful but distant peers).
-2. **Integrator** (:func:`~p2pfl.aggregation.bristle_class_weights`,
-   :func:`~p2pfl.aggregation.bristle_integrate`): each kept layer is evaluated on the
-   peer's small local test set (its *probe*), giving a recall per class; for each class a
-   peer's row is weighted by how its recall compares with one's own, and the rows are
-   averaged class by class (own weight 1). For a class absent from the probe nothing can be
-   checked: a peer then gets its mean weight over the classes that could be -- one good
-   where we can check is trusted where we cannot.
+   drawn at random (exploration: useful peers are far while their classes differ).
+2. **Integrator** (:meth:`Bristle.class_weights`, :func:`~p2pfl.aggregation.bristle_integrate`):
+   each kept layer is scored class by class on the peer's small test set (its *probe*)
+   and its rows are averaged class by class with one's own (own weight 1). Row ``c`` of a
+   layer must pass two checks against one's own layer: the layer's recall on class ``c``,
+   and the accuracy of one's own layer with that row swapped in (a row that claims every
+   sample has recall 1 but takes the other classes' samples). A class absent from the
+   probe has only the second check.
+
+The probe is either the paper's "small set of i.i.d. test samples" (``probe = "iid"``:
+drawn from a pool of the task's training set that no peer holds) or a sample of the
+peer's own data (``"own"``: only its own classes can be checked for recall).
+
+Local training moves only the rows of the classes the peer holds data of
+(``OutputLayer.trained_classes``): the others are put back after each local training,
+as the frozen features are. Softmax training on two classes pushes the eight other rows
+down every step, which erased what the neighbours had taught about them.
 
 The extractor is frozen, so the probe's features never change: the driver computes them
 once (``probe_features`` ``(m, h)``, with ``probe_labels`` ``(m,)``) and the protocol
 evaluates output layers with one matrix product, without any model code.
 
-The shared extractor is built by every driver the same way (:func:`pretrain_extractor`):
-SGD from ``init_params(seed)`` on a public split of the training set drawn with the seed,
-then the output layer is put back to its fresh initialisation. Every peer configured
-with the same seed (simulated peers, or real nodes) thus starts from the same vector
-without exchanging it (on different machines, float rounding may differ in the last
-bits; only output layers travel, so that does not matter); :func:`probe_set` draws each
-peer's probe from its own samples.
+The shared start is built by every driver the same way (:func:`shared_start`): SGD on a
+public dataset (e.g. Fashion-MNIST for an MNIST task; or a split of the task's training
+set held out of every share), from an initialisation of its own, then the output layer
+of the run's fresh model ``init_params(seed)``. Every peer configured with the same seed
+(simulated peers, or real nodes) thus starts from the same vector without exchanging it
+(on different machines, float rounding may differ in the last bits; only output layers
+travel, so that does not matter). Any protocol can start from the same vector
+(``protocol.shared_start``); :func:`probe_set` draws each peer's probe.
 
 Freezing: the driver trains the whole vector (``Train`` effects carry the full model);
 the protocol then puts the frozen feature parameters back, so only the output layer's
@@ -38,6 +48,8 @@ masks gradients).
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -61,6 +73,7 @@ from p2pfl.protocols.dpsgd import DPSGD
 from p2pfl.protocols.synchronous import MODEL, ROUND_TIMER, RoundSettings
 
 if TYPE_CHECKING:
+    from p2pfl.config import SharedStartConfig
     from p2pfl.learning import LocalTrainer
     from p2pfl.model import ParamLayout
 
@@ -73,6 +86,13 @@ class OutputLayer:
     bias_offset: int
     classes: int
     features: int
+    #: the classes of this peer's own data, the only rows its local training may move
+    #: (``None``: all; see :meth:`Bristle._on_trained`)
+    trained_classes: tuple[int, ...] | None = None
+
+    def for_classes(self, classes: Iterable[int]) -> OutputLayer:
+        """This layer, as a peer holding data of ``classes`` trains it."""
+        return dataclasses.replace(self, trained_classes=tuple(sorted({int(c) for c in classes})))
 
     @classmethod
     def from_layout(cls, layout: ParamLayout) -> OutputLayer:
@@ -160,7 +180,13 @@ class Bristle(DPSGD):
         if self.phase != "training" or event.ticket != self._next_ticket:
             return []
         # keep the trained output layer, put the frozen features back
-        self.trained = self.output.replace(self.frozen, self.output.rows(event.params))
+        rows = self.output.rows(event.params)
+        familiar = self._trained_mask()
+        if bool(familiar.any()):
+            # and the rows of the classes this peer holds no data of: local steps only push
+            # them down (softmax), erasing what the neighbours taught about those classes
+            rows[~familiar] = self.output.rows(self.params)[~familiar]
+        self.trained = self.output.replace(self.frozen, rows)
         self.phase = "collecting"
         message = Message(MODEL, self.round, self.message_params(self.trained))
         effects: list[Effect] = [Send(peer, message) for peer in self._recipients()]
@@ -200,35 +226,82 @@ class Bristle(DPSGD):
         effects.extend(self._start_round())
         return effects
 
+    def _trained_mask(self) -> Tensor:
+        """The rows local training may move: the own data's classes (when the driver says
+        which), else the classes of the probe (drawn from the own data)."""
+        if self.output.trained_classes is None:
+            return self._support > 0
+        mask = torch.zeros(self.output.classes, dtype=torch.bool)
+        mask[list(self.output.trained_classes)] = True
+        return mask
+
     # -- the integrator's inputs ------------------------------------------------------------
     def recalls(self, rows: Tensor) -> Tensor:
         """Per-class recall ``(k, C)`` on the probe of ``k`` output layers ``(k, C, h + 1)``.
 
         NaN for the classes absent from the probe.
         """
-        h = self.output.features
-        logits = (
-            torch.einsum("mh,kch->kmc", self.probe_features, rows[:, :, :h]) + rows[:, None, :, h]
-        )
-        hits = (logits.argmax(dim=-1) == self.probe_labels).to(torch.float64)  # (k, m)
+        hits = (self._logits(rows).argmax(dim=-1) == self.probe_labels).to(torch.float64)
         per_class = torch.zeros(rows.shape[0], self.output.classes, dtype=torch.float64)
         per_class.index_add_(1, self.probe_labels, hits)
         return per_class / self._support  # 0 / 0 = NaN where the class is absent
 
+    def _logits(self, rows: Tensor) -> Tensor:
+        """Logits ``(k, m, C)`` on the probe of ``k`` output layers ``(k, C, h + 1)``."""
+        h = self.output.features
+        rows = rows.to(self.probe_features.dtype)
+        return (
+            torch.einsum("mh,kch->kmc", self.probe_features, rows[:, :, :h]) + rows[:, None, :, h]
+        )
+
     def class_weights(self, own_rows: Tensor, kept: Tensor) -> Tensor:
-        """Bristle's per-class weights ``(k, C)`` of the kept layers against one's own."""
+        """Bristle's per-class weights ``(k, C)`` of the kept layers against one's own.
+
+        Row ``c`` of a kept layer passes two checks on the probe, each weighted by
+        :func:`~p2pfl.aggregation.bristle_class_weights` against one's own layer, and gets
+        the smaller weight:
+
+        - its class: the layer's recall on class ``c`` (0 if the row never recognises
+          its class; skipped, weight 1, for a class absent from the probe: nothing to
+          check it on);
+        - the rest of one's model: the accuracy of one's own layer with row ``c`` swapped
+          in (:meth:`swap_accuracy`). Recall alone trusts a row that claims every sample
+          (recall 1); such a row takes the other classes' samples here and is refused,
+          while a good row of a class one holds no data of is taken.
+        """
         k, classes = kept.shape[0], self.output.classes
         known = self._support > 0
         if not bool(known.any()) or k == 0:
             return torch.ones(k, classes, dtype=torch.float64)
         recalls = self.recalls(torch.cat([own_rows[None], kept]))
-        weights = torch.ones(k, classes, dtype=torch.float64)
-        weights[:, known] = bristle_class_weights(
+        by_class = torch.ones(k, classes, dtype=torch.float64)
+        by_class[:, known] = bristle_class_weights(
             recalls[0, known], recalls[1:, known], self.tolerance
         )
-        if not bool(known.all()):
-            weights[:, ~known] = weights[:, known].mean(dim=1, keepdim=True)
-        return weights
+        # a row that never recognises its class is no help, however harmless it looks
+        # (a row of huge negative weights passes "no worse than ours" on a class we do
+        # not know, and would silence that class in the average)
+        by_class[:, known] *= (recalls[1:, known] > 0).to(torch.float64)
+        own_accuracy, swapped = self.swap_accuracy(own_rows, kept)
+        by_model = bristle_class_weights(
+            own_accuracy.expand(classes), swapped.reshape(k, classes), self.tolerance
+        )
+        return torch.minimum(by_class, by_model)
+
+    def swap_accuracy(self, own_rows: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+        """Probe accuracy of one's own layer ``(C, h + 1)`` (a scalar tensor), and ``(k, C)``
+        that of one's own layer with row ``c`` replaced by kept layer ``p``'s row ``c``."""
+        logits = self._logits(torch.cat([own_rows[None], kept]))  # (1 + k, m, C)
+        own, peers = logits[0], logits[1:]
+        labels = self.probe_labels
+        own_accuracy = (own.argmax(dim=-1) == labels).to(torch.float64).mean()
+        k, classes = kept.shape[0], self.output.classes
+        swapped = torch.empty(k, classes, dtype=torch.float64)
+        for c in range(classes):
+            mixed = own.expand(k, -1, -1).clone()
+            mixed[:, :, c] = peers[:, :, c]
+            swapped[:, c] = (mixed.argmax(dim=-1) == labels).to(torch.float64).mean(dim=1)
+        return own_accuracy, swapped
 
     # -- checkpoints --------------------------------------------------------------------------
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -247,11 +320,36 @@ class SharedExtractor:
     start: Tensor
     output: OutputLayer
     extractor: nn.Module
+    #: indices (into the task's training set) i.i.d. probes are drawn from, held out of
+    #: every share; ``None``: each peer probes with its own samples
+    probe_pool: np.ndarray | None = None
 
-    def extras(self, probe_features: Tensor, probe_labels: Tensor) -> dict[str, Any]:
-        """``build_protocol``'s Bristle extras for a peer with this probe set."""
+    def with_probe_pool(self, size: int, n: int, seed: int) -> SharedExtractor:
+        """This start with a pool of ``size`` of the ``n`` training samples, drawn with
+        ``seed``, for i.i.d. probes (the caller holds it out of every share)."""
+        if 2 * size > n:
+            from p2pfl.learning import DatasetUnavailable
+
+            raise DatasetUnavailable(
+                f"protocol.probe_pool={size} would hold out over half of the {n} training"
+                " samples: give a smaller pool"
+            )
+        rng = np.random.default_rng([seed, 0x9B0F])
+        pool = np.sort(rng.choice(n, min(size, n), replace=False))
+        return dataclasses.replace(self, probe_pool=pool)
+
+    def probe_source(self, own: np.ndarray) -> np.ndarray:
+        """The samples a peer holding ``own`` draws its probe from."""
+        return own if self.probe_pool is None else self.probe_pool
+
+    def extras(
+        self, probe_features: Tensor, probe_labels: Tensor, own_labels: Tensor | None = None
+    ) -> dict[str, Any]:
+        """``build_protocol``'s Bristle extras for a peer with this probe set, holding
+        samples of labels ``own_labels`` (``None``: the probe's classes are its own)."""
+        output = self.output if own_labels is None else self.output.for_classes(own_labels.tolist())
         return {
-            "output": self.output,
+            "output": output,
             "probe_features": probe_features,
             "probe_labels": probe_labels,
         }
@@ -263,30 +361,94 @@ class SharedExtractor:
 
 def pretrain_extractor(
     trainer: LocalTrainer,
-    init: Tensor,
     *,
     seed: int,
     pretrain_samples: int,
     pretrain_steps: int,
+    public: tuple[Tensor, Tensor] | None = None,
 ) -> SharedExtractor:
-    """The shared extractor: ``pretrain_steps`` SGD steps from ``init`` on a public split of
-    ``pretrain_samples`` training samples drawn with ``seed``; the output layer is then
-    reset to ``init``'s, so the classifier is learned in the network.
+    """The shared start: a feature extractor pre-trained on public data, then a fresh
+    output layer.
 
-    Deterministic in (data, model, ``init``, seed): every peer computes the same vector.
+    ``pretrain_steps`` SGD steps on ``pretrain_samples`` samples drawn with ``seed`` from
+    ``public`` (``(x, y)`` of a public dataset with the task's input shape and classes;
+    ``None``: the task's own training set, split off by :func:`public_split`, which the
+    caller must hold out of every peer's share). Pre-training starts from its own
+    initialisation, ``init_params`` of a seed derived from ``seed``; the output layer is
+    then that of ``trainer.init_params(seed)``, the run's fresh model: a classifier that
+    has never seen the extractor's features, learned in the network.
+
+    Deterministic in (data, model, seed): every peer computes the same vector.
     """
-    from p2pfl.learning import BatchSampler
+    from p2pfl.learning import BatchSampler, LocalTrainer
 
-    n_train = len(trainer.y)
+    x, y = (trainer.x, trainer.y) if public is None else public
+    if tuple(x.shape[1:]) != trainer.input_shape:
+        raise ValueError(
+            f"the public dataset's samples are {tuple(x.shape[1:])}, the task's"
+            f" {trainer.input_shape}: pre-training needs the same input shape"
+        )
+    if len(y) and int(y.max()) >= trainer.num_outputs:
+        raise ValueError(
+            f"the public dataset has labels up to {int(y.max())}, the model predicts"
+            f" {trainer.num_outputs} classes"
+        )
     rng = np.random.default_rng([seed, 0x9B1C])
-    public = np.sort(rng.choice(n_train, min(pretrain_samples, n_train), replace=False))
-    start = init
+    chosen = public_split(len(y), pretrain_samples, seed)
+    fresh = trainer.init_params(seed)
+    start = trainer.init_params(int(rng.integers(2**62)))
     if pretrain_steps:
-        sampler = BatchSampler(public, trainer.batch_size, int(rng.integers(2**62)))
-        start, _ = trainer.train(init, sampler, pretrain_steps)
+        sampler = BatchSampler(chosen, trainer.batch_size, int(rng.integers(2**62)))
+        pretrainer = LocalTrainer(
+            trainer.model,
+            x,
+            y,
+            lr=trainer.lr,
+            batch_size=trainer.batch_size,
+            weight_decay=trainer.weight_decay,
+        )
+        start, _ = pretrainer.train(start, sampler, pretrain_steps)
     output = OutputLayer.from_layout(trainer.layout)
-    start = output.replace(start, output.rows(init))
+    start = output.replace(start, output.rows(fresh))
     return SharedExtractor(start, output, feature_extractor(trainer.model, start))
+
+
+def shared_start(
+    spec: SharedStartConfig,
+    trainer: LocalTrainer,
+    *,
+    seed: int,
+    data_dir: str | None = None,
+) -> tuple[SharedExtractor, np.ndarray]:
+    """The shared start ``spec`` names, and the indices of the task's training set that
+    no peer may hold (the public split when ``spec.dataset`` is "task", else none)."""
+    from p2pfl.learning import DatasetUnavailable, load_dataset
+
+    if spec.dataset == "task":
+        held_out = public_split(len(trainer.y), spec.samples, seed)
+        public = None
+    else:
+        data = load_dataset(spec.dataset, data_dir=data_dir, seed=seed)
+        held_out = np.zeros(0, dtype=np.int64)
+        public = (data.x_train, data.y_train)
+    try:
+        extractor = pretrain_extractor(
+            trainer,
+            seed=seed,
+            pretrain_samples=spec.samples,
+            pretrain_steps=spec.steps,
+            public=public,
+        )
+    except ValueError as error:  # a public set that does not fit the task
+        raise DatasetUnavailable(f"pre-training dataset {spec.dataset!r}: {error}") from None
+    return extractor, held_out
+
+
+def public_split(n: int, samples: int, seed: int) -> np.ndarray:
+    """The sorted indices (of ``n``) pre-training draws from: ``samples`` of them, drawn
+    with ``seed``. On the task's own training set these are held out of the peers' shares."""
+    rng = np.random.default_rng([seed, 0x9B1D])
+    return np.sort(rng.choice(n, min(samples, n), replace=False))
 
 
 def probe_set(

@@ -154,7 +154,12 @@ class FedAvg(Protocol):
         self._training_round: int | None = None
         self._last_global = -1
 
+    def declare_samples(self, samples: int) -> None:
+        """The weight of this peer's updates (bounded as the contract bounds received ones)."""
+        self.samples = max(1, min(int(samples), MAX_SAMPLES))
+
     # -- the contract's roles ------------------------------------------------------------
+
     def has_role(self, role: Role, sender: PeerId, message: Message) -> bool:
         if role is Role.AGGREGATOR:
             return not self.is_server and sender == self.server

@@ -23,6 +23,7 @@ from p2pfl.config import (
     ModestConfig,
     ProtocolConfig,
     SybilWallConfig,
+    ZerothOrderConfig,
 )
 from p2pfl.protocols.base import PeerId, Protocol
 from p2pfl.protocols.dpsgd import DPSGD
@@ -64,6 +65,10 @@ def protocol_class(config: ProtocolConfig) -> type[Protocol]:
         from p2pfl.protocols.fedavg import FedAvg
 
         return FedAvg
+    if isinstance(config, ZerothOrderConfig):
+        from p2pfl.protocols.zeroth_order import ZerothOrder
+
+        return ZerothOrder
     raise ValueError(f"unknown protocol config {config!r}")
 
 
@@ -195,6 +200,19 @@ def build_protocol(
         )
     if isinstance(config, FedAvgConfig):
         return _fedavg(config, peer_id, params, neighbours, population, aggregate, seed, extras)
+    if isinstance(config, ZerothOrderConfig):
+        from p2pfl.protocols.zeroth_order import ZerothOrder
+
+        return ZerothOrder(
+            peer_id,
+            params,
+            neighbours,
+            lr=config.lr,
+            eps=config.eps,
+            grad_scale=config.grad_scale,
+            round_timeout=config.round_timeout,
+            seed=seed,
+        )
     raise ValueError(f"unknown protocol config {config!r}")
 
 

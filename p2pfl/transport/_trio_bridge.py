@@ -6,6 +6,12 @@ guest of the asyncio loop stalls the network whenever the asyncio thread is busy
 without blocking either loop: asyncio -> trio through the trio token's
 ``run_sync_soon``, trio -> asyncio through ``loop.call_soon_threadsafe``.
 
+Hand-offs are batched: calls made in one direction while the other thread has not yet
+picked up the previous ones join them, and the receiving loop is woken once per batch
+(a message round of a node sends and receives several models at once, and each wake-up
+is a socket write, an epoll return and a pass of the woken loop). Order is kept within
+each direction.
+
 The loop is shared by every transport of the process: ``acquire`` starts it on
 first use and ``release`` stops and joins it when the last user lets go.
 """
@@ -15,14 +21,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
 
 from p2pfl.errors import P2PFLError
+from p2pfl.threadname import name_os_thread
 
-__all__ = ["BridgeClosed", "TrioThread", "acquire", "release"]
+__all__ = ["BridgeClosed", "TrioThread", "acquire", "release", "to_asyncio"]
 
 T = TypeVar("T")
 
@@ -48,6 +57,76 @@ class _Call:
             self.scope.cancel()
 
 
+class _Batch:
+    """Calls for one receiving loop, run there in order with one wake-up per batch.
+
+    ``put`` may be called from any thread; ``wake`` schedules ``drain`` on the receiving
+    loop, and is called only when the batch goes from empty to non-empty, so calls that
+    arrive while a drain is pending (or running) ride along with it.
+    """
+
+    __slots__ = ("_armed", "_items", "_lock", "_wake", "__weakref__")
+
+    def __init__(self, wake: Callable[[Callable[[], None]], object]) -> None:
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._items: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._armed = False
+
+    def put(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """Queue ``fn(*args)``; whatever ``wake`` raises (loop gone) is raised here."""
+        with self._lock:
+            self._items.append((fn, args))
+            if self._armed:
+                return
+            self._armed = True
+        try:
+            self._wake(self.drain)
+        except BaseException:
+            with self._lock:  # nobody will drain: forget what cannot be delivered
+                self._items.clear()
+                self._armed = False
+            raise
+
+    def drain(self) -> None:
+        """Run every queued call (on the receiving loop), new arrivals included."""
+        while True:
+            with self._lock:
+                if not self._items:
+                    self._armed = False
+                    return
+                batch = list(self._items)
+                self._items.clear()
+            for fn, args in batch:
+                try:
+                    fn(*args)
+                except Exception:  # one failed call must not cost the others
+                    _log.exception("a call handed over by the trio bridge failed")
+
+
+#: trio -> asyncio batches, one per asyncio loop (weak: a closed loop is forgotten)
+_to_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batch] = (
+    weakref.WeakKeyDictionary()
+)
+_to_loop_lock = threading.Lock()
+
+
+def to_asyncio(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
+    """Schedule ``fn(*args)`` on ``loop`` from any thread, batched with other hand-offs
+    to it (order kept); false if that loop is closed."""
+    batch = _to_loop.get(loop)
+    if batch is None:
+        with _to_loop_lock:
+            batch = _to_loop.get(loop)
+            if batch is None:
+                batch = _to_loop[loop] = _Batch(loop.call_soon_threadsafe)
+    try:
+        batch.put(fn, args)
+    except RuntimeError:  # the asyncio loop is closed
+        return False
+    return True
+
+
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.done():  # cancelled on the asyncio side meanwhile
         return
@@ -67,6 +146,8 @@ class TrioThread:
         self._nursery: trio.Nursery | None = None
         self._ready = threading.Event()
         self._crash: BaseException | None = None
+        #: asyncio -> trio calls, one trio wake-up per batch (``call_soon``)
+        self._inbox: _Batch | None = None
 
     @property
     def running(self) -> bool:
@@ -102,6 +183,7 @@ class TrioThread:
                 _log.warning("trio thread did not finish within %.1fs", timeout)
 
     def _thread_main(self) -> None:
+        name_os_thread()
         try:
             trio.run(self._trio_main)
         except BaseException as exc:  # noqa: BLE001 - reported, the thread just ends
@@ -116,19 +198,22 @@ class TrioThread:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._token = trio.lowlevel.current_trio_token()
+                token = trio.lowlevel.current_trio_token()
+                self._inbox = _Batch(token.run_sync_soon)
+                self._token = token
                 self._ready.set()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Schedule a plain function on the trio thread (fire and forget)."""
-        token = self._token
-        if token is None:
+        """Schedule a plain function on the trio thread (fire and forget); calls made
+        before the trio thread picks up the first share one wake-up, and run in order."""
+        token, inbox = self._token, self._inbox
+        if token is None or inbox is None:
             raise BridgeClosed("trio loop is not running")
         try:
-            token.run_sync_soon(fn, *args)
+            inbox.put(fn, args)
         except trio.RunFinishedError as exc:
             raise BridgeClosed("trio loop has finished") from exc
 
@@ -157,10 +242,8 @@ class TrioThread:
         call = _Call()
 
         def deliver(result: Any, error: BaseException | None) -> None:
-            try:
-                loop.call_soon_threadsafe(_resolve, future, result, error)
-            except RuntimeError:  # the asyncio loop is closed; nobody is waiting
-                pass
+            # false when the asyncio loop is closed: nobody is waiting any more
+            to_asyncio(loop, _resolve, future, result, error)
 
         async def runner() -> None:
             scope = trio.CancelScope()
@@ -181,7 +264,8 @@ class TrioThread:
 
         def spawn() -> None:  # runs on the trio thread; must not raise
             try:
-                self.nursery.start_soon(runner)
+                # named here: trio would otherwise derive a name from ``runner`` per call
+                self.nursery.start_soon(runner, name="p2pfl-bridge-call")
             except (BridgeClosed, RuntimeError):  # no nursery, or closed to new tasks
                 deliver(None, BridgeClosed("trio loop is not running"))
 

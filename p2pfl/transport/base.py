@@ -139,6 +139,16 @@ class Transport(ABC):
     def known_addrs(self) -> dict[str, list[str]]:
         """Dialable multiaddrs (with ``/p2p/<id>``) of the peers this transport knows, for peer exchange."""
 
+    def connection_kinds(self) -> dict[str, str]:
+        """How each connected peer is reached: ``"direct"`` or ``"relayed"`` (through a
+        circuit relay). A transport without relays reaches every peer directly."""
+        return dict.fromkeys(self.connected_peers(), "direct")
+
+    def reachability(self) -> str:
+        """``"public"``, ``"private"`` (behind NAT), ``"unknown"`` (not decided yet) or
+        ``"off"`` (this transport does no NAT traversal)."""
+        return "off"
+
     def set_handler(self, handler: Handler | None) -> None:
         """Set the callback for received payloads (``None`` to refuse them)."""
         self._handler = handler

@@ -60,6 +60,15 @@ with the settings measured in DESIGN.md ("py-libp2p facts"):
 - ``mdns=True`` turns on py-libp2p's mDNS discovery (zeroconf, the standard
   ``_p2p._udp.local`` service): peers it finds on the LAN go to the discovery
   handler; whom to dial stays the node's decision.
+- ``dht=True`` joins the Kademlia DHT and, with ``run``, finds the run's other peers
+  there (``_dht``): they go to the discovery handler like mDNS peers.
+- ``nat`` (a ``_nat.NatSettings``) turns on reachability checks (AutoNAT), circuit
+  relay v2 (serving as a relay; reserving a slot and announcing the relayed address
+  when unreachable; dialling ``/p2p-circuit`` addresses) and DCUtR hole punching.
+  ``connection_kinds()`` tells for each connected peer whether it is reached directly
+  or through a relay; kept streams on a relayed connection are dropped once a direct
+  one exists, and a peer reached by relay is dialled through it again when the relay
+  cut the circuit.
 
 Logging: py-libp2p sets its ``libp2p`` logger to WARNING with ``propagate=False``
 on import, and some of its modules call the *root* ``logging.debug``, which
@@ -71,6 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -129,6 +139,8 @@ MAX_IDLE_STREAMS = 4
 T = TypeVar("T")
 
 _COALESCE_LIMIT = 64 * 1024
+#: seconds a peer known by direct and relayed addresses is tried directly before the relay
+_DIRECT_FIRST = 3.0
 
 _log = logging.getLogger(__name__)
 
@@ -303,6 +315,10 @@ class Libp2pTransport(Transport):
         stream_idle_timeout: float = 60.0,
         mdns: bool = False,
         limits: TransportLimits | None = None,
+        dht: bool = False,
+        run: str | None = None,
+        dht_interval: float = 30.0,
+        nat: Any = None,
     ) -> None:
         super().__init__()
         if not 0 < max_message_size < 2 ** (8 * HEADER_SIZE):
@@ -315,6 +331,16 @@ class Libp2pTransport(Transport):
         self.stream_idle_timeout = stream_idle_timeout
         self.mdns = mdns
         self.limits = limits or DEFAULT_TRANSPORT_LIMITS
+        if run is not None and not dht:
+            raise ValueError("a run name is looked up in the DHT: it needs dht=True")
+        self.dht = dht
+        self.run = run
+        self.dht_interval = dht_interval
+        self._finder: Any = None  # the _dht.RunFinder while the host runs (trio thread)
+        self.nat = nat  # a _nat.NatSettings: reachability, relay, hole punching (None: off)
+        self._nat: Any = None  # the _nat.NatTraversal while the host runs (trio thread)
+        self._relayed_addrs: list[Multiaddr] = []  # ours through relays (trio thread)
+        self._circuit_addrs: dict[ID, Multiaddr] = {}  # how we reached a peer by relay
         self._admission: Admission | None = None  # built on the trio thread by _serve
         # per peer: frames this side may still have in flight to it (trio thread only)
         self._send_slots: dict[ID, trio.Semaphore] = {}
@@ -405,9 +431,15 @@ class Libp2pTransport(Transport):
                         raise TransportError(f"could not listen on {', '.join(missing)}")
                     host.set_stream_handler(PROTOCOL_ID, self._on_stream)
                     self._host = host
-                    task_status.started([str(addr) for addr in host.get_addrs()])
-                    started = True
-                    await self._stop.wait()
+                    async with trio.open_nursery() as services:
+                        if self.nat is not None:
+                            await services.start(self._run_nat, host)
+                        if self.dht:
+                            await services.start(self._run_dht, host)
+                        task_status.started([str(addr) for addr in host.get_addrs()])
+                        started = True
+                        await self._stop.wait()
+                        services.cancel_scope.cancel()
                 finally:
                     self._host = None
                     with trio.CancelScope(shield=True), trio.move_on_after(5.0):
@@ -422,6 +454,62 @@ class Libp2pTransport(Transport):
             if self.mdns:
                 peerDiscovery.unregister_peer_discovered_handler(self._on_mdns_peer)
             self._stopped.set()
+
+    async def _run_dht(self, host: IHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the DHT and look the run's peers up (see ``_dht``) until the host stops."""
+        from ._dht import RunFinder
+
+        finder = RunFinder(
+            host, self.run, self._on_dht_peer, interval=self.dht_interval, extra=self._announced
+        )
+        self._finder = finder
+        task_status.started()
+        try:
+            await finder.run()
+        except Exception:  # noqa: BLE001 - must not take the host (and the trio loop) down
+            _log.exception("DHT discovery of %s failed; bootstrap, peer exchange and mDNS go on",
+                           self.peer_id)
+        finally:
+            self._finder = None
+
+    def _announced(self) -> list[Multiaddr]:
+        """Our addresses through relays, announced after the host's own ones.
+
+        Not through the host's ``addrs_factory``: ``BasicHost.get_addrs`` cuts every
+        address at its first ``/p2p/`` and appends our id, which turns
+        ``<relay>/p2p/R/p2p-circuit`` into the relay's own address under our id.
+        """
+        return list(self._relayed_addrs)
+
+    async def _run_nat(self, host: IHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Reachability, relay, reservations and hole punching (see ``_nat``) until the host stops."""
+        from ._nat import NatTraversal
+
+        nat = NatTraversal(
+            host, self.nat, self._advertise_relayed, max_message=self.max_message_size
+        )
+        self._nat = nat
+        try:
+            await nat.run(task_status=task_status)
+        except Exception:  # noqa: BLE001 - must not take the host (and the trio loop) down
+            _log.exception("NAT traversal of %s failed; direct connections go on", self.peer_id)
+        finally:
+            self._nat = None
+
+    def _advertise_relayed(self, addrs: list[str]) -> None:
+        """Our addresses through relays changed (trio thread): announce them from now on."""
+        self._relayed_addrs = [Multiaddr(addr) for addr in addrs]
+        host = self._host
+        if host is not None:
+            own = [str(addr) for addr in host.get_addrs()]
+            # a hello keeps 4 addresses per peer: the relayed ones must be among them
+            announced = own[:2] + list(addrs) + own[2:]
+            self._to_asyncio(setattr, self, "listen_addrs", announced)
+
+    def _on_dht_peer(self, peer: str, addrs: list[str]) -> None:
+        """A peer of our run found in the DHT (trio thread): to the discovery handler."""
+        if peer != self.peer_id and not self._closed:
+            self._to_asyncio(self._discovered, peer, addrs)
 
     def _on_mdns_peer(self, info: PeerInfo) -> None:
         """A peer found by mDNS; called on a zeroconf thread, handed over to asyncio.
@@ -517,6 +605,23 @@ class Libp2pTransport(Transport):
     def known_addrs(self) -> dict[str, list[str]]:
         return self._read_trio_state(self._known_addrs_in_trio, {})
 
+    def connection_kinds(self) -> dict[str, str]:
+        """How each connected peer is reached: ``"direct"`` if any connection to it is
+        direct, ``"relayed"`` if all go through a circuit relay."""
+        return self._read_trio_state(self._connection_kinds_in_trio, {})
+
+    def reachability(self) -> str:
+        """``"public"``, ``"private"`` (behind NAT: reached through relays), ``"unknown"``
+        (not decided yet) or ``"off"`` (NAT traversal not enabled)."""
+
+        def read(host: IHost) -> str:
+            nat = self._nat
+            if nat is None:
+                return "off"
+            return {1: "public", 2: "private"}.get(int(nat.status), "unknown")
+
+        return self._read_trio_state(read, "off")
+
     def _read_trio_state(self, read: Any, default: T) -> T:
         """Read host state on the trio thread (the only thread that mutates it)."""
         bridge, host = self._bridge, self._host
@@ -532,8 +637,62 @@ class Libp2pTransport(Transport):
     async def _connect_in_trio(self, info: PeerInfo, timeout: float) -> None:
         host = self._running_host()
         _forget_failed_dial(host, info.peer_id)
+        circuits = [addr for addr in info.addrs if "/p2p-circuit" in str(addr)]
         with trio.fail_after(timeout):
-            await host.connect(info)
+            if not circuits:
+                await host.connect(info)
+            elif info.peer_id not in host.get_connected_peers():
+                # info_from_p2p_addr cut the destination's /p2p/<id> off: put it back
+                suffix = f"/p2p/{info.peer_id.to_base58()}"
+                circuit = str(circuits[0])
+                circuit = circuit if circuit.endswith(suffix) else circuit + suffix
+                await self._dial_relayed(info.peer_id, Multiaddr(circuit))
+
+    async def _dial_relayed(self, peer: ID, addr: Multiaddr) -> None:
+        """Connect to ``peer`` through the relay in a /p2p-circuit address (``_nat``)."""
+        nat = self._nat
+        if nat is None:
+            raise TransportError(
+                f"{addr} is an address through a relay: dialling it needs "
+                "network.reachability (auto, public or private)"
+            )
+        await nat.dial(addr, peer)
+        self._circuit_addrs[peer] = addr
+        if len(self._circuit_addrs) > 4096:  # bounded: forget the oldest
+            del self._circuit_addrs[next(iter(self._circuit_addrs))]
+
+    async def _redial_relayed(self, host: IHost, peer: ID, timeout: float | None) -> None:
+        """Reconnect to a peer reached through a relay before (the relay cut the circuit
+        at its limits) or known only by a relayed address, before a send or ping; the
+        swarm itself never dials /p2p-circuit addresses."""
+        if self._nat is None:
+            return
+        conns = host.get_network().get_connections(peer)
+        if any(not getattr(conn, "is_closed", False) for conn in conns):
+            return  # (a cut circuit's connection may linger in the swarm's map, closed)
+        circuit = self._circuit_addrs.get(peer)
+        if circuit is None:
+            known = list(host.get_peerstore().addrs(peer))
+            relayed = [a for a in known if "/p2p-circuit" in str(a)]
+            if not relayed:
+                return  # the swarm dials direct addresses itself
+            direct = [a for a in known if "/p2p-circuit" not in str(a)]
+            if direct:  # its direct addresses first, briefly: behind NAT they fail
+                with trio.move_on_after(_DIRECT_FIRST):
+                    try:
+                        await host.connect(PeerInfo(peer, direct))
+                        return
+                    except Exception:  # noqa: BLE001 - not reachable directly: the relay
+                        pass
+            circuit = Multiaddr(_with_peer(str(relayed[0]), peer.to_base58()))
+        with trio.fail_after(timeout if timeout is not None else math.inf):
+            await self._dial_relayed(peer, circuit)
+
+    def _connection_kinds_in_trio(self, host: IHost) -> dict[str, str]:
+        nat = self._nat
+        if nat is None:  # no relay protocol runs: every connection is direct
+            return {peer.to_base58(): "direct" for peer in host.get_connected_peers()}
+        return {peer.to_base58(): kind for peer, kind in nat.current_kinds().items()}
 
     def _ban_in_trio(self, peer: ID, seconds: float) -> None:
         """Refuse ``peer`` from now on and close its connections (in the background)."""
@@ -586,6 +745,7 @@ class Libp2pTransport(Transport):
 
     async def _send_frame(self, peer: ID, data: bytes) -> None:
         host = self._running_host()
+        await self._redial_relayed(host, peer, None)
         stream = await self._take_kept(peer)
         if stream is not None:
             try:
@@ -637,9 +797,10 @@ class Libp2pTransport(Transport):
         found: INetStream | None = None
         stale: list[INetStream] = []
         oldest = trio.current_time() - self.stream_idle_timeout / 2
+        relayed = self._relayed_only_streams(peer)
         while kept and found is None:
             stream, since = kept.pop()  # the most recently used first
-            if since > oldest and _reusable(stream):
+            if since > oldest and _reusable(stream) and stream.muxed_conn not in relayed:
                 found = stream
             else:
                 stale.append(stream)
@@ -648,6 +809,19 @@ class Libp2pTransport(Transport):
         for stream in stale:
             await _close(stream)
         return found
+
+    def _relayed_only_streams(self, peer: ID) -> list[Any]:
+        """The muxed connections to ``peer`` that are relayed while a direct one exists:
+        streams kept on them are dropped, so that traffic moves to the direct one."""
+        if self._nat is None or self._host is None:
+            return []
+        from ._nat import DIRECT, connection_kind
+
+        conns = self._host.get_network().get_connections(peer)
+        kinds = [(conn, connection_kind(conn)) for conn in conns]
+        if not any(kind == DIRECT for _, kind in kinds):
+            return []
+        return [conn.muxed_conn for conn, kind in kinds if kind != DIRECT]
 
     async def _keep(self, peer: ID, stream: INetStream) -> None:
         """Put a stream back for the next send to ``peer``, or close it if enough are kept."""
@@ -677,6 +851,7 @@ class Libp2pTransport(Transport):
     async def _ping_in_trio(self, peer: ID, timeout: float) -> float:
         host = self._running_host()
         _forget_failed_dial(host, peer)  # a ping is the liveness probe: it must really try
+        await self._redial_relayed(host, peer, timeout)
         with trio.fail_after(timeout):
             stream = await host.new_stream(peer, [PING_PROTOCOL_ID])
             try:
@@ -696,8 +871,7 @@ class Libp2pTransport(Transport):
             peer_b58 = peer.to_base58()
             if peer_b58 == self.peer_id:
                 continue
-            suffix = f"/p2p/{peer_b58}"
-            addrs = sorted({_without_p2p(str(addr)) + suffix for addr in store.addrs(peer)})
+            addrs = sorted({_with_peer(str(addr), peer_b58) for addr in store.addrs(peer)})
             if addrs:
                 known[peer_b58] = addrs
         return known
@@ -917,6 +1091,14 @@ def _parse_peer(peer: str) -> ID:
         return ID.from_base58(peer)
     except Exception as exc:
         raise TransportError(f"not a peer id: {peer!r}") from exc
+
+
+def _with_peer(addr: str, peer: str) -> str:
+    """``addr`` ending in ``/p2p/<peer>``; a relayed address keeps its relay's /p2p part."""
+    suffix = f"/p2p/{peer}"
+    if "/p2p-circuit" in addr:
+        return addr if addr.endswith(suffix) else addr.rstrip("/") + suffix
+    return _without_p2p(addr) + suffix
 
 
 def _without_p2p(addr: str) -> str:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from p2pfl.protocols.base import Effect, Event, MessageReceived, Send, Train
+from p2pfl.protocols.base import Effect, EvaluateLosses, Event, MessageReceived, Send, Train
 from topologies import Battery
 
 if TYPE_CHECKING:
@@ -71,6 +71,8 @@ class BatteryBank:
         for effect in effects or ():
             if isinstance(effect, Train) and self.has_data[peer]:
                 steps += effect.steps
+            elif isinstance(effect, EvaluateLosses) and self.has_data[peer]:
+                steps += 1  # a few forward passes on one batch: charged as one step
             elif isinstance(effect, Send):
                 sent += effect.message.nbytes()
         received = event.message.nbytes() if isinstance(event, MessageReceived) else 0

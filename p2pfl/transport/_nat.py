@@ -1,0 +1,491 @@
+"""Getting through home routers: reachability, circuit relay v2, hole punching (trio thread).
+
+What one ``Libp2pTransport`` runs when ``reachability`` is not ``"off"`` (or it serves
+as a relay), all with py-libp2p 0.8.1's own protocols:
+
+- **Reachability** (AutoNAT v1, ``libp2p.host.autonat``): every such host answers
+  dial-back requests, and a host in ``"auto"`` mode asks the peers it is connected to
+  (bootstrap peers, first) whether they can reach it. ``"public"`` / ``"private"`` skip
+  the question (a public box; a test that plays a host behind NAT on 127.0.0.1).
+- **Relay** (circuit relay v2 hop, ``libp2p.relay.circuit_v2``): a reachable host with
+  ``relay=True`` relays for others, within ``RelayLimits`` (reservations, circuits at
+  once, bytes and seconds per circuit). An unreachable host reserves a slot on up to
+  ``MAX_RELAYS`` connected relays (peers whose identify lists the hop protocol) and
+  advertises ``<relay address>/p2p-circuit/p2p/<own id>`` besides its own addresses;
+  reservations are renewed before they expire and made again if a relay goes away.
+- **Hole punching** (DCUtR): both ends of a relayed connection try to open a direct
+  one; py-libp2p prefers a direct connection for new streams and closes the relayed
+  one after a grace period. A peer still relayed ``PUNCH_GRACE`` seconds after the
+  connection opened is reported in one WARNING line, and traffic goes on through the
+  relay (a circuit the relay cuts at its limits is dialled again on the next send).
+
+A fault of py-libp2p 0.8.1 is worked around here:
+
+- ``AutoNATService._try_dial`` answers a dial-back request with ``host.connect``, which
+  returns at once when a connection to the peer exists -- and the requester is always
+  connected (it asked over that connection), so every requester was judged reachable.
+  ``_DialBackServer`` probes the advertised TCP address with a fresh socket instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import trio
+from libp2p.abc import IHost, INetConn
+from libp2p.connection_types import ConnectionType
+from libp2p.host.autonat import AutoNATService, AutoNATStatus
+from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
+from libp2p.host.basic_host import BasicHost
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from p2pfl.versions import require
+
+require(
+    "libp2p",
+    at_least="0.8.1",
+    below="0.8.2",
+    why="p2pfl.transport._nat (AutoNATService._try_dial override)",
+)
+
+__all__ = [
+    "DIRECT",
+    "MAX_RELAYS",
+    "PUNCH_GRACE",
+    "RELAYED",
+    "NatSettings",
+    "NatTraversal",
+    "connection_kind",
+    "is_circuit",
+]
+
+_log = logging.getLogger("p2pfl.transport.nat")
+
+DIRECT = "direct"
+RELAYED = "relayed"
+#: relays an unreachable host reserves a slot on
+MAX_RELAYS = 2
+#: seconds a relayed connection may wait for hole punching before the warning
+PUNCH_GRACE = 20.0
+#: how often reachability, reservations and connection kinds are looked at (seconds)
+_TICK = 1.0
+#: reachability is asked again this often once known (seconds)
+_RECHECK = 600.0
+#: a reservation is renewed this long before it expires (seconds)
+_RENEW_MARGIN = 60.0
+#: a loop bound: ticks of one transport's life (> 100 days at _TICK)
+_MAX_TICKS = 10_000_000
+_PROBE_TIMEOUT = 5.0
+_QUERY_TIMEOUT = 10.0
+
+
+def is_circuit(addr: str) -> bool:
+    return "/p2p-circuit" in addr
+
+
+def connection_kind(conn: INetConn) -> str:
+    """``"relayed"`` for a connection through a circuit relay, ``"direct"`` otherwise."""
+    try:
+        if conn.get_connection_type() == ConnectionType.RELAYED:
+            return RELAYED
+        if any(is_circuit(str(a)) for a in conn.get_transport_addresses()):
+            return RELAYED
+    except Exception:  # noqa: BLE001 - a connection closing meanwhile
+        pass
+    return DIRECT
+
+
+class _DialBackServer(AutoNATService):
+    """AutoNAT's server side, dialling back with a fresh TCP connection (module docstring)."""
+
+    async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
+        for raw in addrs:
+            try:
+                addr = Multiaddr(raw)
+                names = {p.name for p in addr.protocols()}
+                if "tcp" not in names or is_circuit(str(addr)):
+                    continue
+                ip = addr.value_for_protocol("ip6" if "ip6" in names else "ip4")
+                port = int(addr.value_for_protocol("tcp"))
+                with trio.fail_after(_PROBE_TIMEOUT):
+                    stream = await trio.open_tcp_stream(ip, port)
+                await stream.aclose()
+                return bytes(raw)
+            except Exception:  # noqa: BLE001 - refused, filtered, timed out: not reachable there
+                continue
+        return None
+
+
+class _Slot:
+    """A reservation on one relay: our addresses through it, its expiry and limits."""
+
+    def __init__(self, addrs: list[str], expire: float, data: int, seconds: int) -> None:
+        self.addrs = addrs
+        self.expire = expire  # unix time (what the relay states)
+        self.data = data  # bytes one relayed connection may carry (0: not stated)
+        self.seconds = seconds
+
+
+class NatSettings:
+    """What a transport asks of NAT traversal (from ``[network]``; see NodeNetworkConfig)."""
+
+    def __init__(
+        self,
+        *,
+        reachability: str = "auto",
+        relay: bool = False,
+        hole_punching: bool = True,
+        limits: RelayLimits | None = None,
+        punch_grace: float = PUNCH_GRACE,
+    ) -> None:
+        if reachability not in ("auto", "public", "private"):
+            raise ValueError(f"reachability must be auto, public or private, not {reachability!r}")
+        self.reachability = reachability
+        self.relay = relay
+        self.hole_punching = hole_punching
+        self.punch_grace = punch_grace
+        self.limits = limits or RelayLimits(
+            duration=3600, data=256 << 20, max_circuit_conns=64, max_reservations=64
+        )
+
+
+class NatTraversal:
+    """One host's reachability, relay service, reservations, hole punching and the record
+    of how each peer is connected. ``advertise(addrs)`` is told the relayed addresses to
+    announce whenever they change; everything runs on the host's trio thread."""
+
+    def __init__(
+        self,
+        host: IHost,
+        settings: NatSettings,
+        advertise: Callable[[list[str]], None],
+        *,
+        max_message: int = 0,
+    ) -> None:
+        self.host = host
+        self.settings = settings
+        self._advertise = advertise
+        self.max_message = max_message
+        self.me = host.get_id()
+        self.status = {
+            "auto": AutoNATStatus.UNKNOWN,
+            "public": AutoNATStatus.PUBLIC,
+            "private": AutoNATStatus.PRIVATE,
+        }[settings.reachability]
+        self.autonat = _DialBackServer(cast(BasicHost, host), serve=True, confirmations=1)
+        self.protocol: CircuitV2Protocol | None = None
+        self.circuits: CircuitV2Transport | None = None
+        self.reservations: dict[ID, _Slot] = {}  # relay -> our slot on it
+        self.kinds: dict[ID, str] = {}  # peer -> "direct" | "relayed", as last logged
+        self._relayed_since: dict[ID, float] = {}
+        self._warned: set[ID] = set()
+        self.ready = trio.Event()
+
+    # -- the service -----------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled (the transport's services nursery does that on close)."""
+        async with trio.open_nursery() as nursery:
+            if self.settings.reachability == "auto" and self.settings.relay:
+                task_status.started()  # the relay decision waits for the verdict
+                task_status = trio.TASK_STATUS_IGNORED
+                await self._await_verdict()
+            await self._start_relay_protocol(nursery)
+            if self.settings.hole_punching:
+                dcutr = DCUtRProtocol(self.host)
+                await nursery.start(self._serve, dcutr)
+            self.ready.set()
+            task_status.started()
+            await self._watch()
+
+    async def _serve(self, service: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with background_trio_service(service):
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _start_relay_protocol(self, nursery: trio.Nursery) -> None:
+        hop = self.settings.relay and self.status == AutoNATStatus.PUBLIC
+        self.protocol = CircuitV2Protocol(self.host, limits=self.settings.limits, allow_hop=hop)
+        await nursery.start(self._serve, self.protocol)
+        # dials through relays only: no reservation on each dial (we reserve ourselves)
+        self.circuits = CircuitV2Transport(
+            self.host, self.protocol, RelayConfig(roles=RelayRole.STOP, limits=self.settings.limits)
+        )
+        if hop:
+            limits = self.settings.limits
+            _log.info(
+                "serving as a circuit relay: at most %d reservations, %d circuits at once, "
+                "%d bytes and %d s per circuit",
+                limits.max_reservations,
+                limits.max_circuit_conns,
+                limits.data,
+                limits.duration,
+            )
+        elif self.settings.relay:
+            _log.warning(
+                "network.relay = true, but this node is not reachable from outside: "
+                "not serving as a relay"
+            )
+
+    async def _await_verdict(self) -> None:
+        for _ in range(_MAX_TICKS):
+            await self._check_reachability()
+            if self.status != AutoNATStatus.UNKNOWN:
+                return
+            await trio.sleep(_TICK)
+
+    async def _watch(self) -> None:
+        last_check = -_RECHECK
+        for _ in range(_MAX_TICKS):
+            now = time.monotonic()
+            if self.settings.reachability == "auto" and (
+                self.status == AutoNATStatus.UNKNOWN or now - last_check >= _RECHECK
+            ):
+                if await self._check_reachability():
+                    last_check = now
+            if self.status == AutoNATStatus.PRIVATE:
+                await self._keep_reservations()
+            self._note_kinds()
+            await trio.sleep(_TICK)
+
+    # -- reachability ------------------------------------------------------------------
+    def _peers_speaking(self, protocol: str) -> list[ID]:
+        store = self.host.get_peerstore()
+        found = []
+        for peer in self.host.get_connected_peers():
+            try:
+                if protocol in store.get_protocols(peer):
+                    found.append(peer)
+            except Exception:  # noqa: BLE001 - identify has not answered yet
+                continue
+        return found
+
+    async def _check_reachability(self) -> bool:
+        """Ask up to three connected AutoNAT servers; False when none was there to ask."""
+        servers = [p for p in self._peers_speaking(AUTONAT_PROTOCOL_ID) if self._direct_to(p)]
+        # a peer on our own LAN reaches us whatever the router does: ask those outside it
+        # (all of them only when there are no others: one machine, one LAN)
+        servers = [p for p in servers if not self._on_our_lan(p)] or servers
+        if not servers:
+            return False
+        before = self.status
+        self.autonat.dial_results.clear()
+        for server in servers[:3]:
+            try:
+                with trio.fail_after(_QUERY_TIMEOUT):
+                    await self.autonat.query_server(server, timeout=_QUERY_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - that server did not answer
+                _log.debug("AutoNAT query to %s failed: %r", server, exc)
+        results = list(self.autonat.dial_results.values())
+        if not results:
+            return False
+        self.status = AutoNATStatus.PUBLIC if any(results) else AutoNATStatus.PRIVATE
+        if self.status != before:
+            _log.info(
+                "reachability (AutoNAT, %d of %d peers reached us): %s",
+                sum(results),
+                len(results),
+                "public" if self.status == AutoNATStatus.PUBLIC else "private: behind NAT",
+            )
+        return True
+
+    def _on_our_lan(self, peer: ID) -> bool:
+        """Whether we reach ``peer`` at an address of one of our own subnets (taken as
+        the /24 of IPv4, the /64 of IPv6 addresses: the host's netmasks are not known)."""
+        ours = {_subnet(str(a)) for a in self.host.get_addrs()} - {None}
+        for conn in self._connections().get(peer, []):
+            try:
+                remote = [str(a) for a in conn.get_transport_addresses()]
+            except Exception:  # noqa: BLE001 - closing meanwhile
+                continue
+            if any(_subnet(a) in ours for a in remote):
+                return True
+        return False
+
+    def _direct_to(self, peer: ID) -> bool:
+        conns = self._connections().get(peer, [])
+        return any(connection_kind(c) == DIRECT for c in conns)
+
+    # -- reservations --------------------------------------------------------------------
+    async def _keep_reservations(self) -> None:
+        """Hold a slot on up to MAX_RELAYS connected relays, renewed before it expires;
+        tell the transport our addresses through them whenever they change.
+
+        The reservation is made here, not with ``CircuitV2Transport.reserve``, which
+        keeps neither the relay's limits nor the addresses the relay states for itself.
+        """
+        connected = set(self.host.get_connected_peers())
+        now = time.time()
+        changed = False
+        for relay in list(self.reservations):
+            slot = self.reservations[relay]
+            if relay not in connected or slot.expire <= now:
+                del self.reservations[relay]  # its relay went away: our address with it
+                changed = True
+            elif slot.expire - now <= _RENEW_MARGIN:
+                renewed = await self._reserve(relay)
+                if renewed is not None:
+                    self.reservations[relay] = renewed
+                    changed |= renewed.addrs != slot.addrs
+        for relay in self._peers_speaking(HOP_PROTOCOL_ID):
+            if len(self.reservations) >= MAX_RELAYS:
+                break
+            if relay in self.reservations or not self._direct_to(relay):
+                continue
+            fresh = await self._reserve(relay)
+            if fresh is None:
+                continue
+            self.reservations[relay] = slot = fresh
+            changed = True
+            _log.info(
+                "not reachable from outside: reachable through relay %s at %s (it carries "
+                "at most %s bytes and %s s per relayed connection)",
+                relay,
+                ", ".join(slot.addrs),
+                slot.data or "unstated",
+                slot.seconds or "unstated",
+            )
+            if 0 < slot.data < self.max_message:
+                _log.warning(
+                    "relay %s carries at most %d bytes per relayed connection, less than "
+                    "the largest message (network.max_message_bytes = %d): a model larger "
+                    "than that cannot reach this node through it",
+                    relay,
+                    slot.data,
+                    self.max_message,
+                )
+        if changed:
+            self._advertise([a for slot in self.reservations.values() for a in slot.addrs])
+
+    async def _reserve(self, relay: ID) -> _Slot | None:
+        """Ask ``relay`` for a slot (circuit relay v2 RESERVE); ``None`` if refused."""
+        try:
+            with trio.fail_after(_QUERY_TIMEOUT):
+                stream = await self.host.new_stream(relay, [HOP_PROTOCOL_ID])
+                try:
+                    request = HopMessage(
+                        type=HopMessage.RESERVE, peer=CircuitPeerId(id=self.me.to_bytes())
+                    )
+                    await write_delimited_msg(stream, request)
+                    answer = await read_delimited_msg(stream, HopMessage)
+                finally:
+                    await stream.close()
+        except Exception as exc:  # noqa: BLE001 - the relay left or stalled: next tick
+            _log.debug("reservation on %s failed: %r", relay, exc)
+            return None
+        status = answer.status if answer.HasField("status") else StatusCode.OK
+        if status != StatusCode.OK or not answer.HasField("reservation"):
+            _log.warning("relay %s refused a reservation (status %s)", relay, status)
+            return None
+        suffix = f"/p2p/{relay.to_base58()}/p2p-circuit/p2p/{self.me.to_base58()}"
+        stated = []
+        for raw in answer.reservation.addrs:
+            try:
+                stated.append(str(Multiaddr(raw)))
+            except Exception:  # noqa: BLE001 - an address we cannot read: skip it
+                continue
+        if not stated:  # the relay named none: where we reached it
+            stated = [str(a) for a in self.host.get_peerstore().addrs(relay)]
+        loopback_ok = _all_loopback(self.host)
+        addrs = sorted(
+            {
+                a.partition("/p2p/")[0] + suffix
+                for a in stated
+                if not is_circuit(a) and (loopback_ok or "/127." not in a)
+            }
+        )
+        limit = answer.limit if answer.HasField("limit") else None
+        return _Slot(
+            addrs,
+            float(answer.reservation.expire),
+            int(limit.data) if limit is not None else 0,
+            int(limit.duration) if limit is not None else 0,
+        )
+
+    # -- dialling through a relay ----------------------------------------------------------
+    async def dial(self, addr: Multiaddr, peer: ID) -> None:
+        """Connect to ``peer`` through the relay named in a /p2p-circuit address."""
+        await self.ready.wait()
+        if self.circuits is None:
+            raise ConnectionError("the circuit relay protocol is not running")
+        await self.circuits.dial(addr)  # registered with the swarm, typed RELAYED
+
+    # -- how peers are connected -------------------------------------------------------------
+    def _connections(self) -> dict[ID, list[INetConn]]:
+        conns = getattr(self.host.get_network(), "connections", {}) or {}
+        return {peer: (c if isinstance(c, list) else [c]) for peer, c in conns.items()}
+
+    def current_kinds(self) -> dict[ID, str]:
+        """Each connected peer: ``"direct"`` if any connection to it is, else ``"relayed"``."""
+        kinds = {}
+        for peer, conns in self._connections().items():
+            if conns and peer != self.me:
+                direct = any(connection_kind(c) == DIRECT for c in conns)
+                kinds[peer] = DIRECT if direct else RELAYED
+        return kinds
+
+    def _note_kinds(self) -> None:
+        """Log each change of how a peer is connected; warn once of a relay that stays."""
+        now = time.monotonic()
+        kinds = self.current_kinds()
+        for peer, kind in kinds.items():
+            if self.kinds.get(peer) != kind:
+                _log.info("connection to %s: %s", peer, kind)
+                self.kinds[peer] = kind
+            if kind == DIRECT:
+                self._relayed_since.pop(peer, None)
+                continue
+            since = self._relayed_since.setdefault(peer, now)
+            if now - since >= self.settings.punch_grace and peer not in self._warned:
+                self._warned.add(peer)
+                limits = self.settings.limits
+                _log.warning(
+                    "connection to %s stays relayed: %s; messages go through the relay, "
+                    "which may cut a circuit at its limits (a p2pfl relay: %d bytes, %d s "
+                    "per circuit by default) and is dialled again on the next send",
+                    peer,
+                    "hole punching is off (network.hole_punching)"
+                    if not self.settings.hole_punching
+                    else "hole punching failed (both sides behind NATs that give each "
+                    "connection a new port, or a firewall)",
+                    limits.data,
+                    limits.duration,
+                )
+        for peer in [p for p in self.kinds if p not in kinds]:
+            del self.kinds[peer]
+            self._relayed_since.pop(peer, None)
+
+
+def _subnet(addr: str) -> str | None:
+    """The /24 (IPv4) or /64 (IPv6) an address is in; ``None`` for a relayed or DNS one."""
+    if is_circuit(addr):
+        return None
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        return None
+    try:
+        prefix = 24 if parts[1] == "ip4" else 64
+        return str(ipaddress.ip_network(f"{parts[2]}/{prefix}", strict=False))
+    except ValueError:
+        return None
+
+
+def _all_loopback(host: IHost) -> bool:
+    """Whether this host only listens on loopback (tests): loopback relay addresses count."""
+    own = [str(a) for a in host.get_addrs() if not is_circuit(str(a))]
+    return all("/127." in a or "/::1/" in a for a in own)

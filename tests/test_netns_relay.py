@@ -1,0 +1,168 @@
+"""Nodes in two homes behind two NATs find each other through the DHT and meet through
+the public node's relay (tests/netns.py; NAT traversal in p2pfl/transport).
+
+The public node is the bootstrap, a DHT server and a circuit relay. Home nodes know only
+its address: they join the DHT under the run's key, learn through AutoNAT that nobody
+can dial them, reserve a slot on the relay and advertise their relayed address. The
+graph is complete, so every node of one home must exchange models with every node of
+the other, which only NAT traversal makes possible. The D-PSGD result must equal the
+same config, keys and graph on 127.0.0.1, and the test asserts how every pair ended up
+connected: from the nodes' own words (``connection to <peer>: direct|relayed``) and from
+the kernel's socket tables, which must agree.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from p2pfl.identity import Identity
+from tests.netns import (
+    Internet,
+    Nodes,
+    graph_edges,
+    home_layout,
+    netns_names,
+    place_nodes,
+    run_and_observe,
+    unavailable_reason,
+    write_run,
+)
+
+REASON = unavailable_reason()
+pytestmark = [
+    pytest.mark.skipif(REASON is not None, reason=f"netns: {REASON}"),
+    pytest.mark.timeout(240),
+    pytest.mark.slow,
+]
+
+ROUNDS = 15
+PER_HOME = 2
+ACCURACY_TOLERANCE = 1e-4  # as in test_netns_cluster.py: the same run, every model in time
+#: "auto": the home nodes learn from AutoNAT that they are behind NAT ("private" would force it)
+HOME_REACHABILITY = "auto"
+KIND = re.compile(r"connection to (\w+): (direct|relayed)")
+
+
+def _args(role: str) -> list[str]:
+    common = ["--set", "network.dht=true", "--set", 'network.run="netns-relay"']
+    if role == "pub":
+        return [*common, "--set", "network.relay=true", "--set", 'network.reachability="public"']
+    return [*common, "--set", f'network.reachability="{HOME_REACHABILITY}"']
+
+
+def _finished(nodes: Nodes, degree: int) -> list[float]:
+    accuracies = []
+    for i in range(len(nodes.places)):
+        status = nodes.status(i)
+        assert status.get("state") == "finished", (i, status.get("failure"), nodes.log_tail(i))
+        counters = status["counters"]
+        assert counters.get("round_timeouts", 0) == 0, (i, counters)
+        # a model from every neighbour in every round (none missing)
+        assert counters.get("received_models", 0) >= ROUNDS * degree, (i, counters)
+        accuracies.append(float(status["accuracy"]))
+    return accuracies
+
+
+def _said_kinds(nodes: Nodes) -> dict[frozenset[int], set[str]]:
+    """What each node last logged about its connection to each other node."""
+    index = {peer: i for i, peer in enumerate(nodes.peer_ids)}
+    said: dict[frozenset[int], set[str]] = {}
+    for i in range(len(nodes.places)):
+        last: dict[str, str] = {}
+        for match in KIND.finditer(nodes.log_path(i).read_text(errors="replace")):
+            last[match.group(1)] = match.group(2)
+        for peer, kind in last.items():
+            if peer in index:
+                said.setdefault(frozenset((i, index[peer])), set()).add(kind)
+    return said
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("keys")
+    return [root / f"key{i}" for i in range(len(home_layout(PER_HOME)))]
+
+
+@pytest.fixture(scope="module")
+def on_loopback(keys: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    """The accuracies of the same config, keys and (complete) graph on 127.0.0.1."""
+    tmp = tmp_path_factory.mktemp("loopback")
+    layout = home_layout(PER_HOME)
+    peer_ids = [Identity.load_or_create(key).peer_id for key in keys]
+    edges = graph_edges(layout, cross_homes=True)
+    loop = Nodes(tmp, write_run(tmp, peer_ids, edges, rounds=ROUNDS), place_nodes(None, layout), keys)
+    try:
+        loop.start_all()
+        loop.wait_exit(120)
+        return _finished(loop, len(layout) - 1)
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("rate", [None, "10mbit"])
+def test_homes_meet_through_the_dht_and_the_relay_and_converge_as_on_loopback(
+    rate: str | None, keys: list[Path], on_loopback: list[float], tmp_path: Path
+) -> None:
+    layout = home_layout(PER_HOME)
+    peer_ids = [Identity.load_or_create(key).peer_id for key in keys]
+    edges = graph_edges(layout, cross_homes=True)  # complete: across the homes too
+    degree = len(layout) - 1
+
+    with Internet(homes=2, rate=rate) as net:
+        config = write_run(tmp_path, peer_ids, edges, rounds=ROUNDS)
+        nodes = Nodes(tmp_path, config, place_nodes(net, layout), keys)
+        try:
+            nodes.start_all(lambda i: _args(layout[i][0]))
+            seen = run_and_observe(net, nodes, 200)
+            links = seen.links  # every TCP connection between two nodes, at any time
+            running = [seen.training.get(i, {}) for i in range(len(layout))]
+            accuracies = _finished(nodes, degree)
+            said = _said_kinds(nodes)
+            logs = [nodes.log_path(i).read_text(errors="replace") for i in range(len(layout))]
+        finally:
+            nodes.close()
+        made = set(net.namespaces)
+    assert made and not made & set(netns_names()), "namespaces left after close"
+
+    # everyone met every graph neighbour in discovery (a hello over a connection): the
+    # home nodes only knew the public node's address, the DHT and the relay did the rest
+    for i in range(len(layout)):
+        met = set(nodes.status(i)["met_peers"])
+        assert met >= {peer_ids[j] for edge in edges if i in edge for j in edge if j != i}, (i, met)
+    # the home nodes know they are behind NAT, hold a slot on the public node's relay
+    # and advertise it
+    assert [status.get("reachability") for status in running] == ["public"] + ["private"] * degree
+    for i in range(1, len(layout)):
+        assert f"reachable through relay {peer_ids[0]}" in logs[i], nodes.log_tail(i)
+    cross = {edge for edge in edges if 0 not in edge and len({layout[i][0] for i in edge}) == 2}
+    lan = {edge for edge in edges if 0 not in edge} - cross
+    public = edges - cross - lan
+    # with the public node: direct (dialled out through the NAT), say the nodes, their
+    # status.json and the kernel
+    for edge in public:
+        assert edge in links, (sorted(edge), sorted(map(sorted, links)))
+        assert said.get(edge) == {"direct"}, (sorted(edge), said.get(edge))
+    # across the homes: relayed, never a TCP connection between them. Hole punching
+    # (DCUtR) cannot open these NATs: a punch dials from a fresh port, which the router
+    # maps anew, while the other side aims at the mapping the relay observed; the routers
+    # let no unsolicited connection in. Both nodes of each pair say so.
+    for edge in cross:
+        assert edge not in links, (sorted(edge), sorted(map(sorted, links)))
+        assert said.get(edge) == {"relayed"}, (sorted(edge), said.get(edge))
+    for edge in public | cross:
+        a, b = sorted(edge)
+        kind = "relayed" if edge in cross else "direct"
+        assert running[a].get("connections", {}).get(peer_ids[b]) == kind, (a, b, running[a].get("connections"))
+        assert running[b].get("connections", {}).get(peer_ids[a]) == kind, (b, a, running[b].get("connections"))
+    # on one LAN: direct when the pair met by peer exchange (LAN addresses), but relayed
+    # when the DHT's relayed address came first and DCUtR did not upgrade it (seen in one
+    # run of four: a known limit, reported). Both nodes say the same.
+    for edge in lan:
+        assert said.get(edge) in ({"direct"}, {"relayed"}), (sorted(edge), said.get(edge))
+    print("connections:", {tuple(sorted(edge)): sorted(said.get(edge, ())) for edge in edges})
+
+    assert min(accuracies) >= 0.8, accuracies
+    assert accuracies == pytest.approx(on_loopback, abs=ACCURACY_TOLERANCE), (accuracies, on_loopback)
