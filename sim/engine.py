@@ -190,7 +190,8 @@ class Engine:
         self._push(at, -1, _Action(action))
 
     def on_progress(self, listener: Callable[[int], None]) -> None:
-        """Call ``listener(progress_round)`` whenever the system's progress advances."""
+        """Call ``listener(progress_round)`` whenever the system's progress advances
+        (from the next advance on, also for one added while listeners are being called)."""
         self._round_listeners.append(listener)
 
     def on_handled(self, listener: Callable[[int, Event, list[Effect]], None]) -> None:
@@ -283,7 +284,7 @@ class Engine:
                     progress = self.progress()
                     if progress != last_progress:
                         last_progress = progress
-                        for listener in self._round_listeners:
+                        for listener in tuple(self._round_listeners):
                             listener(progress)
 
     def _dispatch(self, peer: int, item: object) -> None:

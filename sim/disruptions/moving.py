@@ -72,8 +72,7 @@ class DegradeAction(DisruptionAction):
         return Outcome()
 
     def _on_round(self, runtime: DisruptionRuntime, progress: int) -> None:
-        # (a listener added while the engine calls them may be called for the same round)
-        if not self._done and progress > self._first_round:
+        if not self._done:
             self._step(runtime, progress - self._first_round + 1)
 
     def _step(self, runtime: DisruptionRuntime, step: int) -> None:
@@ -105,7 +104,6 @@ class MobilityAction(DisruptionAction):
         self.edges = np.zeros((0, 2), dtype=np.int64)
         self.held: set[Edge] = set()  # links out of range that this disruption holds down
         self._rng = np.random.default_rng(0)
-        self._last_round = 0
         self._done = False
 
     def prepare(self, runtime: DisruptionRuntime) -> None:
@@ -124,16 +122,12 @@ class MobilityAction(DisruptionAction):
         self.movers = np.sort(self._rng.choice(n, size=min(count, n), replace=False))
         self.waypoints = self._rng.random((n, 2))
         cut, restored = self._follow_range(runtime)
-        self._last_round = runtime.engine.progress()
         runtime.engine.on_progress(lambda progress: self._on_round(runtime, progress))
         return Outcome(cut=cut, restored=restored)
 
     def _on_round(self, runtime: DisruptionRuntime, progress: int) -> None:
-        # one move per round completed (a listener added while the engine calls them may
-        # be called for the round it was added in)
-        if self._done or progress <= self._last_round:
+        if self._done:  # one move per round completed
             return
-        self._last_round = progress
         until = self.spec.until_round
         if until is not None and progress > until:
             self._done = True  # links stay as the last move left them
