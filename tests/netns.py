@@ -480,3 +480,43 @@ def run_and_observe(net: Internet, nodes: Nodes, timeout: float, every: float = 
             raise AssertionError(f"nodes {late} still running after {timeout}s:\n{nodes.log_tail(late[0])}")
         time.sleep(every)
     return Observed(links, training, codes)
+
+
+# ------------------------------------------------------------------ what a finished run shows
+
+
+def finished_accuracies(nodes: Nodes, rounds: int, edges: set[frozenset[int]]) -> list[float]:
+    """Every node finished, no round closed by its timer, and a model from every graph
+    neighbour in every round (none missing): the nodes' final accuracies."""
+    accuracies = []
+    for i in range(len(nodes.places)):
+        status = nodes.status(i)
+        assert status.get("state") == "finished", (i, status.get("state"), status.get("failure"), nodes.log_tail(i))
+        degree = sum(1 for edge in edges if i in edge)
+        counters = status["counters"]
+        assert counters.get("round_timeouts", 0) == 0, (i, counters)
+        assert counters.get("received_models", 0) >= rounds * degree, (i, counters)
+        accuracies.append(float(status["accuracy"]))
+    return accuracies
+
+
+def loopback_accuracies(
+    root: Path, keys: list[Path], edges: set[frozenset[int]], layout: list[tuple[str, int]], rounds: int
+) -> list[float]:
+    """The same config, keys and graph run on 127.0.0.1: what a run across namespaces must equal."""
+    peer_ids = [Identity.load_or_create(key).peer_id for key in keys]
+    config = write_run(root, peer_ids, edges, rounds=rounds)
+    loop = Nodes(root, config, place_nodes(None, layout), keys)
+    try:
+        loop.start_all()
+        loop.wait_exit(120)
+        return finished_accuracies(loop, rounds, edges)
+    finally:
+        loop.close()
+
+
+def assert_met_neighbours(nodes: Nodes, peer_ids: list[str], edges: set[frozenset[int]]) -> None:
+    """Every node met (a hello over a connection) every one of its graph neighbours."""
+    for i in range(len(nodes.places)):
+        met = set(nodes.status(i)["met_peers"])
+        assert met >= {peer_ids[j] for edge in edges if i in edge for j in edge if j != i}, (i, met)

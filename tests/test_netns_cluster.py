@@ -20,8 +20,11 @@ from p2pfl.identity import Identity
 from tests.netns import (
     Internet,
     Nodes,
+    assert_met_neighbours,
+    finished_accuracies,
     graph_edges,
     home_layout,
+    loopback_accuracies,
     netns_names,
     place_nodes,
     run_and_observe,
@@ -43,21 +46,6 @@ PER_HOME = 2
 ACCURACY_TOLERANCE = 1e-4
 
 
-def _finished(nodes: Nodes, edges: set[frozenset[int]]) -> list[float]:
-    """Every node ran every round with a model from every graph neighbour; accuracies."""
-    accuracies = []
-    for i in range(len(nodes.places)):
-        status = nodes.status(i)
-        assert status.get("state") == "finished", (i, status.get("state"), status.get("failure"))
-        degree = sum(1 for edge in edges if i in edge)
-        counters = status["counters"]
-        assert counters.get("round_timeouts", 0) == 0, (i, counters)
-        # a model from every neighbour in every round (none missing)
-        assert counters.get("received_models", 0) >= ROUNDS * degree, (i, counters)
-        accuracies.append(float(status["accuracy"]))
-    return accuracies
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("keys")
@@ -67,17 +55,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture(scope="module")
 def on_loopback(keys: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[float]:
     """The accuracies of the same config, keys and graph on 127.0.0.1."""
-    tmp = tmp_path_factory.mktemp("loopback")
-    peer_ids = [Identity.load_or_create(key).peer_id for key in keys]
-    edges = graph_edges(home_layout(PER_HOME), cross_homes=False)
-    config = write_run(tmp / "run", peer_ids, edges, rounds=ROUNDS)
-    loop = Nodes(tmp / "run", config, place_nodes(None, home_layout(PER_HOME)), keys)
-    try:
-        loop.start_all()
-        loop.wait_exit(120)
-        return _finished(loop, edges)
-    finally:
-        loop.close()
+    layout = home_layout(PER_HOME)
+    edges = graph_edges(layout, cross_homes=False)
+    return loopback_accuracies(tmp_path_factory.mktemp("loopback") / "run", keys, edges, layout, ROUNDS)
 
 
 def test_nodes_behind_two_nats_converge_as_on_loopback(
@@ -94,16 +74,13 @@ def test_nodes_behind_two_nats_converge_as_on_loopback(
         try:
             nodes.start_all()
             links = run_and_observe(net, nodes, 200).links  # TCP connections, at any time
-            accuracies = _finished(nodes, edges)
+            accuracies = finished_accuracies(nodes, ROUNDS, edges)
         finally:
             nodes.close()
         made = set(net.namespaces)
     assert made and not made & set(netns_names()), "namespaces left after close"
 
-    # everyone met every graph neighbour in discovery (bootstrap, then peer exchange)
-    for i in range(len(layout)):
-        met = set(nodes.status(i)["met_peers"])
-        assert met >= {peer_ids[j] for edge in edges if i in edge for j in edge if j != i}, (i, met)
+    assert_met_neighbours(nodes, peer_ids, edges)  # in discovery: bootstrap, then peer exchange
     # how each neighbouring pair ended up connected: in this graph every pair is direct
     # (the public node dialled out through the NATs, home nodes over their LAN) ...
     kinds = {edge: ("direct" if edge in links else "relayed") for edge in edges}

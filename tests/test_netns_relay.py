@@ -22,8 +22,11 @@ from p2pfl.identity import Identity
 from tests.netns import (
     Internet,
     Nodes,
+    assert_met_neighbours,
+    finished_accuracies,
     graph_edges,
     home_layout,
+    loopback_accuracies,
     netns_names,
     place_nodes,
     run_and_observe,
@@ -53,19 +56,6 @@ def _args(role: str) -> list[str]:
     return [*common, "--set", f'network.reachability="{HOME_REACHABILITY}"']
 
 
-def _finished(nodes: Nodes, degree: int) -> list[float]:
-    accuracies = []
-    for i in range(len(nodes.places)):
-        status = nodes.status(i)
-        assert status.get("state") == "finished", (i, status.get("failure"), nodes.log_tail(i))
-        counters = status["counters"]
-        assert counters.get("round_timeouts", 0) == 0, (i, counters)
-        # a model from every neighbour in every round (none missing)
-        assert counters.get("received_models", 0) >= ROUNDS * degree, (i, counters)
-        accuracies.append(float(status["accuracy"]))
-    return accuracies
-
-
 def _said_kinds(nodes: Nodes) -> dict[frozenset[int], set[str]]:
     """What each node last logged about its connection to each other node."""
     index = {peer: i for i, peer in enumerate(nodes.peer_ids)}
@@ -89,17 +79,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture(scope="module")
 def on_loopback(keys: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[float]:
     """The accuracies of the same config, keys and (complete) graph on 127.0.0.1."""
-    tmp = tmp_path_factory.mktemp("loopback")
     layout = home_layout(PER_HOME)
-    peer_ids = [Identity.load_or_create(key).peer_id for key in keys]
     edges = graph_edges(layout, cross_homes=True)
-    loop = Nodes(tmp, write_run(tmp, peer_ids, edges, rounds=ROUNDS), place_nodes(None, layout), keys)
-    try:
-        loop.start_all()
-        loop.wait_exit(120)
-        return _finished(loop, len(layout) - 1)
-    finally:
-        loop.close()
+    return loopback_accuracies(tmp_path_factory.mktemp("loopback"), keys, edges, layout, ROUNDS)
 
 
 @pytest.mark.parametrize("rate", [None, "10mbit"])
@@ -119,7 +101,7 @@ def test_homes_meet_through_the_dht_and_the_relay_and_converge_as_on_loopback(
             seen = run_and_observe(net, nodes, 200)
             links = seen.links  # every TCP connection between two nodes, at any time
             running = [seen.training.get(i, {}) for i in range(len(layout))]
-            accuracies = _finished(nodes, degree)
+            accuracies = finished_accuracies(nodes, ROUNDS, edges)
             said = _said_kinds(nodes)
             logs = [nodes.log_path(i).read_text(errors="replace") for i in range(len(layout))]
         finally:
@@ -129,9 +111,7 @@ def test_homes_meet_through_the_dht_and_the_relay_and_converge_as_on_loopback(
 
     # everyone met every graph neighbour in discovery (a hello over a connection): the
     # home nodes only knew the public node's address, the DHT and the relay did the rest
-    for i in range(len(layout)):
-        met = set(nodes.status(i)["met_peers"])
-        assert met >= {peer_ids[j] for edge in edges if i in edge for j in edge if j != i}, (i, met)
+    assert_met_neighbours(nodes, peer_ids, edges)
     # the home nodes know they are behind NAT, hold a slot on the public node's relay
     # and advertise it
     assert [status.get("reachability") for status in running] == ["public"] + ["private"] * degree
