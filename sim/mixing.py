@@ -485,21 +485,16 @@ class Mixer:
         live there only until the chunk is trained. ``generations`` (the training job
         each input is for, counted per peer) lets ``settle_spent`` tell old means from new.
         """
-        spent = [i for i, m in enumerate(mixes) if self.is_pending(m)]
-        target = out.numpy()
-        if len(spent) == len(mixes):
-            self._compute(mixes, target)  # type: ignore[arg-type]
-        else:
-            rows = [m if self.is_pending(m) else None for m in mixes]
-            self._compute(rows, target)  # type: ignore[arg-type]
-            for index, item in enumerate(mixes):
-                if rows[index] is None:
-                    out[index].copy_(plain(item))
-        for index in spent:
-            mix = mixes[index]
-            self._pending.pop(id(mix), None)
-            generation = generations[index] if generations is not None else 0
-            self._spent.append((generation, weakref.ref(mix)))  # type: ignore[arg-type]
+        mix_type = self.mix_type
+        pending = [m if type(m) is mix_type and m._chunk is None else None for m in mixes]
+        self._compute(pending, out.numpy())
+        forget, remember, ref = self._pending.pop, self._spent.append, weakref.ref
+        for index, mix in enumerate(pending):
+            if mix is None:
+                out[index].copy_(plain(mixes[index]))
+                continue
+            forget(id(mix), None)
+            remember((generations[index] if generations is not None else 0, ref(mix)))
         if len(self._spent) > self._compact_at:  # forget the dead
             self._spent = [(g, ref) for g, ref in self._spent if self._unsettled(ref)]
             self._compact_at = max(1024, 2 * len(self._spent))
@@ -546,58 +541,73 @@ class Mixer:
         with the kernel scipy's ``A @ X`` runs: a mix computed alone, in a chunk, into
         scratch or kept, gets the same bits.
         """
-        sources = [m._rows if m is not None else () for m in mixes]
-        if any(rows is None for rows in sources):
-            raise ValueError("a mix that is already computed cannot be computed again")
-        counts = np.fromiter((len(rows) for rows in sources), dtype=np.int64, count=len(mixes))  # type: ignore[arg-type]
-        keys = np.fromiter((r._key for rows in sources for r in rows), dtype=np.int64)  # type: ignore[union-attr]
-        values = np.concatenate(
-            [self._weights_of(m, len(rows)) for m, rows in zip(mixes, sources, strict=True) if m is not None]  # type: ignore[arg-type]
-            or [np.zeros(0, dtype=np.float32)]
-        ).astype(np.float32, copy=False)
+        # One pass over the mixes (a chunk is ~100 of them, every round): row keys, how
+        # many rows each mix reads, and the weights, gathered into flat lists.
+        counts: list[int] = []
+        keys: list[int] = []
+        weights: list[np.ndarray] = []
+        uniform = self._uniform
+        for mix in mixes:
+            if mix is None:
+                counts.append(0)
+                continue
+            rows = mix._rows
+            if rows is None:
+                raise ValueError("a mix that is already computed cannot be computed again")
+            count = len(rows)
+            counts.append(count)
+            keys.extend([row._key for row in rows])
+            given = mix._weights
+            if given is None:
+                flat = uniform.get(count)
+                if flat is None:
+                    flat = uniform[count] = np.full(count, 1.0 / count, dtype=np.float32)
+            elif type(given) is torch.Tensor and given.dim() == 1 and not given.requires_grad:
+                flat = given.numpy()  # the usual case, a view: no per-peer torch call
+            else:
+                flat = plain(given).detach().reshape(-1).numpy()
+            weights.append(flat)
+        values = (np.concatenate(weights) if weights else np.zeros(0, dtype=np.float32)).astype(
+            np.float32, copy=False
+        )
+        key_array = np.array(keys, dtype=np.int64)
         if out is None:
             out = np.zeros((len(mixes), self.dim), dtype=np.float32)
         else:
             out.fill(0.0)
-        buffers = keys >> _ROW_BITS
-        columns = keys & ((1 << _ROW_BITS) - 1)
+        buffers = key_array >> _ROW_BITS
+        columns = key_array & ((1 << _ROW_BITS) - 1)
         idents = np.unique(buffers)
         for ident in idents.tolist():
             source = self.arena.buffers[ident]
             if len(idents) == 1:  # the usual case: every input row in one buffer
-                per_mix, cols, data = counts, columns, values
+                per_mix, cols, data = np.array(counts, dtype=np.int64), columns, values
             else:
                 mask = buffers == ident
-                owner = np.repeat(np.arange(len(mixes)), counts)
+                owner = np.repeat(np.arange(len(mixes)), np.array(counts, dtype=np.int64))
                 per_mix = np.bincount(owner[mask], minlength=len(mixes))
                 cols, data = columns[mask], values[mask]
             indptr = np.zeros(len(mixes) + 1, dtype=np.int64)
             np.cumsum(per_mix, out=indptr[1:])
-            # CSR needs neither sorted nor unique columns for a product: build it as is.
-            matrix = sp.csr_array((data, cols, indptr), shape=(len(mixes), source.shape[0]))
-            _accumulate(matrix, source, out)
+            _accumulate(indptr, cols, data, source, out)
             self.products += 1
         return out
 
-    def _weights_of(self, mix: PendingMix, count: int) -> np.ndarray:
-        weights = mix._weights
-        if weights is not None:
-            if type(weights) is torch.Tensor and weights.dim() == 1 and not weights.requires_grad:
-                return weights.numpy()  # the usual case, a view: no per-peer torch call
-            return plain(weights).detach().reshape(-1).numpy()
-        uniform = self._uniform.get(count)
-        if uniform is None:
-            uniform = self._uniform[count] = np.full(count, 1.0 / count, dtype=np.float32)
-        return uniform
 
+def _accumulate(
+    indptr: np.ndarray, columns: np.ndarray, weights: np.ndarray, source: np.ndarray, out: np.ndarray
+) -> None:
+    """``out += A @ source`` for the CSR matrix ``A = (weights, columns, indptr)``.
 
-def _accumulate(matrix: sp.csr_array, source: np.ndarray, out: np.ndarray) -> None:
-    """``out += matrix @ source`` without a temporary when scipy's kernel is reachable."""
-    if _csr_matvecs is None or source.dtype != out.dtype or matrix.dtype != out.dtype:
-        out += matrix @ source
+    Straight into scipy's kernel when it is reachable: no temporary, and no
+    ``csr_array`` built and format-checked for every chunk of every round (CSR needs
+    neither sorted nor unique columns for a product). Otherwise the public product.
+    """
+    rows = len(indptr) - 1
+    if _csr_matvecs is None or source.dtype != out.dtype or weights.dtype != out.dtype:
+        out += sp.csr_array((weights, columns, indptr), shape=(rows, source.shape[0])) @ source
         return
-    rows, cols = matrix.shape
-    _csr_matvecs(rows, cols, source.shape[1], matrix.indptr, matrix.indices, matrix.data,
+    _csr_matvecs(rows, source.shape[0], source.shape[1], indptr, columns, weights,
                  source.ravel(), out.ravel())
 
 

@@ -219,10 +219,11 @@ class TrainingExecutor:
         mean among them are stacked into ``target`` and trained in place, as before.
         """
         mixer = self.mixer
-        if mixer is not None and any(mixer.is_pending(p) for p in params):
-            if all(mixer.is_pending(p) for p in params):
-                self.fused_chunks += 1
-            return mixer.compute_into(params, self._scratch(len(params)), generations)
+        if mixer is not None:
+            pending = sum(1 for p in params if mixer.is_pending(p))
+            if pending:
+                self.fused_chunks += pending == len(params)
+                return mixer.compute_into(params, self._scratch(len(params)), generations)
         rows = consecutive(params)
         if rows is not None:
             return rows
