@@ -152,16 +152,20 @@ class Commons:
         mixing_weights: Mapping[PeerId, float] | None = None,
         signer: RecordSigner | None = None,
         aggregate: AggregateFn | None = None,
+        share_start: bool = False,
     ) -> Protocol:
-        """The protocol of peer ``setup``, starting from a copy of the shared start vector.
+        """The protocol of peer ``setup``, starting from the shared start vector.
 
         ``aggregate`` replaces the configured aggregator (the simulator's batched backend
-        defers the plain means); ``None`` keeps :attr:`aggregate`.
+        defers the plain means); ``None`` keeps :attr:`aggregate`. Each peer gets its own
+        copy of the start vector unless ``share_start``: a driver that holds thousands of
+        peers in one process and never lets a protocol write into a model (protocols
+        replace ``params``, never modify it) shares one vector instead of a row per peer.
         """
         protocol = build_protocol(
             self.protocol,
             peer_id=peer_id,
-            params=self.start.clone(),
+            params=self.start if share_start else self.start.clone(),
             neighbours=neighbours,
             population=population,
             mixing_weights=mixing_weights,

@@ -132,6 +132,8 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
                 mixing_weights=weights,
                 aggregate=aggregate,
                 signer=keyring.signer(peer_ids[i]) if keyring is not None else None,
+                # the batched backend trains into its arena, never into a protocol's model
+                share_start=scenario.sim.backend == "batched",
             )
         )
 
