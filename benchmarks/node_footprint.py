@@ -23,6 +23,12 @@ is lean when its CPU per round is a small multiple of it (issue 17: within 3x).
     python benchmarks/node_footprint.py                    # 5 peers, 30 rounds
     python benchmarks/node_footprint.py --peers 5 --rounds 60 --set model.hidden=[64]
     python benchmarks/node_footprint.py --lone-node   # checkpoints on the loop vs a thread
+    python benchmarks/node_footprint.py --compare /tmp/before --pairs 3   # before/after
+
+``--compare TREE`` runs the cluster alternately from another source tree (``before``: a
+copy of the repository with the old code) and from this one (``after``), ``--pairs``
+times, and prints each pair side by side with the real work sampled during both: one
+command, same load, so that a change's effect is not confused with the machine's.
 """
 
 from __future__ import annotations
@@ -96,9 +102,29 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return totals
 
 
-def run(args: argparse.Namespace, real: RealWork | None = None) -> list[dict[str, float]]:
+def run(
+    args: argparse.Namespace, real: RealWork | None = None, tree: Path | None = None
+) -> list[dict[str, float]]:
     """Run the cluster, watching every peer; with ``real``, sample the real work of a
-    round in this process every ``REAL_EVERY`` seconds while the peers train (same load)."""
+    round in this process every ``REAL_EVERY`` seconds while the peers train (same load).
+    ``tree``: the peers run the ``p2pfl`` package of that source tree instead of this one
+    (``python -m`` puts the working directory first on the path, so they start there)."""
+    if tree is None:
+        return _run(args, real)
+    saved_cwd, saved_path = os.getcwd(), os.environ.get("PYTHONPATH")
+    os.chdir(tree)
+    os.environ["PYTHONPATH"] = str(tree)
+    try:
+        return _run(args, real)
+    finally:
+        os.chdir(saved_cwd)
+        if saved_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved_path
+
+
+def _run(args: argparse.Namespace, real: RealWork | None) -> list[dict[str, float]]:
     next_real = 0.0
     with tempfile.TemporaryDirectory(prefix="p2pfl-footprint-") as tmp:
         root = Path(tmp)
@@ -347,6 +373,76 @@ def lone_node_report(args: argparse.Namespace, repeats: int = 4) -> None:
         print(f"- {labels[how]}: {median:.2f} ms ({', '.join(f'{v:.2f}' for v in values)})")
 
 
+def median(values: list[float]) -> float:
+    """The middle value (the mean of the two middle ones for an even count)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    half = len(ordered) // 2
+    return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
+
+
+def compare_report(args: argparse.Namespace) -> None:
+    """``--compare``: before (another tree) and after (this one), alternating, one table."""
+    before = Path(args.compare).resolve()
+    if not (before / "p2pfl" / "__init__.py").is_file():
+        print(f"--compare: {before} has no p2pfl/__init__.py (expected a source tree)")
+        raise SystemExit(2)
+    print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")
+    print(
+        f"{args.peers} peers on 127.0.0.1 over libp2p, {Path(args.config).name} "
+        f"{' '.join(args.set)}, {args.rounds} rounds a run; before = {before}, after = {ROOT}; "
+        "CPU / round: median of the peers; real work sampled in this process during each run\n"
+    )
+    header = "| pair | which | load 1 min | CPU / round ms | real work ms | ratio | by thread ms |"
+    threads_seen: list[str] = []
+    results: dict[str, list[tuple[float, float, dict[str, float]]]] = {"before": [], "after": []}
+    lines: list[str] = []
+    for pair in range(1, args.pairs + 1):
+        order = ("before", "after") if pair % 2 else ("after", "before")
+        for which in order:
+            load = os.getloadavg()[0]
+            real = RealWork(args)
+            rows = run(args, real, before if which == "before" else ROOT)
+            per_round = median([row["cpu_per_round_ms"] for row in rows])
+            threads: dict[str, float] = {}
+            for name in sorted({n for row in rows for n in row["threads"]}):  # type: ignore[attr-defined]
+                threads[name] = median([row["threads"].get(name, 0.0) for row in rows])  # type: ignore[attr-defined]
+                if name not in threads_seen:
+                    threads_seen.append(name)
+            results[which].append((per_round, real.median(), threads))
+            lines.append(
+                f"| {pair} | {which} | {load:.1f} | {per_round:.2f} | {real.median():.2f} "
+                f"| {per_round / real.median():.2f}x | "
+                + ", ".join(f"{name} {value:.2f}" for name, value in threads.items())
+                + " |"
+            )
+            print(lines[-1], flush=True)
+    print("\n" + header + "\n| ---: | --- | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(lines))
+    print("\nmedians over the pairs (ms per round):")
+    print("| | CPU / round | real work | ratio | " + " | ".join(threads_seen) + " |")
+    print("| --- | ---: | ---: | ---: |" + " ---: |" * len(threads_seen))
+    pooled = median([r[1] for runs in results.values() for r in runs])
+    for which, runs in results.items():
+        cpu = median([r[0] for r in runs])
+        work = median([r[1] for r in runs])
+        ratio = median([r[0] / r[1] for r in runs])
+        per_thread = [median([r[2].get(name, 0.0) for r in runs]) for name in threads_seen]
+        print(
+            f"| {which} | {cpu:.2f} | {work:.2f} | {ratio:.2f}x | "
+            + " | ".join(f"{v:.2f}" for v in per_thread)
+            + " |"
+        )
+    print(
+        f"\nreal work pooled over all {sum(len(r) for r in results.values())} runs "
+        f"(the same code in this process, so one figure for both): {pooled:.2f} ms; "
+        + "; ".join(
+            f"{which} {median([r[0] for r in runs]) / pooled:.2f}x"
+            for which, runs in results.items()
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "examples/node/node.toml"))
@@ -360,7 +456,16 @@ def main() -> None:
         action="store_true",
         help="only compare where a lone in-process node writes its checkpoints (no cluster)",
     )
+    parser.add_argument(
+        "--compare",
+        metavar="TREE",
+        help="also run the cluster from this source tree (before), alternating with this one",
+    )
+    parser.add_argument("--pairs", type=int, default=3, help="before/after pairs (--compare)")
     args = parser.parse_args()
+    if args.compare:
+        compare_report(args)
+        return
     if args.lone_node:
         print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")
         print(f"load average {os.getloadavg()[0]:.1f}")

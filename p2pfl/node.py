@@ -906,9 +906,10 @@ class Node:
             log.warning("tensorboard: cannot write round %d: %s", finished, error)
 
     def _checkpoint(self) -> None:
-        """Save the state (``p2pfl.checkpoint``): every ``checkpoint_every`` rounds in a
-        worker thread, so the event loop goes on receiving; on the way out (``_shutdown``)
-        before returning, so the last state is on disk when the process exits."""
+        """Save the state (``p2pfl.checkpoint``): every ``checkpoint_every`` rounds,
+        serialised here (~0.1 ms) and written, fsync'd and renamed in a worker thread, so
+        the event loop goes on receiving; on the way out (``_shutdown``) before returning,
+        so the last state is on disk when the process exits."""
         assert self.protocol is not None
         if not self._stopping and not self.disk.due(self.rounds_done):
             return

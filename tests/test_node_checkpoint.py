@@ -81,7 +81,13 @@ def run(node: Node) -> dict[str, Any]:
 class WrittenEachRoundNode(Node):
     """Waits for each round's checkpoint to be on disk: the writer keeps only the newest
     state when rounds outpace it, so on a busy machine the older generation could be an
-    earlier round than the one before the last."""
+    earlier round than the one before the last. Every write flushed (``sync_every`` 0):
+    between two flushes the older generation is the last flushed one, not the round
+    before (``tests/test_node_checkpoint_format.py``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.disk.writer.sync_every = 0.0
 
     def _checkpoint(self) -> None:
         super()._checkpoint()
@@ -212,10 +218,10 @@ class CountingNode(WrittenEachRoundNode):
         self.write_threads: list[tuple[str, int]] = []
         write = self.disk.writer.write_file
 
-        def recording(state_dir: Path, data: bytes) -> None:
+        def recording(state_dir: Path, data: bytes, **flush: bool) -> None:
             rounds = decode_checkpoint(data)["rounds_done"]
             self.write_threads.append((threading.current_thread().name, rounds))
-            write(state_dir, data)
+            write(state_dir, data, **flush)
 
         self.disk.writer.write_file = recording
 

@@ -1,0 +1,242 @@
+"""The lean node round's checkpoint (issue 17): format 2 (a JSON structure line and the
+tensors' raw bytes instead of ``torch.save``), read back exactly and refused when forged;
+format 1 files still read; and the flush cadence, whose invariant is that the newest or
+the older generation was always flushed to disk (file and rename), so that a power cut
+never leaves only torn checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import p2pfl.checkpoint as checkpoint
+from p2pfl.checkpoint import (
+    CHECKPOINT_NAME,
+    MAGIC,
+    PREVIOUS_NAME,
+    CheckpointWriter,
+    Damaged,
+    StateDir,
+    decode_checkpoint,
+    encode_checkpoint,
+)
+from tests.test_checkpoint import LAYOUT, node_state
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def header_of(data: bytes) -> dict[str, Any]:
+    end = data.index(b"\n", len(MAGIC))
+    return json.loads(data[len(MAGIC) : end])
+
+
+def with_payload(data: bytes, payload: bytes) -> bytes:
+    """``data``'s header with a forged payload and a matching checksum."""
+    header = header_of(data)
+    header.update(sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
+    return MAGIC + json.dumps(header).encode() + b"\n" + payload
+
+
+def test_format_2_reads_back_exactly_what_was_written() -> None:
+    state = node_state(4)
+    state["protocol"]["extra"] = {
+        "mask": torch.tensor([True, False, True]),
+        "counts": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "half": torch.linspace(0, 1, 5, dtype=torch.float16),
+        "array": np.arange(4, dtype=np.float64),
+        "nested": [(1, 2.5, None), ("x", [3, (4,)])],
+        "empty": torch.zeros(0),
+    }
+    state["accuracy"] = float("nan")
+    data = encode_checkpoint(state)
+    assert header_of(data)["format"] == 2
+    back = decode_checkpoint(data, LAYOUT)
+    assert back["protocol"]["rng"] == state["protocol"]["rng"]  # tuples stay tuples
+    assert isinstance(back["protocol"]["rng"], tuple)
+    assert torch.equal(back["protocol"]["params"], state["protocol"]["params"])
+    extra, sent = back["protocol"]["extra"], state["protocol"]["extra"]
+    for key in ("mask", "counts", "half", "empty"):
+        assert extra[key].dtype == sent[key].dtype and torch.equal(extra[key], sent[key]), key
+    assert extra["array"].dtype == np.float64 and np.array_equal(extra["array"], sent["array"])
+    assert extra["nested"] == sent["nested"]
+    assert back["accuracy"] != back["accuracy"]  # NaN
+    assert {k: back[k] for k in ("sampler", "neighbours", "counters", "known", "rounds_done")} == {
+        k: state[k] for k in ("sampler", "neighbours", "counters", "known", "rounds_done")
+    }
+    back["protocol"]["params"][0] = 7.0  # a private, writable copy
+    assert encode_checkpoint(state) == data  # same state, same bytes (the writer dedupes)
+
+
+def test_a_state_format_2_cannot_hold_is_written_as_format_1_and_read() -> None:
+    state = node_state(2)
+    state["counters"] = {3: 1.0}  # an int key: JSON would turn it into "3"
+    data = encode_checkpoint(state)
+    assert header_of(data)["format"] == 1
+    assert decode_checkpoint(data, LAYOUT)["counters"] == {3: 1.0}
+
+
+def test_a_format_1_file_of_an_older_version_is_still_read() -> None:
+    state = node_state(3)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = with_payload(encode_checkpoint(state), buffer.getvalue())
+    data = data.replace(b'"format": 2', b'"format": 1')
+    back = decode_checkpoint(data, LAYOUT)
+    assert back["rounds_done"] == 3 and torch.equal(
+        back["protocol"]["params"], state["protocol"]["params"]
+    )
+
+
+def forged(structure: Any, blob: bytes = b"") -> bytes:
+    return json.dumps(structure).encode() + b"\n" + blob
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        forged({"protocol": {"\u0000tensor": ["float32", [4]]}}, b"\0" * 8),  # bytes missing
+        forged({"protocol": {"\u0000tensor": ["float32", [1]]}}, b"\0" * 8),  # bytes left over
+        forged({"protocol": {"\u0000tensor": ["object", [1]]}}, b"\0" * 8),  # not a dtype
+        forged({"protocol": {"\u0000tensor": ["float32", [-1]]}}),
+        forged({"protocol": {"\u0000pickle": "x"}}),  # an unknown tag
+        forged({"protocol": {"\u0000tuple": 5}}),
+        b"no structure line at all",
+        b"{not json\n",
+    ],
+)
+def test_a_forged_format_2_payload_is_refused_in_one_line(payload: bytes) -> None:
+    data = with_payload(encode_checkpoint(node_state(1)), payload)
+    with pytest.raises(Damaged) as caught:
+        decode_checkpoint(data, LAYOUT)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "cannot be read as tensors and plain data" in message or "no " in message, message
+
+
+# ------------------------------------------------------------------ the flush cadence
+
+
+class Disk:
+    """Watches fsync: which inodes were flushed (the rest may be torn by a power cut)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        #: (inode, mtime) of each file flushed: inode numbers alone are reused
+        self.flushed: set[tuple[int, int]] = set()
+        self.calls = 0
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            self.calls += 1
+            stat = os.fstat(fd)
+            self.flushed.add((stat.st_ino, stat.st_mtime_ns))
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        #: once set, every rename into it is followed by a check of what would survive
+        self.watched: Path | None = None
+        self.violations: list[str] = []
+        rename = os.replace
+
+        def replace(src: Any, dst: Any) -> None:
+            rename(src, dst)
+            if self.watched is not None and not self.survivors(self.watched):
+                self.violations.append(f"{Path(src).name} -> {Path(dst).name}")
+
+        monkeypatch.setattr(os, "replace", replace)
+        self.now = 1000.0
+
+    def clock(self) -> float:
+        """The writers' clock in these tests: moved by hand."""
+        return self.now
+
+    def survivors(self, state_dir: Path) -> list[int]:
+        """rounds_done of each generation a power cut now would leave whole."""
+        whole = []
+        for name in (CHECKPOINT_NAME, PREVIOUS_NAME):
+            path = state_dir / name
+            if path.exists() and (path.stat().st_ino, path.stat().st_mtime_ns) in self.flushed:
+                whole.append(decode_checkpoint(path.read_bytes())["rounds_done"])
+        return whole
+
+
+def test_between_flushes_the_older_generation_is_the_last_flushed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = Disk(monkeypatch)
+    writer = CheckpointWriter(tmp_path, sync_every=5.0, clock=disk.clock)
+    assert writer.write_now(node_state(1))  # the final write: flushed
+    writer.sync_every, writer._synced_at = 5.0, disk.now  # as if round 1 was a submit
+    for rounds in range(2, 6):  # within 5 s of the flush: none flushed
+        disk.now += 0.5
+        writer.submit(node_state(rounds))
+        assert writer.wait(10)
+    assert decode_checkpoint((tmp_path / CHECKPOINT_NAME).read_bytes())["rounds_done"] == 5
+    assert decode_checkpoint((tmp_path / PREVIOUS_NAME).read_bytes())["rounds_done"] == 1
+    assert disk.survivors(tmp_path) == [1]
+    calls = disk.calls
+    disk.now += 5.0  # due: the newest (5) is flushed before it becomes the older one
+    writer.submit(node_state(6))
+    assert writer.wait(10)
+    assert disk.calls > calls
+    assert disk.survivors(tmp_path) == [6, 5]
+    state = StateDir(tmp_path, LAYOUT).open()
+    assert state is not None and state["rounds_done"] == 6
+
+
+def test_a_power_cut_at_any_write_leaves_a_flushed_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = Disk(monkeypatch)
+    rng = random.Random(17)
+    writer = CheckpointWriter(tmp_path, sync_every=2.0, clock=disk.clock)
+    newest_flushed = 0
+    for rounds in range(1, 80):
+        disk.now += rng.choice([0.05, 0.3, 1.0, 2.5])
+        if rng.random() < 0.1:
+            assert writer.write_now(node_state(rounds))
+        else:
+            writer.submit(node_state(rounds))
+            assert writer.wait(10)
+        survivors = disk.survivors(tmp_path)
+        assert survivors, f"after round {rounds} only unflushed generations are left"
+        disk.watched = tmp_path  # from now on, also between the two renames of a write
+        assert not disk.violations, f"round {rounds}: a power cut after {disk.violations}"
+        newest_flushed = max(survivors)
+        # a power cut loses at most the rounds written since the last flush (2 s)
+        assert disk.now - writer._synced_at < 2.0 + 1e-9  # type: ignore[operator]
+    assert newest_flushed >= 70
+
+
+def test_the_node_default_flushes_at_a_cadence_and_a_bare_writer_every_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = Disk(monkeypatch)
+    bare = CheckpointWriter(tmp_path / "bare")
+    for rounds in range(1, 4):
+        bare.submit(node_state(rounds))
+        assert bare.wait(10)
+    assert disk.survivors(tmp_path / "bare") == [3, 2]
+    assert StateDir(tmp_path / "node").writer.sync_every == checkpoint.SYNC_EVERY_S > 0
+
+
+def test_the_final_write_of_an_unchanged_state_still_flushes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = Disk(monkeypatch)
+    writer = CheckpointWriter(tmp_path, sync_every=60.0, clock=disk.clock)
+    writer.submit(node_state(1))  # the first write of a process: flushed
+    assert writer.wait(10)
+    writer.submit(node_state(2))
+    assert writer.wait(10)
+    assert disk.survivors(tmp_path) == [1]
+    assert not writer.write_now(node_state(2))  # at shutdown: the same state, not rewritten
+    assert disk.survivors(tmp_path) == [2, 1]
