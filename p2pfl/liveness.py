@@ -6,6 +6,13 @@ So the node pings its neighbours every ``ping_interval`` seconds; ``ping_failure
 in a row report the peer down, and the first answer of a peer reported down -- by pings or
 by a failed send (:meth:`Liveness.mark_down`) -- reports it up again.
 
+A neighbour whose signed, fresh message arrived within the last interval
+(:meth:`Liveness.heard_from`) has just shown it is alive: it is not pinged that time and
+counts as an answer. In a run whose rounds are faster than ``ping_interval`` pings then
+stop while models flow (a ping opens a stream and negotiates it: in py-libp2p, several
+milliseconds of Python on each side), and start again as soon as a neighbour falls silent.
+A peer reported down is pinged whatever it sends: only an answer to us brings it back.
+
 Kept apart from the node so that it knows nothing of protocols, wire formats or the guard:
 it is given the transport (to ping), the peers to watch, a test of whether a peer may come
 back (a banned one may not) and the two callbacks. Its logger is a child of the node's, so
@@ -16,11 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 
 from p2pfl.transport.base import Transport, TransportError
 
 log = logging.getLogger("p2pfl.node.liveness")
+
+#: the most peers whose last message is remembered at once (far above any neighbour list)
+MAX_HEARD = 4096
 
 
 class Liveness:
@@ -62,6 +73,24 @@ class Liveness:
         self._on_unreachable = on_unreachable
         #: peers reported down (missed pings, failed sends) until they answer a ping
         self.down: set[str] = set()
+        #: when each peer's last authenticated message arrived (``time.monotonic``)
+        self._heard: dict[str, float] = {}
+        self.pings_skipped = 0  # pings not sent: the peer had just been heard from
+
+    def heard_from(self, peer: str) -> None:
+        """A message from ``peer`` passed the wire's checks (signature, freshness): it is
+        alive now. Called for every such message: one dictionary store. Remembered for
+        one interval, for at most ``MAX_HEARD`` peers (senders need not be neighbours)."""
+        if self.interval <= 0:
+            return
+        heard = self._heard
+        if len(heard) >= MAX_HEARD and peer not in heard:
+            recent = time.monotonic() - self.interval
+            for stale in [p for p, at in heard.items() if at < recent]:
+                del heard[stale]
+            if len(heard) >= MAX_HEARD:
+                return  # the peer is pinged as usual
+        heard[peer] = time.monotonic()
 
     @property
     def enabled(self) -> bool:
@@ -87,7 +116,14 @@ class Liveness:
         while self._running():
             await asyncio.sleep(self.interval)
             peers = list(self._watched())
-            answers = await asyncio.gather(*(self.ping(peer) for peer in peers))
+            recent = time.monotonic() - self.interval
+            heard = self._heard
+            asked = [p for p in peers if p in self.down or heard.get(p, -1.0) < recent]
+            self.pings_skipped += len(peers) - len(asked)
+            pinged = dict(zip(asked, await asyncio.gather(*(self.ping(p) for p in asked)), strict=True))
+            answers = [pinged.get(peer, True) for peer in peers]
+            for peer in [p for p in heard if heard[p] < recent]:
+                del heard[peer]  # bounded by the peers heard from in one interval
             for peer, alive in zip(peers, answers, strict=True):
                 if alive:
                     misses.pop(peer, None)

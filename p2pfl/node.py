@@ -750,6 +750,7 @@ class Node:
         except WireError as error:
             log.debug("dropped a message from %s: %s", sender, error)
             return
+        self.liveness.heard_from(sender)  # signed and fresh: alive, no ping needed now
         try:
             self._on_envelope(sender, envelope)
         except Exception as error:  # a bug or a message we cannot handle: not a hang

@@ -151,3 +151,51 @@ def test_a_ping_waits_out_the_backlog_to_its_peer_on_top_of_the_timeout() -> Non
 
     assert asyncio.run(both()) == [True, False]
     assert asked == {"busy": 2.1, "slow": 0.1}
+
+
+def test_a_neighbour_just_heard_from_is_not_pinged_and_counts_as_alive() -> None:
+    """Models flowing faster than the ping interval stand in for pings: a neighbour heard
+    from within the last interval is not pinged and is not counted as a miss, even if it
+    would not answer a ping now; one that falls silent is pinged again and reported down
+    after ``failures`` misses; a peer already down is pinged whatever it sends."""
+    pinged: list[str] = []
+
+    class Counting(StandIn):
+        async def ping(self, peer: str, *, timeout: float) -> None:
+            pinged.append(peer)
+            await super().ping(peer, timeout=timeout)
+
+    transport = Counting()
+    transport.dead = {"chatty", "silent", "downed"}  # no ping gets an answer
+    events: list[tuple[str, str]] = []
+    stop = False
+    liveness = Liveness(
+        cast(Transport, transport),
+        interval=0.05,
+        timeout=0.01,
+        failures=2,
+        watched=lambda: ["chatty", "silent", "downed"],
+        running=lambda: not stop,
+        may_return=lambda peer: True,
+        on_down=lambda peer: events.append(("down", peer)),
+        on_up=lambda peer: events.append(("up", peer)),
+    )
+    liveness.mark_down("downed")
+
+    async def scenario() -> None:
+        nonlocal stop
+        task = asyncio.create_task(liveness.run())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not task.done() and loop.time() < deadline:
+            liveness.heard_from("chatty")  # its models keep arriving
+            liveness.heard_from("downed")  # sends, but our sends to it failed
+            stop = ("down", "silent") in events  # the task ends after its next interval
+            await asyncio.sleep(0.005)
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(scenario())
+    assert ("down", "silent") in events
+    assert "chatty" not in pinged and ("down", "chatty") not in events
+    assert pinged.count("silent") >= 2 and pinged.count("downed") >= 2
+    assert liveness.pings_skipped >= 2 and liveness.down == {"silent", "downed"}
