@@ -22,6 +22,11 @@ Needs root (``ip netns``, ``iptables``, ``tc``). Writes a CSV and a PNG.
     sudo python benchmarks/slow_links.py                        # loopback, 10 and 2 Mbit/s
     sudo python benchmarks/slow_links.py --settings loopback,netns,10mbit --rounds 20
     sudo python benchmarks/slow_links.py --settings 10mbit,10mbit+relay     # models via the relay
+    sudo python benchmarks/slow_links.py --settings 10mbit+relay,10mbit+punch  # relay vs punched
+
+``+relay`` turns hole punching off in the homes (the routers let a punch through, see
+``tests/netns.py``), so that models between the homes do go through the relay; ``+punch``
+leaves it on: the pairs across the homes start relayed and DCUtR makes them direct.
 """
 
 from __future__ import annotations
@@ -51,13 +56,15 @@ from tests.netns import (  # noqa: E402
 POLL = 0.02
 
 
-def _relay_args(role: str) -> list[str]:
+def _relay_args(role: str, *, punch: bool) -> list[str]:
     """As in tests/test_netns_relay.py: the public node relays, the homes find each
-    other in the DHT and learn from AutoNAT that they are behind NAT."""
+    other in the DHT and learn from AutoNAT that they are behind NAT (``punch``: and
+    DCUtR may turn their relayed connections direct)."""
     common = ["--set", "network.dht=true", "--set", 'network.run="slow-links"']
     if role == "pub":
         return [*common, "--set", "network.relay=true", "--set", 'network.reachability="public"']
-    return [*common, "--set", 'network.reachability="auto"']
+    punching = "true" if punch else "false"
+    return [*common, "--set", 'network.reachability="auto"', "--set", f"network.hole_punching={punching}"]
 
 
 def _sample(nodes: Nodes, i: int, seen: dict[int, float]) -> None:
@@ -75,21 +82,24 @@ def run_setting(
     layout = home_layout(args.per_home)
     peer_ids = [Identity.load_or_create(key).peer_id for key in keys]
     link, _, relay = setting.partition("+")
-    edges = graph_edges(layout, cross_homes=relay == "relay")
+    if relay not in ("", "relay", "punch"):
+        raise SystemExit(f"{setting}: after '+' comes relay or punch")
+    edges = graph_edges(layout, cross_homes=bool(relay))
     config = write_run(root, peer_ids, edges, rounds=args.rounds, hidden=args.hidden)
     rate = link if link.endswith("bit") else None
     net = None if setting == "loopback" else Internet(homes=2, rate=rate)
     if net is not None:
         net.build()
     if relay and net is None:
-        raise SystemExit(f"{setting}: a relay needs the namespaces (netns+relay or <rate>+relay)")
+        raise SystemExit(f"{setting}: a relay needs the namespaces (netns+{relay} or <rate>+{relay})")
     nodes = Nodes(root, config, place_nodes(net, layout), keys)
     seen: list[dict[int, float]] = [{} for _ in layout]  # node -> rounds_done -> uptime_s
     cpu = 0.0
     try:
         start = time.monotonic()
         ping = ["--set", f"network.ping_interval={args.ping_interval}"]
-        nodes.start_all(lambda i: ping + (_relay_args(layout[i][0]) if relay else []))
+        punch = relay == "punch"
+        nodes.start_all(lambda i: ping + (_relay_args(layout[i][0], punch=punch) if relay else []))
         deadline = start + args.timeout
         running = dict(nodes.processes)
         while running:
@@ -168,7 +178,8 @@ def main() -> None:
     parser.add_argument("--settings", default="loopback,netns,10mbit,2mbit",
                         help="comma list: loopback, netns (unshaped namespaces), or a tc rate such as "
                         "10mbit; '+relay' (netns+relay, 10mbit+relay): complete graph, the homes "
-                        "reach each other through the DHT and the public node's relay")
+                        "reach each other through the DHT and the public node's relay; '+punch': "
+                        "the same with hole punching, so that the pairs across the homes turn direct")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=256, help="MLP width (model size)")

@@ -187,7 +187,7 @@ _TORCH_NAMES = {torch_dtype: name for name, (torch_dtype, _) in _DTYPES.items()}
 _JSON_ATOMS = frozenset({int, float, str, bool, type(None)})
 
 
-class _Unpackable(Exception):
+class _Unpackable(P2PFLError):
     """The state holds a value format 2 cannot represent exactly."""
 
 

@@ -135,12 +135,13 @@ def nat_settings(config: NodeConfig) -> Any:
         return None
     from libp2p.relay.circuit_v2.resources import RelayLimits
 
-    from p2pfl.transport._nat import NatSettings
+    from p2pfl.transport._nat import NODE_RELAY_LINGER, NatSettings
 
     return NatSettings(
         reachability="auto" if net.reachability == "off" else net.reachability,
         relay=net.relay,
         hole_punching=net.hole_punching,
+        linger=NODE_RELAY_LINGER,  # a relaying node outlives the circuits of the run's last models
         limits=RelayLimits(
             duration=net.relay_circuit_seconds,
             data=net.relay_circuit_bytes,
@@ -152,6 +153,7 @@ def nat_settings(config: NodeConfig) -> Any:
 
 def _build_and_run(config: NodeConfig) -> dict[str, Any]:
     from p2pfl.startup import check_node_inputs
+    from p2pfl.transport import _slim_imports  # noqa: F401  (before the key loads py-libp2p)
 
     identity = check_node_inputs(config)
 
@@ -179,6 +181,7 @@ def run_relay(
     :class:`~p2pfl.startup.StartupError` (one line) before anything starts.
     """
     from p2pfl.startup import check_port_free, load_identity, parse_addr
+    from p2pfl.transport import _slim_imports  # noqa: F401  (before the key loads py-libp2p)
 
     for addr in listen:
         parse_addr("--listen", addr, dial=False)

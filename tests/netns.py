@@ -10,6 +10,10 @@ Both homes use the same private subnet, as real homes do: an address a peer lear
 a node behind the other router is unroutable, or names a different machine. ``pub`` is
 reachable by everyone (a bootstrap / relay node); nothing outside can open a
 connection into a home, the routers only let answers back in (Linux conntrack NAT).
+Like most home routers, they drop what nobody asked for (also what is addressed to the
+router itself) instead of answering it: a router whose kernel answers a SYN to a port it
+does not listen on with a reset kills every TCP hole punch whose SYN arrives before its
+own side's SYN left (the routers did until issue 18's punches were looked into).
 Optionally every link to the bridge is shaped with ``tc tbf`` (both directions).
 
 Everything is built with ``ip`` and ``iptables`` and lives only inside the namespaces,
@@ -180,6 +184,10 @@ class Internet:
             self._in(router, "iptables", "-A", "FORWARD", "-i", wan, "-m", "state",
                      "--state", "ESTABLISHED,RELATED", "-j", "ACCEPT")
             self._in(router, "iptables", "-A", "FORWARD", "-i", wan, "-j", "DROP")
+            # silent to strangers, as home routers are (see the module docstring)
+            self._in(router, "iptables", "-A", "INPUT", "-i", wan, "-m", "state",
+                     "--state", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+            self._in(router, "iptables", "-A", "INPUT", "-i", wan, "-j", "DROP")
             self.home.append(Home(ns=lan, router=router, wan_ip=wan_ip))
 
     def _netns(self, role: str) -> str:

@@ -8,22 +8,19 @@ turns it into a direct one. AutoNAT tells a peer that R can reach that it is pub
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.relay.circuit_v2.resources import RelayLimits
 
-from p2pfl.transport._nat import NatSettings
 from p2pfl.transport.base import TransportError
 from p2pfl.transport.libp2p import Libp2pTransport
+from tests.transport_kit import Factory, Inbox, eventually, nat_transports
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
-Factory = Callable[..., Awaitable[Libp2pTransport]]
 
 
 @pytest.fixture
@@ -31,45 +28,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class Inbox:
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-
-    def __call__(self, sender: str, data: bytes) -> None:
-        self.queue.put_nowait((sender, data))
-
-    async def get(self, timeout: float = 10.0) -> tuple[str, bytes]:
-        return await asyncio.wait_for(self.queue.get(), timeout)
-
-
 @pytest.fixture
 async def make() -> AsyncIterator[Factory]:
-    created: list[Libp2pTransport] = []
-
-    async def factory(inbox: Inbox | None = None, **nat: Any) -> Libp2pTransport:
-        nat.setdefault("punch_grace", 2.0)
-        transport = Libp2pTransport(create_new_key_pair(), nat=NatSettings(**nat))
-        if inbox is not None:
-            transport.set_handler(inbox)
-        created.append(transport)
-        await transport.start()
-        return transport
-
-    yield factory
-    for transport in created:
-        await transport.close()
-
-
-async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``check`` until it returns something truthy (bounded by ``timeout``)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.1)
+    async for factory in nat_transports(punch_grace=2.0):
+        yield factory
 
 
 def relayed_addr(transport: Libp2pTransport) -> str | None:

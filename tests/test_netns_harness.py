@@ -85,6 +85,48 @@ def test_homes_reach_the_public_node_through_their_nat_and_nothing_reaches_in() 
     assert not set(made) & set(netns_names())
 
 
+#: dials ``argv[1]:argv[2]`` from its own listening port ``argv[3]`` (SO_REUSEPORT, as
+#: py-libp2p's hole punch does) at unix time ``argv[4]``; the SYNs of the two ends cross
+PUNCH = """
+import socket, sys, time
+def bound():
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("0.0.0.0", int(sys.argv[3])))
+    return s
+listener = bound()
+listener.listen()
+dial = bound()
+dial.settimeout(3)
+time.sleep(max(0.0, float(sys.argv[4]) - time.time()))
+try:
+    dial.connect((sys.argv[1], int(sys.argv[2])))
+    print("connected", dial.getpeername()[0])
+except OSError as error:
+    print("failed", type(error).__name__)
+"""
+
+
+def test_a_tcp_punch_from_the_listen_ports_gets_through_both_routers() -> None:
+    """TCP simultaneous open between the two homes (what DCUtR does): both routers keep
+    the source port (MASQUERADE does when it is free), so each SYN leaves as the other
+    side's expected peer. Routers whose kernel answered the first SYN with a reset
+    (nothing listens on that port of theirs) made both ends fail (connection refused)
+    whenever one SYN arrived before the other had left; home routers drop it instead."""
+    import time
+
+    with Internet(homes=2) as net:
+        at = str(time.time() + 0.5)
+        ends = [
+            _python(net, net.home[0].ns, PUNCH, net.home[1].wan_ip, "4621", "4611", at),
+            _python(net, net.home[1].ns, PUNCH, net.home[0].wan_ip, "4611", "4621", at),
+        ]
+        said = [end.communicate(timeout=20)[0].strip() for end in ends]
+    # each end sees the other home's router, at the port it listens on
+    assert said == [f"connected {net.home[1].wan_ip}", f"connected {net.home[0].wan_ip}"], said
+
+
 def test_a_failed_build_leaves_no_namespace() -> None:
     net = Internet(homes=1, rate="not-a-rate")
     with pytest.raises(NetnsError, match="tc qdisc add"):

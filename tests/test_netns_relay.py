@@ -84,22 +84,13 @@ def on_loopback(keys: list[Path], tmp_path_factory: pytest.TempPathFactory) -> l
     return loopback_accuracies(tmp_path_factory.mktemp("loopback"), keys, edges, layout, ROUNDS)
 
 
-@pytest.mark.parametrize(
-    "rate",
-    [
-        None,
-        pytest.param(
-            "10mbit",
-            # Known and open (issue 18): over 10 Mbit/s links, about one run in four ends
-            # with accuracies that differ from the loopback run although every round got
-            # every model in time; seen with a pair upgraded by hole punching mid-run.
-            # Every other assertion of this case holds in those runs too.
-            marks=pytest.mark.xfail(
-                strict=False, reason="intermittent accuracy mismatch after a mid-run hole punch (issue 18)"
-            ),
-        ),
-    ],
-)
+# 10mbit: about one run in four, a node mixed one model fewer in the last round (round
+# not closed by its timer: a failed send makes D-PSGD stop waiting for that neighbour).
+# The public node (the relay) finished first and exited, cutting the circuits that still
+# carried the home nodes' last models; it now lingers while circuits are in use. (Also
+# fixed: a node that stops cancels its sends in flight, which broke the whole connection
+# when a write was cut, and the relay closed the wrong circuit when one ended.)
+@pytest.mark.parametrize("rate", [None, "10mbit"])
 def test_homes_meet_through_the_dht_and_the_relay_and_converge_as_on_loopback(
     rate: str | None, keys: list[Path], on_loopback: list[float], tmp_path: Path
 ) -> None:
@@ -141,8 +132,9 @@ def test_homes_meet_through_the_dht_and_the_relay_and_converge_as_on_loopback(
         assert edge in links, (sorted(edge), sorted(map(sorted, links)))
         assert said.get(edge) == {"direct"}, (sorted(edge), said.get(edge))
     # across the homes: through the relay, or direct once DCUtR punched through both NATs
-    # (it does in some runs, when both routers keep the punch's source port; in others it
-    # stays relayed and the nodes warn). Both nodes of each pair say the same. No socket
+    # (within a second or two of meeting, in 22 of 28 pairs over 7 runs; a pair that met
+    # late in the short run may end it relayed). Both nodes of each pair say the same
+    # (each logs a change as its connection opens or closes, not on a later tick). No socket
     # ever reaches the other home's node address (NAT hides it: a punched connection shows
     # the other router's address, which the kernel check cannot tell apart).
     for edge in cross:
@@ -155,11 +147,12 @@ def test_homes_meet_through_the_dht_and_the_relay_and_converge_as_on_loopback(
         kinds = {"direct"} if edge in public else {"relayed", "direct"}
         assert running[a].get("connections", {}).get(peer_ids[b]) in kinds, (a, b, running[a].get("connections"))
         assert running[b].get("connections", {}).get(peer_ids[a]) in kinds, (b, a, running[b].get("connections"))
-    # on one LAN: direct when the pair met by peer exchange (LAN addresses), but relayed
-    # when the DHT's relayed address came first and DCUtR did not upgrade it (seen in one
-    # run of four: a known limit, reported). Both nodes say the same.
+    # on one LAN: direct, also when the pair met through the DHT's relayed address first
+    # (the transport then dials the LAN address it learns): both nodes say so, and the
+    # kernel saw a connection between their LAN addresses
     for edge in lan:
-        assert said.get(edge) in ({"direct"}, {"relayed"}), (sorted(edge), said.get(edge))
+        assert said.get(edge) == {"direct"}, (sorted(edge), said.get(edge))
+        assert edge in links, (sorted(edge), sorted(map(sorted, links)))
     print("connections:", {tuple(sorted(edge)): sorted(said.get(edge, ())) for edge in edges})
 
     assert min(accuracies) >= 0.8, accuracies

@@ -77,5 +77,10 @@ def test_three_phone_class_nodes_complete_a_digits_run_inside_1_cpu_and_512_mib(
         assert 0 < node.peak < limit  # what the limit holds, and the process's own peak
         # (RSS also counts shared library pages another process brought in and the group
         # was not charged for: it may exceed the limit without the limit being hit)
-        assert node.peak_rss > 0
         assert node.accuracy is not None and node.accuracy > 0.3  # it did learn
+        # Issue 18's goal, 300 MB: the cgroup's charge meets it with room (~196 MB
+        # measured); the process's peak RSS does not (~307 MB: torch alone is ~200 MB
+        # resident), so it is held under 320 MB -- it was 330 MB before py-libp2p's unused
+        # features were loaded lazily (p2pfl/transport/_slim_imports.py, docs/phone.md)
+        assert node.cgroup_peak is None or node.cgroup_peak < phone.GOAL_BYTES
+        assert 0 < node.peak_rss < 320 * phone.MB, f"peer {node.peer}: {node.peak_rss} B"

@@ -9,6 +9,7 @@ import pytest
 
 from p2pfl.transport.base import FrameAbuse, TransportError
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
+from tests.transport_kit import Inbox
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -16,19 +17,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class Inbox:
-    """Collects (sender, payload) pairs from a handler and lets a test await them."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-
-    def __call__(self, sender: str, data: bytes) -> None:
-        self.queue.put_nowait((sender, data))
-
-    async def get(self, timeout: float = 5.0) -> tuple[str, bytes]:
-        return await asyncio.wait_for(self.queue.get(), timeout)
 
 
 async def started(network: MemoryNetwork, count: int) -> list[tuple[MemoryTransport, Inbox]]:

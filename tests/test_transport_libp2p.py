@@ -34,6 +34,7 @@ from p2pfl.transport.libp2p import (
     Libp2pTransport,
     concrete_addrs,
 )
+from tests.transport_kit import Inbox
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -43,19 +44,6 @@ Factory = Callable[..., Awaitable[tuple[Libp2pTransport, "Inbox"]]]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class Inbox:
-    """Collects (sender, payload) pairs from a handler and lets a test await them."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-
-    def __call__(self, sender: str, data: bytes) -> None:
-        self.queue.put_nowait((sender, data))
-
-    async def get(self, timeout: float = 10.0) -> tuple[str, bytes]:
-        return await asyncio.wait_for(self.queue.get(), timeout)
 
 
 class Reports(Inbox):

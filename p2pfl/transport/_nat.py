@@ -18,13 +18,29 @@ as a relay), all with py-libp2p 0.8.1's own protocols:
   one after a grace period. A peer still relayed ``PUNCH_GRACE`` seconds after the
   connection opened is reported in one WARNING line, and traffic goes on through the
   relay (a circuit the relay cuts at its limits is dialled again on the next send).
+- **Direct upgrade**: a peer connected only through a relay whose direct address we
+  know (identify, the DHT) or learn later -- two nodes of one home that met through
+  the DHT's relayed address first -- is dialled there, once per address
+  (``Swarm.dial_addr``: ``host.connect`` returns at once while the relayed connection
+  exists). DCUtR does not cover that case: it punches at the addresses the relay
+  observed (the home router's), which a node in the same home cannot reach.
+- **Lingering relay**: a node that relays for others and stops keeps relaying, up to
+  ``linger`` seconds, while circuits through it are in use (``circuits_in_use``): a
+  training node that serves as the run's relay finishes its last round first and would
+  otherwise cut the circuits that still carry the others' last models.
 
-A fault of py-libp2p 0.8.1 is worked around here:
+Two faults of py-libp2p 0.8.1 are worked around here:
 
 - ``AutoNATService._try_dial`` answers a dial-back request with ``host.connect``, which
   returns at once when a connection to the peer exists -- and the requester is always
   connected (it asked over that connection), so every requester was judged reachable.
   ``_DialBackServer`` probes the advertised TCP address with a fresh socket instead.
+- ``CircuitV2Protocol`` keeps the streams of the circuits it relays in a table keyed by
+  *one peer id* (the source's or the destination's), and when one direction of a circuit
+  ends it closes the streams stored under that peer's key: those of whichever circuit
+  of that peer was stored last. When a node left, circuits between *other* nodes that
+  shared a peer with its circuits were cut (two nodes still training lost their last
+  models). ``_Relay`` closes the streams of the circuit that ended instead.
 """
 
 from __future__ import annotations
@@ -67,6 +83,7 @@ require(
 __all__ = [
     "DIRECT",
     "MAX_RELAYS",
+    "NODE_RELAY_LINGER",
     "PUNCH_GRACE",
     "RELAYED",
     "NatSettings",
@@ -93,6 +110,13 @@ _RENEW_MARGIN = 60.0
 _MAX_TICKS = 10_000_000
 _PROBE_TIMEOUT = 5.0
 _QUERY_TIMEOUT = 10.0
+#: a direct dial to a peer reached by relay: its time bound, the addresses tried per
+#: peer (all attempts together) and the peers remembered
+_DIRECT_DIAL_TIMEOUT = 5.0
+_DIRECT_ADDRS_PER_PEER = 8
+_DIRECT_PEERS = 4096
+#: seconds a training node that relays for others keeps relaying after it stops
+NODE_RELAY_LINGER = 30.0
 
 
 def is_circuit(addr: str) -> bool:
@@ -132,6 +156,36 @@ class _DialBackServer(AutoNATService):
         return None
 
 
+class _CircuitTable(dict[ID, Any]):
+    """``CircuitV2Protocol._active_relays`` that never says it holds a peer: the
+    protocol's own clean-up by peer id (the wrong circuit's streams) is skipped."""
+
+    def __contains__(self, key: object) -> bool:
+        return False
+
+
+class _Relay(CircuitV2Protocol):
+    """Circuit relay v2 whose circuits end alone (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._active_relays = _CircuitTable()
+
+    async def _relay_data(
+        self, src_stream: Any, dst_stream: Any, peer_id: ID, *args: Any, **kwargs: Any
+    ) -> None:
+        try:
+            await super()._relay_data(src_stream, dst_stream, peer_id, *args, **kwargs)
+        finally:  # one direction ended: this circuit (both its streams) ends, no other
+            with trio.CancelScope(shield=True):
+                await self._close_stream(src_stream)
+                await self._close_stream(dst_stream)
+            table = self._active_relays
+            entry = dict.get(table, peer_id)
+            if entry is not None and ({id(s) for s in entry} & {id(src_stream), id(dst_stream)}):
+                dict.pop(table, peer_id, None)
+
+
 class _Slot:
     """A reservation on one relay: our addresses through it, its expiry and limits."""
 
@@ -153,13 +207,21 @@ class NatSettings:
         hole_punching: bool = True,
         limits: RelayLimits | None = None,
         punch_grace: float = PUNCH_GRACE,
+        direct_upgrade: bool | None = None,
+        linger: float = 0.0,
     ) -> None:
         if reachability not in ("auto", "public", "private"):
             raise ValueError(f"reachability must be auto, public or private, not {reachability!r}")
+        if linger < 0:
+            raise ValueError(f"linger must be >= 0 seconds, not {linger!r}")
         self.reachability = reachability
         self.relay = relay
         self.hole_punching = hole_punching
         self.punch_grace = punch_grace
+        #: dial a relayed peer's known direct addresses (default: with hole punching)
+        self.direct_upgrade = hole_punching if direct_upgrade is None else direct_upgrade
+        #: seconds a relay keeps serving circuits in use after its transport closes
+        self.linger = linger
         self.limits = limits or RelayLimits(
             duration=3600, data=256 << 20, max_circuit_conns=64, max_reservations=64
         )
@@ -195,12 +257,17 @@ class NatTraversal:
         self.kinds: dict[ID, str] = {}  # peer -> "direct" | "relayed", as last logged
         self._relayed_since: dict[ID, float] = {}
         self._warned: set[ID] = set()
+        #: direct addresses dialled per relayed peer (each at most once); peers dialled now
+        self._direct_tried: dict[ID, set[str]] = {}
+        self._dialling: set[ID] = set()
+        self._nursery: trio.Nursery | None = None
         self.ready = trio.Event()
 
     # -- the service -----------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled (the transport's services nursery does that on close)."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if self.settings.reachability == "auto" and self.settings.relay:
                 task_status.started()  # the relay decision waits for the verdict
                 task_status = trio.TASK_STATUS_IGNORED
@@ -220,7 +287,7 @@ class NatTraversal:
 
     async def _start_relay_protocol(self, nursery: trio.Nursery) -> None:
         hop = self.settings.relay and self.status == AutoNATStatus.PUBLIC
-        self.protocol = CircuitV2Protocol(self.host, limits=self.settings.limits, allow_hop=hop)
+        self.protocol = _Relay(self.host, limits=self.settings.limits, allow_hop=hop)
         await nursery.start(self._serve, self.protocol)
         # dials through relays only: no reservation on each dial (we reserve ourselves)
         self.circuits = CircuitV2Transport(
@@ -260,7 +327,9 @@ class NatTraversal:
                     last_check = now
             if self.status == AutoNATStatus.PRIVATE:
                 await self._keep_reservations()
-            self._note_kinds()
+            self.note_kinds()
+            if self.settings.direct_upgrade:
+                self._upgrade_relayed()
             await trio.sleep(_TICK)
 
     # -- reachability ------------------------------------------------------------------
@@ -425,6 +494,99 @@ class NatTraversal:
             raise ConnectionError("the circuit relay protocol is not running")
         await self.circuits.dial(addr)  # registered with the swarm, typed RELAYED
 
+    # -- relayed -> direct where an address is known -----------------------------------------
+    def _upgrade_relayed(self) -> None:
+        """Dial, in the background, each relayed-only peer at the direct addresses we know
+        of it and have not tried yet (module docstring, "Direct upgrade")."""
+        nursery = self._nursery
+        if nursery is None:
+            return
+        for peer, kind in self.current_kinds().items():
+            if kind != RELAYED or peer in self._dialling:
+                continue
+            addrs = self._untried_direct(peer)
+            if addrs:
+                self._dialling.add(peer)
+                nursery.start_soon(self._dial_direct, peer, addrs)
+
+    def _untried_direct(self, peer: ID) -> list[Multiaddr]:
+        """``peer``'s TCP addresses outside any relay, not tried yet, not one of ours (two
+        homes' nodes may share a private address and port: we would dial ourselves)."""
+        tried = self._direct_tried.get(peer)
+        if tried is None:
+            if len(self._direct_tried) >= _DIRECT_PEERS:
+                self._direct_tried.pop(next(iter(self._direct_tried)))
+            tried = self._direct_tried[peer] = set()
+        room = _DIRECT_ADDRS_PER_PEER - len(tried)
+        if room <= 0:
+            return []
+        ours = {str(a).partition("/p2p/")[0] for a in self.host.get_addrs()}
+        loopback_ok = _all_loopback(self.host)
+        fresh = []
+        for addr in self.host.get_peerstore().addrs(peer):
+            text = str(addr).partition("/p2p/")[0]
+            if (
+                is_circuit(str(addr))
+                or "/tcp/" not in text
+                or text in tried
+                or text in ours
+                or (not loopback_ok and ("/127." in text or "/::1/" in text))
+            ):
+                continue
+            tried.add(text)
+            fresh.append(Multiaddr(text))
+            if len(fresh) >= room:
+                break
+        return fresh
+
+    async def _dial_direct(self, peer: ID, addrs: list[Multiaddr]) -> None:
+        """Open a direct connection to ``peer`` at the first of ``addrs`` that answers as
+        ``peer``; new streams prefer it (the swarm picks direct connections first)."""
+        store = self.host.get_peerstore()
+        network = self.host.get_network()
+        try:
+            for addr in addrs:
+                known = list(store.addrs(peer))
+                try:
+                    with trio.fail_after(_DIRECT_DIAL_TIMEOUT):
+                        await network.dial_addr(addr, peer)
+                except Exception as exc:  # noqa: BLE001 - refused, another host there, timed out
+                    _log.debug("direct dial of relayed peer %s at %s failed: %r", peer, addr, exc)
+                    # the swarm forgets a peer's addresses when one answers with another id
+                    store.add_addrs(peer, known, 600)
+                    continue
+                if self._direct_to(peer):
+                    _log.info("connection to %s upgraded from relayed to direct at %s", peer, addr)
+                    return
+        finally:
+            self._dialling.discard(peer)
+
+    # -- a relay that stops ---------------------------------------------------------------------
+    def circuits_in_use(self) -> int:
+        """Circuits this host relays for others right now (0 when it is no relay)."""
+        protocol = self.protocol
+        if protocol is None or not protocol.allow_hop:
+            return 0
+        reservations = getattr(protocol.resource_manager, "_reservations", {})
+        return sum(max(0, int(r.active_connections)) for r in list(reservations.values()))
+
+    async def linger(self) -> None:
+        """Keep relaying while circuits are in use, at most ``settings.linger`` seconds."""
+        limit = self.settings.linger
+        if limit <= 0 or self.circuits_in_use() == 0:
+            return
+        _log.info(
+            "relaying %d circuits for others: staying up until they close (at most %.0f s)",
+            self.circuits_in_use(),
+            limit,
+        )
+        with trio.move_on_after(limit):
+            while self.circuits_in_use() > 0:
+                await trio.sleep(0.1)
+        left = self.circuits_in_use()
+        if left:
+            _log.warning("closing with %d circuits still in use after %.0f s", left, limit)
+
     # -- how peers are connected -------------------------------------------------------------
     def _connections(self) -> dict[ID, list[INetConn]]:
         conns = getattr(self.host.get_network(), "connections", {}) or {}
@@ -439,7 +601,7 @@ class NatTraversal:
                 kinds[peer] = DIRECT if direct else RELAYED
         return kinds
 
-    def _note_kinds(self) -> None:
+    def note_kinds(self) -> None:
         """Log each change of how a peer is connected; warn once of a relay that stays."""
         now = time.monotonic()
         kinds = self.current_kinds()

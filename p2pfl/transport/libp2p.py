@@ -13,9 +13,11 @@ at most one unacknowledged frame per stream, and frames never interleave.
   ``MAX_IDLE_STREAMS`` per peer are kept for reuse.  A kept stream the receiver
   has closed meanwhile is discarded before use; one that turns out closed during
   the send (EOF where the acknowledgement should be) is retried once on a fresh
-  stream.  A reset (the receiver refused the frame) is never retried.  Kept
-  streams are closed when idle for half of ``stream_idle_timeout``, when the
-  peer disconnects and on ``close()``.
+  stream, and so is a frame whose connection closed under it while another
+  connection to the peer is open (a relayed one retired for a direct one; a copy
+  that did arrive is dropped by the receiving node as a replay).  A reset (the
+  receiver refused the frame) is never retried.  Kept streams are closed when idle
+  for half of ``stream_idle_timeout``, when the peer disconnects and on ``close()``.
 - Receiver: the handler reads frames until the sender closes the stream, always
   draining at once (yamux resets a stream whose reader stalls for 5 s).  A length
   above the cap is refused before any body is read, a stream that ends, is reset
@@ -67,8 +69,10 @@ with the settings measured in DESIGN.md ("py-libp2p facts"):
   when unreachable; dialling ``/p2p-circuit`` addresses) and DCUtR hole punching.
   ``connection_kinds()`` tells for each connected peer whether it is reached directly
   or through a relay; kept streams on a relayed connection are dropped once a direct
-  one exists, and a peer reached by relay is dialled through it again when the relay
-  cut the circuit.
+  one exists, a peer reached by relay whose direct address is known is dialled there
+  too, and a peer reached by relay is dialled through it again when the relay cut the
+  circuit. A node that relays for others keeps relaying on ``close()`` while circuits
+  through it are in use (at most ``nat.linger`` seconds).
 
 Logging: py-libp2p sets its ``libp2p`` logger to WARNING with ``propagate=False``
 on import, and some of its modules call the *root* ``logging.debug``, which
@@ -87,6 +91,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
+
+from p2pfl.transport import _slim_imports  # noqa: F401  # isort: skip  (before libp2p)
 from libp2p import new_host
 from libp2p.abc import IHost, IMuxedStream, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.keys import KeyPair
@@ -269,13 +275,16 @@ async def _discard(end: Callable[[], Awaitable[None]]) -> None:
 
 
 class _Disconnects(INotifee):
-    """Drops the kept streams of a connection that closed."""
+    """Drops the kept streams of a connection that closed; has a change of how a peer is
+    connected (direct / relayed) logged at once, not on NAT traversal's next tick (a
+    node that ends its run within that second would not say so)."""
 
     def __init__(self, transport: Libp2pTransport) -> None:
         self._transport = transport
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         self._transport._forget_connection(conn)
+        self._transport._note_kinds()
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         pass
@@ -284,7 +293,7 @@ class _Disconnects(INotifee):
         pass
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
-        pass
+        self._transport._note_kinds()
 
     async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
         pass
@@ -439,6 +448,9 @@ class Libp2pTransport(Transport):
                         task_status.started([str(addr) for addr in host.get_addrs()])
                         started = True
                         await self._stop.wait()
+                        nat = self._nat
+                        if nat is not None:  # a relay: the circuits it carries end first
+                            await nat.linger()
                         services.cancel_scope.cancel()
                 finally:
                     self._host = None
@@ -532,7 +544,8 @@ class Libp2pTransport(Transport):
     async def _shutdown(self) -> None:
         assert self._stop is not None and self._stopped is not None
         self._stop.set()
-        with trio.move_on_after(10.0):
+        linger = float(getattr(self.nat, "linger", 0.0) or 0.0)
+        with trio.move_on_after(10.0 + linger):
             await self._stopped.wait()
 
     # -- calls from asyncio ------------------------------------------------
@@ -752,12 +765,36 @@ class Libp2pTransport(Transport):
                 await self._exchange(stream, data)
             except _StaleStream as exc:  # closed by the receiver meanwhile: once more
                 _log.debug("kept stream to %s was closed (%s): retrying", peer, exc)
+            except Exception as exc:
+                if not self._moved_away(peer, stream):
+                    raise
+                _log.debug("connection to %s closed during a send (%r): retrying", peer, exc)
             else:
                 await self._keep(peer, stream)
                 return
         stream = await host.new_stream(peer, [PROTOCOL_ID])
-        await self._exchange(stream, data)
+        try:
+            await self._exchange(stream, data)
+        except Exception as exc:
+            if not self._moved_away(peer, stream):
+                raise
+            # its connection closed under the frame (a relayed one retired once a direct
+            # one exists): once more on another; a copy that did arrive is a replay the
+            # receiver drops (same signed sequence number)
+            _log.debug("connection to %s closed during a send (%r): retrying", peer, exc)
+            stream = await host.new_stream(peer, [PROTOCOL_ID])
+            await self._exchange(stream, data)
         await self._keep(peer, stream)
+
+    def _moved_away(self, peer: ID, stream: INetStream) -> bool:
+        """Whether ``stream``'s connection is closed while another one to ``peer`` is open."""
+        if not getattr(stream.muxed_conn, "is_closed", False) or self._host is None:
+            return False
+        conns = self._host.get_network().get_connections(peer)
+        return any(
+            conn.muxed_conn is not stream.muxed_conn and not getattr(conn, "is_closed", False)
+            for conn in conns
+        )
 
     async def _exchange(self, stream: INetStream, data: bytes) -> None:
         """Write one frame and wait for its acknowledgement; a failed stream is reset.
@@ -768,11 +805,17 @@ class Libp2pTransport(Transport):
         muxed = _muxed(stream)  # frames skip NetStream (see _read_exactly)
         try:
             header = frame_header(len(data))
-            if len(data) <= _COALESCE_LIMIT:  # one frame instead of two
-                await muxed.write(header + data)
-            else:  # not worth copying a model for
-                await muxed.write(header)
-                await muxed.write(data)
+            # Cancelling a write can cut a Noise message of the connection in half, which
+            # breaks the connection and every stream on it (other frames, circuits a relay
+            # carries on it): a node that stops cancels its sends still in flight. The
+            # frame is written whole, shielded from that; the send's deadline still holds.
+            with trio.CancelScope(deadline=trio.current_effective_deadline(), shield=True):
+                if len(data) <= _COALESCE_LIMIT:  # one frame instead of two
+                    await muxed.write(header + data)
+                else:  # not worth copying a model for
+                    await muxed.write(header)
+                    await muxed.write(data)
+            await trio.lowlevel.checkpoint_if_cancelled()  # cancelled or timed out meanwhile
             ack = await muxed.read(1)
         except Exception as exc:
             stale = not _was_reset(stream)
@@ -832,6 +875,11 @@ class Libp2pTransport(Transport):
             await _close(stream)
             return
         kept.append((stream, trio.current_time()))
+
+    def _note_kinds(self) -> None:
+        nat = self._nat
+        if nat is not None:
+            nat.note_kinds()
 
     def _forget_connection(self, conn: INetConn) -> None:
         """Drop the kept streams of a closed connection (they died with it)."""

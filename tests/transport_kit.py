@@ -1,0 +1,59 @@
+"""What the transport tests share: an inbox to await payloads, a bounded poll, and
+libp2p transports with NAT settings that are closed when the test ends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from libp2p.crypto.ed25519 import create_new_key_pair
+
+from p2pfl.transport._nat import NatSettings
+from p2pfl.transport.libp2p import Libp2pTransport
+
+Factory = Callable[..., Awaitable[Libp2pTransport]]
+
+
+class Inbox:
+    """Collects (sender, payload) pairs from a handler and lets a test await them."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+    def __call__(self, sender: str, data: bytes) -> None:
+        self.queue.put_nowait((sender, data))
+
+    async def get(self, timeout: float = 10.0) -> tuple[str, bytes]:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+
+async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``check`` until it returns something truthy (bounded by ``timeout``)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def nat_transports(**defaults: Any) -> AsyncIterator[Factory]:
+    """A fixture body: ``factory(inbox=None, **nat)`` starts a libp2p transport with
+    ``NatSettings(**(defaults | nat))``; every one started is closed afterwards, newest
+    first."""
+    created: list[Libp2pTransport] = []
+
+    async def factory(inbox: Inbox | None = None, **nat: Any) -> Libp2pTransport:
+        transport = Libp2pTransport(create_new_key_pair(), nat=NatSettings(**(defaults | nat)))
+        if inbox is not None:
+            transport.set_handler(inbox)
+        created.append(transport)
+        await transport.start()
+        return transport
+
+    yield factory
+    for transport in reversed(created):
+        await transport.close()
