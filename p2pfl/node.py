@@ -597,6 +597,8 @@ class Node:
         if isinstance(effect, Send):
             self._spawn(self._send(effect))
         elif isinstance(effect, Train):
+            if self._done.is_set():  # the last round is over: nobody waits for its model
+                return
             self._spawn(self._train(effect))
         elif isinstance(effect, EvaluateLosses):  # zeroth-order protocols (n6)
             self._spawn(self._evaluate_losses(effect))

@@ -49,7 +49,18 @@ async def run_all(nodes: list[Node]) -> list[dict]:
 
 def test_four_nodes_discover_each_other_and_converge(tmp_path):
     nodes = make_nodes(tmp_path, 4, MemoryNetwork(seed=0))
+    trainings = [0] * len(nodes)
+    for index, node in enumerate(nodes):
+        train = node._train
+
+        def counted(effect, index=index, train=train):
+            trainings[index] += 1
+            return train(effect)
+
+        node._train = counted  # type: ignore[method-assign]
     statuses = asyncio.run(run_all(nodes))
+    # one training started per round: none after the last, whose model nobody waits for
+    assert trainings == [20] * len(nodes)
     for status in statuses:
         assert status["rounds_done"] == 20
         assert len(status["neighbours"]) == 3  # peer exchange found everyone
