@@ -8,6 +8,7 @@ them); elsewhere it is skipped and says why. The profile's own checks run everyw
 
 from __future__ import annotations
 
+import resource
 import sys
 from pathlib import Path
 
@@ -83,4 +84,8 @@ def test_three_phone_class_nodes_complete_a_digits_run_inside_1_cpu_and_512_mib(
         # resident), so it is held under 320 MB -- it was 330 MB before py-libp2p's unused
         # features were loaded lazily (p2pfl/transport/_slim_imports.py, docs/phone.md)
         assert node.cgroup_peak is None or node.cgroup_peak < phone.GOAL_BYTES
-        assert 0 < node.peak_rss < 320 * phone.MB, f"peer {node.peer}: {node.peak_rss} B"
+        # A child's ru_maxrss starts from its forking process's high-water mark (it is
+        # carried across exec): only meaningful when this process stayed under the bound
+        # (alone, yes; in a full test run pytest itself holds ~550 MB)
+        if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 320 * phone.MB:
+            assert 0 < node.peak_rss < 320 * phone.MB, f"peer {node.peer}: {node.peak_rss} B"
