@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.sweep_kit import tiny_base
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -123,26 +125,7 @@ def test_flower_side_reaches_our_accuracy(vs_flower, tiny, ours, tmp_path):
 
 # ------------------------------------------------------------------ sweep timing
 
-BASE = """
-name = "tiny"
-seed = 4
-rounds = 2
-[data]
-dataset = "digits"
-batch_size = 16
-[model]
-name = "logreg"
-lr = 0.2
-[topology]
-kind = "ring"
-n = 6
-[protocol]
-name = "dpsgd"
-local_steps = 2
-[sim]
-eval_every = 2
-threads = 1
-"""
+BASE = tiny_base(step_time=None)
 
 SWEEP = """
 name = "grid"

@@ -11,31 +11,11 @@ from typer.testing import CliRunner
 from p2pfl.cli import app
 from sim.scenario import ScenarioError
 from sim.sweep import load_sweep, plan_cells
+from tests.sweep_kit import tiny_base
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "resilience"
 
-BASE = """
-name = "tiny"
-seed = 4
-rounds = 2
-[data]
-dataset = "digits"
-batch_size = 16
-[model]
-name = "logreg"
-lr = 0.2
-[topology]
-kind = "ring"
-n = 6
-[protocol]
-name = "dpsgd"
-local_steps = 2
-[network]
-step_time = 0.002
-[sim]
-eval_every = 2
-threads = 1
-"""
+BASE = tiny_base()
 
 SWEEP = """
 name = "grid"

@@ -19,29 +19,9 @@ from typer.testing import CliRunner
 
 from p2pfl.cli import app
 from sim.cells import run_cells
+from tests.sweep_kit import tiny_base
 
-BASE = """
-name = "tiny"
-seed = 4
-rounds = 2
-[data]
-dataset = "digits"
-batch_size = 16
-[model]
-name = "logreg"
-lr = 0.2
-[topology]
-kind = "ring"
-n = 6
-[protocol]
-name = "dpsgd"
-local_steps = 2
-[network]
-step_time = 0.002
-[sim]
-eval_every = 2
-threads = 1
-"""
+BASE = tiny_base()
 
 # 2 attacks x 3 defences x 2 seeds = 12 cells; the "broken" defence validates but cannot
 # build (its topology file does not exist): 4 failing cells among 8 good ones.

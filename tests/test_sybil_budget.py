@@ -19,6 +19,7 @@ from sim.runner import build_simulation, run_simulation
 from sim.scenario import ScenarioError, scenario_from_dict
 from sim.sweep import load_sweep, run_sweep
 from sim.sweep_results import results_table, seed_stats, share_label
+from tests.sweep_kit import tiny_base
 
 # ---------------------------------------------------------------------------- the split itself
 
@@ -177,28 +178,7 @@ def test_metrics_rows_carry_the_real_share_of_malicious_peers() -> None:
 
 # ---------------------------------------------------------------------------- sweep labels
 
-BASE = """
-name = "tiny"
-seed = 4
-rounds = 1
-[data]
-dataset = "digits"
-batch_size = 16
-[model]
-name = "logreg"
-lr = 0.2
-[topology]
-kind = "ring"
-n = 6
-[protocol]
-name = "dpsgd"
-local_steps = 1
-[network]
-step_time = 0.002
-[sim]
-eval_every = 1
-threads = 1
-"""
+BASE = tiny_base(rounds=1, local_steps=1, eval_every=1)
 
 SWEEP = """
 name = "sybil-share"
