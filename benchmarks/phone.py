@@ -44,6 +44,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -250,31 +251,9 @@ class PhoneCluster(Cluster):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.groups = groups
 
-    def start(self, i: int) -> None:
-        args = [
-            sys.executable, "-m", "p2pfl.cli", "node",
-            "--config", str(self.config),
-            "--peer-index", str(i),
-            "--num-peers", str(self.size),
-            "--key-file", str(self.keys[i]),
-            "--state-dir", str(self.state_dir(i)),
-            "--listen", f"/ip4/127.0.0.1/tcp/{self.ports[i]}",
-            *self.extra_args,
-        ]  # fmt: skip
-        if i > 0:
-            args += ["--bootstrap", self.bootstrap_addr()]
-        log = (self.root / f"peer{i}.log").open("ab")
-        self.logs[i] = log
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    def popen_options(self, i: int) -> dict[str, Any]:
         group = self.groups.get(i)
-        self.processes[i] = subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-            preexec_fn=group.join if group is not None else None,
-        )
+        return {"cwd": ROOT, "preexec_fn": group.join if group is not None else None}
 
 
 @dataclass

@@ -69,7 +69,14 @@ class Cluster:
         log = (self.root / f"peer{i}.log").open("ab")
         self.logs[i] = log
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.processes[i] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.processes[i] = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, **self.popen_options(i)
+        )
+
+    def popen_options(self, i: int) -> dict[str, Any]:
+        """More ``subprocess.Popen`` keywords for peer ``i`` (a subclass's: a working
+        directory, a cgroup to join before exec)."""
+        return {}
 
     def start_all(self) -> None:
         for i in range(self.size):
