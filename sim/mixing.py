@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from p2pfl.versions import require
 
@@ -440,7 +440,7 @@ class Mixer:
     def pending(self) -> int:
         return len(self._pending)
 
-    def is_pending(self, tensor: torch.Tensor) -> bool:
+    def is_pending(self, tensor: torch.Tensor) -> TypeGuard[PendingMix]:
         """Whether ``tensor`` is a mix of this mixer without a value of its own."""
         return type(tensor) is self.mix_type and tensor._chunk is None
 
@@ -485,8 +485,7 @@ class Mixer:
         live there only until the chunk is trained. ``generations`` (the training job
         each input is for, counted per peer) lets ``settle_spent`` tell old means from new.
         """
-        mix_type = self.mix_type
-        pending = [m if type(m) is mix_type and m._chunk is None else None for m in mixes]
+        pending = [m if self.is_pending(m) else None for m in mixes]
         self._compute(pending, out.numpy())
         forget, remember, ref = self._pending.pop, self._spent.append, weakref.ref
         for index, mix in enumerate(pending):
