@@ -37,17 +37,31 @@ class StandIn:
         return {}
 
 
+def liveness_for(transport: StandIn, **settings: Any) -> Liveness:
+    """A Liveness over ``transport`` with quiet defaults (nobody is watched, nothing runs,
+    every peer may return, changes ignored); ``settings`` replace any of them."""
+    options: dict[str, Any] = {
+        "interval": 60.0,
+        "timeout": 0.1,
+        "failures": 2,
+        "watched": lambda: [],
+        "running": lambda: False,
+        "may_return": lambda peer: True,
+        "on_down": lambda peer: None,
+        "on_up": lambda peer: None,
+    }
+    return Liveness(cast(Transport, transport), **(options | settings))
+
+
 def test_liveness_reports_down_after_misses_and_up_on_the_first_answer() -> None:
     transport = StandIn()
     events: list[tuple[str, str]] = []
     banned: set[str] = set()
     stop = False
 
-    liveness = Liveness(
-        cast(Transport, transport),
+    liveness = liveness_for(
+        transport,
         interval=0.001,
-        timeout=0.1,
-        failures=2,
         watched=lambda: ["a", "b", "c"],
         running=lambda: not stop,
         may_return=lambda peer: peer not in banned,
@@ -133,16 +147,12 @@ def test_a_ping_waits_out_the_backlog_to_its_peer_on_top_of_the_timeout() -> Non
             if timeout < 0.5:  # the answer takes 0.5 s (queued behind a model)
                 raise TransportError("timed out")
 
-    liveness = Liveness(
-        cast(Transport, Measured()),
+    liveness = liveness_for(
+        Measured(),
         interval=0.001,
-        timeout=0.1,
         failures=1,
         watched=lambda: ["busy", "slow"],
         running=lambda: True,
-        may_return=lambda peer: True,
-        on_down=lambda peer: None,
-        on_up=lambda peer: None,
         backlog=lambda peer: 2.0 if peer == "busy" else 0.0,
     )
 
@@ -169,14 +179,12 @@ def test_a_neighbour_just_heard_from_is_not_pinged_and_counts_as_alive() -> None
     transport.dead = {"chatty", "silent", "downed"}  # no ping gets an answer
     events: list[tuple[str, str]] = []
     stop = False
-    liveness = Liveness(
-        cast(Transport, transport),
+    liveness = liveness_for(
+        transport,
         interval=0.05,
         timeout=0.01,
-        failures=2,
         watched=lambda: ["chatty", "silent", "downed"],
         running=lambda: not stop,
-        may_return=lambda peer: True,
         on_down=lambda peer: events.append(("down", peer)),
         on_up=lambda peer: events.append(("up", peer)),
     )
@@ -199,3 +207,18 @@ def test_a_neighbour_just_heard_from_is_not_pinged_and_counts_as_alive() -> None
     assert "chatty" not in pinged and ("down", "chatty") not in events
     assert pinged.count("silent") >= 2 and pinged.count("downed") >= 2
     assert liveness.pings_skipped >= 2 and liveness.down == {"silent", "downed"}
+
+
+def test_heard_from_is_bounded_against_a_flood_of_identities() -> None:
+    """Every authenticated sender is noted, neighbour or not: a flood of fresh identities
+    keeps at most ``MAX_HEARD`` entries, and a neighbour heard before the flood stays."""
+    from p2pfl.liveness import MAX_HEARD
+
+    liveness = liveness_for(StandIn(), watched=lambda: ["n"])
+    liveness.heard_from("n")
+    for index in range(3 * MAX_HEARD):
+        liveness.heard_from(f"stranger{index}")
+    assert len(liveness._heard) == MAX_HEARD and "n" in liveness._heard
+    off = liveness_for(StandIn(), interval=0.0)  # pings off: nothing is noted at all
+    off.heard_from("n")
+    assert off._heard == {}
