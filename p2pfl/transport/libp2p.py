@@ -252,6 +252,15 @@ def _reusable(stream: INetStream) -> bool:
     return not getattr(stream.muxed_conn, "is_closed", False)
 
 
+def _ended(conn: object) -> bool:
+    """Whether a swarm or muxed connection is closed or closing (a yamux GO_AWAY sent
+    or received counts: no new frame gets through it)."""
+    if getattr(conn, "is_closed", False):
+        return True
+    shutting_down = getattr(conn, "event_shutting_down", None)
+    return shutting_down is not None and bool(shutting_down.is_set())
+
+
 def _was_reset(stream: INetStream) -> bool:
     return bool(getattr(_muxed(stream), "reset_received", False))
 
@@ -787,14 +796,20 @@ class Libp2pTransport(Transport):
         await self._keep(peer, stream)
 
     def _moved_away(self, peer: ID, stream: INetStream) -> bool:
-        """Whether ``stream``'s connection is closed while another one to ``peer`` is open."""
-        if not getattr(stream.muxed_conn, "is_closed", False) or self._host is None:
+        """Whether ``stream``'s connection is ending while another one to ``peer`` is open.
+
+        Ending is read from the swarm's side as well as the muxer's: the swarm marks its
+        connection closed first and only then closes the muxer, which yields (a relayed
+        connection's secure channel closes through the relay) before it reports closed.
+        A frame cut in that gap failed the send although the direct connection was there.
+        """
+        if self._host is None:
             return False
-        conns = self._host.get_network().get_connections(peer)
-        return any(
-            conn.muxed_conn is not stream.muxed_conn and not getattr(conn, "is_closed", False)
-            for conn in conns
-        )
+        muxed = stream.muxed_conn
+        live = [c for c in self._host.get_network().get_connections(peer) if not _ended(c)]
+        if any(c.muxed_conn is muxed for c in live) and not _ended(muxed):
+            return False
+        return any(c.muxed_conn is not muxed and not _ended(c.muxed_conn) for c in live)
 
     async def _exchange(self, stream: INetStream, data: bytes) -> None:
         """Write one frame and wait for its acknowledgement; a failed stream is reset.
