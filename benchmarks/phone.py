@@ -546,6 +546,14 @@ def main() -> None:
         help="nodes import py-libp2p's whole feature set as it comes (P2PFL_EAGER_LIBP2P=1; "
         "p2pfl/transport/_slim_imports.py): the footprint without the lazy modules",
     )
+    parser.add_argument(
+        "--optimize",
+        type=int,
+        choices=(0, 1, 2),
+        default=2,
+        help="PYTHONOPTIMIZE for the nodes: 2 (the phone profile, docs/phone.md) leaves "
+        "out docstrings, ~5 MiB of a node; 0 runs them as Python runs by default",
+    )
     args = parser.parse_args()
     reason = cgroup_unavailable()
     if reason is not None:
@@ -557,6 +565,13 @@ def main() -> None:
         raise SystemExit(2)
     if args.eager_libp2p:  # the nodes inherit this process's environment
         os.environ["P2PFL_EAGER_LIBP2P"] = "1"
+    if args.optimize:
+        os.environ["PYTHONOPTIMIZE"] = str(args.optimize)
+        # as on a device, where the first run caches the optimised bytecode (.opt-N.pyc):
+        # without that every start compiles torch's modules again (~2 s of CPU)
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    else:
+        os.environ.pop("PYTHONOPTIMIZE", None)
     command = "python " + shlex.join(["benchmarks/phone.py", *sys.argv[1:]])
     load = os.getloadavg()[0]
     try:

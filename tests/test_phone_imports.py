@@ -117,6 +117,32 @@ def test_using_a_lazy_name_loads_the_real_module_and_hands_over_to_it() -> None:
     }
 
 
+def test_a_peer_with_an_rsa_key_still_parses_through_a_dotted_placeholder() -> None:
+    """``serialization`` keeps ``RSAPublicKey.from_bytes`` in a table at import: that
+    attribute is a placeholder of its own, so the table costs nothing until a peer
+    presents an RSA key, and then parses it with the real class."""
+    result = _loaded(
+        "import json, sys\n"
+        "import p2pfl.transport.libp2p\n"
+        "from p2pfl.transport import _slim_imports\n"
+        "from libp2p.crypto.serialization import deserialize_public_key\n"
+        "before = ('Crypto' in sys.modules, sorted(_slim_imports.loaded_groups()))\n"
+        "from Crypto.PublicKey import RSA\n"
+        "from libp2p.crypto.pb import crypto_pb2\n"
+        "der = RSA.generate(1024).publickey().export_key('DER')\n"
+        "message = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der)\n"
+        "key = deserialize_public_key(message.SerializeToString())\n"
+        "result = {'before': before, 'type': type(key).__module__ + '.' + type(key).__name__,\n"
+        "          'same': key.to_bytes() == der, 'groups': sorted(_slim_imports.loaded_groups())}\n"
+    )
+    assert result == {
+        "before": [False, []],
+        "type": "libp2p.crypto.rsa.RSAPublicKey",
+        "same": True,
+        "groups": ["rsa"],
+    }
+
+
 def test_a_lazy_package_hands_over_its_real_submodules_once_loaded() -> None:
     result = _loaded(
         "import json, sys\n"
@@ -208,7 +234,8 @@ def test_lazy_names_are_exactly_what_the_rest_of_libp2p_imports_and_never_subcla
         "autotls": "libp2p.security.tls.autotls", "upnp": "libp2p.discovery.upnp",
         "mdns": "libp2p.discovery.mdns", "secio": "libp2p.security.secio",
         "persistent": "libp2p.peer.persistent", "bitswap": "libp2p.bitswap",
-        "prometheus": "libp2p.rcmgr.prometheus_exporter",
+        "prometheus": "libp2p.rcmgr.prometheus_exporter", "pnet": "libp2p.security.pnet",
+        "rsa": "libp2p.crypto.rsa",
     }  # fmt: skip
     assert set(features) == set(LAZY)
     sources = _libp2p_sources()
@@ -239,13 +266,14 @@ def test_lazy_names_are_exactly_what_the_rest_of_libp2p_imports_and_never_subcla
 @pytest.mark.parametrize("group", sorted(LAZY))
 def test_every_lazy_name_is_a_class_or_a_function_of_the_real_module(group: str) -> None:
     done = _loaded(
-        "import importlib, inspect, json\n"
+        "import functools, importlib, inspect, json\n"
         f"modules = {dict(LAZY[group])!r}\n"
         "result = {}\n"
         "for name, attrs in modules.items():\n"
         "    real = importlib.import_module(name)\n"
-        "    result[name] = sorted(a for a in attrs if not (inspect.isclass(getattr(real, a))\n"
-        "                                          or inspect.isfunction(getattr(real, a))))\n",
+        "    found = {a: functools.reduce(getattr, a.split('.'), real) for a in attrs}\n"
+        "    result[name] = sorted(a for a, v in found.items() if not (inspect.isclass(v)\n"
+        "                          or inspect.isfunction(v) or inspect.ismethod(v)))\n",
         env={"P2PFL_EAGER_LIBP2P": "1"},
     )
     assert done == {name: [] for name in LAZY[group]}

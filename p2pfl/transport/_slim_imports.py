@@ -10,7 +10,8 @@ node's resident memory (docs/phone.md, "Memory").
 
 :func:`install` puts a finder in front of ``sys.meta_path`` that answers the modules of
 :data:`LAZY` with a placeholder module, whose names (:data:`LAZY` lists exactly those
-the rest of py-libp2p imports from it) are placeholders too. The first *use* of one --
+the rest of py-libp2p imports from it, and, dotted, attributes of them it reads at
+import) are placeholders too. The first *use* of one --
 calling it, reading another attribute of the module, ``isinstance`` with a real
 object -- imports the real modules of its group and hands over to them, so every
 feature still works when a program does use it (a node with ``network.mdns = true``
@@ -70,6 +71,21 @@ LAZY: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "prometheus": {
         "libp2p.rcmgr.prometheus_exporter": ("PrometheusExporter", "create_prometheus_exporter"),
+    },
+    # private networks (a pre-shared key; pycryptodome's Salsa20): the swarm wraps a
+    # connection only when given a key, which a node never is
+    "pnet": {
+        "libp2p.security.pnet.protector": ("new_protected_conn",),
+    },
+    # RSA keys (pycryptodome): a node's own key is Ed25519, and so are its peers' unless
+    # one presents an RSA key, which loads them. ``serialization`` builds its table of
+    # key parsers from ``RSA*Key.from_bytes`` at import: those attributes are
+    # placeholders too (a dotted name).
+    "rsa": {
+        "libp2p.crypto.rsa": (
+            "RSAPrivateKey", "RSAPublicKey", "create_new_key_pair",
+            "RSAPrivateKey.from_bytes", "RSAPublicKey.from_bytes",
+        ),  # fmt: skip
     },
     "upnp": {
         "libp2p.discovery.upnp": (),
@@ -168,7 +184,10 @@ class _LazyName(type):
         return super().__new__(mcs, name, bases, namespace)
 
     def _lazy_target(cls) -> Any:
-        return getattr(cls._lazy_module._lazy_resolve(), cls._lazy_attr)
+        target: Any = cls._lazy_module._lazy_resolve()
+        for part in cls._lazy_attr.split("."):  # a dotted name: an attribute of a name
+            target = getattr(target, part)
+        return target
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         return cls._lazy_target()(*args, **kwargs)
@@ -205,8 +224,9 @@ class _LazyLoader(importlib.abc.Loader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
         module = _LazyModule(spec.name)
         group = _GROUP_OF[spec.name]
-        for attr in LAZY[group][spec.name]:
-            setattr(module, attr, _placeholder(module, attr))
+        for attr in LAZY[group][spec.name]:  # names before their dotted attributes
+            owner, _, name = attr.rpartition(".")
+            setattr(getattr(module, owner) if owner else module, name, _placeholder(module, attr))
         return module
 
     def exec_module(self, module: types.ModuleType) -> None:
