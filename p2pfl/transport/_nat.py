@@ -73,6 +73,8 @@ from multiaddr import Multiaddr
 
 from p2pfl.versions import require
 
+from ._peerstore import known_addrs
+
 require(
     "libp2p",
     at_least="0.8.1",
@@ -469,7 +471,7 @@ class NatTraversal:
             except Exception:  # noqa: BLE001 - an address we cannot read: skip it
                 continue
         if not stated:  # the relay named none: where we reached it
-            stated = [str(a) for a in self.host.get_peerstore().addrs(relay)]
+            stated = [str(a) for a in known_addrs(self.host, relay)]
         loopback_ok = _all_loopback(self.host)
         addrs = sorted(
             {
@@ -523,7 +525,7 @@ class NatTraversal:
         ours = {str(a).partition("/p2p/")[0] for a in self.host.get_addrs()}
         loopback_ok = _all_loopback(self.host)
         fresh = []
-        for addr in self.host.get_peerstore().addrs(peer):
+        for addr in known_addrs(self.host, peer):
             text = str(addr).partition("/p2p/")[0]
             if (
                 is_circuit(str(addr))
@@ -546,7 +548,7 @@ class NatTraversal:
         network = self.host.get_network()
         try:
             for addr in addrs:
-                known = list(store.addrs(peer))
+                known = known_addrs(self.host, peer)
                 try:
                     with trio.fail_after(_DIRECT_DIAL_TIMEOUT):
                         await network.dial_addr(addr, peer)

@@ -120,6 +120,7 @@ from p2pfl.wire.framing import ACK, FRAME_HEADER_BYTES, frame_header, frame_leng
 
 from . import _trio_bridge
 from ._admission import Admission, Gate
+from ._peerstore import known_addrs
 from ._yamux import PatchedYamux, use_patched_yamux
 from .base import FrameAbuse, Transport, TransportError
 from .limits import DEFAULT_TRANSPORT_LIMITS, TransportLimits
@@ -694,7 +695,7 @@ class Libp2pTransport(Transport):
             return  # (a cut circuit's connection may linger in the swarm's map, closed)
         circuit = self._circuit_addrs.get(peer)
         if circuit is None:
-            known = list(host.get_peerstore().addrs(peer))
+            known = known_addrs(host, peer)
             relayed = [a for a in known if "/p2p-circuit" in str(a)]
             if not relayed:
                 return  # the swarm dials direct addresses itself
@@ -934,7 +935,7 @@ class Libp2pTransport(Transport):
             peer_b58 = peer.to_base58()
             if peer_b58 == self.peer_id:
                 continue
-            addrs = sorted({_with_peer(str(addr), peer_b58) for addr in store.addrs(peer)})
+            addrs = sorted({_with_peer(str(addr), peer_b58) for addr in known_addrs(host, peer)})
             if addrs:
                 known[peer_b58] = addrs
         return known
