@@ -37,7 +37,12 @@ Three parts, each in a fresh subprocess (so its peak memory is its own):
 ``device``
     For each N in ``--device-sizes`` (default 10,000 and 100,000): the bare batched
     compute (train + mix, ``sim.device.DeviceRounds``) on the CPU and on CUDA, wall per
-    round and peak device memory; on a machine without CUDA only the CPU rows appear.
+    round and peak device memory; then the whole simulator (``engine.run``, no
+    evaluation) on the default numpy/scipy path, on the device path run on the CPU
+    (``build_simulation(..., device_path=True)``: the CUDA code on the CPU) and, where
+    there is CUDA, with ``sim.device = "cuda"``: wall per round, peak device memory (the
+    device arena's peak rows on the CPU), and the largest difference of a sample of final
+    models from the default path's. On a machine without CUDA only the CPU rows appear.
 
 Wall time is what the targets are about; CPU time (``time.process_time``) is printed too,
 because on a shared machine it is far less noisy. Results go to a CSV and a PNG
@@ -424,6 +429,55 @@ def part_device(n: int, rounds: int, dataset: str, threads: int) -> list[dict[st
         del rounds_on
     if "cuda" in finals:
         rows[-1]["max_param_diff"] = f"{float((finals['cuda'] - finals['cpu']).abs().max()):.1e}"
+    return rows + _device_simulator_rows(n, rounds, dataset, threads, sample)
+
+
+def _device_simulator_rows(n: int, rounds: int, dataset: str, threads: int, sample: list[int]) -> list[dict[str, Any]]:
+    """The whole simulator, one warm-up round then ``rounds`` timed, on each path."""
+    import torch
+
+    from sim.device import DeviceArena
+    from sim.runner import build_simulation
+    from sim.scenario import scenario_from_dict
+
+    variants = [("simulator, default numpy/scipy path", "cpu", False),
+                ("simulator, device path on cpu", "cpu", True)]
+    if torch.cuda.is_available():
+        variants.append(("simulator on cuda", "cuda", False))
+    rows, reference = [], None
+    for label, device, forced in variants:
+        raw = scenario(n, 1 + rounds, dataset=dataset, threads=threads)
+        raw["sim"]["device"] = device
+        simulation = build_simulation(scenario_from_dict(raw), device_path=forced)
+        engine = simulation.engine
+        _warm_up(simulation)
+        engine.rounds = 1
+        engine.run()  # warm-up round: first touch, kernels, caches
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        begin = _clock()
+        engine.rounds = 1 + rounds
+        _run_engine(simulation)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall, cpu = _since(begin)
+        finals = _final_params(simulation, sample).cpu()
+        arena = engine.executor.arena
+        note = f"{rounds} timed rounds after 1 warm-up, no evaluation"
+        if device == "cuda":
+            note += f"; peak device memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        if isinstance(arena, DeviceArena):
+            peak = arena.peak_rows * simulation.trainer.dim * 4
+            note += f"; device arena peak {arena.peak_rows / n:.2f} rows per peer ({peak / 2**30:.2f} GiB)"
+        extra: dict[str, Any] = {}
+        if reference is None:
+            reference = finals
+        else:
+            extra["max_param_diff"] = float((finals - reference).abs().max())
+            note += "; max_param_diff against the default path"
+        rows.append(_row("device", n, rounds, label, wall, cpu, note=note, **extra))
+        del simulation, engine, arena
     return rows
 
 

@@ -17,13 +17,23 @@ computation as the simulator's batched path (train every peer from its mixed row
 chunks; mix with the Metropolis-Hastings matrix), minus the event loop. On the CPU it
 reproduces the simulator's models within float tolerance (torch's sparse product sums in
 its own order, scipy's in another); on CUDA within a looser one (other kernels).
+
+The whole simulator on a device (``sim.device = "cuda"``) uses the rest of this module:
+``DeviceArena`` (the row arena, its blocks torch tensors on the device) and ``DeviceMixer``
+(the deferred means as ``torch`` sparse products there); training and evaluation are the
+batched trainer's and ``p2pfl.learning.evaluate``, given data on the device
+(``LocalTrainer.on_device``). The executor (``sim.training``) and the evaluator
+(``sim.metrics``) pick them when given a device; ``device_scope_error`` says which
+scenarios they cover (see docs/gpu.md). Any of them runs on ``torch.device("cpu")`` as well: that is how the device
+path is tested on a machine without a GPU (``build_simulation(..., device_path=True)``).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from typing import Any
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +41,10 @@ import torch
 from p2pfl.learning import BatchSampler, LocalTrainer
 from p2pfl.model import unflatten
 from sim.errors import ScenarioError
+from sim.mixing import Mixer, PendingMix, PendingStack
+
+if TYPE_CHECKING:
+    from sim.scenario import Scenario
 
 #: devices a scenario may name (``sim.device``)
 DEVICES = ("cpu", "cuda")
@@ -180,3 +194,183 @@ def _csr(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, size=size, device=device, check_invariants=False)
+
+
+# ---------------------------------------------------------------- the whole simulator
+
+#: what the device path covers, for ``device_scope_error``'s one line
+DEVICE_PROTOCOLS = ("dpsgd", "epidemic", "gossip")
+DEVICE_SCOPE = (
+    "the device path runs protocols dpsgd, epidemic and gossip with aggregator 'mean', "
+    "Flatten/Linear/ReLU models (mlp, logreg), sim.backend = 'batched', protocol.codec = 'fp32', "
+    "no [attack] and no protocol.shared_start; use sim.device = 'cpu' for the rest"
+)
+#: on an accelerator a batched call may hold this many times the CPU's activation budget
+#: (``p2pfl.learning.trainer.ACTIVATION_BUDGET``, sized for a CPU cache): 256 MiB of floats
+DEVICE_CHUNK_FACTOR = 16
+
+
+def device_scope_error(scenario: Scenario) -> str | None:
+    """Why ``scenario`` cannot run on the device path (one line), or ``None``.
+
+    Everything refused here would put CPU and device tensors into one operation (a robust
+    aggregator's or an attack's arithmetic, a codec's numpy encoding, a zeroth-order
+    protocol's loss evaluations, the per-peer trainer): rather than behaviour nobody ran
+    on CUDA, the scenario is refused before it starts, naming what the path covers.
+    """
+    protocol = scenario.protocol
+    found = []
+    if scenario.sim.backend != "batched":
+        found.append(f"sim.backend = {scenario.sim.backend!r}")
+    if protocol.name not in DEVICE_PROTOCOLS:
+        found.append(f"protocol {protocol.name!r}")
+    if protocol.aggregator != "mean" or protocol.aggregator_params:
+        found.append(f"protocol.aggregator = {protocol.aggregator!r}")
+    if protocol.codec.name != "fp32":
+        found.append(f"protocol.codec = {protocol.codec.name!r}")
+    if protocol.shared_start is not None:
+        found.append("protocol.shared_start")
+    if scenario.attack.name != "none":
+        found.append(f"attack {scenario.attack.name!r}")
+    if not found:
+        return None
+    return f"sim.device = {scenario.sim.device!r}: {', '.join(found)} not supported; {DEVICE_SCOPE}"
+
+
+def trainer_scope_error(trainer: LocalTrainer, scenario: Scenario) -> str | None:
+    """Why ``trainer``'s model cannot train on the device path (one line), or ``None``."""
+    if getattr(trainer, "_stacked", None) is not None:
+        return None
+    return f"sim.device = {scenario.sim.device!r}: model {scenario.model.name!r} not supported; {DEVICE_SCOPE}"
+
+
+def device_chunk(trainer: LocalTrainer, device: torch.device) -> int:
+    """Peers per batched call on ``device``: the CPU's choice on the CPU (its cache), a
+    larger one on an accelerator, where one call per few thousand peers keeps it busy."""
+    per_call = trainer.peers_per_call(trainer.batch_size)
+    return per_call if device.type == "cpu" else per_call * DEVICE_CHUNK_FACTOR
+
+
+class DeviceArena:
+    """``RowArena``'s interface with every block a tensor of its own on ``device``.
+
+    Why not blocks carved out of a few large buffers, as on the CPU: the arena learns that
+    a block is free from a weak reference to the object that owns its memory. On the CPU
+    that is a numpy view, which torch keeps alive as long as any tensor uses its memory;
+    but a torch view of a torch tensor keeps only the *root* tensor alive (``view._base``),
+    never the intermediate view. A block that is its own root is alive exactly as long as
+    a row of it, or anything viewing such a row, is (``tests/test_sim_device_path.py``
+    checks this). Fresh tensors cost little on CUDA: the caching allocator hands a dead
+    block's memory out again without asking the driver.
+
+    ``buffers`` maps a block's id to the block while it lives (a ``WeakValueDictionary``);
+    every block starts at row 0 of its own "buffer". A mean whose rows lie in k blocks
+    costs k products, so the executor takes one block for all the jobs it trains together
+    (normally a round's) and trains it chunk by chunk. ``capacity`` is the rows the arena
+    may hold before it asks ``reclaim`` (``Mixer.settle_spent``, as ``RowArena`` does
+    before it opens a new buffer) to let go of rows held for convenience.
+    """
+
+    def __init__(self, dim: int, capacity: int, device: torch.device) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.dim = dim
+        self.capacity = capacity
+        self.device = device
+        self.buffers: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self._next_id = 0
+        self.allocated = 0  # blocks created over the arena's life
+        self.peak_rows = 0  # the most rows alive at once (after a take)
+        self.reclaim: Callable[[], int] | None = None
+
+    def take(self, rows: int, *, at_least: int | None = None) -> tuple[int, int, torch.Tensor]:
+        """A block of ``rows`` rows: ``(block id, 0, tensor (rows, dim) on the device)``.
+
+        Always whole (``at_least`` is accepted for ``RowArena``'s interface): a fresh
+        tensor has no holes to fill.
+        """
+        if self.reclaim is not None and self.rows_in_use + rows > self.capacity:
+            self.reclaim()
+        block = torch.empty((rows, self.dim), dtype=torch.float32, device=self.device)
+        ident = self._next_id
+        self._next_id += 1
+        self.buffers[ident] = block
+        self.allocated += 1
+        self.peak_rows = max(self.peak_rows, self.rows_in_use)
+        return ident, 0, block
+
+    def in_use(self, ident: int) -> bool:
+        """Whether any tensor still views block ``ident``."""
+        return ident in self.buffers
+
+    @property
+    def rows_in_use(self) -> int:
+        """Rows of live blocks."""
+        return sum(block.shape[0] for block in list(self.buffers.values()))
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.dim * self.rows_in_use
+
+
+class DeviceMixer(Mixer):
+    """``Mixer`` with its values on the arena's device and its products ``torch`` sparse
+    CSR products there.
+
+    The bookkeeping (pending, spent and settled mixes) and the gathering of a chunk's
+    row keys and weights are the base class's; what differs is where values are kept
+    (``_empty``: a chunk, a settle block, the executor's scratch are device tensors) and
+    how one product runs (``_product``: the chunk's CSR matrix, a few KB built on the CPU,
+    is copied to the device and multiplied there into ``out``). Products are accumulated
+    in block order on zeros, each output row reading its own row of the matrix only, so a
+    mix computed alone or in a chunk gets the same sums.
+    """
+
+    def __init__(self, arena: DeviceArena, *, chunk: int = 256) -> None:
+        super().__init__(arena, chunk=chunk)  # type: ignore[arg-type]  # RowArena's interface
+        self.device_arena = arena
+        self.device = arena.device
+        # the value-less tensors report the device their values will be on (the base
+        # class makes them CPU-shaped wrappers): ``mix.device`` tells the truth
+        device = self.device
+
+        def wrapper(cls: type, shape: tuple[int, ...]) -> Any:
+            return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.float32, device=device)
+
+        bound = {"_mixer": self, "_dim": self.dim, "__module__": Mixer.__module__, "_new": staticmethod(wrapper)}
+        self.stack_type = type("PendingStack", (PendingStack,), bound)
+        self.mix_type = type("PendingMix", (PendingMix,), bound)
+
+    def _empty(self, rows: int) -> torch.Tensor:
+        return torch.empty((rows, self.dim), dtype=torch.float32, device=self.device)
+
+    def _product(
+        self, ident: int, indptr: np.ndarray, columns: np.ndarray, weights: np.ndarray, out: torch.Tensor
+    ) -> None:
+        source = self.device_arena.buffers[ident]
+        matrix = _csr(
+            torch.from_numpy(indptr),
+            torch.from_numpy(np.ascontiguousarray(columns)),
+            torch.from_numpy(np.ascontiguousarray(weights)),
+            (len(indptr) - 1, source.shape[0]),
+            self.device,
+        )
+        out.addmm_(matrix, source)
+
+
+def simulation_device(scenario: Scenario, *, force: bool = False) -> torch.device | None:
+    """The device a simulation keeps its rows on: ``None`` for the default numpy/scipy
+    path (``sim.device = "cpu"``), else the resolved device, after checking that the
+    scenario is one the device path covers (one-line ``ScenarioError`` otherwise).
+
+    ``force`` takes the device path on the CPU too (``sim.device = "cpu"``): the same
+    torch code as on CUDA, run where no GPU is; for tests and benchmarks.
+    """
+    name = scenario.sim.device
+    if name == "cpu" and not force:
+        return None
+    device = resolve_device(name)
+    error = device_scope_error(scenario)
+    if error is not None:
+        raise ScenarioError(error)
+    return device

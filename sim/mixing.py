@@ -453,7 +453,8 @@ class Mixer:
     def resolve(self, mixes: Sequence[PendingMix]) -> torch.Tensor:
         """Compute ``mixes`` (none settled) into one new ``(len(mixes), dim)`` tensor, in
         order, and keep each value there (the mixes let their rows go)."""
-        chunk = torch.from_numpy(self._compute(mixes, None))
+        chunk = self._empty(len(mixes))
+        self._compute(mixes, chunk)
         self._keep(mixes, chunk)
         return chunk
 
@@ -467,10 +468,9 @@ class Mixer:
         if not mixes:
             return
         if self._settling is None or self._settling[1] + len(mixes) > self._settling[0].shape[0]:
-            block = torch.empty((max(_SETTLE_BLOCK, len(mixes)), self.dim), dtype=torch.float32)
-            self._settling = (block, 0)
+            self._settling = (self._empty(max(_SETTLE_BLOCK, len(mixes))), 0)
         block, used = self._settling
-        self._compute(mixes, block[used : used + len(mixes)].numpy())
+        self._compute(mixes, block[used : used + len(mixes)])
         self._keep(mixes, block, offset=used)
         self._settling = (block, used + len(mixes))
 
@@ -486,7 +486,7 @@ class Mixer:
         each input is for, counted per peer) lets ``settle_spent`` tell old means from new.
         """
         pending = [m if self.is_pending(m) else None for m in mixes]
-        self._compute(pending, out.numpy())
+        self._compute(pending, out)
         forget, remember, ref = self._pending.pop, self._spent.append, weakref.ref
         for index, mix in enumerate(pending):
             if mix is None:
@@ -533,7 +533,12 @@ class Mixer:
             mix._weights = None
             self._pending.pop(id(mix), None)
 
-    def _compute(self, mixes: Sequence[PendingMix | None], out: np.ndarray | None) -> np.ndarray:
+    def _empty(self, rows: int) -> torch.Tensor:
+        """``rows`` uninitialised rows where this mixer keeps values (a chunk, a settle
+        block): the CPU here, the device for ``sim.device.DeviceMixer``."""
+        return torch.empty((rows, self.dim), dtype=torch.float32)
+
+    def _compute(self, mixes: Sequence[PendingMix | None], out: torch.Tensor) -> None:
         """``out[i] = sum_k w_ik rows_ik`` for each mix (``None``: row left at zero).
 
         One sparse product per source buffer, in buffer order, each accumulated on zeros
@@ -564,21 +569,17 @@ class Mixer:
             elif type(given) is torch.Tensor and given.dim() == 1 and not given.requires_grad:
                 flat = given.numpy()  # the usual case, a view: no per-peer torch call
             else:
-                flat = plain(given).detach().reshape(-1).numpy()
+                flat = plain(given).detach().reshape(-1).cpu().numpy()
             weights.append(flat)
         values = (np.concatenate(weights) if weights else np.zeros(0, dtype=np.float32)).astype(
             np.float32, copy=False
         )
         key_array = np.array(keys, dtype=np.int64)
-        if out is None:
-            out = np.zeros((len(mixes), self.dim), dtype=np.float32)
-        else:
-            out.fill(0.0)
+        out.zero_()
         buffers = key_array >> _ROW_BITS
         columns = key_array & ((1 << _ROW_BITS) - 1)
         idents = np.unique(buffers)
         for ident in idents.tolist():
-            source = self.arena.buffers[ident]
             if len(idents) == 1:  # the usual case: every input row in one buffer
                 per_mix, cols, data = np.array(counts, dtype=np.int64), columns, values
             else:
@@ -588,9 +589,15 @@ class Mixer:
                 cols, data = columns[mask], values[mask]
             indptr = np.zeros(len(mixes) + 1, dtype=np.int64)
             np.cumsum(per_mix, out=indptr[1:])
-            _accumulate(indptr, cols, data, source, out)
+            self._product(ident, indptr, cols, data, out)
             self.products += 1
-        return out
+
+    def _product(
+        self, ident: int, indptr: np.ndarray, columns: np.ndarray, weights: np.ndarray, out: torch.Tensor
+    ) -> None:
+        """``out += A @ buffer`` for the CSR matrix ``A = (weights, columns, indptr)`` over
+        arena buffer ``ident``: scipy's kernel on the CPU's numpy buffers."""
+        _accumulate(indptr, columns, weights, self.arena.buffers[ident], out.numpy())
 
 
 def _accumulate(

@@ -34,6 +34,7 @@ from p2pfl.protocols.records import Keyring
 from p2pfl.protocols.registry import mixing_scheme, protocol_class
 from sim.adversary import Adversary, plan_adversary
 from sim.conditions import apply_conditions
+from sim.device import simulation_device, trainer_scope_error
 from sim.disruptions import DisruptionRuntime, install_disruptions
 from sim.engine import Engine
 from sim.metrics import Evaluator, RowRecorder, write_csv
@@ -69,9 +70,18 @@ class Simulation:
     keyring: Keyring | None = None
 
 
-def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> Simulation:
+def build_simulation(
+    scenario: Scenario, *, dataset: Dataset | None = None, device_path: bool = False
+) -> Simulation:
+    """The engine, peers and evaluator of ``scenario``, every peer started.
+
+    ``device_path`` runs the device path's torch code even for ``sim.device = "cpu"``
+    (see ``sim.device.simulation_device``): tests and benchmarks compare it with the
+    default numpy/scipy path on a machine without a GPU.
+    """
     seed = scenario.seed
     use_torch_threads(scenario.sim.threads)
+    device = simulation_device(scenario, force=device_path)  # None: the default CPU path
     topo = scenario.topology
     declared = protocol_class(scenario.protocol)  # what the protocol declares to drivers
     try:
@@ -103,6 +113,8 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
         dataset=dataset,
     )
     trainer = commons.trainer
+    if device is not None and (refusal := trainer_scope_error(trainer, scenario)) is not None:
+        raise ScenarioError(refusal)
     share_of = {int(holder): k for k, holder in enumerate(holders)}
     setups = [commons.peer(i, share_of.get(i)) for i in range(n)]
     samplers: list[BatchSampler | None] = [setup.sampler for setup in setups]
@@ -113,7 +125,7 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
     if scheme is not None:
         matrix = metropolis_hastings(graph) if scheme == "metropolis_hastings" else uniform(graph)
         mixing = matrix.tocsr()
-    executor = TrainingExecutor(trainer, samplers, backend=scenario.sim.backend)
+    executor = TrainingExecutor(trainer, samplers, backend=scenario.sim.backend, device=device)
     # The batched backend defers the protocols' plain means (one sparse product per chunk).
     aggregate = deferred_aggregate(executor.mixer, commons.aggregate)
     protocols: list[Protocol] = []
@@ -172,6 +184,7 @@ def build_simulation(scenario: Scenario, *, dataset: Dataset | None = None) -> S
         eval_peers=scenario.sim.eval_peers,
         test_samples=scenario.sim.eval_test_samples,
         seed=seed,
+        device=device,
     )
     simulation = Simulation(scenario, engine, evaluator, dataset, trainer, peer_ids, graph, relays, data_sizes)
     simulation.keyring = keyring

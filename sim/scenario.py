@@ -13,11 +13,12 @@ runtime modules that carry them out, which import it (imports in ``sim`` run one
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from p2pfl.config import (
     DEFAULT_TORCH_THREADS,
@@ -87,6 +88,17 @@ class SimConfig(Strict):
     #: as a node running that key is, so protocols that order peers by id choose as
     #: those nodes do (see sim.naming)
     peer_names: Literal["index", "keys"] = "index"
+    #: where the batched path keeps its rows, training and evaluation: "cpu" (the
+    #: numpy/scipy path) or "cuda" / "cuda:N" (sim.device, docs/gpu.md; checked for
+    #: CUDA and for what the device path covers when the run is built)
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+            raise ValueError("expected 'cpu', 'cuda' or 'cuda:N'")
+        return value
 
 
 class Scenario(Strict):

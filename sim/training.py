@@ -17,6 +17,13 @@ model is a row of a shared buffer, or a mean of such rows.
 ``backend="per_peer"`` runs the same jobs one model at a time, in the same order per peer,
 with plain tensors and eager means: the reference path for equivalence tests and the
 baseline of the benchmark.
+
+With a ``device`` (``sim.device``; see ``sim.device`` and docs/gpu.md) the batched path
+keeps everything on that device: the arena's blocks (``DeviceArena``), the deferred means
+(``DeviceMixer``), the scratch, and the training data, moved there once; per chunk only
+the batch indices go over and the losses and row bounds come back. Without one (the
+default) it is the numpy/scipy path above, untouched. ``device=torch.device("cpu")``
+runs the device path's torch code on the CPU: how it is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from p2pfl.learning import BatchSampler, LocalTrainer
+from sim.device import DeviceArena, DeviceMixer, device_chunk
 from sim.memory import arena_rows, release_free_heap
 from sim.mixing import Mixer, RowArena, consecutive, plain
 
@@ -55,25 +63,42 @@ class TrainingExecutor:
         transforms: dict[int, BatchTransform] | None = None,
         max_batch: int | None = None,
         defer_mixing: bool | None = None,
+        device: torch.device | None = None,
     ) -> None:
         if backend not in ("batched", "per_peer"):
             raise ValueError(f"training backend must be 'batched' or 'per_peer', got {backend!r}")
         if defer_mixing and backend != "batched":
             raise ValueError("defer_mixing needs the batched backend")
+        if device is not None and (backend != "batched" or defer_mixing is False or transforms):
+            raise ValueError("the device path needs the batched backend, deferred means and no batch transforms")
         self.trainer = trainer
         self.samplers = samplers
         self.backend = backend
         self.transforms = transforms or {}
+        #: where the device path keeps rows, means and training data (``None``: numpy/scipy)
+        self.device = device
         #: peers per batched call: activations stay in cache (see ``LocalTrainer.peers_per_call``)
-        self.chunk = max_batch or trainer.peers_per_call(trainer.batch_size)
+        self.chunk = max_batch or (
+            trainer.peers_per_call(trainer.batch_size) if device is None else device_chunk(trainer, device)
+        )
         if defer_mixing is None:
             defer_mixing = backend == "batched"
         #: where results live: one buffer of room for a few rounds of peers (the round
         #: being trained and the rounds its means read), reused a block at a time as rows die
-        self.arena = RowArena(
-            trainer.dim, capacity=arena_rows(len(samplers), self.chunk, row_bytes=4 * trainer.dim)
-        )
-        self.mixer: Mixer | None = Mixer(self.arena, chunk=self.chunk) if defer_mixing else None
+        self.arena: RowArena | DeviceArena
+        self.mixer: Mixer | None
+        if device is None:
+            rows = arena_rows(len(samplers), self.chunk, row_bytes=4 * trainer.dim)
+            self.arena = RowArena(trainer.dim, capacity=rows)
+            self.mixer = Mixer(self.arena, chunk=self.chunk) if defer_mixing else None
+        else:
+            # the device's own arena (3 rounds of rows, no address-space cap: it allocates
+            # blocks as it goes) and the training data, moved there once
+            self.arena = DeviceArena(trainer.dim, 3 * len(samplers) + 2 * self.chunk, device)
+            self.mixer = DeviceMixer(self.arena, chunk=self.chunk)
+        #: the trainer the batched path calls: on the device path, one whose training data
+        #: were moved there once (only batch indices travel per chunk)
+        self.batch_trainer = trainer if device is None else trainer.on_device(device)
         #: one chunk's training inputs (deferred means computed for it), reused
         self.scratch: torch.Tensor | None = None
         self._trim_at = len(samplers)  # see ``flush``: give the start models' memory back
@@ -160,10 +185,14 @@ class TrainingExecutor:
             results: list[torch.Tensor] = []
             # Equal chunks (190 jobs: 95 + 95, not 152 + 38): no tiny call at the end.
             size = -(-len(group) // -(-len(group) // self.chunk))
+            # The device arena's blocks are tensors of their own, and a mean whose rows lie
+            # in k blocks costs k products: the whole group's results go into one block.
+            block = self.arena.take(len(group)) if self.device is not None else None
             for start in range(0, len(group), size):
                 stop = min(start + size, len(group))
                 while start < stop:  # a chunk, in as many pieces as the arena's holes need
-                    start += self._run_piece(group, start, stop, steps, losses, results)
+                    start += self._run_piece(group, start, stop, steps, losses, results, block)
+            del block
             for job, result, loss in zip(group, results, losses.tolist(), strict=True):
                 job.result = result
                 job.loss = loss
@@ -172,10 +201,15 @@ class TrainingExecutor:
     def _run_piece(
         self, group: list[TrainJob], start: int, stop: int, steps: int,
         losses: torch.Tensor, results: list[torch.Tensor],
+        block: tuple[int, int, torch.Tensor] | None = None,
     ) -> int:
         """Train ``group[start:stop]``, or as much of it as the arena's first hole takes
-        (at least ``min_piece`` rows unless fewer are left); how many jobs it trained."""
-        ident, first, target = self.arena.take(stop - start, at_least=min(stop - start, self.min_piece))
+        (at least ``min_piece`` rows unless fewer are left); how many jobs it trained.
+        ``block`` (the device path): the group's rows, taken already."""
+        if block is None:
+            ident, first, target = self.arena.take(stop - start, at_least=min(stop - start, self.min_piece))
+        else:
+            ident, first, target = block[0], block[1] + start, block[2][start:stop]
         stop = start + target.shape[0]
         chunk = group[start:stop]
         generations = [self.generation[job.peer] for job in chunk]
@@ -193,7 +227,7 @@ class TrainingExecutor:
             transforms = None
             if self.transforms:
                 transforms = [self.transforms.get(job.peer) for job in chunk]
-            _, losses[start:stop] = self.trainer.train_batched(
+            _, losses[start:stop] = self.batch_trainer.train_batched(
                 source, samplers, steps, transforms=transforms, chunk=len(chunk), out=target  # type: ignore[arg-type]
             )
         if self.mixer is not None:
@@ -227,11 +261,16 @@ class TrainingExecutor:
         rows = consecutive(params)
         if rows is not None:
             return rows
+        if self.device is not None:  # the start model (CPU) or device rows
+            torch.stack([plain(p).to(self.device) for p in params], out=target)
+            return target
         torch.stack([plain(p) for p in params], out=target)
         return target
 
     def _scratch(self, rows: int) -> torch.Tensor:
         """``rows`` rows of the shared scratch (allocated once, at the largest chunk)."""
         if self.scratch is None or self.scratch.shape[0] < rows:
-            self.scratch = torch.empty((max(rows, self.chunk), self.trainer.dim), dtype=torch.float32)
+            self.scratch = torch.empty(
+                (max(rows, self.chunk), self.trainer.dim), dtype=torch.float32, device=self.device
+            )
         return self.scratch[:rows]

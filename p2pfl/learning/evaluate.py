@@ -80,11 +80,13 @@ def evaluate(
     ``params`` is one vector ``(d,)`` (treated as a stack of one: results have shape
     ``(1,)``) or a stack ``(B, d)``. ``chunk`` models and ``sample_chunk`` test samples
     are evaluated together (defaults keep activations within a fixed memory budget).
+    The sums are kept where ``params`` and the test data are (an accelerator's: the
+    simulator's ``sim.device``); the results come back on the CPU.
     """
     stack = _as_stack(trainer, params)
     num = len(stack)
-    correct = torch.zeros(num, dtype=torch.float64)
-    loss_sum = torch.zeros(num, dtype=torch.float64)
+    correct = torch.zeros(num, dtype=torch.float64, device=stack.device)
+    loss_sum = torch.zeros(num, dtype=torch.float64, device=stack.device)
     for rows, cols, logits in _logit_blocks(trainer, stack, x, chunk, sample_chunk):
         target = y[cols]
         k, m = logits.shape[:2]
@@ -93,7 +95,7 @@ def evaluate(
         correct[rows] += (logits.argmax(dim=-1) == target).sum(dim=1, dtype=torch.float64)
     n = max(len(x), 1)
     return EvalResult(
-        accuracy=(correct / n).to(torch.float32), loss=(loss_sum / n).to(torch.float32)
+        accuracy=(correct / n).to(torch.float32).cpu(), loss=(loss_sum / n).to(torch.float32).cpu()
     )
 
 

@@ -131,6 +131,14 @@ class LocalTrainer:
         """How many peers one batched call handles, keeping activations in budget."""
         return max(1, ACTIVATION_BUDGET // (self._activation * max(samples_per_peer, 1)))
 
+    def on_device(self, device: torch.device) -> LocalTrainer:
+        """This trainer with its training data on ``device``: a copy sharing the model and
+        the kernels, whose batched path gathers batches there, so that only the batch
+        indices travel (the simulator's ``sim.device``)."""
+        moved = copy.copy(self)
+        moved.x, moved.y = self.x.to(device), self.y.to(device)
+        return moved
+
     def init_params(self, seed: int) -> torch.Tensor:
         """A freshly initialised parameter vector, the same for the same seed.
 
@@ -233,7 +241,7 @@ class LocalTrainer:
             out = torch.empty_like(params, memory_format=torch.contiguous_format)
         if any(s.batch_size != self.batch_size for s in samplers):
             raise ValueError(f"every sampler must draw batches of {self.batch_size}")
-        losses = torch.zeros(num, dtype=torch.float32)
+        losses = torch.zeros(num, dtype=torch.float32, device=params.device)
         chunk = chunk or self.peers_per_call(self.batch_size)
         for start in range(0, num, chunk):
             stop = min(start + chunk, num)
@@ -280,7 +288,7 @@ class LocalTrainer:
         return F.cross_entropy(self._logits(params, x), y)
 
     def _gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+        t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)).to(self.x.device)
         return self.x.index_select(0, t), self.y.index_select(0, t)
 
     def _gather_many(self, samplers: Sequence[BatchSampler]) -> tuple[torch.Tensor, torch.Tensor]:
