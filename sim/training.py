@@ -183,15 +183,18 @@ class TrainingExecutor:
         for steps, group in sorted(by_steps.items()):
             losses = torch.empty(len(group))
             results: list[torch.Tensor] = []
-            # Equal chunks (190 jobs: 95 + 95, not 152 + 38): no tiny call at the end.
-            size = -(-len(group) // -(-len(group) // self.chunk))
             # The device arena's blocks are tensors of their own, and a mean whose rows lie
             # in k blocks costs k products: the whole group's results go into one block.
             block = self.arena.take(len(group)) if self.device is not None else None
-            for start in range(0, len(group), size):
-                stop = min(start + size, len(group))
-                while start < stop:  # a chunk, in as many pieces as the arena's holes need
-                    start += self._run_piece(group, start, stop, steps, losses, results, block)
+            start = 0
+            while start < len(group):
+                # Equal chunks of what is left (190 jobs: 95 + 95, not 152 + 38), a chunk
+                # or as much of it as the arena's hole takes; after a hole the rest is cut
+                # into equal chunks again: no call of a few rows (each costs a training
+                # call and a product) at the end of a split chunk.
+                left = len(group) - start
+                size = -(-left // -(-left // self.chunk))
+                start += self._run_piece(group, start, start + size, steps, losses, results, block)
             del block
             for job, result, loss in zip(group, results, losses.tolist(), strict=True):
                 job.result = result
