@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import tomllib
@@ -98,21 +99,35 @@ def run_node(config: NodeConfig) -> dict[str, Any]:
             signal.signal(sig, handler)
 
 
+#: a level name (DEBUG, INFO, WARNING, ERROR) to see py-libp2p's own log at, the loggers
+#: it is otherwise quiet on included (``NOISY_LOGGERS`` in p2pfl/transport/libp2p.py): for
+#: diagnosing a network problem
+LIBP2P_LOG_ENV = "P2PFL_LIBP2P_LOG"
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def libp2p_logging() -> None:
+    """py-libp2p's log into this process's handlers: warnings and worse, its loggers of a
+    network's ordinary events quiet; ``P2PFL_LIBP2P_LOG=LEVEL`` shows all of it at that
+    level. A value that is no level name is a ``ConfigError`` (one line, exit 2)."""
+    from p2pfl.transport.libp2p import configure_libp2p_logging
+
+    wanted = os.environ.get(LIBP2P_LOG_ENV, "").strip().upper()
+    if not wanted:
+        configure_libp2p_logging(logging.WARNING)
+        return
+    if wanted not in _LEVELS:
+        raise NodeConfigError(f"{LIBP2P_LOG_ENV} = {wanted!r}: expected one of {', '.join(_LEVELS)}")
+    configure_libp2p_logging(getattr(logging, wanted), quiet=False)
+
+
 def make_transport(config: NodeConfig, identity: Identity) -> Libp2pTransport:
     """The node's libp2p transport, with the ``[network]`` table's addresses, sizes and
     resource limits (streams, buffered bytes, the frame deadline)."""
-    from p2pfl.transport.libp2p import Libp2pTransport, configure_libp2p_logging
+    from p2pfl.transport.libp2p import Libp2pTransport
     from p2pfl.transport.limits import TransportLimits
 
-    configure_libp2p_logging(logging.WARNING)
-    # A dial to a peer that is down is expected (peers crash, restart, leave); the node
-    # reports it in its own terms, so libp2p's per-attempt error lines are noise.
-    logging.getLogger("libp2p.transport.tcp").setLevel(logging.CRITICAL)
-    # The DHT warns of each peer it could not tell of a record (peers leave), and logs
-    # every peer record older than one it holds as an error: noise too.
-    logging.getLogger("libp2p.kad_dht").setLevel(logging.CRITICAL)
-    # The relay protocol logs a peer closing its stream after a reservation as an error.
-    logging.getLogger("libp2p.relay.circuit_v2.protocol").setLevel(logging.CRITICAL)
+    libp2p_logging()
     net = config.network
     return Libp2pTransport(
         identity.libp2p_keypair,
@@ -191,12 +206,9 @@ def run_relay(
     from libp2p.relay.circuit_v2.resources import RelayLimits
 
     from p2pfl.transport._nat import NatSettings
-    from p2pfl.transport.libp2p import Libp2pTransport, configure_libp2p_logging
+    from p2pfl.transport.libp2p import Libp2pTransport
 
-    configure_libp2p_logging(logging.WARNING)
-    for name in ("libp2p.transport.tcp", "libp2p.relay.circuit_v2.protocol"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    logging.getLogger("libp2p.kad_dht").setLevel(logging.CRITICAL)
+    libp2p_logging()
     nat = NatSettings(
         reachability="public",
         relay=True,

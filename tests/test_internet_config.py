@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -96,3 +97,45 @@ def test_relay_command_refuses_a_bad_listen_address_in_one_line(tmp_path: Path) 
     assert done.returncode == 2
     assert "--listen" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_libp2p_log_level_is_refused_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "P2PFL_LIBP2P_LOG": "loud"}
+    done = subprocess.run(
+        _relay_command(tmp_path, "--listen", "/ip4/127.0.0.1/tcp/0"),
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "P2PFL_LIBP2P_LOG = 'LOUD': expected one of DEBUG, INFO, WARNING, ERROR" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "libp2p_level", "noisy_level"),
+    [
+        (None, logging.WARNING, logging.CRITICAL),  # the default: ordinary events quiet
+        ("debug", logging.DEBUG, logging.NOTSET),  # diagnosis: all of it, at that level
+        ("WARNING", logging.WARNING, logging.NOTSET),
+    ],
+)
+def test_libp2p_log_is_quiet_on_ordinary_events_unless_asked(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, libp2p_level: int, noisy_level: int
+) -> None:
+    from p2pfl.nodecli import libp2p_logging
+    from p2pfl.transport.libp2p import NOISY_LOGGERS
+
+    names = ["libp2p", *NOISY_LOGGERS]
+    saved = {name: (logging.getLogger(name).level, logging.getLogger(name).propagate) for name in names}
+    if value is None:
+        monkeypatch.delenv("P2PFL_LIBP2P_LOG", raising=False)
+    else:
+        monkeypatch.setenv("P2PFL_LIBP2P_LOG", value)
+    try:
+        libp2p_logging()
+        assert logging.getLogger("libp2p").level == libp2p_level
+        assert logging.getLogger("libp2p").propagate
+        assert {logging.getLogger(name).level for name in NOISY_LOGGERS} == {noisy_level}
+    finally:
+        for name, (level, propagate) in saved.items():
+            logging.getLogger(name).setLevel(level)
+            logging.getLogger(name).propagate = propagate

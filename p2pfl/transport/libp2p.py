@@ -152,8 +152,19 @@ _DIRECT_FIRST = 3.0
 _log = logging.getLogger(__name__)
 
 
-def configure_libp2p_logging(level: int = logging.WARNING, *, propagate: bool = True) -> None:
-    """Set the level of py-libp2p's ``libp2p`` logger and let its records reach the root handlers.
+#: py-libp2p loggers that report a network's ordinary events as warnings or errors, kept
+#: quiet by ``configure_libp2p_logging``: a dial to a peer that is down (peers crash,
+#: restart, leave; the node reports it in its own terms), the DHT's peers that could not
+#: be told of a record and its records older than one it holds, the relay's peer that
+#: closed its stream after a reservation
+NOISY_LOGGERS = ("libp2p.transport.tcp", "libp2p.kad_dht", "libp2p.relay.circuit_v2.protocol")
+
+
+def configure_libp2p_logging(
+    level: int = logging.WARNING, *, propagate: bool = True, quiet: bool = True
+) -> None:
+    """Set the level of py-libp2p's ``libp2p`` logger and let its records reach the root
+    handlers; with ``quiet``, :data:`NOISY_LOGGERS` report only critical records.
 
     py-libp2p turns propagation off, so without this its warnings bypass the
     application's handlers and go to Python's last-resort stderr handler.
@@ -161,6 +172,8 @@ def configure_libp2p_logging(level: int = logging.WARNING, *, propagate: bool = 
     logger = logging.getLogger("libp2p")
     logger.setLevel(level)
     logger.propagate = propagate
+    for name in NOISY_LOGGERS:  # NOTSET: the ``libp2p`` logger's level applies
+        logging.getLogger(name).setLevel(logging.CRITICAL if quiet else logging.NOTSET)
 
 
 class _NoAutoConnect(AutoConnector):
