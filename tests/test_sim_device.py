@@ -17,6 +17,7 @@ from sim.errors import ScenarioError
 from sim.mixing import plain
 from sim.runner import build_simulation
 from sim.scenario import scenario_from_dict
+from tests.device_kit import digits_scenario
 from topologies import metropolis_hastings
 
 N, ROUNDS = 30, 3
@@ -24,16 +25,7 @@ PEERS = [0, 7, 15, 29]
 
 
 def scenario() -> dict:
-    return {
-        "name": "device-test",
-        "seed": 4,
-        "rounds": ROUNDS,
-        "data": {"dataset": "digits", "partition": "iid", "batch_size": 16},
-        "model": {"name": "mlp", "hidden": [16], "lr": 0.1},
-        "topology": {"kind": "regular", "n": N, "params": {"k": 4}},
-        "protocol": {"name": "dpsgd"},
-        "sim": {"eval_every": ROUNDS, "threads": 1},
-    }
+    return digits_scenario("device-test", n=N, rounds=ROUNDS, lr=0.1, eval_every=ROUNDS)
 
 
 def device_models(device: str) -> torch.Tensor:

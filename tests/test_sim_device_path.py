@@ -21,21 +21,15 @@ from sim.errors import ScenarioError
 from sim.mixing import RowArena, plain
 from sim.runner import build_simulation, run_simulation
 from sim.scenario import scenario_from_dict
+from tests.device_kit import digits_scenario
 
 N, ROUNDS = 30, 4
 
 
 def scenario(protocol: str = "dpsgd", rounds: int = ROUNDS, **sim: object) -> dict:
-    return {
-        "name": "device-path",
-        "seed": 4,
-        "rounds": rounds,
-        "data": {"dataset": "digits", "partition": "iid", "batch_size": 16},
-        "model": {"name": "mlp", "hidden": [16], "lr": 0.3},
-        "topology": {"kind": "regular", "n": N, "params": {"k": 4}},
-        "protocol": {"name": protocol, "local_steps": 4},
-        "sim": {"eval_every": 2, "threads": 1, **sim},
-    }
+    return digits_scenario(
+        "device-path", n=N, rounds=rounds, lr=0.3, eval_every=2, protocol=protocol, local_steps=4, **sim
+    )
 
 
 def run(raw: dict, *, device_path: bool) -> tuple[torch.Tensor, list[float], list[float], object]:
