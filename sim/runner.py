@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -113,8 +113,14 @@ def build_simulation(
         dataset=dataset,
     )
     trainer = commons.trainer
-    if device is not None and (refusal := trainer_scope_error(trainer, scenario)) is not None:
-        raise ScenarioError(refusal)
+    if device is not None:
+        refusal = trainer_scope_error(trainer, scenario)
+        if refusal is not None:
+            raise ScenarioError(refusal)
+        # every peer starts from the start vector on the device: a protocol that combines
+        # its own model with a received one before either was trained (gossip's merge)
+        # then never puts a CPU and a device tensor into one operation
+        commons = replace(commons, start=commons.start.to(device))
     share_of = {int(holder): k for k, holder in enumerate(holders)}
     setups = [commons.peer(i, share_of.get(i)) for i in range(n)]
     samplers: list[BatchSampler | None] = [setup.sampler for setup in setups]
