@@ -22,6 +22,7 @@ from p2pfl.transport.base import FrameAbuse, TransportError
 from p2pfl.transport.libp2p import Libp2pTransport
 from p2pfl.transport.limits import TransportLimits
 from p2pfl.transport.memory import MemoryNetwork
+from tests.transport_kit import Inbox, eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 MIB = 1 << 20
@@ -30,19 +31,6 @@ MIB = 1 << 20
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class Inbox:
-    """Collects (sender, payload) pairs; optionally holds each handler call for a while."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-    def __call__(self, sender: str, data: Any) -> None:
-        self.queue.put_nowait((sender, data))
-
-    async def get(self, timeout: float = 10.0) -> tuple[str, Any]:
-        return await asyncio.wait_for(self.queue.get(), timeout)
 
 
 Factory = Callable[..., Awaitable[tuple[Libp2pTransport, Inbox, Inbox]]]
@@ -64,13 +52,6 @@ async def make() -> AsyncIterator[Factory]:
     yield factory
     for transport in created:
         await transport.close()
-
-
-async def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_frames_over_a_peers_share_wait_their_turn_and_all_arrive(make: Factory) -> None:
@@ -115,7 +96,7 @@ async def test_a_peer_sending_past_its_window_is_disconnected_and_reported(make:
 
     await rogue._bridge.run(flood)
     assert await abuse.get() == (rogue.peer_id, FrameAbuse.OVERSIZED)
-    await wait_until(lambda: rogue.peer_id not in receiver.connected_peers())
+    await eventually(lambda: rogue.peer_id not in receiver.connected_peers(), 10.0, "the rogue is cut off")
     assert receiver.stats()["rejected_oversized"] == 1 and inbox.queue.empty()
 
 
@@ -127,8 +108,8 @@ async def test_a_banned_peer_is_disconnected_and_refused(make: Factory) -> None:
     assert (await inbox.get()) == (peer.peer_id, b"before")
     receiver.ban(peer.peer_id, 60.0)
     assert receiver.is_banned(peer.peer_id)
-    await wait_until(lambda: peer.peer_id not in receiver.connected_peers())
-    await wait_until(lambda: receiver.peer_id not in peer.connected_peers())
+    await eventually(lambda: peer.peer_id not in receiver.connected_peers(), 10.0, "the receiver drops the peer")
+    await eventually(lambda: receiver.peer_id not in peer.connected_peers(), 10.0, "the peer sees it dropped")
     with pytest.raises(TransportError):
         await peer.connect(receiver.listen_addrs[0])
         await peer.send(receiver.peer_id, b"after", timeout=5)

@@ -16,15 +16,16 @@ Factory = Callable[..., Awaitable[Libp2pTransport]]
 
 
 class Inbox:
-    """Collects (sender, payload) pairs from a handler and lets a test await them."""
+    """Collects (sender, payload) pairs from a handler and lets a test await them (a
+    frame handler's payloads are bytes, an abuse handler's ``FrameAbuse`` reports)."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
-    def __call__(self, sender: str, data: bytes) -> None:
+    def __call__(self, sender: str, data: Any) -> None:
         self.queue.put_nowait((sender, data))
 
-    async def get(self, timeout: float = 10.0) -> tuple[str, bytes]:
+    async def get(self, timeout: float = 10.0) -> tuple[str, Any]:
         return await asyncio.wait_for(self.queue.get(), timeout)
 
 
