@@ -7,8 +7,9 @@ At large N, evaluating every peer on the whole test set would dominate the run, 
 scenario may name a fixed random sample of peers and a test subset; the row says so.
 
 On the device path (``sim.device``) the evaluator keeps the test data on the device and
-evaluates the peers' rows there (``p2pfl.learning.evaluate`` works where its inputs are);
-models still on the CPU (the start model) are copied over; the results come back.
+evaluates the peers' models there, where every one of them is (the start model included:
+it is moved when the run is built); ``p2pfl.learning.evaluate`` works where its inputs
+are, and the results come back.
 """
 
 from __future__ import annotations
@@ -90,9 +91,7 @@ class Evaluator:
         if test_samples and test_samples < len(y_test):
             keep = torch.from_numpy(np.sort(rng.choice(len(y_test), test_samples, replace=False)))
             x_test, y_test = x_test[keep], y_test[keep]
-        #: where the models are evaluated (``None``: the CPU, by ``p2pfl.learning.evaluate``)
-        self.device = device
-        if device is not None:
+        if device is not None:  # where the peers' models are (the device path's)
             x_test, y_test = x_test.to(device), y_test.to(device)
         self.trainer = trainer
         self.x_test = x_test
@@ -119,27 +118,11 @@ class Evaluator:
         loss = torch.cat(losses).double() if losses else empty
         return acc, loss
 
-    def _on_device(self, models: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``models`` where they are evaluated: on the device path, a model still on the
-        CPU (the start model, before a peer's first round) is copied over, once however
-        many peers share it (at round 0 every peer holds the same start tensor)."""
-        device = self.device
-        if device is None:
-            return models
-        moved: dict[int, torch.Tensor] = {}  # by id: ``models`` keeps the originals alive
-        out = []
-        for model in models:
-            copy = moved.get(id(model))
-            if copy is None:
-                copy = moved[id(model)] = model.to(device)
-            out.append(copy)
-        return out
-
     def measure(self, engine: Engine, round_: int) -> dict[str, Any]:
         started = time.perf_counter()
         candidates = self.peer_sample if self.peer_sample is not None else np.arange(engine.n)
         alive = [int(i) for i in candidates if engine.alive[i] and engine.started[i]]
-        models = self._on_device([plain(engine.protocols[i].params) for i in alive])
+        models = [plain(engine.protocols[i].params) for i in alive]
         live_acc, live_loss = self._evaluate(models)
         # per-peer accuracies, for breakdowns such as accuracy per connected component
         self.last_peers, self.last_accuracy = alive, live_acc.numpy()
@@ -147,7 +130,7 @@ class Evaluator:
         # over survivors only hides what the dead devices' owners are left with. They are
         # evaluated only when there are any (runs without failures pay nothing).
         dead = [int(i) for i in candidates if not engine.alive[i] and engine.started[i]]
-        dead_acc, _ = self._evaluate(self._on_device([plain(engine.protocols[i].params) for i in dead]))
+        dead_acc, _ = self._evaluate([plain(engine.protocols[i].params) for i in dead])
         self.last_all_peers = alive + dead
         self.last_all_accuracy = torch.cat([live_acc, dead_acc]).numpy()
         nan = torch.full((1,), float("nan"), dtype=torch.float64)

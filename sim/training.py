@@ -264,9 +264,6 @@ class TrainingExecutor:
         rows = consecutive(params)
         if rows is not None:
             return rows
-        if self.device is not None:  # the start model (CPU) or device rows
-            torch.stack([plain(p).to(self.device) for p in params], out=target)
-            return target
         torch.stack([plain(p) for p in params], out=target)
         return target
 
