@@ -532,7 +532,7 @@ class NatTraversal:
                 or "/tcp/" not in text
                 or text in tried
                 or text in ours
-                or (not loopback_ok and ("/127." in text or "/::1/" in text))
+                or (not loopback_ok and _is_loopback(text))
             ):
                 continue
             tried.add(text)
@@ -652,4 +652,9 @@ def _subnet(addr: str) -> str | None:
 def _all_loopback(host: IHost) -> bool:
     """Whether this host only listens on loopback (tests): loopback relay addresses count."""
     own = [str(a) for a in host.get_addrs() if not is_circuit(str(a))]
-    return all("/127." in a or "/::1/" in a for a in own)
+    return all(_is_loopback(a) for a in own)
+
+
+def _is_loopback(addr: str) -> bool:
+    """Whether a multiaddr's IP is a loopback one (IPv4 127/8, IPv6 ::1)."""
+    return "/127." in addr or "/::1/" in addr

@@ -567,7 +567,7 @@ class Libp2pTransport(Transport):
     async def _shutdown(self) -> None:
         assert self._stop is not None and self._stopped is not None
         self._stop.set()
-        linger = float(getattr(self.nat, "linger", 0.0) or 0.0)
+        linger = self.nat.linger if self.nat is not None else 0.0
         with trio.move_on_after(10.0 + linger):
             await self._stopped.wait()
 
