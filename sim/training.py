@@ -92,9 +92,9 @@ class TrainingExecutor:
             self.arena = RowArena(trainer.dim, capacity=rows)
             self.mixer = Mixer(self.arena, chunk=self.chunk) if defer_mixing else None
         else:
-            # the device's own arena (3 rounds of rows, no address-space cap: it allocates
-            # blocks as it goes) and the training data, moved there once
-            self.arena = DeviceArena(trainer.dim, 3 * len(samplers) + 2 * self.chunk, device)
+            # the device's own arena, as many rows (no cap from the host's memory: its
+            # blocks are the device's, allocated as they go)
+            self.arena = DeviceArena(trainer.dim, arena_rows(len(samplers), self.chunk), device)
             self.mixer = DeviceMixer(self.arena, chunk=self.chunk)
         #: the trainer the batched path calls: on the device path, one whose training data
         #: were moved there once (only batch indices travel per chunk)
