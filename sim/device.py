@@ -96,7 +96,7 @@ class DeviceRounds:
         chunk: int | None = None,
     ) -> None:
         self.device = torch.device(device) if isinstance(device, str) else device
-        stacked = getattr(trainer, "_stacked", None)
+        stacked = trainer.stacked_kernel
         if stacked is None:
             raise ScenarioError(
                 "sim.device: the device path trains Flatten/Linear/ReLU models only (model.name = 'mlp' or 'logreg')"
@@ -239,7 +239,7 @@ def device_scope_error(scenario: Scenario) -> str | None:
 
 def trainer_scope_error(trainer: LocalTrainer, scenario: Scenario) -> str | None:
     """Why ``trainer``'s model cannot train on the device path (one line), or ``None``."""
-    if getattr(trainer, "_stacked", None) is not None:
+    if trainer.stacked_kernel is not None:
         return None
     return f"sim.device = {scenario.sim.device!r}: model {scenario.model.name!r} not supported; {DEVICE_SCOPE}"
 

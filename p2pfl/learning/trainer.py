@@ -113,6 +113,12 @@ class LocalTrainer:
         return self._layout
 
     @property
+    def stacked_kernel(self) -> _StackedMLP | None:
+        """The batched SGD step of a Flatten/Linear/ReLU model (``None`` for any other
+        model, which trains through ``vmap``): what a device path can run as it is."""
+        return self._stacked
+
+    @property
     def dim(self) -> int:
         """Length of a parameter vector."""
         return self._layout.numel
