@@ -343,14 +343,50 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _count_live_rows(simulation: Any) -> dict[str, int]:
+    """Count, at every arena block handed out, the distinct arena rows that a row object
+    still alive references (a received model, a mean's input, a peer's own result).
+
+    The arena reuses memory a block (training chunk) at a time, so it can only hold more
+    than this; the peak of this count is what an allocator that reused every row the
+    moment nothing read it would still need (the rows being written not included).
+    Slow (a pass over every live row per block): a measurement, not a default.
+    """
+    import weakref
+
+    executor = simulation.engine.executor
+    mixer, arena = executor.mixer, executor.arena
+    live: weakref.WeakSet[Any] = weakref.WeakSet()
+    peak = {"live_rows": 0, "block_rows": 0, "live_at_block_peak": 0}
+    make_rows, take = mixer.rows, arena.take
+
+    def rows(*args: Any, **kwargs: Any) -> Any:
+        made = make_rows(*args, **kwargs)
+        live.update(made)
+        return made
+
+    def counted_take(*args: Any, **kwargs: Any) -> Any:
+        block = take(*args, **kwargs)
+        alive = len({row._key for row in list(live)})
+        peak["live_rows"] = max(peak["live_rows"], alive)
+        if arena.rows_in_use > peak["block_rows"]:
+            peak["block_rows"], peak["live_at_block_peak"] = arena.rows_in_use, alive
+        return block
+
+    mixer.rows, arena.take = rows, counted_take
+    return peak
+
+
 def part_memory(
-    n: int, rounds: int, dataset: str, threads: int, label: str = "memory", bandwidth: float | None = None
+    n: int, rounds: int, dataset: str, threads: int, label: str = "memory", bandwidth: float | None = None,
+    live_rows: bool = False,
 ) -> list[dict[str, Any]]:
     """Parameter rows per peer: (peak RSS - RSS before the build) / (N x d x 4 bytes).
 
     The dataset is loaded before the baseline is taken, so what is left is what the
     simulation holds for its peers: their parameter rows, and a little per-peer bookkeeping.
-    Run in a fresh process (the default) so that the peak is this run's alone.
+    Run in a fresh process (the default) so that the peak is this run's alone. With
+    ``live_rows``, also the peak of the rows something still reads (``_count_live_rows``).
     """
     import gc
 
@@ -367,6 +403,7 @@ def part_memory(
     start = _clock()
     simulation = build_simulation(scenario_from_dict(raw), dataset=data)
     build_wall, build_cpu = _since(start)
+    counted = _count_live_rows(simulation) if live_rows else None
     run_start = _clock()
     simulation.engine.run()  # the last round's means stay deferred, as in a run that evaluates a sample
     run_wall, run_cpu = _since(run_start)
@@ -383,6 +420,11 @@ def part_memory(
     )
     if bandwidth is not None:
         note += f"; uplinks {bandwidth:g} B/s"
+    if counted is not None:
+        note += (
+            f"; rows still read, peak {counted['live_rows'] / n:.2f} per peer (when the arena's blocks "
+            f"in use peaked at {counted['block_rows'] / n:.2f}: {counted['live_at_block_peak'] / n:.2f})"
+        )
     return [
         _row(
             label, n, rounds, "simulator", build_wall + run_wall, build_cpu + run_cpu,
@@ -602,6 +644,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-rounds", type=int, default=6)
     parser.add_argument("--memory-bandwidth", type=float, default=None,
                         help="uplink bytes/s of the memory part (default: the scenario's; 1e12: rounds do not overlap)")
+    parser.add_argument("--memory-live-rows", action="store_true",
+                        help="also count the rows something still reads (slow): a row-granular allocator's floor")
     parser.add_argument("--big-n", type=int, default=60_000, help="peers of the big part (peak RSS, wall per round)")
     parser.add_argument("--big-rounds", type=int, default=3)
     parser.add_argument("--big-bandwidth", type=float, default=None,
@@ -650,7 +694,7 @@ def main(argv: list[str] | None = None) -> None:
     if "memory" in parts:
         for n in (int(s) for s in args.memory_sizes.split(",")):
             tasks.append({"part": "memory", "n": n, "rounds": args.memory_rounds,
-                          "bandwidth": args.memory_bandwidth, **common})
+                          "bandwidth": args.memory_bandwidth, "live_rows": args.memory_live_rows, **common})
     if "big" in parts:
         tasks.append({"part": "big", "n": args.big_n, "rounds": args.big_rounds, "label": "big",
                       "bandwidth": args.big_bandwidth, **common})
