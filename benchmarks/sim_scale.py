@@ -433,10 +433,19 @@ def part_memory(
     ]
 
 
-def part_device(n: int, rounds: int, dataset: str, threads: int) -> list[dict[str, Any]]:
+#: what the device part can run (``--device-variants``): the bare rounds on each device,
+#: then the whole simulator on the default path, on the device path run on the CPU, on CUDA
+DEVICE_VARIANTS = ("bare-cpu", "bare-cuda", "sim-cpu", "sim-device-path", "sim-cuda")
+
+
+def part_device(
+    n: int, rounds: int, dataset: str, threads: int, variants: tuple[str, ...] = DEVICE_VARIANTS
+) -> list[dict[str, Any]]:
     """The batched rounds (train + mix, ``sim.device.DeviceRounds``) on the CPU and, where
     there is one, on CUDA: wall per round and peak device memory; the final models of
-    both are compared on a sample of peers."""
+    both are compared on a sample of peers. ``variants`` picks which of
+    ``DEVICE_VARIANTS`` run (CUDA ones only where there is CUDA): at 100,000 peers the
+    CPU ones take minutes a round."""
     import torch
 
     from sim.device import DeviceRounds, peak_device_bytes
@@ -445,7 +454,7 @@ def part_device(n: int, rounds: int, dataset: str, threads: int) -> list[dict[st
     from topologies import metropolis_hastings
 
     simulation = build_simulation(scenario_from_dict(scenario(n, rounds, dataset=dataset, threads=threads)))
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [d for d in ("cpu", "cuda") if f"bare-{d}" in variants and (d == "cpu" or torch.cuda.is_available())]
     weights = metropolis_hastings(simulation.graph)
     start = simulation.trainer.init_params(simulation.scenario.seed)
     sample = sorted({0, n // 3, n // 2, n - 1})
@@ -471,23 +480,27 @@ def part_device(n: int, rounds: int, dataset: str, threads: int) -> list[dict[st
         del rounds_on
     if "cuda" in finals:
         rows[-1]["max_param_diff"] = f"{float((finals['cuda'] - finals['cpu']).abs().max()):.1e}"
-    return rows + _device_simulator_rows(n, rounds, dataset, threads, sample)
+    return rows + _device_simulator_rows(n, rounds, dataset, threads, sample, variants)
 
 
-def _device_simulator_rows(n: int, rounds: int, dataset: str, threads: int, sample: list[int]) -> list[dict[str, Any]]:
-    """The whole simulator, one warm-up round then ``rounds`` timed, on each path."""
+def _device_simulator_rows(
+    n: int, rounds: int, dataset: str, threads: int, sample: list[int], wanted: tuple[str, ...] = DEVICE_VARIANTS
+) -> list[dict[str, Any]]:
+    """The whole simulator, one warm-up round then ``rounds`` timed, on each path asked
+    for; model differences are against the first path run (the default one, if asked)."""
     import torch
 
     from sim.device import DeviceArena
     from sim.runner import build_simulation
     from sim.scenario import scenario_from_dict
 
-    variants = [("simulator, default numpy/scipy path", "cpu", False),
-                ("simulator, device path on cpu", "cpu", True)]
+    variants = [("simulator, default numpy/scipy path", "cpu", False, "sim-cpu"),
+                ("simulator, device path on cpu", "cpu", True, "sim-device-path")]
     if torch.cuda.is_available():
-        variants.append(("simulator on cuda", "cuda", False))
+        variants.append(("simulator on cuda", "cuda", False, "sim-cuda"))
+    variants = [v for v in variants if v[3] in wanted]
     rows, reference = [], None
-    for label, device, forced in variants:
+    for label, device, forced, _name in variants:
         raw = scenario(n, 1 + rounds, dataset=dataset, threads=threads)
         raw["sim"]["device"] = device
         simulation = build_simulation(scenario_from_dict(raw), device_path=forced)
@@ -580,12 +593,34 @@ def _table(rows: list[dict[str, Any]]) -> str:
     shown = ["part", "n", "rounds", "variant", "wall_s", "cpu_s", "wall_per_round_s",
              "ratio_wall", "ratio_cpu", "peak_rss_mib", "max_param_diff"]
     cells = [[str(r[c]) for c in shown] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(shown)]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(shown)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(shown, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     notes = [f"- {r['part']} n={r['n']} {r['variant']}: {r['note']}" for r in rows if r["note"]]
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _plot_rows(rows: list[dict[str, Any]], path: Path, plt: Any) -> None:
+    """The parts other than ``ratio``: wall per round of every row, one bar each, with the
+    row's memory beside it (parameter rows per peer where measured, else peak RSS)."""
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
+    labels = [f"{r['part']} N={int(r['n']):,}: {r['variant']}" for r in rows]
+    walls = [float(r["wall_per_round_s"] or "nan") for r in rows]
+    ax.barh(range(len(rows)), walls)
+    for index, (row, wall) in enumerate(zip(rows, walls, strict=True)):
+        memory = (f"{float(row['rows_per_peer']):.2f} rows/peer" if row.get("rows_per_peer") not in (None, "")
+                  else f"{float(row['peak_rss_mib']) / 1024:.2f} GiB RSS" if row.get("peak_rss_mib") not in (None, "")
+                  else "")
+        ax.annotate(f" {wall:.3g} s  {memory}", (wall if wall == wall else 0.0, index), va="center")
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    ax.set_xlim(right=ax.get_xlim()[1] * 1.9)  # room for the annotations
+    ax.set_xlabel("wall seconds per round")
+    ax.set_title("D-PSGD, MNIST MLP, 4-regular")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -598,6 +633,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     sizes = sorted({int(r["n"]) for r in ratio})
     ratio = [{**r, "n": int(r["n"])} for r in ratio]
     if not sizes:
+        _plot_rows(rows, path, plt)
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.38
@@ -652,6 +688,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="uplink bytes/s of the big part (default: the scenario's; 1e12: rounds do not overlap)")
     parser.add_argument("--device-sizes", default="10000,100000", help="N for the device part (CPU vs CUDA)")
     parser.add_argument("--device-rounds", type=int, default=5)
+    parser.add_argument("--device-variants", default=",".join(DEVICE_VARIANTS),
+                        help=f"what the device part runs, a subset of {','.join(DEVICE_VARIANTS)}")
     parser.add_argument("--dataset", default=None, help="default mnist (digits with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV path (PNG beside it)")
@@ -678,6 +716,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(parts) - {"ratio", "scale", "reference", "memory", "big", "device"}
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    variants = [v.strip() for v in args.device_variants.split(",") if v.strip()]
+    if set(variants) - set(DEVICE_VARIANTS):
+        parser.error(f"unknown device variants: {', '.join(sorted(set(variants) - set(DEVICE_VARIANTS)))}")
     common = {"dataset": dataset, "threads": args.threads}
     tasks: list[dict[str, Any]] = []
     if "ratio" in parts:
@@ -700,7 +741,8 @@ def main(argv: list[str] | None = None) -> None:
                       "bandwidth": args.big_bandwidth, **common})
     if "device" in parts:
         for n in (int(s) for s in args.device_sizes.split(",")):
-            tasks.append({"part": "device", "n": n, "rounds": args.device_rounds, **common})
+            tasks.append({"part": "device", "n": n, "rounds": args.device_rounds,
+                          "variants": tuple(variants), **common})
 
     print(f"# sim_scale on {platform.node()} ({os.cpu_count()} cores), python {platform.python_version()}, "
           f"dataset {dataset}, {args.threads} torch thread(s) per process", flush=True)
@@ -718,8 +760,11 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    _plot(rows, args.out.with_suffix(".png"))
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    if rows:
+        _plot(rows, args.out.with_suffix(".png"))
+        print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    else:
+        print(f"\nwrote {args.out} (no rows: nothing to plot)")
 
 
 if __name__ == "__main__":
