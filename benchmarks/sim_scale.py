@@ -46,7 +46,10 @@ Three parts, each in a fresh subprocess (so its peak memory is its own):
 
 Wall time is what the targets are about; CPU time (``time.process_time``) is printed too,
 because on a shared machine it is far less noisy. Results go to a CSV and a PNG
-(``--out``, default ``benchmarks/results/sim_scale.csv``).
+(``--out``, default ``benchmarks/results/sim_scale.csv``). ``--plot CSV`` re-draws the PNG
+beside an existing results CSV and runs nothing:
+
+    python benchmarks/sim_scale.py --plot benchmarks/results/sim_scale_big60k_default.csv
 """
 
 from __future__ import annotations
@@ -661,6 +664,35 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+#: the columns ``_plot`` reads from every row
+PLOTTED = ("part", "n", "variant", "wall_per_round_s")
+
+
+def _plot_csv(path: Path) -> int:
+    """``--plot``: the PNG beside a results CSV of this script, from the CSV alone.
+
+    Returns the exit status: 2, with a one-line message, when the file is missing or is not
+    such a CSV."""
+    try:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as error:
+        print(f"error: --plot: cannot read {path}: {error.strerror}", file=sys.stderr)
+        return 2
+    missing = [c for c in PLOTTED if rows and c not in rows[0]]
+    if not rows or missing:
+        detail = f"missing: {', '.join(missing)}" if missing else "it has none"
+        print(f"error: --plot: {path} needs rows with columns {', '.join(PLOTTED)} ({detail})", file=sys.stderr)
+        return 2
+    try:
+        _plot(rows, path.with_suffix(".png"))
+    except (ValueError, KeyError, StopIteration) as error:
+        print(f"error: --plot: {path}: not a sim_scale results CSV ({error!r})", file=sys.stderr)
+        return 2
+    print(f"wrote {path.with_suffix('.png')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke: digits, small N, few rounds")
@@ -696,7 +728,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run the parts in this process (peak memory is then shared); --quick implies it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--plot", type=Path, metavar="CSV", help="only re-draw the PNG beside this results CSV")
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        status = _plot_csv(args.plot)
+        if status:
+            raise SystemExit(status)
+        return
     if args.worker:
         _worker(json.loads(args.worker))
         return

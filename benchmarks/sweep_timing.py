@@ -4,6 +4,7 @@
     python benchmarks/sweep_timing.py --subset        # its 3 x 3 corner (seeds_subset.toml): 27 cells each way
     python benchmarks/sweep_timing.py --pairs 2       # two pairs, the order alternated
     python benchmarks/sweep_timing.py --subset --first jobs   # --jobs 2 before serial
+    python benchmarks/sweep_timing.py --plot benchmarks/results/sweep_timing/timing.csv  # re-draw its PNG only
 
 Each way is one ``p2pfl sweep SWEEP --seeds 1-3 --out DIR [--jobs 2] --quiet``, a fresh
 process tree timed whole under the sampler of ``benchmarks/vs_flower.py`` (wall; CPU of
@@ -15,7 +16,9 @@ too: ``--jobs 2`` gains only from an idle second core (see BENCHMARKS.md, "Paral
 sweeps", on how Linux shares CPU between sessions).
 
 Written to ``--out`` (default ``benchmarks/results/sweep_timing``): ``timing.csv``, one
-row per sweep. The sweep folders go to a temporary folder (printed), removed when every
+row per sweep, and ``timing.png`` beside it (wall, CPU and peak RSS of each pair, serial
+against ``--jobs``). ``--plot CSV`` re-draws the PNG beside an existing timing CSV and runs
+nothing. The sweep folders go to a temporary folder (printed), removed when every
 sweep exited 0 with identical results, kept otherwise for a look.
 """
 
@@ -38,6 +41,7 @@ ROOT = HERE.parent
 REFERENCE = ROOT / "examples" / "resilience" / "sweep.toml"
 SUBSET = ROOT / "examples" / "resilience" / "seeds_subset.toml"
 COMPARED = ("results.csv", "seeds.csv")
+PLOTTED = ("pair", "jobs", "wall_s", "cpu_s", "peak_rss_mb")  # the columns the PNG needs
 
 
 def p2pfl_command() -> list[str]:
@@ -78,6 +82,87 @@ def time_sweep(sweep: Path, seeds: str, jobs: int, folder: Path, timeout: float)
     }
 
 
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Wall, CPU and peak RSS of each pair, serial beside ``--jobs``: the three things a
+    reader weighs (the speed-up, what it costs in CPU, and in memory), one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = sorted({int(r["pair"]) for r in rows})
+    jobs = sorted({int(r["jobs"]) for r in rows})
+    panels = (("wall_s", "wall seconds"), ("cpu_s", "CPU seconds (whole process tree)"), ("peak_rss_mb", "peak RSS (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    width = 0.8 / len(jobs)
+    for ax, (column, label) in zip(axes, panels, strict=True):
+        for slot, job in enumerate(jobs):
+            xs, values = [], []
+            for index, pair in enumerate(pairs):
+                row = next((r for r in rows if int(r["pair"]) == pair and int(r["jobs"]) == job), None)
+                if row is not None:
+                    xs.append(index + (slot - (len(jobs) - 1) / 2) * width)
+                    values.append(float(row[column]))
+            bars = ax.bar(xs, values, width, label="serial" if job == 1 else f"--jobs {job}")
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_xticks(range(len(pairs)), [_pair_label(rows, pair) for pair in pairs], fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the bar labels and the legend
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper center", ncol=len(jobs))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pair_label(rows: list[dict[str, Any]], pair: int) -> str:
+    """``pair N``, which way ran first, the serial/parallel wall ratio and the load average."""
+    mine = [r for r in rows if int(r["pair"]) == pair]
+    first = "serial" if int(mine[0]["jobs"]) == 1 else f"--jobs {mine[0]['jobs']}"
+    label = f"pair {pair}, {first} first"
+    serial = next((r for r in mine if int(r["jobs"]) == 1), None)
+    parallel = next((r for r in mine if int(r["jobs"]) > 1), None)
+    if serial is not None and parallel is not None and float(parallel["wall_s"]) > 0:
+        label += f"\nserial / parallel wall x{float(serial['wall_s']) / float(parallel['wall_s']):.2f}"
+    loads = [("serial" if int(r["jobs"]) == 1 else f"--jobs {r['jobs']}") + f" {r['load_before']}"
+             for r in sorted(mine, key=lambda r: int(r["jobs"])) if r.get("load_before") not in (None, "")]
+    if loads:
+        label += f"\nload avg before: {', '.join(loads)}"
+    return label
+
+
+def plot_csv(path: Path) -> int:
+    """Re-draw the PNG beside a timing CSV (``--plot``): nothing runs; 2 on a bad file."""
+    try:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as error:
+        print(f"error: --plot: cannot read {path}: {error.strerror}", file=sys.stderr)
+        return 2
+    missing = [c for c in PLOTTED if rows and c not in rows[0]]
+    if not rows or missing:
+        print(f"error: --plot: {path} needs rows with columns {', '.join(PLOTTED)}"
+              + (f" (missing: {', '.join(missing)})" if missing else " (it has none)"), file=sys.stderr)
+        return 2
+    try:
+        plot(rows, path.with_suffix(".png"), _title(rows, f"{path.parent.name}/{path.name}"))
+    except ValueError as error:
+        print(f"error: --plot: {path}: a value is not a number ({error})", file=sys.stderr)
+        return 2
+    print(f"written: {path.with_suffix('.png')}")
+    return 0
+
+
+def _title(rows: list[dict[str, Any]], name: str) -> str:
+    same = all(
+        len({r.get(f"md5_{n}") for r in rows if int(r["pair"]) == pair}) == 1
+        for pair in {int(r["pair"]) for r in rows} for n in COMPARED
+    )
+    verdict = "results identical" if same else "results DIFFER"
+    return f"p2pfl sweep, serial vs in parallel ({name}: {verdict})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=Path, default=None, help=f"sweep file (default {REFERENCE.relative_to(ROOT)})")
@@ -88,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", choices=["serial", "jobs"], default="serial", help="which way pair 0 runs first")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per sweep before it is killed")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "sweep_timing")
+    parser.add_argument("--plot", type=Path, metavar="CSV", help="only re-draw the PNG beside this timing CSV")
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        return plot_csv(args.plot)
     if args.sweep is not None and args.subset:
         parser.error("give --sweep or --subset, not both")
     sweep = SUBSET if args.subset else (args.sweep or REFERENCE)
@@ -116,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    plot(rows, args.out / "timing.png", _title(rows, f"{args.out.name}/timing.csv"))
     status = 0
     for pair in range(args.pairs):
         serial, parallel = (next(r for r in rows if r["pair"] == pair and (r["jobs"] == 1) == s) for s in (True, False))
@@ -127,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not same or serial["returncode"] or parallel["returncode"]:
             status = 1
-    print(f"written: {args.out / 'timing.csv'}")
+    print(f"written: {args.out / 'timing.csv'}, {args.out / 'timing.png'}")
     if status == 0:
         shutil.rmtree(work, ignore_errors=True)  # the figures are in timing.csv; the folders are large
     return status

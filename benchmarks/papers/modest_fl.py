@@ -26,7 +26,12 @@ rows repeat the all-peers reading). FL's claim is about the second.
 Output (``--out``, default ``benchmarks/results/papers``): ``modest_fl_runs.csv`` (one row
 per run and reading: round, virtual time, bytes to the target), ``modest_fl.csv`` (the
 table: mean and sample std over seeds, bytes ratio to D-PSGD per seed then averaged),
-``modest_fl.png`` (accuracy vs bytes of seed 1) and the table in Markdown on stdout.
+``modest_fl.png`` (accuracy vs bytes of seed 1), ``modest_fl_runs.png`` (rounds and bytes to
+the target per protocol, mean and std over seeds: the table's figures) and the table in
+Markdown on stdout. ``--plot RUNS_CSV`` re-draws ``modest_fl_runs.png`` beside an existing
+``modest_fl_runs.csv`` and runs nothing:
+
+    python benchmarks/papers/modest_fl.py --plot benchmarks/results/papers/mnist/modest_fl_runs.csv
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -48,12 +53,10 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/modest.py: the shared MoDeST set-up
 
-import modest  # noqa: E402
-import torch  # noqa: E402
-
-from p2pfl.learning import evaluate, load_dataset  # noqa: E402
-from sim.runner import build_simulation, run_simulation  # noqa: E402
-from sim.scenario import scenario_from_dict  # noqa: E402
+# torch, the simulator and benchmarks/modest.py load where a run needs them, so that
+# ``--plot`` (a CSV in, a PNG out) starts fast and needs none of them.
+if TYPE_CHECKING:
+    import modest
 
 PROTOCOLS = ("dpsgd", "fedavg", "modest-a1", "modest-a3")
 PARTITIONS = {
@@ -72,6 +75,8 @@ class Case:
 
 def scenario(case: Case) -> tuple[str, dict[str, Any]]:
     """The benchmark's scenario for ``case`` (benchmarks/modest.py's, plus FedAvg)."""
+    import modest
+
     setting = case.setting
     if case.protocol == "fedavg":
         label, raw = modest.scenario("dpsgd", setting)  # the same data, model, network
@@ -92,6 +97,11 @@ def scenario(case: Case) -> tuple[str, dict[str, Any]]:
 
 def fresh_accuracy(simulation: Any, protocol: str) -> float:
     """Accuracy of the model the next round starts from (see the module docstring)."""
+    import modest
+    import torch
+
+    from p2pfl.learning import evaluate
+
     if protocol.startswith("modest"):
         return modest.latest_aggregate_accuracy(simulation)
     if protocol == "fedavg":
@@ -106,6 +116,9 @@ def fresh_accuracy(simulation: Any, protocol: str) -> float:
 
 def run_case(case: Case, dataset: Any) -> tuple[str, list[dict[str, Any]], float]:
     """One run until both readings reach the target (or the round limit): its rows."""
+    from sim.runner import build_simulation, run_simulation
+    from sim.scenario import scenario_from_dict
+
     label, raw = scenario(case)
     simulation = build_simulation(scenario_from_dict(raw), dataset=dataset)
     rows: list[dict[str, Any]] = []
@@ -225,6 +238,115 @@ def plot(curves: dict[tuple[str, str], tuple[str, list[dict[str, Any]]]], target
     plt.close(fig)
 
 
+def _reached(run: dict[str, Any]) -> bool:
+    return run["reached"] is True or str(run["reached"]) == "True"  # a bool, or read back from the CSV
+
+
+def plot_runs(runs: list[dict[str, Any]], path: Path) -> None:
+    """The table's figures as bars: rounds and MB to the target per protocol, one row of panels
+    per partition; solid bars are the all-peers reading, hatched ones the freshest model.
+    Mean over the seeds that reached the target, sample std as error bar; above the MB bars,
+    how many times fewer bytes than D-PSGD (per seed, then averaged, as in the table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    partitions = list(dict.fromkeys(r["partition"] for r in runs))
+    protocols = [p for p in PROTOCOLS if any(r["protocol"] == p for r in runs)]
+    protocols += [p for p in dict.fromkeys(r["protocol"] for r in runs) if p not in protocols]
+    labels = {r["protocol"]: r["label"] for r in runs}
+    readings = [("all peers", None), ("freshest model", "//")]
+    fig, axes = plt.subplots(len(partitions), 2, figsize=(12, 3.8 * len(partitions)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    width = 0.38
+    for line, partition in zip(axes, partitions, strict=True):
+        mine = [r for r in runs if r["partition"] == partition]
+        seeds = len({r["seed"] for r in mine})
+        baseline = {r["seed"]: float(r["bytes_total"]) for r in mine
+                    if r["protocol"] == "dpsgd" and r["reading"] == "all peers" and _reached(r)}  # fmt: skip
+        for ax, (column, scale, ylabel) in zip(
+            line, (("round", 1.0, "rounds to the target"), ("bytes_total", 1e6, "total MB sent to the target")), strict=True
+        ):
+            for slot, (reading, hatch) in enumerate(readings):
+                for index, protocol in enumerate(protocols):
+                    group = [r for r in mine if r["protocol"] == protocol and r["reading"] == reading]
+                    if not group or (protocol == "dpsgd" and reading == "freshest model"):
+                        continue  # D-PSGD has no freshest model: its rows repeat all peers
+                    reached = [r for r in group if _reached(r)]
+                    values = [float(r[column]) / scale for r in reached]
+                    x = index + (slot - 0.5) * width
+                    if not values:
+                        ax.annotate(f"0/{len(group)}\nreached", (x, 0.01), xycoords=ax.get_xaxis_transform(),
+                                    ha="center", va="bottom", fontsize=7)  # at the foot, log axis or not
+                        continue
+                    mean = statistics.mean(values)
+                    std = statistics.stdev(values) if len(values) > 1 else 0.0
+                    ax.bar(x, mean, width, yerr=std, capsize=3, color=colors[index % len(colors)],
+                           hatch=hatch, edgecolor="white" if hatch else None, alpha=0.9 if hatch else 1.0)  # fmt: skip
+                    complete = len(reached) == len(group) == seeds  # else say how many runs the bar holds
+                    note = "" if complete else f"{len(reached)}/{len(group)} reached"
+                    if column == "bytes_total" and protocol != "dpsgd":
+                        ratios = [baseline[r["seed"]] / float(r["bytes_total"]) for r in reached
+                                  if r["seed"] in baseline and float(r["bytes_total"]) > 0]  # fmt: skip
+                        if ratios:
+                            note = f"÷{statistics.mean(ratios):.1f}" + (f"\n{note}" if note else "")
+                    if note:
+                        ax.annotate(note, (x, mean + std), ha="center", va="bottom", fontsize=7,
+                                    xytext=(0, 2), textcoords="offset points")  # fmt: skip
+            ax.set_xticks(range(len(protocols)), [labels[p] for p in protocols], fontsize=8, rotation=12)
+            ax.set_ylabel(ylabel)
+            if column == "bytes_total":
+                ax.set_yscale("log")  # D-PSGD's bytes are 5-50 times the others'
+                ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+                ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+                ax.set_ylabel(ylabel + " (log)")
+                ax.set_ylim(top=ax.get_ylim()[1] * 2.5)
+            else:
+                ax.set_ylim(top=ax.get_ylim()[1] * 1.15)
+            ax.grid(axis="y", alpha=0.3)
+            target = float(mine[0]["target"])
+            ax.set_title(f"{partition}, target {target:.2f}, {seeds} seed(s)", fontsize=9)
+        line[1].annotate("÷k: k times fewer bytes than D-PSGD", (0.99, 0.97), xycoords="axes fraction",
+                         ha="right", va="top", fontsize=7)  # fmt: skip
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor="grey", hatch=h, edgecolor="white") for _, h in readings]
+    fig.legend(handles, [name for name, _ in readings], loc="upper right", fontsize=8, ncol=2)
+    fig.suptitle("FL vs MoDeST vs D-PSGD: cost of reaching the target (mean ± std over seeds that reached it)",
+                 fontsize=10, x=0.4)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+#: the columns ``plot_runs`` reads from every run
+PLOTTED = ("protocol", "label", "partition", "seed", "reading", "target", "reached", "round", "bytes_total")
+
+
+def plot_csv(path: Path) -> int:
+    """``--plot``: ``plot_runs`` from a ``modest_fl_runs.csv`` alone; 2 on a bad file."""
+    try:
+        with path.open(newline="") as handle:
+            runs = list(csv.DictReader(handle))
+    except OSError as error:
+        print(f"error: --plot: cannot read {path}: {error.strerror}", file=sys.stderr)
+        return 2
+    missing = [c for c in PLOTTED if runs and c not in runs[0]]
+    if not runs or missing:
+        detail = f"missing: {', '.join(missing)}" if missing else "it has none"
+        print(f"error: --plot: {path} needs the rows of a modest_fl_runs.csv, columns {', '.join(PLOTTED)} "
+              f"({detail})", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        plot_runs(runs, path.with_suffix(".png"))
+    except ValueError as error:
+        print(f"error: --plot: {path}: a value is not a number ({error})", file=sys.stderr)
+        return 2
+    print(f"wrote {path.with_suffix('.png')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
@@ -234,7 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, help="target accuracy (digits 0.80, MNIST 0.90)")
     parser.add_argument("--max-rounds", type=int)
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "papers")
+    parser.add_argument("--plot", type=Path, metavar="RUNS_CSV", help="only re-draw the PNG beside this modest_fl_runs.csv")
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        return plot_csv(args.plot)
+
+    import modest
+    import torch
+
+    from p2pfl.learning import load_dataset
 
     base = modest.QUICK if args.dataset == "digits" else modest.FULL
     if args.target is not None:
@@ -263,10 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     table = summarize(runs)
     write_csv(table, args.out / "modest_fl.csv")
     plot(curves, base.target, args.out / "modest_fl.png")
+    plot_runs(runs, args.out / "modest_fl_runs.png")
     print(f"\n{base.dataset}, {base.peers} peers, s={base.sample_size}, {base.local_steps} local steps, "
           f"target {base.target:.2f}, seeds {args.seeds}\n")  # fmt: skip
     print(markdown(table))
-    print(f"\nwrote {args.out}/modest_fl_runs.csv, modest_fl.csv, modest_fl.png")
+    print(f"\nwrote {args.out}/modest_fl_runs.csv, modest_fl.csv, modest_fl.png, modest_fl_runs.png")
     return 0
 
 
