@@ -158,6 +158,7 @@ def test_sweep_timing_serial_and_parallel_agree(tmp_path, capsys):
     assert [row["jobs"] for row in rows] == ["1", "2"]
     assert rows[0]["md5_results.csv"] == rows[1]["md5_results.csv"] != "missing"
     assert all(float(row["wall_s"]) > 0 and float(row["cpu_s"]) > 0 for row in rows)
+    assert (out / "timing.png").stat().st_size > 0  # the plot beside the CSV
 
 
 def test_sweep_timing_bad_file_is_one_line_error(tmp_path, capsys):
