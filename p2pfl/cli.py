@@ -34,6 +34,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)  # one line, exit status 2: bad input
 
 
+def _about(path: Path, error: Exception) -> str:
+    """``error`` as one line that names ``path`` once: the messages of a file that could not
+    be read name it already ("x.toml: no such scenario file"), a key's do not."""
+    message = str(error)
+    return message if message.startswith(f"{path}:") else f"{path}: {message}"
+
+
 def setup_logging(verbose: bool) -> None:
     # force=True: libp2p installs a root handler through module-level logging calls.
     logging.basicConfig(
@@ -81,10 +88,11 @@ def sim(
     far, marked "interrupted" in summary.json, and exits with status 130.
     """
     setup_logging(verbose)
+    from p2pfl.config import ConfigError
     from p2pfl.learning import DatasetUnavailable
     from sim.rundir import Provenance, RunFolderError, prepare_out_dir
     from sim.runner import build_simulation, default_run_dir, record_run
-    from sim.scenario import ScenarioError, load_scenario
+    from sim.scenario import load_scenario
 
     provenance = Provenance(str(scenario), tuple(set_ or []))
     progress = not quiet and sys.stderr.isatty()
@@ -101,8 +109,11 @@ def sim(
             _fail("--jobs and --ray run the seeds of --seeds in parallel; add --seeds 1,2,3")
         simulation = build_simulation(config)
         run_dir = prepare_out_dir(out) if out is not None else default_run_dir(config, provenance)
-    except (ScenarioError, DatasetUnavailable, RunFolderError, TrackingUnavailable) as error:
-        _fail(f"{scenario}: {error}")
+    except RunFolderError as error:  # names the folder, not the scenario
+        _fail(str(error))
+        return
+    except (ConfigError, DatasetUnavailable, TrackingUnavailable) as error:
+        _fail(_about(scenario, error))
         return
     except KeyboardInterrupt:  # before the first round (or in --seeds, which kept its folder)
         print("interrupted", file=sys.stderr)
@@ -112,7 +123,11 @@ def sim(
             simulation, run_dir, provenance=provenance, show_progress=progress, tensorboard=tensorboard
         )
     except KeyboardInterrupt:
-        print(f"interrupted: {len(simulation.rows)} rows so far in {run_dir}", file=sys.stderr)
+        if _status_of(run_dir) == "completed":  # Ctrl-C came while the plots were drawn
+            print(f"interrupted while drawing the plots: the run completed, its {len(simulation.rows)} rows "
+                  f"are in {run_dir}/metrics.csv", file=sys.stderr)
+        else:
+            print(f"interrupted: {len(simulation.rows)} rows so far in {run_dir}", file=sys.stderr)
         raise typer.Exit(130) from None
     from rich.table import Table
 
@@ -140,6 +155,14 @@ def sim(
             f"accuracy over honest peers only ({last['malicious_peers']} malicious left out)"
             + ("" if success is None else f"; attack success rate {success:.4f}")
         )
+
+
+def _status_of(run_dir: Path) -> object:
+    """``status`` of a run folder's summary.json (None when it cannot be read)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _sim_seeds(
@@ -213,9 +236,10 @@ def sweep(
     status is then 1. Ctrl-C keeps the finished cells: run again with --resume.
     """
     setup_logging(False)
+    from p2pfl.config import ConfigError
     from p2pfl.learning import DatasetUnavailable
     from sim.cells import CellsError
-    from sim.scenario import ScenarioError
+    from sim.rundir import RunFolderError
     from sim.sweep import load_sweep, parse_seed_list, results_table, run_sweep
 
     try:
@@ -232,8 +256,11 @@ def sweep(
             show_progress=not quiet,
             console=console,
         )
-    except (ScenarioError, DatasetUnavailable, CellsError) as error:
-        _fail(f"{sweep_file}: {error}")
+    except RunFolderError as error:  # names the folder, not the sweep file
+        _fail(str(error))
+        return
+    except (ConfigError, DatasetUnavailable, CellsError) as error:
+        _fail(_about(sweep_file, error))
         return
     except KeyboardInterrupt:
         print("interrupted: finished cells are kept; run again with --resume", file=sys.stderr)
@@ -274,17 +301,29 @@ def topo(
     ] = None,
 ) -> None:
     """Print a graph's statistics (degree, components, spectral gap) and optionally draw it."""
-    from p2pfl.config import parse_override
+    from p2pfl.config import ConfigError, parse_override
+    from sim.rundir import RunFolderError, ensure_folder
+    from sim.scenario import MAX_PEERS
     from topologies import build_graph, draw_graph, graph_stats
     from topologies.errors import TopologyError
 
+    if n > MAX_PEERS:  # building it would take minutes and gigabytes before any error
+        _fail(f"--n: at most {MAX_PEERS} peers, got {n}")
+    if after is not None and disrupt is None:  # it would be silently left undrawn
+        _fail("--after draws the graph after --disrupt; add --disrupt kind:key=value,...")
     params = {}
-    for item in param or []:
-        path, value = parse_override(item)
-        params[".".join(path)] = value
     try:
+        for item in param or []:
+            path, value = parse_override(item)
+            params[".".join(path)] = value
+        for drawing in (png, after):
+            if drawing is not None:  # a folder that cannot be made: said before the work
+                ensure_folder(drawing.parent)
         graph = build_graph(kind, n, seed=seed, **params)
-    except TopologyError as error:
+    except ConfigError as error:
+        _fail(f"--param: {error}".replace("--set ", ""))
+        return
+    except (TopologyError, RunFolderError) as error:
         _fail(str(error))
         return
     from rich.table import Table
@@ -321,7 +360,12 @@ def data_fetch(
     """Put a dataset's standard files into the data directory, checksum-verified."""
     setup_logging(True)
     from p2pfl.learning import default_data_dir, fetch_dataset
+    from sim.rundir import RunFolderError, ensure_folder
 
+    try:  # a folder that cannot hold the files: said before anything is downloaded
+        ensure_folder(Path(data_dir or default_data_dir()))
+    except RunFolderError as error:
+        _fail(f"--data-dir: {error}")
     try:
         path = fetch_dataset(name, data_dir or default_data_dir())
     except (ValueError, RuntimeError, OSError) as error:
@@ -424,13 +468,28 @@ def report(
 ) -> None:
     """Print a run folder's summary (a seed group's table across seeds)."""
     seeds_table = run_dir / "seeds.md"
+    if (run_dir / "group.json").is_file() and not seeds_table.exists():
+        # a seed group killed before its tables were written: write them now from the
+        # seed folders on disk (the rows so far), so that nothing measured is lost
+        from sim.rundata import RunDataError
+        from sim.seeds import write_seed_report
+
+        try:
+            write_seed_report(run_dir)
+        except (RunDataError, OSError) as error:
+            _fail(f"{run_dir}: a seed group whose tables cannot be written ({error})")
+        print(f"{run_dir}: the group stopped before its tables; written now from its seed folders", file=sys.stderr)
     if seeds_table.exists():
         print(seeds_table.read_text())
         return
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         _fail(f"{run_dir}: no summary.json (is this a run folder?)")
-    summary = json.loads(summary_path.read_text())
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # cut short, or not ours
+        _fail(f"{summary_path}: not a readable summary ({error})")
+        return
     from p2pfl.jsonsafe import dumps  # an old summary's NaN printed as null
 
     print(dumps(summary, indent=2))
@@ -452,12 +511,14 @@ def compare(
     """Overlay runs in one figure and one table: compare.png, compare.csv, compare.md."""
     from sim.compare import compare_runs
     from sim.rundata import RunDataError, read_entries
-    from sim.rundir import RunFolderError, claim_run_dir
+    from sim.rundir import RunFolderError, claim_run_dir, ensure_folder
 
     if target is not None and not 0 < target <= 1:
         _fail(f"--target: expected an accuracy in (0, 1], got {target:g}")
     try:
         read_entries(folders)  # every folder checked before anything is written
+        if out is not None:
+            ensure_folder(out)  # a file in the way: one line naming it, not "[Errno 17]"
         folder = out if out is not None else claim_run_dir("runs", "compare", tag="")
         _, written = compare_runs(folders, folder, target=target)
     except (RunDataError, RunFolderError, OSError) as error:
@@ -486,8 +547,10 @@ def relay(
     ] = 3600,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", "-v/-q")] = True,
 ) -> None:
-    """Run a relay for nodes behind home routers, on a public box: it is their bootstrap
-    peer, a DHT node and a circuit relay (it trains nothing). Prints its addresses."""
+    """Run a relay on a public box for nodes behind home routers; prints its addresses.
+
+    It is their bootstrap peer, a DHT node and a circuit relay; it trains nothing.
+    """
     setup_logging(verbose)
     from p2pfl.config import ConfigError
     from p2pfl.nodecli import run_relay
@@ -521,12 +584,45 @@ _NODE_DONE: list[bool] = []
 
 
 def main() -> None:  # pragma: no cover - console entry point
+    code = _run_app()
+    code = code if isinstance(code, int) else (0 if code is None else 1)
+    if _NODE_DONE:  # everything is on disk and printed: skip the interpreter's
+        _exit_now(code)  # teardown of torch and libp2p (0.5-2 s), so that a
+    sys.exit(code)  # signalled node is gone within a second or two
+
+
+def _run_app() -> object:  # pragma: no cover - console entry point
+    """The app, its exit status returned; a mistake on the command line (an unknown
+    option, a missing argument, ``--jobs 0``) is one line and status 2, as every other
+    bad input, instead of click's boxed usage panel."""
+    import importlib
+
+    import typer.core
+    from rich.markup import escape
+
+    # click's exceptions, wherever this typer takes them from (recent ones vendor click)
+    vendored = getattr(typer.core, "_click", None)
+    click = (vendored or importlib.import_module("click")).exceptions
+    no_args = getattr(click, "NoArgsIsHelpError", ())  # click >= 8.2
+    abort = getattr(click, "Abort", typer.Abort)
     try:
-        app()
-    except SystemExit as done:
-        if _NODE_DONE:  # everything is on disk and printed: skip the interpreter's
-            _exit_now(done.code)  # teardown of torch and libp2p (0.5-2 s), so that a
-        raise  # signalled node is gone within a second or two
+        return app(standalone_mode=False)
+    except no_args as error:  # `p2pfl` alone: its help
+        error.show()
+        return error.exit_code
+    except click.UsageError as error:
+        hint = f"; see: {error.ctx.command_path} --help" if error.ctx is not None else ""
+        console.print(
+            f"[bold red]error:[/] {escape(error.format_message().rstrip('.'))}{escape(hint)}",
+            highlight=False, soft_wrap=True,
+        )
+        return 2
+    except click.ClickException as error:
+        console.print(f"[bold red]error:[/] {escape(error.format_message())}", highlight=False, soft_wrap=True)
+        return error.exit_code
+    except abort:  # Ctrl-C at a prompt
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _exit_now(code: object) -> None:  # pragma: no cover - ends the process

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from p2pfl.errors import P2PFLError
 
@@ -28,6 +30,38 @@ if TYPE_CHECKING:
 
 class ConfigError(P2PFLError, ValueError):
     """A configuration that cannot be used; the message is one line meant for the user."""
+
+
+#: the largest seed: NumPy's legacy seeding and scikit-learn's ``random_state`` (the
+#: train/test split) take seeds in [0, 2**32 - 1]; a larger or negative one is refused when
+#: the configuration is read, not as a traceback from inside the data loading
+MAX_SEED = 2**32 - 1
+
+#: more torch threads than this is a typo: torch crashed (SIGSEGV) asked for 100000, and no
+#: machine this runs on has a thousand cores for one peer
+MAX_TORCH_THREADS = 1024
+
+
+def read_toml(path: str | Path, what: str, error: type[ConfigError] | None = None) -> dict[str, Any]:
+    """The table of TOML file ``path`` (a ``what`` file: "scenario", "sweep", "config").
+
+    Every way reading it can fail is one line naming the file, raised as ``error``
+    (default :class:`ConfigError`): missing, a folder, unreadable, not UTF-8, not TOML.
+    """
+    kind = error or ConfigError
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise kind(f"{path}: no such {what} file") from None
+    except IsADirectoryError:
+        raise kind(f"{path}: is a folder; expected a {what} TOML file") from None
+    except UnicodeDecodeError:
+        raise kind(f"{path}: not a text file (not UTF-8); expected a {what} TOML file") from None
+    except tomllib.TOMLDecodeError as problem:
+        raise kind(f"{path}: not valid TOML: {problem}") from None
+    except OSError as problem:  # permissions, a dangling link, an I/O error
+        raise kind(f"{path}: cannot read it ({problem.strerror or problem})") from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -58,8 +92,44 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+#: field types a TOML boolean must not silently fill (pydantic's lax mode reads
+#: ``true`` as 1: ``rounds = true`` ran one round)
+_NUMBER_TYPES: tuple[Any, ...] = (int, float, int | None, float | None)
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every configuration table: unknown keys refused, values immutable once read.
+
+    ``allow_inf_nan=False``: no setting means anything as NaN or infinity (``lr = inf``
+    trained every model into NaN without a word), so they are refused with the key.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or not any(isinstance(v, bool) for v in value.values()):
+            return value
+        fields = cls.model_fields
+        return {
+            key: _TomlBool(item)
+            if isinstance(item, bool) and key in fields and fields[key].annotation in _NUMBER_TYPES
+            else item
+            for key, item in value.items()
+        }
+
+
+class _TomlBool:
+    """A boolean where a number belongs, kept so that pydantic refuses it with the key:
+    ``rounds: Input should be a valid integer (got true)``. (A field validator cannot do
+    it on every field: pydantic forbids one on a union's discriminator.)"""
+
+    def __init__(self, value: bool) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "true" if self.value else "false"
 
 
 BUILTIN_DATASETS = ("digits", "mnist", "fashion_mnist", "synthetic")
@@ -88,7 +158,9 @@ class DataConfig(Strict):
     partition: Literal["iid", "dirichlet", "shards", "by_source"] = "iid"
     alpha: float = Field(0.5, gt=0)
     shards_per_peer: int = Field(2, ge=1)
-    batch_size: int = Field(32, ge=1)
+    #: at most 65536: a larger batch is a typo (no training set here is that big, and the
+    #: sampler holds a few batches of indices: 10**9 asked it for 60 GiB)
+    batch_size: int = Field(32, ge=1, le=1 << 16)
     #: relay-only peers hold no data (disaster studies); a fraction of all peers
     relay_fraction: float = Field(0.0, ge=0, lt=1)
 
@@ -97,12 +169,27 @@ class DataConfig(Strict):
     def _check_dataset(cls, value: str) -> str:
         return _builtin_or_factory(value, BUILTIN_DATASETS)
 
+    @model_validator(mode="after")
+    def _check_partition(self) -> DataConfig:
+        if self.partition == "by_source" and self.dataset in _NO_SOURCES:
+            raise PydanticCustomError(
+                "partition",
+                "partition = 'by_source' needs a dataset that says which source each sample "
+                "comes from (synthetic, or your own factory's 'sources'); {dataset} has none",
+                {"dataset": repr(self.dataset)},
+            )
+        return self
+
+
+#: built-in datasets without per-sample sources (``by_source`` cannot split them)
+_NO_SOURCES = ("digits", "mnist", "fashion_mnist")
+
 
 class ModelConfig(Strict):
     #: a built-in model, or your own: ``module:factory`` / ``path/file.py:factory``
     #: (what it must return: ``p2pfl.plugins.MODEL_CONTRACT``)
     name: str = "mlp"
-    hidden: list[int] | None = None
+    hidden: list[Annotated[int, Field(ge=1)]] | None = None
     #: keyword arguments of your own model's factory
     params: dict[str, Any] = Field(default_factory=dict)
     lr: float = Field(0.1, gt=0)
@@ -582,14 +669,14 @@ class NodeConfig(Strict):
     """One real peer: its identity, data share, model, protocol and network."""
 
     name: str = "node"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     rounds: int = Field(50, ge=1)
     key_file: str = "node.key"
     state_dir: str = "node-state"
     #: checkpoint every this many rounds (written off the event loop; also at exit)
     checkpoint_every: int = Field(1, ge=1)
     #: torch threads (0: torch's default); as in the simulator (see DEFAULT_TORCH_THREADS)
-    threads: int = Field(DEFAULT_TORCH_THREADS, ge=0)
+    threads: int = Field(DEFAULT_TORCH_THREADS, ge=0, le=MAX_TORCH_THREADS)
     #: this node trains on share ``peer_index`` of the dataset cut into ``num_peers`` shares
     peer_index: int = Field(0, ge=0)
     num_peers: int = Field(1, ge=1)

@@ -11,13 +11,18 @@ import logging
 import os
 import signal
 import threading
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from p2pfl.config import ConfigError, NodeConfig, describe_validation_error, parse_override
+from p2pfl.config import (
+    ConfigError,
+    NodeConfig,
+    describe_validation_error,
+    parse_override,
+    read_toml,
+)
 from p2pfl.errors import P2PFLError
 
 if TYPE_CHECKING:
@@ -45,12 +50,8 @@ def load_node_config(
 ) -> NodeConfig:
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise NodeConfigError(f"{path}: no such config file") from None
-        except tomllib.TOMLDecodeError as error:
-            raise NodeConfigError(f"{path}: not valid TOML: {error}") from None
+        # missing, a folder, unreadable, not UTF-8, not TOML: one line naming the file
+        raw = read_toml(path, "config", NodeConfigError)
     for dotted, value in (flags or {}).items():
         _set_path(raw, dotted, value)
     for item in overrides:

@@ -21,6 +21,7 @@ are measured; Ctrl-C leaves it marked interrupted) unless ``save=False``.
 from __future__ import annotations
 
 import json
+import operator
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 import tomli_w
 
+from p2pfl.config import MAX_SEED
 from sim.result import SimResult
 from sim.rundir import Provenance, prepare_out_dir
 from sim.scenario import Scenario, ScenarioError, load_scenario, scenario_from_dict
@@ -138,6 +140,13 @@ def run_seeds(
     ``plots=False`` leaves the PNGs out of the seeds' own folders."""
     if not seeds:
         raise ScenarioError("seeds: expected at least one seed")
+    for seed in seeds:  # checked before a group folder is made, not as failed seeds after
+        try:
+            value = None if isinstance(seed, bool) else operator.index(seed)  # numpy ints too
+        except TypeError:
+            value = None
+        if value is None or not 0 <= value <= MAX_SEED:
+            raise ScenarioError(f"seeds: {seed!r} is not a seed; expected an integer in [0, {MAX_SEED}]")
     resolved, provenance = resolve_scenario(scenario, overrides)
     group_dir = prepare_out_dir(out_dir) if out_dir is not None else group_dir_for(resolved, seeds, provenance)
     return run_seed_group(

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
-from p2pfl.config import PLACEHOLDER_CLASSES, AttackOptions
+from p2pfl.config import MAX_SEED, PLACEHOLDER_CLASSES, AttackOptions
 
 __all__ = ["AttackConfig"]
 
@@ -28,7 +29,7 @@ class AttackConfig(AttackOptions):
     #: Byzantine peers as a count (not for Sybil attacks: use ``identities``)
     count: int | None = Field(None, ge=0)
     #: which peers are Byzantine (and which honest peers Sybil identities attach to)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     #: Sybil attacks: the number of identities (overrides params.identities and fraction)
     identities: int | None = Field(None, ge=1)
     #: Sybil attacks: honest peers each identity links to
@@ -54,6 +55,14 @@ class AttackConfig(AttackOptions):
             raise ValueError(f"identities is for Sybil attacks; {self.name} is not one")
         if attack.sybil is None and self.budget is not None:
             raise ValueError(f"budget is for Sybil attacks; {self.name} is not one")
+        if attack.kind == "none":  # a forgotten name: the run would be silently honest
+            given = [key for key in ("fraction", "count", "identities") if getattr(self, key) is not None]
+            if given:
+                raise PydanticCustomError(
+                    "attack_none",
+                    "{key} is set but no attack is named (name = 'none'); name one, e.g. sign_flip",
+                    {"key": given[0]},
+                )
         if (
             attack.kind != "none"
             and attack.sybil is None

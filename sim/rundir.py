@@ -15,6 +15,7 @@ fields of ``summary.json``.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ __all__ = [
     "RunFolderError",
     "claim_folder",
     "claim_run_dir",
+    "ensure_folder",
     "overrides_label",
     "prepare_out_dir",
     "safe_name",
@@ -39,6 +41,9 @@ __all__ = [
 MAX_SUFFIX = 10_000
 #: overrides in a folder name are cut here (a hash of all of them keeps it unique)
 MAX_LABEL = 48
+#: a scenario's name is cut here in its folder's name: a file name has at most 255 bytes
+#: (a 300-character name made the run fail with "File name too long")
+MAX_NAME = 80
 #: keys left out of the folder name: the name shows the seed already; the output folder is its parent
 _UNNAMED_KEYS = {"seed", "sim.output_dir"}
 
@@ -102,13 +107,15 @@ def claim_folder(parent: Path, base: str) -> Path:
     ``mkdir(exist_ok=False)`` is atomic, so concurrent callers (threads or processes)
     never get the same folder.
     """
-    parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(parent)
     for index in range(1, MAX_SUFFIX + 1):
         candidate = parent / (base if index == 1 else f"{base}-{index}")
         try:
             candidate.mkdir(exist_ok=False)
         except FileExistsError:
             continue
+        except OSError as error:
+            raise RunFolderError(_cannot_create(candidate, error)) from None
         return candidate
     raise RunFolderError(f"{parent}: {MAX_SUFFIX} folders named {base!r} already exist")
 
@@ -124,8 +131,12 @@ def claim_run_dir(
     """A fresh folder ``<parent>/<name>-<tag>[-<overrides>]-<UTC stamp>[-k]`` (e.g. tag ``s1``)."""
     label = overrides_label(overrides)
     stamp = clock().strftime("%Y%m%d-%H%M%S")
-    pieces = [safe_name(name), tag, label, stamp]
+    pieces = [safe_name(name)[:MAX_NAME].rstrip("-.") or "run", tag, label, stamp]
     return claim_folder(Path(parent), "-".join(piece for piece in pieces if piece))
+
+
+#: a folder holding one of these holds a run, a seed group or a sweep: not an --out to reuse
+_RUN_FILES = ("metrics.csv", "summary.json", "group.json", "results.csv")
 
 
 def prepare_out_dir(path: str | Path) -> Path:
@@ -134,10 +145,27 @@ def prepare_out_dir(path: str | Path) -> Path:
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"{path}: exists and is not a folder")
     if path.is_dir():
-        taken = [name for name in ("metrics.csv", "summary.json", "group.json") if (path / name).exists()]
+        taken = [name for name in _RUN_FILES if (path / name).exists()]
         if taken:
             raise RunFolderError(
                 f"{path}: already holds a run ({taken[0]}); choose another --out or remove it"
             )
-    path.mkdir(parents=True, exist_ok=True)
+    ensure_folder(path)
     return path
+
+
+def _cannot_create(path: Path, error: OSError) -> str:
+    return f"{path}: cannot create this folder ({error.strerror or error}); expected a writable folder"
+
+
+def ensure_folder(path: Path) -> None:
+    """``mkdir -p``, its failure (a file on the way, no permission, a read-only file
+    system) one line naming the folder instead of a traceback."""
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"{path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunFolderError(_cannot_create(path, error)) from None
+    if not os.access(path, os.W_OK | os.X_OK):  # an existing folder someone else owns
+        raise RunFolderError(f"{path}: cannot write in this folder (permission denied); expected a writable folder")

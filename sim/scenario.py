@@ -14,15 +14,19 @@ runtime modules that carry them out, which import it (imports in ``sim`` run one
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from p2pfl.config import (
     DEFAULT_TORCH_THREADS,
+    MAX_SEED,
+    MAX_TORCH_THREADS,
+    PLACEHOLDER_CLASSES,
     UNION_TAGS,
+    ConfigError,
     DataConfig,
     DPSGDConfig,
     ModelConfig,
@@ -30,6 +34,7 @@ from p2pfl.config import (
     Strict,
     apply_overrides,
     describe_validation_error,
+    read_toml,
 )
 from sim.attack_config import AttackConfig
 from sim.conditions import LinkOverride, RegionConditions
@@ -37,6 +42,7 @@ from sim.disruptions.config import DISRUPTION_KINDS, DisruptionList
 from sim.errors import ScenarioError
 
 __all__ = [
+    "MAX_PEERS",
     "SCENARIO_UNION_TAGS",
     "NetworkConfig",
     "Scenario",
@@ -48,9 +54,15 @@ __all__ = [
 ]
 
 
+#: more peers than this is a typo: ten times the largest run measured (100 000 peers,
+#: BENCHMARKS.md); ``topology.n = 100000000`` spent minutes building a ring before the
+#: data split refused it
+MAX_PEERS = 1_000_000
+
+
 class TopologyConfig(Strict):
     kind: str = "ring"
-    n: int = Field(16, ge=2)
+    n: int = Field(16, ge=2, le=MAX_PEERS)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -77,7 +89,9 @@ class SimConfig(Strict):
     max_virtual_time: float = Field(1e9, gt=0)
     output_dir: str = "runs"
     #: torch threads (see p2pfl.config.DEFAULT_TORCH_THREADS: one, and why)
-    threads: int = Field(DEFAULT_TORCH_THREADS, ge=0, description="torch threads; 0 leaves torch's default")
+    threads: int = Field(
+        DEFAULT_TORCH_THREADS, ge=0, le=MAX_TORCH_THREADS, description="torch threads; 0 leaves torch's default"
+    )
     #: connectivity columns (components, accuracy per component); on when there are disruptions
     connectivity: bool = False
     #: sign relayed data (MoDeST view entries, SybilWall histories) with per-peer keys, as
@@ -103,7 +117,7 @@ class SimConfig(Strict):
 
 class Scenario(Strict):
     name: str = "scenario"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     rounds: int = Field(20, ge=1)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -118,10 +132,48 @@ class Scenario(Strict):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Scenario:
-        error = self.protocol.population_error(self.topology.n)
-        if error is not None:
-            raise ValueError(error)
+        error = self.protocol.population_error(self.topology.n) or self._population_error()
+        if error is not None:  # pydantic's own form: no "Value error, " before the key
+            raise PydanticCustomError("population", "{error}", {"error": error})
+        _check_aggregator(self.protocol)
         return self
+
+    def _population_error(self) -> str | None:
+        """Settings that leave no peer to learn or to measure: every peer a data-less relay
+        (the data split then failed with a traceback), or every peer Byzantine (the run
+        went on and reported an honest accuracy of NaN)."""
+        n = self.topology.n
+        relays = int(round(self.data.relay_fraction * n))
+        if relays >= n:
+            return (
+                f"data.relay_fraction={self.data.relay_fraction:g} makes all {n} peers relays "
+                "without data; expected a smaller fraction"
+            )
+        attack = self.attack
+        if attack.name != "none" and attack.identities is None and (attack.count or attack.fraction):
+            byzantine = attack.count if attack.count is not None else int(round((attack.fraction or 0) * n))
+            if byzantine >= n and not attack.build(PLACEHOLDER_CLASSES).sybil:
+                key = "count" if attack.count is not None else "fraction"
+                return (
+                    f"attack.{key}={getattr(attack, key):g} makes all {n} peers Byzantine; "
+                    "expected at least one honest peer"
+                )
+        return None
+
+
+def _check_aggregator(protocol: ProtocolConfig) -> None:
+    """The aggregator's name and parameters, built now as every peer will build them: a
+    typo is one line naming the key when the scenario is read, not a traceback (or, in a
+    sweep, a failed cell) once the run has started. The node checks the same at start-up
+    (``p2pfl.startup.check_aggregator``)."""
+    from p2pfl.aggregation.registry import AGGREGATORS  # torch: only when validating
+    from p2pfl.protocols.registry import make_aggregate
+
+    try:
+        make_aggregate(protocol)
+    except (ValueError, TypeError) as error:
+        key = "aggregator" if protocol.aggregator not in AGGREGATORS else "aggregator_params"
+        raise PydanticCustomError("aggregator", "protocol.{key}: {error}", {"key": key, "error": str(error)}) from None
 
 
 # ---------------------------------------------------------------------- loading
@@ -139,11 +191,11 @@ def scenario_from_dict(raw: dict[str, Any]) -> Scenario:
 
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
-    path = Path(path)
+    raw = read_toml(path, "scenario", ScenarioError)
+    if "base" in raw and ("attacks" in raw or "defences" in raw):  # the other command's file
+        raise ScenarioError(f"{path}: a sweep file (base, attacks, defences); run it with: p2pfl sweep {path}")
     try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such scenario file") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ScenarioError(f"{path}: not valid TOML: {error}") from None
-    return scenario_from_dict(apply_overrides(raw, overrides or []))
+        raw = apply_overrides(raw, overrides or [])
+    except ConfigError as error:  # "--set rounds" (no '='), "--set rounds.x=1"
+        raise ScenarioError(str(error)) from None
+    return scenario_from_dict(raw)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl import jsonsafe
+from p2pfl.config import MAX_SEED
 from sim.result import SimResult, require_pandas
 from sim.rundata import (
     Entry,
@@ -173,6 +174,10 @@ def parse_seeds(text: str) -> list[int]:
             first, last = (int(low), int(high)) if dash and low else (int(part), int(part))
         except ValueError:
             raise ValueError(f"--seeds: {part!r} is not a seed (expected e.g. 1,2,3 or 1-5)") from None
+        if not 0 <= first <= MAX_SEED or not 0 <= last <= MAX_SEED:
+            raise ValueError(f"--seeds: {part!r}: a seed is an integer in [0, {MAX_SEED}]")
+        if last < first:
+            raise ValueError(f"--seeds: {part!r} is an empty range (expected low-high, e.g. 1-5)")
         if last - first >= MAX_SEEDS or len(seeds) + last - first >= MAX_SEEDS:
             raise ValueError(f"--seeds: more than {MAX_SEEDS} seeds")
         seeds.extend(seed for seed in range(first, last + 1) if seed not in seeds)
@@ -366,9 +371,9 @@ def write_seed_report(group_dir: Path, *, title: str | None = None) -> list[dict
             + "; listed per seed (traceback in seed-<n>/error.txt), left out of the statistics."
         )
     if unfinished and completed:
-        notes.append(f"Not completed (Ctrl-C): seed {', '.join(unfinished)}; listed per seed, left out of the statistics.")
+        notes.append(f"Not completed (stopped: Ctrl-C or killed): seed {', '.join(unfinished)}; listed per seed, left out of the statistics.")
     elif unfinished:
-        notes.append("No seed completed (Ctrl-C): the statistics are over the rows so far.")
+        notes.append("No seed completed (stopped: Ctrl-C or killed): the statistics are over the rows so far.")
     markdown = (
         f"# {heading}: {len(summarised)} seeds\n\n"
         + markdown_table(SEEDS_COLUMNS, table)

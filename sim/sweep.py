@@ -50,20 +50,27 @@ from __future__ import annotations
 
 import copy
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import tomli_w
 from pydantic import Field, ValidationError, field_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from p2pfl.config import Strict, apply_overrides
+from p2pfl.config import (
+    MAX_SEED,
+    ConfigError,
+    Strict,
+    apply_overrides,
+    describe_validation_error,
+    read_toml,
+)
 from sim.cells import Outcome, run_cells
+from sim.rundir import RunFolderError, ensure_folder
 from sim.scenario import Scenario, ScenarioError, scenario_from_dict
 from sim.seeds import parse_seeds
 from sim.sweep_cell import CellTask, clear_staging, place_files, read_back, run_cell, signature
@@ -106,7 +113,7 @@ class SweepConfig(Strict):
     #: each cell's run folder gets its PNG plots too (about 2 s a cell)
     cell_plots: bool = True
     #: the scenario's ``seed`` as an axis: every cell once per seed (None: the base's seed)
-    seeds: list[int] | None = Field(None, min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(None, min_length=1)
 
     @field_validator("fractions")
     @classmethod
@@ -114,6 +121,8 @@ class SweepConfig(Strict):
         for f in value:
             if not 0 <= f < 1:
                 raise ValueError(f"every fraction must be in [0, 1), got {f}")
+        if len({f"{f:g}" for f in value}) != len(value):  # one cell folder per fraction
+            raise ValueError(f"fractions must be distinct, got {value}")
         return value
 
     @field_validator("seeds")
@@ -159,28 +168,23 @@ def load_sweep(
 ) -> tuple[SweepConfig, dict[str, Any]]:
     """The sweep file and its base scenario (as a raw dict, ``overrides`` applied)."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such sweep file") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ScenarioError(f"{path}: not valid TOML: {error}") from None
+    raw = read_toml(path, "sweep", ScenarioError)
+    if "base" not in raw and ("protocol" in raw or "topology" in raw or "rounds" in raw):
+        raise ScenarioError(f"{path}: a scenario file, not a sweep (no base); run it with: p2pfl sim {path}")
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as error:
-        first = error.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ScenarioError(f"{path}: {loc}: {first['msg']}") from None
+        raise ScenarioError(f"{path}: {describe_validation_error(error)}") from None
     base_path = (path.parent / sweep.base).resolve()
-    try:
-        base = tomllib.loads(base_path.read_text())
-    except FileNotFoundError:
-        raise ScenarioError(f"{path}: base: no such scenario file {base_path}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ScenarioError(f"{base_path}: not valid TOML: {error}") from None
+    if not base_path.exists():
+        raise ScenarioError(f"{path}: base: no such scenario file {base_path}")
+    base = read_toml(base_path, "scenario", ScenarioError)
     for key, value in sweep.set.items():
         _assign(base, key, value, f"{path}: set")
-    return sweep, apply_overrides(base, overrides or [])
+    try:
+        return sweep, apply_overrides(base, overrides or [])
+    except ConfigError as error:  # "--set rounds" (no '='), "--set rounds.x=1"
+        raise ScenarioError(str(error)) from None
 
 
 def plan_cells(sweep: SweepConfig, base: dict[str, Any]) -> list[Cell]:
@@ -200,7 +204,23 @@ def plan_cells(sweep: SweepConfig, base: dict[str, Any]) -> list[Cell]:
             for fraction in fractions:
                 for seed in seeds:
                     cells.append(_plan_cell(sweep, base, label, table, defence, fraction, seed))
+    _require_distinct_folders(cells)
     return cells
+
+
+def _require_distinct_folders(cells: list[Cell]) -> None:
+    """Two cells must not share a run folder: labels "a b" and "a-b" both give ``a-b``,
+    and the second cell's folder silently replaced the first's (which --resume then ran
+    again every time). Identical cells (the same label twice) are refused alike."""
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        other = seen.setdefault(cell.ident, cell)
+        if other is not cell:
+            raise ScenarioError(
+                f"cells {other.attack!r} x {other.defence!r} and {cell.attack!r} x {cell.defence!r} "
+                f"would share the folder cells/{cell.ident}; give the attacks and the defences "
+                "labels that differ in letters or digits"
+            )
 
 
 def _plan_cell(
@@ -284,13 +304,23 @@ def run_sweep(
     for a bad cell, DatasetUnavailable when a dataset is missing (checked up front unless
     on Ray, whose workers may be other machines), CellsError when Ray cannot run.
     """
+    if resume and out_dir is None:
+        raise ScenarioError("--resume needs --out: the folder of the sweep to resume")
     cells = plan_cells(sweep, base)
     if ray is None:
         _require_data(cells)
     if out_dir is None:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         out_dir = Path(sweep.output_dir) / f"{_slug(sweep.name)}-{stamp}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    if not resume:
+        written = [name for name in ("results.csv", "status.csv") if (out_dir / name).is_file()]
+        if written:  # its cells would be run again and replaced, or mixed with other cells'
+            raise RunFolderError(
+                f"{out_dir}: already holds a sweep ({written[0]}); add --resume to reuse its "
+                "finished cells, or choose another --out"
+            )
+    ensure_folder(out_dir)  # created; a file in the way or no permission is one line
     clear_staging(out_dir / "cells")
     (out_dir / "sweep.toml").write_text(
         tomli_w.dumps({**sweep.model_dump(mode="json", exclude_none=True), "resolved_base": base})
@@ -368,7 +398,13 @@ def run_sweep(
                 error_file.write_text(f"{outcome.error}\n\n{outcome.detail}")
                 finish(first, None, "failed", outcome.wall_s, outcome.error or "")
 
-        run_cells(run_cell, tasks, jobs=jobs, ray=ray, on_done=done)
+        try:
+            run_cells(run_cell, tasks, jobs=jobs, ray=ray, on_done=done)
+        except KeyboardInterrupt:  # results.csv has the finished cells: draw them beside it
+            finished = [r for r in rows if r is not None]
+            if finished:
+                plot_heatmaps(finished, out_dir, title=f"{sweep.name} (interrupted: {len(finished)} of {len(cells)} cells)")
+            raise
     clear_staging(out_dir / "cells")  # empty by now
     results = [r for r in rows if r is not None]
     if sweep.seeds:

@@ -35,6 +35,17 @@ output_dir = "{output_dir}"
 """
 
 
+SEED7_FAILS = """
+from p2pfl.learning import load_dataset
+
+
+def data(seed, data_dir):
+    if seed == 7:
+        raise RuntimeError("this test's dataset refuses seed 7")
+    return load_dataset("digits", seed=seed)
+"""
+
+
 def scenario_file(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY.format(output_dir=(tmp_path / "runs").as_posix()))
@@ -78,18 +89,23 @@ def test_two_jobs_give_the_tables_of_a_serial_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_a_failing_seed_is_reported_and_the_others_complete(tmp_path: Path, jobs: str) -> None:
     group = tmp_path / "group"
-    # a negative seed is refused by the data split inside the run: a real seed failure
-    code, output = run_sim(str(scenario_file(tmp_path)), "--seeds", "1,-1,2", "--jobs", jobs, "--out", str(group))
+    # a dataset that fails inside the run for seed 7 only: a real seed failure (a negative
+    # seed, used before, is now refused up front by --seeds with exit status 2)
+    (tmp_path / "seed7_fails.py").write_text(SEED7_FAILS)
+    code, output = run_sim(
+        str(scenario_file(tmp_path)), "--seeds", "1,7,2", "--jobs", jobs, "--out", str(group),
+        "--set", f'data.dataset="{(tmp_path / "seed7_fails.py").as_posix()}:data"',
+    )
     assert code == 1, output
-    assert "error: seed -1 failed: InvalidParameterError" in output and "Traceback" not in output
-    assert "Traceback" in (group / "seed--1" / "error.txt").read_text()
+    assert "error: seed 7 failed: FactoryError" in output and "Traceback" not in output
+    assert "Traceback" in (group / "seed-7" / "error.txt").read_text()
     meta = json.loads((group / "group.json").read_text())
-    assert meta["status"] == "failed" and list(meta["failed"]) == ["-1"]
+    assert meta["status"] == "failed" and list(meta["failed"]) == ["7"]
     table = {row["metric"]: row for row in rows(group / "seeds.csv")}
     assert table["final_acc_mean"]["n"] == "2" and table["rounds"]["mean"] == "3"
     per_seed = {row["seed"]: row["status"] for row in rows(group / "per_seed.csv")}
-    assert per_seed == {"-1": "failed", "1": "completed", "2": "completed"}
-    assert "Failed: seed -1" in (group / "seeds.md").read_text()
+    assert per_seed == {"7": "failed", "1": "completed", "2": "completed"}
+    assert "Failed: seed 7" in (group / "seeds.md").read_text()
     for seed in (1, 2):
         assert json.loads((group / f"seed-{seed}" / "summary.json").read_text())["status"] == "completed"
 

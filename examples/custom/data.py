@@ -19,6 +19,8 @@ FILE = "digits.npz"
 def load(seed: int, data_dir: str | None) -> dict[str, Any]:
     """``x_train``, ``y_train``, ``x_test``, ``y_test`` from ``<data_dir>/digits.npz``."""
     folder = Path(data_dir) if data_dir else Path(__file__).parent
+    if not (folder / FILE).is_file():  # the first thing a new user meets: say what to run
+        raise FileNotFoundError(f"{folder / FILE} is missing; write it first: python examples/custom/make_npz.py")
     with np.load(folder / FILE) as arrays:
         return {
             "name": "my-digits",
