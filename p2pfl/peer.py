@@ -33,6 +33,7 @@ import torch
 from p2pfl.config import (
     AttackOptions,
     BristleConfig,
+    ConfigError,
     DataConfig,
     ModelConfig,
     ProtocolConfig,
@@ -47,6 +48,7 @@ from p2pfl.learning import (
     partition,
     sampler_seed,
 )
+from p2pfl.learning.partition import PartitionError
 from p2pfl.model import model_from_factory
 from p2pfl.plugins import is_factory_path
 from p2pfl.protocols.base import PeerId, Protocol
@@ -228,15 +230,24 @@ def build_commons(
     """
     if dataset is None:
         dataset = load_dataset(data.dataset, data_dir=data.data_dir, seed=seed)
-    parts = partition(
-        dataset.y_train.numpy(),
-        shares,
-        data.partition,
-        seed=seed,
-        alpha=data.alpha,
-        shards_per_peer=data.shards_per_peer,
-        sources=dataset.sources,
-    )
+    try:
+        parts = partition(
+            dataset.y_train.numpy(),
+            shares,
+            data.partition,
+            seed=seed,
+            alpha=data.alpha,
+            shards_per_peer=data.shards_per_peer,
+            sources=dataset.sources,
+        )
+    except PartitionError as error:  # the peers' count and the scheme are the user's keys
+        cut = f"data.partition = {data.partition!r}"
+        if data.partition == "shards":
+            cut += f", data.shards_per_peer = {data.shards_per_peer}"
+        raise ConfigError(
+            f"data: {error} (the {data.dataset} training set; {shares} peers (topology.n, or a node's "
+            f"num_peers), {cut}): use fewer peers or another partition"
+        ) from None
     trainer = build_trainer(dataset, model, data)
     start = trainer.init_params(seed)
     extractor = None

@@ -170,6 +170,21 @@ def test_node_values_are_checked_alike(tmp_path: Path) -> None:
         refused(["node", "--state-dir", str(tmp_path / "s"), "--set", override], expected)
 
 
+def test_more_peers_than_the_training_set_can_feed_is_one_line_naming_the_keys(tmp_path: Path) -> None:
+    """digits has 1,437 training images: 5,000 peers (or 16 peers x 500 shards) cannot each
+    get one. Both drivers cut the data in ``build_commons``: the same line from both."""
+    path = scenario(tmp_path)
+    refused(["sim", str(path), "--set", "topology.n=5000"],
+            "1437 samples cannot give 5000 peers", "topology.n", "data.partition = 'iid'")
+    refused(["sim", str(path), "--set", "data.partition=shards", "--set", "data.shards_per_peer=600"],
+            "cannot make 1800 non-empty shards", "data.shards_per_peer = 600")
+    from p2pfl.config import ConfigError, DataConfig, DPSGDConfig, ModelConfig
+    from p2pfl.peer import build_commons
+
+    with pytest.raises(ConfigError, match="num_peers"):  # what a node's start-up reports
+        build_commons(DataConfig(), ModelConfig(name="logreg"), DPSGDConfig(name="dpsgd"), seed=1, shares=5000)
+
+
 @pytest.mark.parametrize(
     ("seeds", "expected"),
     [("-1", "a seed is an integer in [0, 4294967295]"), ("5-1", "'5-1' is an empty range"), ("x", "'x' is not a seed")],

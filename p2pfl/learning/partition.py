@@ -20,9 +20,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PARTITION_SCHEMES", "label_distribution", "partition"]
+from p2pfl.errors import P2PFLError
+
+__all__ = ["PARTITION_SCHEMES", "PartitionError", "label_distribution", "partition"]
 
 PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "by_source")
+
+class PartitionError(P2PFLError, ValueError):
+    """The training set cannot be cut as asked: too few samples (or shards, or sources) for
+    the peers. A configuration problem (peers, scheme), not a bug: callers name the keys."""
+
 
 # Dirichlet draws that leave a peer under ``min_size`` are redrawn this many times, then
 # repaired (see ``_top_up``): with thousands of peers, a fully valid draw may never come.
@@ -52,7 +59,7 @@ def partition(
         )
     n = len(labels)
     if scheme != "by_source" and n < num_peers * min_size:
-        raise ValueError(f"{n} samples cannot give {num_peers} peers at least {min_size} each")
+        raise PartitionError(f"{n} samples cannot give {num_peers} peers at least {min_size} each")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         parts = np.array_split(rng.permutation(n), num_peers)
@@ -116,7 +123,7 @@ def _shards(
     num_shards = num_peers * shards_per_peer
     n = len(labels)
     if num_shards > n:
-        raise ValueError(f"{n} samples cannot make {num_shards} non-empty shards")
+        raise PartitionError(f"{n} samples cannot make {num_shards} non-empty shards")
     shuffled = rng.permutation(n)
     order = shuffled[np.argsort(labels[shuffled], kind="stable")]  # by label, random within
     classes, counts = np.unique(labels, return_counts=True)
@@ -163,7 +170,7 @@ def _by_source(
         raise ValueError(f"sources must have one entry per sample ({n}), got shape {sources.shape}")
     ids = np.unique(sources)
     if len(ids) < num_peers:
-        raise ValueError(f"{len(ids)} sources cannot give {num_peers} peers a whole source each")
+        raise PartitionError(f"{len(ids)} sources cannot give {num_peers} peers a whole source each")
     peer_of_source = np.empty(len(ids), dtype=np.int64)
     for peer, group in enumerate(np.array_split(rng.permutation(len(ids)), num_peers)):
         peer_of_source[group] = peer
