@@ -27,6 +27,11 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 
+#: local worker processes at most: each loads torch and a dataset (~0.3-0.5 GB), so more is
+#: a typo (``--jobs 1000`` started a thousand of them); a cluster is ``--ray``'s job
+MAX_JOBS = 256
+
+
 def _fail(message: str) -> None:
     from rich.markup import escape  # a message may quote "[ray]" or a TOML table name
 
@@ -66,7 +71,7 @@ def sim(
         typer.Option(help="run once per seed (1,2,3 or 1-5): a group folder, tables across seeds"),
     ] = None,
     jobs: Annotated[
-        int, typer.Option("--jobs", "-j", min=1, help="with --seeds: seeds at once, in local processes")
+        int, typer.Option("--jobs", "-j", min=1, max=MAX_JOBS, help="with --seeds: seeds at once, in local processes")
     ] = 1,
     ray: Annotated[
         str | None,
@@ -219,7 +224,7 @@ def sweep(
         typer.Option(help="every cell once per seed (1,2,3 or 1-5); tables give mean±std"),
     ] = None,
     jobs: Annotated[
-        int, typer.Option("--jobs", "-j", min=1, help="cells at once, in local processes")
+        int, typer.Option("--jobs", "-j", min=1, max=MAX_JOBS, help="cells at once, in local processes")
     ] = 1,
     ray: Annotated[
         str | None,

@@ -299,6 +299,7 @@ def test_a_command_line_mistake_is_one_line_with_status_2(
     for argv, expected in (
         (["sim", "x.toml", "--rounds", "3"], "No such option: --rounds"),
         (["sim", "x.toml", "--jobs", "0"], "Invalid value for '--jobs'"),
+        (["sweep", "x.toml", "--jobs", "1000"], "less than or equal to 256"),
         (["sim"], "Missing argument 'scenario'; see: "),
         (["simm"], "No such command 'simm'"),
     ):
