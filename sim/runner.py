@@ -196,6 +196,14 @@ def build_simulation(
     simulation.keyring = keyring
     simulation.adversary = adversary.install(simulation)  # None when there is no attack
     simulation.disruptions = install_disruptions(simulation)  # None when there are none
+    for index, spec in enumerate(scenario.disruptions):
+        if spec.at_round is not None and spec.at_round >= scenario.rounds:
+            # not an error (a shortened run, --set rounds=3, keeps its scenario's disruptions),
+            # but a study that silently lacks its disaster would look like one without it
+            log.warning(
+                "disruptions[%d] (%s) at_round = %d never fires: the run has %d rounds",
+                index, spec.kind, spec.at_round, scenario.rounds,
+            )
     late = simulation.disruptions.late_joiners if simulation.disruptions else set()
     if late:  # protocols that learn their population (MoDeST) must not know them yet
         absent = [peer_ids[i] for i in sorted(late)]

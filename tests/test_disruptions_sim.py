@@ -488,3 +488,14 @@ def test_references_and_counts_are_checked():
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
 def test_disaster_examples_are_valid(path):
     assert load_scenario(path).disruptions
+
+
+def test_a_disruption_after_the_last_round_is_said_not_silently_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """A scenario run shorter than it was written (``--set rounds=3``) keeps its disruptions;
+    one that can never fire is said in the log, not silently left out of the study."""
+    raw = scenario([{"kind": "crash", "at_round": 5, "count": 1}, {"kind": "crash", "at_round": 1, "count": 1}])
+    raw["rounds"] = 3
+    with caplog.at_level("WARNING", logger="p2pfl.sim"):
+        build(raw)
+    warned = [r.getMessage() for r in caplog.records if "never fires" in r.getMessage()]
+    assert warned == ["disruptions[0] (crash) at_round = 5 never fires: the run has 3 rounds"]
