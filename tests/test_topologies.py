@@ -199,6 +199,8 @@ def test_file_errors_are_topology_errors(tmp_path) -> None:
         build_graph("file", 3)
     with pytest.raises(TopologyError, match="not found"):
         build_graph("file", 3, path=tmp_path / "missing.txt")
+    with pytest.raises(TopologyError, match="is a folder; expected an edge list or a GraphML file"):
+        build_graph("file", 3, path=tmp_path)
     path = tmp_path / "two.txt"
     path.write_text("0 1\n")
     with pytest.raises(TopologyError, match="has 2 nodes, but n=5"):

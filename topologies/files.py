@@ -38,6 +38,8 @@ def read_graph(path: str | Path) -> nx.Graph:
     order when every identifier is an integer, otherwise in order of first appearance.
     """
     path = Path(path)
+    if path.is_dir():
+        raise TopologyError(f"graph file {path} is a folder; expected an edge list or a GraphML file")
     if not path.is_file():
         raise TopologyError(f"graph file not found: {path}")
     if path.suffix.lower() in GRAPHML_SUFFIXES:
@@ -68,6 +70,8 @@ def _read_edge_list(path: Path) -> nx.Graph:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise TopologyError(f"cannot read edge list {path}: not UTF-8 text") from exc
+    except OSError as exc:  # permissions, an I/O error
+        raise TopologyError(f"cannot read edge list {path}: {exc.strerror or exc}") from exc
     for line in text.splitlines():
         tokens = [t for t in _SEPARATORS.split(line.split("#", 1)[0]) if t]
         if len(tokens) == 1:
