@@ -177,7 +177,7 @@ def _sim_seeds(
     """``p2pfl sim --seeds``: one run folder per seed in a group folder, then the tables.
     Seeds run through ``sim.cells`` (serially, ``--jobs`` processes or Ray): a seed that
     fails is one line on stderr, the others complete, and the exit status is then 1."""
-    from sim.cells import CellsError
+    from sim.cells import CellsError, check_ray
     from sim.rundir import prepare_out_dir
     from sim.seeds import SeedFailure, cells_executor, group_dir_for, parse_seeds, run_seed_group
 
@@ -186,7 +186,9 @@ def _sim_seeds(
 
     try:
         chosen = parse_seeds(seeds)
-    except ValueError as error:
+        if ray is not None:
+            check_ray(ray)  # before the group folder is made
+    except (ValueError, CellsError) as error:
         _fail(str(error))
         return
     group_dir = prepare_out_dir(out) if out is not None else group_dir_for(config, chosen, provenance)
@@ -243,10 +245,16 @@ def sweep(
     setup_logging(False)
     from p2pfl.config import ConfigError
     from p2pfl.learning import DatasetUnavailable
-    from sim.cells import CellsError
+    from sim.cells import CellsError, check_ray
     from sim.rundir import RunFolderError
     from sim.sweep import load_sweep, parse_seed_list, results_table, run_sweep
 
+    if ray is not None:
+        try:
+            check_ray(ray)  # before the sweep's folder is made
+        except CellsError as error:
+            _fail(str(error))
+            return
     try:
         config, base = load_sweep(sweep_file, set_ or [])
         if seeds is not None:

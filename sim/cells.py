@@ -221,6 +221,17 @@ def _run_pool(
             alone.shutdown(wait=True, cancel_futures=True)
 
 
+def check_ray(address: str) -> None:
+    """Refuse ``--ray ADDRESS`` before anything is written: Ray missing, or a ``host:port``
+    nobody listens on (a sweep or seed group would otherwise leave its folder behind)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise CellsError(_NO_RAY) from None
+    if address != RAY_LOCAL:
+        _reachable(address)
+
+
 def _reachable(address: str, timeout: float = 5.0) -> None:
     """Refuse a ``host:port`` nobody listens on at once: Ray itself retries for minutes."""
     host, colon, port = address.rpartition(":")
@@ -230,6 +241,9 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except OSError as error:
         raise CellsError(f"ray: cannot reach cluster {address!r}: {error}") from None
+
+
+_NO_RAY = "--ray needs Ray, an optional extra: pip install ray==2.60.0 (or install p2pfl-gossip with its ray extra)"
 
 
 def _run_ray(
@@ -243,10 +257,7 @@ def _run_ray(
     try:
         import ray as ray_api
     except ImportError:
-        raise CellsError(
-            "--ray needs Ray, an optional extra: pip install ray==2.60.0 "
-            "(or install p2pfl-gossip with its ray extra)"
-        ) from None
+        raise CellsError(_NO_RAY) from None
     started_here = not ray_api.is_initialized()
     if started_here:
         if address != RAY_LOCAL:

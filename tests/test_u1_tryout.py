@@ -372,3 +372,19 @@ def test_ctrl_c_while_the_plots_are_drawn_says_the_run_completed(
     result = CliRunner().invoke(app, ["sim", str(scenario(tmp_path)), "--out", str(out), "--quiet"])
     assert result.exit_code == 130, result.output
     assert "interrupted while drawing the plots: the run completed" in result.output
+
+
+def test_an_unreachable_ray_cluster_is_refused_before_any_folder_is_made(tmp_path: Path) -> None:
+    """``--ray HOST:PORT`` with nobody listening (or no Ray installed) is one line, and
+    leaves no group or sweep folder that would block running again with the same ``--out``."""
+    import socket
+
+    with socket.socket() as probe:  # a port on this machine that nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    path = scenario(tmp_path)
+    refused(["sim", str(path), "--seeds", "1,2", "--ray", address, "--out", str(tmp_path / "group")], "ray")
+    assert not (tmp_path / "group").exists()
+    sweep = sweep_file(tmp_path)
+    refused(["sweep", str(sweep), "--ray", address, "--out", str(tmp_path / "sweep")], "ray")
+    assert not (tmp_path / "sweep").exists()
