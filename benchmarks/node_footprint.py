@@ -110,18 +110,34 @@ def run(
     ``tree``: the peers run the ``p2pfl`` package of that source tree instead of this one
     (``python -m`` puts the working directory first on the path, so they start there)."""
     if tree is None:
-        return _run(args, real)
+        return _run_retrying(args, real)
     saved_cwd, saved_path = os.getcwd(), os.environ.get("PYTHONPATH")
     os.chdir(tree)
     os.environ["PYTHONPATH"] = str(tree)
     try:
-        return _run(args, real)
+        return _run_retrying(args, real)
     finally:
         os.chdir(saved_cwd)
         if saved_path is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = saved_path
+
+
+def _run_retrying(
+    args: argparse.Namespace, real: RealWork | None, attempts: int = 3
+) -> list[dict[str, float]]:
+    """``_run``, again with new ports when a peer found its port taken: the cluster picks
+    free ports before the peers bind them, and on a shared machine another program may
+    take one meanwhile (a lost run, not a measurement)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _run(args, real)
+        except SystemExit as exc:
+            if "Address already in use" not in str(exc) or attempt == attempts:
+                raise
+            print(f"a peer's port was taken meanwhile: run {attempt} again", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 def _run(args: argparse.Namespace, real: RealWork | None) -> list[dict[str, float]]:
@@ -205,7 +221,9 @@ def summarize(i: int, watch: Watch, args: argparse.Namespace) -> dict[str, float
 
 
 #: seconds between two samples of the real work while the cluster trains
-REAL_EVERY = 1.0
+REAL_EVERY = 0.5
+#: samples of the real work taken right after each run (the peers gone, same process)
+REAL_AFTER = 10
 
 
 class RealWork:
@@ -215,7 +233,14 @@ class RealWork:
     Sampled *while the cluster runs*, the figure is taken under the same load as the
     nodes' (on a shared 2-core machine the same round costs 1.5-2.5x more CPU at load
     average 20 than on a quiet one, so a figure taken before or after the run is not
-    comparable with the nodes')."""
+    comparable with the nodes').
+
+    One sample is 10 rounds (~20-30 ms of CPU) and noisy (the scheduler, caches, another
+    session's burst), so the figure is the *median* of many: one every ``REAL_EVERY``
+    seconds during the run (``samples``), and ``REAL_AFTER`` right after it (``after``:
+    the other sessions' load only). Real work stays what a round must do whatever the
+    transport -- train, evaluate, mix; encoding, signing, verifying and decoding models
+    are protocol overhead, not counted."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
@@ -238,7 +263,8 @@ class RealWork:
         self.peers = args.peers
         self.weights = torch.full((args.peers,), 1.0 / args.peers)
         self.params = self._round(self.commons.start.clone())  # warm-up
-        self.samples: list[float] = []
+        self.samples: list[float] = []  # during the run
+        self.after: list[float] = []  # right after it
 
     def _round(self, params: Any) -> Any:
         import torch
@@ -251,25 +277,27 @@ class RealWork:
         stack = torch.stack([trained] * self.peers)  # its model and its neighbours'
         return self.weights @ stack
 
-    def sample(self, rounds: int = 10) -> float:
-        """CPU milliseconds per round over ``rounds`` rounds (kept in ``samples``)."""
+    def sample(self, rounds: int = 10, *, after: bool = False) -> float:
+        """CPU milliseconds per round over ``rounds`` rounds (kept in ``samples``, or in
+        ``after`` for a sample taken after the run)."""
         start = time.thread_time()
         for _ in range(rounds):
             self.params = self._round(self.params)
         value = 1000 * (time.thread_time() - start) / rounds
-        self.samples.append(value)
+        (self.after if after else self.samples).append(value)
         return value
 
+    def sample_after(self, count: int = REAL_AFTER) -> None:
+        """``count`` samples right after the run, the peers gone."""
+        for _ in range(count):
+            self.sample(after=True)
+
     def median(self) -> float:
-        values = sorted(self.samples)
-        return values[len(values) // 2] if values else float("nan")
+        """Median of the samples taken during the run."""
+        return median(self.samples)
 
-
-def real_work_ms(args: argparse.Namespace, rounds: int = 30) -> float:
-    """CPU milliseconds of one round's learning alone (train, evaluate, mix), in process."""
-    real = RealWork(args)
-    real.sample(rounds)
-    return real.median()
+    def median_after(self) -> float:
+        return median(self.after)
 
 
 def checkpoint_cost_ms(args: argparse.Namespace, rounds: int = 100) -> dict[str, float]:
@@ -382,8 +410,24 @@ def median(values: list[float]) -> float:
     return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
 
 
+@dataclass
+class Measured:
+    """One run of the cluster in ``--compare``: the peers' medians and the real work."""
+
+    which: str
+    cpu: float  # CPU / round, median of the peers, ms
+    threads: dict[str, float]  # the same by thread name
+    real: RealWork  # sampled during and right after the run
+    load: tuple[float, float]  # 1-minute load average at its start and its end
+
+
 def compare_report(args: argparse.Namespace) -> None:
-    """``--compare``: before (another tree) and after (this one), alternating, one table."""
+    """``--compare``: before (another tree) and after (this one), alternating, one table.
+
+    The ratios at the end are pooled: each side's median CPU per round over the real
+    work's median over *every* sample of every run (both sides run the same real work in
+    this process, so one figure serves both), taken during the runs and right after
+    them; a run's own ratio leans on its ~20 samples alone."""
     before = Path(args.compare).resolve()
     if not (before / "p2pfl" / "__init__.py").is_file():
         print(f"--compare: {before} has no p2pfl/__init__.py (expected a source tree)")
@@ -392,11 +436,15 @@ def compare_report(args: argparse.Namespace) -> None:
     print(
         f"{args.peers} peers on 127.0.0.1 over libp2p, {Path(args.config).name} "
         f"{' '.join(args.set)}, {args.rounds} rounds a run; before = {before}, after = {ROOT}; "
-        "CPU / round: median of the peers; real work sampled in this process during each run\n"
+        "CPU / round: median of the peers; real work: median of the samples taken in this "
+        f"process during each run (every {REAL_EVERY} s) and right after it ({REAL_AFTER})\n"
     )
-    header = "| pair | which | load 1 min | CPU / round ms | real work ms | ratio | by thread ms |"
+    header = (
+        "| pair | which | load 1 min | CPU / round ms | real work ms (during / after) "
+        "| ratio | by thread ms |"
+    )
     threads_seen: list[str] = []
-    results: dict[str, list[tuple[float, float, dict[str, float]]]] = {"before": [], "after": []}
+    runs: list[Measured] = []
     lines: list[str] = []
     for pair in range(1, args.pairs + 1):
         order = ("before", "after") if pair % 2 else ("after", "before")
@@ -404,42 +452,61 @@ def compare_report(args: argparse.Namespace) -> None:
             load = os.getloadavg()[0]
             real = RealWork(args)
             rows = run(args, real, before if which == "before" else ROOT)
-            per_round = median([row["cpu_per_round_ms"] for row in rows])
+            real.sample_after()
             threads: dict[str, float] = {}
             for name in sorted({n for row in rows for n in row["threads"]}):  # type: ignore[attr-defined]
                 threads[name] = median([row["threads"].get(name, 0.0) for row in rows])  # type: ignore[attr-defined]
                 if name not in threads_seen:
                     threads_seen.append(name)
-            results[which].append((per_round, real.median(), threads))
+            done = Measured(
+                which,
+                median([row["cpu_per_round_ms"] for row in rows]),
+                threads,
+                real,
+                (load, os.getloadavg()[0]),
+            )
+            runs.append(done)
             lines.append(
-                f"| {pair} | {which} | {load:.1f} | {per_round:.2f} | {real.median():.2f} "
-                f"| {per_round / real.median():.2f}x | "
+                f"| {pair} | {which} | {load:.1f}-{done.load[1]:.1f} | {done.cpu:.2f} "
+                f"| {real.median():.2f} / {real.median_after():.2f} "
+                f"| {done.cpu / real.median():.2f}x | "
                 + ", ".join(f"{name} {value:.2f}" for name, value in threads.items())
                 + " |"
             )
             print(lines[-1], flush=True)
     print("\n" + header + "\n| ---: | --- | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(lines))
-    print("\nmedians over the pairs (ms per round):")
-    print("| | CPU / round | real work | ratio | " + " | ".join(threads_seen) + " |")
-    print("| --- | ---: | ---: | ---: |" + " ---: |" * len(threads_seen))
-    pooled = median([r[1] for runs in results.values() for r in runs])
-    for which, runs in results.items():
-        cpu = median([r[0] for r in runs])
-        work = median([r[1] for r in runs])
-        ratio = median([r[0] / r[1] for r in runs])
-        per_thread = [median([r[2].get(name, 0.0) for r in runs]) for name in threads_seen]
+    during = median([v for r in runs for v in r.real.samples])
+    after = median([v for r in runs for v in r.real.after])
+    count_during = sum(len(r.real.samples) for r in runs)
+    count_after = sum(len(r.real.after) for r in runs)
+    print(
+        "\nmedians over the runs (ms per round). Ratios: the median of the runs' own (a "
+        "run's CPU over the real work sampled during it: the same load, the figure to "
+        "trust when the load changes between runs), and the side's median CPU over the "
+        "real work pooled over all runs, during them and right after them:"
+    )
+    print(
+        "| | CPU / round | ratio (runs' own) | ratio (pooled, during) | ratio (pooled, after) | "
+        + " | ".join(threads_seen)
+        + " |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(threads_seen))
+    for which in ("before", "after"):
+        side = [r for r in runs if r.which == which]
+        cpu = median([r.cpu for r in side])
+        own = median([r.cpu / r.real.median() for r in side])
+        per_thread = [median([r.threads.get(name, 0.0) for r in side]) for name in threads_seen]
         print(
-            f"| {which} | {cpu:.2f} | {work:.2f} | {ratio:.2f}x | "
+            f"| {which} | {cpu:.2f} | {own:.2f}x | {cpu / during:.2f}x | {cpu / after:.2f}x | "
             + " | ".join(f"{v:.2f}" for v in per_thread)
             + " |"
         )
+    loads = [x for r in runs for x in r.load]
     print(
-        f"\nreal work pooled over all {sum(len(r) for r in results.values())} runs "
-        f"(the same code in this process, so one figure for both): {pooled:.2f} ms; "
-        + "; ".join(
-            f"{which} {median([r[0] for r in runs]) / pooled:.2f}x"
-            for which, runs in results.items()
-        )
+        f"\nreal work pooled over all {len(runs)} runs (the same code in this process, so one "
+        f"figure for both sides): {during:.2f} ms during the runs (median of {count_during} "
+        f"samples), {after:.2f} ms right after them (median of {count_after}); load average "
+        f"{min(loads):.1f}-{max(loads):.1f} over the command"
     )
 
 
@@ -497,17 +564,18 @@ def main() -> None:
     for name in names:
         values = [row["threads"].get(name, 0.0) for row in rows]  # type: ignore[attr-defined]
         print(f"- {name}: {', '.join(f'{v:.1f}' for v in values)}")
-    real = real_work_ms(args)
-    per_round = sorted(row["cpu_per_round_ms"] for row in rows)[len(rows) // 2]
+    during.sample_after()
+    per_round = median([row["cpu_per_round_ms"] for row in rows])
+    real, real_after = during.median(), during.median_after()
     print(
         f"\nreal work of a round (training, evaluation, mixing; in process, 1 thread): "
-        f"{real:.1f} ms CPU after the run; {during.median():.1f} ms sampled during it "
-        f"({len(during.samples)} samples of 10 rounds, same load as the nodes)"
+        f"{real:.2f} ms CPU sampled during the run (median of {len(during.samples)} samples "
+        f"of 10 rounds, same load as the nodes); {real_after:.2f} ms right after it "
+        f"(median of {len(during.after)})"
     )
     print(
-        f"the node's median CPU per round ({per_round:.1f} ms) is {per_round / real:.1f}x "
-        f"the real work after the run, {per_round / during.median():.1f}x the real work "
-        "during it"
+        f"the node's median CPU per round ({per_round:.2f} ms) is {per_round / real:.2f}x "
+        f"the real work during the run, {per_round / real_after:.2f}x the real work after it"
     )
     cost = checkpoint_cost_ms(args)
     print(

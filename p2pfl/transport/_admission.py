@@ -10,8 +10,9 @@ the bytes held for inbound frames per peer, and answers before anything is read:
 - a frame's bytes are held from the moment its length is known until the node has
   handled it; a frame that does not fit waits, its body unread (``hold``).
 
-Everything runs on the transport's trio thread except ``free``, which the asyncio side
-hands over with the bridge's ``call_soon``.
+Everything runs on the transport's trio thread, ``free`` too: the transport applies it
+there for the frames the asyncio side has handled (``Libp2pTransport._apply_frees``),
+with the next frame it admits, or at once while a frame waits for room.
 """
 
 from __future__ import annotations

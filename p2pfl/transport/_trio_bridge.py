@@ -231,11 +231,16 @@ class TrioThread:
         except trio.RunFinishedError as exc:
             raise BridgeClosed("trio loop has finished") from exc
 
-    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async def run(
+        self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None
+    ) -> T:
         """Await ``fn(*args)`` run on the trio loop, from a coroutine on an asyncio loop.
 
         Cancelling the awaiting asyncio task cancels the trio task.  An exception from
         ``fn`` is re-raised here; a trio loop that stops meanwhile raises ``BridgeClosed``.
+        With ``timeout``, the trio task is cancelled that many seconds after it starts and
+        ``trio.TooSlowError`` raised here (as ``trio.fail_after`` in ``fn`` would, without
+        a second cancel scope per call).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -246,7 +251,10 @@ class TrioThread:
             to_asyncio(loop, _resolve, future, result, error)
 
         async def runner() -> None:
-            scope = trio.CancelScope()
+            if timeout is None:
+                scope = trio.CancelScope()
+            else:
+                scope = trio.CancelScope(deadline=trio.current_time() + timeout)
             call.scope = scope
             if call.cancel_requested:
                 scope.cancel()
@@ -255,7 +263,10 @@ class TrioThread:
                     result = await fn(*args)
                     deliver(result, None)
                     return
-                deliver(None, asyncio.CancelledError())
+                if call.cancel_requested or timeout is None:
+                    deliver(None, asyncio.CancelledError())
+                else:  # its deadline passed
+                    deliver(None, trio.TooSlowError())
             except Exception as exc:
                 deliver(None, exc)
             except BaseException:  # the whole loop is being cancelled

@@ -28,7 +28,9 @@ stream per payload that meant ~20 ms per tiny message and 20-35 MB/s.  Here:
   the transport has agreed to hold (16 MiB windows, go-yamux's maximum, were no
   faster on loopback);
 - read credit goes back go-yamux style, in one update once half the allowance
-  has been read;
+  has been read; admitting a frame that is already here, or that the window left
+  lets the peer finish (a small model), sends no update at all (an eager one cost
+  one more frame per message, written here and read by the peer);
 - a peer that sends past the window it was granted (py-libp2p only logs that and
   buffers the bytes) gets its connection closed and is reported to the transport;
 - data frames carry up to ~1 MiB (within any peer's window: yamux bounds a
@@ -38,12 +40,18 @@ stream per payload that meant ~20 ms per tiny message and 20-35 MB/s.  Here:
   thread, looking at a buffer or window and taking from it involve no
   ``await``, and every lock acquisition is a trip through the scheduler (a
   tiny frame and its acknowledgement took 32 of them, now 10); the
-  connection's write lock is taken without one when free;
+  connection's stream and write locks and a stream's window lock are taken
+  without one when free (``_QuickLock``), and a control frame (window update,
+  SYN, FIN) is not followed by one;
+- a data frame's body that was decrypted with its header is taken without a
+  timer (a cancel scope per frame);
 - below yamux, the Noise session (``_FastNoise``) reads the socket in large
   chunks instead of two or more receives per Noise message, writes a data
   frame's Noise messages with one send instead of one each, encrypts and
   decrypts without copying first, and decrypts a frame's body straight into one
-  buffer (py-libp2p copied it four times on the way).  A send cut off part-way
+  buffer (py-libp2p copied it four times on the way); sends and receives go to
+  the socket itself and pass through trio's scheduler only to wait (and after a
+  bulk chunk), not after every call as trio's socket methods do.  A send cut off part-way
   (a timed-out send) closes the connection: a partial Noise message would leave
   the peer waiting for the rest, then unable to decrypt anything.
 
@@ -55,6 +63,8 @@ builds ours.
 
 from __future__ import annotations
 
+import errno
+import socket
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -121,6 +131,14 @@ RECEIVE_SIZE = 1024 * 1024
 DATA_READ_TIMEOUT = 60.0
 """Seconds to wait for an announced data frame's body (py-libp2p's default)."""
 
+DIRECT_RECEIVES = 16
+"""Receives in a row (up to ``RECEIVE_SIZE`` each) after which a connection's reader
+yields to trio's other tasks although more bytes are there."""
+
+BULK = 64 * 1024
+"""Bytes from which a receive or send on the socket is part of a bulk transfer: followed
+by a trip through the scheduler as in trio's own socket calls (the others skip it)."""
+
 
 class PatchedYamux(Yamux):
     """A ``Yamux`` connection whose reader never waits to write, with wide stream windows."""
@@ -131,6 +149,9 @@ class PatchedYamux(Yamux):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # taken for every frame read and written: no scheduler trip when free (see _QuickLock)
+        self.streams_lock = _QuickLock()  # type: ignore[assignment]
+        self._write_lock = _QuickLock()  # type: ignore[assignment]
         self._abused = False
         self._reader_task: trio.lowlevel.Task | None = None
         self._deferred: deque[bytes] = deque()
@@ -142,19 +163,15 @@ class PatchedYamux(Yamux):
         if self._fast is None:
             await self._write_frame(header + payload)
             return
-        lock = self._write_lock
-        try:  # no trip through the scheduler when nobody else is writing (the usual case)
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
+        async with self._write_lock:  # no trip through the scheduler when free (the usual case)
             await self._fast.write(header, payload)  # sending yields to the scheduler once
-        finally:
-            lock.release()
 
     async def _read_data_body(self, length: int) -> bytes:
         if self._fast is None:
             return await super()._read_data_body(length)
+        body = self._fast.take_decrypted(length)
+        if body is not None:  # decrypted with its header (a small frame): no timer, no wait
+            return body
         with trio.fail_after(DATA_READ_TIMEOUT):
             return await self._fast.read_body(length)  # type: ignore[return-value]
 
@@ -167,7 +184,13 @@ class PatchedYamux(Yamux):
         if trio.lowlevel.current_task() is self._reader_task and self._write_soon(data):
             await trio.lowlevel.checkpoint()
             return
-        await super()._write_frame(data)
+        if self._fast is None:
+            await super()._write_frame(data)
+            return
+        # py-libp2p's, less its debug line (built whether logged or not) and the trip
+        # through the scheduler after every frame (a window update, a stream's SYN or FIN)
+        async with self._write_lock:
+            await self._fast.write(data)
 
     def _grant_window(self, frame: bytes) -> bytes:
         """Make the stream that a SYN or ACK frame opens or accepts one of ours."""
@@ -320,6 +343,10 @@ class _PatchedYamuxStream(YamuxStream):
                 conn.stream_events[sid] = trio.Event()
         return await super().read(n)
 
+    def buffered(self) -> int:
+        """Bytes received on this stream and not read yet (reading them does not wait)."""
+        return len(self.conn.stream_buffers.get(self.stream_id, b""))
+
     async def _wait_for_window(self) -> None:
         """Wait until the peer grants window, like py-libp2p: give up after 5 s."""
         deadline = trio.current_time() + WINDOW_WAIT
@@ -331,8 +358,16 @@ class _PatchedYamuxStream(YamuxStream):
                 await self._window_opened.wait()
 
     async def admit(self, size: int) -> None:
-        """Let the peer send the ``size`` bytes of a frame the transport has room for."""
+        """Let the peer send the ``size`` bytes of a frame the transport has room for.
+
+        A frame whose bytes are already here, or which the window it has left lets the
+        peer finish (every model of a small network), needs no update now: an eager one
+        would cost a frame per message (written here, read there). Later reads give
+        credit back as usual.
+        """
         self._admitted = size
+        if size - self.buffered() <= self.recv_window:
+            return
         await self._send_credit(eager=True)
 
     def _allowance(self) -> int:
@@ -368,6 +403,50 @@ def _adopt(stream: YamuxStream) -> None:
     """
     if type(stream) is YamuxStream:
         stream.__class__ = _PatchedYamuxStream
+        stream.window_lock = _QuickLock()  # type: ignore[assignment]  # not held yet: new
+
+
+class _QuickLock:
+    """A ``trio.Lock`` whose acquisition takes no trip through the scheduler when free.
+
+    py-libp2p's yamux takes its connection's stream lock for every frame it reads, its
+    write lock for every frame it writes and a stream's window lock for every window
+    update; ``trio.Lock`` yields to the scheduler on each even when nobody holds it
+    (a pass of trio's run loop and an ``epoll_wait`` each). The critical sections are
+    the same, so is the exclusion: a held lock is waited for as before (``acquire``).
+    What is lost is only the checkpoint that uncontended acquisition implies; the
+    readers and writers around these locks reach one at their next socket call.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    async def acquire(self) -> None:
+        lock = self._lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+
+    def acquire_nowait(self) -> None:
+        self._lock.acquire_nowait()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def statistics(self) -> object:
+        return self._lock.statistics()
 
 
 class _FastNoise:
@@ -387,9 +466,18 @@ class _FastNoise:
         # already serialises the writes and has one reader, so use the socket stream directly
         socket_stream = getattr(getattr(raw, "stream", None), "stream", None)
         self._socket = socket_stream if isinstance(socket_stream, trio.SocketStream) else None
+        # the non-blocking stdlib socket behind trio's (trio 0.35 keeps it as ``_sock``):
+        # a send the kernel takes at once needs no trip through the scheduler
+        raw_sock = getattr(self._socket.socket, "_sock", None) if self._socket else None
+        self._raw_sock = (
+            raw_sock
+            if isinstance(raw_sock, socket.socket) and raw_sock.gettimeout() == 0.0
+            else None
+        )
         self._received = b""  # ciphertext from the socket, decrypted up to ``_at``
         self._at = 0
         self._plain = memoryview(left)  # decrypted bytes not yet read
+        self._direct = 0  # receives in a row that did not wait (see _receive)
         self._eof = False
 
     @classmethod
@@ -470,6 +558,14 @@ class _FastNoise:
             got += len(part)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def take_decrypted(self, length: int) -> bytes | None:
+        """Exactly ``length`` bytes if that many are decrypted already, else None (nothing taken)."""
+        plain = self._plain
+        if len(plain) < length:
+            return None
+        self._plain = plain[length:]
+        return bytes(plain[:length])
+
     async def read_body(self, length: int) -> bytearray:
         """Exactly ``length`` bytes, decrypted into one buffer; ``IncompleteReadError`` if cut."""
         body = bytearray(length)
@@ -518,7 +614,16 @@ class _FastNoise:
         parts.append(ciphertext)
 
     async def _receive(self) -> bytes:
-        """Up to ``RECEIVE_SIZE`` bytes off the connection, b"" at its end (as py-libp2p)."""
+        """Up to ``RECEIVE_SIZE`` bytes off the connection, b"" at its end (as py-libp2p).
+
+        On the socket itself where there is one: trio's ``receive_some`` passes through
+        its scheduler once more after every receive (a pass of its run loop, with an
+        ``epoll_wait``, per message that arrives); here only waiting does, a receive of
+        ``BULK`` bytes or more, and every ``DIRECT_RECEIVES`` receives in a row without a
+        wait (a long transfer must not keep the thread from its other tasks)."""
+        raw = self._raw_sock
+        if raw is not None:
+            return await self._receive_direct(raw)
         if self._socket is None:
             return await self._raw.read(RECEIVE_SIZE)
         try:
@@ -527,6 +632,30 @@ class _FastNoise:
             raise ConnectionClosedError(f"TCP connection reset by peer: {exc}") from exc
         except trio.ClosedResourceError:  # closed on this side
             return b""
+
+    async def _receive_direct(self, raw: socket.socket) -> bytes:
+        while True:
+            try:
+                data = raw.recv(RECEIVE_SIZE)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                if exc.errno == errno.EBADF:  # closed on this side (trio closed the socket)
+                    return b""
+                raise ConnectionClosedError(f"TCP connection reset by peer: {exc!r}") from exc
+            else:
+                self._direct += 1
+                if len(data) >= BULK or self._direct >= DIRECT_RECEIVES:
+                    # a bulk transfer: let the other tasks (a sender on this thread, the
+                    # stream's reader) run in between, as trio's receive does
+                    self._direct = 0
+                    await trio.lowlevel.checkpoint()
+                return data
+            self._direct = 0
+            try:
+                await trio.lowlevel.wait_readable(raw.fileno())
+            except trio.ClosedResourceError:  # closed on this side while waiting
+                return b""
 
     async def _send(self, data: bytes) -> None:
         """Send all of ``data``; a send cut off part-way closes the connection.
@@ -542,6 +671,17 @@ class _FastNoise:
         sock = self._socket.socket
         view = memoryview(data)
         sent = 0
+        raw = self._raw_sock
+        if raw is not None:
+            # What the kernel takes now is sent without trio's checkpoint after it (one
+            # pass of its run loop per frame); the rest, and any error, go through trio.
+            try:
+                sent = raw.send(view)
+            except OSError:
+                sent = 0
+            if sent == len(view) and sent >= BULK:
+                await trio.lowlevel.checkpoint()  # as trio's send, for bulk transfers
+                return
         try:
             while sent < len(view):
                 sent += await sock.send(view[sent:])

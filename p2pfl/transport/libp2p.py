@@ -30,7 +30,8 @@ at most one unacknowledged frame per stream, and frames never interleave.
   reset before its protocol is negotiated); bytes of inbound frames held per peer
   and in all, from a frame's length prefix until the node has handled it (a frame
   that does not fit waits, unread, and its stream is granted no yamux window
-  beyond the initial 256 KiB meanwhile); a deadline on the whole frame
+  beyond the initial 256 KiB meanwhile; handled frames give their bytes back when
+  the next frame is admitted, or at once while one waits); a deadline on the whole frame
   (``frame_timeout + size / min_frame_rate`` from its first byte, or from the
   stream's opening for its first frame), so trickled and idle streams are cut.
   A banned peer (``ban``) has its connections closed, its new connections and
@@ -86,6 +87,7 @@ import asyncio
 import logging
 import math
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -218,10 +220,16 @@ async def _read_exactly(stream: INetStream, size: int, idle_timeout: float) -> b
     """
     buffer = bytearray()
     received = 0
+    muxed = _muxed(stream)
+    buffered = getattr(muxed, "buffered", None)
     while received < size:
+        want = size - received
         try:
-            with trio.fail_after(idle_timeout):
-                chunk = await _muxed(stream).read(size - received)
+            if buffered is not None and buffered() >= want:
+                chunk = await muxed.read(want)  # here already: no idle timer to set up
+            else:
+                with trio.fail_after(idle_timeout):
+                    chunk = await muxed.read(want)
         except trio.TooSlowError:
             raise _FrameError(
                 "truncated",
@@ -374,6 +382,12 @@ class Libp2pTransport(Transport):
         self._relayed_addrs: list[Multiaddr] = []  # ours through relays (trio thread)
         self._circuit_addrs: dict[ID, Multiaddr] = {}  # how we reached a peer by relay
         self._admission: Admission | None = None  # built on the trio thread by _serve
+        # bytes of handled frames not yet given back to the admission (from the asyncio
+        # thread), and how many frames wait for room meanwhile; under ``_frees_lock``
+        self._frees: list[tuple[str, int]] = []
+        self._frees_lock = threading.Lock()
+        self._waiting_room = 0
+        self._frees_called = False
         # per peer: frames this side may still have in flight to it (trio thread only)
         self._send_slots: dict[ID, trio.Semaphore] = {}
         self._bridge: _trio_bridge.TrioThread | None = None
@@ -584,11 +598,14 @@ class Libp2pTransport(Transport):
             raise TransportError("transport is closed")
         return host
 
-    async def _call(self, what: str, fn: Any, *args: Any) -> Any:
-        """Run a trio coroutine for this transport, mapping every failure to ``TransportError``."""
+    async def _call(
+        self, what: str, fn: Any, *args: Any, timeout: float | None = None
+    ) -> Any:
+        """Run a trio coroutine for this transport, mapping every failure to ``TransportError``
+        (``timeout``: seconds the trio side may take, see ``TrioThread.run``)."""
         bridge = self._running_bridge()
         try:
-            return await bridge.run(fn, *args)
+            return await bridge.run(fn, *args, timeout=timeout)
         except TransportError:
             raise
         except trio.TooSlowError as exc:
@@ -613,7 +630,9 @@ class Libp2pTransport(Transport):
                 raise TransportError(
                     f"payload of {len(data)} bytes exceeds the cap of {self.max_message_size}"
                 )
-            await self._call(f"send to {peer}", self._send_in_trio, peer_id, bytes(data), timeout)
+            await self._call(
+                f"send to {peer}", self._send_in_trio, peer_id, bytes(data), timeout=timeout
+            )
         except TransportError:
             self._count(send_failures=1)
             raise
@@ -766,14 +785,20 @@ class Libp2pTransport(Transport):
         except (_trio_bridge.BridgeClosed, RuntimeError):
             pass
 
-    async def _send_in_trio(self, peer: ID, data: bytes, timeout: float) -> None:
+    async def _send_in_trio(self, peer: ID, data: bytes) -> None:
+        """Send one frame to ``peer``; runs under the send's deadline (``_call``'s timeout)."""
         slots = self._send_slots.get(peer)
         if slots is None:
             slots = self._send_slots[peer] = trio.Semaphore(self.limits.max_sends_per_peer)
         try:
-            with trio.fail_after(timeout):
-                async with slots:  # the receiver resets streams over its bound: wait instead
-                    await self._send_frame(peer, data)
+            try:  # a free slot is taken without a trip through the scheduler
+                slots.acquire_nowait()
+            except trio.WouldBlock:  # the receiver resets streams over its bound: wait instead
+                await slots.acquire()
+            try:
+                await self._send_frame(peer, data)
+            finally:
+                slots.release()
         finally:
             idle = slots.value == self.limits.max_sends_per_peer
             if idle and not slots.statistics().tasks_waiting and self._send_slots.get(peer) is slots:
@@ -1004,11 +1029,15 @@ class Libp2pTransport(Transport):
             raise _FrameError("refused_banned", "the sender is banned")
         deadline = began + self.limits.frame_seconds(size)
         held = False
+        self._apply_frees()
         # waiting for room that the peer's own frames take is the peer's doing
         own = admission.over_own_share(sender, size)
         try:
             with trio.move_on_at(deadline) as timer:
-                await admission.hold(sender, size)  # waits for room, the body unread
+                if admission.fits(sender, size):
+                    await admission.hold(sender, size)  # room now: no wait
+                else:
+                    await self._hold_waiting(admission, sender, size)  # the body unread
                 held = True
                 if admission.is_banned(sender):  # banned while it waited
                     raise _FrameError("refused_banned", "the sender is banned")
@@ -1049,17 +1078,49 @@ class Libp2pTransport(Transport):
         return True
 
     def _dispatch_held(self, sender: str, data: bytes, size: int) -> None:
-        """Hand a frame to the node (asyncio thread), then free the bytes it held."""
+        """Hand a frame to the node (asyncio thread), then free the bytes it held.
+
+        The bytes go back to the admission on the trio thread: at once (one wake-up of
+        that thread) only while a frame waits for room; otherwise with the next frame
+        the trio side admits (``_apply_frees``), which is the only one to look at them.
+        """
         try:
             self._dispatch(sender, data)
         finally:
             del data
-            bridge, admission = self._bridge, self._admission
-            if bridge is not None and admission is not None:
+            with self._frees_lock:
+                self._frees.append((sender, size))
+                wake = self._waiting_room > 0 and not self._frees_called
+                if wake:
+                    self._frees_called = True
+            bridge = self._bridge
+            if wake and bridge is not None:
                 try:
-                    bridge.call_soon(admission.free, sender, size)
+                    bridge.call_soon(self._apply_frees)
                 except _trio_bridge.BridgeClosed:
                     pass
+
+    def _apply_frees(self) -> None:
+        """Give the bytes of the frames the node has handled back to the admission (trio)."""
+        with self._frees_lock:
+            frees, self._frees = self._frees, []
+            self._frees_called = False
+        admission = self._admission
+        if admission is not None:
+            for sender, size in frees:
+                admission.free(sender, size)
+
+    async def _hold_waiting(self, admission: Admission, sender: str, size: int) -> None:
+        """``admission.hold`` for a frame that does not fit now: frees handed over from
+        then on wake this thread (see ``_dispatch_held``)."""
+        with self._frees_lock:
+            self._waiting_room += 1
+        try:
+            self._apply_frees()  # those handed over before it counted as waiting
+            await admission.hold(sender, size)
+        finally:
+            with self._frees_lock:
+                self._waiting_room -= 1
 
     async def _await_frame(self, stream: INetStream, opening: bool) -> bytes | None:
         """The first bytes (at most a length prefix) of the next frame; ``None`` when the
@@ -1105,15 +1166,15 @@ class Libp2pTransport(Transport):
             await _reset(stream)
 
     def _to_asyncio(self, fn: Any, *args: Any) -> bool:
-        """Schedule ``fn(*args)`` on the asyncio loop; False if that loop is gone."""
+        """Schedule ``fn(*args)`` on the asyncio loop; False if that loop is gone.
+
+        Batched with the bridge's other hand-offs to that loop (the results of sends
+        among them): frames that arrive together wake the asyncio thread once, not once
+        each (every wake-up is a socket write here and an epoll return there)."""
         loop = self._loop
         if loop is None:
             return False
-        try:
-            loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the asyncio loop is closed
-            return False
-        return True
+        return _trio_bridge.to_asyncio(loop, fn, *args)
 
 
 def concrete_addrs(candidates: list[Multiaddr]) -> list[Multiaddr]:
@@ -1163,11 +1224,24 @@ def _check_port_free(addr: Multiaddr) -> None:
             raise TransportError(f"cannot listen on {addr}: {exc.strerror}") from exc
 
 
+#: peer ids already parsed (base58 decoding is pure Python, ~50 us: once per peer, not per
+#: message); bounded, forgotten all at once when full (a node talks to few peers)
+_PEER_IDS: dict[str, ID] = {}
+_MAX_PEER_IDS = 4096
+
+
 def _parse_peer(peer: str) -> ID:
+    known = _PEER_IDS.get(peer)
+    if known is not None:
+        return known
     try:
-        return ID.from_base58(peer)
+        parsed = ID.from_base58(peer)
     except Exception as exc:
         raise TransportError(f"not a peer id: {peer!r}") from exc
+    if len(_PEER_IDS) >= _MAX_PEER_IDS:
+        _PEER_IDS.clear()
+    _PEER_IDS[peer] = parsed
+    return parsed
 
 
 def _with_peer(addr: str, peer: str) -> str:
