@@ -669,28 +669,11 @@ PLOTTED = ("part", "n", "variant", "wall_per_round_s")
 
 
 def _plot_csv(path: Path) -> int:
-    """``--plot``: the PNG beside a results CSV of this script, from the CSV alone.
+    """``--plot``: the PNG beside a results CSV of this script, from the CSV alone; the
+    exit status (2, with one line, when the file is missing or is not such a CSV)."""
+    from result_csv import read_result_rows, replot
 
-    Returns the exit status: 2, with a one-line message, when the file is missing or is not
-    such a CSV."""
-    try:
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except OSError as error:
-        print(f"error: --plot: cannot read {path}: {error.strerror}", file=sys.stderr)
-        return 2
-    missing = [c for c in PLOTTED if rows and c not in rows[0]]
-    if not rows or missing:
-        detail = f"missing: {', '.join(missing)}" if missing else "it has none"
-        print(f"error: --plot: {path} needs rows with columns {', '.join(PLOTTED)} ({detail})", file=sys.stderr)
-        return 2
-    try:
-        _plot(rows, path.with_suffix(".png"))
-    except (ValueError, KeyError, StopIteration) as error:
-        print(f"error: --plot: {path}: not a sim_scale results CSV ({error!r})", file=sys.stderr)
-        return 2
-    print(f"wrote {path.with_suffix('.png')}")
-    return 0
+    return replot(path, read_result_rows(path, PLOTTED, "a sim_scale results CSV"), _plot)
 
 
 def main(argv: list[str] | None = None) -> None:

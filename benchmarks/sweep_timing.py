@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from result_csv import read_result_rows, replot
 from vs_flower import measure
 
 HERE = Path(__file__).resolve().parent
@@ -134,24 +135,10 @@ def _pair_label(rows: list[dict[str, Any]], pair: int) -> str:
 
 def plot_csv(path: Path) -> int:
     """Re-draw the PNG beside a timing CSV (``--plot``): nothing runs; 2 on a bad file."""
-    try:
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except OSError as error:
-        print(f"error: --plot: cannot read {path}: {error.strerror}", file=sys.stderr)
-        return 2
-    missing = [c for c in PLOTTED if rows and c not in rows[0]]
-    if not rows or missing:
-        print(f"error: --plot: {path} needs rows with columns {', '.join(PLOTTED)}"
-              + (f" (missing: {', '.join(missing)})" if missing else " (it has none)"), file=sys.stderr)
-        return 2
-    try:
-        plot(rows, path.with_suffix(".png"), _title(rows, f"{path.parent.name}/{path.name}"))
-    except ValueError as error:
-        print(f"error: --plot: {path}: a value is not a number ({error})", file=sys.stderr)
-        return 2
-    print(f"written: {path.with_suffix('.png')}")
-    return 0
+    rows = read_result_rows(path, PLOTTED, "a sweep_timing timing.csv")
+    return replot(
+        path, rows, lambda rows, png: plot(rows, png, _title(rows, f"{path.parent.name}/{path.name}"))
+    )
 
 
 def _title(rows: list[dict[str, Any]], name: str) -> str:

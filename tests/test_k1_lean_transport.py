@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from libp2p.crypto.ed25519 import create_new_key_pair
 
 from p2pfl.transport import _trio_bridge
 from p2pfl.transport._trio_bridge import TrioThread
@@ -28,7 +27,7 @@ from p2pfl.transport._yamux import _PatchedYamuxStream, _QuickLock
 from p2pfl.transport.base import TransportError
 from p2pfl.transport.libp2p import Libp2pTransport, _parse_peer
 from p2pfl.transport.limits import TransportLimits
-from tests.transport_kit import Inbox, eventually
+from tests.transport_kit import Inbox, eventually, inbox_transports, running_trio_thread
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 MIB = 1 << 20
@@ -44,27 +43,13 @@ Factory = Callable[..., Awaitable[tuple[Libp2pTransport, Inbox]]]
 
 @pytest.fixture
 async def make() -> AsyncIterator[Factory]:
-    created: list[Libp2pTransport] = []
-
-    async def factory(**options: Any) -> tuple[Libp2pTransport, Inbox]:
-        transport = Libp2pTransport(create_new_key_pair(), **options)
-        inbox = Inbox()
-        transport.set_handler(inbox)
-        created.append(transport)
-        await transport.start()
-        return transport, inbox
-
-    yield factory
-    for transport in created:
-        await transport.close()
+    async for factory in inbox_transports():
+        yield factory
 
 
 @pytest.fixture
 def bridge() -> Iterator[TrioThread]:
-    thread = TrioThread(name="p2pfl-trio-k1")
-    thread.start()
-    yield thread
-    thread.stop()
+    yield from running_trio_thread("p2pfl-trio-k1")
 
 
 async def test_small_frames_cost_no_window_update_each(

@@ -11,6 +11,7 @@ import trio
 
 from p2pfl.transport import _trio_bridge
 from p2pfl.transport._trio_bridge import BridgeClosed, TrioThread
+from tests.transport_kit import running_trio_thread
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -22,10 +23,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def bridge() -> Iterator[TrioThread]:
-    thread = TrioThread(name="p2pfl-trio-test")
-    thread.start()
-    yield thread
-    thread.stop()
+    yield from running_trio_thread("p2pfl-trio-test")
 
 
 async def test_results_and_errors_cross_over(bridge: TrioThread) -> None:

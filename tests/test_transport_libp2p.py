@@ -34,7 +34,7 @@ from p2pfl.transport.libp2p import (
     Libp2pTransport,
     concrete_addrs,
 )
-from tests.transport_kit import Inbox
+from tests.transport_kit import Inbox, inbox_transports
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -63,20 +63,9 @@ def trio_threads() -> list[threading.Thread]:
 @pytest.fixture
 async def make() -> AsyncIterator[Factory]:
     """Start transports on /tcp/0; close them all afterwards and check the trio thread is gone."""
-    created: list[Libp2pTransport] = []
     threads_before = trio_threads()
-
-    async def factory(key_pair: Any = None, **options: Any) -> tuple[Libp2pTransport, Inbox]:
-        transport = Libp2pTransport(key_pair or create_new_key_pair(), **options)
-        inbox = Inbox()
-        transport.set_handler(inbox)
-        created.append(transport)
-        await transport.start()
-        return transport, inbox
-
-    yield factory
-    for transport in created:
-        await transport.close()
+    async for factory in inbox_transports():
+        yield factory
     assert trio_threads() == threads_before  # the last user of the trio thread joined it
 
 

@@ -4,15 +4,18 @@ libp2p transports with NAT settings that are closed when the test ends."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from p2pfl.transport._nat import NatSettings
+from p2pfl.transport._trio_bridge import TrioThread
 from p2pfl.transport.libp2p import Libp2pTransport
 
 Factory = Callable[..., Awaitable[Libp2pTransport]]
+#: ``factory(key_pair=None, **options)`` -> a started transport and the inbox it delivers to
+InboxFactory = Callable[..., Awaitable[tuple[Libp2pTransport, "Inbox"]]]
 
 
 class Inbox:
@@ -58,3 +61,29 @@ async def nat_transports(**defaults: Any) -> AsyncIterator[Factory]:
     yield factory
     for transport in reversed(created):
         await transport.close()
+
+
+async def inbox_transports() -> AsyncIterator[InboxFactory]:
+    """A fixture body: ``factory(key_pair=None, **options)`` starts a libp2p transport on
+    /tcp/0 delivering to a new ``Inbox``; every one started is closed afterwards."""
+    created: list[Libp2pTransport] = []
+
+    async def factory(key_pair: Any = None, **options: Any) -> tuple[Libp2pTransport, Inbox]:
+        transport = Libp2pTransport(key_pair or create_new_key_pair(), **options)
+        inbox = Inbox()
+        transport.set_handler(inbox)
+        created.append(transport)
+        await transport.start()
+        return transport, inbox
+
+    yield factory
+    for transport in created:
+        await transport.close()
+
+
+def running_trio_thread(name: str) -> Iterator[TrioThread]:
+    """A fixture body: a started ``TrioThread``, stopped afterwards."""
+    thread = TrioThread(name=name)
+    thread.start()
+    yield thread
+    thread.stop()

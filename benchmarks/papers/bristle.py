@@ -22,13 +22,15 @@ A file that is missing or lacks the columns gives a one-line error and exit stat
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import shutil
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/result_csv.py
+from result_csv import read_result_rows, replot  # noqa: E402
 
 #: the columns every row must have (those of ``sim.sweep_results.RESULT_COLUMNS`` read here)
 NEEDED = ("attack", "defence", "fraction", "seed", "honest_acc_mean", "honest_acc_min", "attack_success_rate",
@@ -114,33 +116,15 @@ def plot(rows: list[dict[str, str]], path: Path, title: str) -> None:
 
 def read_rows(path: Path) -> list[dict[str, str]] | str:
     """The rows of a sweep results CSV, or the one-line reason it is not one."""
-    try:
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except OSError as error:
-        return f"cannot read {path}: {error.strerror}"
-    missing = [c for c in NEEDED if rows and c not in rows[0]]
-    if not rows or missing:
-        detail = f"missing: {', '.join(missing)}" if missing else "it has none"
-        return f"{path} needs the rows of a sweep's results.csv, columns {', '.join(NEEDED)} ({detail})"
-    if not any(r["status"] == "ok" for r in rows):
+    rows = read_result_rows(path, NEEDED, "a sweep's results.csv")
+    if isinstance(rows, list) and not any(r["status"] == "ok" for r in rows):
         return f"{path}: no cell with status ok, nothing to draw"
     return rows
 
 
 def plot_csv(path: Path) -> int:
     """The PNG beside ``path``; 2 with a one-line message on a bad file."""
-    rows = read_rows(path)
-    if isinstance(rows, str):
-        print(f"error: {rows}", file=sys.stderr)
-        return 2
-    try:
-        plot(rows, path.with_suffix(".png"), f"Bristle reproduction, {path.stem}")
-    except ValueError as error:
-        print(f"error: {path}: a figure is not a number ({error})", file=sys.stderr)
-        return 2
-    print(f"wrote {path.with_suffix('.png')}")
-    return 0
+    return replot(path, read_rows(path), lambda rows, png: plot(rows, png, f"Bristle reproduction, {path.stem}"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -326,25 +326,9 @@ PLOTTED = ("protocol", "label", "partition", "seed", "reading", "target", "reach
 
 def plot_csv(path: Path) -> int:
     """``--plot``: ``plot_runs`` from a ``modest_fl_runs.csv`` alone; 2 on a bad file."""
-    try:
-        with path.open(newline="") as handle:
-            runs = list(csv.DictReader(handle))
-    except OSError as error:
-        print(f"error: --plot: cannot read {path}: {error.strerror}", file=sys.stderr)
-        return 2
-    missing = [c for c in PLOTTED if runs and c not in runs[0]]
-    if not runs or missing:
-        detail = f"missing: {', '.join(missing)}" if missing else "it has none"
-        print(f"error: --plot: {path} needs the rows of a modest_fl_runs.csv, columns {', '.join(PLOTTED)} "
-              f"({detail})", file=sys.stderr)  # fmt: skip
-        return 2
-    try:
-        plot_runs(runs, path.with_suffix(".png"))
-    except ValueError as error:
-        print(f"error: --plot: {path}: a value is not a number ({error})", file=sys.stderr)
-        return 2
-    print(f"wrote {path.with_suffix('.png')}")
-    return 0
+    from result_csv import read_result_rows, replot
+
+    return replot(path, read_result_rows(path, PLOTTED, "a modest_fl_runs.csv"), plot_runs)
 
 
 def main(argv: list[str] | None = None) -> int:
