@@ -503,9 +503,33 @@ def report(
     except (OSError, UnicodeDecodeError, ValueError) as error:  # cut short, or not ours
         _fail(f"{summary_path}: not a readable summary ({error})")
         return
+    if isinstance(summary, dict) and summary.get("status") == "running":
+        _plot_stopped_run(run_dir, summary)
     from p2pfl.jsonsafe import dumps  # an old summary's NaN printed as null
 
     print(dumps(summary, indent=2))
+
+
+def _plot_stopped_run(run_dir: Path, summary: dict[str, Any]) -> None:
+    """A run still marked ``running``: killed (SIGKILL, a lost machine) before it wrote its
+    plots, or still going. Its rows are in ``metrics.csv`` (written as measured): draw the
+    plots from them, so that the CSV has its PNGs beside it (disruption marks excepted: they
+    live only in the finished run)."""
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file() or (run_dir / "accuracy_vs_rounds.png").exists():
+        return
+    from sim.plots import plot_run
+    from sim.rundata import read_metrics
+
+    try:
+        rows = read_metrics(metrics)
+        drawn = plot_run(rows, run_dir, title=str(summary.get("name") or run_dir.name))
+    except (OSError, ValueError, KeyError, TypeError) as error:  # a CSV cut mid-line, not ours
+        print(f"{run_dir}: marked running; its metrics.csv cannot be plotted ({error!r})", file=sys.stderr)
+        return
+    if drawn:
+        print(f"{run_dir}: marked running (killed, or still going): plots of its {len(rows)} rows "
+              "drawn now from metrics.csv", file=sys.stderr)
 
 
 @app.command()

@@ -358,6 +358,26 @@ def test_report_writes_the_tables_of_a_killed_seed_group(tmp_path: Path) -> None
     assert (group / "seeds.csv").is_file() and (group / "seeds.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_draws_the_plots_of_a_killed_run_from_its_metrics(tmp_path: Path) -> None:
+    """A SIGKILL leaves metrics.csv (written as measured) and summary.json saying
+    "running", no plots: ``report`` draws them from the CSV."""
+    import json
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["sim", str(scenario(tmp_path)), "--out", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    pngs = sorted(p.name for p in run.glob("*.png"))
+    assert "accuracy_vs_rounds.png" in pngs
+    for png in run.glob("*.png"):
+        png.unlink()
+    (run / "summary.json").write_text(json.dumps({"name": "tiny", "status": "running"}))
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "drawn now from metrics.csv" in result.output
+    assert sorted(p.name for p in run.glob("*.png")) == pngs
+    assert (run / "accuracy_vs_rounds.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_ctrl_c_while_the_plots_are_drawn_says_the_run_completed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
