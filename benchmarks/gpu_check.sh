@@ -16,7 +16,8 @@
 #      (the 10,000-peer step checks that); comparable in wall per round.
 # Files back (8 at most): check.log (what ran, each step's exit status and time), steps.log
 # (every step's output), and a CSV + PNG per benchmark step.
-# GPU_CHECK_SIZES="60 120" runs steps 2 and 3 at those sizes instead (a dry run on a CPU).
+# GPU_CHECK_SIZES="60 120" runs steps 2 and 3 at those sizes instead, and GPU_CHECK_DATASET=digits
+# on that dataset (a dry run on a CPU; tests/test_gpu_check_script.py runs it so).
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check}
@@ -28,6 +29,7 @@ if [ -d .whl ] && ! python3 -c "import pydantic, cryptography, tomli_w" 2>/dev/n
 fi
 [ -d .gpudata ] && export P2PFL_DATA_DIR="$PWD/.gpudata"
 read -r small big <<< "${GPU_CHECK_SIZES:-10000 100000}"
+dataset=(--dataset "${GPU_CHECK_DATASET:-mnist}")
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
@@ -41,10 +43,10 @@ step() {  # step NAME SECONDS COMMAND...: one step, its output appended to $OUT/
     echo "$name: exit $? after $((SECONDS - began)) s" | tee -a "$out/steps.log" >> "$out/check.log"
 }
 step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_sim_device.py tests/test_sim_device_path.py -rs
-step small 120 python3 benchmarks/sim_scale.py --parts device --device-sizes "$small" --device-rounds 3 \
+step small 120 python3 benchmarks/sim_scale.py --parts device --device-sizes "$small" --device-rounds 3 "${dataset[@]}" \
     --out "$out/device_small.csv"
-step big-cuda 120 python3 benchmarks/sim_scale.py --parts device --device-sizes "$big" --device-rounds 2 \
+step big-cuda 120 python3 benchmarks/sim_scale.py --parts device --device-sizes "$big" --device-rounds 2 "${dataset[@]}" \
     --device-variants bare-cuda,sim-cuda --out "$out/device_big_cuda.csv"
-step big-cpu 210 python3 benchmarks/sim_scale.py --parts device --device-sizes "$big" --device-rounds 1 \
+step big-cpu 210 python3 benchmarks/sim_scale.py --parts device --device-sizes "$big" --device-rounds 1 "${dataset[@]}" \
     --device-variants sim-cpu --out "$out/device_big_cpu.csv"
 cat "$out/check.log"
