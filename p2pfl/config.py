@@ -494,7 +494,11 @@ def describe_validation_error(
     shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
     more = f" [+{error.error_count() - 1} more]" if error.error_count() > 1 else ""
     where = f"{loc}: " if loc else ""
-    return f"{where}{first['msg']}{shown}{more}"
+    message = str(first["msg"])
+    if first.get("type") in ("value_error", "assertion_error"):
+        # our own validators' words, without pydantic's "Value error, " in front of them
+        message = message.split(", ", 1)[1] if ", " in message else message
+    return f"{where}{message}{shown}{more}"
 
 
 #: ``num_classes`` filled in while validating an attack's parameters, before the data is known
