@@ -177,7 +177,7 @@ def _sim_seeds(
     """``p2pfl sim --seeds``: one run folder per seed in a group folder, then the tables.
     Seeds run through ``sim.cells`` (serially, ``--jobs`` processes or Ray): a seed that
     fails is one line on stderr, the others complete, and the exit status is then 1."""
-    from sim.cells import CellsError, check_ray
+    from sim.cells import CellsError
     from sim.rundir import prepare_out_dir
     from sim.seeds import SeedFailure, cells_executor, group_dir_for, parse_seeds, run_seed_group
 
@@ -186,8 +186,7 @@ def _sim_seeds(
 
     try:
         chosen = parse_seeds(seeds)
-        if ray is not None:
-            check_ray(ray)  # before the group folder is made
+        executor = cells_executor(jobs, ray, on_failed=failed)  # Ray checked: before the folder
     except (ValueError, CellsError) as error:
         _fail(str(error))
         return
@@ -196,7 +195,7 @@ def _sim_seeds(
         result = run_seed_group(
             config, chosen, group_dir, provenance=provenance,
             show_progress=progress and jobs == 1 and ray is None,  # one bar, not one per worker
-            tensorboard=tensorboard, executor=cells_executor(jobs, ray, on_failed=failed),
+            tensorboard=tensorboard, executor=executor,
         )
     except CellsError as error:
         _fail(str(error))
@@ -245,16 +244,10 @@ def sweep(
     setup_logging(False)
     from p2pfl.config import ConfigError
     from p2pfl.learning import DatasetUnavailable
-    from sim.cells import CellsError, check_ray
+    from sim.cells import CellsError
     from sim.rundir import RunFolderError
     from sim.sweep import load_sweep, parse_seed_list, results_table, run_sweep
 
-    if ray is not None:
-        try:
-            check_ray(ray)  # before the sweep's folder is made
-        except CellsError as error:
-            _fail(str(error))
-            return
     try:
         config, base = load_sweep(sweep_file, set_ or [])
         if seeds is not None:

@@ -142,15 +142,13 @@ _RUN_FILES = ("metrics.csv", "summary.json", "group.json", "results.csv")
 def prepare_out_dir(path: str | Path) -> Path:
     """A folder the user named (``--out``): created if missing, refused if it holds a run."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise RunFolderError(f"{path}: exists and is not a folder")
     if path.is_dir():
         taken = [name for name in _RUN_FILES if (path / name).exists()]
         if taken:
             raise RunFolderError(
                 f"{path}: already holds a run ({taken[0]}); choose another --out or remove it"
             )
-    ensure_folder(path)
+    ensure_folder(path)  # a file there: "exists and is not a folder"
     return path
 
 

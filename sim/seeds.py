@@ -137,8 +137,12 @@ def cells_executor(
 
     Ray: each task writes its seed folder on the machine it runs on, so the group is complete
     only on a single-machine cluster (``local``, or ``auto`` on one node) or shared storage.
+    Ray is checked here (``CellsError``), before anyone makes the group's folder.
     """
-    from sim.cells import run_cells
+    from sim.cells import check_ray, run_cells
+
+    if ray is not None:
+        check_ray(ray)
 
     def execute(seed_jobs: Sequence[SeedJob]) -> Iterable[SimResult | SeedFailure]:
         def done(outcome: Any) -> None:

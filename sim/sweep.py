@@ -69,7 +69,7 @@ from p2pfl.config import (
     describe_validation_error,
     read_toml,
 )
-from sim.cells import Outcome, run_cells
+from sim.cells import Outcome, check_ray, run_cells
 from sim.rundir import RunFolderError, ensure_folder
 from sim.scenario import Scenario, ScenarioError, scenario_from_dict
 from sim.seeds import parse_seeds
@@ -309,6 +309,8 @@ def run_sweep(
     cells = plan_cells(sweep, base)
     if ray is None:
         _require_data(cells)
+    else:
+        check_ray(ray)  # before the sweep's folder is made: a failed connection leaves none
     if out_dir is None:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         out_dir = Path(sweep.output_dir) / f"{_slug(sweep.name)}-{stamp}"
