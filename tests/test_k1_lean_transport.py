@@ -205,3 +205,47 @@ def test_the_bridge_module_still_batches_to_asyncio() -> None:
     finally:
         loop.close()
     assert not _trio_bridge.to_asyncio(loop, print, "closed")
+
+
+def test_a_frame_whose_reset_is_read_before_its_first_byte_is_still_truncated() -> None:
+    """A sender that writes part of a frame and resets its stream is charged a truncated
+    frame. With fewer scheduler passes the connection's reader can take the frame's bytes
+    and the reset in one go, before the stream's reader looks: the bytes are there, the
+    first read raises; that is the same cut frame, not a stream that ended between frames."""
+    from libp2p.network.stream.net_stream import NetStream
+    from libp2p.stream_muxer.exceptions import MuxedStreamReset
+
+    from p2pfl.transport.base import FrameAbuse
+    from p2pfl.transport.libp2p import _FrameError
+
+    class ResetMuxed:
+        def __init__(self, waiting: int) -> None:
+            self.waiting = waiting
+            self.resets = 0
+
+        async def read(self, n: int = -1) -> bytes:
+            raise MuxedStreamReset("Stream was reset")
+
+        def buffered(self) -> int:
+            return self.waiting
+
+        async def reset(self) -> None:
+            self.resets += 1
+
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    transport = Libp2pTransport(create_new_key_pair())
+
+    async def await_frame(waiting: int) -> tuple[object, int]:
+        muxed = ResetMuxed(waiting)
+        stream = NetStream.__new__(NetStream)
+        stream.muxed_stream = muxed  # type: ignore[assignment]
+        stream.reset = muxed.reset  # type: ignore[method-assign]
+        try:
+            return await transport._await_frame(stream, True), muxed.resets
+        except _FrameError as error:
+            return error, muxed.resets
+
+    cut, _ = trio.run(await_frame, 14)  # a length prefix and 10 bytes, then the reset
+    assert isinstance(cut, _FrameError) and cut.abuse == FrameAbuse.TRUNCATED and cut.counter == "truncated"
+    assert trio.run(await_frame, 0) == (None, 1)  # nothing had begun: the stream just ended

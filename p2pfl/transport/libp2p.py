@@ -221,11 +221,10 @@ async def _read_exactly(stream: INetStream, size: int, idle_timeout: float) -> b
     buffer = bytearray()
     received = 0
     muxed = _muxed(stream)
-    buffered = getattr(muxed, "buffered", None)
     while received < size:
         want = size - received
         try:
-            if buffered is not None and buffered() >= want:
+            if _buffered(stream) >= want:
                 chunk = await muxed.read(want)  # here already: no idle timer to set up
             else:
                 with trio.fail_after(idle_timeout):
@@ -263,6 +262,12 @@ def _net(stream: INetStream) -> NetStream:
 def _muxed(stream: INetStream) -> IMuxedStream:
     """The muxed stream under ``stream``: frames are read and written on it directly."""
     return _net(stream).muxed_stream
+
+
+def _buffered(stream: INetStream) -> int:
+    """Bytes received on ``stream`` and not read yet (0 where the muxer does not say)."""
+    buffered = getattr(_muxed(stream), "buffered", None)
+    return buffered() if buffered is not None else 0
 
 
 def _reusable(stream: INetStream) -> bool:
@@ -1136,7 +1141,15 @@ class Libp2pTransport(Transport):
                 first = await _muxed(stream).read(HEADER_SIZE)
             except (StreamEOF, MuxedStreamEOF):  # the sender closed the stream: so do we
                 pass
-            except Exception:  # noqa: BLE001 - reset, connection closed: the sender is gone
+            except Exception as exc:  # noqa: BLE001 - reset, connection closed: the sender is gone
+                begun = _buffered(stream)
+                if begun:  # a frame had begun: cut half-way, whether this reader looked before
+                    # the reset or (its bytes and the reset read in one go) only after it
+                    raise _FrameError(
+                        "truncated",
+                        f"stream ended after {begun} bytes of a frame, before any was read: {exc!r}",
+                        FrameAbuse.TRUNCATED,
+                    ) from exc
                 await _reset(stream)
                 return None
         if idle.cancelled_caught:
