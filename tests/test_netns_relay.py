@@ -56,18 +56,31 @@ def _args(role: str) -> list[str]:
     return [*common, "--set", f'network.reachability="{HOME_REACHABILITY}"']
 
 
-def _said_kinds(nodes: Nodes) -> dict[frozenset[int], set[str]]:
-    """What each node last logged about its connection to each other node."""
+def _said_kinds(nodes: Nodes) -> tuple[dict[frozenset[int], set[str]], dict[tuple[int, int], tuple[str, str]]]:
+    """What each node last logged about its connection to each other node; and, for each
+    ``(node, peer)`` whose last such line came in the node's last two rounds (after its
+    ``round ROUNDS - 2`` line, when its partner may already be finishing), what the node
+    had said before that (``"none"`` if nothing) and what it said last."""
     index = {peer: i for i, peer in enumerate(nodes.peer_ids)}
+    end_marker = re.compile(rf"p2pfl\.node: round {ROUNDS - 2} ")
     said: dict[frozenset[int], set[str]] = {}
+    changed_late: dict[tuple[int, int], tuple[str, str]] = {}
     for i in range(len(nodes.places)):
+        text = nodes.log_path(i).read_text(errors="replace")
+        marker = end_marker.search(text)
+        ending = marker.end() if marker else len(text)
         last: dict[str, str] = {}
-        for match in KIND.finditer(nodes.log_path(i).read_text(errors="replace")):
+        before: dict[str, str] = {}
+        for match in KIND.finditer(text):
             last[match.group(1)] = match.group(2)
+            if match.start() < ending:
+                before[match.group(1)] = match.group(2)
         for peer, kind in last.items():
             if peer in index:
                 said.setdefault(frozenset((i, index[peer])), set()).add(kind)
-    return said
+                if before.get(peer) != kind:
+                    changed_late[(i, index[peer])] = (before.get(peer, "none"), kind)
+    return said, changed_late
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +121,7 @@ def test_homes_meet_through_the_dht_and_the_relay_and_converge_as_on_loopback(
             links = seen.links  # every TCP connection between two nodes, at any time
             running = [seen.training.get(i, {}) for i in range(len(layout))]
             accuracies = finished_accuracies(nodes, ROUNDS, edges)
-            said = _said_kinds(nodes)
+            said, changed_late = _said_kinds(nodes)
             logs = [nodes.log_path(i).read_text(errors="replace") for i in range(len(layout))]
         finally:
             nodes.close()
@@ -137,9 +150,22 @@ def test_homes_meet_through_the_dht_and_the_relay_and_converge_as_on_loopback(
     # (each logs a change as its connection opens or closes, not on a later tick). No socket
     # ever reaches the other home's node address (NAT hides it: a punched connection shows
     # the other router's address, which the kernel check cannot tell apart).
+    # A punch that lands as the pair finishes may be seen by one side only: the other
+    # exits before its end of the new connection is up (about one run in 30: a node logged
+    # "direct" after its last round's start, its partner's last line stayed "relayed").
+    # Then only that side changed late, and before that the two said the same.
     for edge in cross:
         assert edge not in links, (sorted(edge), sorted(map(sorted, links)))
-        assert said.get(edge) in ({"relayed"}, {"direct"}), (sorted(edge), said.get(edge))
+        kinds = said.get(edge)
+        if kinds == {"relayed", "direct"}:
+            a, b = sorted(edge)
+            late = {(x, y): changed_late[(x, y)] for x, y in ((a, b), (b, a)) if (x, y) in changed_late}
+            assert len(late) == 1, (sorted(edge), kinds, late)
+            ((x, y), (earlier, now)), = late.items()
+            assert earlier == (kinds - {now}).pop(), (sorted(edge), late)  # the partner's word
+            print(f"as the run ended, node {x} alone saw its connection to {y} become {now}")
+            continue
+        assert kinds in ({"relayed"}, {"direct"}), (sorted(edge), kinds)
     for edge in public | cross:
         a, b = sorted(edge)
         # status.json was sampled while training: before or after a punch, for a pair across
