@@ -240,7 +240,9 @@ class Row(torch.Tensor):
     abs_bound: float | None = None
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         if func is torch.stack and not kwargs and len(args) == 1:
             rows = args[0]
             if rows and all(type(r) is cls for r in rows):
@@ -268,7 +270,9 @@ class _Deferred(torch.Tensor):
         raise NotImplementedError
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func in _METADATA:
             with DisableTorchFunctionSubclass():
@@ -279,7 +283,9 @@ class _Deferred(torch.Tensor):
         return func(*_plain_tree(args), **_plain_tree(kwargs))
 
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         # Reached only when torch-function handling is off (modes, internals): still correct.
         return func(*_plain_tree(args), **_plain_tree(kwargs or {}))
 
