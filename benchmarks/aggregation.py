@@ -24,6 +24,7 @@ Use one thread (``OMP_NUM_THREADS=1``); numpy's BLAS is held to torch's thread c
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.machinery
 import platform
@@ -88,7 +89,7 @@ def _bench_one_n(
     for label, name, params in RULES:
         agg = _aggregator(name, params, f_fraction)
         weights = mh if "MH" in label else None
-        seconds = _cpu_times(lambda a=agg, w=weights: a(stack, w, 0), repeats)
+        seconds = _cpu_times(functools.partial(agg, stack, weights, 0), repeats)
         out[label] = (seconds, agg.effective_f(n))
     out["foolsgold scores"] = (_cpu_times(lambda: foolsgold_weights(stack), repeats), None)
     return out
@@ -192,7 +193,7 @@ def _comparisons(
             (
                 label,
                 now("centered_clipping", tau=1.0, iters=iters),
-                lambda it=iters: before.centered_clipping(stack, centre, 1.0, it),
+                functools.partial(before.centered_clipping, stack, centre, 1.0, iters),
                 None,
             )
         )
@@ -209,7 +210,7 @@ def _comparisons(
         rows.append(
             (
                 f"ByzFL-style CC x{it} (re-impl.)",
-                lambda it=it: byzfl_style_centered_clipping(stack, centre, 1.0, it),
+                functools.partial(byzfl_style_centered_clipping, stack, centre, 1.0, it),
                 None,
                 None,
             )

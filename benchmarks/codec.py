@@ -16,6 +16,7 @@ Prints, for a ``--params`` float32 model (default 10M parameters, 40 MB), the me
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import platform
 import statistics
@@ -72,7 +73,7 @@ def main() -> None:
         rows.append((name, seconds))
         return seconds
 
-    t_bytes = measure("copy: bytes(memoryview)", lambda: bytes(memoryview(array)))
+    t_bytes = measure("copy: bytes(memoryview)", lambda: bytes(array.data))
     t_numpy = measure("copy: numpy .copy()", array.copy)
     t_enc = measure(
         "wire.encode (raw f32, signed)",
@@ -121,8 +122,8 @@ def main() -> None:
     for name in CODECS:
         codec = get_codec(name)
         blob, meta = codec.encode(params)
-        t_e = median_seconds(lambda c=codec: c.encode(params), reps)
-        t_d = median_seconds(lambda c=codec, b=blob, m=meta: c.decode(b, m, n), reps)
+        t_e = median_seconds(functools.partial(codec.encode, params), reps)
+        t_d = median_seconds(functools.partial(codec.decode, blob, meta, n), reps)
         err = float((codec.decode(blob, meta, n) - params).norm() / params.norm())
         print(f"{name:8} {t_e * 1e3:10.1f} {t_d * 1e3:10.1f} {len(blob) / n:12.3f} {err:14.2e}")
 

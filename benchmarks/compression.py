@@ -177,11 +177,13 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(runs)
     with (args.out / "curves.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["protocol", "codec", "seed", "round", "bytes_total", "acc_mean"])
+        curve_writer = csv.writer(handle)
+        curve_writer.writerow(["protocol", "codec", "seed", "round", "bytes_total", "acc_mean"])
         for run in runs:
             for nbytes, acc, round_ in run["curve"]:
-                writer.writerow([run["protocol"], run["codec"], run["seed"], round_, nbytes, acc])
+                curve_writer.writerow(
+                    [run["protocol"], run["codec"], run["seed"], round_, nbytes, acc]
+                )
     table = summarise(runs)
     with (args.out / "compression.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, list(table[0]))

@@ -19,6 +19,7 @@ Prints medians of ``--repeats`` runs, signed vs unsigned, same run:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import platform
 import statistics
@@ -78,7 +79,8 @@ def bench_view(n: int, repeats: int) -> dict[str, dict[str, float]]:
         message = Message("view", 9, None, {"view": sender._view_wire(), "at": 9, "done": 8})
         data = encode(message, identity=keys[0], protocol="modest", seq=1)
         encode_time = median_seconds(
-            lambda m=message: encode(m, identity=keys[0], protocol="modest", seq=1), repeats
+            functools.partial(encode, message, identity=keys[0], protocol="modest", seq=1),
+            repeats,
         )
         receiver: list[ModestProtocol] = []
 

@@ -63,6 +63,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,10 +261,13 @@ def part_ratio(
     sample = sorted({0, n // 3, n // 2, n - 1})
     diff = float((_pick(final, sample) - _final_params(simulation, sample)).abs().max())
     (bare_wall, bare_cpu), (sim_wall, sim_cpu) = times["bare"], times["sim"]
+    mixer = engine.executor.mixer
+    if mixer is None:  # the batched backend always defers mixing; its products are reported
+        raise RuntimeError("part_ratio: the simulator's executor has no mixer (not deferred)")
     note = (
         f"timed rounds {warm_up + 1}..{warm_up + rounds} in {segments} alternating segments "
         f"(warm-up of both {warm_wall:.1f}s); {engine.events_processed} events, "
-        f"{engine.executor.batches_run} training calls, {engine.executor.mixer.products} mixing "
+        f"{engine.executor.batches_run} training calls, {mixer.products} mixing "
         f"products; build {build_wall:.1f}s; torch threads {torch.get_num_threads()}"
     )
     return [
@@ -543,7 +547,7 @@ def _row(
     part: str, n: int, rounds: int, variant: str, wall: float, cpu: float, *,
     per_round: float | None = None, **extra: Any,
 ) -> dict[str, Any]:
-    row = {c: "" for c in COLUMNS}
+    row: dict[str, Any] = {c: "" for c in COLUMNS}
     row.update(
         part=part, n=n, rounds=rounds, variant=variant, wall_s=round(wall, 3), cpu_s=round(cpu, 3),
         wall_per_round_s=round(per_round if per_round is not None else wall / rounds, 4),
@@ -568,10 +572,11 @@ def _run_in_process(task: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(task["threads"])
     try:
         kind = task.pop("part")
-        run = {
+        parts: dict[str, Callable[..., list[dict[str, Any]]]] = {
             "ratio": part_ratio, "scale": part_scale, "reference": part_reference,
             "memory": part_memory, "big": part_memory, "device": part_device,
-        }[kind]
+        }
+        run = parts[kind]
         return run(**task)
     finally:
         torch.set_num_threads(threads)

@@ -34,7 +34,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 
 import p2pfl.transport.libp2p as libp2p_transport
 from p2pfl.transport.libp2p import Libp2pTransport
@@ -178,6 +180,10 @@ async def measure(
     return results
 
 
+def _keep_stock_yamux(host: IHost, on_abuse: Callable[[ID, str], None] | None = None) -> None:
+    """Stand-in for ``use_patched_yamux`` (same signature) that leaves py-libp2p's own yamux."""
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 10, 50], help="MB")
@@ -187,7 +193,7 @@ async def main() -> None:
     parser.add_argument("--serve", choices=sorted(RECEIVERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stock_yamux:
-        libp2p_transport.use_patched_yamux = lambda host: None  # type: ignore[assignment]
+        libp2p_transport.use_patched_yamux = _keep_stock_yamux
     if args.serve:
         await serve_until_stdin_closes(args.serve)
         return

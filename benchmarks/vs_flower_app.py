@@ -91,20 +91,32 @@ def start_state(dataset: str, seed: int, lr: float, batch_size: int) -> dict[str
 client_app = ClientApp()
 
 
+def _scalar(cfg: ConfigRecord, key: str) -> int | float | str:
+    """``cfg[key]``, checked to be a single number or string (not bytes or a list)."""
+    value = cfg[key]
+    if not isinstance(value, (int, float, str)):
+        kind = type(value).__name__
+        raise TypeError(f"Flower config {key!r} is a {kind}, expected a number or string")
+    return value
+
+
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """One local epoch of plain SGD from the global model on this client's share."""
-    cfg = msg.content["config"]
-    dataset, seed, shares = str(cfg["dataset"]), int(cfg["seed"]), int(cfg["shares"])
-    steps, batch_size = int(cfg["steps"]), int(cfg["batch-size"])
+    cfg, arrays = msg.content["config"], msg.content["arrays"]
+    if not isinstance(cfg, ConfigRecord) or not isinstance(arrays, ArrayRecord):
+        raise TypeError("Flower message: expected ConfigRecord 'config', ArrayRecord 'arrays'")
+    dataset, seed = str(cfg["dataset"]), int(_scalar(cfg, "seed"))
+    shares = int(_scalar(cfg, "shares"))
+    steps, batch_size = int(_scalar(cfg, "steps")), int(_scalar(cfg, "batch-size"))
     x, y, parts = _data(dataset, seed, shares)
     peer = int(context.node_config["partition-id"]) + 1  # share 0 is the server's
     sampler = BatchSampler(parts[peer], batch_size, sampler_seed(seed, peer))
-    done = (int(cfg["server-round"]) - 1) * steps * batch_size
+    done = (int(_scalar(cfg, "server-round")) - 1) * steps * batch_size
     sampler.load_state_dict({**sampler.state_dict(), "consumed": done})
     net = _net(dataset, seed)
-    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    optimizer = torch.optim.SGD(net.parameters(), lr=float(cfg["lr"]))
+    net.load_state_dict(arrays.to_torch_state_dict())
+    optimizer = torch.optim.SGD(net.parameters(), lr=float(_scalar(cfg, "lr")))
     total = 0.0
     for _ in range(steps):
         idx = torch.from_numpy(sampler.next_batch().copy())
