@@ -89,6 +89,12 @@ class Cluster:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def require_status(self, i: int) -> dict[str, Any]:
+        """Peer ``i``'s status, which the caller knows was written (an assertion if not)."""
+        status = self.status(i)
+        assert status is not None, f"peer {i} has no readable status.json"
+        return status
+
     def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

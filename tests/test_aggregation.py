@@ -166,6 +166,7 @@ def _bulyan_reference(x: torch.Tensor, f: int) -> torch.Tensor:
             score = sum(dists[:k])
             if score < best_score:
                 best, best_score = i, score
+        assert best is not None
         chosen.append(best)
         remaining.remove(best)
     sel = x[chosen].numpy().astype(np.float64)

@@ -85,7 +85,7 @@ def drive(peer: ByzantineProtocol, rounds: int) -> tuple[dict[int, bool], list[f
             assert not any(isinstance(e, Send) for e in effects)
             effects = peer.handle(TimerFired(held[0].at, DELAY_TIMER))
         (send,) = [e for e in effects if isinstance(e, Send)]
-        assert send.message.round == round_
+        assert send.message.round == round_ and send.message.params is not None
         crafted[round_] = not torch.equal(send.message.params, trained)
         reply = Message(MODEL, round_, torch.zeros(3))
         effects = peer.handle(MessageReceived(now, "b", reply))

@@ -28,6 +28,7 @@ from p2pfl.attacks import (
     sign_flip,
     targeted_label_flip,
 )
+from p2pfl.attacks.data_poisoning import Corner
 
 HONEST = torch.tensor([[1.0, 2.0], [3.0, 6.0]])  # mean (2, 4)
 REF = torch.tensor([1.0, 1.0])  # mean update (1, 3)
@@ -116,7 +117,7 @@ def test_targeted_label_flip_only_touches_the_source_class() -> None:
     ],
 )
 def test_trigger_sets_exactly_the_corner_square(
-    corner: str, rows: tuple[int, int], cols: tuple[int, int]
+    corner: Corner, rows: tuple[int, int], cols: tuple[int, int]
 ) -> None:
     x = torch.full((2, 3, 5, 5), 0.25)
     out = apply_trigger(x, Trigger(size=2, value=1.0, corner=corner))

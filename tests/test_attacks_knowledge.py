@@ -14,7 +14,15 @@ import torch
 
 from p2pfl.attacks import ByzantineProtocol, alie, get_attack, ipm
 from p2pfl.attacks.behaviour import MODEL_KINDS
-from p2pfl.protocols.base import Message, MessageReceived, Protocol, Send, Start, TrainingDone
+from p2pfl.protocols.base import (
+    Message,
+    MessageReceived,
+    Protocol,
+    Send,
+    Start,
+    Train,
+    TrainingDone,
+)
 from sim.runner import build_simulation, run_simulation
 from sim.scenario import ScenarioError, scenario_from_dict
 
@@ -45,10 +53,11 @@ def _crafted(attack, **options) -> torch.Tensor:
     """The vector the attacker sends after receiving H2, ALLY, H1 (in that order) in round 0."""
     wrapper = ByzantineProtocol(Echo(), attack, allies={"ally"}, **options)
     (train,) = wrapper.handle(Start(0.0))
+    assert isinstance(train, Train)
     for t, (sender, model) in enumerate((("h2", H2), ("ally", ALLY), ("h1", H1))):
         wrapper.handle(MessageReceived(0.1 + t, sender, Message("model", 0, model)))
     (send,) = wrapper.handle(TrainingDone(5.0, train.ticket, torch.tensor([9.0, 9.0])))
-    assert isinstance(send, Send)
+    assert isinstance(send, Send) and send.message.params is not None
     return send.message.params
 
 
@@ -94,13 +103,17 @@ def test_knowledge_falls_back_to_the_round_before_and_then_to_the_own_model() ->
     wrapper = ByzantineProtocol(Echo(), get_attack("alie", z=1.0))
     assert wrapper.received(0) is None  # nothing yet: ALIE then sends its own model
     (train,) = wrapper.handle(Start(0.0))
+    assert isinstance(train, Train)
     (send,) = wrapper.handle(TrainingDone(1.0, train.ticket, torch.tensor([7.0, 8.0])))
+    assert isinstance(send, Send) and send.message.params is not None
     assert send.message.params.tolist() == [7.0, 8.0]
     wrapper.handle(MessageReceived(1.5, "h2", Message("model", 3, H2)))
     wrapper.handle(MessageReceived(1.6, "h1", Message("model", 3, H1)))
-    assert torch.equal(wrapper.received(4), torch.stack([H1, H2]))  # by sender id
+    received = wrapper.received(4)
+    assert received is not None and torch.equal(received, torch.stack([H1, H2]))  # by sender id
     wrapper.handle(MessageReceived(1.7, "h1", Message("model", 4, H3)))
-    assert torch.equal(wrapper.received(4), H3[None])  # the round's own, once it has any
+    received = wrapper.received(4)
+    assert received is not None and torch.equal(received, H3[None])  # the round's own, once it has any
 
 
 def test_knowledge_is_a_parameter_of_alie_and_ipm_only_and_checked() -> None:
@@ -172,6 +185,7 @@ def _check_received_formula(simulation, log) -> tuple[int, int]:
                     continue  # nothing received yet: its own model
                 expected = alie(torch.stack([models[s] for s in sorted(models)]), 1, 0, z=1.0)
                 total += 1
+                assert effect.message.params is not None
                 equal += int(torch.allclose(effect.message.params, expected, atol=1e-6))
     return equal, total
 

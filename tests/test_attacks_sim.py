@@ -8,6 +8,7 @@ import torch
 
 from p2pfl.attacks import ByzantineProtocol, Collusion, get_attack
 from p2pfl.attacks.behaviour import DELAY_TIMER
+from p2pfl.attacks.data_poisoning import LabelFlip
 from p2pfl.protocols.base import (
     Message,
     MessageReceived,
@@ -33,7 +34,7 @@ class Echo(Protocol):
 
     def __init__(self, params: torch.Tensor) -> None:
         super().__init__("bad", params, ["v"])
-        self.heard: list[torch.Tensor] = []
+        self.heard: list[torch.Tensor | None] = []
 
     def handle(self, event):
         if isinstance(event, Start):
@@ -58,7 +59,7 @@ def test_wrapper_replaces_sent_models_relative_to_the_round_start() -> None:
     assert isinstance(train, Train)
     sent = _sent(wrapper.handle(TrainingDone(1.0, train.ticket, torch.tensor([2.0, 0.0]))))
     # reference - 2 * (own - reference) = [1, 1] - 2 * [1, -1]; control messages untouched
-    assert sent["v"].tolist() == [-1.0, 3.0] and sent["w"] is None
+    assert sent["v"] is not None and sent["v"].tolist() == [-1.0, 3.0] and sent["w"] is None
     assert wrapper.peer_id == "bad" and wrapper.crafted == 1
 
 
@@ -66,22 +67,25 @@ def test_rushing_wrapper_holds_its_models_until_its_timer_and_uses_what_it_heard
     attack = get_attack("ipm", eps=1.0)
     wrapper = ByzantineProtocol(Echo(torch.zeros(2)), attack, delay=0.5)
     (train,) = wrapper.handle(Start(0.0))
+    assert isinstance(train, Train)
     effects = wrapper.handle(TrainingDone(1.0, train.ticket, torch.tensor([9.0, 9.0])))
     assert _sent(effects) == {"w": None}  # the model waits; the ping does not
     assert SetTimer(DELAY_TIMER, 1.5) in effects
     wrapper.handle(MessageReceived(1.2, "h1", Message("model", 0, torch.tensor([2.0, 0.0]))))
     wrapper.handle(MessageReceived(1.3, "h2", Message("model", 0, torch.tensor([0.0, 2.0]))))
     sent = _sent(wrapper.handle(TimerFired(1.5, DELAY_TIMER)))
-    assert sent["v"].tolist() == [-1.0, -1.0]  # -1 x the mean of the honest models heard
+    assert sent["v"] is not None and sent["v"].tolist() == [-1.0, -1.0]  # -1 x the mean of the honest models heard
 
 
 def test_isolated_wrapper_hears_only_itself() -> None:
     inner = Echo(torch.zeros(2))
     wrapper = ByzantineProtocol(inner, get_attack("label_flip", num_classes=2), isolate=True)
     (train,) = wrapper.handle(Start(0.0))
+    assert isinstance(train, Train)
     wrapper.handle(TrainingDone(1.0, train.ticket, torch.tensor([3.0, 4.0])))
     wrapper.handle(MessageReceived(1.1, "h", Message("model", 0, torch.tensor([100.0, 100.0]))))
-    assert inner.heard[-1].tolist() == [3.0, 4.0]
+    heard = inner.heard[-1]
+    assert heard is not None and heard.tolist() == [3.0, 4.0]
 
 
 def test_colluding_identities_send_one_vector_per_round() -> None:
@@ -90,11 +94,14 @@ def test_colluding_identities_send_one_vector_per_round() -> None:
     wrappers = [
         ByzantineProtocol(Echo(torch.zeros(2)), attack, collusion=collusion) for _ in range(3)
     ]
-    sent = []
+    sent: list[torch.Tensor] = []
     for i, wrapper in enumerate(wrappers):
         (train,) = wrapper.handle(Start(0.0))
+        assert isinstance(train, Train)
         effects = wrapper.handle(TrainingDone(1.0, train.ticket, torch.full((2,), float(i + 1))))
-        sent.append(_sent(effects)["v"])
+        model = _sent(effects)["v"]
+        assert model is not None
+        sent.append(model)
     assert all(torch.equal(s, torch.ones(2)) for s in sent)  # the first identity's model
 
 
@@ -128,6 +135,7 @@ def _recorded(simulation) -> list[tuple[int, object, list]]:
 def test_malicious_peers_send_crafted_vectors_and_honest_peers_their_own() -> None:
     attack = {"name": "sign_flip", "count": 2, "delay": 0.0}
     simulation = build_simulation(scenario_from_dict(_scenario(attack)))
+    assert simulation.adversary is not None
     bad = {int(i) for i in simulation.adversary.malicious}
     assert len(bad) == 2
     log = _recorded(simulation)
@@ -141,6 +149,7 @@ def test_malicious_peers_send_crafted_vectors_and_honest_peers_their_own() -> No
         ]
         own = torch.as_tensor(event.params).clone()
         for sent in models:
+            assert sent is not None
             if peer in bad:
                 assert torch.allclose(sent, 2 * start_before(log, peer, event) - own, atol=1e-6)
                 checked["bad"] += 1
@@ -163,6 +172,7 @@ def test_data_poisoning_applies_to_malicious_peers_only_and_metrics_cover_honest
     attack = {"name": "label_flip", "fraction": 0.25}
     simulation = build_simulation(scenario_from_dict(_scenario(attack)))
     adversary = simulation.adversary
+    assert adversary is not None
     bad = sorted(int(i) for i in adversary.malicious)
     assert len(bad) == 2 and sorted(simulation.engine.executor.transforms) == bad
     assert all(type(p).__name__ == "DPSGD" for p in simulation.engine.protocols)  # no wrapper
@@ -191,6 +201,7 @@ def test_sybil_identities_are_extra_peers_sending_identical_models() -> None:
         assert graph.degree(s) == 2
         assert isinstance(engine.protocols[s], ByzantineProtocol)
         sampler = engine.executor.samplers[s]
+        assert sampler is not None
         assert (simulation.dataset.y_train[torch.from_numpy(sampler.indices)] == 1).all()
     assert all(engine.executor.samplers[i] is not None for i in range(8))
     log = _recorded(simulation)
@@ -199,6 +210,7 @@ def test_sybil_identities_are_extra_peers_sending_identical_models() -> None:
     for peer, _, effects in log:
         for effect in effects:
             if peer >= 8 and isinstance(effect, Send) and effect.message.kind == "model":
+                assert effect.message.params is not None
                 by_round.setdefault(effect.message.round, []).append(effect.message.params)
     assert len(by_round) >= 4
     for models in by_round.values():
@@ -210,10 +222,12 @@ def test_free_riders_hold_no_data_and_byzantine_choice_is_seeded() -> None:
     attack = {"name": "free_rider", "count": 3, "seed": 7}
     first = build_simulation(scenario_from_dict(_scenario(attack)))
     again = build_simulation(scenario_from_dict(_scenario(attack)))
+    assert first.adversary is not None and again.adversary is not None
     assert np.array_equal(first.adversary.malicious, again.adversary.malicious)
     for i in first.adversary.malicious:
         assert first.engine.executor.samplers[int(i)] is None
     other = build_simulation(scenario_from_dict(_scenario({**attack, "seed": 8})))
+    assert other.adversary is not None
     assert not np.array_equal(first.adversary.malicious, other.adversary.malicious)
 
 
@@ -240,4 +254,5 @@ def test_attack_table_errors_are_one_line_naming_the_key(attack: dict, message: 
 
 def test_attack_config_fills_num_classes_from_the_dataset() -> None:
     config = AttackConfig(name="label_flip", fraction=0.1)
-    assert config.build(4).apply.num_classes == 4
+    flip = config.build(4).apply
+    assert isinstance(flip, LabelFlip) and flip.num_classes == 4

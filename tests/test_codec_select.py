@@ -71,7 +71,11 @@ def payload_size(codec: Any) -> int:
         return 2 * DIM
     if config.name == "int8":
         return DIM + 4 * math.ceil(DIM / config.chunk)
-    k = config.k if config.k is not None else math.ceil(config.fraction * DIM)  # type: ignore[operator]
+    if config.k is not None:
+        k = config.k
+    else:
+        assert config.fraction is not None  # top-k takes k or fraction
+        k = math.ceil(config.fraction * DIM)
     return 8 * k
 
 
@@ -135,7 +139,8 @@ def test_each_codec_runs_alike_in_both_drivers(tmp_path: Path, codec: str) -> No
     # the simulator: each model travels encoded, and what it counts is the encoded size
     assert sent and all(isinstance(m, EncodedMessage) for m in sent)
     for message in sent:
-        assert message.encoding is not None and len(message.encoding.payload) == expected
+        assert isinstance(message, EncodedMessage) and message.encoding is not None
+        assert len(message.encoding.payload) == expected
         assert message.nbytes() < expected + 300 < 4 * DIM  # not the float32 model's size
 
     transports: list[RecordingTransport] = []
@@ -215,7 +220,7 @@ def test_topk_with_error_feedback_converges_on_digits() -> None:
 
 
 def test_the_codec_setting_reads_a_name_or_a_table() -> None:
-    assert DPSGDConfig(name="dpsgd", codec="fp16").codec.name == "fp16"  # type: ignore[arg-type]
+    assert DPSGDConfig(name="dpsgd", codec="fp16").codec.name == "fp16"
     config = DPSGDConfig.model_validate({"name": "dpsgd", "codec": {"name": "topk", "k": 7}})
     codec = codec_from_config(config.codec)
     assert codec is not None and codec.name == "topk"
@@ -277,7 +282,10 @@ def test_topk_changes_rebuild_the_senders_model_at_the_receiver() -> None:
         assert receiver.screen("a", send.message) is None
         whole = receiver._whole(MessageReceived(0.0, "a", send.message))
         assert whole is not None and whole.params is not None
-        assert torch.equal(whole.params, sender._sent[("b", "model")])  # type: ignore[arg-type]
+        believed = sender._sent[("b", "model")]
+        assert believed is not None
+        assert torch.equal(whole.params, believed)
+    assert whole is not None and whole.params is not None
     assert torch.equal(whole.params, model)
 
 
@@ -310,7 +318,8 @@ def test_a_failed_send_or_a_refresh_sends_the_next_model_whole() -> None:
     whole = send(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert not isinstance(whole, EncodedMessage) and whole.params is not None
     rebuilt = receiver._whole(MessageReceived(0.0, "a", whole))
-    assert rebuilt is not None and torch.equal(rebuilt.params, whole.params)  # type: ignore[arg-type]
+    assert rebuilt is not None and rebuilt.params is not None
+    assert torch.equal(rebuilt.params, whole.params)
     later = [send(torch.tensor([1.0, 2.0, 3.0, float(i)])) for i in range(4)]
     # messages 3 and 6 to this peer travel whole (refresh), 4 and 5 as changes
     assert [isinstance(m, EncodedMessage) for m in later] == [False, True, True, False]
@@ -335,4 +344,4 @@ def test_the_copies_survive_a_checkpoint() -> None:
     (second,) = restarted._encode([Send("b", Message("model", 1, model))])
     assert isinstance(second, Send) and receiver.screen("a", second.message) is None
     whole = receiver._whole(MessageReceived(0.0, "a", second.message))
-    assert whole is not None and torch.equal(whole.params, model)  # type: ignore[arg-type]
+    assert whole is not None and whole.params is not None and torch.equal(whole.params, model)

@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from p2pfl.codecs import CODECS, CodecError, Int8Codec, TopKCodec, all_finite, get_codec
+from p2pfl.codecs import (
+    CODECS,
+    CodecError,
+    EncodedMessage,
+    Int8Codec,
+    TopKCodec,
+    all_finite,
+    get_codec,
+)
 
 # hypothesis runs derandomized: the same examples on every run
 PROPERTY = settings(max_examples=100, deadline=None, derandomize=True)
@@ -159,7 +167,7 @@ def test_all_finite() -> None:
 # ---------------------------------------------------------------- encoded messages on the wire
 
 
-def _encoded(name: str, x: torch.Tensor) -> object:
+def _encoded(name: str, x: torch.Tensor) -> EncodedMessage:
     from p2pfl.codecs import EncodedMessage, Encoding
     from p2pfl.messages import Message
 
@@ -183,7 +191,8 @@ def test_an_encoded_message_travels_as_its_payload_and_decodes_to_its_params(nam
     received = decode(data, layout_check=700).message
     assert isinstance(received, EncodedMessage) and received.encoding is not None
     assert received.encoding.payload == message.encoding.payload
-    assert received.params is not None and torch.equal(received.params, message.params)
+    assert received.params is not None and message.params is not None
+    assert torch.equal(received.params, message.params)
     # what the simulator counts is within a few bytes of the real envelope
     assert abs(message.nbytes() - len(data)) < 100 < 4 * 700 - len(message.encoding.payload)
 
@@ -195,7 +204,7 @@ def test_rewriting_an_encoded_message_drops_its_payload() -> None:
     from p2pfl.codecs import EncodedMessage
 
     message = _encoded("fp16", torch.ones(10))
-    rewritten = dataclasses.replace(message, params=torch.zeros(10))  # type: ignore[type-var]
+    rewritten = dataclasses.replace(message, params=torch.zeros(10))
     assert isinstance(rewritten, EncodedMessage) and rewritten.encoding is None
     assert rewritten.nbytes() > message.nbytes()  # 4 bytes a value again
 

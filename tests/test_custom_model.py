@@ -82,7 +82,8 @@ def test_a_user_model_by_import_path_trains_in_a_simulation(user_module: str) ->
     config = scenario(model={"name": f"{user_module}:TinyNet", "params": {"width": 24}, "lr": 0.2})
     simulation = build_simulation(config)
     net = simulation.trainer._net
-    assert type(net).__name__ == "TinyNet" and net.head.in_features == 24
+    assert type(net).__name__ == "TinyNet" and isinstance(net.head, nn.Linear)
+    assert net.head.in_features == 24
     rows = run_simulation(simulation, show_progress=False)
     assert rows[0]["acc_mean"] < 0.3 and rows[-1]["acc_mean"] >= 0.7, rows[-1]["acc_mean"]
 
@@ -96,7 +97,8 @@ def test_the_example_cnn_and_npz_dataset_train(tmp_path: Path) -> None:
     )
     simulation = build_simulation(config)
     assert simulation.dataset.name == "my-digits" and simulation.dataset.input_shape == (1, 8, 8)
-    assert isinstance(simulation.trainer._net[0], nn.Conv2d)
+    net = simulation.trainer._net
+    assert isinstance(net, nn.Sequential) and isinstance(net[0], nn.Conv2d)
     rows = run_simulation(simulation, show_progress=False)
     assert rows[-1]["acc_mean"] >= rows[0]["acc_mean"] + 0.1, rows  # it learns
 

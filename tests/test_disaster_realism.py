@@ -57,6 +57,7 @@ def test_all_devices_accuracy_counts_the_dead_with_their_last_model() -> None:
     assert first["acc_mean_all"] == pytest.approx(first["acc_mean"])
     assert first["peers_evaluated_all"] == first["peers_evaluated"] == 12
 
+    assert simulation.disruptions is not None
     dead = set(simulation.disruptions.changes[0].down)
     assert len(dead) == 4 and last["peers_alive"] == 8
     by_peer = {p: accuracy_of(simulation, p) for p in range(12)}
@@ -136,6 +137,7 @@ def test_recompute_in_a_simulation_follows_the_losses(tmp_path: Path) -> None:
     simulation = build_simulation(scenario_from_dict(raw))
     assert simulation.graph.number_of_nodes() == 13
     run_simulation(simulation, show_progress=False)
+    assert simulation.disruptions is not None
     downs = [change.down for change in simulation.disruptions.changes]
     # node labels follow the file's order of first appearance; map back by structure
     hub_a = max(simulation.graph, key=simulation.graph.degree)

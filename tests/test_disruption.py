@@ -19,6 +19,7 @@ from topologies import (
     select_links,
     select_peers,
 )
+from topologies.disruption import PartitionMethod
 
 
 def two_triangles() -> nx.Graph:
@@ -145,7 +146,7 @@ def test_spectral_partition_finds_the_sparse_cut() -> None:
 
 
 @pytest.mark.parametrize("method", ["spatial", "random", "spectral"])
-def test_partitions_are_disjoint_covering_balanced_and_seeded(method: str) -> None:
+def test_partitions_are_disjoint_covering_balanced_and_seeded(method: PartitionMethod) -> None:
     g = build_graph("geometric", 50, seed=1)
     groups = partition_groups(g, 3, seed=2, method=method)
     assert sorted(len(p) for p in groups) == [16, 17, 17]

@@ -24,5 +24,7 @@ def test_graph_hits_are_the_undoable_kinds() -> None:
 def test_choose_targets_asks_the_kind() -> None:
     graph = nx.barabasi_albert_graph(30, 2, seed=1)
     spec = parse_disruption("crash:count=5,strategy=degree")
-    assert choose_targets(spec, graph, seed=3) == action_for(spec, 0).targets(graph, seed=3)
+    action = action_for(spec, 0)
+    assert isinstance(action, GraphHit)
+    assert choose_targets(spec, graph, seed=3) == action.targets(graph, seed=3)
     assert len(choose_targets(spec, graph, seed=3).peers) == 5

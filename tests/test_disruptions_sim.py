@@ -18,9 +18,11 @@ import pytest
 from typer.testing import CliRunner
 
 from p2pfl.cli import app
-from p2pfl.protocols.base import MessageReceived
+from p2pfl.protocols.base import MessageReceived, Protocol
+from p2pfl.protocols.dpsgd import DPSGD
 from sim.disruption_metrics import connectivity_row
-from sim.disruptions import DisruptionError, parse_disruption
+from sim.disruptions import DisruptionError, DisruptionRuntime, parse_disruption
+from sim.disruptions.config import Crash
 from sim.runner import Simulation, build_simulation, run_simulation, write_run
 from sim.scenario import ScenarioError, load_scenario, scenario_from_dict
 from topologies import build_graph
@@ -49,6 +51,18 @@ def scenario(disruptions: list[dict[str, Any]], **overrides: Any) -> dict[str, A
 
 def build(raw: dict[str, Any]) -> Simulation:
     return build_simulation(scenario_from_dict(raw))
+
+
+def disruptions_of(simulation: Simulation) -> DisruptionRuntime:
+    """The run's disruption runtime (every scenario here has disruptions)."""
+    assert simulation.disruptions is not None
+    return simulation.disruptions
+
+
+def alive(protocol: Protocol) -> set[str]:
+    """The neighbours a D-PSGD peer (every scenario here) believes alive."""
+    assert isinstance(protocol, DPSGD)
+    return protocol.alive
 
 
 def record_deliveries(simulation: Simulation) -> list[tuple[float, int, int]]:
@@ -87,7 +101,7 @@ def test_degree_crash_takes_the_hub_which_stops_sending():
     simulation = build(raw)
     deliveries = record_deliveries(simulation)
     rows = run_simulation(simulation, show_progress=False)
-    change = simulation.disruptions.changes[0]
+    change = disruptions_of(simulation).changes[0]
     assert change.down == (0,)  # peer 0 is the star's hub
     assert not simulation.engine.alive[0]
     assert rows[-1]["peers_alive"] == 5
@@ -95,7 +109,7 @@ def test_degree_crash_takes_the_hub_which_stops_sending():
     assert not [d for d in deliveries if d[1] == 0 and d[0] > change.time + 2 * LATENCY]
     # the leaves found out from failed sends, nobody told them
     for leaf in range(1, 6):
-        assert "p0" not in simulation.engine.protocols[leaf].alive
+        assert "p0" not in alive(simulation.engine.protocols[leaf])
     assert rows[-1]["components"] == 5 and rows[-1]["isolated_peers"] == 5
     assert simulation.events == [(2, "crash 1 (degree)")]
 
@@ -110,7 +124,7 @@ def test_crash_among_relays_or_data_holders_picks_from_that_pool():
         )
         simulation = build(raw)
         run_simulation(simulation, show_progress=False)
-        down = set(simulation.disruptions.changes[0].down)
+        down = set(disruptions_of(simulation).changes[0].down)
         relays = {int(r) for r in simulation.relays}
         assert len(down) == 2
         assert down <= relays if among == "relays" else not down & relays
@@ -123,7 +137,7 @@ def test_selection_is_deterministic_under_the_scenario_seed():
         )
         simulation = build({**raw, "seed": seed, "rounds": 1})
         run_simulation(simulation, show_progress=False)
-        return simulation.disruptions.changes[0].down
+        return disruptions_of(simulation).changes[0].down
 
     assert crashed(1) == crashed(1)
     assert len({crashed(seed) for seed in range(1, 6)}) > 1
@@ -139,13 +153,13 @@ def test_recover_brings_the_same_peers_back_and_they_greet_their_neighbours():
     )
     simulation = build(raw)
     run_simulation(simulation, show_progress=False)
-    changes = simulation.disruptions.changes
+    changes = disruptions_of(simulation).changes
     assert changes[0].down == (0,) and changes[1].up == (0,)
     engine = simulation.engine
     assert engine.alive[0]
     assert engine.stats.rounds_done[0] >= 6  # it caught up and went on
     # its neighbours had dropped it after failed sends; the greeting put it back
-    assert "p0" in engine.protocols[1].alive and "p0" in engine.protocols[5].alive
+    assert "p0" in alive(engine.protocols[1]) and "p0" in alive(engine.protocols[5])
 
 
 def test_data_loss_leaves_the_peer_up_and_relaying_without_data():
@@ -157,7 +171,7 @@ def test_data_loss_leaves_the_peer_up_and_relaying_without_data():
     rows = run_simulation(simulation, show_progress=False)
     assert simulation.engine.alive.all()
     assert simulation.engine.executor.samplers[3] is None and simulation.data_sizes[3] == 0
-    assert [d for d in deliveries if d[1] == 3 and d[0] > simulation.disruptions.changes[0].time]
+    assert [d for d in deliveries if d[1] == 3 and d[0] > disruptions_of(simulation).changes[0].time]
     assert "acc_without_data" in rows[-1] and "acc_without_data" not in rows[0]
 
 
@@ -173,8 +187,8 @@ def test_link_failure_makes_sends_over_that_link_fail():
     assert not [d for d in deliveries if {d[1], d[2]} == {0, 1}]
     assert [d for d in deliveries if {d[1], d[2]} == {1, 2}]
     protocols = simulation.engine.protocols
-    assert "p1" not in protocols[0].alive and "p0" not in protocols[1].alive
-    assert "p5" in protocols[0].alive  # the other link still works
+    assert "p1" not in alive(protocols[0]) and "p0" not in alive(protocols[1])
+    assert "p5" in alive(protocols[0])  # the other link still works
     assert rows[-1]["links_failed"] == 1 and rows[-1]["components"] == 1  # a ring minus one link
 
 
@@ -191,7 +205,7 @@ def test_partition_stops_traffic_across_the_cut_and_heal_restores_it():
     simulation = build(raw)
     deliveries = record_deliveries(simulation)
     rows = run_simulation(simulation, show_progress=False)
-    split, heal = simulation.disruptions.changes
+    split, heal = disruptions_of(simulation).changes
     assert len(split.cut) == 2 and sorted(heal.restored) == sorted(split.cut)
     g = nx.cycle_graph(8)
     g.remove_edges_from(split.cut)
@@ -201,7 +215,7 @@ def test_partition_stops_traffic_across_the_cut_and_heal_restores_it():
     assert [t for t in across if t > heal.time]  # traffic flows again
     # both ends of each healed link learnt the other is back
     for u, v in split.cut:
-        assert f"p{v}" in simulation.engine.protocols[u].alive
+        assert f"p{v}" in alive(simulation.engine.protocols[u])
     by_round = {r["round"]: r for r in rows}
     assert by_round[4]["components"] == 2 and by_round[4]["largest_component"] == 4
     assert rows[-1]["components"] == 1 and rows[-1]["links_failed"] == 0
@@ -222,7 +236,7 @@ def test_region_outage_kills_exactly_the_peers_inside_the_radius():
     pos = nx.get_node_attributes(simulation.graph, "pos")
     inside = {v for v, (x, y) in pos.items() if math.hypot(x - center[0], y - center[1]) <= radius}
     assert 0 < len(inside) < 30
-    assert set(simulation.disruptions.changes[0].down) == inside
+    assert set(disruptions_of(simulation).changes[0].down) == inside
     assert {int(v) for v in np.flatnonzero(~simulation.engine.alive)} == inside
 
 
@@ -245,7 +259,7 @@ def test_idle_drain_empties_a_battery_at_capacity_over_rate():
     )
     simulation = build(raw)
     rows = run_simulation(simulation, show_progress=False)
-    runtime = simulation.disruptions
+    runtime = disruptions_of(simulation)
     (peer,) = runtime.batteries
     assert runtime.depleted_at == {peer: pytest.approx(0.3)}
     assert not simulation.engine.alive[peer]
@@ -263,7 +277,7 @@ def test_training_drain_stops_a_peer_after_its_energy_for_two_rounds():
     simulation = build(raw)
     run_simulation(simulation, show_progress=False)
     engine = simulation.engine
-    assert simulation.disruptions.depleted == set(range(6))
+    assert disruptions_of(simulation).depleted == set(range(6))
     assert list(engine.stats.rounds_done) == [1] * 6  # crashed as round 1's training began
     assert not engine.alive.any()
 
@@ -272,7 +286,7 @@ def test_battery_capacities_vary_within_the_heterogeneity():
     raw = scenario([{"kind": "battery", "capacity_j": 100.0, "heterogeneity": 0.5}], rounds=1)
     simulation = build(raw)
     run_simulation(simulation, show_progress=False)
-    capacities = [b.capacity_j for b in simulation.disruptions.batteries.values()]
+    capacities = [b.capacity_j for b in disruptions_of(simulation).batteries.values()]
     assert len(capacities) == 6 and len(set(capacities)) == 6
     assert all(50.0 <= c <= 150.0 for c in capacities)
 
@@ -294,7 +308,7 @@ def test_join_starts_peers_late_and_they_catch_up():
     assert rows[0]["peers_alive"] == 4 and rows[-1]["peers_alive"] == 6
     assert engine.stats.rounds_done[2] > 0
     # the neighbours that had written them off after failed sends heard them join
-    assert "p2" in engine.protocols[1].alive and "p3" in engine.protocols[4].alive
+    assert "p2" in alive(engine.protocols[1]) and "p3" in alive(engine.protocols[4])
 
 
 def test_churn_follows_its_trace():
@@ -326,7 +340,7 @@ def test_drawn_churn_is_reproducible_and_leaves_the_other_peers_alone():
     for simulation in (first, second):
         run_simulation(simulation, show_progress=False)
     assert seen[0] == seen[1]
-    churning = set(first.disruptions.members[0])
+    churning = set(disruptions_of(first).members[0])
     assert len(churning) == 2 and down == churning
 
 
@@ -377,7 +391,8 @@ def test_run_folder_has_connectivity_plots_graphs_and_log(tmp_path):
     log = json.loads((out / "disruptions.json").read_text())
     assert log["fired"][0]["kind"] == "crash" and len(log["fired"][0]["down"]) == 1
     # the resolved config keeps its disruptions and runs again
-    assert load_scenario(out / "config.toml").disruptions[0].strategy == "betweenness"
+    crash = load_scenario(out / "config.toml").disruptions[0]
+    assert isinstance(crash, Crash) and crash.strategy == "betweenness"
 
 
 def test_no_connectivity_columns_without_disruptions():

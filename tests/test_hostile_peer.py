@@ -25,7 +25,7 @@ from p2pfl.protocols import synchronous
 from p2pfl.protocols.base import Message, MessageReceived, Record, Start, Train, TrainingDone
 from p2pfl.protocols.dpsgd import DPSGD
 from p2pfl.protocols.epidemic import EpidemicLearning
-from p2pfl.security import GuardConfig, PeerGuard
+from p2pfl.security import Ban, GuardConfig, PeerGuard
 from p2pfl.transport.base import TransportError
 from p2pfl.transport.libp2p import Libp2pTransport
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
@@ -262,6 +262,7 @@ def test_node_under_hostile_peers_keeps_training_and_counts_every_attack(tmp_pat
     assert on_disk["transport"]["rejected_oversized"] == 1
     bans = [r.getMessage() for r in caplog.records if "banned peer" in r.getMessage()]
     assert len(bans) == 1 and ids["flooder"] in bans[0] and "rate_limited" in bans[0], bans
+    assert target.protocol is not None and clean.protocol is not None
     print(
         f"\nclean run {clean_s:.1f} s, accuracy clean {clean_status['accuracy']:.4f} "
         f"attacked {status['accuracy']:.4f}, params equal: "
@@ -494,7 +495,7 @@ def test_one_sybil_cannot_drag_a_node_to_a_far_future_round(tmp_path, monkeypatc
 
 
 def test_guard_reports_bans_and_limits_and_bounds_its_status():
-    bans = []
+    bans: list[Ban] = []
     guard = PeerGuard(GuardConfig(ban_threshold=10, status_peers=3), on_ban=bans.append)
     for t in range(3):
         with pytest.raises(WireError):

@@ -35,6 +35,7 @@ import torch
 
 from p2pfl.node import Node
 from p2pfl.protocols.base import Message
+from p2pfl.protocols.modest.protocol import ModestProtocol
 from p2pfl.transport.memory import MemoryTransport
 from p2pfl.wire import encode
 from tests.hostile import Crafter, on_round
@@ -222,6 +223,7 @@ async def _modest_cluster(
     """
     nodes = make_nodes(tmp_path, 5, MODEST, rounds=rounds)
     crafter = Crafter("modest-stranger")
+    assert isinstance(nodes[0].transport, MemoryTransport)
     rogue = MemoryTransport(nodes[0].transport.network, crafter.peer_id)
     rogue.set_handler(lambda sender, data: None)  # takes what it gets, answers nothing
     await rogue.start()
@@ -370,7 +372,8 @@ def _assert_modest_unharmed(run: ModestRun, baseline: Baseline, label: str) -> N
         # 35 observed); a forged round drags it hundreds of rounds ahead
         assert status["round"] <= MODEST_ROUNDS + MODEST_OVERRUN, progress
         assert (
-            node.protocol is not None and node.protocol.done_round <= MODEST_ROUNDS + MODEST_OVERRUN
+            isinstance(node.protocol, ModestProtocol)
+            and node.protocol.done_round <= MODEST_ROUNDS + MODEST_OVERRUN
         )
     for pick in (min, _median, max):
         assert pick(accuracies) >= baseline.worst(pick) - MARGIN, (accuracies, baseline.runs)
@@ -390,7 +393,7 @@ def test_modest_stranger_forged_round_or_model_is_refused(
     _assert_modest_unharmed(run, modest_undisturbed, attack)
     for node, status in zip(run.nodes, run.statuses, strict=True):
         assert status["guard"]["peers"][run.stranger]["dropped"] == {reason: 1}, status["guard"]
-        assert node.protocol is not None and run.stranger not in node.protocol.view
+        assert isinstance(node.protocol, ModestProtocol) and run.stranger not in node.protocol.view
 
 
 #: the issue's view flood: 20,000 unsigned bottom entries for made-up names
@@ -476,7 +479,10 @@ def test_modest_view_flood_keeps_views_bounded_and_nodes_responsive(
             await _send_as_member(nodes, _view_flood)
 
     run = asyncio.run(_modest_cluster(tmp_path, flood))
-    views = [len(node.protocol.view) if node.protocol else None for node in run.nodes]
+    views = [
+        len(node.protocol.view) if isinstance(node.protocol, ModestProtocol) else None
+        for node in run.nodes
+    ]
     print(sender, "view_flood views", views)
     assert all(size is not None and size <= len(run.nodes) for size in views), views
     _assert_modest_unharmed(run, modest_undisturbed, f"{sender} view_flood")
@@ -488,7 +494,10 @@ def test_modest_view_flood_keeps_views_bounded_and_nodes_responsive(
     # the flood does not keep a node from stopping (what SIGTERM does): a long run,
     # flooded at round 3 and stopped two rounds later, is down within seconds
     run = asyncio.run(_modest_cluster(tmp_path / "stop", flood, rounds=1000, stop_after=2))
-    views = [len(node.protocol.view) if node.protocol else None for node in run.nodes]
+    views = [
+        len(node.protocol.view) if isinstance(node.protocol, ModestProtocol) else None
+        for node in run.nodes
+    ]
     print(sender, "view_flood (stopped run) views", views, "stop took", run.stop_s)
     assert not run.timed_out, f"node 0 did not do 2 rounds in {MODEST_RUN_LIMIT:.0f} s"
     assert run.stop_s is not None and run.stop_s <= 5.0, run.stop_s

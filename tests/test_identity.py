@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -87,8 +88,8 @@ def test_peer_id_bytes_round_trip() -> None:
     assert peer_id_from_bytes(identity.peer_id_bytes) == identity.peer_id
 
 
-def test_key_file_round_trip_and_permissions(tmp_path: os.PathLike[str]) -> None:
-    path = tmp_path / "keys" / "node.key"  # type: ignore[operator]
+def test_key_file_round_trip_and_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "node.key"
     first = Identity.load_or_create(path)
     mode = stat.S_IMODE(os.stat(path).st_mode)
     assert mode == 0o600
@@ -99,8 +100,8 @@ def test_key_file_round_trip_and_permissions(tmp_path: os.PathLike[str]) -> None
     assert proto.key_type == KeyType.Ed25519.value
 
 
-def test_key_file_loses_no_race(tmp_path: os.PathLike[str]) -> None:
-    path = tmp_path / "node.key"  # type: ignore[operator]
+def test_key_file_loses_no_race(tmp_path: Path) -> None:
+    path = tmp_path / "node.key"
     winner = Identity.generate(SEED)
     path.write_bytes(winner.private_bytes())
     os.chmod(path, 0o600)
@@ -121,16 +122,16 @@ def test_go_libp2p_64_byte_keys_load() -> None:
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage\xff\xff", b"\x08\x00\x12\x03abc"])
-def test_corrupt_key_files_are_refused(tmp_path: os.PathLike[str], content: bytes) -> None:
-    path = tmp_path / "node.key"  # type: ignore[operator]
+def test_corrupt_key_files_are_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "node.key"
     path.write_bytes(content)
     os.chmod(path, 0o600)
     with pytest.raises(ValueError):
         Identity.load_or_create(path)
 
 
-def test_world_readable_key_file_warns(tmp_path: os.PathLike[str]) -> None:
-    path = tmp_path / "node.key"  # type: ignore[operator]
+def test_world_readable_key_file_warns(tmp_path: Path) -> None:
+    path = tmp_path / "node.key"
     path.write_bytes(Identity.generate(SEED).private_bytes())
     os.chmod(path, 0o644)
     with pytest.warns(UserWarning, match="chmod 600"):

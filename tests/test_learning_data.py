@@ -52,7 +52,7 @@ def _fresh_cache():
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_idx_round_trip(tmp_path: Path, dtype: type, suffix: str) -> None:
-    array = (np.arange(24).reshape(2, 3, 4) % 100).astype(dtype)
+    array: np.ndarray = (np.arange(24).reshape(2, 3, 4) % 100).astype(dtype)
     path = tmp_path / f"a-idx3{suffix}"
     write_idx(path, array)
     assert (path.read_bytes()[:2] == b"\x1f\x8b") == (suffix == ".gz")
@@ -96,6 +96,7 @@ def test_synthetic_is_fixed_and_has_sources() -> None:
     assert len(np.unique(ds.sources)) >= 4
     clear_dataset_cache()
     again = load_dataset("synthetic")
+    assert again.sources is not None
     assert torch.equal(ds.x_train, again.x_train) and np.array_equal(ds.sources, again.sources)
 
 

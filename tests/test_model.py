@@ -75,6 +75,7 @@ def test_output_layer_is_last_linear(model: nn.Module) -> None:
     sl = layout.output_slice()
     assert sl.stop == layout.numel  # output layer registered last
     out = model.get_submodule("out")
+    assert isinstance(out, nn.Linear) and out.bias is not None
     assert sl.stop - sl.start == out.weight.numel() + out.bias.numel()
 
 

@@ -13,6 +13,7 @@ import heapq
 import itertools
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def peers(n: int) -> list[str]:
 
 
 def make(peer: str, population: list[str], **kwargs) -> ModestProtocol:
-    options = dict(
+    options: dict[str, Any] = dict(
         population=population,
         sample_size=4,
         num_aggregators=2,
@@ -219,7 +220,7 @@ def test_merge_takes_max_round_and_status_of_higher_counter() -> None:
 
 def test_view_wire_round_trip_skips_malformed_entries() -> None:
     view = PopulationView({"a": ViewEntry(3, True, 2), "b": ViewEntry()})
-    wire = view.to_wire()
+    wire: dict[str, Any] = view.to_wire()  # plain wire data: malformed entries go in below
     assert PopulationView.from_wire(wire) == view
     wire.update({"x": [1, 2, 3], "y": "junk", "z": [1, 0, -1], "": [0, 0, 0]})
     assert dict(PopulationView.from_wire(wire)) == dict(view)
@@ -255,7 +256,9 @@ def test_every_peer_with_the_same_view_derives_the_same_sample() -> None:
             for peer in wave:
                 resolver.answer(peer)
             assert resolver.to_ping() == []
-            samples.add(tuple(resolver.first(5)))
+            first = resolver.first(5)
+            assert first is not None
+            samples.add(tuple(first))
         assert len(samples) == 1
         assert list(samples.pop()) == derive_candidates(PopulationView.of(ids), round)[:5]
 
@@ -416,7 +419,7 @@ def test_aggregator_abandons_after_retries_and_can_start_again() -> None:
 
 def test_weights_and_custom_aggregate_are_used() -> None:
     ids = peers(10)
-    seen = {}
+    seen: dict[str, Any] = {}
 
     def first_row(stack, weights, own_index):
         seen.update(n=stack.shape[0], weights=weights, own=own_index)
@@ -587,13 +590,12 @@ def test_single_aggregator_crashing_mid_collection_is_replaced() -> None:
     loop.run(until=60.0, stop=lambda: loop.top_round() >= 3)
 
     def collecting() -> list[str]:
-        return [
-            p for p in ids if (loop.protocols[p]._agg or None) and loop.protocols[p]._agg.models
-        ]
+        return [p for p in ids if (agg := loop.protocols[p]._agg) is not None and agg.models]
 
     loop.run(until=60.0, stop=lambda: bool(collecting()))
     [victim] = collecting()
     stuck_round = loop.protocols[victim].aggregating_round
+    assert stuck_round is not None
     loop.crashed = {victim}
     loop.run(until=loop.now + 30.0, stop=lambda: loop.top_round() >= stuck_round + 3)
     assert loop.top_round() >= stuck_round + 3
@@ -644,6 +646,7 @@ def test_join_is_applied_after_the_next_send_and_travels_with_it() -> None:
     p = make(ids[0], ids, sample_size=1, num_aggregators=1, role_slack=len(ids))
     join = Message("join", 0, None, {"entry": [0, 0, 0]})
     [reply] = p.handle(MessageReceived(1.0, "newcomer", join))
+    assert isinstance(reply, Send)
     assert reply.to == "newcomer" and reply.message.kind == "view"
     assert "newcomer" not in p.view  # held back: the current round's sample stays put
     p.handle(MessageReceived(1.1, ids[1], Message("train", 2, torch.ones(4))))

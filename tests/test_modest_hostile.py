@@ -57,7 +57,7 @@ def progress(kind: str, at: int) -> Message:
     """A message that claims round ``at``, by each way a round reaches a MoDeST peer."""
     if kind == "ping":
         return Message("ping", at + 1)
-    meta = {"at": at, "done": at}
+    meta: dict[str, Any] = {"at": at, "done": at}
     if kind == "view":
         meta["view"] = {}
     return Message(kind, ROUND, None, meta)
@@ -292,10 +292,12 @@ def _run(digits: Any, attack: str | None, sign: bool) -> dict[str, Any]:
     if attack is not None:
         hostile = engine.protocols[-1]
         hostile.__class__ = Hostile
+        assert isinstance(hostile, Hostile)
         hostile.attack = attack
         hostile.targets = [p.peer_id for p in engine.protocols[:-1]]
     rows = run_simulation(simulation, show_progress=False)
-    honest = engine.protocols[:-1]
+    honest = [p for p in engine.protocols[:-1] if isinstance(p, ModestProtocol)]
+    assert len(honest) == len(engine.protocols) - 1  # all MoDeST peers
     return {
         "round": rows[-1]["round"],
         "acc": rows[-1]["acc_mean"],

@@ -11,6 +11,7 @@ import torch
 
 from p2pfl.config import apply_overrides
 from p2pfl.learning import load_dataset
+from p2pfl.protocols.modest import ModestProtocol
 from sim.runner import build_simulation, run_simulation, summarize, write_run
 from sim.scenario import Scenario, scenario_from_dict
 
@@ -78,7 +79,9 @@ def test_late_joiners_are_sampled(digits) -> None:
     simulation = build_simulation(scenario, dataset=digits)
     engine = simulation.engine
     joiners = range(15, 20)
-    founders = [p for p in engine.protocols if p.peer_id not in {f"p{i}" for i in joiners}]
+    modest = [p for p in engine.protocols if isinstance(p, ModestProtocol)]
+    assert len(modest) == len(engine.protocols)
+    founders = [p for p in modest if p.peer_id not in {f"p{i}" for i in joiners}]
     # nobody knows the joiners before they announce themselves
     assert all("p15" not in p.view for p in founders)
     run_simulation(simulation, show_progress=False)

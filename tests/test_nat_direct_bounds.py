@@ -9,6 +9,7 @@ and our own addresses, and remembers at most ``_DIRECT_PEERS`` peers.
 
 from __future__ import annotations
 
+import pytest
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
@@ -42,7 +43,9 @@ def test_a_peer_advertising_thousands_of_addresses_is_dialled_at_most_eight_time
     assert len(nat._direct_tried[flooder]) == 8
 
 
-def test_relayed_non_tcp_and_loopback_addresses_are_never_dialled() -> None:
+def test_relayed_non_tcp_and_loopback_addresses_are_never_dialled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     nat = traversal()
     other = peer(8)
     relay = peer(9)
@@ -54,17 +57,18 @@ def test_relayed_non_tcp_and_loopback_addresses_are_never_dialled() -> None:
         "/ip6/::1/tcp/4001",
     ]
     store.add_addrs(other, [Multiaddr(a) for a in [*skipped, "/ip4/203.0.113.7/tcp/4001"]], 600)
-    nat.host.get_addrs = lambda: [Multiaddr("/ip4/192.0.2.1/tcp/4001")]  # not loopback only
+    # not loopback only
+    monkeypatch.setattr(nat.host, "get_addrs", lambda: [Multiaddr("/ip4/192.0.2.1/tcp/4001")])
     assert [str(a) for a in nat._untried_direct(other)] == ["/ip4/203.0.113.7/tcp/4001"]
     assert nat._untried_direct(other) == []  # each at most once
 
 
-def test_our_own_address_is_not_dialled_as_someone_else() -> None:
+def test_our_own_address_is_not_dialled_as_someone_else(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two homes' nodes may share a private address and port: dialling it reaches us."""
     nat = traversal()
     other = peer(10)
     mine = "/ip4/192.168.1.20/tcp/4001"
-    nat.host.get_addrs = lambda: [Multiaddr(f"{mine}/p2p/{nat.me}")]
+    monkeypatch.setattr(nat.host, "get_addrs", lambda: [Multiaddr(f"{mine}/p2p/{nat.me}")])
     nat.host.get_peerstore().add_addrs(other, [Multiaddr(mine), Multiaddr("/ip4/192.168.1.21/tcp/4001")], 600)
     assert [str(a) for a in nat._untried_direct(other)] == ["/ip4/192.168.1.21/tcp/4001"]
 

@@ -9,6 +9,7 @@ by the measured bandwidth, while every node finishes every round.
 from __future__ import annotations
 
 import asyncio
+from typing import TypedDict
 
 import pytest
 
@@ -67,12 +68,22 @@ def test_queued_bytes_count_and_failed_or_small_sends_teach_nothing() -> None:
     assert budget.timeout("a", 0) == 1.0
 
 
+class BudgetParameters(TypedDict, total=False):
+    """The numeric settings of :class:`SendBudget` (``base`` is required there)."""
+
+    base: float
+    floor: float
+    safety: float
+    ceiling: float
+    weight: float
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"base": 0}, "base"), ({"base": 1, "floor": 0}, "floor"), ({"base": 1, "safety": 0.5}, "safety"),
      ({"base": 5, "ceiling": 1}, "ceiling"), ({"base": 1, "weight": 0}, "weight")],
 )
-def test_bad_parameters_are_refused(kwargs: dict[str, float], match: str) -> None:
+def test_bad_parameters_are_refused(kwargs: BudgetParameters, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SendBudget(**kwargs)
 

@@ -29,6 +29,8 @@ from p2pfl.learning import evaluate
 from p2pfl.node import Node
 from p2pfl.nodecli import NodeConfigError, load_node_config
 from p2pfl.protocols.base import Message
+from p2pfl.protocols.bristle import Bristle
+from p2pfl.protocols.sybilwall import SybilWall
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 from p2pfl.wire import DropReason, WireError, decode, encode
 
@@ -149,7 +151,9 @@ def test_an_alie_node_that_heard_nothing_yet_sends_its_own_model() -> None:
     sends = [
         e for e in wrapper.handle(TrainingDone(1.0, train.ticket, trained)) if isinstance(e, Send)
     ]
-    assert len(sends) == 2 and all(torch.equal(e.message.params, trained) for e in sends)
+    assert len(sends) == 2
+    sent = [e.message.params for e in sends]
+    assert all(params is not None and torch.equal(params, trained) for params in sent)
 
 
 def test_a_label_flip_node_trains_on_flipped_labels_and_says_so(tmp_path, caplog) -> None:
@@ -167,6 +171,7 @@ def test_a_label_flip_node_trains_on_flipped_labels_and_says_so(tmp_path, caplog
     # (observed after 10 rounds: accuracy 0.019, on flipped labels 0.386; chance is 0.1)
     attacker = nodes[4]
     x, y = attacker.x_test, attacker.y_test
+    assert attacker.protocol is not None
     flipped = float(evaluate(attacker.trainer, attacker.protocol.params, x, 9 - y).accuracy[0])
     assert status["accuracy"] <= 0.1 and flipped >= 0.3, (status["accuracy"], flipped)
     assert min(s["accuracy"] for s in statuses[:4]) > status["accuracy"]
@@ -178,6 +183,7 @@ def test_bristle_nodes_share_the_simulators_extractor(tmp_path) -> None:
     simulation = node_scenario_in_the_simulator(3, 1, BRISTLE)
     for i, node in enumerate(nodes):
         simulated = simulation.engine.protocols[i]
+        assert isinstance(simulated, Bristle)
         assert torch.equal(node.commons.start, simulated.params)
         extras = node.peer.extras
         assert torch.equal(extras["probe_features"], simulated.probe_features)
@@ -196,9 +202,8 @@ def test_bristle_node_accepts_output_layers_and_drops_whole_models(tmp_path) -> 
         message = Message("model", 0, torch.zeros(size))
         return encode(message, identity=sender, protocol="bristle", seq=1)
 
-    assert (
-        decode(wire(output.numel), layout_check=node._layout).message.params.numel() == output.numel
-    )
+    params = decode(wire(output.numel), layout_check=node._layout).message.params
+    assert params is not None and params.numel() == output.numel
     with pytest.raises(WireError) as error:
         decode(wire(node.trainer.dim), layout_check=node._layout)
     assert error.value.reason == DropReason.BAD_TENSOR
@@ -217,8 +222,10 @@ def test_bristle_nodes_learn_the_output_layer(tmp_path) -> None:
     assert min(accuracies) - float(before.accuracy[0]) >= 0.3, accuracies
     for node, status in zip(nodes, statuses, strict=True):
         assert status["counters"]["received_models"] == 4 * 15  # every layer got through
-        output = node.protocol.output
-        final = node.protocol.params
+        bristle = node.protocol
+        assert isinstance(bristle, Bristle)
+        output = bristle.output
+        final = bristle.params
         assert torch.equal(output.replace(final, output.rows(start)), start)  # features frozen
 
 
@@ -242,7 +249,9 @@ def test_sybilwall_nodes_converge_as_in_the_simulator(tmp_path) -> None:
     for node, status in zip(nodes, statuses, strict=True):
         assert status["counters"]["received_models"] == 4 * 15
         assert "sybilwall.bad_history" not in status["counters"]
-        assert sorted(node.protocol.trust) == sorted(node.protocol.neighbours)
+        wall = node.protocol
+        assert isinstance(wall, SybilWall)
+        assert sorted(wall.trust) == sorted(wall.neighbours)
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,8 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_older_one(
     assert status["accuracy"] is not None and status["accuracy"] == status["accuracy"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(state / CHECKPOINT_NAME) in m and reason in m for m in warned), warned
-    assert load_checkpoint(state)["rounds_done"] == 5  # type: ignore[index]
+    loaded = load_checkpoint(state)
+    assert loaded is not None and loaded["rounds_done"] == 5
 
 
 @pytest.mark.parametrize("case", ["truncated", "garbage"])
@@ -234,7 +235,8 @@ def test_checkpoints_are_written_off_the_loop_at_the_configured_cadence(tmp_path
     in_rounds = [(name.split("_")[0], rounds) for name, rounds in node.write_threads[:-1]]
     assert in_rounds == [("p2pfl-checkpoint", 3), ("p2pfl-checkpoint", 6)]
     assert node.write_threads[-1] == ("MainThread", 7)  # the final one, before run() returns
-    assert load_checkpoint(tmp_path / "state")["rounds_done"] == 7  # type: ignore[index]
+    loaded = load_checkpoint(tmp_path / "state")
+    assert loaded is not None and loaded["rounds_done"] == 7
     older = decode_checkpoint((tmp_path / "state" / PREVIOUS_NAME).read_bytes())
     assert older["rounds_done"] == 6
 
@@ -317,6 +319,7 @@ def test_a_full_disk_is_said_once_training_goes_on_and_checkpoints_come_back(
     assert len(errors) <= 2, errors
     again = [r.getMessage() for r in caplog.records if "written again" in r.getMessage()]
     assert any(str(tmpfs / CHECKPOINT_NAME) in m for m in again), again
-    assert load_checkpoint(tmpfs)["rounds_done"] == 10  # type: ignore[index]
+    loaded = load_checkpoint(tmpfs)
+    assert loaded is not None and loaded["rounds_done"] == 10
     assert json.loads((tmpfs / STATUS_NAME).read_text())["rounds_done"] == 10
     assert not [p.name for p in tmpfs.iterdir() if p.name.startswith(".")]  # no litter

@@ -45,7 +45,7 @@ def test_five_processes_converge_and_a_killed_peer_resumes(tmp_path: Path) -> No
         cluster.wait_for(lambda: all(cluster.rounds_done(i) >= 6 for i in range(5)), 150, "round 6 everywhere")
 
         victim = 3
-        victim_id = cluster.status(victim)["peer_id"]
+        victim_id = cluster.require_status(victim)["peer_id"]
         others = [i for i in range(5) if i != victim]
         logs = {i: cluster.root / f"peer{i}.log" for i in others}
         already = {i: logs[i].read_text(errors="replace").count(f"{victim_id} lost") for i in others}
@@ -76,16 +76,16 @@ def test_five_processes_converge_and_a_killed_peer_resumes(tmp_path: Path) -> No
             120,
             "the killed peer to restart from its checkpoint",
         )
-        resumed = cluster.status(victim)["resumed_from"]
+        resumed = cluster.require_status(victim)["resumed_from"]
         assert resumed >= checkpoint_round > 0  # not round 0
 
         codes = cluster.wait_exit(150)
         assert all(code == 0 for code in codes.values()), codes
-        accuracies = [cluster.status(i)["accuracy"] for i in range(5)]
+        accuracies = [cluster.require_status(i)["accuracy"] for i in range(5)]
         assert min(accuracies) >= 0.85, accuracies
         assert sum(accuracies) / 5 >= 0.9, accuracies
         for i in others:  # the survivors noticed the crash and counted no forged input
-            status = cluster.status(i)
+            status = cluster.require_status(i)
             assert status["rounds_done"] == 80
             assert status["guard"]["dropped"]["bad_signature"] == 0
     finally:

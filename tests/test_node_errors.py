@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from p2pfl.node import Node
 from p2pfl.protocols.synchronous import SynchronousRoundProtocol
+from p2pfl.transport.memory import MemoryTransport
 from tests.test_node_neighbours import LossyTransport, identities, make_cluster, run_nodes
 
 pytestmark = pytest.mark.timeout(120)
@@ -55,6 +56,7 @@ def test_an_exception_in_the_nodes_own_callbacks_stops_it_with_the_error(
     armed and the node waited forever."""
     nodes = make_cluster(tmp_path, 3, rounds=50, protocol=PROTOCOL)
     lossy = nodes[2]
+    assert isinstance(lossy.transport, MemoryTransport)
     nodes[2] = Node(
         lossy.config, LossyTransport(lossy.transport.network, lossy.peer_id), lossy.identity
     )

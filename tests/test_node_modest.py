@@ -63,11 +63,12 @@ def test_five_processes_converge_and_a_late_joiner_is_sampled(tmp_path: Path) ->
         for i, status in enumerate(statuses):
             assert status is not None and status["rounds_done"] >= ROUNDS, (i, status)
             assert status["guard"]["dropped"]["bad_signature"] == 0
-        accuracies = [status["accuracy"] for status in statuses]
+        written = [status for status in statuses if status is not None]  # all: asserted above
+        accuracies = [status["accuracy"] for status in written]
         assert min(accuracies) >= 0.8, accuracies
         assert sum(accuracies) / len(accuracies) >= 0.85, accuracies
         # the joiner announced itself and trained or aggregated in a sampled round
-        counters = statuses[joiner]["counters"]
+        counters = written[joiner]["counters"]
         assert counters.get("modest.joiners_took_part") == 1, counters
     finally:
         cluster.close()

@@ -16,6 +16,7 @@ import asyncio
 import json
 import random
 import time
+from typing import cast
 
 import pytest
 
@@ -204,8 +205,10 @@ class TimedNode(Node):
 
 
 def rounds_per_second(nodes: list[TimedNode], rounds: int) -> float:
-    start = min(node.started_at_loop for node in nodes)
-    end = max(node.finished_at_loop for node in nodes)
+    starts = [t for node in nodes if (t := node.started_at_loop) is not None]
+    ends = [t for node in nodes if (t := node.finished_at_loop) is not None]
+    assert len(starts) == len(ends) == len(nodes), "a node never started or finished"
+    start, end = min(starts), max(ends)
     return rounds / (end - start)
 
 
@@ -228,7 +231,8 @@ def test_12_nodes_with_4_neighbours_never_wait_for_a_one_way_neighbour(tmp_path)
             max_neighbours=k,
         )
         statuses = asyncio.run(run_nodes(nodes))
-        rates[k] = rounds_per_second(nodes, rounds)
+        # make_cluster built every node with node_class=TimedNode
+        rates[k] = rounds_per_second(cast(list[TimedNode], nodes), rounds)
         neighbours = {s["peer_id"]: set(s["neighbours"]) for s in statuses}
         for status in statuses:
             me = status["peer_id"]
@@ -250,6 +254,11 @@ class OneWayNode(Node):
         return sorted(self.met)
 
 
+def neighbours_of(node: Node) -> list[str]:
+    assert node.protocol is not None, f"{node.peer_id} never started its protocol"
+    return node.protocol.neighbours
+
+
 def test_a_peer_chosen_one_way_unlinks_and_is_not_waited_for(tmp_path) -> None:
     n, rounds = 4, 6
     protocol = {"name": "dpsgd", "local_steps": 5, "round_timeout": 5.0}
@@ -258,11 +267,9 @@ def test_a_peer_chosen_one_way_unlinks_and_is_not_waited_for(tmp_path) -> None:
     nodes[0] = greedy
     statuses = asyncio.run(run_nodes(nodes))
     others = [node.peer_id for node in nodes[1:]]
-    refusing = [
-        node.peer_id for node in nodes[1:] if greedy.peer_id not in node.protocol.neighbours
-    ]
+    refusing = [node.peer_id for node in nodes[1:] if greedy.peer_id not in neighbours_of(node)]
     assert len(refusing) == 1  # on a ring of 4 with k = 2, the opposite peer
-    assert sorted(greedy.protocol.neighbours) == sorted(others)
+    assert sorted(neighbours_of(greedy)) == sorted(others)
     assert statuses[0]["one_way_neighbours"] == refusing
     for status in statuses:
         assert status["rounds_done"] == rounds
@@ -319,14 +326,16 @@ def test_rounds_realign_when_a_neighbours_models_are_lost_every_round(tmp_path) 
     for i, (ident, (node_class, transport_class)) in enumerate(zip(ids, kinds, strict=True)):
         cfg = config(tmp_path, i, 3, first if i else None, rounds=rounds, protocol=protocol)
         node = node_class(cfg, transport_class(network, ident.peer_id), ident)
-        node.leader_done = leader_done
+        if isinstance(node, SignallingNode | LateNode):  # the plain third node never waits
+            node.leader_done = leader_done
         nodes.append(node)
 
     async def scenario() -> list[dict]:
         nonlocal leader_done
         leader_done = asyncio.Event()  # bound to this loop
         for node in nodes:
-            node.leader_done = leader_done
+            if isinstance(node, SignallingNode | LateNode):
+                node.leader_done = leader_done
         return await run_nodes(nodes, 120)
 
     leader, late = asyncio.run(scenario())[:2]
@@ -354,6 +363,7 @@ def test_a_banned_neighbour_is_not_waited_for(tmp_path) -> None:
     protocol = {"name": "dpsgd", "local_steps": 5, "round_timeout": 1.0}
     nodes = make_cluster(tmp_path, 3, rounds=rounds, protocol=protocol)
     bad = nodes[2]
+    assert isinstance(bad.transport, MemoryTransport)
     transport = CorruptingTransport(bad.transport.network, bad.peer_id)
     nodes[2] = Node(bad.config, transport, bad.identity)
     statuses = asyncio.run(run_nodes(nodes, 120))

@@ -7,7 +7,9 @@ import asyncio
 
 import pytest
 
+from p2pfl.protocols.modest.protocol import ModestProtocol
 from p2pfl.protocols.records import IdentitySigner
+from p2pfl.protocols.sybilwall import SybilWall
 from p2pfl.transport.memory import MemoryNetwork
 from tests.test_node import make_nodes, run_all
 
@@ -31,15 +33,20 @@ def test_modest_nodes_converge_with_signed_view_entries(tmp_path):
     # observed, 3 runs at once on 2 cores: 0.87-0.91 (12 rounds would be borderline: 0.68-0.86)
     assert max(s["accuracy"] or 0.0 for s in statuses) >= 0.85
     for node, status in zip(nodes, statuses, strict=True):
-        assert isinstance(node.protocol.signer, IdentitySigner)
+        modest = node.protocol
+        assert isinstance(modest, ModestProtocol)
+        signer = modest.signer
+        assert isinstance(signer, IdentitySigner)
         assert "modest.bad_entry" not in status["counters"], status["counters"]
         # the views it holds are proven by their subjects' records (its own included)
-        proofs = node.protocol._proofs
+        proofs = modest._proofs
         assert node.peer_id in proofs
         others = [p for p in proofs if p != node.peer_id]
         assert others, "no relayed signed entry was ever accepted"
         for peer in others:
-            origin, _ = node.protocol.signer.verify(proofs[peer][1])
+            opened = signer.verify(proofs[peer][1])
+            assert opened is not None
+            origin, _ = opened
             assert origin == peer
 
 
@@ -52,5 +59,6 @@ def test_sybilwall_nodes_converge_with_signed_histories(tmp_path):
         assert status["accuracy"] >= 0.8, status["accuracy"]
         assert "sybilwall.bad_history" not in status["counters"], status["counters"]
         wall = node.protocol
+        assert isinstance(wall, SybilWall)
         assert wall.own_proof is not None and wall.proofs  # signed and relayed
         assert set(wall.declared) <= set(wall.neighbours)

@@ -18,6 +18,7 @@ from p2pfl.identity import Identity
 from p2pfl.neighbours import PeerGraph, TopologyFileError, choose_neighbours
 from p2pfl.node import CONTROL, Node
 from p2pfl.protocols.base import Event, PeerDown, PeerUp, SendFailed
+from p2pfl.protocols.dpsgd import DPSGD
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 from p2pfl.wire import decode
 from topologies import metropolis_hastings
@@ -134,9 +135,11 @@ def test_ring_of_four_from_a_file_talks_only_to_ring_neighbours(tmp_path):
         assert status["neighbours"] == ring_neighbours
         assert status["rounds_done"] == 12
         assert status["accuracy"] >= 0.8, status["accuracy"]
-        assert sorted(node.transport.model_sends) == ring_neighbours
-        assert all(count == 12 for count in node.transport.model_sends.values())
-        assert node.protocol.weights == pytest.approx({p: 1 / 3 for p in ring_neighbours})
+        transport, protocol = node.transport, node.protocol
+        assert isinstance(transport, RecordingTransport) and isinstance(protocol, DPSGD)
+        assert sorted(transport.model_sends) == ring_neighbours
+        assert all(count == 12 for count in transport.model_sends.values())
+        assert protocol.weights == pytest.approx({p: 1 / 3 for p in ring_neighbours})
 
 
 # -------------------------------------------------------------------- liveness pings
@@ -190,7 +193,7 @@ def test_pings_notice_a_dead_link_with_no_send_pending_and_its_recovery(tmp_path
         )
     watcher, victim = nodes[0], peers[1]
 
-    def liveness(kind: type) -> list[str]:
+    def liveness(kind: type[PeerDown | PeerUp]) -> list[str]:
         return [e.peer for e in watcher.events if isinstance(e, kind)]
 
     async def scenario() -> None:
@@ -202,12 +205,16 @@ def test_pings_notice_a_dead_link_with_no_send_pending_and_its_recovery(tmp_path
             network.cut(peers[0], victim)
             await watcher.until(lambda: victim in liveness(PeerDown), 10)
             assert watcher.transport.stats()["send_failures"] == 0  # found by pings alone
-            assert victim not in watcher.protocol.alive
+            dpsgd = watcher.protocol
+            assert isinstance(dpsgd, DPSGD)
+            assert victim not in dpsgd.alive
             assert watcher.status()["peers_down"] == [victim]
             assert peers[2] not in liveness(PeerDown)  # a healthy link stays up
             network.restore(peers[0], victim)
             await watcher.until(lambda: victim in liveness(PeerUp), 10)
-            assert victim in watcher.protocol.alive and watcher.status()["peers_down"] == []
+            dpsgd = watcher.protocol
+            assert isinstance(dpsgd, DPSGD)
+            assert victim in dpsgd.alive and watcher.status()["peers_down"] == []
         finally:
             for node in nodes:
                 node.stop()

@@ -13,6 +13,7 @@ to 3 decimals); the test allows ``TOLERANCE``.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.timeout(240)
 TOLERANCE = 0.05
 PEERS = 4
 
-SHARED = {
+SHARED: dict[str, Any] = {
     "seed": 13,
     "rounds": 15,
     "data": {"dataset": "digits", "partition": "iid", "batch_size": 16},

@@ -145,7 +145,8 @@ big,60000,3,simulator,110.4,110.0,34.4,,,17456.2,,,peak RSS 17 GiB,2.91
     wrong = _write(tmp_path / "wrong.csv", "part,n\nbig,3")
     with pytest.raises(SystemExit) as exited:
         sim_scale.main(["--plot", str(wrong)])
-    _refused(int(exited.value.code), capsys, tmp_path)
+    assert isinstance(exited.value.code, int), exited.value.code
+    _refused(exited.value.code, capsys, tmp_path)
 
 
 def test_modest_fl_plot_from_runs_csv(tmp_path, capsys):

@@ -21,6 +21,7 @@ from p2pfl.config import PROTOCOL_NAMES, NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.node import Node
 from p2pfl.protocols.base import Message, Protocol, Send, Start, Train, TrainingDone
+from p2pfl.protocols.bristle import Bristle
 from p2pfl.protocols.dpsgd import DPSGD
 from p2pfl.protocols.registry import protocol_class
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
@@ -128,6 +129,7 @@ def test_node_and_simulator_assemble_the_same_peer(tmp_path: Path, name: str) ->
         assert (getattr(built, "signer", None) is None) == (simulated.signer is None)
 
     if name == "bristle":  # the same shared extractor, and this peer's probe set
+        assert isinstance(built, Bristle) and isinstance(simulated, Bristle)
         assert built.output == simulated.output
         assert torch.equal(built.frozen, simulated.frozen)
         assert torch.equal(built.probe_features, simulated.probe_features)

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from p2pfl.attacks import ByzantineProtocol
-from p2pfl.protocols.base import Message, MessageReceived, Send, Start, Train, TrainingDone
+from p2pfl.protocols.base import (
+    Message,
+    MessageReceived,
+    Record,
+    Send,
+    Start,
+    Train,
+    TrainingDone,
+)
 from p2pfl.protocols.bristle import Bristle, OutputLayer
 from p2pfl.protocols.sybilwall import HISTORY, SybilWall
 from sim.runner import build_simulation, run_simulation
@@ -37,7 +45,9 @@ def test_sybilwall_gives_identical_histories_zero_weight_and_keeps_the_rest() ->
     assert wall.trust == {"a": 1.0, "s1": 0.0, "s2": 0.0}
     # own weight 1, a weight 1, the twins 0: the mean of own and a
     assert torch.allclose(wall.params, torch.tensor([0.5, 0.0, 0.0, 1.0]))
-    assert any(getattr(e, "name", "") == "sybilwall.zero_weight" and e.value == 2 for e in effects)
+    assert any(
+        isinstance(e, Record) and e.name == "sybilwall.zero_weight" and e.value == 2 for e in effects
+    )
 
 
 def test_sybilwall_scores_against_gossiped_twins_of_a_lone_sybil_neighbour() -> None:
@@ -84,7 +94,9 @@ def test_sybilwall_ignores_gossip_about_its_own_neighbours_and_evicts_far_histor
     for sender, subject in [("b4", "y"), ("b5", "z")]:
         wall.handle(_gossip_from(sender, subject))
     effects = wall.handle(_gossip_from("stranger", "q"))
-    assert effects[0].name == "sybilwall.bad_history" and "stranger" not in wall.pending[0]
+    first = effects[0]
+    assert isinstance(first, Record) and first.name == "sybilwall.bad_history"
+    assert "stranger" not in wall.pending[0]
     for peer in neighbours:
         wall.handle(_model(peer, torch.zeros(2)))
     assert wall.round == 1
@@ -107,7 +119,8 @@ def test_sybilwall_keeps_at_most_one_history_per_neighbour_and_round() -> None:
     assert _names(effects, "dropped.future_round") == 3 * 5  # rounds 3, 4, 5
     assert _names(effects, "sybilwall.extra_history") == 3 * 4
     assert {r: set(heard) for r, heard in wall.pending.items()} == {0: {"b"}, 1: {"b"}, 2: {"b"}}
-    assert wall.pending[0]["b"][0] == "far0"  # the first one came: the others are dropped
+    held = wall.pending[0]["b"]
+    assert held is not None and held[0] == "far0"  # the first one came: the others are dropped
     wall.handle(_model("a", torch.zeros(2)))
     wall.handle(_model("b", torch.zeros(2)))
     assert wall.round == 1 and set(wall.gossiped) == {"far0"} and set(wall.pending) == {1, 2}
@@ -213,11 +226,14 @@ def test_sybilwall_in_a_small_simulation_zeroes_the_sybil_identities(signed: boo
     raw["sim"]["sign_relayed"] = signed
     simulation = build_simulation(scenario_from_dict(raw))
     run_simulation(simulation, show_progress=False)
+    assert simulation.adversary is not None
     sybils = {simulation.peer_ids[i] for i in simulation.adversary.plan.sybils}
-    sybil_weights, honest_weights = [], []
+    sybil_weights: list[float] = []
+    honest_weights: list[float] = []
     for protocol in simulation.engine.protocols:
         if isinstance(protocol, ByzantineProtocol):
             continue
+        assert isinstance(protocol, SybilWall)
         if signed:
             assert protocol.own_proof is not None and protocol.proofs
         for peer, weight in protocol.trust.items():
@@ -271,7 +287,8 @@ def test_bristle_round_integrates_the_closest_layer_and_keeps_features() -> None
     effects = _train_once(proto, trained)
     sent = [e for e in effects if isinstance(e, Send)]
     assert {e.to for e in sent} == {"a", "b", "c"}
-    assert sent[0].message.params.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # class rows, flat
+    first = sent[0].message.params
+    assert first is not None and first.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # class rows, flat
     near = torch.tensor([1.0, 0.0, 0.2, 0.0, 1.0, 0.2])
     far = torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0, 5.0])
     proto.handle(_model("a", far))
@@ -282,7 +299,7 @@ def test_bristle_round_integrates_the_closest_layer_and_keeps_features() -> None
     # only b (the nearest) is integrated, with weight 1 on both classes: the mean of rows
     expected = torch.tensor([[1.0, 0.0, 0.1], [0.0, 1.0, 0.1]])
     assert torch.allclose(proto.output.rows(proto.params), expected)
-    assert any(getattr(e, "name", "") == "bristle.kept" and e.value == 1 for e in effects)
+    assert any(isinstance(e, Record) and e.name == "bristle.kept" and e.value == 1 for e in effects)
 
 
 def test_bristle_in_a_small_simulation_learns_with_frozen_features_and_small_messages() -> None:
@@ -297,7 +314,9 @@ def test_bristle_in_a_small_simulation_learns_with_frozen_features_and_small_mes
     start = simulation.engine.protocols[0].params.clone()
     rows = run_simulation(simulation, show_progress=False)
     assert rows[-1]["acc_mean"] > 0.5 > rows[0]["acc_mean"]
-    output = simulation.engine.protocols[0].output
+    first = simulation.engine.protocols[0]
+    assert isinstance(first, Bristle)
+    output = first.output
     for protocol_obj in simulation.engine.protocols:
         final = protocol_obj.params
         assert torch.equal(output.replace(final, output.rows(start)), start)  # features unchanged

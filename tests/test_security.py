@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TypedDict
 
 import pytest
 import torch
 
 from p2pfl.identity import Identity
 from p2pfl.protocols.base import Message
-from p2pfl.security import GuardConfig, PeerGuard, SequenceNumbers
+from p2pfl.security import Ban, GuardConfig, PeerGuard, SequenceNumbers
 from p2pfl.wire import DropReason, WireError, encode
 
 ALICE = Identity.generate(hashlib.sha256(b"alice").digest())
@@ -178,7 +179,12 @@ def test_tensor_layout_is_checked_through_the_guard() -> None:
     assert guard.drops(A)["bad_tensor"] == 1
 
 
-def _rates() -> dict[str, float]:
+class _Rates(TypedDict):
+    msg_rate: float
+    msg_burst: float
+
+
+def _rates() -> _Rates:
     return {"msg_rate": 1e6, "msg_burst": 1e6}
 
 
@@ -198,7 +204,7 @@ def test_messages_larger_than_any_use_are_charged_before_decoding() -> None:
 def test_unknown_kinds_are_charged_until_the_sender_is_banned() -> None:
     # validly signed, in its rate budget, but of no kind the receiver takes: the guard
     # must not only rate-limit such a sender (issue 14: 60 MB messages, back to back)
-    bans = []
+    bans: list[Ban] = []
     guard = PeerGuard(RELAXED, on_ban=bans.append)
     known = lambda protocol, kind: (protocol, kind) == ("p", "model")  # noqa: E731
     unknown = [
@@ -215,7 +221,7 @@ def test_unknown_kinds_are_charged_until_the_sender_is_banned() -> None:
 
 
 def test_a_running_ban_is_not_extended_by_what_was_in_flight() -> None:
-    bans = []
+    bans: list[Ban] = []
     guard = PeerGuard(RELAXED, on_ban=bans.append)
     for _ in range(3):
         guard.record_drop(A, DropReason.OVERSIZED, now=0.0)

@@ -16,7 +16,7 @@ import torch
 from p2pfl.identity import Identity
 from p2pfl.protocols.base import Message, MessageReceived, Record, Send, Start, Train, TrainingDone
 from p2pfl.protocols.modest import ModestProtocol, ViewEntry
-from p2pfl.protocols.modest.signed import entry_record
+from p2pfl.protocols.modest.signed import SignedMembership, entry_record
 from p2pfl.protocols.records import IdentitySigner, Keyring, RecordSigner
 from p2pfl.protocols.sybilwall import HISTORY, SybilWall, history_digest, history_record
 from tests.test_modest import TARGET, Loop, make, peers, sends
@@ -38,6 +38,12 @@ class Counting(RecordSigner):
     def verify(self, data: Any) -> tuple[str, dict[str, Any]] | None:
         self.verified += 1
         return self.inner.verify(data)
+
+
+def verifications(signer: RecordSigner | None) -> int:
+    """How many records ``signer`` verified: a :class:`Counting`, as the helpers here build."""
+    assert isinstance(signer, Counting)
+    return signer.verified
 
 
 def signed(peer: str, population: list[str], **kwargs: Any) -> ModestProtocol:
@@ -83,7 +89,7 @@ def test_forged_entries_about_an_honest_peer_are_dropped_and_counted() -> None:
     me = signed(ids[0], ids)
     forged_left = ViewEntry(0, True, 1)
     forged_round = ViewEntry(9, False, 0)
-    view = {
+    view: dict[str, list[Any]] = {
         # signed by mallory, not by the peer the entry is about
         ids[2]: [*forged_left.to_wire(), KEYS.signer("mallory").sign(entry_record(forged_left))],
         # not signed at all
@@ -157,9 +163,9 @@ def test_genuine_entries_travel_two_hops_and_are_verified_once() -> None:
     # relayed verbatim: the record c got is the one a signed
     assert c.membership.view_wire()[a.peer_id][3] == hop1.meta["view"][a.peer_id][3]
     # the same view again costs no verification: only entries that change the view are checked
-    verified = d.signer.verified
+    verified = verifications(d.signer)
     d.handle(MessageReceived(2.4, c.peer_id, view_message(c.membership.view_wire())))
-    assert d.signer.verified == verified
+    assert verifications(d.signer) == verified
 
 
 def test_signed_state_dict_keeps_the_records() -> None:
@@ -172,6 +178,8 @@ def test_signed_state_dict_keeps_the_records() -> None:
     again = signed(ids[1], ids[:2])
     again.load_state_dict(state)
     assert again.membership.state_dict() == b.membership.state_dict()
+    assert isinstance(again.membership, SignedMembership)
+    assert isinstance(b.membership, SignedMembership)
     assert again.membership.proofs == b.membership.proofs
     c = signed(ids[2], ids)
     c.handle(MessageReceived(1.2, b.peer_id, view_message(again.membership.view_wire())))
@@ -211,7 +219,11 @@ def test_signed_run_makes_the_same_decisions_as_an_unsigned_one() -> None:
         loop = Loop({p: build(p, ids, sample_size=3) for p in ids})
         for p in ids:
             loop.start(p)
-        loop.run(until=30.0, stop=lambda loop=loop: loop.top_round() >= 12)
+
+        def done(loop: Loop = loop) -> bool:
+            return loop.top_round() >= 12
+
+        loop.run(until=30.0, stop=done)
         runs.append(loop)
     plain, sig = runs
     assert sig.top_round() >= 12 and sig.records.get("modest.bad_entry", 0) == 0
@@ -256,7 +268,11 @@ def test_a_hostile_relayer_in_a_signed_run_cannot_evict_honest_peers() -> None:
         loop.apply = tamper  # type: ignore[method-assign]
         for p in ids:
             loop.start(p)
-        loop.run(until=40.0, stop=lambda loop=loop: loop.top_round() >= 15)
+
+        def done(loop: Loop = loop) -> bool:
+            return loop.top_round() >= 15
+
+        loop.run(until=40.0, stop=done)
         honest = [loop.protocols[p] for p in ids if p != "mallory"]
         marked_left = sum(e.left for p in honest for q, e in p.view.items() if q != "mallory")
         outcomes[sign] = (loop.top_round(), marked_left, loop.records.get("modest.bad_entry", 0))
@@ -331,8 +347,11 @@ def test_sybilwall_signs_its_own_history_and_gossips_it() -> None:
     [gossip] = [e for e in effects if isinstance(e, Send) and e.message.kind == HISTORY]
     meta = gossip.message.meta
     assert meta["subject"] == "peer-00" and meta["hops"] == 0 and meta["hr"] == 0
+    assert gossip.message.params is not None
     assert torch.equal(gossip.message.params, torch.tensor([1.0, 2.0, 3.0]))
-    origin, record = KEYS.signer("peer-01").verify(meta["proof"])
+    opened = KEYS.signer("peer-01").verify(meta["proof"])
+    assert opened is not None
+    origin, record = opened
     assert origin == "peer-00" and record["d"] == history_digest(gossip.message.params)
 
 
@@ -356,10 +375,10 @@ def test_fabricated_histories_of_an_honest_peer_are_dropped_and_counted() -> Non
         effects = me.handle(MessageReceived(0.2, "mallory", message))
         assert records_named(effects, "sybilwall.bad_history") == 1
         # mallory's one history this round was that: the next is not even looked at
-        verified = me.signer.verified
+        verified = verifications(me.signer)
         effects = me.handle(MessageReceived(0.25, "mallory", genuine_one))
         assert records_named(effects, "sybilwall.extra_history") == 1
-        assert me.signer.verified == verified
+        assert verifications(me.signer) == verified
         end_round(me)
         assert "peer-05" not in me.gossiped
     # the genuine history, relayed by the same mallory, is accepted: origin is what counts
@@ -377,11 +396,11 @@ def test_replayed_older_history_is_refused_without_verification() -> None:
     old, new = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([2.0, 1.0, 0.0])
     me.handle(MessageReceived(0.2, "peer-01", history_message("peer-05", new, 4, 1, genuine("peer-05", new, 4))))
     end_round(me)
-    verified = me.signer.verified
+    verified = verifications(me.signer)
     replay = history_message("peer-05", old, 3, 1, genuine("peer-05", old, 3), tag=1)
     effects = me.handle(MessageReceived(0.6, "mallory", replay))
     assert records_named(effects, "sybilwall.stale_history") == 1
-    assert me.signer.verified == verified
+    assert verifications(me.signer) == verified
     assert torch.equal(me.gossiped["peer-05"][0], new)
 
 
@@ -439,13 +458,15 @@ def test_sybilwall_declares_the_sum_of_its_sent_models_and_keeps_its_starts() ->
         sent.append(trained)
         _round(me, trained, torch.tensor([0.0, 0.0, float(r)]), now=float(r))
         assert me.round == r + 1
-    assert torch.allclose(me.sent_sum, sum(sent)) and me.sent_upto == 3
+    # sum(..., start): a tensor, also to mypy (0 + the first tensor is that tensor)
+    assert me.sent_sum is not None and me.start_sum is not None
+    assert torch.allclose(me.sent_sum, sum(sent, torch.zeros(3))) and me.sent_upto == 3
     starts.append(me.params.clone())  # round 4 has started
-    assert torch.allclose(me.start_sum, sum(starts)) and me.start_upto == 4
+    assert torch.allclose(me.start_sum, sum(starts, torch.zeros(3))) and me.start_upto == 4
     # C(r) is known for the window (rounds 3, 4) and the round before it
     known = me._starts_until()
     assert sorted(known) == [2, 3, 4]
-    assert torch.allclose(known[2], sum(starts[:3]))
+    assert torch.allclose(known[2], sum(starts[:3], torch.zeros(3)))
     # a jump over rounds 5..6 counts them as started, and sent, from the model it had
     before_sent, before_start, model = me.sent_sum.clone(), me.start_sum.clone(), me.params.clone()
     me.handle(MessageReceived(5.0, "peer-01", Message("model", 7, torch.zeros(3))))
@@ -485,6 +506,8 @@ def test_sybilwall_signed_checkpoint_keeps_records() -> None:
     end_round(me)
     again = wall("peer-00", ["peer-01", "peer-02"])
     again.load_state_dict(me.state_dict())
+    assert again.sent_sum is not None and me.sent_sum is not None
+    assert again.start_sum is not None and me.start_sum is not None
     assert torch.equal(again.sent_sum, me.sent_sum) and again.own_proof == me.own_proof
     assert torch.equal(again.start_sum, me.start_sum) and again.start_upto == me.start_upto
     assert again.proofs == me.proofs and set(again.declared) == {"peer-01"}
@@ -502,7 +525,7 @@ def test_sybilwall_hostile_relayer_frames_an_honest_neighbour_only_when_unsigned
     honest far peers: unsigned, a looks like a Sybil and loses its weight; signed, the
     fabrications are dropped and a keeps its weight. (One twin suffices; a second one in
     the same round is dropped unread: a neighbour has one history per round.)"""
-    kwargs = {"signer": Counting(KEYS.signer("peer-00"))} if sign else {}
+    kwargs: dict[str, Any] = {"signer": Counting(KEYS.signer("peer-00"))} if sign else {}
     me = SybilWall("peer-00", torch.zeros(3), ["peer-01", "peer-02", "mallory"], seed=3, **kwargs)
     train_round(me, torch.tensor([1.0, 0.0, 0.0]))
     a_update = torch.tensor([0.0, 2.0, 1.0])
@@ -546,11 +569,15 @@ def test_sim_switch_runs_modest_signed_with_the_same_outcome() -> None:
         raw["sim"]["sign_relayed"] = sign
         simulation = build_simulation(scenario_from_dict(raw))
         run_simulation(simulation, show_progress=False)
-        protocols = simulation.engine.protocols
+        protocols = [p for p in simulation.engine.protocols if isinstance(p, ModestProtocol)]
+        assert len(protocols) == len(simulation.engine.protocols)
         assert all((p.signer is not None) == sign for p in protocols)
         finals.append(torch.stack([torch.as_tensor(p.params) for p in protocols]))
         if sign:
-            assert all(len(p.membership.proofs) > 1 for p in protocols)
+            assert all(
+                isinstance(p.membership, SignedMembership) and len(p.membership.proofs) > 1
+                for p in protocols
+            )
     assert torch.equal(finals[0], finals[1])
 
 
@@ -574,7 +601,7 @@ def test_a_flood_of_forged_entries_costs_a_bounded_number_of_verifications() -> 
     refused = sum(
         e.value for e in effects if isinstance(e, Record) and e.name == "modest.entries_refused"
     )
-    assert me.signer.verified == MAX_BAD_ENTRIES
+    assert verifications(me.signer) == MAX_BAD_ENTRIES
     assert bad_entries(effects) == 49 + MAX_NEW_MEMBERS
     assert refused == 500 - MAX_NEW_MEMBERS
     assert not any(p.startswith("fake-") for p in me.view)

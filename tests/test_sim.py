@@ -6,12 +6,14 @@ import json
 import math
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from p2pfl.cli import app
+from p2pfl.protocols.dpsgd import DPSGD
 from sim.runner import build_simulation, run_simulation, write_run
 from sim.scenario import ScenarioError, load_scenario, scenario_from_dict
 
@@ -19,7 +21,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def small(protocol: dict, **overrides) -> dict:
-    raw = {
+    raw: dict[str, Any] = {
         "name": "test",
         "seed": 3,
         "rounds": 30,
@@ -101,7 +103,8 @@ def test_crashed_neighbour_does_not_block_dpsgd():
     assert rows[-1]["peers_alive"] == 7
     # the neighbours of the crashed peer learnt of it from failed sends and stopped waiting
     for neighbour in (1, 7):
-        assert "p0" not in simulation.engine.protocols[neighbour].alive
+        protocol = simulation.engine.protocols[neighbour]
+        assert isinstance(protocol, DPSGD) and "p0" not in protocol.alive
     assert simulation.engine.now < 10 * 0.5
 
 

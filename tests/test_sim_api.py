@@ -7,13 +7,14 @@ import statistics
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import sim
 from sim.scenario import ScenarioError, load_scenario
 
-TINY = {
+TINY: dict[str, Any] = {
     "name": "api",
     "seed": 1,
     "rounds": 4,
@@ -69,9 +70,14 @@ def test_to_pandas_without_pandas_says_how_to_get_it(monkeypatch: pytest.MonkeyP
 
 
 def test_to_pandas_hands_the_rows_to_pandas(monkeypatch: pytest.MonkeyPatch) -> None:
-    frames = []
+    frames: list[Any] = []
+
+    def data_frame(rows: Any) -> str:
+        frames.append(rows)
+        return "frame"
+
     fake = types.ModuleType("pandas")
-    fake.DataFrame = lambda rows: frames.append(rows) or "frame"  # type: ignore[attr-defined]
+    monkeypatch.setattr(fake, "DataFrame", data_frame, raising=False)  # a fresh module: no such attribute yet
     monkeypatch.setitem(sys.modules, "pandas", fake)
     rows = [{"round": 0, "acc_mean": 0.1}, {"round": 2, "acc_mean": 0.4}]
     assert sim.SimResult(rows=rows, summary={}, run_dir=None).to_pandas() == "frame"
@@ -101,7 +107,7 @@ def test_run_seeds_gives_a_table_across_seeds(tmp_path: Path) -> None:
 def test_a_seed_executor_can_be_plugged_in(tmp_path: Path) -> None:
     from sim.seeds import run_seed_job
 
-    seen = []
+    seen: list[int] = []
 
     def reversed_executor(jobs):  # any order, as a pool would finish them
         seen.extend(job.scenario.seed for job in jobs)
@@ -144,7 +150,8 @@ def test_a_seed_stopped_early_is_listed_but_not_averaged(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: sim.run(42), "scenario: expected a Scenario, a dict or a TOML file path, got int"),
+        # deliberately wrong: an int is no scenario, and run() must say so
+        (lambda: sim.run(42), "scenario: expected a Scenario, a dict or a TOML file path, got int"),  # type: ignore[arg-type]
         (lambda: sim.run(TINY, overrides="rounds=2"), "overrides: expected a list of 'key=value' or a dict"),
         (lambda: sim.run({**TINY, "rounds": 0}), "rounds: Input should be greater than or equal to 1"),
         (lambda: sim.run("missing.toml"), "missing.toml: no such scenario file"),

@@ -118,7 +118,11 @@ def test_degradation_reaches_its_end_values_linearly() -> None:
     )))  # fmt: skip
     seen: dict[int, float] = {}
     engine = simulation.engine
-    engine.on_progress(lambda r: seen.setdefault(r, engine.network.link_conditions(0, 1).loss))
+
+    def record(r: int) -> None:
+        seen.setdefault(r, engine.network.link_conditions(0, 1).loss)
+
+    engine.on_progress(record)
     run_simulation(simulation, show_progress=False)
     # Fired at round 2 (step 1 of 4: loss 0.1), then +0.1 a round until 0.4 at round 5.
     # This listener was added before the degradation's own (made when it fires), so from

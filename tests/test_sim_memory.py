@@ -45,11 +45,14 @@ def test_lean_run_equals_a_run_that_keeps_every_mean():
 
     def flush_and_keep() -> None:
         flush()
+        assert executor.mixer is not None
         executor.mixer.settle_spent(before=1 << 30)  # every mean trained from: value kept
 
     executor.flush = flush_and_keep  # type: ignore[method-assign]
     run_simulation(kept, show_progress=False)
-    assert kept.engine.executor.mixer.deferred == lean.engine.executor.mixer.deferred
+    kept_mixer, lean_mixer = kept.engine.executor.mixer, lean.engine.executor.mixer
+    assert kept_mixer is not None and lean_mixer is not None
+    assert kept_mixer.deferred == lean_mixer.deferred
     for a, b in zip(final_models(lean), final_models(kept), strict=True):
         assert torch.equal(a, b)
     assert [r["acc_mean"] for r in lean.rows] == [r["acc_mean"] for r in kept.rows]
@@ -70,10 +73,13 @@ def test_means_are_not_stored_and_rows_stay_within_a_few_rounds():
     engine.run()  # no evaluation: nothing asks for a model's value
     executor = engine.executor
     n = engine.n
-    spent = [p.params for p in engine.protocols if executor.mixer.is_pending(p.params)]
+    mixer = executor.mixer
+    assert mixer is not None
+    spent = [p.params for p in engine.protocols if mixer.is_pending(p.params)]
     assert len(spent) == n  # every model is a mean without a value of its own
     assert executor.fused_chunks > 0
     arena = executor.arena
+    assert isinstance(arena, RowArena)  # the CPU run's arena (DeviceArena is the GPU's)
     assert len(arena.buffers) == 1  # one buffer: every mean is one product
     assert arena.rows_in_use <= 3 * n
     assert sum(arena.high_water.values()) <= arena_rows(n, executor.chunk)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def _one_thread():
 
 
 def scenario(protocol: dict, **overrides) -> dict:
-    raw = {
+    raw: dict[str, Any] = {
         "name": "scale-test",
         "seed": 5,
         "rounds": 6,
@@ -66,7 +67,11 @@ def run_both(raw: dict, crash: int | None = None):
         simulation = build_simulation(scenario_from_dict({**raw, "sim": {**raw["sim"], "backend": backend}}))
         if crash is not None:
             engine = simulation.engine
-            engine.schedule(0.03, lambda now, e=engine: e.crash(crash))
+
+            def crash_peer(now: float, e: Engine = engine, peer: int = crash) -> None:
+                e.crash(peer)
+
+            engine.schedule(0.03, crash_peer)
         rows = run_simulation(simulation, show_progress=False)
         runs.append((simulation, rows))
     return runs
@@ -215,7 +220,7 @@ def test_deferred_means_match_eager(buffers):
 
 def test_default_protocol_mean_is_deferred_through_torch():
     mixer, rows = _rows()
-    stack = torch.stack(rows[:3])
+    stack = torch.stack(tuple(rows[:3]))  # a tuple: Sequence[Tensor] (a list[Row] is not)
     w = torch.tensor([0.2, 0.3, 0.5])
     # what synchronous.weighted_mean does when no aggregate is injected
     mix = w.to(stack.dtype) @ stack
@@ -228,7 +233,7 @@ def test_default_protocol_mean_is_deferred_through_torch():
 
 def test_pending_mix_behaves_like_a_tensor():
     mixer, rows = _rows()
-    mix = mixer.aggregate(None)(torch.stack(rows[:2]), None, 0)
+    mix = mixer.aggregate(None)(torch.stack(tuple(rows[:2])), None, 0)
     # metadata does not force the computation (a message is sized, a Train is queued)
     assert mix.shape == (7,) and mix.numel() == 7 and mix.dtype == torch.float32
     assert Message("model", 1, mix).nbytes() > 28 and mixer.pending == 1
@@ -244,7 +249,7 @@ def test_pending_mix_behaves_like_a_tensor():
 def test_robust_rule_gets_the_materialised_stack():
     mixer, rows = _rows()
     median = get_aggregator("median")
-    stack = torch.stack(rows[:5])
+    stack = torch.stack(tuple(rows[:5]))
     eager = torch.stack([plain(r) for r in rows[:5]])
     assert torch.equal(mixer.aggregate(median)(stack, None, 0), median(eager, None, 0))
     assert torch.equal(median(stack, None, 0), median(eager, None, 0))  # through torch too
@@ -300,7 +305,11 @@ def test_timers_fire_once_at_their_last_deadline(script, fires):
     engine = _engine(protocol)
     for at, action, value in script:
         effect = SetTimer("t", value) if action == "set" else CancelTimer("t")
-        engine.schedule(at, lambda now, e=effect: engine._apply(0, [e]))
+
+        def apply(now: float, e: Effect = effect) -> None:
+            engine._apply(0, [e])
+
+        engine.schedule(at, apply)
     engine.run(until=20.0)
     assert protocol.fired == fires
 
@@ -309,7 +318,11 @@ def test_same_time_events_run_in_insertion_order():
     order: list[int] = []
     engine = _engine(_Timers())
     for i in range(5):
-        engine.schedule(1.0, lambda now, i=i: order.append(i))
+
+        def append(now: float, i: int = i) -> None:
+            order.append(i)
+
+        engine.schedule(1.0, append)
     engine.schedule(0.5, lambda now: engine.schedule(1.0, lambda now: order.append(99)))
     engine.run(until=2.0)
     assert order == [0, 1, 2, 3, 4, 99]

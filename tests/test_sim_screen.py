@@ -97,7 +97,7 @@ def test_training_rows_carry_their_true_range_and_refusals_match_a_full_scan(mon
     # every row the executor handed out carries its exact range
     from sim import training
 
-    seen: list[tuple[torch.Tensor, tuple[float, float] | None]] = []
+    seen: list[tuple[torch.Tensor, float | None]] = []
     original = training.TrainingExecutor._run_batched
 
     def recording(self, jobs):
@@ -108,6 +108,7 @@ def test_training_rows_carry_their_true_range_and_refusals_match_a_full_scan(mon
     _run(_diverging())
     assert seen
     for row, bound in seen:
+        assert bound is not None, "a row without its bound"
         plain = row.as_subclass(torch.Tensor)
         if not torch.isfinite(plain).all():
             assert not math.isfinite(bound)

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,9 @@ class NodeProcess:
             self.process.stdout.close()
 
 
-def attack_node(tmp_path: Path, attack: Callable[[NodeProcess], Awaitable[Any]], **network: Any) -> Any:
+def attack_node(
+    tmp_path: Path, attack: Callable[[NodeProcess], Coroutine[Any, Any, Any]], **network: Any
+) -> Any:
     node = NodeProcess(tmp_path, **network)
     try:
         return asyncio.run(attack(node))

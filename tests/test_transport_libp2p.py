@@ -49,8 +49,8 @@ def anyio_backend() -> str:
 class Reports(Inbox):
     """Collects (peer, reason) pairs from an abuse handler."""
 
-    def __call__(self, peer: str, reason: str) -> None:  # type: ignore[override]
-        self.queue.put_nowait((peer, reason))  # type: ignore[arg-type]
+    def __call__(self, peer: str, reason: str) -> None:
+        self.queue.put_nowait((peer, reason))
 
 
 NO_ACK = ("StreamEOF", "StreamReset")  # what a raw sender sees instead of an acknowledgement

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
-from libp2p.stream_muxer.yamux.yamux import TYPE_DATA, YAMUX_HEADER_FORMAT
+from libp2p.stream_muxer.yamux.yamux import TYPE_DATA, YAMUX_HEADER_FORMAT, YamuxStream
 
+from p2pfl.transport._yamux import PatchedYamux
 from p2pfl.transport.base import FrameAbuse, TransportError
 from p2pfl.transport.libp2p import Libp2pTransport
 from p2pfl.transport.limits import TransportLimits
@@ -91,6 +92,7 @@ async def test_a_peer_sending_past_its_window_is_disconnected_and_reported(make:
         # a yamux stream gets 256 KiB of window until a frame is admitted: send 1 MiB
         conn = host.get_network().get_connections(ID.from_base58(receiver.peer_id))[0].muxed_conn
         stream = await conn.open_stream()
+        assert isinstance(conn, PatchedYamux) and isinstance(stream, YamuxStream)
         header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, stream.stream_id, MIB)
         await conn._write_data(header, memoryview(bytes(MIB)))
 

@@ -43,6 +43,12 @@ def _reason(data: bytes, **kw: object) -> DropReason:
     return info.value.reason
 
 
+def _tensor(message: Message) -> torch.Tensor:
+    """The decoded message's tensor, which the test sent (an assertion if it is missing)."""
+    assert message.params is not None, f"{message.kind} arrived without its tensor"
+    return message.params
+
+
 def _signed_body(body: object, payload: bytes = b"", identity: Identity = ALICE) -> bytes:
     """A correctly signed message around an arbitrary body (a hostile but real peer)."""
     return seal(identity, msgpack.packb(body, use_bin_type=True), payload, MESSAGE_DOMAIN)
@@ -55,9 +61,9 @@ def test_round_trip_keeps_everything() -> None:
     env = decode(data, limits=LIMITS)
     assert (env.sender, env.protocol, env.round, env.seq) == (ALICE.peer_id, "dpsgd", 7, 42)
     assert env.message.kind == "model" and env.message.round == 7 and env.message.meta == meta
-    assert torch.equal(env.message.params, params)
-    env.message.params.add_(1.0)  # the decoded tensor is the receiver's own
-    assert not torch.equal(env.message.params, params)
+    assert torch.equal(_tensor(env.message), params)
+    _tensor(env.message).add_(1.0)  # the decoded tensor is the receiver's own
+    assert not torch.equal(_tensor(env.message), params)
 
 
 def test_control_messages_have_no_tensor() -> None:
@@ -69,7 +75,7 @@ def test_control_messages_have_no_tensor() -> None:
 def test_codecs_travel_by_name(codec: str) -> None:
     params = _model(4096).reshape(64, 64)
     env = decode(_encode(Message("model", 1, params), codec=codec), limits=LIMITS)
-    got = env.message.params
+    got = _tensor(env.message)
     assert got.shape == params.shape and got.dtype == torch.float32
     assert float((got - params).norm() / params.norm()) < (1.0 if codec == "topk" else 0.02)
 
@@ -126,8 +132,8 @@ def test_nan_and_inf_tensors_are_refused() -> None:
 
 def test_layout_check_fixed_and_per_kind() -> None:
     data = _encode(Message("model", 1, _model(1000)))
-    assert decode(data, limits=LIMITS, layout_check=1000).message.params.numel() == 1000
-    assert decode(data, limits=LIMITS, layout_check=(1000,)).message.params.shape == (1000,)
+    assert _tensor(decode(data, limits=LIMITS, layout_check=1000).message).numel() == 1000
+    assert _tensor(decode(data, limits=LIMITS, layout_check=(1000,)).message).shape == (1000,)
     assert _reason(data, layout_check=999) is DropReason.BAD_TENSOR
     assert _reason(data, layout_check=(10, 100)) is DropReason.BAD_TENSOR
     per_kind = {"model": 1000, "head": 10}
@@ -138,7 +144,7 @@ def test_layout_check_fixed_and_per_kind() -> None:
 
 def test_dtype_allow_list() -> None:
     data = _encode(Message("model", 1, torch.arange(4, dtype=torch.int64)))
-    assert decode(data, limits=LIMITS).message.params.dtype == torch.int64
+    assert _tensor(decode(data, limits=LIMITS).message).dtype == torch.int64
     only_f32 = WireLimits(allowed_dtypes=frozenset({"f32"}))
     assert _reason(data, limits=only_f32) is DropReason.BAD_TENSOR
 
@@ -195,9 +201,9 @@ def test_signed_but_hostile_bodies(body: object, payload: bytes, reason: DropRea
 
 def test_good_body_decodes() -> None:
     env = decode(_signed_body({**GOOD_BODY, "t": GOOD_TENSOR}, EIGHT), limits=LIMITS)
-    assert torch.equal(env.message.params, torch.zeros(2))
+    assert torch.equal(_tensor(env.message), torch.zeros(2))
     env = decode(_signed_body({**GOOD_BODY, "t": {**GOOD_TENSOR, "c": "fp32"}}, EIGHT))
-    assert torch.equal(env.message.params, torch.zeros(2))
+    assert torch.equal(_tensor(env.message), torch.zeros(2))
 
 
 @pytest.mark.parametrize(

@@ -123,6 +123,7 @@ def test_round_trip(message: Message, seq: int, protocol: str) -> None:
         assert env.message.params is None
     else:
         got = env.message.params
+        assert got is not None
         assert got.dtype == message.params.dtype and got.shape == message.params.shape
         assert torch.equal(got, message.params)
 
