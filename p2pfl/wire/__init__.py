@@ -70,4 +70,5 @@ if TYPE_CHECKING:
     from .signed import SignedRecord, sign_record, verify_record
 
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
+if not TYPE_CHECKING:  # a type checker reads the imports above (and so catches a typo)
+    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
