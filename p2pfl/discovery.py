@@ -264,15 +264,36 @@ class Discovery:
     async def send_hello(self, peer: str, *, reply: bool = True) -> None:
         """Introduce ourselves to ``peer`` with the addresses we know (``reply``: ask it
         to introduce itself back)."""
-        addrs: dict[str, list[str]] = {}
+        addrs: dict[str, list[str]] = {self.peer_id: list(self.transport.listen_addrs)}
         if self.network.peer_exchange:
-            addrs = {p: a for p, a in self.transport.known_addrs().items() if a}
-        addrs[self.peer_id] = list(self.transport.listen_addrs)
+            addrs.update(self._exchanged(self.transport.known_addrs()))
         message = Message(HELLO, 0, None, {"addrs": addrs, "reply": reply})
         try:
             await self._send(peer, message)
         except TransportError as error:  # a peer that connects but takes nothing (issue 8)
             log.debug("hello to %s failed: %s", peer, error)
+
+    def _exchanged(self, store: dict[str, list[str]]) -> dict[str, list[str]]:
+        """The peers (other than us) a hello of ours lists: no more than a receiver looks
+        at (``MAX_HELLO_ENTRIES`` entries, ours first, ``MAX_ADDRS_PER_PEER`` addresses of
+        under ``MAX_ADDR_CHARS`` each), peers met first.
+
+        The transport's peerstore holds whatever connected peers announced (py-libp2p
+        keeps up to 1,000 addresses per peer from identify, for 2 hours): listed whole,
+        a few keys that announced long made-up addresses made every hello of this node
+        larger than any receiver takes (4 MiB of meta, ``WireLimits``), so honest peers
+        dropped it as oversized, charged this node for it, and never learnt the peers it
+        should have told them of. Bounded so, a hello is at most ~0.3 MB.
+        """
+        listed: dict[str, list[str]] = {}
+        met_first = sorted(store, key=lambda peer: (peer not in self.met, peer))
+        for peer in met_first:
+            if len(listed) >= MAX_HELLO_ENTRIES - 1:  # the entry left is our own
+                break
+            clean = [a for a in store[peer] if len(a) < MAX_ADDR_CHARS][:MAX_ADDRS_PER_PEER]
+            if peer != self.peer_id and clean:
+                listed[peer] = clean
+        return listed
 
     def on_hello(self, sender: str, meta: dict[str, Any]) -> HelloOutcome:
         """``sender``'s hello (on a connection authenticated as ``sender``): meet it, note
@@ -299,7 +320,12 @@ class Discovery:
                 self.known[peer] = clean
                 if clean and self.wanted(peer):
                     self._spawn(self.dial_and_greet(peer, clean))
-            elif not self.known[peer]:
+            elif not self.known[peer] or (peer == sender and clean):
+                # a peer's own word on its addresses replaces what others said of it: the
+                # first hello naming a peer used to fix its addresses for good, so a hostile
+                # one naming an honest peer's id with dead addresses first had a node save
+                # those in its checkpoints (and dial them after a restart), whatever the
+                # peer itself said later
                 self.known[peer] = clean
         if meta.get("reply"):
             self._spawn(self.send_hello(sender, reply=False))

@@ -6,7 +6,8 @@ the bytes held for inbound frames per peer, and answers before anything is read:
 - a connection or stream of a banned peer is refused (py-libp2p asks its resource
   manager, ``_Gate`` below, before a stream's protocol is negotiated and once a
   connection's peer is authenticated);
-- a stream over the per-peer or per-node bound is reset before it is negotiated;
+- a stream over the per-peer or per-node bound is reset before it is negotiated, and so
+  is one over its source's share of the per-node bound (``per_source_streams``: half);
 - a frame's bytes are held from the moment its length is known until the node has
   handled it; a frame that does not fit waits, its body unread (``hold``).
 
@@ -45,6 +46,12 @@ class Admission:
         self._banned: dict[str, float] = {}  # peer -> time.monotonic() when its ban ends
         self._streams: Counter[str] = Counter()
         self.streams_open = 0
+        # Streams per source address (``_inbound.source_of``): without a share per source,
+        # one host with 33 keys (32 streams each, left open) held all 1024 and the node
+        # reset every stream of its honest neighbours, their pings too: they saw it dead.
+        self.per_source_streams = max(limits.max_streams_per_peer, limits.max_streams // 2)
+        self._by_source: Counter[str] = Counter()
+        self._source_of_peer: dict[str, str] = {}  # set while the peer has streams open
         self._held: Counter[str] = Counter()
         self.held_bytes = 0
         self._freed = trio.Event()
@@ -66,16 +73,24 @@ class Admission:
         return False
 
     # -- inbound streams ---------------------------------------------------------------
-    def open_stream(self, peer: str) -> str | None:
-        """Count a new inbound stream of ``peer``; or the stat that names why it is refused."""
+    def open_stream(self, peer: str, source: str | None = None) -> str | None:
+        """Count a new inbound stream of ``peer`` (connected from ``source``, ``None``: not
+        known, e.g. relayed); or the stat that names why it is refused. A peer's streams
+        count against the source it had when its first open one was opened."""
         if self.is_banned(peer):
             return "refused_banned"
         if self._streams[peer] >= self.limits.max_streams_per_peer:
             return "refused_streams"
         if self.streams_open >= self.limits.max_streams:
             return "refused_streams"
+        source = self._source_of_peer.get(peer, source)
+        if source is not None and self._by_source[source] >= self.per_source_streams:
+            return "refused_streams"
         self._streams[peer] += 1
         self.streams_open += 1
+        if source is not None:
+            self._source_of_peer[peer] = source
+            self._by_source[source] += 1
         return None
 
     def close_stream(self, peer: str) -> None:
@@ -87,6 +102,14 @@ class Admission:
         else:
             self._streams[peer] = count - 1
         self.streams_open -= 1
+        source = self._source_of_peer.get(peer)
+        if source is not None:
+            if self._by_source[source] <= 1:
+                del self._by_source[source]
+            else:
+                self._by_source[source] -= 1
+            if count == 1:
+                del self._source_of_peer[peer]
 
     def streams_of(self, peer: str) -> int:
         return self._streams.get(peer, 0)
@@ -137,6 +160,9 @@ class Gate(ResourceManager):
         super().__init__(enable_memory_pooling=True)  # what new_resource_manager() passes
         self.admission = admission
         self._refused = refused
+        #: the source address of a peer's direct connection, given its peer id (set once
+        #: the host exists; see ``_inbound.peer_source``)
+        self.source_of: Callable[[str], str | None] = lambda peer: None
 
     def open_connection(
         self,
@@ -155,7 +181,7 @@ class Gate(ResourceManager):
         if direction != Direction.INBOUND:
             return super().acquire_stream(peer_id, direction)
         peer = str(peer_id)
-        refusal = self.admission.open_stream(peer)
+        refusal = self.admission.open_stream(peer, self.source_of(peer))
         if refusal is not None:
             self._refused(refusal)
             return False

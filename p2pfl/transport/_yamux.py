@@ -131,6 +131,10 @@ RECEIVE_SIZE = 1024 * 1024
 DATA_READ_TIMEOUT = 60.0
 """Seconds to wait for an announced data frame's body (py-libp2p's default)."""
 
+MAX_DEFERRED = 4096
+"""Frames the reader may leave for the helper task to write (see ``_write_soon``): an
+honest peer makes a few dozen wait at most, even while a large model is on its way."""
+
 DIRECT_RECEIVES = 16
 """Receives in a row (up to ``RECEIVE_SIZE`` each) after which a connection's reader
 yields to trio's other tasks although more bytes are there."""
@@ -211,10 +215,14 @@ class PatchedYamux(Yamux):
         could make a stream hold any amount; one data frame (at most 16 MiB, py-libp2p
         closes the connection on larger ones) is the most it gets in.
         """
+        self._flow_abuse(f"sent {excess} bytes past the window of stream {stream_id}")
+
+    def _flow_abuse(self, why: str) -> None:
+        """The peer broke flow control: tell the owner (which closes its connections), or
+        close this connection."""
         if self._abused:
             return
         self._abused = True
-        why = f"sent {excess} bytes past the window of stream {stream_id}"
         if self.on_abuse is not None:  # the owner closes the peer's connections
             try:
                 self.on_abuse(self.peer_id, why)
@@ -233,10 +241,25 @@ class PatchedYamux(Yamux):
                 pass
 
     def _write_soon(self, frame: bytes) -> bool:
-        """Queue a frame for the helper task; False when there is no nursery to run it."""
+        """Queue a frame for the helper task; False when there is no nursery to run it.
+
+        At most ``MAX_DEFERRED`` frames wait: they are the answers the peer's own frames
+        call for (pongs, acknowledgements, resets), so a peer that keeps sending such
+        frames (a yamux ping flood) while reading nothing is breaking flow control;
+        unbounded, the queue grew by ~8 MB/s of pongs from one peer, for as long as it
+        kept sending. Its connection is dropped instead (and reported), with the queue.
+        """
         nursery = self._nursery
         if nursery is None:
             return False
+        if len(self._deferred) >= MAX_DEFERRED:
+            self._flow_abuse(f"left {len(self._deferred)} of our answers unread")
+            # closing takes the write lock, which the helper holds, blocked on the full
+            # socket: drop the socket itself, so that the reader ends and the helper fails
+            if self._fast is not None:
+                self._fast.drop()
+            self._deferred.clear()
+            return True
         self._deferred.append(frame)
         if not self._flushing:
             self._flushing = True
@@ -612,6 +635,11 @@ class _FastNoise:
             ciphertext = cipher.encrypt_with_ad(None, plaintext)
         parts.append(len(ciphertext).to_bytes(SIZE_NOISE_MESSAGE_LEN, "big"))
         parts.append(ciphertext)
+
+    def drop(self) -> None:
+        """Close the socket now, whoever waits on it (they see the connection closed)."""
+        if self._socket is not None:
+            self._socket.socket.close()
 
     async def _receive(self) -> bytes:
         """Up to ``RECEIVE_SIZE`` bytes off the connection, b"" at its end (as py-libp2p).

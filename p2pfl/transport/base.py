@@ -67,8 +67,9 @@ class TransportStats:
     (connections, streams and frames of banned peers, refused unread),
     ``refused_streams`` (inbound streams over the per-peer or per-node bound, reset
     before negotiation), ``frames_cut`` (frames not whole by their deadline: trickled,
-    stalled, or kept waiting for buffer space) and ``idle_streams_cut`` (streams opened
-    and left without a frame).
+    stalled, or kept waiting for buffer space), ``idle_streams_cut`` (streams opened
+    and left without a frame) and ``refused_connections`` (inbound connections over
+    one source address's share of the swarm's inbound slots, closed before their handshake).
     """
 
     bytes_sent: int = 0
@@ -84,6 +85,7 @@ class TransportStats:
     refused_streams: int = 0
     frames_cut: int = 0
     idle_streams_cut: int = 0
+    refused_connections: int = 0
 
 
 class Transport(ABC):

@@ -26,11 +26,11 @@ at most one unacknowledged frame per stream, and frames never interleave.
   handler.  A stream silent *between* frames for ``stream_idle_timeout`` is
   closed cleanly (FIN; reset if the sender does not close its side in turn).
 - Resource bounds (``TransportLimits``, kept by ``_admission``), all checked
-  before a frame's body is read: inbound streams per peer and in all (one over is
-  reset before its protocol is negotiated); bytes of inbound frames held per peer
-  and in all, from a frame's length prefix until the node has handled it (a frame
-  that does not fit waits, unread, and its stream is granted no yamux window
-  beyond the initial 256 KiB meanwhile; handled frames give their bytes back when
+  before a frame's body is read: inbound streams per peer, per source address
+  (half of all) and in all (one over is reset before its protocol is negotiated);
+  bytes of inbound frames held per peer and in all, from a frame's length prefix
+  until the node has handled it (a frame that does not fit waits, unread, and its
+  stream is granted no yamux window beyond the initial 256 KiB meanwhile; handled frames give their bytes back when
   the next frame is admitted, or at once while one waits); a deadline on the whole frame
   (``frame_timeout + size / min_frame_rate`` from its first byte, or from the
   stream's opening for its first frame), so trickled and idle streams are cut.
@@ -50,6 +50,10 @@ with the settings measured in DESIGN.md ("py-libp2p facts"):
   stream whose reader stalls for 5 s, and never runs node code on trio;
 - identify and ping stay registered (``new_host`` adds them), so peers of other
   libp2p implementations can connect, and ``ping()`` uses ``/ipfs/ping/1.0.0``;
+- an inbound connection gives its slot of the swarm's inbound cap (250) back when
+  it closes, not when the host stops, and one source address holds at most half
+  of the slots (``_inbound``): otherwise 250 connections over a node's lifetime,
+  or 250 sockets left before their handshake, left it deaf to newcomers;
 - the swarm's auto-connector is neutered (see ``_NoAutoConnect``), and an
   explicit ``connect`` lifts the swarm's 60 s ban on a peer whose dial failed;
 - leaving ``host.run()`` does not close the listener: ``close()`` calls
@@ -122,6 +126,7 @@ from p2pfl.wire.framing import ACK, FRAME_HEADER_BYTES, frame_header, frame_leng
 
 from . import _trio_bridge
 from ._admission import Admission, Gate
+from ._inbound import guard_inbound_slots, peer_source
 from ._peerstore import known_addrs
 from ._yamux import PatchedYamux, use_patched_yamux
 from .base import FrameAbuse, Transport, TransportError
@@ -451,6 +456,7 @@ class Libp2pTransport(Transport):
         for peer in list(self._banned):  # bans decided before the start
             if self.is_banned(peer):
                 self._admission.ban(peer, self._banned[peer] - time.monotonic())
+        gate = Gate(self._admission, self._refused)
         try:
             host = new_host(
                 key_pair=self._key_pair,
@@ -464,7 +470,7 @@ class Libp2pTransport(Transport):
                 connection_config=ConnectionConfig(max_connections_per_peer=1),
                 addrs_factory=concrete_addrs,
                 enable_mDNS=self.mdns,
-                resource_manager=Gate(self._admission, self._refused),
+                resource_manager=gate,
             )
             if self.mdns:
                 peerDiscovery.register_peer_discovered_handler(self._on_mdns_peer)
@@ -472,6 +478,8 @@ class Libp2pTransport(Transport):
             network = host.get_network()
             assert isinstance(network, Swarm)  # what new_host builds
             network.auto_connector = _NoAutoConnect(network)
+            guard_inbound_slots(network, self._refused)  # see _inbound
+            gate.source_of = lambda peer: _source_of(network, peer)
             network.retry_config = RetryConfig(max_retries=1)
             network.register_notifee(_Disconnects(self))
             async with host.run(listen_addrs=self._listen):
@@ -1241,6 +1249,14 @@ def _check_port_free(addr: Multiaddr) -> None:
 #: message); bounded, forgotten all at once when full (a node talks to few peers)
 _PEER_IDS: dict[str, ID] = {}
 _MAX_PEER_IDS = 4096
+
+
+def _source_of(network: Swarm, peer: str) -> str | None:
+    """Where ``peer``'s direct connection comes from (``_inbound.peer_source``)."""
+    try:
+        return peer_source(network, _parse_peer(peer))
+    except TransportError:  # not a peer id: py-libp2p's own streams always name one
+        return None
 
 
 def _parse_peer(peer: str) -> ID:

@@ -28,7 +28,9 @@ class TransportLimits:
       counted (messages, pings, identify); one over is reset before it is negotiated.
       An honest peer opens at most ``max_sends_per_peer`` message streams at once, keeps
       4 idle ones for reuse, and a ping and an identify stream: 32 leaves room.
-    - ``max_streams``: concurrent inbound streams of all peers together.
+    - ``max_streams``: concurrent inbound streams of all peers together; the peers of one
+      source address (``_inbound.source_of``) hold at most half of them, so that one
+      host's many keys cannot take them all.
     - ``max_sends_per_peer``: this side's own concurrent frames to one peer (further
       sends wait), so that an honest sender never meets the receiver's stream bound.
     - ``max_buffered_per_peer``: bytes of inbound frames of one peer held at once,
