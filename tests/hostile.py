@@ -18,7 +18,9 @@ import torch
 import trio
 from libp2p.peer.id import ID
 
+from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
+from p2pfl.node import Node
 from p2pfl.protocols.base import Message
 from p2pfl.transport.libp2p import HEADER_SIZE, PROTOCOL_ID, Libp2pTransport
 from p2pfl.wire import encode
@@ -113,6 +115,17 @@ class HostileClient(Crafter):
                 return type(exc).__name__
 
         return await bridge.run(write)
+
+
+def libp2p_node(config: NodeConfig, name: str) -> Node:
+    """An honest node over libp2p, its key derived from ``name`` (``identity``)."""
+    who = identity(name)
+    transport = Libp2pTransport(
+        who.libp2p_keypair,
+        listen_addrs=config.network.listen,
+        max_message_size=config.network.max_message_bytes,
+    )
+    return Node(config, transport, who)
 
 
 def length_prefix(size: int) -> bytes:

@@ -27,10 +27,10 @@ from p2pfl.protocols.dpsgd import DPSGD
 from p2pfl.protocols.epidemic import EpidemicLearning
 from p2pfl.security import Ban, GuardConfig, PeerGuard
 from p2pfl.transport.base import TransportError
-from p2pfl.transport.libp2p import Libp2pTransport
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 from p2pfl.wire import DropReason, WireError, decode, encode
 from p2pfl.wire.signed import MESSAGE_DOMAIN, seal
+from tests import hostile
 from tests.hostile import (
     Crafter,
     HostileClient,
@@ -77,13 +77,7 @@ def honest_config(tmp_path, run: str, index: int, bootstrap: list[str]) -> NodeC
 
 
 def libp2p_node(config: NodeConfig, name: str) -> Node:
-    who = identity(name)
-    transport = Libp2pTransport(
-        who.libp2p_keypair,
-        listen_addrs=config.network.listen,
-        max_message_size=config.network.max_message_bytes,
-    )
-    node = Node(config, transport, who)
+    node = hostile.libp2p_node(config, name)
     # A stricter message rate than the default 100/s (burst 200): the flood below must
     # outrun it even on a loaded machine (it manages about 200/s here). Honest traffic in
     # this test is far below it: about one message per round.

@@ -33,7 +33,7 @@ from p2pfl.messages import Message
 from p2pfl.node import Node
 from p2pfl.transport.libp2p import PROTOCOL_ID, Libp2pTransport
 from p2pfl.wire import encode
-from tests.hostile import HostileClient, gate_training, identity
+from tests.hostile import HostileClient, gate_training, libp2p_node
 
 ROUNDS = 3
 #: py-libp2p's swarm admits this many inbound connections at once (max_connections 300
@@ -69,16 +69,6 @@ def honest_config(
             },
         }
     )
-
-
-def libp2p_node(config: NodeConfig, name: str) -> Node:
-    who = identity(name)
-    transport = Libp2pTransport(
-        who.libp2p_keypair,
-        listen_addrs=config.network.listen,
-        max_message_size=config.network.max_message_bytes,
-    )
-    return Node(config, transport, who)
 
 
 def inbound_slots(node: Node) -> tuple[int, int]:
