@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from p2pfl.errors import P2PFLError
 from p2pfl.versions import require
 
 # patches private methods of py-libp2p's swarm, measured on this release only
@@ -46,7 +47,7 @@ from libp2p.network.swarm import Swarm  # noqa: E402
 __all__ = ["guard_inbound_slots", "peer_source", "source_of"]
 
 
-class _InboundEnded(Exception):
+class _InboundEnded(P2PFLError):
     """The inbound connection a listener's task held has closed: the task may end."""
 
 
