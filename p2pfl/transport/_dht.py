@@ -28,17 +28,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
+import libp2p.kad_dht.kad_dht as kad_module
 import trio
 from libp2p.abc import IHost
 from libp2p.kad_dht import DHTMode, KadDHT
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from p2pfl.versions import require
+
+from ._inbound import peer_source
 
 require(
     "libp2p",
@@ -62,6 +67,19 @@ _QUERY_TIMEOUT = 5.0
 #: addresses handed on per provider, and providers remembered
 _ADDRS_PER_PEER = 4
 _MAX_REPORTED = 4096
+#: inbound DHT streams served at once per source (of py-libp2p's 12), and each one's time
+_STREAMS_PER_SOURCE = 4
+_STREAM_TIME = 10.0
+#: provider records kept: addresses per record, and keys (the stalest key goes first)
+_RECORD_ADDRS = 8
+_MAX_KEYS = 1024
+#: the largest inbound DHT request read. py-libp2p 0.8.1 reads 4 MiB, and parsing an
+#: ADD_PROVIDER of that size (300,000 addresses) took ~0.5 s of the trio thread that also
+#: carries the node's models: one peer sending one a second kept it busy half the time.
+#: Our requests are far smaller (a provider record: its id and a few addresses).
+_REQUEST_BYTES = 64 << 10
+kad_module.MAX_DHT_MESSAGE_SIZE = min(kad_module.MAX_DHT_MESSAGE_SIZE, _REQUEST_BYTES)
+
 
 class _Announcing:
     """The host as the DHT sees it: its addresses plus ``extra()`` (our relayed ones),
@@ -77,6 +95,71 @@ class _Announcing:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host, name)
+
+
+class _ServedDHT(KadDHT):
+    """``KadDHT`` whose inbound streams cannot shut its service for everyone.
+
+    py-libp2p 0.8.1 serves at most 12 inbound DHT streams at once (``_inbound_limiter``;
+    one more is reset at once) and reads each with no time bound: one peer that opened
+    12 streams and wrote nothing left the node's DHT serving no one, for as long as it
+    kept them open. Here a source (``_inbound.peer_source``: an IP address, or the peer
+    when it has no direct connection) holds at most ``_STREAMS_PER_SOURCE`` of them, and
+    a stream is served at most ``_STREAM_TIME`` seconds (a request takes milliseconds;
+    py-libp2p opens a stream per request).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served: Counter[str] = Counter()
+        store = self.provider_store
+        keep = store.add_provider
+
+        def add_provider(key: bytes, provider: PeerInfo) -> None:
+            """py-libp2p 0.8.1 kept every address an ADD_PROVIDER listed (4 MiB of them:
+            300,000, ~36 MiB held per message) under any number of keys, for 48 hours:
+            one peer grew a DHT server's memory by ~36 MiB a second. A record keeps
+            ``_RECORD_ADDRS`` addresses, and a new key past ``_MAX_KEYS`` pushes out the
+            key refreshed least lately (a run's peers refresh theirs every ``interval``)."""
+            addrs = list(provider.addrs)[:_RECORD_ADDRS]
+            if key not in store.providers and len(store.providers) >= _MAX_KEYS:
+                store.cleanup_expired()
+                if len(store.providers) >= _MAX_KEYS:
+                    stalest = min(
+                        store.providers,
+                        key=lambda k: max(
+                            (r.timestamp for r in store.providers[k].values()), default=0.0
+                        ),
+                    )
+                    del store.providers[stalest]
+            keep(key, PeerInfo(provider.peer_id, addrs))
+
+        setattr(store, "add_provider", add_provider)  # noqa: B010 - one instance's method
+
+    async def handle_stream(self, stream: Any) -> None:
+        peer = stream.muxed_conn.peer_id
+        source = peer_source(cast(Swarm, self.host.get_network()), peer) or str(peer)
+        if self._served[source] >= _STREAMS_PER_SOURCE:
+            with trio.CancelScope(shield=True):
+                try:
+                    await stream.reset()
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+            return
+        self._served[source] += 1
+        try:
+            with trio.move_on_after(_STREAM_TIME) as bound:
+                await super().handle_stream(stream)
+            if bound.cancelled_caught:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await stream.reset()
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+        finally:
+            self._served[source] -= 1
+            if self._served[source] <= 0:
+                del self._served[source]
 
 
 Found = Callable[[str, list[str]], None]
@@ -108,7 +191,7 @@ class RunFinder:
         self.host = host
         # the DHT announces the host's addresses plus ``extra`` ones (through relays)
         announcing = cast(IHost, _Announcing(host, extra)) if extra is not None else host
-        self.dht = KadDHT(announcing, DHTMode.SERVER)
+        self.dht = _ServedDHT(announcing, DHTMode.SERVER)
         self.key_hex = run_key(run) if run is not None else None
         self.found = found
         self.interval = max(interval, FIRST_DELAY)

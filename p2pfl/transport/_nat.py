@@ -48,6 +48,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -57,6 +58,7 @@ from libp2p.connection_types import ConnectionType
 from libp2p.host.autonat import AutoNATService, AutoNATStatus
 from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
 from libp2p.host.basic_host import BasicHost
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
@@ -73,6 +75,7 @@ from multiaddr import Multiaddr
 
 from p2pfl.versions import require
 
+from ._inbound import peer_source
 from ._peerstore import known_addrs
 
 require(
@@ -119,6 +122,9 @@ _DIRECT_ADDRS_PER_PEER = 8
 _DIRECT_PEERS = 4096
 #: seconds a training node that relays for others keeps relaying after it stops
 NODE_RELAY_LINGER = 30.0
+#: circuits one source peer may have under way to one peer through our relay (its
+#: connection, and the ones that replace it while a cut circuit is torn down: 3 seen)
+_CIRCUITS_PER_PEER = 4
 
 
 def is_circuit(addr: str) -> bool:
@@ -172,6 +178,70 @@ class _Relay(CircuitV2Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._active_relays = _CircuitTable()
+        #: circuits under way per (source peer | source address, destination peer id)
+        self._circuits: Counter[tuple[str, bytes]] = Counter()
+
+    async def _handle_reserve(self, stream: Any, msg: HopMessage) -> None:
+        """A reservation is for the peer that asks, and only while it stays connected.
+
+        py-libp2p 0.8.1 reserves for whatever peer id the RESERVE names, so one hostile
+        connection filled every slot with ids no key stands behind, and keeps a slot of a
+        peer that left until ``reservation_ttl`` (an hour) although such a slot serves no
+        circuit (``get_reservation`` needs the peer connected): a few keys that reserve
+        and leave refused every honest peer behind NAT. The named peer is dropped (the
+        connection's peer is used, as go-libp2p does), and when the slots are all taken
+        those of peers no longer connected are freed first. One source address
+        (``_inbound.peer_source``) holds at most half the slots: a host with as many keys
+        as slots, all connected, took them all.
+        """
+        msg.ClearField("peer")
+        manager = self.resource_manager
+        if len(manager._reservations) >= manager.limits.max_reservations:
+            for peer in [p for p in manager._reservations if not manager._is_peer_connected(p)]:
+                del manager._reservations[peer]
+        asking = stream.muxed_conn.peer_id
+        if asking not in manager._reservations:
+            swarm = cast(Swarm, self.host.get_network())
+            source = peer_source(swarm, asking)
+            share = max(1, manager.limits.max_reservations // 2)
+            held = sum(1 for p in manager._reservations if peer_source(swarm, p) == source)
+            if source is not None and held >= share:
+                await self._send_status(
+                    stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "too many reservations"
+                )
+                return
+        await super()._handle_reserve(stream, msg)
+
+    async def _handle_connect(self, stream: Any, msg: HopMessage) -> None:
+        """A circuit to one peer counts against its source's share of that peer's circuits.
+
+        py-libp2p 0.8.1 bounds the circuits to a peer (``max_circuit_conns``) but not who
+        holds them: one peer, with no reservation of its own, opened them all to an
+        honest peer behind NAT and left them idle, and every other peer's dial to it
+        through the relay was refused for as long as a circuit may last (an hour by
+        default). A source peer holds at most ``_CIRCUITS_PER_PEER`` circuits to one
+        peer, a source address (``_inbound.peer_source``) half of them (at least two
+        peers' worth: the peers of a test, or of one home, share an address).
+        """
+        source = stream.muxed_conn.peer_id
+        address = peer_source(cast(Swarm, self.host.get_network()), source) or str(source)
+        to = msg.peer.id
+        by_peer, by_address = (str(source), to), (f"@{address}", to)
+        share = max(2 * _CIRCUITS_PER_PEER, self.resource_manager.limits.max_circuit_conns // 2)
+        if self._circuits[by_peer] >= _CIRCUITS_PER_PEER or self._circuits[by_address] >= share:
+            await self._send_status(
+                stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "too many circuits to that peer"
+            )
+            await self._close_stream(stream)
+            return
+        self._circuits.update((by_peer, by_address))
+        try:
+            await super()._handle_connect(stream, msg)
+        finally:
+            self._circuits.subtract((by_peer, by_address))
+            for key in (by_peer, by_address):
+                if self._circuits[key] <= 0:
+                    del self._circuits[key]
 
     async def _relay_data(
         self, src_stream: Any, dst_stream: Any, peer_id: ID, *args: Any, **kwargs: Any
