@@ -44,6 +44,7 @@ from multiaddr import Multiaddr
 from p2pfl.versions import require
 
 from ._inbound import peer_source
+from ._streams import reset_quietly
 
 require(
     "libp2p",
@@ -140,22 +141,14 @@ class _ServedDHT(KadDHT):
         peer = stream.muxed_conn.peer_id
         source = peer_source(cast(Swarm, self.host.get_network()), peer) or str(peer)
         if self._served[source] >= _STREAMS_PER_SOURCE:
-            with trio.CancelScope(shield=True):
-                try:
-                    await stream.reset()
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+            await reset_quietly(stream)
             return
         self._served[source] += 1
         try:
             with trio.move_on_after(_STREAM_TIME) as bound:
                 await super().handle_stream(stream)
             if bound.cancelled_caught:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await stream.reset()
-                    except Exception:  # noqa: BLE001 - already gone
-                        pass
+                await reset_quietly(stream)
         finally:
             self._served[source] -= 1
             if self._served[source] <= 0:

@@ -93,7 +93,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -128,6 +128,8 @@ from . import _trio_bridge
 from ._admission import Admission, Gate
 from ._inbound import guard_inbound_slots, peer_source
 from ._peerstore import known_addrs
+from ._streams import close_quietly as _close
+from ._streams import reset_quietly as _reset
 from ._yamux import PatchedYamux, use_patched_yamux
 from .base import FrameAbuse, Transport, TransportError
 from .limits import DEFAULT_TRANSPORT_LIMITS, TransportLimits
@@ -297,22 +299,6 @@ def _was_reset(stream: INetStream) -> bool:
     return bool(getattr(_muxed(stream), "reset_received", False))
 
 
-async def _reset(stream: INetStream) -> None:
-    """Reset a stream, even from inside a cancelled scope, without ever raising."""
-    await _discard(stream.reset)
-
-
-async def _close(stream: INetStream) -> None:
-    """Close a stream (our FIN), even from inside a cancelled scope, without ever raising."""
-    await _discard(stream.close)
-
-
-async def _discard(end: Callable[[], Awaitable[None]]) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        try:
-            await end()
-        except Exception:  # noqa: BLE001 - the stream is being discarded anyway
-            pass
 
 
 class _Disconnects(INotifee):
