@@ -310,6 +310,22 @@ def test_a_source_is_an_ipv4_address_or_an_ipv6_64():
     assert source_of(_Remote(None)) is None and source_of(object()) is None
 
 
+def test_shares_refuse_a_holder_at_its_cap_and_forget_holders_at_zero():
+    """The per-source bounds (connection slots, streams, relay circuits, DHT streams) all
+    count with ``Shares``."""
+    from p2pfl.transport._inbound import Shares
+
+    shares: Shares[str] = Shares()
+    assert [shares.take("a", 2) for _ in range(3)] == [True, True, False]
+    assert shares.take("b", 2) and shares["a"] == 2 and shares["b"] == 1
+    shares.give("a")
+    assert shares.take("a", 2) and not shares.take("a", 2)
+    shares.give("b")
+    assert "b" not in shares and shares["b"] == 0
+    shares.give("b")  # one more than taken: nothing goes negative
+    assert "b" not in shares and dict(shares) == {"a": 2}
+
+
 
 #: keys of the identify poisoner, and the addresses each announces (py-libp2p keeps 1,000)
 POISON_KEYS = 16

@@ -28,6 +28,7 @@ from libp2p.rcmgr import ResourceManager
 from libp2p.rcmgr.manager import ConnectionScope
 from libp2p.rcmgr.metrics import Direction
 
+from ._inbound import Shares
 from .limits import TransportLimits
 
 __all__ = ["Admission", "Gate"]
@@ -50,7 +51,7 @@ class Admission:
         # one host with 33 keys (32 streams each, left open) held all 1024 and the node
         # reset every stream of its honest neighbours, their pings too: they saw it dead.
         self.per_source_streams = max(limits.max_streams_per_peer, limits.max_streams // 2)
-        self._by_source: Counter[str] = Counter()
+        self._by_source: Shares[str] = Shares()
         self._source_of_peer: dict[str, str] = {}  # set while the peer has streams open
         self._held: Counter[str] = Counter()
         self.held_bytes = 0
@@ -84,13 +85,12 @@ class Admission:
         if self.streams_open >= self.limits.max_streams:
             return "refused_streams"
         source = self._source_of_peer.get(peer, source)
-        if source is not None and self._by_source[source] >= self.per_source_streams:
+        if source is not None and not self._by_source.take(source, self.per_source_streams):
             return "refused_streams"
         self._streams[peer] += 1
         self.streams_open += 1
         if source is not None:
             self._source_of_peer[peer] = source
-            self._by_source[source] += 1
         return None
 
     def close_stream(self, peer: str) -> None:
@@ -104,10 +104,7 @@ class Admission:
         self.streams_open -= 1
         source = self._source_of_peer.get(peer)
         if source is not None:
-            if self._by_source[source] <= 1:
-                del self._by_source[source]
-            else:
-                self._by_source[source] -= 1
+            self._by_source.give(source)
             if count == 1:
                 del self._source_of_peer[peer]
 

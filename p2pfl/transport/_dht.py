@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -43,7 +42,7 @@ from multiaddr import Multiaddr
 
 from p2pfl.versions import require
 
-from ._inbound import peer_source
+from ._inbound import Shares, peer_source
 from ._streams import reset_quietly
 
 require(
@@ -112,7 +111,7 @@ class _ServedDHT(KadDHT):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._served: Counter[str] = Counter()
+        self._served: Shares[str] = Shares()
         store = self.provider_store
         keep = store.add_provider
 
@@ -140,19 +139,16 @@ class _ServedDHT(KadDHT):
     async def handle_stream(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id
         source = peer_source(cast(Swarm, self.host.get_network()), peer) or str(peer)
-        if self._served[source] >= _STREAMS_PER_SOURCE:
+        if not self._served.take(source, _STREAMS_PER_SOURCE):
             await reset_quietly(stream)
             return
-        self._served[source] += 1
         try:
             with trio.move_on_after(_STREAM_TIME) as bound:
                 await super().handle_stream(stream)
             if bound.cancelled_caught:
                 await reset_quietly(stream)
         finally:
-            self._served[source] -= 1
-            if self._served[source] <= 0:
-                del self._served[source]
+            self._served.give(source)
 
 
 Found = Callable[[str, list[str]], None]

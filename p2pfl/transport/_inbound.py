@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 from p2pfl.errors import P2PFLError
 from p2pfl.versions import require
@@ -44,7 +44,29 @@ import trio  # noqa: E402  (after the version check)
 from libp2p.connection_types import ConnectionType  # noqa: E402
 from libp2p.network.swarm import Swarm  # noqa: E402
 
-__all__ = ["guard_inbound_slots", "peer_source", "source_of"]
+__all__ = ["Shares", "guard_inbound_slots", "peer_source", "source_of"]
+
+_K = TypeVar("_K", bound=Hashable)
+
+
+class Shares(Counter[_K]):
+    """How much of a bounded resource each holder (a source address, a source and a
+    destination, ...) has: ``take`` refuses a holder at its cap, ``give`` hands one back,
+    and a holder at zero leaves the table (it holds only those who hold something)."""
+
+    def take(self, holder: _K, cap: int) -> bool:
+        """One more for ``holder``, unless it holds ``cap`` already."""
+        if self[holder] >= cap:
+            return False
+        self[holder] += 1
+        return True
+
+    def give(self, holder: _K) -> None:
+        """One back from ``holder``."""
+        if self[holder] <= 1:
+            self.pop(holder, None)
+        else:
+            self[holder] -= 1
 
 
 class _InboundEnded(P2PFLError):
@@ -90,27 +112,23 @@ def guard_inbound_slots(
     handle = swarm._do_handle_inbound_connection
     cap = per_source or max(1, int(swarm._inbound_limiter.total_tokens) // 2)
     listener_tasks: set[Any] = set()  # tasks the listener runs for an inbound connection
-    held: Counter[str] = Counter()  # slots per source
+    held: Shares[str] = Shares()  # slots per source
 
     async def handle_until_closed(read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
         source = source_of(read_write_closer)
-        if source is not None and held[source] >= cap:
+        if source is not None and not held.take(source, cap):
             refused("refused_connections")
             with trio.move_on_after(1.0):
                 await read_write_closer.close()
             return
         task = trio.lowlevel.current_task()
         listener_tasks.add(task)
-        if source is not None:
-            held[source] += 1
         try:
             await handle(read_write_closer, maddr, failure_event)
         finally:
             listener_tasks.discard(task)
             if source is not None:
-                held[source] -= 1
-                if held[source] <= 0:
-                    del held[source]
+                held.give(source)
 
     async def upgrade_then_wait(raw_conn: Any, maddr: Any) -> Any:
         muxed = await upgrade(raw_conn, maddr)

@@ -48,7 +48,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -75,7 +74,7 @@ from multiaddr import Multiaddr
 
 from p2pfl.versions import require
 
-from ._inbound import peer_source
+from ._inbound import Shares, peer_source
 from ._peerstore import known_addrs
 
 require(
@@ -179,7 +178,7 @@ class _Relay(CircuitV2Protocol):
         super().__init__(*args, **kwargs)
         self._active_relays = _CircuitTable()
         #: circuits under way per (source peer | source address, destination peer id)
-        self._circuits: Counter[tuple[str, bytes]] = Counter()
+        self._circuits: Shares[tuple[str, bytes]] = Shares()
 
     async def _handle_reserve(self, stream: Any, msg: HopMessage) -> None:
         """A reservation is for the peer that asks, and only while it stays connected.
@@ -228,20 +227,21 @@ class _Relay(CircuitV2Protocol):
         to = msg.peer.id
         by_peer, by_address = (str(source), to), (f"@{address}", to)
         share = max(2 * _CIRCUITS_PER_PEER, self.resource_manager.limits.max_circuit_conns // 2)
-        if self._circuits[by_peer] >= _CIRCUITS_PER_PEER or self._circuits[by_address] >= share:
+        taken = self._circuits.take(by_peer, _CIRCUITS_PER_PEER)
+        if taken and not self._circuits.take(by_address, share):
+            self._circuits.give(by_peer)
+            taken = False
+        if not taken:
             await self._send_status(
                 stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "too many circuits to that peer"
             )
             await self._close_stream(stream)
             return
-        self._circuits.update((by_peer, by_address))
         try:
             await super()._handle_connect(stream, msg)
         finally:
-            self._circuits.subtract((by_peer, by_address))
-            for key in (by_peer, by_address):
-                if self._circuits[key] <= 0:
-                    del self._circuits[key]
+            self._circuits.give(by_peer)
+            self._circuits.give(by_address)
 
     async def _relay_data(
         self, src_stream: Any, dst_stream: Any, peer_id: ID, *args: Any, **kwargs: Any
