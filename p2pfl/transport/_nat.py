@@ -203,8 +203,9 @@ class _Relay(CircuitV2Protocol):
             swarm = cast(Swarm, self.host.get_network())
             source = peer_source(swarm, asking)
             share = max(1, manager.limits.max_reservations // 2)
-            held = sum(1 for p in manager._reservations if peer_source(swarm, p) == source)
-            if source is not None and held >= share:
+            if source is not None and share <= sum(
+                1 for p in manager._reservations if peer_source(swarm, p) == source
+            ):
                 await self._send_status(
                     stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "too many reservations"
                 )
