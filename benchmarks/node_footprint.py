@@ -272,7 +272,7 @@ class RealWork:
         from p2pfl.learning import evaluate
 
         assert self.peer.sampler is not None
-        trained, _ = self.commons.trainer.train(params, self.peer.sampler, self.steps)
+        trained, _ = self.commons.trainer.train_one(params, self.peer.sampler, self.steps)
         evaluate(self.commons.trainer, trained, self.x_test, self.y_test)
         stack = torch.stack([trained] * self.peers)  # its model and its neighbours'
         return self.weights @ stack

@@ -301,10 +301,10 @@ class Node:
         """Local SGD (in the worker thread); an attacker's batches are poisoned, a free
         rider trains nothing."""
         if self.attack is None:
-            return self.trainer.train(params, self.sampler, steps)
+            return self.trainer.train_one(params, self.sampler, steps)
         if not self.attack.trains:
             return params.detach().clone(), float("nan")
-        return self.trainer.train(
+        return self.trainer.train_one(
             params, self.sampler, steps, transform=self.attack.batch_transform
         )
 

@@ -199,6 +199,55 @@ def test_stacked_path_matches_vmap(digits, model: str, hidden: tuple[int, ...] |
     assert torch.allclose(a, b, atol=1e-6) and torch.allclose(la, lb, atol=1e-6)
 
 
+@pytest.mark.parametrize(("model", "attack"), [("mlp", False), ("mlp", True), ("cnn", True)])
+def test_train_one_is_the_simulators_arithmetic(digits, model: str, attack: bool) -> None:
+    """A node's training (``train_one``): for an MLP, bit for bit the simulator's batched
+    kernel with a batch of one; within float rounding of the module path; the same
+    sampler advance; a model without the kernel (the CNN) takes the module path itself."""
+    tr = _trainer(digits, model, weight_decay=1e-3, hidden=(4, 8) if model == "cnn" else None)
+    transform = _label_flip if attack else None
+    start = tr.init_params(3)
+    parts = [np.arange(150)]
+    one_sampler, batched_sampler, module_sampler = (_samplers(parts, 16)[0] for _ in range(3))
+    one, one_loss = tr.train_one(start, one_sampler, 7, transform=transform)
+    module, module_loss = tr.train(start, module_sampler, 7, transform=transform)
+    batched, batched_loss = tr.train_batched(
+        start.unsqueeze(0), [batched_sampler], 7, transforms=[transform]
+    )
+    assert one.shape == start.shape and isinstance(one_loss, float)
+    assert one_sampler.consumed == module_sampler.consumed == batched_sampler.consumed == 7 * 16
+    assert not torch.equal(one, start)
+    if model == "cnn":  # no kernel: the module path, exactly
+        assert torch.equal(one, module) and one_loss == module_loss
+        assert torch.allclose(one, batched[0], atol=1e-5)
+    else:
+        assert torch.equal(one, batched[0]) and one_loss == float(batched_loss[0])
+        assert torch.allclose(one, module, atol=1e-6) and abs(one_loss - module_loss) < 1e-6
+    assert torch.equal(start, tr.init_params(3))  # its input left alone
+
+
+@pytest.mark.parametrize("hidden", [None, (16, 8)])
+def test_stacked_logits_match_the_module(digits, hidden: tuple[int, ...] | None) -> None:
+    """Evaluation's kernel (the MLP's forward by matmul, no functorch) gives the logits of
+    the module itself and of the vmap path, one model or many."""
+    stacked = _trainer(digits, hidden=hidden)
+    vmapped = _trainer(digits, hidden=hidden, stacked=False)
+    stack = torch.stack([stacked.init_params(i) for i in range(3)])
+    x = digits.x_test[:100]
+    a = stacked.logits_batched(stack, x)
+    b = vmapped.logits_batched(stack, x)
+    assert a.shape == (3, 100, 10) and torch.allclose(a, b, atol=1e-5)
+    from p2pfl.model import load_flat
+
+    net = build_model("mlp", digits.input_shape, 10, hidden=hidden)
+    load_flat(net, stack[1])
+    with torch.no_grad():
+        assert torch.allclose(stacked.logits_batched(stack[1:2], x)[0], net(x), atol=1e-5)
+    one = evaluate(stacked, stack[1], digits.x_test, digits.y_test)
+    ref = evaluate(vmapped, stack[1], digits.x_test, digits.y_test)
+    assert torch.allclose(one.accuracy, ref.accuracy) and torch.allclose(one.loss, ref.loss, atol=1e-5)
+
+
 def test_stacked_path_only_for_plain_linear_stacks(digits) -> None:
     assert _trainer(digits, "cnn")._stacked is None
     odd = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))

@@ -100,6 +100,7 @@ class LocalTrainer:
         # trained in place (reference path). A trainer serves one thread at a time.
         self._net = copy.deepcopy(model).requires_grad_(True)
         self._ref = copy.deepcopy(model).requires_grad_(True)
+        self._ref_params = list(self._ref.parameters())  # a walk of the modules per call costs
         self._layout = ParamLayout.from_module(self._net)
         self._activation = activation_numel(self._net, self.input_shape)
         self._peer_grad = vmap(grad_and_value(self._batch_loss))
@@ -131,7 +132,10 @@ class LocalTrainer:
 
     def logits_batched(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, N, classes)`` of each model in ``params`` (B, d) on shared ``x`` (N, ...)."""
-        return self._peer_logits(unflatten(params, self._layout), x)
+        views = unflatten(params, self._layout)
+        if self._stacked is not None:
+            return self._stacked.logits(views, x)
+        return self._peer_logits(views, x)
 
     def peers_per_call(self, samples_per_peer: int) -> int:
         """How many peers one batched call handles, keeping activations in budget."""
@@ -177,22 +181,48 @@ class LocalTrainer:
         self._check_vector(params)
         if steps <= 0:
             return params.detach().clone(), float("nan")
-        net = self._ref
+        net, weights = self._ref, self._ref_params
         load_flat(net, params.detach())
         total = 0.0
         for _ in range(steps):
             x, y = self._gather(sampler.next_batch().copy())  # the sampler's view is read-only
             if transform is not None:
                 x, y = transform(x, y)
-            net.zero_grad(set_to_none=True)
+            for p in weights:  # as ``zero_grad(set_to_none=True)``, without its module walk
+                p.grad = None
             loss = F.cross_entropy(net(x), y)
             loss.backward()
             with torch.no_grad():
-                for p in net.parameters():
+                for p in weights:
                     if p.grad is not None:  # a parameter the loss does not reach stays
                         self._sgd_update(p, p.grad)
             total += loss.item()
         return flatten_module(net), total / steps
+
+    def train_one(
+        self,
+        params: torch.Tensor,
+        sampler: BatchSampler,
+        steps: int,
+        *,
+        transform: BatchTransform | None = None,
+    ) -> tuple[torch.Tensor, float]:
+        """What ``train`` returns, by the simulator's arithmetic: a real node's training.
+
+        Where the model has the stacked kernel (a Flatten/Linear/ReLU stack), one peer is
+        trained as a batch of one through it -- the very operations its simulated twin
+        goes through, and 0.6x the CPU of ``train``'s module and autograd calls on the
+        digits MLP (``benchmarks/node_footprint.py``); any other model takes ``train``.
+        Same batches, same sampler advance, same result within float rounding.
+        """
+        if self._stacked is None:
+            return self.train(params, sampler, steps, transform=transform)
+        self._check_vector(params)
+        out, losses = self.train_batched(
+            params.detach().unsqueeze(0), [sampler], steps,
+            transforms=None if transform is None else [transform],
+        )
+        return out[0], float(losses[0])
 
     # ------------------------------------------------------------------- batched path
     def train_batched(
@@ -400,6 +430,19 @@ class _StackedMLP:
                     if self.layers[position - 1][2]:
                         grad.mul_(below > 0)  # ReLU: ``below`` is its output
         return loss
+
+    def logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(k, N, classes)`` of ``k`` peers' models (``params[name]`` has a leading
+        peer dimension) on shared inputs ``x`` ``(N, ...)``: the forward pass of ``step``,
+        without functorch's per-call machinery (evaluation calls it every round)."""
+        h = x.reshape(1, len(x), -1)  # broadcast over the peers
+        for weight, bias, relu in self.layers:
+            h = torch.matmul(h, params[weight].transpose(1, 2))
+            if bias:
+                h = h.add_(params[bias].unsqueeze(1))
+            if relu:
+                h.clamp_(min=0)
+        return h
 
 
 def _apply_transforms(
