@@ -299,6 +299,49 @@ class RealWork:
     def median_after(self) -> float:
         return median(self.after)
 
+    def plain_torch_ms(self, rounds: int = 10, repeats: int = REAL_AFTER) -> float:
+        """The same round written the way a torch tutorial would (the module, autograd,
+        a hand-written SGD update, a plain forward on the test set, a weighted sum of the
+        models), CPU ms per round, median of ``repeats``: an outside check that the real
+        work above is not inflated by our own kernels' overhead."""
+        import copy
+
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+        assert self.peer.sampler is not None
+        trainer, sampler = self.commons.trainer, self.peer.sampler
+        net = copy.deepcopy(trainer.model)
+        weights = list(net.parameters())
+        lr = trainer.lr
+
+        def one_round() -> None:
+            for _ in range(self.steps):
+                idx = torch.from_numpy(sampler.next_batch().astype("int64"))
+                loss = F.cross_entropy(net(trainer.x[idx]), trainer.y[idx])
+                for w in weights:
+                    w.grad = None
+                loss.backward()
+                with torch.no_grad():
+                    for w in weights:
+                        w.sub_(w.grad, alpha=lr)
+            with torch.no_grad():
+                logits = net(self.x_test)
+                F.cross_entropy(logits, self.y_test)
+                (logits.argmax(1) == self.y_test).float().mean()
+                flat = parameters_to_vector(weights)
+                vector_to_parameters(self.weights @ torch.stack([flat] * self.peers), weights)
+
+        one_round()  # warm-up
+        values = []
+        for _ in range(repeats):
+            start = time.thread_time()
+            for _ in range(rounds):
+                one_round()
+            values.append(1000 * (time.thread_time() - start) / rounds)
+        return median(values)
+
 
 def checkpoint_cost_ms(args: argparse.Namespace, rounds: int = 100) -> dict[str, float]:
     """What a round's checkpoint costs the event loop: written synchronously on it (as
@@ -576,6 +619,11 @@ def main() -> None:
     print(
         f"the node's median CPU per round ({per_round:.2f} ms) is {per_round / real:.2f}x "
         f"the real work during the run, {per_round / real_after:.2f}x the real work after it"
+    )
+    plain = during.plain_torch_ms()
+    print(
+        f"the same round as a plain torch loop (module, autograd), right after the run: "
+        f"{plain:.2f} ms ({real_after / plain:.2f}x of it is the real work measured above)"
     )
     cost = checkpoint_cost_ms(args)
     print(
