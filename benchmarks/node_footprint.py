@@ -325,6 +325,7 @@ class RealWork:
                 loss.backward()
                 with torch.no_grad():
                     for w in weights:
+                        assert w.grad is not None
                         w.sub_(w.grad, alpha=lr)
             with torch.no_grad():
                 logits = net(self.x_test)
