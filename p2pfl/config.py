@@ -639,6 +639,9 @@ class NodeNetworkConfig(Strict):
     max_buffered_bytes: int = Field(0, ge=0)
     frame_timeout: float = Field(20.0, gt=0)
     min_frame_rate: float = Field(float(1 << 20), gt=0)
+    #: bytes streams may hold unread outside admitted frames (yamux's initial windows),
+    #: all peers together, half of it per source address; over it a stream is reset
+    max_unread_bytes: int = Field(64 << 20, ge=1 << 20)
 
     @model_validator(mode="after")
     def _check_transport_limits(self) -> NodeNetworkConfig:

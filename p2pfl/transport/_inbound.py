@@ -25,6 +25,11 @@ unread. Two faults made one hostile peer enough to leave a node deaf to every ne
   (half of the cap by default); one over is closed before its handshake and counted as
   ``refused_connections``. An honest source rarely needs more than a handful: each node
   behind it uses one connection to this one.
+
+A connection that does not finish its security and muxer handshake within the swarm's
+``inbound_upgrade_timeout`` (10 s) is closed by py-libp2p, whether it came over TCP or
+through a circuit relay (a relay's STOP stream is upgraded by the same swarm method);
+here each such connection is also counted, as ``handshakes_cut``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ require("libp2p", at_least="0.8.1", below="0.8.2", why="p2pfl.transport._inbound
 
 import trio  # noqa: E402  (after the version check)
 from libp2p.connection_types import ConnectionType  # noqa: E402
+from libp2p.network.exceptions import SwarmException  # noqa: E402
 from libp2p.network.swarm import Swarm  # noqa: E402
 
 __all__ = ["Shares", "guard_inbound_slots", "peer_source", "source_of"]
@@ -107,7 +113,8 @@ def guard_inbound_slots(
     """Make each inbound connection's listener task end (freeing its slot) when the
     connection closes, not when ``swarm`` finishes, and let one source hold at most
     ``per_source`` slots (``None``: half of the swarm's inbound cap). ``refused(stat)`` is
-    told of each connection refused for its source."""
+    told of each connection refused for its source (``refused_connections``) and of each
+    inbound upgrade, direct or relayed, cut at the swarm's timeout (``handshakes_cut``)."""
     upgrade = swarm.upgrade_inbound_raw_conn
     handle = swarm._do_handle_inbound_connection
     cap = per_source or max(1, int(swarm._inbound_limiter.total_tokens) // 2)
@@ -131,7 +138,14 @@ def guard_inbound_slots(
                 held.give(source)
 
     async def upgrade_then_wait(raw_conn: Any, maddr: Any) -> Any:
-        muxed = await upgrade(raw_conn, maddr)
+        began = trio.current_time()
+        try:
+            muxed = await upgrade(raw_conn, maddr)
+        except SwarmException:
+            # the swarm's own deadline (failures have no type of their own): closed already
+            if trio.current_time() - began >= swarm.connection_config.inbound_upgrade_timeout:
+                refused("handshakes_cut")
+            raise
         closed = getattr(muxed, "event_closed", None)  # yamux's, the only muxer offered
         if trio.lowlevel.current_task() not in listener_tasks or closed is None:
             return muxed

@@ -32,7 +32,12 @@ stream per payload that meant ~20 ms per tiny message and 20-35 MB/s.  Here:
   lets the peer finish (a small model), sends no update at all (an eager one cost
   one more frame per message, written here and read by the peer);
 - a peer that sends past the window it was granted (py-libp2p only logs that and
-  buffers the bytes) gets its connection closed and is reported to the transport;
+  buffers the bytes), or opens a stream with more than the initial window in its SYN
+  frame (py-libp2p took up to 16 MiB there), gets its connection closed and is
+  reported to the transport;
+- with ``count_unread``, what the streams hold unread beyond admitted frames is counted
+  and bounded node-wide (``_unread``): the initial windows cannot be withheld, so bytes
+  over the budget are dropped and their stream reset;
 - data frames carry up to ~1 MiB (within any peer's window: yamux bounds a
   frame by the window only), cut to fill whole Noise messages;
 - a writer out of window wakes on the window update instead of polling;
@@ -77,6 +82,7 @@ require("libp2p", at_least="0.8.1", below="0.8.2", why="p2pfl.transport._yamux")
 import trio
 from cryptography.exceptions import InvalidTag
 from libp2p.abc import IHost, IMuxedConn, ISecureConn
+from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TProtocol
 from libp2p.io.abc import ReadWriteCloser
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
@@ -105,7 +111,18 @@ from libp2p.stream_muxer.yamux.yamux import (
 )
 from noise.exceptions import NoiseInvalidMessage
 
-__all__ = ["ADMITTED_WINDOW", "BASE_WINDOW", "FRAME_PAYLOAD", "PatchedYamux", "use_patched_yamux"]
+from ._inbound import source_of
+from ._streams import reset_quietly
+from ._unread import UnreadBudget, UnreadBuffers, recount
+
+__all__ = [
+    "ADMITTED_WINDOW",
+    "BASE_WINDOW",
+    "FRAME_PAYLOAD",
+    "PatchedYamux",
+    "count_unread",
+    "use_patched_yamux",
+]
 
 FRAME_PAYLOAD = 16 * MAX_PLAINTEXT_LENGTH - HEADER_SIZE
 """Data-frame payload (~1 MiB) whose frame fills exactly 16 Noise transport messages."""
@@ -151,6 +168,9 @@ class PatchedYamux(Yamux):
     #: connections (without one, the connection closes itself); set by the negotiator
     on_abuse: Callable[[ID, str], None] | None = None
 
+    #: counts (and bounds) the bytes its streams hold unread; set by ``use_budget``
+    _budget: UnreadBudget | None = None
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         # taken for every frame read and written: no scheduler trip when free (see _QuickLock)
@@ -161,6 +181,39 @@ class PatchedYamux(Yamux):
         self._deferred: deque[bytes] = deque()
         self._flushing = False
         self._fast = _FastNoise.install(self.secured_conn)
+
+    def use_budget(self, budget: UnreadBudget) -> None:
+        """Count the bytes this connection's streams hold unread in ``budget`` (see
+        ``_unread``), under the connection's source address (its peer's id if relayed:
+        the address is the relay's); call before the connection runs."""
+        holder = None
+        try:
+            if self.get_connection_type() != ConnectionType.RELAYED:
+                holder = source_of(self.secured_conn)
+        except Exception:  # noqa: BLE001 - a transport that does not say: count per peer
+            holder = None
+        self._budget = budget
+        self.stream_buffers = UnreadBuffers(self, budget, holder or f"peer {self.peer_id}")
+
+    def _check_initial_window(self, stream_id: int, buffered: int) -> None:
+        """A stream the peer opened with more data than yamux's initial window: py-libp2p
+        only logs that (the window check of ``_PatchedYamuxStream`` is not in place yet
+        while its SYN frame is read), so one SYN frame could carry 16 MiB."""
+        if buffered > BASE_WINDOW and type(self.streams.get(stream_id)) is YamuxStream:
+            self._window_exceeded(stream_id, buffered - BASE_WINDOW)
+
+    def _refuse_unread(self, stream_id: int) -> None:
+        """Reset a stream whose unread bytes did not fit the budget (they are dropped)."""
+        stream = self.streams.get(stream_id)
+        nursery = self._nursery
+        if stream is None or nursery is None:
+            return
+        nursery.start_soon(self._reset_refused, stream, self.stream_events.get(stream_id))
+
+    async def _reset_refused(self, stream: YamuxStream, event: trio.Event | None) -> None:
+        await reset_quietly(stream)
+        if event is not None:  # a reader waiting for bytes: wake it to see the reset
+            event.set()
 
     async def _write_data(self, header: bytes, payload: memoryview) -> None:
         """Write a data frame without first copying its payload behind its header."""
@@ -281,7 +334,16 @@ class _PatchedYamuxStream(YamuxStream):
     """A yamux stream with large Noise-aligned frames and rare, large read-credit updates."""
 
     _window_opened: trio.Event | None = None
-    _admitted = 0  # bytes of an admitted frame not read yet
+
+    @property
+    def _admitted(self) -> int:
+        """Bytes of an admitted frame not read yet (the unread budget does not count them)."""
+        return self.__dict__.get("_admitted", 0)
+
+    @_admitted.setter
+    def _admitted(self, value: int) -> None:
+        self.__dict__["_admitted"] = value
+        recount(self.conn.stream_buffers.get(self.stream_id))
 
     @property
     def recv_window(self) -> int:
@@ -472,6 +534,9 @@ class _QuickLock:
         return self._lock.statistics()
 
 
+_NOTHING = memoryview(b"")
+
+
 class _FastNoise:
     """Buffered, batched I/O of one Noise session, installed over ``SecureSession.read/write``.
 
@@ -533,11 +598,18 @@ class _FastNoise:
                     break
             if self._eof:
                 return False
+            # Waiting: keep only the part not decrypted yet (at most one Noise message).
+            # The whole last receive (up to RECEIVE_SIZE) and the last decrypted message
+            # stayed referenced until the next one arrived: a peer that sent a burst and
+            # went quiet pinned ~1 MiB per connection, unread and uncounted.
+            received = received[at:] if at < len(received) else b""
+            self._received, self._at = received, 0
+            self._plain = _NOTHING
             chunk = await self._receive()
             if not chunk:
                 self._eof = True
                 return False
-            self._received, self._at = (received[at:] + chunk if at < len(received) else chunk), 0
+            self._received = received + chunk if received else chunk
         self._at = end
         ciphertext = memoryview(received)[at + SIZE_NOISE_MESSAGE_LEN : end]
         self._plain = memoryview(self._decrypt(ciphertext))
@@ -727,11 +799,14 @@ class _PatchedYamuxNegotiator(MuxerMultistream):
     """Negotiates yamux (the only muxer offered) and builds a ``PatchedYamux`` for it."""
 
     on_abuse: Callable[[ID, str], None] | None = None
+    budget: UnreadBudget | None = None
 
     async def new_conn(self, conn: ISecureConn, peer_id: ID) -> IMuxedConn:
         protocol, _ = await self._selector.select(conn, conn.is_initiator, self.negotiate_timeout)
         muxed = PatchedYamux(conn, peer_id, is_initiator=conn.is_initiator)
         muxed.on_abuse = self.on_abuse
+        if self.budget is not None:
+            muxed.use_budget(self.budget)
         return self._annotate_connection(muxed, conn, protocol)
 
 
@@ -747,3 +822,14 @@ def use_patched_yamux(host: IHost, on_abuse: Callable[[ID, str], None] | None = 
     )
     negotiator.on_abuse = on_abuse
     upgrader.muxer_multistream = negotiator
+
+
+def count_unread(host: IHost, budget: UnreadBudget) -> bool:
+    """Have the connections ``host`` makes from now on count (and bound) the bytes their
+    streams hold unread in ``budget`` (``_unread``); after ``use_patched_yamux``. False
+    (nothing counted) where the host does not build ``PatchedYamux`` connections."""
+    negotiator = host.get_network().upgrader.muxer_multistream  # type: ignore[attr-defined]
+    if not isinstance(negotiator, _PatchedYamuxNegotiator):
+        return False
+    negotiator.budget = budget
+    return True

@@ -69,7 +69,9 @@ class TransportStats:
     before negotiation), ``frames_cut`` (frames not whole by their deadline: trickled,
     stalled, or kept waiting for buffer space), ``idle_streams_cut`` (streams opened
     and left without a frame) and ``refused_connections`` (inbound connections over
-    one source address's share of the swarm's inbound slots, closed before their handshake).
+    one source address's share of the swarm's inbound slots, closed before their handshake);
+    ``handshakes_cut`` counts inbound connections, direct or relayed, that did not finish
+    their security and muxer handshake in time.
     """
 
     bytes_sent: int = 0
@@ -86,6 +88,7 @@ class TransportStats:
     frames_cut: int = 0
     idle_streams_cut: int = 0
     refused_connections: int = 0
+    handshakes_cut: int = 0
 
 
 class Transport(ABC):

@@ -34,6 +34,8 @@ at most one unacknowledged frame per stream, and frames never interleave.
   the next frame is admitted, or at once while one waits); a deadline on the whole frame
   (``frame_timeout + size / min_frame_rate`` from its first byte, or from the
   stream's opening for its first frame), so trickled and idle streams are cut.
+  Bytes that streams hold unread outside admitted frames (up to the initial 256 KiB
+  window each) are counted and bounded per node and per source (``_unread``).
   A banned peer (``ban``) has its connections closed, its new connections and
   streams refused, and its frames on streams already open refused unread.
   A sender keeps at most ``max_sends_per_peer`` frames in flight to one peer.
@@ -130,7 +132,8 @@ from ._inbound import guard_inbound_slots, peer_source
 from ._peerstore import known_addrs
 from ._streams import close_quietly as _close
 from ._streams import reset_quietly as _reset
-from ._yamux import PatchedYamux, use_patched_yamux
+from ._unread import UnreadBudget
+from ._yamux import PatchedYamux, count_unread, use_patched_yamux
 from .base import FrameAbuse, Transport, TransportError
 from .limits import DEFAULT_TRANSPORT_LIMITS, TransportLimits
 
@@ -378,6 +381,8 @@ class Libp2pTransport(Transport):
         self._relayed_addrs: list[Multiaddr] = []  # ours through relays (trio thread)
         self._circuit_addrs: dict[ID, Multiaddr] = {}  # how we reached a peer by relay
         self._admission: Admission | None = None  # built on the trio thread by _serve
+        # bytes the streams hold unread beyond admitted frames, bounded (see _unread)
+        self._unread = UnreadBudget(self.limits.max_unread)
         # bytes of handled frames not yet given back to the admission (from the asyncio
         # thread), and how many frames wait for room meanwhile; under ``_frees_lock``
         self._frees: list[tuple[str, int]] = []
@@ -461,6 +466,7 @@ class Libp2pTransport(Transport):
             if self.mdns:
                 peerDiscovery.register_peer_discovered_handler(self._on_mdns_peer)
             use_patched_yamux(host, on_abuse=self._on_flow_abuse)
+            count_unread(host, self._unread)
             network = host.get_network()
             assert isinstance(network, Swarm)  # what new_host builds
             network.auto_connector = _NoAutoConnect(network)
@@ -767,8 +773,14 @@ class Libp2pTransport(Transport):
                 _log.debug("closing the connections of %s failed", peer, exc_info=True)
         _log.debug("closed the connections of %s", peer)
 
+    def stats(self) -> dict[str, int]:
+        """The counters, and the unread bytes of ``_unread``: held now, at the peak, and
+        the streams reset (with the bytes dropped) because they did not fit."""
+        return {**super().stats(), **self._unread.summary()}
+
     def _refused(self, counter: str) -> None:
-        """A connection or stream the admission refused (called on the trio thread)."""
+        """A connection or stream the admission refused, or an inbound handshake cut at
+        its deadline (called on the trio thread)."""
         self._count(**{counter: 1})
 
     def _on_flow_abuse(self, peer: ID, why: str) -> None:

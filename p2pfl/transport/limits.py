@@ -39,6 +39,12 @@ class TransportLimits:
       one largest message and the small control messages that come with it).
     - ``max_buffered``: the same, all peers together (``None``: twice one peer's).
       A frame that does not fit waits (its body unread) for the bytes to be freed.
+    - ``max_unread``: bytes that streams hold unread outside admitted frames (each
+      stream's initial 256 KiB yamux window, which a receiver cannot withhold), all
+      peers together; one source address holds at most half. Bytes over it are dropped
+      and their stream reset (``_unread``). 64 MiB: room for dozens of honest peers'
+      unadmitted frame heads (2 MiB each at most), a quarter of what 1,024 full
+      windows pinned.
     - ``frame_timeout`` and ``min_frame_rate``: a frame of ``n`` bytes must be whole
       within ``frame_timeout + n / min_frame_rate`` of its first byte (of the stream's
       opening, for a stream's first frame), waiting for buffer space included; slower
@@ -52,6 +58,7 @@ class TransportLimits:
     max_buffered: int | None = None
     frame_timeout: float = 20.0
     min_frame_rate: float = float(1 << 20)
+    max_unread: int = 64 << 20
 
     def __post_init__(self) -> None:
         if self.max_streams_per_peer < 1 or self.max_streams < self.max_streams_per_peer:
@@ -60,6 +67,8 @@ class TransportLimits:
             raise ValueError("max_sends_per_peer must be at least 1")
         if self.frame_timeout <= 0 or self.min_frame_rate <= 0:
             raise ValueError("frame_timeout and min_frame_rate must be positive")
+        if self.max_unread < 1 << 20:
+            raise ValueError("max_unread must be at least 1 MiB (a few streams' windows)")
         for name in ("max_buffered_per_peer", "max_buffered"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -91,6 +100,7 @@ class TransportLimits:
             max_buffered=network.max_buffered_bytes or None,
             frame_timeout=network.frame_timeout,
             min_frame_rate=network.min_frame_rate,
+            max_unread=network.max_unread_bytes,
         )
 
     def summary(self, max_message_size: int) -> dict[str, Any]:
@@ -103,6 +113,7 @@ class TransportLimits:
             "max_buffered": self.total_bytes(max_message_size),
             "frame_timeout": self.frame_timeout,
             "min_frame_rate": self.min_frame_rate,
+            "max_unread": self.max_unread,
         }
 
 
