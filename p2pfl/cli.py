@@ -86,11 +86,19 @@ def sim(
     ] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every evaluation")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="continue the killed or interrupted run in --out from its last checkpoint "
+            "(same scenario and --set; see sim.checkpoint_every)"
+        ),
+    ] = False,
 ) -> None:
     """Run a simulation scenario and write its run folder (metrics.csv, summary.json, plots).
 
     Rows reach metrics.csv as they are measured; Ctrl-C writes the folder with the rows so
-    far, marked "interrupted" in summary.json, and exits with status 130.
+    far, marked "interrupted" in summary.json, and exits with status 130. A run writes a
+    checkpoint every sim.checkpoint_every seconds; --resume continues it from there.
     """
     setup_logging(verbose)
     from p2pfl.config import ConfigError
@@ -107,11 +115,16 @@ def sim(
         if tensorboard:
             require_tensorboard()
         config = load_scenario(scenario, set_ or [])
+        if resume and seeds is not None:
+            _fail("--resume continues one run; it does not apply to --seeds")
         if seeds is not None:
             _sim_seeds(config, seeds, out, provenance, progress, tensorboard, jobs, ray)
             return
         if jobs > 1 or ray is not None:
             _fail("--jobs and --ray run the seeds of --seeds in parallel; add --seeds 1,2,3")
+        if resume:
+            _sim_resume(config, out, provenance, progress, tensorboard)
+            return
         simulation = build_simulation(config)
         run_dir = prepare_out_dir(out) if out is not None else default_run_dir(config, provenance)
     except RunFolderError as error:  # names the folder, not the scenario
@@ -160,6 +173,28 @@ def sim(
             f"accuracy over honest peers only ({last['malicious_peers']} malicious left out)"
             + ("" if success is None else f"; attack success rate {success:.4f}")
         )
+
+
+def _sim_resume(config: Any, out: Path | None, provenance: Any, progress: bool, tensorboard: bool) -> None:
+    """``p2pfl sim --resume``: the run in ``out`` continued from its checkpoint."""
+    from sim.checkpoint import CheckpointError
+    from sim.runner import resume_run
+
+    if out is None:
+        _fail("--resume needs --out: the folder of the run to continue")
+        return
+    if tensorboard:
+        _fail("--resume does not continue TensorBoard event files; leave out --tensorboard")
+    try:
+        simulation = resume_run(config, out, provenance=provenance, show_progress=progress)
+    except CheckpointError as error:
+        _fail(str(error))
+        return
+    except KeyboardInterrupt:
+        print(f"interrupted: rows so far in {out}; --resume continues from the last checkpoint", file=sys.stderr)
+        raise typer.Exit(130) from None
+    last = simulation.rows[-1]
+    print(f"final mean accuracy {last['acc_mean']:.4f} after {last['round']} rounds; results in {out}")
 
 
 def _status_of(run_dir: Path) -> object:

@@ -12,6 +12,7 @@ file, or a ``Scenario``) and returns a result object::
 
     group = sim.run_seeds("examples/dpsgd_digits_ring.toml", seeds=[1, 2, 3])
     group.table                             # per metric: mean, std, 95% CI across seeds
+    sim.resume("examples/dpsgd_digits_ring.toml", out_dir="runs/killed")  # from its checkpoint
 
     sim.compare_runs([result.run_dir, group.group_dir], out_dir=Path("runs/cmp"), target=0.8)
 
@@ -41,6 +42,7 @@ _EXPORTS = {
     "SimResult": "sim.result",
     "SeedGroupResult": "sim.seeds",
     "run": "sim.api",
+    "resume": "sim.api",
     "run_seeds": "sim.api",
     "compare_runs": "sim.compare",
 }
@@ -55,6 +57,7 @@ __all__ = [
     "compare_runs",
     "load_scenario",
     "record_run",
+    "resume",
     "run",
     "run_seeds",
     "run_simulation",
@@ -64,7 +67,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from sim.api import run, run_seeds
+    from sim.api import resume, run, run_seeds
     from sim.compare import compare_runs
     from sim.result import SimResult
     from sim.runner import (

@@ -35,7 +35,7 @@ from sim.rundir import Provenance, prepare_out_dir
 from sim.scenario import Scenario, ScenarioError, load_scenario, scenario_from_dict
 from sim.seeds import SeedExecutor, SeedGroupResult, group_dir_for, run_seed_group, serial_executor
 
-__all__ = ["Overrides", "ScenarioLike", "resolve_scenario", "run", "run_seeds"]
+__all__ = ["Overrides", "ScenarioLike", "resolve_scenario", "resume", "run", "run_seeds"]
 
 ScenarioLike = Scenario | Mapping[str, Any] | str | Path
 Overrides = Sequence[str] | Mapping[str, Any] | None
@@ -124,6 +124,26 @@ def run(
     )
     summary = json.loads((run_dir / "summary.json").read_text())
     return SimResult(rows, summary, run_dir, resolved)
+
+
+def resume(
+    scenario: ScenarioLike,
+    out_dir: str | Path,
+    *,
+    overrides: Overrides = None,
+    plots: bool = True,
+    show_progress: bool = False,
+) -> SimResult:
+    """Continue the killed run in ``out_dir`` from its checkpoint, as ``p2pfl sim
+    --resume`` does: same scenario and overrides as the run was started with (else
+    ``sim.checkpoint.CheckpointError``); the result is that of the run never stopped."""
+    from sim.runner import resume_run
+
+    resolved, provenance = resolve_scenario(scenario, overrides)
+    run_dir = Path(out_dir)
+    simulation = resume_run(resolved, run_dir, provenance=provenance, show_progress=show_progress, plots=plots)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return SimResult(simulation.rows, summary, run_dir, resolved)
 
 
 def run_seeds(

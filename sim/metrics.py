@@ -206,6 +206,15 @@ class RowRecorder:
         self.rows: list[dict[str, Any]] = []
         self._columns: list[str] = []
 
+    def restart(self, rows: list[dict[str, Any]]) -> None:
+        """Continue a file from ``rows`` (a run resumed from its checkpoint): the file is
+        rewritten with exactly those rows, atomically, dropping any measured after them."""
+        self.rows = list(rows)
+        self._columns = csv_columns(self.rows)
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        write_csv(self.rows, temporary)
+        temporary.replace(self.path)
+
     def __call__(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self._columns and all(k in self._columns for k in row):

@@ -8,8 +8,10 @@ the resolved config, ``metrics.csv``, ``summary.json`` and PNG plots.
 
 ``record_run`` is the way that never loses a run: it writes the config and a "running"
 summary before the first round, appends each row to ``metrics.csv`` as it is measured,
-and on Ctrl-C writes the folder with what exists, marked ``"status": "interrupted"``,
-before letting the interrupt go on.
+writes a checkpoint of the whole run every ``sim.checkpoint_every`` seconds
+(``sim.checkpoint``), and on Ctrl-C writes the folder with what exists, marked
+``"status": "interrupted"``, before letting the interrupt go on. ``resume_run`` continues
+a killed run from its checkpoint to the results of the run never stopped.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ from p2pfl.protocols.base import Protocol
 from p2pfl.protocols.records import Keyring
 from p2pfl.protocols.registry import mixing_scheme, protocol_class
 from sim.adversary import Adversary, plan_adversary
+from sim.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpointer,
+    CheckpointError,
+    RunProgress,
+    code_fingerprint,
+    read_checkpoint,
+)
 from sim.conditions import apply_conditions
 from sim.device import simulation_device, trainer_scope_error
 from sim.disruptions import DisruptionRuntime, install_disruptions
@@ -220,14 +230,25 @@ def run_simulation(
     *,
     show_progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    state: RunProgress | None = None,
+    on_checkpoint: Callable[[Simulation, int, RunProgress], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run to ``scenario.rounds``, measuring every ``eval_every`` rounds (and at 0 and the end)."""
+    """Run to ``scenario.rounds``, measuring every ``eval_every`` rounds (and at 0 and the end).
+
+    ``state`` continues a run read back from its checkpoint (``sim.checkpoint``);
+    ``on_checkpoint(simulation, round, state)`` is offered each advance of the system's
+    progress, after that round's row, with the engine between two events: what it writes
+    then is the whole run (the listeners added here are left out of it, and made again
+    by the run that resumes).
+    """
     scenario = simulation.scenario
     engine = simulation.engine
     every = scenario.sim.eval_every
-    started = time.perf_counter()
+    state = state if state is not None else RunProgress()
+    started = time.perf_counter() - state.elapsed
     listeners: list[Callable[[dict[str, Any]], None]] = [on_row] if on_row else []
-    measured: set[int] = set()
+    measured = state.measured
+    own_from = len(engine._round_listeners)  # listeners of the build (disruptions...) come first
 
     def measure(round_: int) -> None:
         measured.add(round_)
@@ -245,20 +266,32 @@ def run_simulation(
             row["bytes_total"] / 1e6, row["virtual_time"],
         )
 
-    last_due = [0]
-
     def on_progress(round_: int) -> None:
         # Progress can jump several rounds at once (lagging peers catching up after a
         # heal): measure at the first progress at or past each due round.
         round_ = min(round_, scenario.rounds)
         due = (round_ // every) * every
-        if round_ not in measured and (due > last_due[0] or round_ == scenario.rounds):
-            last_due[0] = due
+        if round_ not in measured and (due > state.last_due or round_ == scenario.rounds):
+            state.last_due = due
             measure(round_)
 
+    def checkpoint(round_: int) -> None:
+        if on_checkpoint is None or round_ >= scenario.rounds:
+            return
+        state.elapsed = time.perf_counter() - started
+        state.evaluator_elapsed = time.perf_counter() - simulation.evaluator.started
+        own = engine._round_listeners
+        engine._round_listeners = own[:own_from]
+        try:
+            on_checkpoint(simulation, round_, state)
+        finally:
+            engine._round_listeners = own
+
     engine.on_progress(on_progress)
+    engine.on_progress(checkpoint)
     try:  # the wall time is kept also when Ctrl-C stops the run
-        measure(0)
+        if 0 not in measured:
+            measure(0)
         if show_progress:
             from rich.progress import (
                 BarColumn,
@@ -276,7 +309,9 @@ def run_simulation(
                 TimeElapsedColumn(),
             )
             with Progress(*columns) as progress:
-                task = progress.add_task(scenario.name, total=scenario.rounds, acc="-")
+                task = progress.add_task(
+                    scenario.name, total=scenario.rounds, acc="-", completed=min(engine.progress(), scenario.rounds)
+                )
                 engine.on_progress(lambda r: progress.update(task, completed=min(r, scenario.rounds)))
                 listeners.append(lambda row: progress.update(task, acc=f"{row['acc_mean']:.3f}"))
                 engine.run(until=scenario.sim.max_virtual_time)
@@ -368,6 +403,7 @@ def record_run(
     show_progress: bool = False,
     plots: bool = True,
     tensorboard: bool = False,
+    state: RunProgress | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``simulation`` into ``run_dir`` (which must exist), losing nothing on the way.
 
@@ -386,7 +422,12 @@ def record_run(
         **provenance.as_dict(),
     }
     (run_dir / "summary.json").write_text(safe_json(started, indent=2) + "\n")
-    listeners: list[Callable[[dict[str, Any]], None]] = [RowRecorder(run_dir / "metrics.csv")]
+    recorder = RowRecorder(run_dir / "metrics.csv")
+    if state is not None:  # resumed: the rows up to the checkpoint, none measured after it
+        recorder.restart(simulation.rows)
+    listeners: list[Callable[[dict[str, Any]], None]] = [recorder]
+    checkpointer = Checkpointer(run_dir / CHECKPOINT_FILE, simulation.scenario.sim.checkpoint_every)
+    code_fingerprint()  # of the sources as they are now, close to when they were imported
     tracker = None
     if tensorboard:
         from sim.tracking import TensorBoardTracker
@@ -399,7 +440,9 @@ def record_run(
             listener(row)
 
     try:
-        run_simulation(simulation, show_progress=show_progress, on_row=on_row)
+        run_simulation(
+            simulation, show_progress=show_progress, on_row=on_row, state=state, on_checkpoint=checkpointer
+        )
     except KeyboardInterrupt:
         write_run(simulation, run_dir, status="interrupted", provenance=provenance, plots=plots)
         raise
@@ -407,7 +450,55 @@ def record_run(
         if tracker is not None:
             tracker.close()
     write_run(simulation, run_dir, status="completed", provenance=provenance, plots=plots)
+    checkpointer.discard()
     return simulation.rows
+
+
+def resume_run(
+    scenario: Scenario,
+    run_dir: Path,
+    *,
+    provenance: Provenance | None = None,
+    show_progress: bool = False,
+    plots: bool = True,
+) -> Simulation:
+    """Continue the run in ``run_dir`` from its checkpoint (``sim.checkpoint``) to its end.
+
+    Refused (``CheckpointError``, one line) for a folder without a checkpoint, a run that
+    completed, and a checkpoint of another scenario or code; ``metrics.csv`` is cut back to
+    the checkpoint's rows first, so that no row is written twice or missed.
+    """
+    path = run_dir / CHECKPOINT_FILE
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run folder to resume")
+    if _summary_status(run_dir) == "completed":
+        raise CheckpointError(f"{run_dir}: the run completed; there is nothing to resume")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run_dir}: no checkpoint ({CHECKPOINT_FILE}) to resume from: the run ended before "
+            "its first one (sim.checkpoint_every) or checkpoints were off; run it again"
+        )
+    if scenario.sim.device != "cpu":
+        raise CheckpointError("--resume: runs on sim.device = 'cpu' only (a device run keeps rows on the GPU)")
+    simulation, state = read_checkpoint(path, scenario, lambda: build_simulation(scenario))
+    for stale in run_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):  # a write a kill cut short
+        stale.unlink(missing_ok=True)
+    simulation.evaluator.started = time.perf_counter() - state.evaluator_elapsed
+    log.info("resuming %s from its checkpoint at %d rows", run_dir, len(simulation.rows))
+    record_run(
+        simulation, run_dir, provenance=provenance, show_progress=show_progress, plots=plots, state=state
+    )
+    return simulation
+
+
+def _summary_status(run_dir: Path) -> str | None:
+    import json
+
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return status if isinstance(status, str) else None
 
 
 def write_run(

@@ -106,6 +106,13 @@ class SimConfig(Strict):
     #: numpy/scipy path) or "cuda" / "cuda:N" (sim.device, docs/gpu.md; checked for
     #: CUDA and for what the device path covers when the run is built)
     device: str = "cpu"
+    #: wall-clock seconds between run checkpoints (sim.checkpoint: ``--resume`` continues
+    #: a killed run from the last one), taken when the system's progress advances, and
+    #: spaced out further when they are slow (at most 5% of the run's time); 0: none.
+    #: It does not change the results, so it is left out of what makes two runs the same.
+    checkpoint_every: float = Field(
+        60.0, ge=0, allow_inf_nan=False, description="seconds between run checkpoints; 0: none"
+    )
 
     @field_validator("device")
     @classmethod

@@ -57,7 +57,9 @@ class CellTask:
 
 def signature(scenario: Scenario) -> str:
     """What makes two cells the same run: the scenario without its name."""
-    return scenario.model_copy(update={"name": ""}).model_dump_json()
+    # how often a run checkpoints changes nothing it measures (and cells signed before it
+    # existed keep their signature)
+    return scenario.model_copy(update={"name": ""}).model_dump_json(exclude={"sim": {"checkpoint_every"}})
 
 
 def _digest(scenario: Scenario) -> str:
