@@ -377,6 +377,23 @@ def test_aggregator_proceeds_at_quorum() -> None:
     assert sends(effects, "ping")  # now finds the sample of round 5 to send the model to
 
 
+def test_models_of_a_round_not_vouched_for_yet_are_held_not_dropped() -> None:
+    """An aggregator whose vouched round lags (with one aggregator, a round's first
+    vouchers may be its trainers' models) holds the early models and takes them up once
+    two members vouched for the round: none is lost, the round completes on its models,
+    not on its timer. (It dropped them: a node waited out aggregation_timeout.)"""
+    ids = peers(10)
+    p = aggregator(ids)  # vouched round 4, round_lead 2: round 7 is one word too far
+    effects = p.handle(MessageReceived(1.0, ids[1], model(7, 1.0)))
+    assert Record("modest.aggregates_held", 1.0) in effects and p.aggregating_round is None
+    effects = p.handle(MessageReceived(1.1, ids[2], model(7, 2.0)))  # a second member: vouched
+    assert p.aggregating_round == 7 and not of_type(effects, RoundCompleted)
+    effects = p.handle(MessageReceived(1.2, ids[3], model(7, 6.0)))
+    assert RoundCompleted(7) in effects  # quorum 3: the held model counted
+    assert torch.allclose(p.params, torch.full((4,), 3.0))
+    assert Record("modest.aggregated", 3.0) in effects
+
+
 def test_quorum_shrinks_with_a_population_smaller_than_the_sample() -> None:
     ids = peers(10)
     p = aggregator(ids, success_fraction=1.0)  # quorum: all 4 of the sample

@@ -84,8 +84,8 @@ what no honest peer sends; what it cannot tell, ``handle`` checks:
   *vouched* (``_confirmed``). Passive claims (pongs, statuses, views, pings) move this
   peer only as far as the vouched round; a model may be ``round_lead`` rounds beyond it,
   its sender's role being checked. One identity's word, repeated or not, moves nothing
-  (``modest.claims_pending``). A train too far ahead is held and the likely trainers of
-  the round before it are pinged (with this peer's own round, so a probe never spreads a
+  (``modest.claims_pending``). A model too far ahead (a train, or a trained model at its
+  aggregator) is held and the likely trainers of the round before it are pinged (with this peer's own round, so a probe never spreads a
   forged one): their pongs vouch for a real round, and a peer that was not sampled for
   many rounds catches up within a round trip (``modest.catch_ups``).
 - Membership. A message adds at most ``max_new_members`` new members to the view (or the
@@ -813,7 +813,12 @@ class ModestProtocol(Protocol):
         r = msg.round
         self._merge_meta(now, sender, msg, out)
         if not self._claim(sender, r, out):
-            return  # a round nobody else vouched for: counted as a pending claim
+            # Too far ahead on one word: held, and the round probed for. With one
+            # aggregator a round's only vouchers may be its trainers' models: dropping the
+            # first ones made the aggregator wait out its timer for models it had thrown
+            # away (seen on nodes: a 60 s stall and a model short in ~1 run of 3).
+            self._hold(sender, msg, out)
+            return
         if not self._checked_role(now, sender, msg, out):
             return  # a trained model from outside the sample that trained
         self._advance(r, out)
@@ -1215,10 +1220,12 @@ class ModestProtocol(Protocol):
 
     def _hold(self, sender: PeerId, msg: Message, out: list[Effect], *, probe: bool = True) -> None:
         """Keep a model whose round is not vouched for yet, or whose sender is being checked
-        (one per sender and kind, ``MAX_HELD`` in all); ``_replay_held`` takes it up again.
+        (one per sender and kind, ``MAX_HELD`` plus a sample's worth in all: an aggregator
+        may meet every trainer's model of a round before the round is vouched for);
+        ``_replay_held`` takes it up again.
         A round not vouched for is probed for."""
         key = (sender, msg.kind)
-        if key not in self._held and len(self._held) >= MAX_HELD:
+        if key not in self._held and len(self._held) >= MAX_HELD + self.sample_size:
             out.append(Record("modest.held_dropped", 1.0))
             return
         if self._held.get(key) is not msg:
@@ -1314,10 +1321,9 @@ class ModestProtocol(Protocol):
             sender, kind = key
             if kind == TRAIN:
                 stale = msg.round <= self._trained_round or msg.round + 1 < self.round
-                ready = msg.round <= horizon
             else:
                 stale = msg.round < self.round or msg.round <= self._agg_done
-                ready = True  # held for a check of its sender only: handled again
+            ready = msg.round <= horizon  # (held for a check of its sender: vouched already)
             if stale:
                 del self._held[key]
             elif ready:
