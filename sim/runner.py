@@ -80,6 +80,25 @@ class Simulation:
     keyring: Keyring | None = None
 
 
+def _check_neighbourhoods(graph: Any, aggregate: Any) -> None:
+    """A robust rule with a fixed ``f`` that no round of some peer could run (its own
+    model and its neighbours' are too few to tolerate ``f``): that peer would never mix,
+    every round (``too_few_to_aggregate``). Said before the run, naming the key."""
+    from p2pfl.aggregation import RuleAggregator, TooFewVectors
+
+    if not isinstance(aggregate, RuleAggregator) or aggregate.clamp or not aggregate.uses_f:
+        return
+    peer, degree = min(graph.degree, key=lambda item: (item[1], item[0]))
+    try:
+        aggregate.effective_f(degree + 1)
+    except TooFewVectors as error:
+        raise ScenarioError(
+            f"protocol.aggregator_params: {error}, but peer {peer} has {degree} neighbours "
+            f"(at most {degree + 1} models a round, its own included), so it would never "
+            "aggregate; lower f, give f_fraction, or set clamp = true"
+        ) from None
+
+
 def build_simulation(
     scenario: Scenario, *, dataset: Dataset | None = None, device_path: bool = False
 ) -> Simulation:
@@ -141,6 +160,7 @@ def build_simulation(
     if scheme is not None:
         matrix = metropolis_hastings(graph) if scheme == "metropolis_hastings" else uniform(graph)
         mixing = matrix.tocsr()
+        _check_neighbourhoods(graph, commons.aggregate)
     executor = TrainingExecutor(trainer, samplers, backend=scenario.sim.backend, device=device)
     # The batched backend defers the protocols' plain means (one sparse product per chunk).
     aggregate = deferred_aggregate(executor.mixer, commons.aggregate)

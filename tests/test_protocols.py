@@ -135,6 +135,29 @@ class TestDPSGD:
         p.handle(MessageReceived(0.2, "c", Message("model", 0, vec(1000.0, -1000.0))))
         assert torch.allclose(p.params, vec(2.0, 1.0))
 
+    def test_too_few_models_for_a_robust_rule_keep_the_own_model(self):
+        """Krum with f = 1 needs 5 models: with 4 neighbours, a round that times out with
+        one of them missing leaves 4, too few to outvote an attacker. The peer keeps its
+        own trained model for that round (any mix of 4 could be the attacker's), says so,
+        and goes on; a full round mixes again."""
+        from p2pfl.aggregation import get_aggregator
+
+        names = ["b", "c", "d", "e"]
+        p = DPSGD("a", vec(0.0, 0.0), names, weights={q: 0.2 for q in names},
+                  round_timeout=1.0, aggregate=get_aggregator("krum", f=1))  # fmt: skip
+        p.handle(Start(0.0))
+        train_and_answer(p, 0.1, vec(1.0, 1.0))
+        for q, value in zip(names[:3], (vec(1.1, 1.0), vec(0.9, 1.0), vec(50.0, -50.0)), strict=True):
+            p.handle(MessageReceived(0.2, q, Message("model", 0, value)))
+        effects = p.handle(TimerFired(1.1, "round"))  # e never sent
+        assert p.round == 1 and torch.equal(p.params, vec(1.0, 1.0))
+        assert Record("too_few_to_aggregate", 1.0) in effects and RoundCompleted(0) in effects
+        train_and_answer(p, 1.2, vec(2.0, 2.0))
+        for q, value in zip(names, (vec(2.1, 2.0), vec(1.9, 2.0), vec(50.0, -50.0), vec(2.0, 2.2)), strict=True):
+            effects = p.handle(MessageReceived(1.3, q, Message("model", 1, value)))
+        assert p.round == 2 and Record("too_few_to_aggregate", 1.0) not in effects
+        assert torch.allclose(p.params, vec(2.0, 2.0))  # Krum's pick: not the outlier
+
     def test_weights_for_strangers_rejected(self):
         with pytest.raises(ValueError, match="not neighbours"):
             DPSGD("a", vec(0.0), ["b"], weights={"z": 0.5})

@@ -147,6 +147,23 @@ def test_a_bad_override_is_one_line_naming_the_key(tmp_path: Path, override: str
     assert not (tmp_path / "out").exists()  # refused before a folder was made
 
 
+def test_a_robust_rule_no_neighbourhood_can_run_is_one_line(tmp_path: Path) -> None:
+    """Krum with f = 1 needs 5 models a round; on a ring a peer has 3: it would keep its
+    own model every round. Said before the run; clamp = true (shrink f) runs."""
+    path = scenario(tmp_path)
+    krum = ["--set", "protocol.aggregator=krum", "--set", "protocol.aggregator_params={f=1}"]
+    refused(
+        ["sim", str(path), *krum, "--out", str(tmp_path / "out")],
+        "protocol.aggregator_params: krum with f = 1 needs n > 2f + 2",
+        "peer 0 has 2 neighbours", "set clamp = true",
+    )  # fmt: skip
+    clamped = ["--set", "protocol.aggregator_params={f=1, clamp=true}"]
+    result = CliRunner().invoke(
+        app, ["sim", str(path), *krum[:2], *clamped, "--quiet", "--out", str(tmp_path / "ok")]
+    )
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize(
     ("attack", "expected"),
     [

@@ -22,6 +22,7 @@ This package imports only torch, numpy (its small-row sort, and its BLAS: about 
 torch's sgemm on AMD cores) and the standard library.
 """
 
+from p2pfl.aggregation._checks import TooFewVectors
 from p2pfl.aggregation.averaging import mean
 from p2pfl.aggregation.bristle import (
     bristle_class_weights,
@@ -41,6 +42,7 @@ __all__ = [
     "AGGREGATORS",
     "Aggregator",
     "RuleAggregator",
+    "TooFewVectors",
     "bristle_class_weights",
     "bristle_integrate",
     "bristle_select",

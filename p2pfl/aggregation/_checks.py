@@ -13,6 +13,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from p2pfl.errors import P2PFLError
+
+
+class TooFewVectors(P2PFLError, ValueError):
+    """A rule's ``f`` cannot be tolerated on this many vectors (``require_n``).
+
+    Its own type because it is a fact of the round, not a mistake in the call: a
+    protocol whose neighbours did not all send this round meets it, and keeps its own
+    model rather than mix too few models to be robust (``SynchronousRoundProtocol``).
+    """
+
 
 def check_stack(x: Tensor, rule: str) -> Tensor:
     """Return ``x`` if it is a non-empty floating ``(n, d)`` stack, else raise ValueError."""
@@ -94,7 +105,8 @@ _REQUIREMENTS: dict[str, tuple[Callable[[int, int], bool], Callable[[int], int],
 
 
 def require_n(rule: str, n: int, f: int) -> None:
-    """Raise ValueError, explaining the rule's requirement, when ``n`` is too small for ``f``."""
+    """Raise ``TooFewVectors`` (a ValueError), explaining the rule's requirement, when
+    ``n`` is too small for ``f``."""
     ok, largest, why = _REQUIREMENTS[rule]
     if not ok(n, f):
         hint = (
@@ -102,7 +114,7 @@ def require_n(rule: str, n: int, f: int) -> None:
             if largest(n) >= 0
             else f"it cannot run on n = {n} vectors at all"
         )
-        raise ValueError(f"{rule} with f = {f} needs {why}; got n = {n} ({hint})")
+        raise TooFewVectors(f"{rule} with f = {f} needs {why}; got n = {n} ({hint})")
 
 
 def largest_f(rule: str, n: int) -> int:

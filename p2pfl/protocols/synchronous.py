@@ -42,6 +42,7 @@ from typing import Any, ClassVar, TypedDict
 
 import torch
 
+from p2pfl.aggregation import TooFewVectors
 from p2pfl.protocols.base import (
     CancelTimer,
     Effect,
@@ -272,11 +273,18 @@ class SynchronousRoundProtocol(Protocol):
             self.missed = _NONE  # the usual round: shared, not a new set per peer
         else:
             self.missed = set(expected) - received.keys()
+        unmixed = False
         if senders:
             stack = torch.stack([self.trained, *(received[p] for p in senders)])
             weights = self._mixing_weights(senders)
             combine = self.aggregate or weighted_mean
-            self.params = combine(stack, weights, 0)
+            try:
+                self.params = combine(stack, weights, 0)
+            except TooFewVectors:
+                # A robust rule with a fixed f, and too few models this round (neighbours
+                # missing) to tolerate f Byzantine ones: any mix could be the attackers'.
+                # The own model is the one that is known to be honest.
+                self.params, unmixed = self.trained, True
         else:
             self.params = self.trained
         finished = self.round
@@ -290,6 +298,8 @@ class SynchronousRoundProtocol(Protocol):
         ]
         if timed_out:
             effects.append(Record("round_timeouts", 1.0))
+        if unmixed:
+            effects.append(Record("too_few_to_aggregate", 1.0))
         effects.extend(self._start_round())
         return effects
 
