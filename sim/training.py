@@ -169,7 +169,8 @@ class TrainingExecutor:
             job.result = job.params
             return
         transform = self.transforms.get(job.peer)
-        job.result, job.loss = self.trainer.train(
+        # a node's own call (p2pfl.node): the per-peer backend trains exactly as a node does
+        job.result, job.loss = self.trainer.train_one(
             plain(job.params), sampler, job.steps, transform=transform
         )
 
