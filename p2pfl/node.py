@@ -469,12 +469,31 @@ class Node:
             signer=IdentitySigner(self.identity),
         )
 
+    def _warn_if_never_aggregating(self, degree: int) -> None:
+        """A robust rule with a fixed ``f`` that this node's ``degree`` neighbours can never
+        feed (``krum`` with ``f = 1`` needs 5 models): every round would keep the own model
+        (``too_few_to_aggregate``). Said once, at the start; the simulator refuses such a
+        scenario outright, but a node only learns its neighbours by discovery."""
+        from p2pfl.aggregation import RuleAggregator
+
+        aggregate = self.commons.aggregate
+        if mixing_scheme(self.config.protocol) is None or not isinstance(aggregate, RuleAggregator):
+            return
+        refusal = aggregate.refusal(degree + 1)
+        if refusal is not None:
+            log.warning(
+                "protocol.aggregator_params: %s, but this node has %d neighbours: it will keep "
+                "its own model every round; lower f, give f_fraction, or set clamp = true",
+                refusal, degree,
+            )
+
     def _start_protocol(self, checkpoint: dict[str, Any] | None) -> None:
         if checkpoint is not None and self.graph is None:
             neighbours = list(checkpoint["neighbours"])
         else:  # the graph file is authoritative, also over a checkpoint
             neighbours = self._choose_neighbours()
         protocol = self._new_protocol(neighbours)
+        self._warn_if_never_aggregating(len(neighbours))
         if checkpoint is not None:
             protocol.load_state_dict(checkpoint["protocol"])
             self.sampler.load_state_dict(checkpoint["sampler"])

@@ -84,19 +84,18 @@ def _check_neighbourhoods(graph: Any, aggregate: Any) -> None:
     """A robust rule with a fixed ``f`` that no round of some peer could run (its own
     model and its neighbours' are too few to tolerate ``f``): that peer would never mix,
     every round (``too_few_to_aggregate``). Said before the run, naming the key."""
-    from p2pfl.aggregation import RuleAggregator, TooFewVectors
+    from p2pfl.aggregation import RuleAggregator
 
-    if not isinstance(aggregate, RuleAggregator) or aggregate.clamp or not aggregate.uses_f:
+    if not isinstance(aggregate, RuleAggregator):
         return
     peer, degree = min(graph.degree, key=lambda item: (item[1], item[0]))
-    try:
-        aggregate.effective_f(degree + 1)
-    except TooFewVectors as error:
+    refusal = aggregate.refusal(degree + 1)
+    if refusal is not None:
         raise ScenarioError(
-            f"protocol.aggregator_params: {error}, but peer {peer} has {degree} neighbours "
+            f"protocol.aggregator_params: {refusal}, but peer {peer} has {degree} neighbours "
             f"(at most {degree + 1} models a round, its own included), so it would never "
             "aggregate; lower f, give f_fraction, or set clamp = true"
-        ) from None
+        )
 
 
 def build_simulation(

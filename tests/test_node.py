@@ -167,3 +167,21 @@ def test_a_hostile_hello_bounds_dials_and_known_peers(tmp_path):
     assert len(node.known) <= MAX_KNOWN_PEERS + 6  # + the (connected) senders themselves
     assert all(len(a) <= MAX_ADDRS_PER_PEER for a in node.known.values())
     assert StalledDials.attempts <= MAX_KNOWN_PEERS * MAX_ADDRS_PER_PEER
+
+
+def test_a_robust_rule_too_few_neighbours_can_feed_is_said_and_survived(tmp_path, caplog):
+    """Krum with f = 1 needs 5 models a round; three nodes have 3 each. A node learns its
+    neighbours only by discovery, so it says so once (a warning naming the key) and runs:
+    every round keeps its own model (``too_few_to_aggregate``), none crashes it."""
+    nodes = make_nodes(
+        tmp_path, 3, MemoryNetwork(seed=3), rounds=3,
+        protocol={"name": "dpsgd", "local_steps": 2, "round_timeout": 2.0,
+                  "aggregator": "krum", "aggregator_params": {"f": 1}},
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="p2pfl.node"):
+        statuses = asyncio.run(run_all(nodes))
+    for status in statuses:
+        assert status["rounds_done"] == 3 and status["failure"] is None, status
+        assert status["counters"]["too_few_to_aggregate"] == 3
+    warned = [r.getMessage() for r in caplog.records if "aggregator_params" in r.getMessage()]
+    assert len(warned) == 3 and all("this node has 2 neighbours" in line for line in warned)

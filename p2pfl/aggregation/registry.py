@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from p2pfl.aggregation._checks import check_stack, largest_f, require_n, resolve_f
+from p2pfl.aggregation._checks import TooFewVectors, check_stack, largest_f, require_n, resolve_f
 from p2pfl.aggregation.averaging import mean
 from p2pfl.aggregation.clipping import centered_clipping
 from p2pfl.aggregation.coordinatewise import coordinate_median, trimmed_mean
@@ -194,6 +194,18 @@ class RuleAggregator:
             else:
                 require_n(req, n, f)
         return max(f, -1)
+
+    def refusal(self, n: int) -> str | None:
+        """Why this rule, as configured, can never run on ``n`` vectors (``None``: it can,
+        perhaps by clamping ``f``). A peer whose every round has at most ``n`` models would
+        keep its own model every round (``SynchronousRoundProtocol``)."""
+        if self.clamp or not self.uses_f:
+            return None
+        try:
+            self.effective_f(n)
+        except TooFewVectors as error:
+            return str(error)
+        return None
 
     def __call__(self, stack: Tensor, weights: Tensor | None = None, own: int = 0) -> Tensor:
         check_stack(stack, self.name)
