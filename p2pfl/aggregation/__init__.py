@@ -19,7 +19,8 @@ Inputs are assumed finite: the wire layer rejects NaN and infinite tensors befor
 model reaches an aggregator.
 
 This package imports only torch, numpy (its small-row sort, and its BLAS: about twice
-torch's sgemm on AMD cores) and the standard library.
+torch's sgemm on AMD cores), the standard library and the project's error base
+(``p2pfl.errors``, for ``TooFewVectors``).
 """
 
 from p2pfl.aggregation._checks import TooFewVectors
