@@ -420,6 +420,10 @@ class Node:
         await asyncio.gather(
             *(self._send_bytes(e.to, e.message, name) for e in sends), return_exceptions=True
         )
+        # What the protocol answered meanwhile goes out before the shutdown cancels it: a
+        # MoDeST peer that left tells whoever pings it, or they wait out a timer for it.
+        await asyncio.sleep(0)  # answers spawned just now start (and count as in flight)
+        await self._flush_sends()
 
     async def _shutdown(self) -> None:
         self._stopping = True
@@ -477,14 +481,16 @@ class Node:
         from p2pfl.aggregation import RuleAggregator
 
         aggregate = self.commons.aggregate
-        if mixing_scheme(self.config.protocol) is None or not isinstance(aggregate, RuleAggregator):
+        if not isinstance(aggregate, RuleAggregator):
             return
-        refusal = aggregate.refusal(degree + 1)
+        most = protocol_class(self.config.protocol).most_models_aggregated(self.config.protocol, degree)
+        refusal = aggregate.refusal(most) if most is not None else None
         if refusal is not None:
             log.warning(
-                "protocol.aggregator_params: %s, but this node has %d neighbours: it will keep "
-                "its own model every round; lower f, give f_fraction, or set clamp = true",
-                refusal, degree,
+                "protocol.aggregator_params: %s, but this node combines at most %d models a "
+                "round (%d neighbours; its own model included): it will keep its own model "
+                "every round; lower f, give f_fraction, or set clamp = true",
+                refusal, most, degree,
             )
 
     def _start_protocol(self, checkpoint: dict[str, Any] | None) -> None:

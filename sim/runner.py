@@ -80,20 +80,24 @@ class Simulation:
     keyring: Keyring | None = None
 
 
-def _check_neighbourhoods(graph: Any, aggregate: Any) -> None:
-    """A robust rule with a fixed ``f`` that no round of some peer could run (its own
-    model and its neighbours' are too few to tolerate ``f``): that peer would never mix,
-    every round (``too_few_to_aggregate``). Said before the run, naming the key."""
+def _check_aggregation(declared: type[Protocol], config: Any, graph: Any, aggregate: Any) -> None:
+    """A robust rule with a fixed ``f`` that some peer's aggregations could never feed
+    (krum with f = 1 needs 5 models; a ring's D-PSGD peer combines 3): that peer would keep
+    its own model every round (``too_few_to_aggregate``). Said before the run, naming the
+    key; how many models an aggregation combines is the protocol's declaration."""
     from p2pfl.aggregation import RuleAggregator
 
-    if not isinstance(aggregate, RuleAggregator):
+    if not isinstance(aggregate, RuleAggregator) or graph.number_of_nodes() == 0:
         return
     peer, degree = min(graph.degree, key=lambda item: (item[1], item[0]))
-    refusal = aggregate.refusal(degree + 1)
+    most = declared.most_models_aggregated(config, degree)
+    refusal = aggregate.refusal(most) if most is not None else None
     if refusal is not None:
+        key = declared.aggregation_bound
+        bound = f"protocol.{key} = {getattr(config, key)}" if key else f"peer {peer} has {degree} neighbours"
         raise ScenarioError(
-            f"protocol.aggregator_params: {refusal}, but peer {peer} has {degree} neighbours "
-            f"(at most {degree + 1} models a round, its own included), so it would never "
+            f"protocol.aggregator_params: {refusal}, but {declared.name} combines at most "
+            f"{most} models a round ({bound}; its own model included), so it would never "
             "aggregate; lower f, give f_fraction, or set clamp = true"
         )
 
@@ -159,7 +163,7 @@ def build_simulation(
     if scheme is not None:
         matrix = metropolis_hastings(graph) if scheme == "metropolis_hastings" else uniform(graph)
         mixing = matrix.tocsr()
-        _check_neighbourhoods(graph, commons.aggregate)
+    _check_aggregation(declared, scenario.protocol, graph, commons.aggregate)
     executor = TrainingExecutor(trainer, samplers, backend=scenario.sim.backend, device=device)
     # The batched backend defers the protocols' plain means (one sparse product per chunk).
     aggregate = deferred_aggregate(executor.mixer, commons.aggregate)
@@ -423,8 +427,12 @@ def record_run(
     plots: bool = True,
     tensorboard: bool = False,
     state: RunProgress | None = None,
+    checkpoints: bool = True,
 ) -> list[dict[str, Any]]:
     """Run ``simulation`` into ``run_dir`` (which must exist), losing nothing on the way.
+
+    ``checkpoints=False``: no ``checkpoint.bin`` whatever ``sim.checkpoint_every`` says
+    (a seed of ``--seeds``, which ``--resume`` does not continue: it runs again).
 
     Before the first round: ``config.toml`` and a ``summary.json`` saying ``running``.
     During the run: each row appended to ``metrics.csv`` as it is measured (and, with
@@ -445,7 +453,8 @@ def record_run(
     if state is not None:  # resumed: the rows up to the checkpoint, none measured after it
         recorder.restart(simulation.rows)
     listeners: list[Callable[[dict[str, Any]], None]] = [recorder]
-    checkpointer = Checkpointer(run_dir / CHECKPOINT_FILE, simulation.scenario.sim.checkpoint_every)
+    every = simulation.scenario.sim.checkpoint_every if checkpoints else 0.0
+    checkpointer = Checkpointer(run_dir / CHECKPOINT_FILE, every)
     code_fingerprint()  # of the sources as they are now, close to when they were imported
     tracker = None
     if tensorboard:

@@ -103,7 +103,7 @@ def run_seed_job(job: SeedJob) -> SimResult:
     simulation = build_simulation(job.scenario)
     rows = record_run(
         simulation, job.run_dir, provenance=job.provenance, show_progress=job.show_progress, plots=job.plots,
-        tensorboard=job.tensorboard,
+        tensorboard=job.tensorboard, checkpoints=False,  # a seed is run again, never resumed
     )
     summary = json.loads((job.run_dir / "summary.json").read_text())
     return SimResult(rows, summary, job.run_dir, job.scenario)

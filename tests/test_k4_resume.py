@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,19 @@ identities = 4
 attach = 9
 """,
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Sign with a key of the tests' own (``sim.checkpoint``'s "Trust"), in this process
+    and the killed runs it starts, never the user's ~/.config one."""
+    before = os.environ.get(checkpoint_module.KEY_ENV)
+    os.environ[checkpoint_module.KEY_ENV] = str(tmp_path_factory.mktemp("key") / "checkpoint.key")
+    yield
+    if before is None:
+        os.environ.pop(checkpoint_module.KEY_ENV, None)
+    else:
+        os.environ[checkpoint_module.KEY_ENV] = before
 
 
 def _env() -> dict[str, str]:

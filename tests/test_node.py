@@ -184,4 +184,4 @@ def test_a_robust_rule_too_few_neighbours_can_feed_is_said_and_survived(tmp_path
         assert status["rounds_done"] == 3 and status["failure"] is None, status
         assert status["counters"]["too_few_to_aggregate"] == 3
     warned = [r.getMessage() for r in caplog.records if "aggregator_params" in r.getMessage()]
-    assert len(warned) == 3 and all("this node has 2 neighbours" in line for line in warned)
+    assert len(warned) == 3 and all("at most 3 models a round (2 neighbours" in line for line in warned)

@@ -215,6 +215,19 @@ class Protocol(ABC):
     #: disconnected graph they can never agree (a simulator refuses such a graph)
     needs_connected_graph: ClassVar[bool] = False
 
+    #: the protocol config key that bounds ``most_models_aggregated`` (``None``: a
+    #: peer's neighbours do), named in the message of a rule it can never feed
+    aggregation_bound: ClassVar[str | None] = None
+
+    @classmethod
+    def most_models_aggregated(cls, config: Any, degree: int) -> int | None:
+        """The most models one aggregation of this protocol combines, its own included,
+        at a peer with ``degree`` neighbours under ``config`` (its protocol config);
+        ``None``: not bounded by the configuration, or no configurable rule. Drivers check
+        a robust rule's ``f`` against it before a run: a rule that so many models can
+        never feed would keep the peer's own model every round (``too_few_to_aggregate``)."""
+        return None
+
     def __init__(
         self,
         peer_id: PeerId,

@@ -69,6 +69,10 @@ class DPSGD(SynchronousRoundProtocol):
         ),
     }
 
+    @classmethod
+    def most_models_aggregated(cls, config: Any, degree: int) -> int | None:
+        return degree + 1  # its neighbours' models and its own
+
     def __init__(
         self,
         peer_id: PeerId,

@@ -39,7 +39,9 @@ model's size. A client chooses the sample count it declares: the contract bounds
 
 A robust aggregator (``protocol.aggregator``) replaces the weighted mean; it gets the
 previous global model as the server's own row (row 0, weight 0) followed by the updates,
-the convention of every protocol here (own model first).
+the convention of every protocol here (own model first). A rule with a fixed ``f`` that
+this round's updates are too few for (clients timed out or kept silent) leaves the global
+model as it is, as a round with fewer than ``min_updates`` does (``too_few_to_aggregate``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from p2pfl.aggregation import TooFewVectors
 from p2pfl.protocols.base import (
     CancelTimer,
     Effect,
@@ -107,6 +110,12 @@ class FedAvg(Protocol):
         ),
         ROUND: MessageSpec(sender=Role.AGGREGATOR),
     }
+
+    aggregation_bound: ClassVar[str | None] = "clients_per_round"
+
+    @classmethod
+    def most_models_aggregated(cls, config: Any, degree: int) -> int | None:
+        return int(config.clients_per_round) + 1  # the server's row and the updates
 
     def __init__(
         self,
@@ -234,7 +243,12 @@ class FedAvg(Protocol):
         senders = sorted(self.updates)
         effects: list[Effect] = [CancelTimer(ROUND_TIMER)]
         if len(senders) >= self.min_updates:
-            self.params = self._combine(senders)
+            try:
+                self.params = self._combine(senders)
+            except TooFewVectors:
+                # too few updates for the rule's f (silent clients): any mix of them could
+                # be the attackers'; the global model stays (and the run goes on)
+                effects.append(Record("too_few_to_aggregate", 1.0))
         else:
             effects.append(Record("fedavg.empty_rounds", 1.0))
         if timed_out:

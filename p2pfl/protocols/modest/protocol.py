@@ -114,6 +114,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from p2pfl.aggregation import TooFewVectors
 from p2pfl.protocols.base import (
     CancelTimer,
     Effect,
@@ -338,6 +339,12 @@ class ModestProtocol(Protocol):
     }
     #: entries one received view (or set of joins) may carry
     max_view_entries: int = 1 << 16
+
+    aggregation_bound: ClassVar[str | None] = "sample_size"
+
+    @classmethod
+    def most_models_aggregated(cls, config: Any, degree: int) -> int | None:
+        return int(config.sample_size) + 1  # a round's sample, and the aggregator's own
 
     def __init__(
         self,
@@ -928,7 +935,14 @@ class ModestProtocol(Protocol):
             return
         senders = list(agg.models)
         stack, weights, own = self._stack(agg)
-        result = self.aggregate(stack, weights, own)
+        try:
+            result = self.aggregate(stack, weights, own)
+        except TooFewVectors:
+            # a robust rule with a fixed f and too few models this round (trainers crashed
+            # or kept silent): any mix of them could be the attackers'. Not aggregated, as
+            # a refused aggregation; the round's restarts go on as usual.
+            out.append(Record("too_few_to_aggregate", 1.0))
+            return
         self.params = result
         self._agg_done = agg.round
         out.append(Record("modest.aggregated", float(len(senders))))
