@@ -655,7 +655,9 @@ def test_leave_applies_at_once() -> None:
     p.handle(MessageReceived(1.1, ids[1], announcements[0].message))
     assert p.view[ids[1]].left
     assert ids[1] not in derive_candidates(p.view, 9)
-    assert q.handle(MessageReceived(1.2, ids[0], Message("ping", 2))) == []
+    # it takes part in nothing; a ping is answered with the leave (tests/test_s5_modest_leave.py)
+    [answer] = sends(q.handle(MessageReceived(1.2, ids[0], Message("ping", 2))), "leave")
+    assert answer.to == ids[0] and not sends(q.handle(Start(1.3)), "ping")
 
 
 def test_join_is_applied_after_the_next_send_and_travels_with_it() -> None:
