@@ -473,33 +473,15 @@ class Node:
             signer=IdentitySigner(self.identity),
         )
 
-    def _warn_if_never_aggregating(self, degree: int) -> None:
-        """A robust rule with a fixed ``f`` that this node's ``degree`` neighbours can never
-        feed (``krum`` with ``f = 1`` needs 5 models): every round would keep the own model
-        (``too_few_to_aggregate``). Said once, at the start; the simulator refuses such a
-        scenario outright, but a node only learns its neighbours by discovery."""
-        from p2pfl.aggregation import RuleAggregator
-
-        aggregate = self.commons.aggregate
-        if not isinstance(aggregate, RuleAggregator):
-            return
-        most = protocol_class(self.config.protocol).most_models_aggregated(self.config.protocol, degree)
-        refusal = aggregate.refusal(most) if most is not None else None
-        if refusal is not None:
-            log.warning(
-                "protocol.aggregator_params: %s, but this node combines at most %d models a "
-                "round (%d neighbours; its own model included): it will keep its own model "
-                "every round; lower f, give f_fraction, or set clamp = true",
-                refusal, most, degree,
-            )
-
     def _start_protocol(self, checkpoint: dict[str, Any] | None) -> None:
         if checkpoint is not None and self.graph is None:
             neighbours = list(checkpoint["neighbours"])
         else:  # the graph file is authoritative, also over a checkpoint
             neighbours = self._choose_neighbours()
         protocol = self._new_protocol(neighbours)
-        self._warn_if_never_aggregating(len(neighbours))
+        refusal = self.commons.never_aggregates(len(neighbours), f"{len(neighbours)} neighbours")
+        if refusal is not None:  # said once; a node meets its neighbours only by discovery
+            log.warning("%s: this node keeps its own model every round", refusal)
         if checkpoint is not None:
             protocol.load_state_dict(checkpoint["protocol"])
             self.sampler.load_state_dict(checkpoint["sampler"])

@@ -53,7 +53,7 @@ from p2pfl.model import model_from_factory
 from p2pfl.plugins import is_factory_path
 from p2pfl.protocols.base import PeerId, Protocol
 from p2pfl.protocols.compression import compress
-from p2pfl.protocols.registry import build_protocol, make_aggregate
+from p2pfl.protocols.registry import build_protocol, make_aggregate, protocol_class
 
 if TYPE_CHECKING:
     from p2pfl.attacks import Attack, Collusion
@@ -107,6 +107,31 @@ class Commons:
     aggregate: AggregateFn | None = None
     #: Bristle's pre-trained shared feature extractor (``None`` for other protocols)
     extractor: SharedExtractor | None = None
+
+    def never_aggregates(self, degree: int, neighbourhood: str) -> str | None:
+        """One line naming ``protocol.aggregator_params`` when the configured robust rule,
+        with a fixed ``f``, can never run at a peer with ``degree`` neighbours (krum with
+        f = 1 needs 5 models; a ring's D-PSGD peer combines 3): every round would keep its
+        own model (``too_few_to_aggregate``). ``None`` when it can. How many models one
+        aggregation combines is the protocol's declaration (``most_models_aggregated``);
+        ``neighbourhood`` says where ``degree`` came from, for the message. The simulator
+        refuses such a scenario, a node (which meets its neighbours by discovery) warns."""
+        from p2pfl.aggregation import RuleAggregator
+
+        if not isinstance(self.aggregate, RuleAggregator):
+            return None
+        declared = protocol_class(self.protocol)
+        most = declared.most_models_aggregated(self.protocol, degree)
+        refusal = self.aggregate.refusal(most) if most is not None else None
+        if refusal is None:
+            return None
+        key = declared.aggregation_bound
+        bound = f"protocol.{key} = {getattr(self.protocol, key)}" if key else neighbourhood
+        return (
+            f"protocol.aggregator_params: {refusal}, but {declared.name} combines at most "
+            f"{most} models a round ({bound}; its own model included), so it would never "
+            "aggregate; lower f, give f_fraction, or set clamp = true"
+        )
 
     @property
     def message_dim(self) -> int:

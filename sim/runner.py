@@ -80,28 +80,6 @@ class Simulation:
     keyring: Keyring | None = None
 
 
-def _check_aggregation(declared: type[Protocol], config: Any, graph: Any, aggregate: Any) -> None:
-    """A robust rule with a fixed ``f`` that some peer's aggregations could never feed
-    (krum with f = 1 needs 5 models; a ring's D-PSGD peer combines 3): that peer would keep
-    its own model every round (``too_few_to_aggregate``). Said before the run, naming the
-    key; how many models an aggregation combines is the protocol's declaration."""
-    from p2pfl.aggregation import RuleAggregator
-
-    if not isinstance(aggregate, RuleAggregator) or graph.number_of_nodes() == 0:
-        return
-    peer, degree = min(graph.degree, key=lambda item: (item[1], item[0]))
-    most = declared.most_models_aggregated(config, degree)
-    refusal = aggregate.refusal(most) if most is not None else None
-    if refusal is not None:
-        key = declared.aggregation_bound
-        bound = f"protocol.{key} = {getattr(config, key)}" if key else f"peer {peer} has {degree} neighbours"
-        raise ScenarioError(
-            f"protocol.aggregator_params: {refusal}, but {declared.name} combines at most "
-            f"{most} models a round ({bound}; its own model included), so it would never "
-            "aggregate; lower f, give f_fraction, or set clamp = true"
-        )
-
-
 def build_simulation(
     scenario: Scenario, *, dataset: Dataset | None = None, device_path: bool = False
 ) -> Simulation:
@@ -163,7 +141,11 @@ def build_simulation(
     if scheme is not None:
         matrix = metropolis_hastings(graph) if scheme == "metropolis_hastings" else uniform(graph)
         mixing = matrix.tocsr()
-    _check_aggregation(declared, scenario.protocol, graph, commons.aggregate)
+    if graph.number_of_nodes():
+        peer, degree = min(graph.degree, key=lambda item: (item[1], item[0]))
+        refusal = commons.never_aggregates(degree, f"peer {peer} has {degree} neighbours")
+        if refusal is not None:
+            raise ScenarioError(refusal)
     executor = TrainingExecutor(trainer, samplers, backend=scenario.sim.backend, device=device)
     # The batched backend defers the protocols' plain means (one sparse product per chunk).
     aggregate = deferred_aggregate(executor.mixer, commons.aggregate)
