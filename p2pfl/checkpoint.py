@@ -87,6 +87,7 @@ __all__ = [
     "clean_stale_temps",
     "decode_checkpoint",
     "encode_checkpoint",
+    "fsync_dir",
     "load_checkpoint",
     "save_checkpoint",
     "write_generation",
@@ -395,7 +396,7 @@ def _first_non_finite(value: Any, where: str = "") -> str | None:
 
 
 # -- writing --------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make renames in ``path`` durable (not every file system can: then it is skipped)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -466,7 +467,7 @@ def write_generation(
         tmp.unlink(missing_ok=True)
         raise
     if sync:
-        _fsync_dir(state_dir)
+        fsync_dir(state_dir)
     return newest
 
 
@@ -653,7 +654,7 @@ class CheckpointWriter:
                     self._written_seq = seq
                     if final and not self._newest_synced:  # on disk, not yet flushed
                         _fsync_file(self.state_dir / CHECKPOINT_NAME)
-                        _fsync_dir(self.state_dir)
+                        fsync_dir(self.state_dir)
                         self._newest_synced, self._synced_at = True, now
                     return False  # the same state as on disk: keep the older generation
                 synced = (

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from p2pfl.checkpoint import fsync_dir
 from p2pfl.errors import P2PFLError
 from sim.mixing import RowArena
 from sim.scenario import Scenario
@@ -346,11 +347,7 @@ def write_checkpoint(
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    fsync_dir(path.parent)
     return size
 
 
