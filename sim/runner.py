@@ -437,7 +437,8 @@ def record_run(
     listeners: list[Callable[[dict[str, Any]], None]] = [recorder]
     every = simulation.scenario.sim.checkpoint_every if checkpoints else 0.0
     checkpointer = Checkpointer(run_dir / CHECKPOINT_FILE, every)
-    code_fingerprint()  # of the sources as they are now, close to when they were imported
+    if every > 0:  # of the sources as they are now, close to when they were imported
+        code_fingerprint()
     tracker = None
     if tensorboard:
         from sim.tracking import TensorBoardTracker
