@@ -173,6 +173,25 @@ def test_a_far_ahead_model_from_a_plausible_aggregator_is_held_not_adopted() -> 
     assert torch.equal(p.params, torch.ones(4)) and p.round == ROUND
 
 
+def test_a_flood_of_far_ahead_trained_models_holds_one_slot_and_moves_nobody() -> None:
+    """An aggregator now holds a trained model whose round is not vouched for yet (it
+    dropped it, and waited out its timer for honest early models). One member's flood of
+    such models, round after round, keeps one slot (its latest), moves the peer nowhere
+    and starts no aggregation; a stranger's is refused by its role before the protocol
+    sees it; an honest trainer's model of a near round is still collected."""
+    p = honest(sample_size=4, num_aggregators=1, role_slack=len(IDS))
+    for far in range(ROUND + 10, ROUND + 200):
+        refusal, effects = deliver(p, "mallory", Message("aggregate", far, torch.zeros(4)))
+        assert refusal is None and not counted(effects, "modest.held_dropped")
+    assert list(p._held) == [("mallory", "aggregate")]
+    assert p._held["mallory", "aggregate"].round == ROUND + 199  # its latest only
+    assert p.round == ROUND and p.aggregating_round is None
+    assert deliver(p, "stranger", Message("aggregate", ROUND + 1, torch.zeros(4)))[0] is Refusal.NOT_ALLOWED
+    refusal, _ = deliver(p, IDS[1], Message("aggregate", ROUND + 1, torch.full((4,), 2.0)))
+    assert refusal is None and p.aggregating_round == ROUND + 1
+    assert list(p._held) == [("mallory", "aggregate")]  # far beyond any vouched round
+
+
 def test_a_rarely_sampled_peer_catches_up_once_a_second_member_vouches() -> None:
     p = honest()
     aggregator = IDS[3]
