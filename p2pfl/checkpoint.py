@@ -53,6 +53,7 @@ Why each part is there:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import itertools
@@ -460,15 +461,28 @@ def write_generation(
                 os.fsync(fd)
         finally:
             os.close(fd)
-        if rotate and newest.exists():
-            os.replace(newest, previous)
-        os.replace(tmp, newest)
+        # Never a rename over an existing file: ext4 treats one as "replace by rename"
+        # and pushes the new file's blocks to disk at once (auto_da_alloc), twice the CPU
+        # of the whole write (issue 17: 0.12 ms vs 0.05 ms a write). The name is freed
+        # first; a kill between the two steps leaves the other generation, as a kill
+        # between the two renames always did.
+        if rotate and newest.exists():  # (without a newest, the older one stays)
+            _unlink_if_there(previous)
+            os.rename(newest, previous)
+        elif not rotate:
+            _unlink_if_there(newest)
+        os.rename(tmp, newest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if sync:
         fsync_dir(state_dir)
     return newest
+
+
+def _unlink_if_there(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _fsync_file(path: Path) -> None:

@@ -46,6 +46,7 @@ import concurrent.futures
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,7 @@ __all__ = [
     "MAX_KNOWN_PEERS",
     "STATUS_NAME",
     "UNLINK",
+    "SignedOnce",
     "Node",
 ]
 
@@ -122,6 +124,36 @@ STATUS_EVERY = 1.0
 #: protocol messages kept while still discovering (a peer that found everyone first
 #: sends its round-0 model before we start); they are handled once the protocol starts
 EARLY_MESSAGES = 16
+
+
+class SignedOnce:
+    """The signed bytes of the message being sent, made once for all its recipients.
+
+    A protocol sends one ``Message`` object to each of its neighbours in turn; signing it
+    once instead of once per neighbour saves an Ed25519 signature, a hash and a msgpack
+    dump per extra recipient (issue 17). Every recipient gets the same bytes, sequence
+    number included, which is sound: a guard refuses a message whose signer is not the
+    stream's peer, so a recipient cannot pass its copy on, and each recipient sees the
+    number once. A second send of the same object to a peer that already had it (a
+    retry) is signed afresh, so that it is not refused there as a replay.
+    """
+
+    __slots__ = ("_message", "_protocol", "_data", "_sent_to")
+
+    def __init__(self) -> None:
+        self._message: Message | None = None
+        self._protocol = ""
+        self._data = b""
+        self._sent_to: set[str] = set()
+
+    def bytes_for(self, peer: str, message: Message, protocol: str, sign: Callable[[], bytes]) -> bytes:
+        """``message``'s bytes for ``peer``: the kept ones, or ``sign()``'s (then kept)."""
+        if message is self._message and protocol == self._protocol and peer not in self._sent_to:
+            self._sent_to.add(peer)
+            return self._data
+        self._message, self._protocol, self._data = message, protocol, sign()
+        self._sent_to = {peer}
+        return self._data
 
 
 class Node:
@@ -154,6 +186,7 @@ class Node:
             on_ban=self._on_ban,
         )
         self.seq = SequenceNumbers(time.time())
+        self.signed_once = SignedOnce()
         self.protocol: Protocol | None = None
         #: met peers that told us they do not take us as a neighbour (never waited for)
         self.unlinked: set[str] = set()
@@ -689,7 +722,10 @@ class Node:
             self._handle(SendFailed(self._now(), effect.to, effect.message))
 
     async def _send_bytes(self, peer: str, message: Message, protocol: str) -> None:
-        data = encode(message, identity=self.identity, protocol=protocol, seq=self.seq.next())
+        data = self.signed_once.bytes_for(
+            peer, message, protocol,
+            lambda: encode(message, identity=self.identity, protocol=protocol, seq=self.seq.next()),
+        )  # fmt: skip
         budget = self.send_budget
         ticket = budget.begin(peer, len(data))  # timeout from size and measured bandwidth
         task = asyncio.current_task()

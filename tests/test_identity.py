@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyType
 from libp2p.crypto.pb import crypto_pb2
@@ -39,6 +40,29 @@ def test_key_file_format_is_libp2ps() -> None:
     identity = Identity.generate(SEED)
     assert identity.private_bytes() == create_new_key_pair(SEED).private_key.serialize()
     assert identity.sign(b"x") == create_new_key_pair(SEED).private_key.sign(b"x")
+
+
+def test_libsodium_and_openssl_agree_on_signatures() -> None:
+    """Signing and checking run on libsodium (issue 17: twice as fast to check); a
+    signature is the same bytes OpenSSL makes, and each library accepts the other's."""
+    openssl = Ed25519PrivateKey.from_private_bytes(SEED)
+    identity = Identity.generate(SEED)
+    for data in (b"", b"x", bytes(range(256)) * 40):
+        assert identity.sign(data) == openssl.sign(data)
+        openssl.public_key().verify(identity.sign(data), data)  # raises if not
+        assert verify(identity.peer_id, data, openssl.sign(data))
+        tampered = bytearray(identity.sign(data))
+        tampered[10] ^= 1
+        assert not verify(identity.peer_id, data, bytes(tampered))
+
+
+def test_a_small_order_key_verifies_nothing() -> None:
+    """libsodium refuses keys of small order, whose 'signatures' anyone can make: the
+    identity point (encoded as 1 followed by zeros) with the signature R = identity,
+    S = 0 satisfies the equation for every message."""
+    identity_point = bytes([1]) + bytes(31)
+    peer_id = peer_id_from_bytes(bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20]) + identity_point)
+    assert not verify(peer_id, b"any model", identity_point + bytes(32))
 
 
 def test_importing_the_wire_does_not_import_libp2p() -> None:

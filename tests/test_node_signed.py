@@ -7,10 +7,13 @@ import asyncio
 
 import pytest
 
+from p2pfl.messages import Message
+from p2pfl.node import SignedOnce
 from p2pfl.protocols.modest.protocol import ModestProtocol
 from p2pfl.protocols.records import IdentitySigner
 from p2pfl.protocols.sybilwall import SybilWall
 from p2pfl.transport.memory import MemoryNetwork
+from p2pfl.wire import decode
 from tests.test_node import make_nodes, run_all
 
 pytestmark = pytest.mark.timeout(150)
@@ -62,3 +65,48 @@ def test_sybilwall_nodes_converge_with_signed_histories(tmp_path):
         assert isinstance(wall, SybilWall)
         assert wall.own_proof is not None and wall.proofs  # signed and relayed
         assert set(wall.declared) <= set(wall.neighbours)
+
+
+# -- a message is signed once for all its recipients (issue 17) --------------------------
+def test_signed_once_gives_every_recipient_the_same_bytes_and_a_repeat_fresh_ones():
+    signed = SignedOnce()
+    first, second = Message("model", 3), Message("model", 3)
+    numbers = iter(range(100))
+
+    def sign() -> bytes:
+        return f"signed-{next(numbers)}".encode()
+
+    assert signed.bytes_for("a", first, "dpsgd", sign) == b"signed-0"
+    assert signed.bytes_for("b", first, "dpsgd", sign) == b"signed-0"  # kept
+    assert signed.bytes_for("a", first, "dpsgd", sign) == b"signed-1"  # a retry to "a"
+    assert signed.bytes_for("b", first, "p2pfl", sign) == b"signed-2"  # another protocol
+    assert signed.bytes_for("b", second, "p2pfl", sign) == b"signed-3"  # an equal, other object
+    assert signed.bytes_for("c", second, "p2pfl", sign) == b"signed-3"
+
+
+def test_a_nodes_model_reaches_its_neighbours_as_one_signed_message(tmp_path):
+    """D-PSGD's model goes to three neighbours a round: one signature (one sequence
+    number) serves all three, and none of them refuses it (as a replay or otherwise)."""
+    network = MemoryNetwork(seed=6)
+    nodes = make_nodes(tmp_path, 4, network, rounds=6)
+    sent: list[tuple[str, bytes]] = []
+    watched = nodes[1].transport
+    original = watched.send
+
+    async def recording_send(peer: str, data: bytes, *, timeout: float) -> None:
+        sent.append((peer, bytes(data)))
+        await original(peer, data, timeout=timeout)
+
+    watched.send = recording_send  # type: ignore[method-assign]
+    statuses = asyncio.run(run_all(nodes))
+    assert all(status["rounds_done"] == 6 for status in statuses)
+    models: dict[int, dict[str, bytes]] = {}
+    for peer, data in sent:
+        envelope = decode(data)
+        if envelope.protocol == "dpsgd":
+            models.setdefault(envelope.round, {})[peer] = data
+    assert sorted(models) == list(range(6))
+    for by_peer in models.values():
+        assert len(by_peer) == 3 and len(set(by_peer.values())) == 1
+    for status in statuses:
+        assert not any(status["guard"]["dropped"].values()), status["guard"]
