@@ -624,6 +624,8 @@ class NodeNetworkConfig(Strict):
     ping_timeout: float = Field(3.0, gt=0)
     ping_failures: int = Field(2, ge=1)
     send_timeout: float = Field(10.0, gt=0)
+    #: = p2pfl.transport.limits.DEFAULT_MAX_MESSAGE_BYTES, every transport's default (a
+    #: test keeps the two equal: the protocols read this module and load no transport)
     max_message_bytes: int = Field(64 << 20, gt=1024)
     #: how many rounds ahead of ours a message may be (a restarted peer catches up)
     max_round_lead: int = Field(1000, ge=1)

@@ -184,6 +184,20 @@ async def test_two_way_bulk_transfers_with_new_streams_do_not_deadlock(make: Fac
         assert got.count(bulk) == 1 and got.count(b"small") == count
 
 
+async def test_no_handler_refuses_a_frame_before_its_body(make: Factory) -> None:
+    """A transport nobody takes messages from (a relay server) refuses a frame on its
+    length prefix: it neither holds nor reads up to ``max_message_size`` bytes of it (it
+    did, then refused it). Here the body never comes: the refusal cannot wait for it."""
+    (a, _), (b, _) = await make(), await make()
+    b.set_handler(None)
+    await a.connect(b.listen_addrs[0])
+    began = time.monotonic()
+    outcome = await on_trio(a, raw_stream, b.peer_id, [(8 << 20).to_bytes(4, "big")], False)
+    assert outcome in ("StreamReset", "StreamEOF"), outcome  # refused, unread
+    assert time.monotonic() - began < 5  # not the frame's 20 s deadline
+    assert b.stats()["unhandled"] == 1 and b.stats()["frames_cut"] == 0
+
+
 async def test_acknowledgement_means_received(make: Factory) -> None:
     (a, _), (b, inbox_b) = await make(), await make()
     await a.connect(b.listen_addrs[0])
@@ -538,3 +552,17 @@ async def test_a_timed_out_send_leaves_the_peer_reachable(make: Factory) -> None
     await on_trio(b, install, b._on_stream)
     await a.send(b.peer_id, b"after", timeout=5)
     assert await inbox_b.get() == (a.peer_id, b"after")
+
+
+def test_every_transport_and_the_node_default_to_one_message_cap() -> None:
+    """A transport built without a node config (a relay server, an embedder's) had a
+    256 MiB cap, four times the node's: its buffer bounds, derived from the cap, with it."""
+    from p2pfl.config import NodeNetworkConfig
+    from p2pfl.transport import memory
+    from p2pfl.transport.limits import DEFAULT_MAX_MESSAGE_BYTES
+
+    assert DEFAULT_MAX_MESSAGE_BYTES == 64 << 20
+    assert libp2p_module.DEFAULT_MAX_MESSAGE_SIZE == DEFAULT_MAX_MESSAGE_BYTES
+    assert memory.DEFAULT_MAX_MESSAGE_SIZE == DEFAULT_MAX_MESSAGE_BYTES
+    assert NodeNetworkConfig().max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+    assert Libp2pTransport(create_new_key_pair()).max_message_size == DEFAULT_MAX_MESSAGE_BYTES

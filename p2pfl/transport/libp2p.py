@@ -135,7 +135,7 @@ from ._streams import reset_quietly as _reset
 from ._unread import UnreadBudget
 from ._yamux import PatchedYamux, count_unread, use_patched_yamux
 from .base import FrameAbuse, Transport, TransportError
-from .limits import DEFAULT_TRANSPORT_LIMITS, TransportLimits
+from .limits import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TRANSPORT_LIMITS, TransportLimits
 
 __all__ = [
     "ACK",
@@ -151,7 +151,7 @@ __all__ = [
 PROTOCOL_ID = TProtocol("/p2pfl/msg/2.0.0")
 HEADER_SIZE = FRAME_HEADER_BYTES  # frames are p2pfl.wire.framing's (ACK is re-exported)
 DEFAULT_LISTEN_ADDRS = ("/ip4/127.0.0.1/tcp/0",)
-DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_SIZE = DEFAULT_MAX_MESSAGE_BYTES
 MAX_IDLE_STREAMS = 4
 """Idle outbound streams kept open per peer for later sends."""
 
@@ -1038,6 +1038,8 @@ class Libp2pTransport(Transport):
             )
         if admission.is_banned(sender):
             raise _FrameError("refused_banned", "the sender is banned")
+        if self._handler is None:  # nobody takes messages here (a relay server): unread
+            raise _FrameError("unhandled", "no handler is set")
         deadline = began + self.limits.frame_seconds(size)
         held = False
         self._apply_frees()

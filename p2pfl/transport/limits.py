@@ -13,7 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_TRANSPORT_LIMITS", "SMALL_FRAME_ROOM", "TransportLimits"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_TRANSPORT_LIMITS",
+    "SMALL_FRAME_ROOM",
+    "TransportLimits",
+]
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+"""The largest frame a transport takes unless told otherwise: a node's default
+(``network.max_message_bytes``), and every transport's, so that one built without a node
+config (a relay server, an embedder's) is not left with a larger memory bound."""
 
 SMALL_FRAME_ROOM = 1 << 20
 """Room a peer's share keeps beside one largest message, so that its greetings and

@@ -20,10 +20,11 @@ import random
 from collections.abc import Iterable
 
 from .base import FrameAbuse, Transport, TransportError
+from .limits import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "MemoryNetwork", "MemoryTransport"]
 
-DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_SIZE = DEFAULT_MAX_MESSAGE_BYTES
 
 
 def _peer_of(addr: str) -> str:
