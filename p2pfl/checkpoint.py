@@ -444,14 +444,18 @@ def write_generation(
     the loader then uses. ``settle``: the newest so far is flushed before it is rotated
     (it was written without ``sync``). See "Flushed to disk at a cadence" above.
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
     newest, previous = state_dir / CHECKPOINT_NAME, state_dir / PREVIOUS_NAME
     if settle:
         _fsync_file(newest)
     # a name of this process and write (mkstemp's random names cost more than the write),
     # with the prefix clean_stale_temps removes; O_EXCL: never someone else's file
     tmp = state_dir / f".{CHECKPOINT_NAME}.{os.getpid()}-{next(_temp_ids)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileNotFoundError:  # no folder yet (or it was removed): made on demand, not
+        state_dir.mkdir(parents=True, exist_ok=True)  # checked on every write
+        fd = os.open(tmp, flags, 0o600)
     try:
         try:
             view = memoryview(data)

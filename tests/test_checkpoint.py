@@ -384,3 +384,10 @@ def test_a_generation_never_replaces_a_file_by_renaming_over_it(tmp_path, monkey
     assert renames and not any(over for _, over in renames), renames
     assert decode_checkpoint((tmp_path / CHECKPOINT_NAME).read_bytes())["rounds_done"] == 4
     assert decode_checkpoint((tmp_path / PREVIOUS_NAME).read_bytes())["rounds_done"] == 2
+
+
+def test_a_generation_is_written_into_a_folder_that_is_not_there_yet(tmp_path):
+    """The folder is made when the first write finds none (not looked up every write)."""
+    state_dir = tmp_path / "gone" / "node"
+    write_generation(state_dir, encode_checkpoint(node_state(1)), sync=False)
+    assert decode_checkpoint((state_dir / CHECKPOINT_NAME).read_bytes())["rounds_done"] == 1
