@@ -42,6 +42,7 @@ Byzantine peer does: poisoned batches for data attacks, its protocol wrapped in
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
 import time
@@ -65,7 +66,6 @@ from p2pfl.identity import Identity
 from p2pfl.learning import BatchSampler, evaluate
 from p2pfl.liveness import Liveness
 from p2pfl.neighbours import PeerGraph, check_member, choose_neighbours
-from p2pfl.offload import Offload
 from p2pfl.peer import build_commons, use_torch_threads, wrap_attacker
 from p2pfl.protocols.base import (
     CancelTimer,
@@ -92,6 +92,7 @@ from p2pfl.protocols.contract import Role
 from p2pfl.protocols.records import IdentitySigner
 from p2pfl.protocols.registry import mixing_scheme, protocol_class
 from p2pfl.security import Ban, GuardConfig, PeerGuard, SequenceNumbers
+from p2pfl.threadname import name_os_thread
 from p2pfl.tracking import TensorBoardTracker
 from p2pfl.transport.base import Transport, TransportError
 from p2pfl.transport.send_budget import SendBudget
@@ -203,8 +204,9 @@ class Node:
         self.started_at = time.time()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        #: training and loss evaluations: on the loop when short, in a worker when not
-        self.offload = Offload()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="p2pfl-train", initializer=name_os_thread
+        )
         self._done = asyncio.Event()
         #: set once the transport listens (tests and embedders wait on it)
         self.listening = asyncio.Event()
@@ -329,7 +331,7 @@ class Node:
         )
 
     def _train_locally(self, params: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
-        """Local SGD (``self.offload``'s job); an attacker's batches are poisoned, a free
+        """Local SGD (in the worker thread); an attacker's batches are poisoned, a free
         rider trains nothing."""
         if self.attack is None:
             return self.trainer.train_one(params, self.sampler, steps)
@@ -471,7 +473,7 @@ class Node:
         if self._tracker is not None:
             self._tracker.close()  # flushes what is still buffered
         await self.transport.close()
-        self.offload.shutdown()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- protocol ------------------------------------------------------------------------
     def _choose_neighbours(self) -> list[str]:
@@ -683,8 +685,8 @@ class Node:
             if wait > 0:
                 await asyncio.sleep(wait)  # pacing, not synchronisation
         try:
-            params, loss = await self.offload.run(
-                "train", lambda: self._train_locally(effect.params, effect.steps)
+            params, loss = await loop.run_in_executor(
+                self._pool, self._train_locally, effect.params, effect.steps
             )
         except Exception as error:  # no TrainingDone would ever come: stop, do not hang
             self._fail("training", error)
@@ -692,16 +694,17 @@ class Node:
         self._handle(TrainingDone(self._now(), effect.ticket, params, loss))
 
     async def _evaluate_losses(self, effect: EvaluateLosses) -> None:
-        """Losses of a few vectors on one batch (``self.offload``'s job, like training)."""
+        """Losses of a few vectors on one batch (in the worker thread, like training)."""
         from p2pfl.learning.batch_loss import batch_losses
 
+        loop = asyncio.get_running_loop()
         attack = self.attack
         transform = attack.batch_transform if attack is not None else None
         # a free rider computes nothing, as it trains nothing (the simulator gives it no data)
         sampler = self.sampler if attack is None or attack.trains else None
         try:
-            losses = await self.offload.run(
-                "losses",
+            losses = await loop.run_in_executor(
+                self._pool,
                 lambda: batch_losses(self.trainer, sampler, effect.params, transform=transform),
             )
         except Exception as error:  # no LossesEvaluated would ever come: stop, do not hang
