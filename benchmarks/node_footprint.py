@@ -28,12 +28,16 @@ is lean when its CPU per round is a small multiple of it (issue 17: within 3x).
 ``--compare TREE`` runs the cluster alternately from another source tree (``before``: a
 copy of the repository with the old code) and from this one (``after``), ``--pairs``
 times, and prints each pair side by side with the real work sampled during both: one
-command, same load, so that a change's effect is not confused with the machine's.
+command, same load, so that a change's effect is not confused with the machine's. It
+ends with each pair's difference and a sign test of them: on this 2-core machine the
+spread between runs of the same code is as large as a 10% change (issue 17: a 6-pair
+median difference of -1 ms that an 8-pair rerun did not confirm).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -465,6 +469,27 @@ class Measured:
     load: tuple[float, float]  # 1-minute load average at its start and its end
 
 
+def pair_verdict(runs: list[Measured]) -> str:
+    """Each pair's after-minus-before CPU per round, their median, and a two-sided sign
+    test: how often after was lower, and how likely that count is if the change did
+    nothing (on this shared machine the spread between runs of the same code can be as
+    large as a change's effect, and a difference of medians alone has misled us)."""
+    befores = [r.cpu for r in runs if r.which == "before"]
+    afters = [r.cpu for r in runs if r.which == "after"]
+    diffs = [a - b for a, b in zip(afters, befores, strict=False)]
+    if not diffs:
+        return ""
+    lower = sum(d < 0 for d in diffs)
+    n = sum(d != 0 for d in diffs)
+    tail = min(lower, n - lower)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(tail + 1)) / 2**n) if n else 1.0
+    return (
+        f"\nafter - before, pair by pair (ms per round): {', '.join(f'{d:+.2f}' for d in diffs)}; "
+        f"median {median(diffs):+.2f}; after lower in {lower} of {len(diffs)} pairs "
+        f"(sign test, two-sided: p = {p:.2f})"
+    )
+
+
 def compare_report(args: argparse.Namespace) -> None:
     """``--compare``: before (another tree) and after (this one), alternating, one table.
 
@@ -545,6 +570,7 @@ def compare_report(args: argparse.Namespace) -> None:
             + " | ".join(f"{v:.2f}" for v in per_thread)
             + " |"
         )
+    print(pair_verdict(runs))
     loads = [x for r in runs for x in r.load]
     print(
         f"\nreal work pooled over all {len(runs)} runs (the same code in this process, so one "
