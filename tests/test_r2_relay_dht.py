@@ -30,7 +30,7 @@ from multiaddr import Multiaddr
 from p2pfl.transport import _dht, _nat
 from p2pfl.transport.libp2p import Libp2pTransport
 from tests.hostile import HostileClient
-from tests.transport_kit import Factory, eventually, nat_transports
+from tests.transport_kit import Factory, eventually, nat_transports_fixture
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -44,10 +44,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-async def make() -> AsyncIterator[Factory]:
-    async for factory in nat_transports(punch_grace=60.0, hole_punching=False):
-        yield factory
+make = nat_transports_fixture(punch_grace=60.0, hole_punching=False)
 
 
 def forged_id(index: int) -> bytes:

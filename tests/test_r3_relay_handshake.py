@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from libp2p.peer.id import ID
@@ -23,7 +22,7 @@ from libp2p.peer.id import ID
 from p2pfl.transport.libp2p import Libp2pTransport
 from tests.hostile import HostileClient, port_of
 from tests.test_r2_relay_dht import LIMITS, hold_circuits, relayed_addr
-from tests.transport_kit import Factory, eventually, nat_transports
+from tests.transport_kit import Factory, eventually, nat_transports_fixture
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -37,10 +36,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-async def make() -> AsyncIterator[Factory]:
-    async for factory in nat_transports(punch_grace=60.0, hole_punching=False):
-        yield factory
+make = nat_transports_fixture(punch_grace=60.0, hole_punching=False)
 
 
 def shorten_upgrade_timeout(transport: Libp2pTransport) -> None:

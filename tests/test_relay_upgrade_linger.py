@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from libp2p.peer.id import ID
@@ -19,7 +18,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 
 from p2pfl.transport._nat import connection_kind
 from p2pfl.transport.libp2p import PROTOCOL_ID, Libp2pTransport
-from tests.transport_kit import Factory, Inbox, eventually, nat_transports
+from tests.transport_kit import Factory, Inbox, eventually, nat_transports_fixture
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -31,10 +30,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-async def make() -> AsyncIterator[Factory]:
-    async for factory in nat_transports(punch_grace=60.0, hole_punching=False):
-        yield factory
+make = nat_transports_fixture(punch_grace=60.0, hole_punching=False)
 
 
 def relayed_addr(transport: Libp2pTransport) -> str | None:

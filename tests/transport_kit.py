@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from p2pfl.transport._nat import NatSettings
@@ -61,6 +62,19 @@ async def nat_transports(**defaults: Any) -> AsyncIterator[Factory]:
     yield factory
     for transport in reversed(created):
         await transport.close()
+
+
+def nat_transports_fixture(**defaults: Any) -> Any:
+    """A module's ``make`` fixture over :func:`nat_transports` with ``defaults``:
+    ``make = nat_transports_fixture(punch_grace=60.0)`` (one line, not one fixture
+    written out per module)."""
+
+    @pytest.fixture
+    async def make() -> AsyncIterator[Factory]:
+        async for factory in nat_transports(**defaults):
+            yield factory
+
+    return make
 
 
 async def inbox_transports() -> AsyncIterator[InboxFactory]:
