@@ -182,6 +182,16 @@ def gate_training(node: Any, at_round: int) -> tuple[asyncio.Event, asyncio.Even
     return reached, release
 
 
+async def tear_down(nodes: list[Any], runs: list[Any], clients: list[HostileClient]) -> None:
+    """Stop ``nodes``, wait for their ``runs`` (whatever they raised) and close the
+    attackers' ``clients``: the ``finally`` of a hostile test's run."""
+    for node in nodes:
+        node.stop()
+    await asyncio.gather(*runs, return_exceptions=True)
+    for client in clients:
+        await client.__aexit__()
+
+
 # ---------------------------------------------------------------- a node in its own process
 
 

@@ -33,7 +33,7 @@ from p2pfl.messages import Message
 from p2pfl.node import Node
 from p2pfl.transport.libp2p import PROTOCOL_ID, Libp2pTransport
 from p2pfl.wire import encode
-from tests.hostile import HostileClient, gate_training, libp2p_node
+from tests.hostile import HostileClient, gate_training, libp2p_node, tear_down
 
 ROUNDS = 3
 #: py-libp2p's swarm admits this many inbound connections at once (max_connections 300
@@ -488,11 +488,7 @@ def test_stream_hoarding_from_one_host_does_not_make_a_neighbour_look_dead(tmp_p
             await asyncio.wait_for(asyncio.gather(*runs), 60)
             return nodes, report
         finally:
-            for node in nodes:
-                node.stop()
-            await asyncio.gather(*runs, return_exceptions=True)
-            for client in clients:
-                await client.__aexit__()
+            await tear_down(nodes, runs, clients)
 
     nodes, report = asyncio.run(run())
     share = nodes[0].config.network.max_streams // 2

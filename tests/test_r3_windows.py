@@ -28,7 +28,14 @@ from p2pfl.node import Node
 from p2pfl.transport._unread import UNREAD_BUDGET
 from p2pfl.transport._yamux import BASE_WINDOW
 from p2pfl.transport.libp2p import PROTOCOL_ID, Libp2pTransport
-from tests.hostile import HostileClient, gate_training, identity, length_prefix, libp2p_node
+from tests.hostile import (
+    HostileClient,
+    gate_training,
+    identity,
+    length_prefix,
+    libp2p_node,
+    tear_down,
+)
 from tests.test_r1_redteam import ROUNDS, honest_config
 
 #: the hoarding host: loopback, not the honest nodes' 127.0.0.1
@@ -141,11 +148,7 @@ def test_stalled_windows_of_one_host_stay_within_its_share(tmp_path):
             report["peak_after"] = transport.stats()["unread_peak"]
             return nodes, report
         finally:
-            for node in nodes:
-                node.stop()
-            await asyncio.gather(*runs, return_exceptions=True)
-            for client in clients:
-                await client.__aexit__()
+            await tear_down(nodes, runs, clients)
 
     nodes, report = asyncio.run(run())
     share = UNREAD_BUDGET // 2
