@@ -654,7 +654,8 @@ class Node:
         elif isinstance(effect, Record):
             self.counters[effect.name] = self.counters.get(effect.name, 0.0) + effect.value
         elif isinstance(effect, RoundCompleted):
-            self._on_round(effect.round)
+            assert self.protocol is not None
+            self._on_round(effect.round, effect.model(self.protocol))
 
     def _fire_timer(self, name: str) -> None:
         self._handle(TimerFired(self._now(), name))
@@ -901,12 +902,14 @@ class Node:
         self._handle(MessageReceived(self._now(), sender, envelope.message))
 
     # -- rounds, checkpoints, status -------------------------------------------------------
-    def _on_round(self, finished: int) -> None:
+    def _on_round(self, finished: int, model: torch.Tensor) -> None:
+        """Round ``finished`` is over, with ``model`` (``RoundCompleted.model``): evaluate
+        it, checkpoint the protocol's state, write the status."""
         assert self.protocol is not None
         self.rounds_done = max(self.rounds_done, finished + 1)
         loss = None
         if finished % self.config.eval_every == 0 or finished + 1 >= self.config.rounds:
-            result = evaluate(self.trainer, self.protocol.params, self.x_test, self.y_test)
+            result = evaluate(self.trainer, model, self.x_test, self.y_test)
             self.accuracy = float(result.accuracy[0])
             loss = float(result.loss[0])
         self._checkpoint()

@@ -155,8 +155,8 @@ def on_round(node: Any, callback: Callable[[int], None]) -> None:
     """Call ``callback(finished_round)`` after each round ``node`` completes."""
     original = node._on_round
 
-    def hooked(finished: int) -> None:
-        original(finished)
+    def hooked(finished: int, model: Any) -> None:
+        original(finished, model)
         callback(finished)
 
     node._on_round = hooked

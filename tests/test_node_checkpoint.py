@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from p2pfl.checkpoint import (
     CHECKPOINT_NAME,
@@ -270,10 +271,10 @@ class FullDiskNode(Node):
 
     checkpoint_during: dict[str, Any] | None = None
 
-    def _on_round(self, finished: int) -> None:
+    def _on_round(self, finished: int, model: torch.Tensor) -> None:
         if finished == 2:
             self.filler = fill(self.state_dir)
-        super()._on_round(finished)
+        super()._on_round(finished, model)
         if finished == 6:
             assert self.disk.writer.wait(10)
             assert self.disk.writer.health.errors_total >= 1  # the full disk was met

@@ -19,6 +19,7 @@ import time
 from typing import cast
 
 import pytest
+import torch
 
 from p2pfl.checkpoint import load_checkpoint
 from p2pfl.config import NodeConfig
@@ -199,8 +200,8 @@ class TimedNode(Node):
         self.started_at_loop = asyncio.get_running_loop().time()
         super()._start_protocol(checkpoint)
 
-    def _on_round(self, finished: int) -> None:
-        super()._on_round(finished)
+    def _on_round(self, finished: int, model: torch.Tensor) -> None:
+        super()._on_round(finished, model)
         self.finished_at_loop = asyncio.get_running_loop().time()
 
 
@@ -302,8 +303,8 @@ class LateNode(Node):
 class SignallingNode(Node):
     leader_done: asyncio.Event
 
-    def _on_round(self, finished: int) -> None:
-        super()._on_round(finished)
+    def _on_round(self, finished: int, model: torch.Tensor) -> None:
+        super()._on_round(finished, model)
         self.leader_done.set()
 
 

@@ -12,6 +12,7 @@ from collections import Counter
 
 import networkx as nx
 import pytest
+import torch
 
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
@@ -159,8 +160,8 @@ class WatchedNode(Node):
             self.changed.set()
         super()._handle(event)
 
-    def _on_round(self, finished: int) -> None:
-        super()._on_round(finished)
+    def _on_round(self, finished: int, model: torch.Tensor) -> None:
+        super()._on_round(finished, model)
         self.changed.set()
 
     async def until(self, condition, timeout: float) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -171,9 +171,23 @@ class Record:
 
 @dataclass(slots=True)
 class RoundCompleted:
-    """The peer finished round ``round``; its current model is ``Protocol.params``."""
+    """The peer finished round ``round`` with the model ``params``, or, when ``None``,
+    with its current model (``Protocol.params``).
+
+    A protocol that may move past a round within the same event gives ``params``: a
+    MoDeST peer that trains round r and aggregates round r + 1 is done with both when its
+    own trained model is the last one its aggregation waited for, and by the time a
+    driver reads ``Protocol.params`` it holds the aggregate, not round r's model (the
+    drivers then evaluated, and the equivalence test compared, the wrong model for r).
+    """
 
     round: int
+    #: not compared: two completions of a round are equal whatever tensor they hold
+    params: torch.Tensor | None = field(default=None, compare=False)
+
+    def model(self, protocol: Protocol) -> torch.Tensor:
+        """The model the round ended with."""
+        return protocol.params if self.params is None else self.params
 
 
 Effect = Send | Train | EvaluateLosses | SetTimer | CancelTimer | Record | RoundCompleted

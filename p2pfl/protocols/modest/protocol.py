@@ -1420,7 +1420,8 @@ class ModestProtocol(Protocol):
             out.append(Record("modest.joiners_took_part", 1.0))
         if round > self._completed:
             self._completed = round
-            out.append(RoundCompleted(round))
+            # the model it ended with: the same event may go on to the next round's
+            out.append(RoundCompleted(round, self.params))
 
     # ------------------------------------------------------------------ views, joins
     def _merge_meta(self, now: float, sender: PeerId, msg: Message, out: list[Effect]) -> None:
