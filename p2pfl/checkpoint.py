@@ -53,7 +53,6 @@ Why each part is there:
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import io
 import itertools
@@ -471,10 +470,10 @@ def write_generation(
         # first; a kill between the two steps leaves the other generation, as a kill
         # between the two renames always did.
         if rotate and newest.exists():  # (without a newest, the older one stays)
-            _unlink_if_there(previous)
+            previous.unlink(missing_ok=True)
             os.rename(newest, previous)
         elif not rotate:
-            _unlink_if_there(newest)
+            newest.unlink(missing_ok=True)
         os.rename(tmp, newest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -482,11 +481,6 @@ def write_generation(
     if sync:
         fsync_dir(state_dir)
     return newest
-
-
-def _unlink_if_there(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def _fsync_file(path: Path) -> None:
