@@ -32,6 +32,16 @@ command, same load, so that a change's effect is not confused with the machine's
 ends with each pair's difference and a sign test of them: on this 2-core machine the
 spread between runs of the same code is as large as a 10% change (issue 17: a 6-pair
 median difference of -1 ms that an 8-pair rerun did not confirm).
+
+``--compare TREE --mixed`` runs both trees *in one cluster*: in each run some peers start
+from the other tree and the rest from this one (which peers alternates from run to run,
+so that the bootstrap peer's extra work falls on each side equally), and a run's
+difference is between peers that ran side by side, under the same load, exchanging the
+same messages. Runs of the same code differ by up to 2 ms here, while the peers of one
+run differ by ~0.1 ms: this measures a change of 2% where alternating whole runs cannot
+(it needs the two trees to speak the same wire format).
+
+    python benchmarks/node_footprint.py --rounds 400 --compare /tmp/before --mixed --pairs 6
 """
 
 from __future__ import annotations
@@ -106,13 +116,34 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return totals
 
 
+class MixedCluster(Cluster):
+    """The test cluster with each peer started from a source tree of its own: the peer runs
+    that tree's ``p2pfl`` package (``python -m`` puts the working directory first on the
+    path, and ``PYTHONPATH`` names the tree for what the peer starts itself)."""
+
+    def __init__(self, *args: Any, trees: dict[int, Path], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trees = trees
+
+    def popen_options(self, i: int) -> dict[str, Any]:
+        tree = self.trees[i]
+        return {"cwd": tree, "env": {"PYTHONPATH": str(tree)}}
+
+
 def run(
-    args: argparse.Namespace, real: RealWork | None = None, tree: Path | None = None
+    args: argparse.Namespace,
+    real: RealWork | None = None,
+    tree: Path | None = None,
+    *,
+    trees: dict[int, Path] | None = None,
 ) -> list[dict[str, float]]:
     """Run the cluster, watching every peer; with ``real``, sample the real work of a
     round in this process every ``REAL_EVERY`` seconds while the peers train (same load).
     ``tree``: the peers run the ``p2pfl`` package of that source tree instead of this one
-    (``python -m`` puts the working directory first on the path, so they start there)."""
+    (``python -m`` puts the working directory first on the path, so they start there);
+    ``trees``: each peer its own tree (``MixedCluster``)."""
+    if trees is not None:
+        return _run_retrying(args, real, trees)
     if tree is None:
         return _run_retrying(args, real)
     saved_cwd, saved_path = os.getcwd(), os.environ.get("PYTHONPATH")
@@ -129,14 +160,17 @@ def run(
 
 
 def _run_retrying(
-    args: argparse.Namespace, real: RealWork | None, attempts: int = 3
+    args: argparse.Namespace,
+    real: RealWork | None,
+    trees: dict[int, Path] | None = None,
+    attempts: int = 3,
 ) -> list[dict[str, float]]:
     """``_run``, again with new ports when a peer found its port taken: the cluster picks
     free ports before the peers bind them, and on a shared machine another program may
     take one meanwhile (a lost run, not a measurement)."""
     for attempt in range(1, attempts + 1):
         try:
-            return _run(args, real)
+            return _run(args, real, trees)
         except SystemExit as exc:
             if "Address already in use" not in str(exc) or attempt == attempts:
                 raise
@@ -144,7 +178,9 @@ def _run_retrying(
     raise AssertionError("unreachable")
 
 
-def _run(args: argparse.Namespace, real: RealWork | None) -> list[dict[str, float]]:
+def _run(
+    args: argparse.Namespace, real: RealWork | None, trees: dict[int, Path] | None = None
+) -> list[dict[str, float]]:
     next_real = 0.0
     with tempfile.TemporaryDirectory(prefix="p2pfl-footprint-") as tmp:
         root = Path(tmp)
@@ -155,7 +191,10 @@ def _run(args: argparse.Namespace, real: RealWork | None) -> list[dict[str, floa
             *args.set,
         ]
         extra = [arg for item in overrides for arg in ("--set", item)] + ["--quiet"]
-        cluster = Cluster(root, Path(args.config), args.peers, extra_args=extra)
+        if trees is None:
+            cluster = Cluster(root, Path(args.config), args.peers, extra_args=extra)
+        else:
+            cluster = MixedCluster(root, Path(args.config), args.peers, extra_args=extra, trees=trees)
         watches: dict[int, Watch] = {}
         try:
             cluster.start_all()
@@ -469,7 +508,7 @@ class Measured:
     load: tuple[float, float]  # 1-minute load average at its start and its end
 
 
-def pair_verdict(runs: list[Measured]) -> str:
+def pair_verdict(runs: list[Measured], unit: str = "pair") -> str:
     """Each pair's after-minus-before CPU per round, their median, and a two-sided sign
     test: how often after was lower, and how likely that count is if the change did
     nothing (on this shared machine the spread between runs of the same code can be as
@@ -484,9 +523,38 @@ def pair_verdict(runs: list[Measured]) -> str:
     tail = min(lower, n - lower)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(tail + 1)) / 2**n) if n else 1.0
     return (
-        f"\nafter - before, pair by pair (ms per round): {', '.join(f'{d:+.2f}' for d in diffs)}; "
-        f"median {median(diffs):+.2f}; after lower in {lower} of {len(diffs)} pairs "
+        f"\nafter - before, {unit} by {unit} (ms per round): {', '.join(f'{d:+.2f}' for d in diffs)}; "
+        f"median {median(diffs):+.2f}; after lower in {lower} of {len(diffs)} {unit}s "
         f"(sign test, two-sided: p = {p:.2f})"
+    )
+
+
+def _before_tree(args: argparse.Namespace) -> Path:
+    before = Path(args.compare).resolve()
+    if not (before / "p2pfl" / "__init__.py").is_file():
+        print(f"--compare: {before} has no p2pfl/__init__.py (expected a source tree)")
+        raise SystemExit(2)
+    return before
+
+
+def _thread_medians(rows: list[dict[str, float]], seen: list[str]) -> dict[str, float]:
+    """Each thread's CPU per round, median over ``rows`` (peers); new names join ``seen``."""
+    threads: dict[str, float] = {}
+    for name in sorted({n for row in rows for n in row["threads"]}):  # type: ignore[attr-defined]
+        threads[name] = median([row["threads"].get(name, 0.0) for row in rows])  # type: ignore[attr-defined]
+        if name not in seen:
+            seen.append(name)
+    return threads
+
+
+def _run_line(pair: int, done: Measured, ratio_to: float | None = None) -> str:
+    real = done.real
+    return (
+        f"| {pair} | {done.which} | {done.load[0]:.1f}-{done.load[1]:.1f} | {done.cpu:.2f} "
+        f"| {real.median():.2f} / {real.median_after():.2f} "
+        f"| {done.cpu / (ratio_to or real.median()):.2f}x | "
+        + ", ".join(f"{name} {value:.2f}" for name, value in done.threads.items())
+        + " |"
     )
 
 
@@ -497,20 +565,13 @@ def compare_report(args: argparse.Namespace) -> None:
     work's median over *every* sample of every run (both sides run the same real work in
     this process, so one figure serves both), taken during the runs and right after
     them; a run's own ratio leans on its ~20 samples alone."""
-    before = Path(args.compare).resolve()
-    if not (before / "p2pfl" / "__init__.py").is_file():
-        print(f"--compare: {before} has no p2pfl/__init__.py (expected a source tree)")
-        raise SystemExit(2)
+    before = _before_tree(args)
     print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")
     print(
         f"{args.peers} peers on 127.0.0.1 over libp2p, {Path(args.config).name} "
         f"{' '.join(args.set)}, {args.rounds} rounds a run; before = {before}, after = {ROOT}; "
         "CPU / round: median of the peers; real work: median of the samples taken in this "
         f"process during each run (every {REAL_EVERY} s) and right after it ({REAL_AFTER})\n"
-    )
-    header = (
-        "| pair | which | load 1 min | CPU / round ms | real work ms (during / after) "
-        "| ratio | by thread ms |"
     )
     threads_seen: list[str] = []
     runs: list[Measured] = []
@@ -522,32 +583,68 @@ def compare_report(args: argparse.Namespace) -> None:
             real = RealWork(args)
             rows = run(args, real, before if which == "before" else ROOT)
             real.sample_after()
-            threads: dict[str, float] = {}
-            for name in sorted({n for row in rows for n in row["threads"]}):  # type: ignore[attr-defined]
-                threads[name] = median([row["threads"].get(name, 0.0) for row in rows])  # type: ignore[attr-defined]
-                if name not in threads_seen:
-                    threads_seen.append(name)
             done = Measured(
                 which,
                 median([row["cpu_per_round_ms"] for row in rows]),
-                threads,
+                _thread_medians(rows, threads_seen),
                 real,
                 (load, os.getloadavg()[0]),
             )
             runs.append(done)
-            lines.append(
-                f"| {pair} | {which} | {load:.1f}-{done.load[1]:.1f} | {done.cpu:.2f} "
-                f"| {real.median():.2f} / {real.median_after():.2f} "
-                f"| {done.cpu / real.median():.2f}x | "
-                + ", ".join(f"{name} {value:.2f}" for name, value in threads.items())
-                + " |"
-            )
+            lines.append(_run_line(pair, done))
             print(lines[-1], flush=True)
+    _summary(runs, lines, threads_seen, "pair")
+
+
+def mixed_report(args: argparse.Namespace) -> None:
+    """``--compare TREE --mixed``: both trees in every run, peers split between them."""
+    before = _before_tree(args)
+    print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")
+    print(
+        f"{args.peers} peers on 127.0.0.1 over libp2p, {Path(args.config).name} "
+        f"{' '.join(args.set)}, {args.rounds} rounds a run; before = {before}, after = {ROOT}; "
+        "in each run the peers of one parity start from one tree, the others from the other "
+        "(swapped from run to run); CPU / round: median of that side's peers; real work: "
+        f"sampled in this process during each run (every {REAL_EVERY} s) and right after it\n"
+    )
+    threads_seen: list[str] = []
+    runs: list[Measured] = []
+    lines: list[str] = []
+    for number in range(1, args.pairs + 1):
+        before_parity = number % 2
+        trees = {i: before if i % 2 == before_parity else ROOT for i in range(args.peers)}
+        load = os.getloadavg()[0]
+        real = RealWork(args)
+        rows = run(args, real, trees=trees)
+        real.sample_after()
+        loads = (load, os.getloadavg()[0])
+        for which in ("before", "after"):
+            side = [row for row in rows if (trees[int(row["peer"])] == before) == (which == "before")]
+            done = Measured(
+                which,
+                median([row["cpu_per_round_ms"] for row in side]),
+                _thread_medians(side, threads_seen),
+                real,
+                loads,
+            )
+            runs.append(done)
+            peers = ",".join(str(int(row["peer"])) for row in side)
+            lines.append(_run_line(number, done).replace(f"| {which} |", f"| {which} ({peers}) |", 1))
+            print(lines[-1], flush=True)
+    _summary(runs, lines, threads_seen, "run")
+
+
+def _summary(runs: list[Measured], lines: list[str], threads_seen: list[str], unit: str) -> None:
+    header = (
+        f"| {unit} | which | load 1 min | CPU / round ms | real work ms (during / after) "
+        "| ratio | by thread ms |"
+    )
     print("\n" + header + "\n| ---: | --- | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(lines))
-    during = median([v for r in runs for v in r.real.samples])
-    after = median([v for r in runs for v in r.real.after])
-    count_during = sum(len(r.real.samples) for r in runs)
-    count_after = sum(len(r.real.after) for r in runs)
+    reals = list({id(r.real): r.real for r in runs}.values())
+    during = median([v for real in reals for v in real.samples])
+    after = median([v for real in reals for v in real.after])
+    count_during = sum(len(real.samples) for real in reals)
+    count_after = sum(len(real.after) for real in reals)
     print(
         "\nmedians over the runs (ms per round). Ratios: the median of the runs' own (a "
         "run's CPU over the real work sampled during it: the same load, the figure to "
@@ -570,10 +667,10 @@ def compare_report(args: argparse.Namespace) -> None:
             + " | ".join(f"{v:.2f}" for v in per_thread)
             + " |"
         )
-    print(pair_verdict(runs))
+    print(pair_verdict(runs, unit))
     loads = [x for r in runs for x in r.load]
     print(
-        f"\nreal work pooled over all {len(runs)} runs (the same code in this process, so one "
+        f"\nreal work pooled over all {len(reals)} runs (the same code in this process, so one "
         f"figure for both sides): {during:.2f} ms during the runs (median of {count_during} "
         f"samples), {after:.2f} ms right after them (median of {count_after}); load average "
         f"{min(loads):.1f}-{max(loads):.1f} over the command"
@@ -598,10 +695,19 @@ def main() -> None:
         metavar="TREE",
         help="also run the cluster from this source tree (before), alternating with this one",
     )
-    parser.add_argument("--pairs", type=int, default=3, help="before/after pairs (--compare)")
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="with --compare: both trees in every run, the peers split between them",
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=3, help="before/after pairs (--compare; runs with --mixed)"
+    )
     args = parser.parse_args()
+    if args.mixed and not args.compare:
+        parser.error("--mixed needs --compare TREE")
     if args.compare:
-        compare_report(args)
+        (mixed_report if args.mixed else compare_report)(args)
         return
     if args.lone_node:
         print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")

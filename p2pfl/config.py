@@ -697,6 +697,10 @@ class NodeConfig(Strict):
     #: per-round measurements also as TensorBoard scalars in ``<state_dir>/tensorboard/``
     #: (needs the optional extra ``p2pfl-gossip[tracking]``; checked at start-up)
     tensorboard: bool = False
+    #: the asyncio event loop: "auto" is uvloop where installed (a dependency on Linux and
+    #: macOS; less CPU a round), else asyncio's own; "uvloop" or "asyncio" insist
+    #: (``p2pfl.eventloop``)
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     protocol: ProtocolConfig = Field(default_factory=lambda: DPSGDConfig(name="dpsgd"))

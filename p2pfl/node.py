@@ -62,6 +62,7 @@ from p2pfl.discovery import (
     MAX_KNOWN_PEERS,
     Discovery,
 )
+from p2pfl.eventloop import running_loop_name
 from p2pfl.identity import Identity
 from p2pfl.learning import BatchSampler, evaluate
 from p2pfl.liveness import Liveness
@@ -373,7 +374,12 @@ class Node:
         self.transport.set_abuse_handler(self._on_transport_abuse)
         await self.transport.start()
         self.listening.set()
-        log.info("node %s listening on %s", self.peer_id, ", ".join(self.transport.listen_addrs))
+        log.info(
+            "node %s listening on %s (event loop: %s)",
+            self.peer_id,
+            ", ".join(self.transport.listen_addrs),
+            running_loop_name(),
+        )
         self._write_status()
         try:
             if self.config.tensorboard:  # inside try: a failure still closes the transport

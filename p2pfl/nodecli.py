@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from p2pfl import eventloop
 from p2pfl.config import (
     ConfigError,
     NodeConfig,
@@ -177,7 +178,7 @@ def _build_and_run(config: NodeConfig) -> dict[str, Any]:
 
     transport = make_transport(config, identity)
     node = Node(config, transport, identity)
-    return asyncio.run(node.run())
+    return eventloop.run(node.run(), config.event_loop)
 
 
 def run_relay(
@@ -235,4 +236,4 @@ def run_relay(
         finally:
             await transport.close()
 
-    asyncio.run(serve())
+    eventloop.run(serve())

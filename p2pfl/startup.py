@@ -150,6 +150,17 @@ def check_tracking(config: NodeConfig) -> None:
         raise StartupError(f"tensorboard: {error}") from None
 
 
+def check_event_loop(config: NodeConfig) -> None:
+    """``event_loop = "uvloop"`` needs uvloop installed (``"auto"`` does without it)."""
+    from p2pfl.eventloop import uvloop_available
+
+    if config.event_loop == "uvloop" and not uvloop_available():
+        raise StartupError(
+            'event_loop: "uvloop" is not installed here (pip install uvloop; not built for '
+            'Windows); set event_loop = "auto" or "asyncio"'
+        )
+
+
 def check_node_inputs(config: NodeConfig) -> Identity:
     """Every check above, in the order a user would fix them; returns the identity."""
     for addr in config.network.listen:
@@ -158,6 +169,7 @@ def check_node_inputs(config: NodeConfig) -> Identity:
         parse_addr("network.bootstrap", addr, dial=True)
     check_aggregator(config)
     check_tracking(config)
+    check_event_loop(config)
     for addr in config.network.listen:
         check_port_free(addr)
     check_state_dir(config.state_dir)

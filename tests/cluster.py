@@ -68,14 +68,20 @@ class Cluster:
             args += ["--bootstrap", self.bootstrap_addr()]
         log = (self.root / f"peer{i}.log").open("ab")
         self.logs[i] = log
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        options = self.popen_options(i)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            **options.pop("env", {}),
+        }
         self.processes[i] = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=env, **self.popen_options(i)
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, **options
         )
 
     def popen_options(self, i: int) -> dict[str, Any]:
         """More ``subprocess.Popen`` keywords for peer ``i`` (a subclass's: a working
-        directory, a cgroup to join before exec)."""
+        directory, a cgroup to join before exec); ``env`` adds to the peers' environment."""
         return {}
 
     def start_all(self) -> None:

@@ -1,10 +1,12 @@
 """``benchmarks/node_footprint.py``'s figures that need no cluster: the median, a run lost
 to a port taken meanwhile is run again (and only such a run), the real work keeps its
-samples during and after a run apart."""
+samples during and after a run apart, ``--mixed`` starts each peer from its own tree and
+compares the two sides run by run."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ def test_median_of_odd_even_and_no_values() -> None:
 def test_a_run_whose_port_was_taken_is_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 
-    def flaky(args: Any, real: Any) -> list[dict[str, float]]:
+    def flaky(args: Any, real: Any, trees: Any) -> list[dict[str, float]]:
         calls.append(1)
         if len(calls) == 1:
             raise SystemExit("peer 3 exited with 2:\nerror: Address already in use")
@@ -35,7 +37,7 @@ def test_a_run_whose_port_was_taken_is_run_again(monkeypatch: pytest.MonkeyPatch
 def test_any_other_failure_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 
-    def broken(args: Any, real: Any) -> list[dict[str, float]]:
+    def broken(args: Any, real: Any, trees: Any) -> list[dict[str, float]]:
         calls.append(1)
         raise SystemExit("peer 0 exited with 1:\nTraceback ...")
 
@@ -46,7 +48,7 @@ def test_any_other_failure_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_a_port_taken_every_time_ends_the_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
-    def taken(args: Any, real: Any) -> list[dict[str, float]]:
+    def taken(args: Any, real: Any, trees: Any) -> list[dict[str, float]]:
         raise SystemExit("error: Address already in use")
 
     monkeypatch.setattr(bench, "_run", taken)
@@ -63,3 +65,23 @@ def test_real_work_keeps_samples_during_and_after_apart() -> None:
     real.sample_after(count=3)
     assert len(real.samples) == 1 and len(real.after) == 3
     assert real.median() > 0 and real.median_after() > 0
+
+
+def test_a_mixed_cluster_starts_each_peer_from_its_tree(tmp_path: Path) -> None:
+    before, after = tmp_path / "before", tmp_path / "after"
+    trees = {0: after, 1: before, 2: after}
+    cluster = bench.MixedCluster(tmp_path, tmp_path / "node.toml", 3, trees=trees)
+    assert cluster.popen_options(1) == {"cwd": before, "env": {"PYTHONPATH": str(before)}}
+    assert cluster.popen_options(2) == {"cwd": after, "env": {"PYTHONPATH": str(after)}}
+
+
+def test_mixed_runs_are_compared_run_by_run() -> None:
+    real = bench.RealWork.__new__(bench.RealWork)  # no samples needed for the verdict
+    runs = [
+        bench.Measured(which, cpu, {}, real, (0.0, 0.0))
+        for which, cpu in [("before", 8.0), ("after", 7.9), ("before", 6.5), ("after", 6.4),
+                           ("before", 9.0), ("after", 8.7)]
+    ]  # fmt: skip
+    verdict = bench.pair_verdict(runs, "run")
+    assert "run by run (ms per round): -0.10, -0.10, -0.30" in verdict
+    assert "after lower in 3 of 3 runs (sign test, two-sided: p = 0.25)" in verdict
