@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from p2pfl.errors import P2PFLError
+from p2pfl.wire.framing import DEFAULT_MAX_FRAME_BYTES
 
 if TYPE_CHECKING:
     from p2pfl.attacks.registry import Attack
@@ -624,9 +625,9 @@ class NodeNetworkConfig(Strict):
     ping_timeout: float = Field(3.0, gt=0)
     ping_failures: int = Field(2, ge=1)
     send_timeout: float = Field(10.0, gt=0)
-    #: = p2pfl.transport.limits.DEFAULT_MAX_MESSAGE_BYTES, every transport's default (a
-    #: test keeps the two equal: the protocols read this module and load no transport)
-    max_message_bytes: int = Field(64 << 20, gt=1024)
+    #: the project's one default cap (``p2pfl.wire.framing.DEFAULT_MAX_FRAME_BYTES``, 64 MiB):
+    #: every transport's and every decoder's too
+    max_message_bytes: int = Field(DEFAULT_MAX_FRAME_BYTES, gt=1024)
     #: how many rounds ahead of ours a message may be (a restarted peer catches up)
     max_round_lead: int = Field(1000, ge=1)
     #: transport resource bounds (p2pfl.transport.limits), checked before a frame's body

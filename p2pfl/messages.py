@@ -23,7 +23,7 @@ PeerId = str
 ENVELOPE_OVERHEAD = 160
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)  # weakly held by the node's SignedOnce
 class Message:
     """What a protocol sends to another peer, before any wire encoding.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from p2pfl.messages import Message
 from p2pfl.node import SignedOnce
@@ -82,6 +83,19 @@ def test_signed_once_gives_every_recipient_the_same_bytes_and_a_repeat_fresh_one
     assert signed.bytes_for("b", first, "p2pfl", sign) == b"signed-2"  # another protocol
     assert signed.bytes_for("b", second, "p2pfl", sign) == b"signed-3"  # an equal, other object
     assert signed.bytes_for("c", second, "p2pfl", sign) == b"signed-3"
+
+
+def test_signed_once_lets_the_bytes_go_with_their_message():
+    """Held only while the message lives: not through the next round's training."""
+    signed = SignedOnce()
+    message = Message("model", 3, torch.zeros(4))
+    assert signed.bytes_for("a", message, "dpsgd", lambda: b"x" * 100) == b"x" * 100
+    assert signed.held_bytes == 100
+    assert signed.bytes_for("b", message, "dpsgd", lambda: b"y") == b"x" * 100  # still kept
+    del message  # its sends are over: nothing refers to it
+    assert signed.held_bytes == 0
+    again = Message("model", 4, torch.zeros(4))
+    assert signed.bytes_for("a", again, "dpsgd", lambda: b"z") == b"z"
 
 
 def test_a_nodes_model_reaches_its_neighbours_as_one_signed_message(tmp_path):

@@ -556,13 +556,16 @@ async def test_a_timed_out_send_leaves_the_peer_reachable(make: Factory) -> None
 
 def test_every_transport_and_the_node_default_to_one_message_cap() -> None:
     """A transport built without a node config (a relay server, an embedder's) had a
-    256 MiB cap, four times the node's: its buffer bounds, derived from the cap, with it."""
+    256 MiB cap, four times the node's: its buffer bounds, derived from the cap, with it;
+    a decoder without one took 128 MiB."""
     from p2pfl.config import NodeNetworkConfig
     from p2pfl.transport import memory
     from p2pfl.transport.limits import DEFAULT_MAX_MESSAGE_BYTES
+    from p2pfl.wire import DEFAULT_LIMITS
 
     assert DEFAULT_MAX_MESSAGE_BYTES == 64 << 20
     assert libp2p_module.DEFAULT_MAX_MESSAGE_SIZE == DEFAULT_MAX_MESSAGE_BYTES
     assert memory.DEFAULT_MAX_MESSAGE_SIZE == DEFAULT_MAX_MESSAGE_BYTES
     assert NodeNetworkConfig().max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+    assert DEFAULT_LIMITS.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES  # a decoder's too
     assert Libp2pTransport(create_new_key_pair()).max_message_size == DEFAULT_MAX_MESSAGE_BYTES

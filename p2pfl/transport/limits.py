@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from p2pfl.wire.framing import DEFAULT_MAX_FRAME_BYTES
+
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TRANSPORT_LIMITS",
@@ -20,8 +22,8 @@ __all__ = [
     "TransportLimits",
 ]
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
-"""The largest frame a transport takes unless told otherwise: a node's default
+DEFAULT_MAX_MESSAGE_BYTES = DEFAULT_MAX_FRAME_BYTES
+"""The largest frame a transport takes unless told otherwise (64 MiB): a node's default
 (``network.max_message_bytes``), and every transport's, so that one built without a node
 config (a relay server, an embedder's) is not left with a larger memory bound."""
 

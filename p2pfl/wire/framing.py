@@ -22,8 +22,12 @@ __all__ = ["ACK", "FRAME_HEADER_BYTES", "FrameReader", "frame", "frame_header", 
 _HEADER = struct.Struct(">I")
 FRAME_HEADER_BYTES = _HEADER.size
 MAX_FRAME_BYTES = (1 << 32) - 1
-#: the default cap on one frame, which holds one message (``WireLimits.max_message_bytes``)
-DEFAULT_MAX_FRAME_BYTES = 128 << 20
+#: the default cap on one frame, which holds one message: the one default of the project,
+#: a decoder's (``WireLimits.max_message_bytes``), every transport's
+#: (``p2pfl.transport.limits.DEFAULT_MAX_MESSAGE_BYTES``) and a node's
+#: (``network.max_message_bytes``), so that nothing built without a node config accepts
+#: more than a node does
+DEFAULT_MAX_FRAME_BYTES = 64 << 20
 #: the byte a receiver answers once it has taken a whole frame (streams that acknowledge)
 ACK = b"\x01"
 
