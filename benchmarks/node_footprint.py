@@ -194,7 +194,9 @@ def _run(
         if trees is None:
             cluster = Cluster(root, Path(args.config), args.peers, extra_args=extra)
         else:
-            cluster = MixedCluster(root, Path(args.config), args.peers, extra_args=extra, trees=trees)
+            cluster = MixedCluster(
+                root, Path(args.config), args.peers, extra_args=extra, trees=trees
+            )
         watches: dict[int, Watch] = {}
         try:
             cluster.start_all()
@@ -529,6 +531,95 @@ def pair_verdict(runs: list[Measured], unit: str = "pair") -> str:
     )
 
 
+@dataclass
+class Table:
+    """The runs of a comparison as they come (one line each, printed at once), and their
+    summary: both sides' medians and the sign test of their differences."""
+
+    unit: str  # "pair" (alternating runs) or "run" (both trees in each run)
+    runs: list[Measured] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    threads_seen: list[str] = field(default_factory=list)
+
+    def add(
+        self,
+        number: int,
+        which: str,
+        rows: list[dict[str, float]],
+        real: RealWork,
+        loads: tuple[float, float],
+        *,
+        label: str | None = None,
+    ) -> None:
+        """One side of one run: ``rows`` are its peers' figures."""
+        threads: dict[str, float] = {}
+        for name in sorted({n for row in rows for n in row["threads"]}):  # type: ignore[attr-defined]
+            threads[name] = median([row["threads"].get(name, 0.0) for row in rows])  # type: ignore[attr-defined]
+            if name not in self.threads_seen:
+                self.threads_seen.append(name)
+        done = Measured(
+            which, median([row["cpu_per_round_ms"] for row in rows]), threads, real, loads
+        )
+        self.runs.append(done)
+        self.lines.append(
+            f"| {number} | {label or which} | {loads[0]:.1f}-{loads[1]:.1f} | {done.cpu:.2f} "
+            f"| {real.median():.2f} / {real.median_after():.2f} "
+            f"| {done.cpu / real.median():.2f}x | "
+            + ", ".join(f"{name} {value:.2f}" for name, value in threads.items())
+            + " |"
+        )
+        print(self.lines[-1], flush=True)
+
+    def summary(self) -> None:
+        """The runs' table again, each side's medians and ratios, and the sign test."""
+        runs, lines, threads_seen, unit = self.runs, self.lines, self.threads_seen, self.unit
+        header = (
+            f"| {unit} | which | load 1 min | CPU / round ms | real work ms (during / after) "
+            "| ratio | by thread ms |"
+        )
+        print(
+            "\n"
+            + header
+            + "\n| ---: | --- | ---: | ---: | ---: | ---: | --- |\n"
+            + "\n".join(lines)
+        )
+        reals = list({id(r.real): r.real for r in runs}.values())
+        during = median([v for real in reals for v in real.samples])
+        after = median([v for real in reals for v in real.after])
+        count_during = sum(len(real.samples) for real in reals)
+        count_after = sum(len(real.after) for real in reals)
+        print(
+            "\nmedians over the runs (ms per round). Ratios: the median of the runs' own (a "
+            "run's CPU over the real work sampled during it: the same load, the figure to "
+            "trust when the load changes between runs), and the side's median CPU over the "
+            "real work pooled over all runs, during them and right after them:"
+        )
+        print(
+            "| | CPU / round | ratio (runs' own) | ratio (pooled, during) | ratio (pooled, after) | "
+            + " | ".join(threads_seen)
+            + " |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(threads_seen))
+        for which in ("before", "after"):
+            side = [r for r in runs if r.which == which]
+            cpu = median([r.cpu for r in side])
+            own = median([r.cpu / r.real.median() for r in side])
+            per_thread = [median([r.threads.get(name, 0.0) for r in side]) for name in threads_seen]
+            print(
+                f"| {which} | {cpu:.2f} | {own:.2f}x | {cpu / during:.2f}x | {cpu / after:.2f}x | "
+                + " | ".join(f"{v:.2f}" for v in per_thread)
+                + " |"
+            )
+        print(pair_verdict(runs, unit))
+        loads = [x for r in runs for x in r.load]
+        print(
+            f"\nreal work pooled over all {len(reals)} runs (the same code in this process, so one "
+            f"figure for both sides): {during:.2f} ms during the runs (median of {count_during} "
+            f"samples), {after:.2f} ms right after them (median of {count_after}); load average "
+            f"{min(loads):.1f}-{max(loads):.1f} over the command"
+        )
+
+
 def _before_tree(args: argparse.Namespace) -> Path:
     before = Path(args.compare).resolve()
     if not (before / "p2pfl" / "__init__.py").is_file():
@@ -537,25 +628,16 @@ def _before_tree(args: argparse.Namespace) -> Path:
     return before
 
 
-def _thread_medians(rows: list[dict[str, float]], seen: list[str]) -> dict[str, float]:
-    """Each thread's CPU per round, median over ``rows`` (peers); new names join ``seen``."""
-    threads: dict[str, float] = {}
-    for name in sorted({n for row in rows for n in row["threads"]}):  # type: ignore[attr-defined]
-        threads[name] = median([row["threads"].get(name, 0.0) for row in rows])  # type: ignore[attr-defined]
-        if name not in seen:
-            seen.append(name)
-    return threads
-
-
-def _run_line(pair: int, done: Measured, ratio_to: float | None = None) -> str:
-    real = done.real
-    return (
-        f"| {pair} | {done.which} | {done.load[0]:.1f}-{done.load[1]:.1f} | {done.cpu:.2f} "
-        f"| {real.median():.2f} / {real.median_after():.2f} "
-        f"| {done.cpu / (ratio_to or real.median()):.2f}x | "
-        + ", ".join(f"{name} {value:.2f}" for name, value in done.threads.items())
-        + " |"
+def _heading(args: argparse.Namespace, how: str) -> Path:
+    """Print the command and what a comparison runs; the other tree (checked)."""
+    before = _before_tree(args)
+    print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")
+    print(
+        f"{args.peers} peers on 127.0.0.1 over libp2p, {Path(args.config).name} "
+        f"{' '.join(args.set)}, {args.rounds} rounds a run; before = {before}, after = {ROOT}; "
+        f"{how}\n"
     )
+    return before
 
 
 def compare_report(args: argparse.Namespace) -> None:
@@ -565,17 +647,12 @@ def compare_report(args: argparse.Namespace) -> None:
     work's median over *every* sample of every run (both sides run the same real work in
     this process, so one figure serves both), taken during the runs and right after
     them; a run's own ratio leans on its ~20 samples alone."""
-    before = _before_tree(args)
-    print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")
-    print(
-        f"{args.peers} peers on 127.0.0.1 over libp2p, {Path(args.config).name} "
-        f"{' '.join(args.set)}, {args.rounds} rounds a run; before = {before}, after = {ROOT}; "
+    before = _heading(
+        args,
         "CPU / round: median of the peers; real work: median of the samples taken in this "
-        f"process during each run (every {REAL_EVERY} s) and right after it ({REAL_AFTER})\n"
+        f"process during each run (every {REAL_EVERY} s) and right after it ({REAL_AFTER})",
     )
-    threads_seen: list[str] = []
-    runs: list[Measured] = []
-    lines: list[str] = []
+    table = Table("pair")
     for pair in range(1, args.pairs + 1):
         order = ("before", "after") if pair % 2 else ("after", "before")
         for which in order:
@@ -583,33 +660,19 @@ def compare_report(args: argparse.Namespace) -> None:
             real = RealWork(args)
             rows = run(args, real, before if which == "before" else ROOT)
             real.sample_after()
-            done = Measured(
-                which,
-                median([row["cpu_per_round_ms"] for row in rows]),
-                _thread_medians(rows, threads_seen),
-                real,
-                (load, os.getloadavg()[0]),
-            )
-            runs.append(done)
-            lines.append(_run_line(pair, done))
-            print(lines[-1], flush=True)
-    _summary(runs, lines, threads_seen, "pair")
+            table.add(pair, which, rows, real, (load, os.getloadavg()[0]))
+    table.summary()
 
 
 def mixed_report(args: argparse.Namespace) -> None:
     """``--compare TREE --mixed``: both trees in every run, peers split between them."""
-    before = _before_tree(args)
-    print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")
-    print(
-        f"{args.peers} peers on 127.0.0.1 over libp2p, {Path(args.config).name} "
-        f"{' '.join(args.set)}, {args.rounds} rounds a run; before = {before}, after = {ROOT}; "
+    before = _heading(
+        args,
         "in each run the peers of one parity start from one tree, the others from the other "
         "(swapped from run to run); CPU / round: median of that side's peers; real work: "
-        f"sampled in this process during each run (every {REAL_EVERY} s) and right after it\n"
+        f"sampled in this process during each run (every {REAL_EVERY} s) and right after it",
     )
-    threads_seen: list[str] = []
-    runs: list[Measured] = []
-    lines: list[str] = []
+    table = Table("run")
     for number in range(1, args.pairs + 1):
         before_parity = number % 2
         trees = {i: before if i % 2 == before_parity else ROOT for i in range(args.peers)}
@@ -619,62 +682,12 @@ def mixed_report(args: argparse.Namespace) -> None:
         real.sample_after()
         loads = (load, os.getloadavg()[0])
         for which in ("before", "after"):
-            side = [row for row in rows if (trees[int(row["peer"])] == before) == (which == "before")]
-            done = Measured(
-                which,
-                median([row["cpu_per_round_ms"] for row in side]),
-                _thread_medians(side, threads_seen),
-                real,
-                loads,
-            )
-            runs.append(done)
+            side = [
+                row for row in rows if (trees[int(row["peer"])] == before) == (which == "before")
+            ]
             peers = ",".join(str(int(row["peer"])) for row in side)
-            lines.append(_run_line(number, done).replace(f"| {which} |", f"| {which} ({peers}) |", 1))
-            print(lines[-1], flush=True)
-    _summary(runs, lines, threads_seen, "run")
-
-
-def _summary(runs: list[Measured], lines: list[str], threads_seen: list[str], unit: str) -> None:
-    header = (
-        f"| {unit} | which | load 1 min | CPU / round ms | real work ms (during / after) "
-        "| ratio | by thread ms |"
-    )
-    print("\n" + header + "\n| ---: | --- | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(lines))
-    reals = list({id(r.real): r.real for r in runs}.values())
-    during = median([v for real in reals for v in real.samples])
-    after = median([v for real in reals for v in real.after])
-    count_during = sum(len(real.samples) for real in reals)
-    count_after = sum(len(real.after) for real in reals)
-    print(
-        "\nmedians over the runs (ms per round). Ratios: the median of the runs' own (a "
-        "run's CPU over the real work sampled during it: the same load, the figure to "
-        "trust when the load changes between runs), and the side's median CPU over the "
-        "real work pooled over all runs, during them and right after them:"
-    )
-    print(
-        "| | CPU / round | ratio (runs' own) | ratio (pooled, during) | ratio (pooled, after) | "
-        + " | ".join(threads_seen)
-        + " |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(threads_seen))
-    for which in ("before", "after"):
-        side = [r for r in runs if r.which == which]
-        cpu = median([r.cpu for r in side])
-        own = median([r.cpu / r.real.median() for r in side])
-        per_thread = [median([r.threads.get(name, 0.0) for r in side]) for name in threads_seen]
-        print(
-            f"| {which} | {cpu:.2f} | {own:.2f}x | {cpu / during:.2f}x | {cpu / after:.2f}x | "
-            + " | ".join(f"{v:.2f}" for v in per_thread)
-            + " |"
-        )
-    print(pair_verdict(runs, unit))
-    loads = [x for r in runs for x in r.load]
-    print(
-        f"\nreal work pooled over all {len(reals)} runs (the same code in this process, so one "
-        f"figure for both sides): {during:.2f} ms during the runs (median of {count_during} "
-        f"samples), {after:.2f} ms right after them (median of {count_after}); load average "
-        f"{min(loads):.1f}-{max(loads):.1f} over the command"
-    )
+            table.add(number, which, side, real, loads, label=f"{which} ({peers})")
+    table.summary()
 
 
 def main() -> None:
