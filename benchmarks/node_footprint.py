@@ -20,8 +20,8 @@ configuration, without network or node: the local training steps, one evaluation
 test set the node evaluates on, and the mixing of its model with its neighbours'. A node
 is lean when its CPU per round is a small multiple of it (issue 17: within 3x).
 
-    python benchmarks/node_footprint.py                    # 5 peers, 30 rounds
-    python benchmarks/node_footprint.py --peers 5 --rounds 60 --set model.hidden=[64]
+    python benchmarks/node_footprint.py                    # 5 peers, 300 rounds
+    python benchmarks/node_footprint.py --peers 5 --rounds 300 --set model.hidden=[64]
     python benchmarks/node_footprint.py --lone-node   # checkpoints on the loop vs a thread
     python benchmarks/node_footprint.py --compare /tmp/before --pairs 3   # before/after
 
@@ -245,6 +245,15 @@ def summarize(i: int, watch: Watch, args: argparse.Namespace) -> dict[str, float
     seen = sorted(watch.cpu_at)
     first = min((r for r in seen if r >= args.warmup), default=seen[0])
     last = seen[-1]
+    if last <= first:  # one reading: no CPU per round to take (it printed 0.00 ms before)
+        print(
+            f"error: --rounds {args.rounds}: peer {i} reported rounds done only "
+            f"{len(seen)} time(s) ({', '.join(map(str, seen))}); a node writes status.json "
+            f"at most once a second, so a run must last several seconds: use --rounds 200 "
+            "or more",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     per_round = (watch.cpu_at[last] - watch.cpu_at[first]) / max(1, last - first)
     assert watch.finished is not None
     threads_first, threads_last = watch.threads_at[first], watch.threads_at[last]
@@ -694,7 +703,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "examples/node/node.toml"))
     parser.add_argument("--peers", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=2, help="rounds left out of CPU/round")
     parser.add_argument("--set", action="append", default=[], help="config override, key=value")
     parser.add_argument("--timeout", type=float, default=600.0)

@@ -85,3 +85,21 @@ def test_mixed_runs_are_compared_run_by_run() -> None:
     verdict = bench.pair_verdict(runs, "run")
     assert "run by run (ms per round): -0.10, -0.10, -0.30" in verdict
     assert "after lower in 3 of 3 runs (sign test, two-sided: p = 0.25)" in verdict
+
+
+def test_a_run_too_short_to_measure_is_an_error_not_zero(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """status.json is written at most once a second: a run of a fraction of a second
+    showed one reading, and printed 0.00 ms per round."""
+    watch = bench.Watch(process=None, finished=1.0)
+    watch.cpu_at, watch.threads_at = {20: 3.0}, {20: {"main (asyncio)": 1.0}}
+    args = argparse.Namespace(warmup=2, rounds=20)
+    with pytest.raises(SystemExit) as stopped:
+        bench.summarize(0, watch, args)
+    assert stopped.value.code == 2
+    assert "--rounds 20: peer 0 reported rounds done only 1 time(s) (20)" in capsys.readouterr().err
+    watch.cpu_at[80], watch.threads_at[80] = 3.6, {"main (asyncio)": 1.3}
+    row = bench.summarize(0, watch, args)
+    assert row["cpu_per_round_ms"] == pytest.approx(10.0)  # 0.6 s over 60 rounds
+    assert row["threads"]["main (asyncio)"] == pytest.approx(5.0)
