@@ -1,14 +1,14 @@
 """The event loop a node (or relay) runs on: uvloop where it is installed, asyncio's own
 otherwise.
 
-A node's asyncio thread spends a fifth of its CPU in the loop itself: a pass per
-callback batch (~11 a digits round), a self-pipe wake-up for each hand-off from the trio
-and training threads, and a task per send. uvloop runs that machinery in C (libuv). In
-one cluster of 5 digits peers, the peers on uvloop spent 0.10-0.20 ms less CPU a round
-than the peers on asyncio's loop beside them, in each of 8 runs (issue 17,
-BENCHMARKS.md). Nothing else changes: the protocol sees the same events, the transport
-the same calls. uvloop's clock has a resolution of one millisecond, which no protocol
-timer needs finer.
+A node's asyncio thread makes ~11 passes of its loop a digits round, each a select and a
+batch of callbacks, and is woken through the loop's self-pipe for each hand-off from the
+trio and training threads. uvloop runs that machinery in C (libuv). In one cluster of 5
+digits peers, the peers on uvloop spent 0.09-0.31 ms less CPU a round than the peers on
+asyncio's loop beside them, in each of 14 runs (median -0.12 ms, 2%; issue 17,
+BENCHMARKS.md, ``node_footprint.py --compare --mixed``). Nothing else changes: the protocol sees the
+same events, the transport the same calls. uvloop's clock has a resolution of one
+millisecond, which no protocol timer needs finer.
 
 ``event_loop`` in the node's config picks: ``"auto"`` (default) uvloop where it can be
 imported (it is a dependency on Linux and macOS) and asyncio's loop otherwise,
