@@ -133,30 +133,13 @@ class MixedCluster(Cluster):
 def run(
     args: argparse.Namespace,
     real: RealWork | None = None,
-    tree: Path | None = None,
-    *,
     trees: dict[int, Path] | None = None,
 ) -> list[dict[str, float]]:
     """Run the cluster, watching every peer; with ``real``, sample the real work of a
     round in this process every ``REAL_EVERY`` seconds while the peers train (same load).
-    ``tree``: the peers run the ``p2pfl`` package of that source tree instead of this one
-    (``python -m`` puts the working directory first on the path, so they start there);
-    ``trees``: each peer its own tree (``MixedCluster``)."""
-    if trees is not None:
-        return _run_retrying(args, real, trees)
-    if tree is None:
-        return _run_retrying(args, real)
-    saved_cwd, saved_path = os.getcwd(), os.environ.get("PYTHONPATH")
-    os.chdir(tree)
-    os.environ["PYTHONPATH"] = str(tree)
-    try:
-        return _run_retrying(args, real)
-    finally:
-        os.chdir(saved_cwd)
-        if saved_path is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved_path
+    ``trees``: the source tree each peer runs the ``p2pfl`` package of (``MixedCluster``);
+    without, the peers run the installed one."""
+    return _run_retrying(args, real, trees)
 
 
 def _run_retrying(
@@ -581,16 +564,16 @@ class Table:
 
     def summary(self) -> None:
         """The runs' table again, each side's medians and ratios, and the sign test."""
-        runs, lines, threads_seen, unit = self.runs, self.lines, self.threads_seen, self.unit
+        runs, threads_seen = self.runs, self.threads_seen
         header = (
-            f"| {unit} | which | load 1 min | CPU / round ms | real work ms (during / after) "
+            f"| {self.unit} | which | load 1 min | CPU / round ms | real work ms (during / after) "
             "| ratio | by thread ms |"
         )
         print(
             "\n"
             + header
             + "\n| ---: | --- | ---: | ---: | ---: | ---: | --- |\n"
-            + "\n".join(lines)
+            + "\n".join(self.lines)
         )
         reals = list({id(r.real): r.real for r in runs}.values())
         during = median([v for real in reals for v in real.samples])
@@ -619,7 +602,7 @@ class Table:
                 + " | ".join(f"{v:.2f}" for v in per_thread)
                 + " |"
             )
-        print(pair_verdict(runs, unit))
+        print(pair_verdict(runs, self.unit))
         loads = [x for r in runs for x in r.load]
         print(
             f"\nreal work pooled over all {len(reals)} runs (the same code in this process, so one "
@@ -667,7 +650,8 @@ def compare_report(args: argparse.Namespace) -> None:
         for which in order:
             load = os.getloadavg()[0]
             real = RealWork(args)
-            rows = run(args, real, before if which == "before" else ROOT)
+            trees = dict.fromkeys(range(args.peers), before) if which == "before" else None
+            rows = run(args, real, trees)
             real.sample_after()
             table.add(pair, which, rows, real, (load, os.getloadavg()[0]))
     table.summary()
@@ -687,7 +671,7 @@ def mixed_report(args: argparse.Namespace) -> None:
         trees = {i: before if i % 2 == before_parity else ROOT for i in range(args.peers)}
         load = os.getloadavg()[0]
         real = RealWork(args)
-        rows = run(args, real, trees=trees)
+        rows = run(args, real, trees)
         real.sample_after()
         loads = (load, os.getloadavg()[0])
         for which in ("before", "after"):

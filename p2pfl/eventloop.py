@@ -6,9 +6,9 @@ batch of callbacks, and is woken through the loop's self-pipe for each hand-off 
 trio and training threads. uvloop runs that machinery in C (libuv). In one cluster of 5
 digits peers, the peers on uvloop spent 0.09-0.31 ms less CPU a round than the peers on
 asyncio's loop beside them, in each of 14 runs (median -0.12 ms, 2%; issue 17,
-BENCHMARKS.md, ``node_footprint.py --compare --mixed``). Nothing else changes: the protocol sees the
-same events, the transport the same calls. uvloop's clock has a resolution of one
-millisecond, which no protocol timer needs finer.
+BENCHMARKS.md, ``node_footprint.py --compare --mixed``). Nothing else changes: the
+protocol sees the same events, the transport the same calls. uvloop's clock has a
+resolution of one millisecond, which no protocol timer needs finer.
 
 ``event_loop`` in the node's config picks: ``"auto"`` (default) uvloop where it can be
 imported (it is a dependency on Linux and macOS) and asyncio's loop otherwise,
