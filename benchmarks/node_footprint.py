@@ -239,11 +239,23 @@ def summarize(i: int, watch: Watch, args: argparse.Namespace) -> dict[str, float
         raise SystemExit(2)
     per_round = (watch.cpu_at[last] - watch.cpu_at[first]) / max(1, last - first)
     assert watch.finished is not None
-    threads_first, threads_last = watch.threads_at[first], watch.threads_at[last]
-    per_thread = {
-        name: 1000 * (threads_last[name] - threads_first.get(name, 0.0)) / max(1, last - first)
-        for name in threads_last
-    }
+    # by thread: up to the last reading with every thread of the first still alive (a
+    # reading taken while the node shut down lacks the threads it had joined: their CPU
+    # is in the process's total, but a thread's own figure would read 0)
+    threads_first = watch.threads_at[first]
+    alive = [r for r in seen if r > first and threads_first.keys() <= watch.threads_at[r].keys()]
+    threads_until = alive[-1] if alive else first
+    threads_last = watch.threads_at[threads_until]
+    per_thread = (
+        {
+            name: 1000
+            * (threads_last[name] - threads_first.get(name, 0.0))
+            / (threads_until - first)
+            for name in threads_last
+        }
+        if threads_until > first
+        else {}
+    )
     return {
         "threads": per_thread,  # type: ignore[dict-item]
         "peer": i,
@@ -545,8 +557,10 @@ class Table:
     ) -> None:
         """One side of one run: ``rows`` are its peers' figures."""
         threads: dict[str, float] = {}
-        for name in sorted({n for row in rows for n in row["threads"]}):  # type: ignore[attr-defined]
-            threads[name] = median([row["threads"].get(name, 0.0) for row in rows])  # type: ignore[attr-defined]
+        by_peer: list[dict[str, float]] = [row["threads"] for row in rows]  # type: ignore[misc]
+        for name in sorted({n for peer in by_peer for n in peer}):
+            # a peer without a figure for the thread (none taken, see summarize) is left out
+            threads[name] = median([peer[name] for peer in by_peer if name in peer])
             if name not in self.threads_seen:
                 self.threads_seen.append(name)
         done = Measured(
@@ -596,7 +610,10 @@ class Table:
             side = [r for r in runs if r.which == which]
             cpu = median([r.cpu for r in side])
             own = median([r.cpu / r.real.median() for r in side])
-            per_thread = [median([r.threads.get(name, 0.0) for r in side]) for name in threads_seen]
+            per_thread = [
+                median([r.threads[name] for r in side if name in r.threads])
+                for name in threads_seen
+            ]
             print(
                 f"| {which} | {cpu:.2f} | {own:.2f}x | {cpu / during:.2f}x | {cpu / after:.2f}x | "
                 + " | ".join(f"{v:.2f}" for v in per_thread)
@@ -744,8 +761,8 @@ def main() -> None:
     print("\nCPU / round ms by thread (from /proc, same rounds):")
     names = sorted({name for row in rows for name in row["threads"]})  # type: ignore[attr-defined]
     for name in names:
-        values = [row["threads"].get(name, 0.0) for row in rows]  # type: ignore[attr-defined]
-        print(f"- {name}: {', '.join(f'{v:.1f}' for v in values)}")
+        values = [row["threads"].get(name) for row in rows]  # type: ignore[attr-defined]
+        print(f"- {name}: {', '.join('-' if v is None else f'{v:.1f}' for v in values)}")
     during.sample_after()
     per_round = median([row["cpu_per_round_ms"] for row in rows])
     real, real_after = during.median(), during.median_after()

@@ -57,9 +57,7 @@ def test_a_port_taken_every_time_ends_the_benchmark(monkeypatch: pytest.MonkeyPa
 
 
 def test_real_work_keeps_samples_during_and_after_apart() -> None:
-    args = argparse.Namespace(
-        config=str(bench.ROOT / "examples/node/node.toml"), peers=5, set=[]
-    )
+    args = argparse.Namespace(config=str(bench.ROOT / "examples/node/node.toml"), peers=5, set=[])
     real = bench.RealWork(args)
     real.sample(rounds=2)
     real.sample_after(count=3)
@@ -103,3 +101,19 @@ def test_a_run_too_short_to_measure_is_an_error_not_zero(
     row = bench.summarize(0, watch, args)
     assert row["cpu_per_round_ms"] == pytest.approx(10.0)  # 0.6 s over 60 rounds
     assert row["threads"]["main (asyncio)"] == pytest.approx(5.0)
+
+
+def test_threads_are_read_up_to_the_last_reading_that_has_them_all() -> None:
+    """The last reading of a peer can fall in its shutdown, after it joined its worker
+    threads: their figures were then printed as 0.0 ms a round (the bootstrap peer, run
+    after run). They come from the last reading with every thread still there."""
+    watch = bench.Watch(process=None, finished=1.0)
+    watch.cpu_at = {10: 1.0, 50: 1.4, 60: 1.5}
+    watch.threads_at = {
+        10: {"main (asyncio)": 0.5, "p2pfl-trio": 0.2},
+        50: {"main (asyncio)": 0.7, "p2pfl-trio": 0.4},
+        60: {"main (asyncio)": 0.75},  # the trio thread has ended
+    }
+    row = bench.summarize(0, watch, argparse.Namespace(warmup=2, rounds=60))
+    assert row["cpu_per_round_ms"] == pytest.approx(10.0)  # the process: to the last reading
+    assert row["threads"] == pytest.approx({"main (asyncio)": 5.0, "p2pfl-trio": 5.0})
