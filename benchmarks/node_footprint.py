@@ -42,6 +42,12 @@ run differ by ~0.1 ms: this measures a change of 2% where alternating whole runs
 (it needs the two trees to speak the same wire format).
 
     python benchmarks/node_footprint.py --rounds 400 --compare /tmp/before --mixed --pairs 6
+
+``--before-python PYTHON`` runs the before side on another interpreter (the ``python`` of a
+virtual environment with p2pfl's dependencies), from this tree unless ``--compare`` names
+another: what a build of CPython costs the node, with the same code on both sides.
+
+    python benchmarks/node_footprint.py --rounds 400 --before-python /tmp/venv/bin/python --mixed
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import argparse
 import math
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,36 +123,52 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return totals
 
 
-class MixedCluster(Cluster):
-    """The test cluster with each peer started from a source tree of its own: the peer runs
-    that tree's ``p2pfl`` package (``python -m`` puts the working directory first on the
-    path, and ``PYTHONPATH`` names the tree for what the peer starts itself)."""
+@dataclass(frozen=True)
+class Side:
+    """What the peers of one side of a comparison run: a source tree's ``p2pfl`` package,
+    on an interpreter (a virtual environment's ``python``, with the packages p2pfl needs)."""
 
-    def __init__(self, *args: Any, trees: dict[int, Path], **kwargs: Any) -> None:
+    tree: Path
+    python: str = sys.executable
+
+    def describe(self) -> str:
+        return str(self.tree) if self.python == sys.executable else f"{self.tree} on {self.python}"
+
+
+class MixedCluster(Cluster):
+    """The test cluster with each peer started from a side of its own: the peer runs that
+    side's interpreter and tree's ``p2pfl`` package (``python -m`` puts the working
+    directory first on the path, and ``PYTHONPATH`` names the tree for what the peer
+    starts itself)."""
+
+    def __init__(self, *args: Any, sides: dict[int, Side], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.trees = trees
+        self.sides = sides
+
+    def interpreter(self, i: int) -> str:
+        return self.sides[i].python
 
     def popen_options(self, i: int) -> dict[str, Any]:
-        tree = self.trees[i]
+        tree = self.sides[i].tree
         return {"cwd": tree, "env": {"PYTHONPATH": str(tree)}}
 
 
 def run(
     args: argparse.Namespace,
     real: RealWork | None = None,
-    trees: dict[int, Path] | None = None,
+    sides: dict[int, Side] | None = None,
 ) -> list[dict[str, float]]:
     """Run the cluster, watching every peer; with ``real``, sample the real work of a
     round in this process every ``REAL_EVERY`` seconds while the peers train (same load).
-    ``trees``: the source tree each peer runs the ``p2pfl`` package of (``MixedCluster``);
-    without, the peers run the installed one."""
-    return _run_retrying(args, real, trees)
+    ``sides``: the tree and interpreter each peer runs (``MixedCluster``); without, the
+    peers run the installed ``p2pfl`` on this interpreter."""
+    return _run_retrying(args, real, sides)
 
 
 def _run_retrying(
     args: argparse.Namespace,
     real: RealWork | None,
-    trees: dict[int, Path] | None = None,
+    sides: dict[int, Side] | None = None,
     attempts: int = 3,
 ) -> list[dict[str, float]]:
     """``_run``, again with new ports when a peer found its port taken: the cluster picks
@@ -153,7 +176,7 @@ def _run_retrying(
     take one meanwhile (a lost run, not a measurement)."""
     for attempt in range(1, attempts + 1):
         try:
-            return _run(args, real, trees)
+            return _run(args, real, sides)
         except SystemExit as exc:
             if "Address already in use" not in str(exc) or attempt == attempts:
                 raise
@@ -162,7 +185,7 @@ def _run_retrying(
 
 
 def _run(
-    args: argparse.Namespace, real: RealWork | None, trees: dict[int, Path] | None = None
+    args: argparse.Namespace, real: RealWork | None, sides: dict[int, Side] | None = None
 ) -> list[dict[str, float]]:
     next_real = 0.0
     with tempfile.TemporaryDirectory(prefix="p2pfl-footprint-") as tmp:
@@ -174,11 +197,11 @@ def _run(
             *args.set,
         ]
         extra = [arg for item in overrides for arg in ("--set", item)] + ["--quiet"]
-        if trees is None:
+        if sides is None:
             cluster = Cluster(root, Path(args.config), args.peers, extra_args=extra)
         else:
             cluster = MixedCluster(
-                root, Path(args.config), args.peers, extra_args=extra, trees=trees
+                root, Path(args.config), args.peers, extra_args=extra, sides=sides
             )
         watches: dict[int, Watch] = {}
         try:
@@ -629,22 +652,41 @@ class Table:
         )
 
 
-def _before_tree(args: argparse.Namespace) -> Path:
-    before = Path(args.compare).resolve()
+def _before_side(args: argparse.Namespace) -> Side:
+    """The side to compare this one with: ``--compare``'s tree (else this one) on
+    ``--before-python`` (else this interpreter), each checked."""
+    before = Path(args.compare).resolve() if args.compare else ROOT
     if not (before / "p2pfl" / "__init__.py").is_file():
-        print(f"--compare: {before} has no p2pfl/__init__.py (expected a source tree)")
+        print(
+            f"--compare: {before} has no p2pfl/__init__.py (expected a source tree)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
-    return before
+    python = args.before_python or sys.executable
+    if python != sys.executable:
+        check = [python, "-c", "import libp2p, torch, trio"]
+        try:
+            ok = subprocess.run(check, capture_output=True, timeout=120).returncode == 0
+        except OSError:
+            ok = False
+        if not ok:
+            print(
+                f"--before-python: {python} cannot import libp2p, torch and trio "
+                "(expected the python of an environment with p2pfl's dependencies)",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+    return Side(before, python)
 
 
-def _heading(args: argparse.Namespace, how: str) -> Path:
-    """Print the command and what a comparison runs; the other tree (checked)."""
-    before = _before_tree(args)
+def _heading(args: argparse.Namespace, how: str) -> Side:
+    """Print the command and what a comparison runs; the other side (checked)."""
+    before = _before_side(args)
     print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")
     print(
         f"{args.peers} peers on 127.0.0.1 over libp2p, {Path(args.config).name} "
-        f"{' '.join(args.set)}, {args.rounds} rounds a run; before = {before}, after = {ROOT}; "
-        f"{how}\n"
+        f"{' '.join(args.set)}, {args.rounds} rounds a run; before = {before.describe()}, "
+        f"after = {Side(ROOT).describe()}; {how}\n"
     )
     return before
 
@@ -667,33 +709,34 @@ def compare_report(args: argparse.Namespace) -> None:
         for which in order:
             load = os.getloadavg()[0]
             real = RealWork(args)
-            trees = dict.fromkeys(range(args.peers), before) if which == "before" else None
-            rows = run(args, real, trees)
+            sides = dict.fromkeys(range(args.peers), before) if which == "before" else None
+            rows = run(args, real, sides)
             real.sample_after()
             table.add(pair, which, rows, real, (load, os.getloadavg()[0]))
     table.summary()
 
 
 def mixed_report(args: argparse.Namespace) -> None:
-    """``--compare TREE --mixed``: both trees in every run, peers split between them."""
+    """``--mixed``: both sides in every run, peers split between them."""
     before = _heading(
         args,
-        "in each run the peers of one parity start from one tree, the others from the other "
+        "in each run the peers of one parity start from one side, the others from the other "
         "(swapped from run to run); CPU / round: median of that side's peers; real work: "
         f"sampled in this process during each run (every {REAL_EVERY} s) and right after it",
     )
     table = Table("run")
     for number in range(1, args.pairs + 1):
         before_parity = number % 2
-        trees = {i: before if i % 2 == before_parity else ROOT for i in range(args.peers)}
+        after = Side(ROOT)
+        sides = {i: before if i % 2 == before_parity else after for i in range(args.peers)}
         load = os.getloadavg()[0]
         real = RealWork(args)
-        rows = run(args, real, trees)
+        rows = run(args, real, sides)
         real.sample_after()
         loads = (load, os.getloadavg()[0])
         for which in ("before", "after"):
             side = [
-                row for row in rows if (trees[int(row["peer"])] == before) == (which == "before")
+                row for row in rows if (sides[int(row["peer"])] == before) == (which == "before")
             ]
             peers = ",".join(str(int(row["peer"])) for row in side)
             table.add(number, which, side, real, loads, label=f"{which} ({peers})")
@@ -719,17 +762,24 @@ def main() -> None:
         help="also run the cluster from this source tree (before), alternating with this one",
     )
     parser.add_argument(
+        "--before-python",
+        metavar="PYTHON",
+        help="run the before side on this interpreter (another build or virtual environment "
+        "with p2pfl's dependencies); without --compare, from this tree",
+    )
+    parser.add_argument(
         "--mixed",
         action="store_true",
-        help="with --compare: both trees in every run, the peers split between them",
+        help="with --compare or --before-python: both sides in every run, the peers split "
+        "between them",
     )
     parser.add_argument(
         "--pairs", type=int, default=3, help="before/after pairs (--compare; runs with --mixed)"
     )
     args = parser.parse_args()
-    if args.mixed and not args.compare:
-        parser.error("--mixed needs --compare TREE")
-    if args.compare:
+    if args.mixed and not (args.compare or args.before_python):
+        parser.error("--mixed needs --compare TREE or --before-python PYTHON")
+    if args.compare or args.before_python:
         (mixed_report if args.mixed else compare_report)(args)
         return
     if args.lone_node:

@@ -55,7 +55,7 @@ class Cluster:
 
     def start(self, i: int) -> None:
         args = [
-            sys.executable, "-m", "p2pfl.cli", "node",
+            self.interpreter(i), "-m", "p2pfl.cli", "node",
             "--config", str(self.config),
             "--peer-index", str(i),
             "--num-peers", str(self.size),
@@ -78,6 +78,10 @@ class Cluster:
         self.processes[i] = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env=env, **options
         )
+
+    def interpreter(self, i: int) -> str:
+        """The Python that runs peer ``i`` (a subclass's: another build or virtual environment)."""
+        return sys.executable
 
     def popen_options(self, i: int) -> dict[str, Any]:
         """More ``subprocess.Popen`` keywords for peer ``i`` (a subclass's: a working

@@ -6,6 +6,7 @@ compares the two sides run by run."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,33 @@ def test_real_work_keeps_samples_during_and_after_apart() -> None:
     assert real.median() > 0 and real.median_after() > 0
 
 
-def test_a_mixed_cluster_starts_each_peer_from_its_tree(tmp_path: Path) -> None:
-    before, after = tmp_path / "before", tmp_path / "after"
-    trees = {0: after, 1: before, 2: after}
-    cluster = bench.MixedCluster(tmp_path, tmp_path / "node.toml", 3, trees=trees)
-    assert cluster.popen_options(1) == {"cwd": before, "env": {"PYTHONPATH": str(before)}}
-    assert cluster.popen_options(2) == {"cwd": after, "env": {"PYTHONPATH": str(after)}}
+def test_a_mixed_cluster_starts_each_peer_from_its_side(tmp_path: Path) -> None:
+    before = bench.Side(tmp_path / "before", "/opt/other/bin/python")
+    after = bench.Side(tmp_path / "after")
+    cluster = bench.MixedCluster(
+        tmp_path, tmp_path / "node.toml", 3, sides={0: after, 1: before, 2: after}
+    )
+    assert cluster.popen_options(1) == {"cwd": before.tree, "env": {"PYTHONPATH": str(before.tree)}}
+    assert cluster.popen_options(2) == {"cwd": after.tree, "env": {"PYTHONPATH": str(after.tree)}}
+    assert cluster.interpreter(1) == "/opt/other/bin/python"
+    assert cluster.interpreter(2) == sys.executable
+    assert before.describe() == f"{before.tree} on /opt/other/bin/python"
+    assert after.describe() == str(after.tree)
+
+
+def test_an_interpreter_without_the_dependencies_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = argparse.Namespace(compare=None, before_python=str(tmp_path / "no-python"))
+    with pytest.raises(SystemExit) as stopped:
+        bench._before_side(args)
+    assert stopped.value.code == 2
+    out = capsys.readouterr().err.strip()
+    assert out.count("\n") == 0 and out.startswith(
+        f"--before-python: {tmp_path / 'no-python'} cannot"
+    )
+    same = argparse.Namespace(compare=None, before_python=sys.executable)
+    assert bench._before_side(same) == bench.Side(bench.ROOT)
 
 
 def test_mixed_runs_are_compared_run_by_run() -> None:
