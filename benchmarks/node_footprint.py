@@ -131,8 +131,9 @@ class Side:
     tree: Path
     python: str = sys.executable
 
-    def describe(self) -> str:
-        return str(self.tree) if self.python == sys.executable else f"{self.tree} on {self.python}"
+    def describe(self, python: bool) -> str:
+        """The tree, and with ``python`` the interpreter (when the two sides' differ)."""
+        return f"{self.tree} on {self.python}" if python else str(self.tree)
 
 
 class MixedCluster(Cluster):
@@ -682,11 +683,12 @@ def _before_side(args: argparse.Namespace) -> Side:
 def _heading(args: argparse.Namespace, how: str) -> Side:
     """Print the command and what a comparison runs; the other side (checked)."""
     before = _before_side(args)
+    named = before.python != sys.executable  # the interpreters differ: name both
     print(f"$ python {shlex.join(['benchmarks/node_footprint.py', *sys.argv[1:]])}")
     print(
         f"{args.peers} peers on 127.0.0.1 over libp2p, {Path(args.config).name} "
-        f"{' '.join(args.set)}, {args.rounds} rounds a run; before = {before.describe()}, "
-        f"after = {Side(ROOT).describe()}; {how}\n"
+        f"{' '.join(args.set)}, {args.rounds} rounds a run; before = {before.describe(named)}, "
+        f"after = {Side(ROOT).describe(named)}; {how}\n"
     )
     return before
 

@@ -76,8 +76,9 @@ def test_a_mixed_cluster_starts_each_peer_from_its_side(tmp_path: Path) -> None:
     assert cluster.popen_options(2) == {"cwd": after.tree, "env": {"PYTHONPATH": str(after.tree)}}
     assert cluster.interpreter(1) == "/opt/other/bin/python"
     assert cluster.interpreter(2) == sys.executable
-    assert before.describe() == f"{before.tree} on /opt/other/bin/python"
-    assert after.describe() == str(after.tree)
+    assert before.describe(True) == f"{before.tree} on /opt/other/bin/python"
+    assert after.describe(True) == f"{after.tree} on {sys.executable}"
+    assert after.describe(False) == str(after.tree)
 
 
 def test_an_interpreter_without_the_dependencies_is_one_line_and_exit_2(
