@@ -677,6 +677,13 @@ def _before_side(args: argparse.Namespace) -> Side:
                 file=sys.stderr,
             )
             raise SystemExit(2)
+    if Side(before, python) == Side(ROOT):  # the two sides could not be told apart
+        print(
+            f"--compare/--before-python: both name this tree ({ROOT}) on this interpreter "
+            f"({sys.executable}): nothing to compare",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     return Side(before, python)
 
 

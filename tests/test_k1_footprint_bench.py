@@ -92,8 +92,17 @@ def test_an_interpreter_without_the_dependencies_is_one_line_and_exit_2(
     assert out.count("\n") == 0 and out.startswith(
         f"--before-python: {tmp_path / 'no-python'} cannot"
     )
-    same = argparse.Namespace(compare=None, before_python=sys.executable)
-    assert bench._before_side(same) == bench.Side(bench.ROOT)
+    same = argparse.Namespace(compare=str(bench.ROOT), before_python=sys.executable)
+    with pytest.raises(SystemExit) as stopped:
+        bench._before_side(same)  # the two sides could not be told apart
+    assert stopped.value.code == 2
+    assert "nothing to compare" in capsys.readouterr().err
+    # another interpreter that has the dependencies (here: this one, behind a wrapper)
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    other = argparse.Namespace(compare=None, before_python=str(wrapper))
+    assert bench._before_side(other) == bench.Side(bench.ROOT, str(wrapper))
 
 
 def test_mixed_runs_are_compared_run_by_run() -> None:
