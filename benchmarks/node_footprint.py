@@ -131,9 +131,9 @@ class Side:
     tree: Path
     python: str = sys.executable
 
-    def describe(self, python: bool) -> str:
-        """The tree, and with ``python`` the interpreter (when the two sides' differ)."""
-        return f"{self.tree} on {self.python}" if python else str(self.tree)
+    def describe(self, with_python: bool) -> str:
+        """The tree, and with ``with_python`` the interpreter (when the two sides' differ)."""
+        return f"{self.tree} on {self.python}" if with_python else str(self.tree)
 
 
 class MixedCluster(Cluster):
@@ -677,14 +677,15 @@ def _before_side(args: argparse.Namespace) -> Side:
                 file=sys.stderr,
             )
             raise SystemExit(2)
-    if Side(before, python) == Side(ROOT):  # the two sides could not be told apart
+    side = Side(before, python)
+    if side == Side(ROOT):  # the two sides could not be told apart
         print(
             f"--compare/--before-python: both name this tree ({ROOT}) on this interpreter "
             f"({sys.executable}): nothing to compare",
             file=sys.stderr,
         )
         raise SystemExit(2)
-    return Side(before, python)
+    return side
 
 
 def _heading(args: argparse.Namespace, how: str) -> Side:
@@ -718,8 +719,9 @@ def compare_report(args: argparse.Namespace) -> None:
         for which in order:
             load = os.getloadavg()[0]
             real = RealWork(args)
-            sides = dict.fromkeys(range(args.peers), before) if which == "before" else None
-            rows = run(args, real, sides)
+            # this tree named as a side too, as in --mixed: not whichever p2pfl is installed
+            side = before if which == "before" else Side(ROOT)
+            rows = run(args, real, dict.fromkeys(range(args.peers), side))
             real.sample_after()
             table.add(pair, which, rows, real, (load, os.getloadavg()[0]))
     table.summary()
