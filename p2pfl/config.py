@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from p2pfl.errors import P2PFLError
+from p2pfl.eventloop import EventLoopChoice
 from p2pfl.wire.framing import DEFAULT_MAX_FRAME_BYTES
 
 if TYPE_CHECKING:
@@ -701,7 +702,7 @@ class NodeConfig(Strict):
     #: the asyncio event loop: "auto" is uvloop where installed (a dependency on Linux and
     #: macOS; less CPU a round), else asyncio's own; "uvloop" or "asyncio" insist
     #: (``p2pfl.eventloop``)
-    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    event_loop: EventLoopChoice = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     protocol: ProtocolConfig = Field(default_factory=lambda: DPSGDConfig(name="dpsgd"))
