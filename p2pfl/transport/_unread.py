@@ -111,6 +111,8 @@ class _Unread(bytearray):
 
     def recount(self) -> None:
         """Count the buffer again (its bytes or its stream's admitted frame changed)."""
+        if not self._counted and not self:  # empty and nothing counted: nothing changes
+            return  # (the usual case: a frame read whole; several times a frame)
         now = self._uncovered()
         self._budget.add(self._holder, now - self._counted)
         self._counted = now

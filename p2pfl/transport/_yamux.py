@@ -460,7 +460,9 @@ class _PatchedYamuxStream(YamuxStream):
         return BASE_WINDOW + min(self._admitted, ADMITTED_WINDOW)
 
     async def _auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
-        self._admitted = max(0, self._admitted - bytes_read)
+        admitted = self._admitted
+        if admitted:  # (setting it recounts the stream's unread bytes)
+            self._admitted = max(0, admitted - bytes_read)
         await self._send_credit(eager=False)
 
     async def _send_credit(self, *, eager: bool) -> None:
