@@ -16,6 +16,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from p2pfl import gcstartup
+
 app = typer.Typer(
     help="Fully decentralized peer-to-peer learning: simulator, real node, tools.",
     no_args_is_help=True,
@@ -136,6 +138,7 @@ def sim(
     except KeyboardInterrupt:  # before the first round (or in --seeds, which kept its folder)
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
+    gcstartup.started()
     try:
         record_run(
             simulation, run_dir, provenance=provenance, show_progress=progress, tensorboard=tensorboard
@@ -185,6 +188,7 @@ def _sim_resume(config: Any, out: Path | None, provenance: Any, progress: bool, 
         return
     if tensorboard:
         _fail("--resume does not continue TensorBoard event files; leave out --tensorboard")
+    gcstartup.started()
     try:
         simulation = resume_run(config, out, provenance=provenance, show_progress=progress)
     except CheckpointError as error:
@@ -226,6 +230,7 @@ def _sim_seeds(
         _fail(str(error))
         return
     group_dir = prepare_out_dir(out) if out is not None else group_dir_for(config, chosen, provenance)
+    gcstartup.started()
     try:
         result = run_seed_group(
             config, chosen, group_dir, provenance=provenance,
@@ -287,6 +292,7 @@ def sweep(
         config, base = load_sweep(sweep_file, set_ or [])
         if seeds is not None:
             config = config.model_copy(update={"seeds": parse_seed_list(seeds)})
+        gcstartup.started()
         folder, rows = run_sweep(
             config,
             base,
@@ -649,6 +655,7 @@ _NODE_DONE: list[bool] = []
 
 
 def main() -> None:  # pragma: no cover - console entry point
+    gcstartup.starting()  # no full garbage collection while torch & co. are imported
     code = _run_app()
     code = code if isinstance(code, int) else (0 if code is None else 1)
     if _NODE_DONE:  # everything is on disk and printed: skip the interpreter's

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from p2pfl import eventloop
+from p2pfl import eventloop, gcstartup
 from p2pfl.config import (
     ConfigError,
     NodeConfig,
@@ -178,6 +178,7 @@ def _build_and_run(config: NodeConfig) -> dict[str, Any]:
 
     transport = make_transport(config, identity)
     node = Node(config, transport, identity)
+    gcstartup.started()
     return eventloop.run(node.run(), config.event_loop)
 
 
@@ -236,4 +237,5 @@ def run_relay(
         finally:
             await transport.close()
 
+    gcstartup.started()
     eventloop.run(serve())
