@@ -12,8 +12,11 @@ and builds. A command calls :func:`started` once it has built what it runs (the 
 simulation), and CPython's thresholds come back for the run. Reference counting frees
 everything as before; only cycles are collected in larger batches during start-up.
 
-What start-up built is not frozen (``gc.freeze``): a frozen cycle is never collected, and
-a simulation's start-up structures can hold model rows that a run lets go of.
+A node also freezes what start-up built (``gc.freeze``, after a collection of the youngest
+generation): otherwise the first collection of the middle generation walks all of it
+(~130 ms, once; the collector's CPU over a node's whole run of 400 rounds fell from 0.28 s
+to 0.15 s). A simulation does not: a frozen cycle is never collected, and a simulation's
+start-up structures can hold model rows that its run lets go of.
 
 Fail-safe: a command that never calls :func:`started` still collects cycles, in larger
 batches. Nothing here acts in a process that did not call :func:`starting` (a library
@@ -48,8 +51,13 @@ def starting() -> None:
     gc.set_threshold(STARTING_THRESHOLD, *_defaults[1:])
 
 
-def started() -> None:
+def started(*, freeze: bool = False) -> None:
     """Start-up is over: CPython's thresholds again.
+
+    ``freeze``: what start-up built lives as long as the process (a node's imports,
+    dataset, model, transport), so after one collection of the youngest generation it is
+    moved out of the collector's sight (``gc.freeze``); otherwise the first collection
+    of the middle generation walks all of it (~130 ms of a node, once).
 
     Does nothing in a process that did not call :func:`starting`, nor a second time.
     """
@@ -58,3 +66,6 @@ def started() -> None:
         return
     gc.set_threshold(*_defaults)
     _defaults = None
+    if freeze:
+        gc.collect(0)
+        gc.freeze()

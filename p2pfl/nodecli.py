@@ -178,7 +178,7 @@ def _build_and_run(config: NodeConfig) -> dict[str, Any]:
 
     transport = make_transport(config, identity)
     node = Node(config, transport, identity)
-    gcstartup.started()
+    gcstartup.started(freeze=True)
     return eventloop.run(node.run(), config.event_loop)
 
 
@@ -237,5 +237,5 @@ def run_relay(
         finally:
             await transport.close()
 
-    gcstartup.started()
+    gcstartup.started(freeze=True)
     eventloop.run(serve())

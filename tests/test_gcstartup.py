@@ -18,10 +18,13 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, ...]]:
     monkeypatch.setattr(gcstartup, "_defaults", None)
     monkeypatch.setattr(gcstartup, "_began", False)
     before = gc.get_threshold()
+    frozen = gc.get_freeze_count()
     try:
         yield before
     finally:
         gc.set_threshold(*before)
+        if gc.get_freeze_count() != frozen:
+            gc.unfreeze()  # (pytest's own objects back in the collector's sight)
 
 
 def test_starting_raises_the_youngest_threshold_and_started_puts_it_back(
@@ -39,10 +42,28 @@ def test_starting_raises_the_youngest_threshold_and_started_puts_it_back(
     assert gc.get_threshold() == fresh
 
 
+def test_started_with_freeze_moves_what_start_up_built_out_of_the_collectors_sight(
+    fresh: tuple[int, ...],
+) -> None:
+    gcstartup.starting()
+    built = [[index] for index in range(1000)]  # what a node builds and keeps
+    if gc.get_freeze_count():
+        pytest.skip("this process froze objects already")
+    gcstartup.started(freeze=True)
+    assert gc.get_threshold() == fresh
+    assert gc.get_freeze_count() >= len(built)
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    gcstartup.started(freeze=True)  # a second call freezes nothing
+    assert gc.get_freeze_count() == 0
+
+
 def test_started_without_starting_leaves_the_collector_alone(fresh: tuple[int, ...]) -> None:
     gc.set_threshold(1234, 5, 6)  # a host's own settings (a library user, a test)
-    gcstartup.started()
+    frozen = gc.get_freeze_count()
+    gcstartup.started(freeze=True)
     assert gc.get_threshold() == (1234, 5, 6)
+    assert gc.get_freeze_count() == frozen
 
 
 _IMPORTS = """
