@@ -492,8 +492,14 @@ def test_stream_hoarding_from_one_host_does_not_make_a_neighbour_look_dead(tmp_p
 
     nodes, report = asyncio.run(run())
     share = nodes[0].config.network.max_streams // 2
-    # node 1's pings got through the whole time: node 0 never looked dead
-    assert pinged_after == [True] * 3 and all(pinged), (pinged, report)
+    # node 1's pings got through once the hoard was in place, and never missed twice in a
+    # row (two misses make a neighbour lost): node 0 never looked dead. The hoarders share
+    # this process's one trio thread, so a ping sent while their 36 handshakes and 1,152
+    # streams are being set up can miss its 1 s timeout (seen once in a full suite run);
+    # a hoard from another host would not slow the nodes' own thread like that
+    assert pinged_after == [True] * 3, (pinged, report)
+    missed_twice = [i for i in range(1, len(pinged)) if not pinged[i - 1] and not pinged[i]]
+    assert not missed_twice, (pinged, report)
     assert report["down_during"] == [], report
     # one source held half of node 0's streams; the rest of the hoard was refused, counted
     assert report["held_by_source"] == share, report
