@@ -113,6 +113,7 @@ def sim(
     progress = not quiet and sys.stderr.isatty()
     from sim.tracking import TrackingUnavailable, require_tensorboard
 
+    gcstartup.imported()
     try:
         if tensorboard:
             require_tensorboard()
@@ -288,6 +289,7 @@ def sweep(
     from sim.rundir import RunFolderError
     from sim.sweep import load_sweep, parse_seed_list, results_table, run_sweep
 
+    gcstartup.imported()
     try:
         config, base = load_sweep(sweep_file, set_ or [])
         if seeds is not None:

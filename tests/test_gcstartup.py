@@ -58,6 +58,27 @@ def test_started_with_freeze_moves_what_start_up_built_out_of_the_collectors_sig
     assert gc.get_freeze_count() == 0
 
 
+def test_imported_freezes_what_the_imports_built_and_keeps_the_raised_threshold(
+    fresh: tuple[int, ...],
+) -> None:
+    if gc.get_freeze_count():
+        pytest.skip("this process froze objects already")
+    gcstartup.imported()  # not starting: nothing
+    assert gc.get_freeze_count() == 0
+    gcstartup.starting()
+    gcstartup.imported()
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    assert gc.get_threshold() == (gcstartup.STARTING_THRESHOLD, *fresh[1:])
+    built = [[index] for index in range(1000)]  # what a simulation builds: not frozen
+    gcstartup.started()
+    assert gc.get_threshold() == fresh
+    assert gc.get_freeze_count() == frozen
+    gcstartup.imported()  # once started: nothing
+    assert gc.get_freeze_count() == frozen
+    assert len(built) == 1000
+
+
 def test_started_without_starting_leaves_the_collector_alone(fresh: tuple[int, ...]) -> None:
     gc.set_threshold(1234, 5, 6)  # a host's own settings (a library user, a test)
     frozen = gc.get_freeze_count()
