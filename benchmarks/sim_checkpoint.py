@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_cli import require_dataset
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -93,6 +95,7 @@ def main() -> None:
         torch.set_num_threads(1)
         print(json.dumps(measure(args.one, args.rounds, args.at, args.dataset)))
         return
+    require_dataset(args.dataset)  # here, not as a child's traceback
     for n in args.sizes:
         command = [sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds),
                    "--at", str(args.at), "--dataset", args.dataset]
@@ -109,4 +112,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from bench_cli import run
+
+    run(main)

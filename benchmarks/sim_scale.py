@@ -67,6 +67,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench_cli import require_dataset
+
 # One thread per process unless told otherwise: set before numpy/torch load their pools.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -745,6 +747,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = [v.strip() for v in args.device_variants.split(",") if v.strip()]
     if set(variants) - set(DEVICE_VARIANTS):
         parser.error(f"unknown device variants: {', '.join(sorted(set(variants) - set(DEVICE_VARIANTS)))}")
+    require_dataset(dataset)  # here, not as a child's traceback
     common = {"dataset": dataset, "threads": args.threads}
     tasks: list[dict[str, Any]] = []
     if "ratio" in parts:
@@ -794,4 +797,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from bench_cli import run
+
+    run(main)

@@ -55,6 +55,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_cli import require_dataset
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_OUT = HERE / "results" / "vs_flower"
@@ -134,6 +136,9 @@ threads = 1
 
 def child_ours(scenario: Path, out: Path, result: Path) -> None:
     """Run ``p2pfl sim scenario --out out``, then write the server's accuracy to ``result``."""
+    from p2pfl import gcstartup
+
+    gcstartup.starting()  # as the console entry point does (p2pfl.cli.main)
     import sim.runner as runner
 
     captured: list[Any] = []
@@ -493,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             print("error: the Flower side needs flwr: pip install -e '.[flower]' (or --only ours)", file=sys.stderr)
             return 2
+    require_dataset(args.dataset)  # here, not as a child's traceback
+    size = train_size(Task(n=args.sizes[0], rounds=args.rounds, seed=args.seed, dataset=args.dataset))
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="vs_flower-"))
     runs: list[Run] = []
@@ -500,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"runs in {work}; {args.repeats} per side and N, alternating; torch 1 thread, Ray {args.flower_cpus} CPUs")
     for n in args.sizes:
         task = Task(n=n, rounds=args.rounds, seed=args.seed, dataset=args.dataset)
-        steps = epoch_steps(train_size(task), task.shares, task.batch_size)
+        steps = epoch_steps(size, task.shares, task.batch_size)
         for repeat in range(args.repeats):
             for side in sides:
                 run = run_once(task, side, steps, work, repeat=repeat, cpus=args.flower_cpus, timeout=args.timeout)
@@ -527,4 +534,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench_cli import run
+
+    run(main)
