@@ -18,6 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     [
         # loads the dataset in process
         (["evaluation.py", "--datasets", "mnist", "--repeats", "1"], "p2pfl data fetch mnist"),
+        (["papers/modest_fl.py", "--dataset", "mnist", "--seeds", "1", "--out", "out"], "p2pfl data fetch mnist"),
         # checks before its children would load it
         (["sim_scale.py", "--parts", "ratio", "--sizes", "40"], "p2pfl data fetch mnist"),
         (["sim_checkpoint.py", "--sizes", "40", "--dataset", "fashion_mnist"], "p2pfl data fetch fashion_mnist"),

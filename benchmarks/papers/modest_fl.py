@@ -386,4 +386,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from bench_cli import run  # (benchmarks/ is on the path, above)
+
+    run(main)
