@@ -1,6 +1,7 @@
-"""The lean node round's checkpoint (issue 17): format 2 (a JSON structure line and the
-tensors' raw bytes instead of ``torch.save``), read back exactly and refused when forged;
-format 1 files still read; and the flush cadence, whose invariant is that the newest or
+"""The lean node round's checkpoint (issue 17): format 3 (a JSON structure line and the
+tensors' raw bytes instead of ``torch.save``; long integer sequences with the tensors),
+read back exactly and refused when forged; format 2 and 1 files still read; and the flush
+cadence, whose invariant is that the newest or
 the older generation was always flushed to disk (file and rename), so that a power cut
 never leaves only torn checkpoints."""
 
@@ -46,7 +47,7 @@ def with_payload(data: bytes, payload: bytes) -> bytes:
     return MAGIC + json.dumps(header).encode() + b"\n" + payload
 
 
-def test_format_2_reads_back_exactly_what_was_written() -> None:
+def test_format_3_reads_back_exactly_what_was_written() -> None:
     state = node_state(4)
     state["protocol"]["extra"] = {
         "mask": torch.tensor([True, False, True]),
@@ -55,10 +56,15 @@ def test_format_2_reads_back_exactly_what_was_written() -> None:
         "array": np.arange(4, dtype=np.float64),
         "nested": [(1, 2.5, None), ("x", [3, (4,)])],
         "empty": torch.zeros(0),
+        # integer sequences: long ones travel as int64 bytes, unless a value needs more
+        "ints": list(range(-40, 60)),
+        "big": tuple([2**70] * 70),
+        "flags": [True] * 70,  # bools are not ints here: JSON keeps them bools
+        "short": (1, 2, 3),
     }
     state["accuracy"] = float("nan")
     data = encode_checkpoint(state)
-    assert header_of(data)["format"] == 2
+    assert header_of(data)["format"] == 3
     back = decode_checkpoint(data, LAYOUT)
     assert back["protocol"]["rng"] == state["protocol"]["rng"]  # tuples stay tuples
     assert isinstance(back["protocol"]["rng"], tuple)
@@ -68,6 +74,11 @@ def test_format_2_reads_back_exactly_what_was_written() -> None:
         assert extra[key].dtype == sent[key].dtype and torch.equal(extra[key], sent[key]), key
     assert extra["array"].dtype == np.float64 and np.array_equal(extra["array"], sent["array"])
     assert extra["nested"] == sent["nested"]
+    for key in ("ints", "big", "flags", "short"):
+        assert extra[key] == sent[key] and type(extra[key]) is type(sent[key]), key
+        assert [type(v) for v in extra[key]] == [type(v) for v in sent[key]], key
+    structure = data.split(b"\n")[2]  # magic, header, the payload's structure line
+    assert structure.count(b"\\u0000ints") == 2  # the generator's state and "ints"
     assert back["accuracy"] != back["accuracy"]  # NaN
     assert {k: back[k] for k in ("sampler", "neighbours", "counters", "known", "rounds_done")} == {
         k: state[k] for k in ("sampler", "neighbours", "counters", "known", "rounds_done")
@@ -76,7 +87,7 @@ def test_format_2_reads_back_exactly_what_was_written() -> None:
     assert encode_checkpoint(state) == data  # same state, same bytes (the writer dedupes)
 
 
-def test_a_state_format_2_cannot_hold_is_written_as_format_1_and_read() -> None:
+def test_a_state_format_3_cannot_hold_is_written_as_format_1_and_read() -> None:
     state = node_state(2)
     state["counters"] = {3: 1.0}  # an int key: JSON would turn it into "3"
     data = encode_checkpoint(state)
@@ -84,12 +95,29 @@ def test_a_state_format_2_cannot_hold_is_written_as_format_1_and_read() -> None:
     assert decode_checkpoint(data, LAYOUT)["counters"] == {3: 1.0}
 
 
+def test_a_format_2_file_of_an_older_version_is_still_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Format 2 is format 3 without integer sequences (the generator's state as JSON)."""
+    state = node_state(5)
+    with monkeypatch.context() as old:
+        old.setattr(checkpoint, "FORMAT", 2)
+        old.setattr(checkpoint, "INTS_FROM", 10**9)
+        data = encode_checkpoint(state)
+    assert header_of(data)["format"] == 2 and b"\\u0000ints" not in data
+    back = decode_checkpoint(data, LAYOUT)
+    assert back["protocol"]["rng"] == state["protocol"]["rng"]
+    assert isinstance(back["protocol"]["rng"], tuple)
+    # and an integer sequence in a format 2 file is a forgery: refused
+    forged_file = encode_checkpoint(state).replace(b'"format": 3', b'"format": 2')
+    with pytest.raises(Damaged, match="cannot be read as tensors and plain data"):
+        decode_checkpoint(forged_file, LAYOUT)
+
+
 def test_a_format_1_file_of_an_older_version_is_still_read() -> None:
     state = node_state(3)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = with_payload(encode_checkpoint(state), buffer.getvalue())
-    data = data.replace(b'"format": 2', b'"format": 1')
+    data = data.replace(b'"format": 3', b'"format": 1')
     back = decode_checkpoint(data, LAYOUT)
     assert back["rounds_done"] == 3 and torch.equal(
         back["protocol"]["params"], state["protocol"]["params"]
@@ -109,11 +137,15 @@ def forged(structure: Any, blob: bytes = b"") -> bytes:
         forged({"protocol": {"\u0000tensor": ["float32", [-1]]}}),
         forged({"protocol": {"\u0000pickle": "x"}}),  # an unknown tag
         forged({"protocol": {"\u0000tuple": 5}}),
+        forged({"protocol": {"\u0000ints": ["tuple", 4]}}, b"\0" * 8),  # bytes missing
+        forged({"protocol": {"\u0000ints": ["set", 1]}}, b"\0" * 8),  # not a sequence
+        forged({"protocol": {"\u0000ints": ["list", -1]}}),
+        forged({"protocol": {"\u0000ints": ["list", 1.0]}}, b"\0" * 8),
         b"no structure line at all",
         b"{not json\n",
     ],
 )
-def test_a_forged_format_2_payload_is_refused_in_one_line(payload: bytes) -> None:
+def test_a_forged_format_3_payload_is_refused_in_one_line(payload: bytes) -> None:
     data = with_payload(encode_checkpoint(node_state(1)), payload)
     with pytest.raises(Damaged) as caught:
         decode_checkpoint(data, LAYOUT)
