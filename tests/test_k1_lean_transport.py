@@ -13,6 +13,7 @@ scheduler passes per message, the same bounds.
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -20,10 +21,18 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from libp2p.stream_muxer.yamux.yamux import (
+    FLAG_FIN,
+    FLAG_SYN,
+    TYPE_DATA,
+    TYPE_WINDOW_UPDATE,
+    YAMUX_HEADER_FORMAT,
+    YamuxStream,
+)
 
 from p2pfl.transport import _trio_bridge
 from p2pfl.transport._trio_bridge import TrioThread
-from p2pfl.transport._yamux import _PatchedYamuxStream, _QuickLock
+from p2pfl.transport._yamux import PatchedYamux, _adopt, _PatchedYamuxStream, _QuickLock
 from p2pfl.transport.base import TransportError
 from p2pfl.transport.libp2p import Libp2pTransport, _parse_peer
 from p2pfl.transport.limits import TransportLimits
@@ -247,5 +256,120 @@ def test_a_frame_whose_reset_is_read_before_its_first_byte_is_still_truncated() 
             return error, muxed.resets
 
     cut, _ = trio.run(await_frame, 14)  # a length prefix and 10 bytes, then the reset
-    assert isinstance(cut, _FrameError) and cut.abuse == FrameAbuse.TRUNCATED and cut.counter == "truncated"
+    assert (
+        isinstance(cut, _FrameError)
+        and cut.abuse == FrameAbuse.TRUNCATED
+        and cut.counter == "truncated"
+    )
     assert trio.run(await_frame, 0) == (None, 1)  # nothing had begun: the stream just ended
+
+
+async def test_message_frames_bypass_py_libp2ps_reader(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the data frames of messages and of their acknowledgements are taken in the
+    # connection reader's header read (``_took``); only the others (a stream's SYN and
+    # its acknowledgement) reach py-libp2p's reader loop
+    took: list[bool] = []
+    original = PatchedYamux._took
+
+    def counted(self: PatchedYamux, header: bytes) -> bool:
+        took.append(original(self, header))
+        return took[-1]
+
+    monkeypatch.setattr(PatchedYamux, "_took", counted)
+    (receiver, inbox), (sender, _) = await make(), await make()
+    await sender.connect(receiver.listen_addrs[0])
+    payloads = [bytes([i]) * 10_000 for i in range(10)]
+    for payload in payloads:
+        await sender.send(receiver.peer_id, payload, timeout=10)
+    assert [bytes((await inbox.get())[1]) for _ in payloads] == payloads
+    # both hosts: 10 messages and 10 acknowledgements, all on one kept stream
+    assert took.count(True) >= 2 * len(payloads) - 2, took
+
+
+class _Decrypted:
+    """What ``_FastNoise.take_decrypted`` gives: whole bodies that are already here."""
+
+    def __init__(self, plain: bytes = b"") -> None:
+        self.plain = plain
+
+    def take_decrypted(self, length: int) -> bytes | None:
+        if len(self.plain) < length:
+            return None
+        body, self.plain = self.plain[:length], self.plain[length:]
+        return body
+
+
+def _reader_state(abuse: list[str]) -> tuple[PatchedYamux, _PatchedYamuxStream]:
+    """A connection's reader state with one open stream of ours (id 3), no socket."""
+    conn = PatchedYamux.__new__(PatchedYamux)
+    conn.streams, conn.stream_buffers, conn.stream_events = {}, {}, {}
+    conn.streams_lock = _QuickLock()  # type: ignore[assignment]
+    conn.event_shutting_down = trio.Event()
+    conn._fast = _Decrypted()  # type: ignore[assignment]
+    conn._abused = False
+    conn.on_abuse = lambda peer, why: abuse.append(why)
+    conn.peer_id = None  # type: ignore[assignment]
+    conn.stream_backlog_semaphore = trio.Semaphore(256)
+    stream = YamuxStream(3, conn, False)
+    _adopt(stream)
+    assert isinstance(stream, _PatchedYamuxStream)
+    conn.streams[3], conn.stream_buffers[3], conn.stream_events[3] = (
+        stream,
+        bytearray(),
+        trio.Event(),
+    )
+    return conn, stream
+
+
+def _header(kind: int, flags: int, stream_id: int, length: int) -> bytes:
+    return struct.pack(YAMUX_HEADER_FORMAT, 0, kind, flags, stream_id, length)
+
+
+def test_the_readers_shortcut_does_what_py_libp2ps_reader_does() -> None:
+    abuse: list[str] = []
+    conn, stream = _reader_state(abuse)
+    fast = conn._fast
+    assert isinstance(fast, _Decrypted)
+    window = stream.recv_window
+    # a data frame whose body is here: buffered, window taken, the stream's reader woken
+    fast.plain = b"abcde" + b"rest"
+    assert conn._took(_header(TYPE_DATA, 0, 3, 5))
+    assert conn.stream_buffers[3] == b"abcde" and fast.plain == b"rest"
+    assert stream.recv_window == window - 5 and conn.stream_events[3].is_set()
+    # a window update: the send window grows, a writer waiting for it is woken
+    stream.send_window = 0
+    stream._window_opened = trio.Event()
+    assert conn._took(_header(TYPE_WINDOW_UPDATE, 0, 3, 1000))
+    assert stream.send_window == 1000 and stream._window_opened.is_set()
+    # everything else is left to py-libp2p's reader, untouched
+    left = [
+        _header(TYPE_DATA, 0, 3, 10),  # its body is not all here yet
+        _header(TYPE_DATA, FLAG_FIN, 3, 2),  # a flag
+        _header(TYPE_WINDOW_UPDATE, FLAG_SYN, 5, 0),  # a new stream
+        _header(TYPE_DATA, 0, 7, 2),  # an unknown stream: its body is drained there
+        _header(TYPE_DATA, 0, 3, 0),  # empty
+        _header(2, FLAG_SYN, 0, 1),  # a yamux ping
+    ]
+    for header in left:
+        assert not conn._took(header), header
+    assert conn.stream_buffers[3] == b"abcde" and fast.plain == b"rest"
+
+    async def while_held() -> bool:  # held by another task: wait there, not here
+        async with conn.streams_lock:
+            return conn._took(_header(TYPE_DATA, 0, 3, 2))
+
+    assert not trio.run(while_held)
+    assert abuse == []
+    # past the window: reported once, as a whole connection's abuse, the window at 0
+    fast.plain = bytes(stream.recv_window + 1)
+    assert conn._took(_header(TYPE_DATA, 0, 3, len(fast.plain)))
+    assert stream.recv_window == 0 and len(abuse) == 1 and "past the window" in abuse[0]
+
+
+def test_a_fully_closed_stream_is_dropped_once_its_last_bytes_are_read() -> None:
+    conn, stream = _reader_state([])
+    stream.closed = True  # both sides closed; a window update still arrives
+    assert conn._took(_header(TYPE_WINDOW_UPDATE, 0, 3, 10))
+    assert 3 not in conn.streams and 3 not in conn.stream_buffers  # nothing left to read

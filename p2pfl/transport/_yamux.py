@@ -50,6 +50,9 @@ stream per payload that meant ~20 ms per tiny message and 20-35 MB/s.  Here:
   SYN, FIN) is not followed by one;
 - a data frame's body that was decrypted with its header is taken without a
   timer (a cancel scope per frame);
+- the frames that carry messages (data on an open stream, window updates) are
+  handled as their header is read, without py-libp2p's reader loop (its debug lines
+  are built for every frame, logged or not); every other frame still goes there;
 - below yamux, the Noise session (``_FastNoise``) reads the socket in large
   chunks instead of two or more receives per Noise message, writes a data
   frame's Noise messages with one send instead of one each, encrypts and
@@ -102,6 +105,7 @@ from libp2p.stream_muxer.yamux.yamux import (
     FLAG_SYN,
     GO_AWAY_PROTOCOL_ERROR,
     HEADER_SIZE,
+    MAX_WINDOW_SIZE,
     PROTOCOL_ID,
     TYPE_DATA,
     TYPE_WINDOW_UPDATE,
@@ -123,6 +127,8 @@ __all__ = [
     "count_unread",
     "use_patched_yamux",
 ]
+
+_unpack_header = struct.Struct(YAMUX_HEADER_FORMAT).unpack
 
 FRAME_PAYLOAD = 16 * MAX_PLAINTEXT_LENGTH - HEADER_SIZE
 """Data-frame payload (~1 MiB) whose frame fills exactly 16 Noise transport messages."""
@@ -181,6 +187,8 @@ class PatchedYamux(Yamux):
         self._deferred: deque[bytes] = deque()
         self._flushing = False
         self._fast = _FastNoise.install(self.secured_conn)
+        if self._fast is not None:
+            self.secured_conn.read = self._read_header  # type: ignore[method-assign]
 
     def use_budget(self, budget: UnreadBudget) -> None:
         """Count the bytes this connection's streams hold unread in ``budget`` (see
@@ -231,6 +239,66 @@ class PatchedYamux(Yamux):
             return body
         with trio.fail_after(DATA_READ_TIMEOUT):
             return await self._fast.read_body(length)  # type: ignore[return-value]
+
+    async def _read_header(self, n: int | None = None) -> bytes:
+        """The reader's next frame header, after handling the frames that need nothing
+        of py-libp2p's reader here (see ``_took``).
+
+        py-libp2p's reader reads each header through this (the secured connection's
+        ``read``) and then spends, on every frame, more than the frame's own work: half a
+        dozen debug lines built whether logged or not, a list of flag names, a coroutine
+        per lock and per body. The two frames that carry a message (its data, on a stream
+        both sides have open; the window update that lets it through) are handled here
+        without any of that, with the same effect on the streams; every other frame,
+        and any of those two that would have to wait (a lock held, a body not decrypted
+        yet), goes to py-libp2p's reader as before.
+        """
+        fast = self._fast
+        assert fast is not None  # installed only with it
+        while True:
+            header = await fast.read(n)
+            if (
+                n != HEADER_SIZE
+                or len(header) != HEADER_SIZE
+                or self.event_shutting_down.is_set()
+                or trio.lowlevel.current_task() is not self._reader_task
+                or not self._took(header)
+            ):
+                return header
+
+    def _took(self, header: bytes) -> bool:
+        """Handle a data frame or window update without flags, on an open stream of ours,
+        as py-libp2p's reader would, if that needs no wait; False (nothing done) otherwise."""
+        fast = self._fast
+        _, kind, flags, stream_id, length = _unpack_header(header)
+        if flags or self.streams_lock.locked():
+            return False
+        stream = self.streams.get(stream_id)
+        if type(stream) is not _PatchedYamuxStream:
+            return False  # unknown (its body is drained there), or not one of ours
+        if kind == TYPE_DATA:
+            buffer = self.stream_buffers.get(stream_id)
+            event = self.stream_events.get(stream_id)
+            if not 0 < length <= MAX_WINDOW_SIZE or buffer is None or event is None:
+                return False
+            assert fast is not None
+            body = fast.take_decrypted(length)
+            if body is None:  # still on its way: py-libp2p waits for it, with a timer
+                return False
+            buffer.extend(body)
+            stream.recv_window -= length  # below 0: the peer broke flow control (reported)
+            if stream.recv_window < 0:
+                stream.recv_window = 0
+            event.set()
+        elif kind == TYPE_WINDOW_UPDATE:
+            if stream.window_lock.locked():
+                return False
+            stream.send_window += length
+        else:
+            return False
+        if stream.closed:
+            self._finalize_stream_locked(stream, fully_closed=True)
+        return True
 
     async def handle_incoming(self) -> None:
         self._reader_task = trio.lowlevel.current_task()
