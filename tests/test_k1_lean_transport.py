@@ -251,7 +251,7 @@ def test_a_frame_whose_reset_is_read_before_its_first_byte_is_still_truncated() 
         stream.muxed_stream = muxed  # type: ignore[assignment]
         stream.reset = muxed.reset  # type: ignore[method-assign]
         try:
-            return await transport._await_frame(stream, True), muxed.resets
+            return await transport._await_frame(stream), muxed.resets
         except _FrameError as error:
             return error, muxed.resets
 
