@@ -83,8 +83,11 @@ LAZY: dict[str, dict[str, tuple[str, ...]]] = {
     # placeholders too (a dotted name).
     "rsa": {
         "libp2p.crypto.rsa": (
-            "RSAPrivateKey", "RSAPublicKey", "create_new_key_pair",
-            "RSAPrivateKey.from_bytes", "RSAPublicKey.from_bytes",
+            "RSAPrivateKey",
+            "RSAPublicKey",
+            "create_new_key_pair",
+            "RSAPrivateKey.from_bytes",
+            "RSAPublicKey.from_bytes",
         ),  # fmt: skip
     },
     "upnp": {

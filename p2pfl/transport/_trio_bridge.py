@@ -43,11 +43,29 @@ class BridgeClosed(P2PFLError, RuntimeError):
 
 
 class _Call:
-    """One asyncio -> trio call; lets asyncio cancel the trio side of it."""
+    """One asyncio -> trio call: spawned as a trio task, its outcome handed back to the
+    awaiting asyncio future; lets asyncio cancel the trio side of it.
 
-    __slots__ = ("cancel_requested", "scope")
+    One object per call (no closures): a node makes a few of these a round per neighbour.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("args", "cancel_requested", "fn", "future", "loop", "owner", "scope", "timeout")
+
+    def __init__(
+        self,
+        owner: TrioThread,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        timeout: float | None,
+    ) -> None:
+        self.owner = owner
+        self.loop = loop
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.timeout = timeout
         self.scope: trio.CancelScope | None = None
         self.cancel_requested = False
 
@@ -55,6 +73,44 @@ class _Call:
         self.cancel_requested = True
         if self.scope is not None:
             self.scope.cancel()
+
+    def deliver(self, result: Any, error: BaseException | None) -> None:
+        # false when the asyncio loop is closed: nobody is waiting any more
+        to_asyncio(self.loop, _resolve, self.future, result, error)
+
+    def spawn(self) -> None:  # runs on the trio thread; must not raise
+        nursery = self.owner._nursery
+        try:
+            if nursery is None:
+                raise BridgeClosed("trio loop is not running")
+            # named here: trio would otherwise derive a name from ``run`` per call
+            nursery.start_soon(self.run, name="p2pfl-bridge-call")
+        except (BridgeClosed, RuntimeError):  # no nursery, or closed to new tasks
+            self.deliver(None, BridgeClosed("trio loop is not running"))
+
+    async def run(self) -> None:
+        timeout = self.timeout
+        if timeout is None:
+            scope = trio.CancelScope()
+        else:
+            scope = trio.CancelScope(deadline=trio.current_time() + timeout)
+        self.scope = scope
+        if self.cancel_requested:
+            scope.cancel()
+        try:
+            with scope:
+                result = await self.fn(*self.args)
+                self.deliver(result, None)
+                return
+            if self.cancel_requested or timeout is None:
+                self.deliver(None, asyncio.CancelledError())
+            else:  # its deadline passed
+                self.deliver(None, trio.TooSlowError())
+        except Exception as exc:
+            self.deliver(None, exc)
+        except BaseException:  # the whole loop is being cancelled
+            self.deliver(None, BridgeClosed("trio loop stopped during the call"))
+            raise
 
 
 class _Batch:
@@ -105,9 +161,7 @@ class _Batch:
 
 
 #: trio -> asyncio batches, one per asyncio loop (weak: a closed loop is forgotten)
-_to_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batch] = (
-    weakref.WeakKeyDictionary()
-)
+_to_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batch] = weakref.WeakKeyDictionary()
 _to_loop_lock = threading.Lock()
 
 
@@ -244,43 +298,8 @@ class TrioThread:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        call = _Call()
-
-        def deliver(result: Any, error: BaseException | None) -> None:
-            # false when the asyncio loop is closed: nobody is waiting any more
-            to_asyncio(loop, _resolve, future, result, error)
-
-        async def runner() -> None:
-            if timeout is None:
-                scope = trio.CancelScope()
-            else:
-                scope = trio.CancelScope(deadline=trio.current_time() + timeout)
-            call.scope = scope
-            if call.cancel_requested:
-                scope.cancel()
-            try:
-                with scope:
-                    result = await fn(*args)
-                    deliver(result, None)
-                    return
-                if call.cancel_requested or timeout is None:
-                    deliver(None, asyncio.CancelledError())
-                else:  # its deadline passed
-                    deliver(None, trio.TooSlowError())
-            except Exception as exc:
-                deliver(None, exc)
-            except BaseException:  # the whole loop is being cancelled
-                deliver(None, BridgeClosed("trio loop stopped during the call"))
-                raise
-
-        def spawn() -> None:  # runs on the trio thread; must not raise
-            try:
-                # named here: trio would otherwise derive a name from ``runner`` per call
-                self.nursery.start_soon(runner, name="p2pfl-bridge-call")
-            except (BridgeClosed, RuntimeError):  # no nursery, or closed to new tasks
-                deliver(None, BridgeClosed("trio loop is not running"))
-
-        self.call_soon(spawn)
+        call = _Call(self, loop, future, fn, args, timeout)
+        self.call_soon(call.spawn)
         try:
             return await future
         except asyncio.CancelledError:

@@ -120,6 +120,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
 from libp2p.utils.address_validation import expand_wildcard_address
 from multiaddr import Multiaddr
 
@@ -290,9 +291,13 @@ def _buffered(stream: INetStream) -> int:
 def _reusable(stream: INetStream) -> bool:
     """Whether a kept stream is still open both ways, as far as this side knows."""
     muxed = _muxed(stream)
-    for flag in ("closed", "send_closed", "recv_closed", "reset_received"):
-        if getattr(muxed, flag, False):
+    if isinstance(muxed, YamuxStream):  # every stream here: its flags read directly
+        if muxed.closed or muxed.send_closed or muxed.recv_closed or muxed.reset_received:
             return False
+    else:
+        for flag in ("closed", "send_closed", "recv_closed", "reset_received"):
+            if getattr(muxed, flag, False):
+                return False
     return not getattr(stream.muxed_conn, "is_closed", False)
 
 
@@ -1160,6 +1165,8 @@ class Libp2pTransport(Transport):
 
     def _apply_frees(self) -> None:
         """Give the bytes of the frames the node has handled back to the admission (trio)."""
+        if not self._frees and not self._frees_called:  # nothing handed over: no lock to take
+            return
         with self._frees_lock:
             frees, self._frees = self._frees, []
             self._frees_called = False
