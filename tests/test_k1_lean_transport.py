@@ -34,7 +34,7 @@ from p2pfl.transport import _trio_bridge
 from p2pfl.transport._trio_bridge import TrioThread
 from p2pfl.transport._yamux import PatchedYamux, _adopt, _PatchedYamuxStream, _QuickLock
 from p2pfl.transport.base import TransportError
-from p2pfl.transport.libp2p import Libp2pTransport, _parse_peer
+from p2pfl.transport.libp2p import Libp2pTransport, _InlineFrames, _parse_peer
 from p2pfl.transport.limits import TransportLimits
 from tests.transport_kit import Inbox, eventually, inbox_transports, running_trio_thread
 
@@ -373,3 +373,85 @@ def test_a_fully_closed_stream_is_dropped_once_its_last_bytes_are_read() -> None
     stream.closed = True  # both sides closed; a window update still arrives
     assert conn._took(_header(TYPE_WINDOW_UPDATE, 0, 3, 10))
     assert 3 not in conn.streams and 3 not in conn.stream_buffers  # nothing left to read
+
+
+async def test_frames_on_a_kept_stream_are_taken_as_they_arrive(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a kept stream's frames after its first are taken by the connection's reader
+    # (``_InlineFrames``), held, handed over, counted and acknowledged as the stream's
+    # task would; the sends succeed, in order, and nothing stays held
+    taken: list[bool] = []
+    original = _InlineFrames.__call__
+
+    def counted(self: _InlineFrames, body: bytes) -> bool:
+        taken.append(original(self, body))
+        return taken[-1]
+
+    monkeypatch.setattr(_InlineFrames, "__call__", counted)
+    (receiver, inbox), (sender, _) = await make(), await make()
+    await sender.connect(receiver.listen_addrs[0])
+    payloads = [bytes([i]) * 10_000 for i in range(12)]
+    for payload in payloads:
+        await sender.send(receiver.peer_id, payload, timeout=10)
+    assert [bytes((await inbox.get())[1]) for _ in payloads] == payloads
+    assert taken.count(True) >= len(payloads) - 3, taken  # all but the first and a few
+    assert receiver.stats()["messages_received"] == len(payloads)
+    admission, bridge = receiver._admission, receiver._bridge
+    assert admission is not None and bridge is not None
+
+    def held() -> int:
+        receiver._apply_frees()
+        return admission.held_bytes
+
+    assert bridge.run_sync(held) == 0
+
+
+def test_a_frame_the_socket_takes_in_part_goes_first_with_the_next_write() -> None:
+    # ``send_now`` (the reader's acknowledgements) never waits: what the kernel does not
+    # take is kept, and the next write on the connection sends it first, whole
+    import socket
+    from types import SimpleNamespace
+
+    from p2pfl.transport._yamux import _FastNoise
+
+    class Clear:  # a cipher that leaves the bytes as they are: the framing is what counts
+        def encrypt_with_ad(self, ad: object, plaintext: memoryview) -> bytes:
+            return bytes(plaintext)
+
+    noise = SimpleNamespace(
+        noise_state=SimpleNamespace(noise_protocol=SimpleNamespace(cipher_state_encrypt=Clear()))
+    )
+
+    async def main() -> bytes:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        fast = _FastNoise(noise, SimpleNamespace(stream=SimpleNamespace(stream=stream)), b"")  # type: ignore[arg-type]
+        assert fast.can_send_now()
+        filled = b""
+        while True:  # the socket's buffer full: the kernel takes nothing more now
+            try:
+                filled += b"f" * ours.send(b"f" * 65536)
+            except BlockingIOError:
+                break
+        assert not fast.send_now(b"ACK-FRAME")
+        assert fast._backlog and not fast.can_send_now()
+        got = bytearray()
+
+        async def drain() -> None:
+            while len(got) < len(filled) + 2 * 2 + len(b"ACK-FRAME") + len(b"next"):
+                await trio.lowlevel.wait_readable(theirs.fileno())
+                got.extend(theirs.recv(1 << 20))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            await fast.write(b"next")
+        assert not fast._backlog and fast.can_send_now()
+        ours.close()
+        theirs.close()
+        return bytes(got[len(filled) :])
+
+    # each message is its 2-byte length, then its bytes: the acknowledgement first
+    assert trio.run(main) == b"\x00\x09ACK-FRAME\x00\x04next"

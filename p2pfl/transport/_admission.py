@@ -133,6 +133,12 @@ class Admission:
         self._held[peer] += size
         self.held_bytes += size
 
+    def hold_now(self, peer: str, size: int) -> None:
+        """Hold ``size`` bytes that fit now (``fits``), without waiting."""
+        assert self.fits(peer, size)
+        self._held[peer] += size
+        self.held_bytes += size
+
     def free(self, peer: str, size: int) -> None:
         held = self._held.get(peer, 0)
         if held <= size:

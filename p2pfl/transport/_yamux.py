@@ -285,6 +285,8 @@ class PatchedYamux(Yamux):
             body = fast.take_decrypted(length)
             if body is None:  # still on its way: py-libp2p waits for it, with a timer
                 return False
+            if stream.inline is not None and self._consumed(stream, buffer, body):
+                return True
             buffer.extend(body)
             stream.recv_window -= length  # below 0: the peer broke flow control (reported)
             if stream.recv_window < 0:
@@ -299,6 +301,64 @@ class PatchedYamux(Yamux):
         if stream.closed:
             self._finalize_stream_locked(stream, fully_closed=True)
         return True
+
+    def _consumed(self, stream: _PatchedYamuxStream, buffer: bytearray, body: bytes) -> bool:
+        """Whether the stream's reader-side consumer (``inline``) took ``body`` as it
+        arrived: only while nothing is buffered or admitted on the stream, it is open both
+        ways, and taking the body leaves no read credit due (the next read that gives
+        credit back goes through the stream as usual)."""
+        inline = stream.inline
+        if (
+            inline is None
+            or buffer
+            or stream._admitted
+            or stream.closed
+            or stream.recv_closed
+            or stream.reset_received
+        ):
+            return False
+        window = stream.recv_window - len(body)
+        allowance = stream._allowance()
+        if window < 0 or allowance - window >= allowance // 2 or not inline(body):
+            return False
+        stream.recv_window = window
+        return True
+
+    def send_now(self, frame: bytes) -> None:
+        """Write a small frame from the connection's reader without waiting: sealed and
+        handed to the socket at once when nothing else is being written or waits to be
+        (what the kernel does not take goes first with the next write, and a helper
+        task makes sure there is one); otherwise queued for the helper (``_write_soon``)."""
+        fast = self._fast
+        nursery = self._nursery
+        if (
+            fast is not None
+            and nursery is not None
+            and not self._deferred
+            and not self._write_lock.locked()
+            and fast.can_send_now()
+        ):
+            self._write_lock.acquire_nowait()
+            try:
+                whole = fast.send_now(frame)
+            finally:
+                self._write_lock.release()
+            if not whole:
+                nursery.start_soon(self._flush_backlog)
+            return
+        self._write_soon(frame)
+
+    async def _flush_backlog(self) -> None:
+        """Send what the socket did not take of a frame ``send_now`` wrote (runs in the
+        connection's nursery, behind the write lock as every write)."""
+        fast = self._fast
+        if fast is None:
+            return
+        try:
+            async with self._write_lock:
+                await fast.flush()
+        except Exception:  # noqa: BLE001 - the connection is broken; its reader will notice
+            pass
 
     async def handle_incoming(self) -> None:
         self._reader_task = trio.lowlevel.current_task()
@@ -403,6 +463,11 @@ class _PatchedYamuxStream(YamuxStream):
 
     _window_opened: trio.Event | None = None
 
+    #: set by the stream's owner while it waits for the next message and nothing is
+    #: buffered: called by the connection's reader with a data frame's body as it arrives;
+    #: true if it took the body (then it is not buffered and nobody is woken)
+    inline: Callable[[bytes], bool] | None = None
+
     @property
     def _admitted(self) -> int:
         """Bytes of an admitted frame not read yet (the unread budget does not count them)."""
@@ -495,6 +560,19 @@ class _PatchedYamuxStream(YamuxStream):
             if conn.stream_events.get(sid) is event:
                 conn.stream_events[sid] = trio.Event()
         return await super().read(n)
+
+    def can_write_now(self, size: int) -> bool:
+        """Whether ``write_now`` can send ``size`` bytes (open, within the send window)."""
+        return not (self.send_closed or self.closed) and 0 < size <= min(
+            self.send_window, FRAME_PAYLOAD
+        )
+
+    def write_now(self, data: bytes) -> None:
+        """Send ``data`` (``can_write_now`` first) as one data frame, from the connection's
+        reader, without waiting (``PatchedYamux.send_now``)."""
+        self.send_window -= len(data)
+        header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, self.stream_id, len(data))
+        self.conn.send_now(header + data)  # type: ignore[attr-defined]
 
     def buffered(self) -> int:
         """Bytes received on this stream and not read yet (reading them does not wait)."""
@@ -637,6 +715,8 @@ class _FastNoise:
         self._plain = memoryview(left)  # decrypted bytes not yet read
         self._direct = 0  # receives in a row that did not wait (see _receive)
         self._eof = False
+        #: sealed bytes the socket did not take in ``send_now``: sent first by the next write
+        self._backlog = b""
 
     @classmethod
     def install(cls, session: ISecureConn) -> _FastNoise | None:
@@ -778,6 +858,35 @@ class _FastNoise:
         parts.append(len(ciphertext).to_bytes(SIZE_NOISE_MESSAGE_LEN, "big"))
         parts.append(ciphertext)
 
+    def can_send_now(self) -> bool:
+        """Whether ``send_now`` may be used: a socket of our own and nothing held back."""
+        return self._raw_sock is not None and not self._backlog
+
+    def send_now(self, data: bytes) -> bool:
+        """Seal ``data`` (one Noise message at most) and give it to the socket without
+        waiting; false if the socket took only part of it (the rest is the backlog, which
+        the next write sends first: call ``flush`` under the write lock to send it)."""
+        raw = self._raw_sock
+        assert raw is not None and not self._backlog and len(data) <= MAX_PLAINTEXT_LENGTH
+        parts: list[bytes] = []
+        self._seal(memoryview(data), parts)
+        message = b"".join(parts)
+        try:
+            sent = raw.send(message)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # the connection is gone: its reader will notice
+            return True
+        if sent == len(message):
+            return True
+        self._backlog = message[sent:]
+        return False
+
+    async def flush(self) -> None:
+        """Send the backlog, if any (under the write lock)."""
+        if self._backlog:
+            await self._send(b"")
+
     def drop(self) -> None:
         """Close the socket now, whoever waits on it (they see the connection closed)."""
         if self._socket is not None:
@@ -835,6 +944,9 @@ class _FastNoise:
         cut off that way when a send times out.  Cancelled before its first byte, a
         send leaves the connection as it was.
         """
+        begun = bool(self._backlog)  # the rest of a message ``send_now`` began: first
+        if begun:
+            data, self._backlog = self._backlog + data, b""
         if self._socket is None:
             await self._raw.write(data)
             return
@@ -856,7 +968,7 @@ class _FastNoise:
             while sent < len(view):
                 sent += await sock.send(view[sent:])
         except BaseException as exc:
-            if sent:
+            if sent or begun:  # a Noise message cut on the wire: the connection is lost
                 sock.close()
             if isinstance(exc, trio.ClosedResourceError) and not sent:
                 return  # closed on this side: py-libp2p ignores the write

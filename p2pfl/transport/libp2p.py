@@ -1005,9 +1005,11 @@ class Libp2pTransport(Transport):
     async def _on_stream(self, stream: INetStream) -> None:
         """Receive frames until the sender closes the stream (see the module docstring)."""
         sender = stream.muxed_conn.peer_id.to_base58()
+        muxed = _muxed(stream)
+        inline = _InlineFrames(self, muxed, sender) if hasattr(muxed, "inline") else None
         try:
             first = True
-            while await self._receive_frame(stream, sender, first):
+            while await self._receive_frame(stream, sender, first, inline):
                 first = False
         except _FrameError as exc:
             self._count(**{exc.counter: 1})
@@ -1017,7 +1019,9 @@ class Libp2pTransport(Transport):
                 self._to_asyncio(self._report_abuse, sender, exc.abuse)
             await _reset(stream)
 
-    async def _receive_frame(self, stream: INetStream, sender: str, first: bool) -> bool:
+    async def _receive_frame(
+        self, stream: INetStream, sender: str, first: bool, inline: _InlineFrames | None = None
+    ) -> bool:
         """Receive one frame, hand it to asyncio and acknowledge it; False once the stream is over.
 
         Everything that decides whether the body is read at all (the cap, a ban, the
@@ -1029,6 +1033,10 @@ class Libp2pTransport(Transport):
         One timer covers the frame from the wait for it to its last byte: its deadline
         moves from one step to the next (a cancel scope entered per step cost the trio
         thread ~5% of a node's round), and ``step`` says which one it cut.
+
+        While it waits for a kept stream's next frame, ``inline`` may take whole frames
+        as the connection's reader sees them arrive (see ``_InlineFrames``); the wait goes
+        on, its timer restarted by each.
         """
         admission = self._admission
         assert admission is not None  # set before the handler is
@@ -1040,7 +1048,10 @@ class Libp2pTransport(Transport):
         own = held = False
         try:
             with trio.CancelScope(deadline=began + wait) as timer:
-                header = await self._await_frame(stream)
+                if inline is None or first:
+                    header = await self._await_frame(stream)
+                else:
+                    header = await inline.await_frame(stream, timer)
                 if header is None:
                     return False
                 if not first:
@@ -1322,3 +1333,70 @@ def _with_peer(addr: str, peer: str) -> str:
 def _without_p2p(addr: str) -> str:
     head, sep, _ = addr.partition("/p2p/")
     return head if sep else addr
+
+
+class _InlineFrames:
+    """Takes a kept stream's frames as the connection's reader sees them arrive, while
+    the stream's task waits for the next one (``_PatchedYamuxStream.inline``).
+
+    Each frame a node receives woke the stream's task, which read it out of the stream's
+    buffer, held its bytes, handed it to asyncio and wrote the acknowledgement: a pass
+    of trio's scheduler and a task switch per frame, on top of the reader's. A frame
+    that arrives whole in one data frame, from a sender that is not banned, with room
+    for it now, is taken here instead, with the same checks and the same outcome: held,
+    handed over, counted, acknowledged (``write_now``), the wait's timer restarted. Any
+    other frame (cut, oversized, no room, a ban, a stream no longer open both ways) is
+    left in the buffer, and the waiting task takes it as before, with the timers and
+    the charges of ``_receive_frame``.
+    """
+
+    __slots__ = ("muxed", "sender", "timer", "transport")
+
+    def __init__(self, transport: Libp2pTransport, muxed: Any, sender: str) -> None:
+        self.transport = transport
+        self.muxed = muxed
+        self.sender = sender
+        self.timer: trio.CancelScope | None = None
+
+    async def await_frame(self, stream: INetStream, timer: trio.CancelScope) -> bytes | None:
+        """``Libp2pTransport._await_frame``, taking whole frames meanwhile."""
+        muxed = self.muxed
+        self.timer = timer
+        muxed.inline = self
+        try:
+            return await self.transport._await_frame(stream)
+        finally:
+            muxed.inline = None
+            self.timer = None
+
+    def __call__(self, body: bytes) -> bool:
+        """Take ``body`` (a data frame's, just arrived) if it is exactly one whole frame
+        that may be taken now; called by the connection's reader."""
+        transport = self.transport
+        admission = transport._admission
+        size = len(body) - HEADER_SIZE
+        if (
+            admission is None
+            or transport._handler is None
+            or size <= 0
+            or size > transport.max_message_size
+            or frame_length(body[:HEADER_SIZE]) != size
+            or not self.muxed.can_write_now(len(ACK))
+        ):
+            return False
+        sender = self.sender
+        if admission.is_banned(sender):
+            return False
+        transport._apply_frees()
+        if not admission.fits(sender, size):
+            return False
+        admission.hold_now(sender, size)
+        if not transport._to_asyncio(transport._dispatch_held, sender, body[HEADER_SIZE:], size):
+            admission.free(sender, size)
+            return False
+        transport._count(messages_received=1, bytes_received=size)
+        self.muxed.write_now(ACK)
+        timer = self.timer
+        if timer is not None:  # between frames, the wait restarts with each one
+            timer.deadline = trio.current_time() + transport.stream_idle_timeout
+        return True
