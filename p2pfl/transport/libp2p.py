@@ -25,6 +25,9 @@ at most one unacknowledged frame per stream, and frames never interleave.
   either way the stream is reset, counted in the stats and reported to the abuse
   handler.  A stream silent *between* frames for ``stream_idle_timeout`` is
   closed cleanly (FIN; reset if the sender does not close its side in turn).
+  While a kept stream's handler waits between frames, a frame that arrives whole
+  and may be taken now is taken by the connection's reader as it arrives, with the
+  same checks and outcome (``_InlineFrames``): no wake-up of the handler per frame.
 - Resource bounds (``TransportLimits``, kept by ``_admission``), all checked
   before a frame's body is read: inbound streams per peer, per source address
   (half of all) and in all (one over is reset before its protocol is negotiated);
