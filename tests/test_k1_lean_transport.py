@@ -264,28 +264,42 @@ def test_a_frame_whose_reset_is_read_before_its_first_byte_is_still_truncated() 
     assert trio.run(await_frame, 0) == (None, 1)  # nothing had begun: the stream just ended
 
 
+def _outcomes(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> list[bool]:
+    """What each call of ``owner.name`` (a method answering whether it took something)
+    returned, in order, from now on."""
+    outcomes: list[bool] = []
+    original = getattr(owner, name)
+
+    def counted(self: object, *args: object) -> bool:
+        outcomes.append(original(self, *args))
+        return outcomes[-1]
+
+    monkeypatch.setattr(owner, name, counted)
+    return outcomes
+
+
+async def _send_one_by_one(make: Factory, count: int) -> Libp2pTransport:
+    """``count`` digits-sized messages from a new transport to another, one after the
+    other (one kept stream), each received intact and in order; the receiver."""
+    (receiver, inbox), (sender, _) = await make(), await make()
+    await sender.connect(receiver.listen_addrs[0])
+    payloads = [bytes([i]) * 10_000 for i in range(count)]
+    for payload in payloads:
+        await sender.send(receiver.peer_id, payload, timeout=10)
+    assert [bytes((await inbox.get())[1]) for _ in payloads] == payloads
+    return receiver
+
+
 async def test_message_frames_bypass_py_libp2ps_reader(
     make: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the data frames of messages and of their acknowledgements are taken in the
     # connection reader's header read (``_took``); only the others (a stream's SYN and
     # its acknowledgement) reach py-libp2p's reader loop
-    took: list[bool] = []
-    original = PatchedYamux._took
-
-    def counted(self: PatchedYamux, header: bytes) -> bool:
-        took.append(original(self, header))
-        return took[-1]
-
-    monkeypatch.setattr(PatchedYamux, "_took", counted)
-    (receiver, inbox), (sender, _) = await make(), await make()
-    await sender.connect(receiver.listen_addrs[0])
-    payloads = [bytes([i]) * 10_000 for i in range(10)]
-    for payload in payloads:
-        await sender.send(receiver.peer_id, payload, timeout=10)
-    assert [bytes((await inbox.get())[1]) for _ in payloads] == payloads
+    took = _outcomes(monkeypatch, PatchedYamux, "_took")
+    await _send_one_by_one(make, 10)
     # both hosts: 10 messages and 10 acknowledgements, all on one kept stream
-    assert took.count(True) >= 2 * len(payloads) - 2, took
+    assert took.count(True) >= 2 * 10 - 2, took
 
 
 class _Decrypted:
@@ -381,22 +395,10 @@ async def test_frames_on_a_kept_stream_are_taken_as_they_arrive(
     # a kept stream's frames after its first are taken by the connection's reader
     # (``_InlineFrames``), held, handed over, counted and acknowledged as the stream's
     # task would; the sends succeed, in order, and nothing stays held
-    taken: list[bool] = []
-    original = _InlineFrames.__call__
-
-    def counted(self: _InlineFrames, body: bytes) -> bool:
-        taken.append(original(self, body))
-        return taken[-1]
-
-    monkeypatch.setattr(_InlineFrames, "__call__", counted)
-    (receiver, inbox), (sender, _) = await make(), await make()
-    await sender.connect(receiver.listen_addrs[0])
-    payloads = [bytes([i]) * 10_000 for i in range(12)]
-    for payload in payloads:
-        await sender.send(receiver.peer_id, payload, timeout=10)
-    assert [bytes((await inbox.get())[1]) for _ in payloads] == payloads
-    assert taken.count(True) >= len(payloads) - 3, taken  # all but the first and a few
-    assert receiver.stats()["messages_received"] == len(payloads)
+    taken = _outcomes(monkeypatch, _InlineFrames, "__call__")
+    receiver = await _send_one_by_one(make, 12)
+    assert taken.count(True) >= 12 - 3, taken  # all but the first and a few
+    assert receiver.stats()["messages_received"] == 12
     admission, bridge = receiver._admission, receiver._bridge
     assert admission is not None and bridge is not None
 
