@@ -457,3 +457,63 @@ def test_a_frame_the_socket_takes_in_part_goes_first_with_the_next_write() -> No
 
     # each message is its 2-byte length, then its bytes: the acknowledgement first
     assert trio.run(main) == b"\x00\x09ACK-FRAME\x00\x04next"
+
+
+async def test_the_readers_frames_are_refused_as_the_streams_task_would_refuse_them(
+    make: Factory,
+) -> None:
+    # a frame the reader cannot take as a whole, sound frame with room for it now is
+    # left for the stream's task (which refuses and charges it, or waits for room):
+    # nothing held, nothing handed over, no acknowledgement
+    from p2pfl.wire.framing import ACK, frame_header
+
+    receiver, inbox = await make(max_message_size=MIB)
+    admission, bridge = receiver._admission, receiver._bridge
+    assert admission is not None and bridge is not None
+    sender = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+
+    class Muxed:  # the stream side: window for an acknowledgement, and what was written
+        def __init__(self) -> None:
+            self.window = 1
+            self.written: list[bytes] = []
+
+        def can_write_now(self, size: int) -> bool:
+            return 0 < size <= self.window
+
+        def write_now(self, data: bytes) -> None:
+            self.written.append(data)
+
+    muxed = Muxed()
+    inline = _InlineFrames(receiver, muxed, sender)
+
+    def take(body: bytes) -> bool:
+        return bridge.run_sync(inline, body)
+
+    good = frame_header(100) + bytes(100)
+    refused = {
+        "oversized": frame_header(MIB + 1) + bytes(MIB + 1),
+        "empty": frame_header(0),
+        "cut": frame_header(100) + bytes(99),
+        "two frames": good + good,
+        "a forged length": frame_header(2**32 - 1) + bytes(100),
+        "no length": b"\x00\x00",
+    }
+    for why, body in refused.items():
+        assert not take(body), why
+    muxed.window = 0  # no window left for the acknowledgement
+    assert not take(good)
+    muxed.window = 1
+    bridge.run_sync(admission.ban, sender, 60.0)
+    assert not take(good)
+    bridge.run_sync(admission._banned.pop, sender)
+    share = admission.per_peer_bytes
+    bridge.run_sync(admission.hold_now, sender, share)  # the sender's share is full
+    assert not take(good)
+    assert bridge.run_sync(admission.held_by, sender) == share
+    bridge.run_sync(admission.free, sender, share)
+    assert inbox.queue.empty() and muxed.written == []
+    assert receiver.stats()["messages_received"] == 0
+    # a sound frame with room: taken, handed over, counted, acknowledged once
+    assert take(good)
+    assert await inbox.get() == (sender, bytes(100))
+    assert muxed.written == [ACK] and receiver.stats()["messages_received"] == 1

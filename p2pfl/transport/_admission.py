@@ -130,8 +130,7 @@ class Admission:
         """
         while not self.fits(peer, size):
             await self._freed.wait()
-        self._held[peer] += size
-        self.held_bytes += size
+        self.hold_now(peer, size)
 
     def hold_now(self, peer: str, size: int) -> None:
         """Hold ``size`` bytes that fit now (``fits``), without waiting."""

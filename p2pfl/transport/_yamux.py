@@ -129,6 +129,7 @@ __all__ = [
 ]
 
 _unpack_header = struct.Struct(YAMUX_HEADER_FORMAT).unpack
+_pack_header = struct.Struct(YAMUX_HEADER_FORMAT).pack
 
 FRAME_PAYLOAD = 16 * MAX_PLAINTEXT_LENGTH - HEADER_SIZE
 """Data-frame payload (~1 MiB) whose frame fills exactly 16 Noise transport messages."""
@@ -381,7 +382,7 @@ class PatchedYamux(Yamux):
         """Make the stream that a SYN or ACK frame opens or accepts one of ours."""
         if len(frame) != HEADER_SIZE:
             return frame
-        _, kind, flags, stream_id, length = struct.unpack(YAMUX_HEADER_FORMAT, frame)
+        _, kind, flags, stream_id, length = _unpack_header(frame)
         if kind != TYPE_WINDOW_UPDATE or not flags & (FLAG_SYN | FLAG_ACK) or length:
             return frame
         stream = self.streams.get(stream_id)
@@ -522,7 +523,7 @@ class _PatchedYamuxStream(YamuxStream):
             else:
                 await self._wait_for_window()
                 continue
-            header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, self.stream_id, size)
+            header = _pack_header(0, TYPE_DATA, 0, self.stream_id, size)
             await self.conn._write_data(header, view[sent : sent + size])  # type: ignore[attr-defined]
             sent += size
 
@@ -571,8 +572,7 @@ class _PatchedYamuxStream(YamuxStream):
         """Send ``data`` (``can_write_now`` first) as one data frame, from the connection's
         reader, without waiting (``PatchedYamux.send_now``)."""
         self.send_window -= len(data)
-        header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, self.stream_id, len(data))
-        self.conn.send_now(header + data)  # type: ignore[attr-defined]
+        self.conn.send_now(_pack_header(0, TYPE_DATA, 0, self.stream_id, len(data)) + data)  # type: ignore[attr-defined]
 
     def buffered(self) -> int:
         """Bytes received on this stream and not read yet (reading them does not wait)."""

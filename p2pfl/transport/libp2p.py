@@ -1065,16 +1065,9 @@ class Libp2pTransport(Transport):
                     rest = HEADER_SIZE - len(header)
                     header += await _read_exactly(stream, rest, self.read_idle_timeout)
                 size = frame_length(header)
-                if size > self.max_message_size:
-                    raise _FrameError(
-                        "rejected_oversized",
-                        f"frame of {size} bytes exceeds the cap of {self.max_message_size}",
-                        FrameAbuse.OVERSIZED,
-                    )
-                if admission.is_banned(sender):
-                    raise _FrameError("refused_banned", "the sender is banned")
-                if self._handler is None:  # nobody takes messages here (a relay server): unread
-                    raise _FrameError("unhandled", "no handler is set")
+                refusal = self._refusal(sender, size)
+                if refusal is not None:
+                    raise refusal
                 step = _ROOM
                 timer.deadline = began + limits.frame_seconds(size)
                 self._apply_frees()
@@ -1113,6 +1106,22 @@ class Libp2pTransport(Transport):
             await _reset(stream)
             return False
         return True
+
+    def _refusal(self, sender: str, size: int) -> _FrameError | None:
+        """Why a frame of ``size`` bytes from ``sender`` is refused on its length prefix
+        alone (before its body is read), or None."""
+        if size > self.max_message_size:
+            return _FrameError(
+                "rejected_oversized",
+                f"frame of {size} bytes exceeds the cap of {self.max_message_size}",
+                FrameAbuse.OVERSIZED,
+            )
+        admission = self._admission
+        if admission is not None and admission.is_banned(sender):
+            return _FrameError("refused_banned", "the sender is banned")
+        if self._handler is None:  # nobody takes messages here (a relay server): unread
+            return _FrameError("unhandled", "no handler is set")
+        return None
 
     async def _timed_out(
         self,
@@ -1378,17 +1387,14 @@ class _InlineFrames:
         transport = self.transport
         admission = transport._admission
         size = len(body) - HEADER_SIZE
+        sender = self.sender
         if (
             admission is None
-            or transport._handler is None
             or size <= 0
-            or size > transport.max_message_size
             or frame_length(body[:HEADER_SIZE]) != size
+            or transport._refusal(sender, size) is not None  # refused there, and charged
             or not self.muxed.can_write_now(len(ACK))
         ):
-            return False
-        sender = self.sender
-        if admission.is_banned(sender):
             return False
         transport._apply_frees()
         if not admission.fits(sender, size):
