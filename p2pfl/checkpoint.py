@@ -1,25 +1,31 @@
-"""Checkpoints of a node's state that cannot be lost, written off the event loop.
+"""Checkpoints of a node's state that cannot be lost, flushed off the event loop.
 
 Why each part is there:
 
-- **Two generations.** ``checkpoint.pt`` is the newest, ``checkpoint.prev.pt`` the one
-  before it. A write goes to a temporary file in the same directory and only then does
-  the newest become the older and the new file the newest (two renames). A crash at any
-  moment leaves at least one complete checkpoint; a newest one damaged at rest (a torn
-  disk, a flipped bit, an editor) still leaves the older one.
-- **Flushed to disk at a cadence, never torn.** A killed process cannot tear a file: the
-  bytes are in the kernel's page cache before the rename, and a rename is atomic, so the
-  newest generation is always whole. Only a power cut (or a kernel crash) can lose bytes
-  not yet flushed. An fsync per round guards against that, at a third to a half of the
-  writer's CPU (issue 17), so the node's writer flushes at most every
-  :data:`SYNC_EVERY_S` seconds, and keeps this invariant instead: *the older generation, or the newest, is
-  always one that was flushed* (file and rename). A write that is not flushed rotates
-  only a flushed newest into the older place; while the newest is an unflushed one, the
-  next unflushed write replaces it in place and the flushed older one stays. A flushed
-  write first flushes the newest it is about to rotate. After a power cut the node
-  therefore resumes from a checkpoint at most ``SYNC_EVERY_S`` seconds old (a newer,
-  torn one is refused by its checksum and set aside), never from a torn one. The first
-  write of a process and the final one at shutdown are always flushed.
+- **Two generations, flushed.** ``checkpoint.pt`` is the newest, ``checkpoint.prev.pt``
+  the one before it. A write goes to a temporary file in the same directory, is flushed
+  to disk (fsync), and only then does the newest become the older and the new file the
+  newest (two renames, flushed too). A crash or a power cut at any moment leaves at
+  least one complete checkpoint; a newest one damaged at rest (a torn disk, a flipped
+  bit, an editor) still leaves the older one.
+- **Every round, live, between generations.** An fsync per round costs a third to a
+  half of the writer's CPU, and a file created, written and renamed per round more
+  than the round's learning spends on it (issue 17), so the node's writer writes a
+  generation at most every :data:`SYNC_EVERY_S` seconds (and as its first and its final
+  write); each round's state in between goes into one of two *live* files
+  (``checkpoint.live.0.pt``, ``.1.pt``), each overwritten in place, the older of the two
+  each time: one ``pwritev`` into the page cache on the caller's thread, no file created,
+  renamed or flushed, no thread woken. A live record is a checkpoint file whose header
+  also names the generation it was written after (that generation's payload checksum)
+  and a count that orders the two. A killed process cannot lose what it wrote (the
+  kernel holds it) and a kill in the middle of a live write leaves the other live
+  record, a round older; the loader takes the newest whole live record written after
+  the generation it resumes from, so a killed node resumes from its last round. Only a
+  power cut (or a kernel crash) can lose or tear live records; the node then resumes
+  from its newest flushed generation, at most ``SYNC_EVERY_S`` seconds old (a torn
+  record is refused by its checksum), never from a torn one. A live record written
+  after another generation (an older run's, a generation restored by hand) is never
+  taken.
 - **Verified on load.** The file starts with a header line and a JSON line (format,
   SHA-256 and size of the payload, peer id, protocol, parameter count, rounds done); the
   payload (format 3) is one JSON line for the structure followed by the tensors' raw
@@ -37,13 +43,13 @@ Why each part is there:
   generation is reported at WARNING, naming the file and why, and the older one is used;
   if no generation can be used, :class:`CheckpointError` says so in one line (the CLI
   exits with status 2), rather than a traceback or a training thread that hangs.
-- **Off the event loop.** Writing, fsync-ing and renaming run in a worker thread
+- **Off the event loop.** A generation's write, fsync and renames run in a worker thread
   (:class:`CheckpointWriter`): one write at a time, the newest state wins (a state
   superseded before its turn is never written), the final one at shutdown written
   synchronously. The state is serialised (format 3: ~0.05 ms for the digits MLP) and
-  hashed on the caller's thread instead of being copied there for the worker to
-  serialise: the copy is no longer needed, and the worker is left with system calls
-  and almost no Python (issue 17).
+  hashed on the caller's thread, so what the caller mutates next is not in the bytes; a
+  live record (a copy into the page cache) is written there too, up to
+  :data:`INLINE_BYTES`, and by the worker above it.
 - **A full disk does not stop training.** A write that fails (``ENOSPC`` or any other
   ``OSError``) is logged at ERROR once -- not every round -- and tried again with the
   next state; when a write succeeds again that is logged once too. ``status.json``'s
@@ -56,6 +62,7 @@ Why each part is there:
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import io
 import itertools
@@ -66,6 +73,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +93,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointWriter",
     "Damaged",
+    "LIVE_NAMES",
     "Layout",
     "StateDir",
     "clean_stale_temps",
@@ -113,6 +122,16 @@ TORCH_FORMAT = 1
 #: the node's writer flushes a checkpoint to disk (fsync) at most this many seconds apart
 #: (see "Flushed to disk at a cadence" above); 0 flushes every write
 SYNC_EVERY_S = 5.0
+#: the two files a round's state is written into between flushed generations
+#: (:class:`_LiveSlots`)
+LIVE_NAMES = ("checkpoint.live.0.pt", "checkpoint.live.1.pt")
+#: a state up to this size is written into a live slot on the caller's thread (a copy into
+#: the page cache: ~10 us for the digits MLP); a larger one by the worker
+INLINE_BYTES = 1 << 20
+#: buffers in one ``pwritev`` at most (the kernel's limit is 1024)
+_MAX_PIECES = 256
+#: ``posix_fallocate`` errors of a file system that cannot reserve room (not a full one)
+_CANNOT_RESERVE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 #: a header line longer than this is not ours (read no further into a garbage file)
 MAX_HEADER = 4096
 #: a damaged newest checkpoint is renamed with this suffix, out of the rotation
@@ -149,26 +168,54 @@ class Layout:
 # -- the file format ----------------------------------------------------------------------
 def encode_checkpoint(state: dict[str, Any]) -> bytes:
     """``state`` as a checkpoint file's bytes: magic line, JSON header line, payload."""
+    return _encode(state).file_bytes()
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A state serialised: its header and its payload, kept in pieces (the structure line,
+    then each tensor's bytes) so that a write hands them to the kernel without joining."""
+
+    #: format, sha256 and size of the payload, peer_id, protocol, dim, rounds_done
+    header: dict[str, Any]
+    pieces: tuple[bytes, ...]
+
+    @property
+    def sha256(self) -> str:
+        return str(self.header["sha256"])
+
+    def head(self, **extra: Any) -> bytes:
+        """The magic line and the header line (with ``extra`` keys, for a live record)."""
+        return MAGIC + json.dumps({**self.header, **extra}, sort_keys=True).encode() + b"\n"
+
+    def file_bytes(self) -> bytes:
+        return b"".join((self.head(), *self.pieces))
+
+
+def _encode(state: dict[str, Any]) -> _Encoded:
     fmt = FORMAT
     try:
-        payload = _pack_payload(state)
+        pieces = _pack_payload(state)
     except _Unpackable:  # something format 3 cannot hold: torch.save it
         fmt = TORCH_FORMAT
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        payload = buffer.getvalue()
+        pieces = (buffer.getvalue(),)
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
     protocol = state.get("protocol") or {}
     params = protocol.get("params")
     header = {
         "format": fmt,
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "size": len(payload),
+        "sha256": digest.hexdigest(),
+        "size": sum(map(len, pieces)),
         "peer_id": protocol.get("peer_id"),
         "protocol": protocol.get("protocol"),
         "dim": int(params.numel()) if isinstance(params, torch.Tensor) else None,
         "rounds_done": state.get("rounds_done"),
     }
-    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+    return _Encoded(header, pieces)
 
 
 # -- format 3: a JSON line for the structure, then the tensors' bytes ----------------------
@@ -201,10 +248,11 @@ class _Unpackable(P2PFLError):
     """The state holds a value format 3 cannot represent exactly."""
 
 
-def _pack_payload(state: dict[str, Any]) -> bytes:
+def _pack_payload(state: dict[str, Any]) -> tuple[bytes, ...]:
+    """Format 3's payload in pieces: the structure line, then the tensors' bytes."""
     blobs: list[bytes] = []
     structure = json.dumps(_pack(state, blobs), separators=(",", ":")).encode()
-    return b"".join([structure, b"\n", *blobs])
+    return (structure + b"\n", *blobs)
 
 
 def _pack(value: Any, blobs: list[bytes]) -> Any:
@@ -326,6 +374,14 @@ def _unpack_payload(payload: bytes, *, ints: bool = True) -> Any:
 
 def decode_checkpoint(data: bytes, layout: Layout | None = None) -> dict[str, Any]:
     """The state in a checkpoint file's bytes; :class:`Damaged` if it cannot be used."""
+    return _decode(data, layout)[0]
+
+
+def _decode(
+    data: bytes, layout: Layout | None, *, live: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state in a checkpoint file's bytes and the file's header; ``live``: a live
+    record, which the rest of the file follows (:class:`_LiveSlots`)."""
     if not data:
         raise Damaged("the file is empty (0 bytes)")
     if not data.startswith(MAGIC):
@@ -345,6 +401,8 @@ def decode_checkpoint(data: bytes, layout: Layout | None = None) -> dict[str, An
         )
     payload = data[end + 1 :]
     size = header.get("size")
+    if live and type(size) is int and 0 <= size <= len(payload):
+        payload = payload[:size]
     if len(payload) != size:
         raise Damaged(
             f"truncated or padded: {len(payload)} bytes of payload, the header says {size}"
@@ -359,7 +417,7 @@ def decode_checkpoint(data: bytes, layout: Layout | None = None) -> dict[str, An
                 f"its contents cannot be read as tensors and plain data ({type(error).__name__})"
             ) from None
         _check_state(state, layout or Layout())
-        return state
+        return state, header
     try:
         # weights_only: tensors and plain data, never objects that run code on load
         with warnings.catch_warnings():  # torch warns about odd pickles: the reason says it
@@ -370,7 +428,7 @@ def decode_checkpoint(data: bytes, layout: Layout | None = None) -> dict[str, An
             f"its contents cannot be read as tensors and plain data ({type(error).__name__})"
         ) from None
     _check_state(state, layout or Layout())
-    return state
+    return state, header
 
 
 def _check_state(state: Any, layout: Layout) -> None:
@@ -471,20 +529,16 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
 _temp_ids = itertools.count()
 
 
-def write_generation(
-    state_dir: Path, data: bytes, *, sync: bool = True, rotate: bool = True, settle: bool = False
-) -> Path:
+def write_generation(state_dir: Path, data: bytes, *, sync: bool = True) -> Path:
     """Write a checkpoint file's bytes as the newest generation; the newest so far
-    becomes the older one (``rotate``) or is replaced in place (not ``rotate``).
+    becomes the older one.
 
     ``sync``: the new file is complete on disk before either rename and the renames are
     flushed after them, so a power cut between them leaves the older generation, which
-    the loader then uses. ``settle``: the newest so far is flushed before it is rotated
-    (it was written without ``sync``). See "Flushed to disk at a cadence" above.
+    the loader then uses (the node's writer always syncs; see "Flushed to disk at a
+    cadence" above).
     """
     newest, previous = state_dir / CHECKPOINT_NAME, state_dir / PREVIOUS_NAME
-    if settle:
-        _fsync_file(newest)
     # a name of this process and write (mkstemp's random names cost more than the write),
     # with the prefix clean_stale_temps removes; O_EXCL: never someone else's file
     tmp = state_dir / f".{CHECKPOINT_NAME}.{os.getpid()}-{next(_temp_ids)}"
@@ -508,11 +562,9 @@ def write_generation(
         # of the whole write (issue 17: 0.12 ms vs 0.05 ms a write). The name is freed
         # first; a kill between the two steps leaves the other generation, as a kill
         # between the two renames always did.
-        if rotate and newest.exists():  # (without a newest, the older one stays)
+        if newest.exists():  # (without a newest, the older one stays)
             previous.unlink(missing_ok=True)
             os.rename(newest, previous)
-        elif not rotate:
-            newest.unlink(missing_ok=True)
         os.rename(tmp, newest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -520,18 +572,6 @@ def write_generation(
     if sync:
         fsync_dir(state_dir)
     return newest
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush ``path``'s bytes to disk; a missing file is nothing to flush."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(state_dir: Path, state: dict[str, Any]) -> Path:
@@ -592,19 +632,24 @@ def _reason(error: BaseException) -> str:
 
 
 class CheckpointWriter:
-    """Writes checkpoints in a worker thread: one at a time, the newest state wins.
+    """Writes checkpoints: a round's state into a live slot at once, a flushed generation
+    at a cadence in a worker thread; the newest state wins.
 
     ``submit`` serialises and hashes the state on the caller's thread (what the caller
-    mutates next is not in the bytes) and returns at once; a worker thread writes,
-    fsyncs and renames. A state
-    submitted while another is being written replaces any state still waiting, so a slow
-    disk never builds a queue. Every state carries a sequence number and a write of an
-    older one after a newer one is skipped, so ``write_now`` (the final checkpoint, on the
-    caller's thread) cannot be overtaken by a write still in flight. A state identical to
-    the last one written (same checksum) is not written again, so that the older
-    generation stays one state older. The worker is a ``ThreadPoolExecutor``'s, kept
-    between rounds (no thread started per round) and joined when the process exits, so
-    a write in progress is finished first.
+    mutates next is not in the bytes). When no flush is due and the worker is idle, the
+    bytes go into the next live slot right there: one ``pwritev`` into the page cache of a
+    file kept open, no thread woken (issue 17: the hand-off and the temporary file, write
+    and renames of each round cost more than the round's own learning spent on them).
+    Otherwise the worker takes them: a flushed generation (written, fsync'd, rotated), or
+    a live slot for a state too large to copy on the caller's thread. A state submitted
+    while the worker is busy replaces any state still waiting, so a slow disk never builds
+    a queue. Every state carries a sequence number and a write of an older one after a
+    newer one is skipped, so ``write_now`` (the final checkpoint, on the caller's thread,
+    always a flushed generation) cannot be overtaken by a write still in flight. A state
+    identical to the last one written (same checksum) is not written again, so that the
+    older generation stays one state older. The worker is a ``ThreadPoolExecutor``'s, kept
+    between rounds and joined when the process exits, so a write in progress is finished
+    first.
     """
 
     def __init__(
@@ -616,26 +661,32 @@ class CheckpointWriter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.state_dir = state_dir
-        #: called ``write(state_dir, data)`` for a flushed write that rotates (every write
-        #: when ``sync_every`` is 0), else with ``write_generation``'s keywords
+        #: called ``write(state_dir, data)`` for each flushed generation
         self.write_file = write
-        #: seconds between two flushed writes (0: every write is flushed)
+        #: seconds between two flushed generations (0: every write is one)
         self.sync_every = sync_every
         self._clock = clock
-        self._synced_at: float | None = None  # monotonic time of the last flushed write
-        #: whether the newest generation on disk was flushed (false after a failed write);
-        #: true at first: the first write is flushed and nothing of this process is older
-        self._newest_synced = True
-        #: the header of the last file written (it holds the payload's checksum): a state
-        #: identical to it is not written again, so the older generation stays older
-        self._last_header = b""
+        self._synced_at: float | None = None  # monotonic time of the last generation
+        #: the payload checksum of the newest generation this writer wrote: the base of the
+        #: live records written after it (none yet: the next write is a generation)
+        self._generation: str | None = None
+        #: the payload checksum of the last state written, live or generation
+        self._last = ""
+        self._live = _LiveSlots(state_dir)
         self.health = WriteHealth(
             state_dir / CHECKPOINT_NAME,
             "checkpoint",
             "training goes on and the next checkpoint tries again",
         )
+        #: the live records' own: a full disk that fails the generations but not them
+        #: (their room is reserved) must not say "written again" every round
+        self.live_health = WriteHealth(
+            state_dir / "checkpoint.live.{0,1}.pt",
+            "live checkpoint",
+            "training goes on, resumable from the last flushed generation",
+        )
         self._mutex = threading.Lock()  # guards the fields below
-        self._pending: tuple[int, bytes] | None = None
+        self._pending: tuple[int, _Encoded] | None = None
         self._scheduled = False  # a drain is queued or running on the worker
         self._worker = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="p2pfl-checkpoint", initializer=name_os_thread
@@ -648,37 +699,61 @@ class CheckpointWriter:
         self.idle = threading.Event()
         self.idle.set()
 
-    def _encode(self, state: dict[str, Any]) -> bytes | None:
+    def _encode(self, state: dict[str, Any]) -> _Encoded | None:
         try:
-            return encode_checkpoint(state)
+            return _encode(state)
         except Exception as error:  # a state that cannot be serialised: reported, not raised
             self.health.failed(error)
             return None
 
+    def _flush_due(self) -> bool:
+        """Whether the next write must be a flushed generation."""
+        return (
+            self._generation is None
+            or self.sync_every <= 0
+            or self._synced_at is None
+            or self._clock() - self._synced_at >= self.sync_every
+        )
+
     def submit(self, state: dict[str, Any]) -> None:
-        """Write ``state`` soon; only its serialising happens on the caller's thread."""
-        data = self._encode(state)
-        if data is None:
+        """Write ``state`` soon: into a live slot at once when that is all it needs,
+        else in the worker."""
+        encoded = self._encode(state)
+        if encoded is None:
             return
         with self._mutex:
             self._seq += 1
-            self._pending = (self._seq, data)
-            self.idle.clear()
-            if self._scheduled:
-                return  # the worker takes it next
-            self._scheduled = True
-        self._worker.submit(self._drain)
+            inline = (
+                not self._scheduled
+                and encoded.header["size"] <= INLINE_BYTES
+                and not self._flush_due()
+            )
+            if not inline:
+                self._pending = (self._seq, encoded)
+                self.idle.clear()
+                if self._scheduled:
+                    return  # the worker takes it next
+                self._scheduled = True
+            seq = self._seq
+        if inline:
+            self._write(seq, encoded, flush=False)
+        else:
+            self._worker.submit(self._drain)
 
     def write_now(self, state: dict[str, Any]) -> bool:
-        """Write ``state`` on this thread (after a write in flight); true if it was written."""
-        data = self._encode(state)
-        if data is None:
+        """Write ``state`` as a flushed generation on this thread (after a write in
+        flight); true if it was written. The live slots' files are closed after it."""
+        encoded = self._encode(state)
+        if encoded is None:
             return False
         with self._mutex:
             self._seq += 1
             seq = self._seq
             self._pending = None  # superseded
-        return self._write(seq, data, final=True)
+        try:
+            return self._write(seq, encoded, flush=True)
+        finally:
+            self._live.close()
 
     def wait(self, timeout: float) -> bool:
         """Wait until every submitted state is written or superseded; true if so."""
@@ -692,47 +767,120 @@ class CheckpointWriter:
                     self._scheduled = False
                     self.idle.set()
                     return
-            self._write(*item)
+            self._write(*item, flush=self._flush_due())
 
-    def _write(self, seq: int, data: bytes, *, final: bool = False) -> bool:
+    def _write(self, seq: int, encoded: _Encoded, *, flush: bool) -> bool:
         with self._write_lock:
             if seq <= self._written_seq:
                 return False  # a newer state is already on disk
+            sha = encoded.sha256
+            if sha == self._last and (not flush or sha == self._generation):
+                self._written_seq = seq
+                return False  # the same state as on disk: keep the older generation
+            generation = flush or self._generation is None
+            health = self.health if generation else self.live_health
             try:
-                header = data[: data.index(b"\n", len(MAGIC))]
-                now = self._clock()
-                if header == self._last_header:
-                    self._written_seq = seq
-                    if final and not self._newest_synced:  # on disk, not yet flushed
-                        _fsync_file(self.state_dir / CHECKPOINT_NAME)
-                        fsync_dir(self.state_dir)
-                        self._newest_synced, self._synced_at = True, now
-                    return False  # the same state as on disk: keep the older generation
-                synced = (
-                    final
-                    or self.sync_every <= 0
-                    or self._synced_at is None
-                    or now - self._synced_at >= self.sync_every
-                )
-                if synced and (self._newest_synced or self.sync_every <= 0):
-                    # (flushing every write, the newest on disk is a flushed one)
+                if generation:
+                    now = self._clock()
+                    data = encoded.file_bytes()
                     self.write_file(self.state_dir, data)
-                elif synced:  # flush the unflushed newest before it becomes the older one
-                    self.write_file(self.state_dir, data, settle=True)
-                else:  # rotate only a flushed newest into the older place
-                    self.write_file(self.state_dir, data, sync=False, rotate=self._newest_synced)
+                    self._generation, self._synced_at = sha, now
+                else:
+                    self._live.write(encoded, base=str(self._generation))
             except Exception as error:  # ENOSPC, EIO, EROFS...: training goes on
-                self._newest_synced = False  # not known: the next flushed write settles it
-                self.health.failed(error)
+                health.failed(error)
                 return False
-            self._newest_synced = synced
-            if synced:
-                self._synced_at = now
-            self._last_header = header
+            self._last = sha
             self._written_seq = seq
             self.written += 1
-            self.health.succeeded()
+            health.succeeded()
+            if generation and self.sync_every > 0:
+                self._reserve_live(len(data) + 256)  # (its header also names a base)
             return True
+
+    def _reserve_live(self, size: int) -> None:
+        try:
+            self._live.reserve(size)
+        except OSError as error:  # the live writes try again, and say so if they fail
+            log.debug("cannot reserve room for the live checkpoints: %s", _reason(error))
+
+
+class _LiveSlots:
+    """The two live files a round's state is written into between flushed generations.
+
+    Each write overwrites the older of the two in place (``pwritev`` at offset 0 of a file
+    kept open), so that a process killed in the middle of one leaves the other whole. A
+    record is a checkpoint file whose header also names its ``base`` (the payload checksum
+    of the generation it was written after) and a ``live`` count that orders the two; what
+    follows it in the file (the rest of a longer record, or room reserved) is not read
+    (see :func:`load_checkpoint`). Room for a record and a quarter more is reserved in
+    both files when a generation is written (``reserve``), so that a disk that fills up
+    later still takes each round's record: it only overwrites blocks it holds. Nothing
+    here is flushed: a power cut can tear both, and the flushed generation is what is
+    left then.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._fds: list[int | None] = [None, None]
+        self._room = [0, 0]  # bytes reserved in each file
+        self._count = 0
+        self._closer = weakref.finalize(self, _close_fds, self._fds)
+
+    def reserve(self, size: int) -> None:
+        """Open both files and reserve room for a record of ``size`` bytes and more."""
+        for slot in (0, 1):
+            self._reserve(slot, size)
+
+    def write(self, encoded: _Encoded, *, base: str) -> None:
+        self._count += 1
+        slot = self._count % 2
+        head = encoded.head(base=base, live=self._count)
+        size = len(head) + encoded.header["size"]
+        fd = self._reserve(slot, size)
+        pieces = [head, *encoded.pieces]
+        if len(pieces) > _MAX_PIECES:  # (a state of many tensors: one buffer)
+            pieces = [b"".join(pieces)]
+        done = os.pwritev(fd, pieces, 0)
+        if done < size:  # a short write (a signal, a nearly full disk): the rest, in one
+            rest = b"".join(pieces)[done:]
+            while rest:
+                rest = rest[os.pwrite(fd, rest, size - len(rest)) :]
+
+    def _reserve(self, slot: int, size: int) -> int:
+        fd = self._fds[slot]
+        if fd is None:
+            path = self.state_dir / LIVE_NAMES[slot]
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileNotFoundError:  # no folder yet (or it was removed)
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, flags, 0o600)
+            self._fds[slot] = fd
+            self._room[slot] = os.fstat(fd).st_size
+        if size > self._room[slot]:
+            room = size + size // 4 + 4096
+            try:
+                os.posix_fallocate(fd, 0, room)
+            except OSError as error:  # a file system that cannot: the write allocates
+                if error.errno not in _CANNOT_RESERVE:
+                    raise
+            self._room[slot] = room
+        return fd
+
+    def close(self) -> None:
+        _close_fds(self._fds)
+
+
+def _close_fds(fds: list[int | None]) -> None:
+    for slot, fd in enumerate(fds):
+        if fd is not None:
+            fds[slot] = None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -760,13 +908,19 @@ def clean_stale_temps(state_dir: Path) -> list[Path]:
 
 
 def _read(
-    path: Path, layout: Layout | None, fits: Callable[[dict[str, Any]], None] | None
-) -> dict[str, Any]:
+    path: Path,
+    layout: Layout | None,
+    fits: Callable[[dict[str, Any]], None] | None,
+    *,
+    live: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state in the checkpoint file ``path`` and its header; :class:`Damaged` if it
+    cannot be used."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise Damaged(f"cannot be read: {_reason(error)}") from None
-    state = decode_checkpoint(data, layout)
+    state, header = _decode(data, layout, live=live)
     if fits is not None:
         try:
             fits(state)
@@ -774,7 +928,7 @@ def _read(
             raise Damaged(
                 f"does not fit this node's protocol ({type(error).__name__}: {error})"
             ) from None
-    return state
+    return state, header
 
 
 def load_checkpoint(
@@ -786,11 +940,12 @@ def load_checkpoint(
 ) -> dict[str, Any] | None:
     """The newest usable checkpoint in ``state_dir``, or ``None`` if there is none.
 
-    ``layout`` and ``fits`` (a function that raises on a state this node cannot take)
-    check that it is this node's. A damaged newest generation falls back to the older one
-    with a WARNING (``set_aside``: the damaged file is renamed ``checkpoint.pt.damaged``,
-    so that the next write keeps the good one as the older generation);
-    :class:`CheckpointError` if checkpoints exist and none can be used.
+    The newest usable generation, then the newest live record written after it, if any
+    (:class:`_LiveSlots`). ``layout`` and ``fits`` (a function that raises on a state
+    this node cannot take) check that it is this node's. A damaged newest generation falls
+    back to the older one with a WARNING (``set_aside``: the damaged file is renamed
+    ``checkpoint.pt.damaged``, so that the next write keeps the good one as the older
+    generation); :class:`CheckpointError` if generations exist and none can be used.
     """
     newest, previous = state_dir / CHECKPOINT_NAME, state_dir / PREVIOUS_NAME
     problems: list[str] = []
@@ -798,7 +953,7 @@ def load_checkpoint(
         if not path.exists():
             continue
         try:
-            state = _read(path, layout, fits)
+            state, header = _read(path, layout, fits)
         except Damaged as why:
             problems.append(f"{path}: {why}")
             continue
@@ -815,13 +970,59 @@ def load_checkpoint(
             )
         elif path == previous:
             log.info("no %s (a write was interrupted): resuming from %s", newest, path)
-        return state
+        live = _newest_live(state_dir, path, state, header, layout, fits)
+        return live if live is not None else state
     if not problems:
         return None
     raise CheckpointError(
         f"no usable checkpoint: {'; '.join(problems)} "
         f"(move {state_dir} aside to start afresh, or restore a good checkpoint there)"
     )
+
+
+def _newest_live(
+    state_dir: Path,
+    generation_path: Path,
+    generation: dict[str, Any],
+    generation_header: dict[str, Any],
+    layout: Layout | None,
+    fits: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any] | None:
+    """The newest whole live record written after the generation read from
+    ``generation_path`` (its header names that generation's checksum as its base), or
+    ``None``. A record written after another generation (an older run's, or one since
+    replaced) is stale, and a torn one (a process killed while writing it) is refused by
+    its checksum: neither is used."""
+    best: tuple[int, dict[str, Any], Path] | None = None
+    for name in LIVE_NAMES:
+        path = state_dir / name
+        if not path.exists():
+            continue
+        try:
+            state, header = _read(path, layout, fits, live=True)
+        except Damaged as why:
+            log.info("live checkpoint %s not used: %s", path, why)
+            continue
+        count = header.get("live")
+        if (
+            header.get("base") != generation_header.get("sha256")
+            or type(count) is not int
+            or state["rounds_done"] < generation["rounds_done"]
+        ):
+            continue  # written after another generation
+        if best is None or count > best[0]:
+            best = (count, state, path)
+    if best is None:
+        return None
+    _, state, path = best
+    log.info(
+        "resuming from %s (%d rounds done), written after %s (%d rounds done)",
+        path,
+        state["rounds_done"],
+        generation_path,
+        generation["rounds_done"],
+    )
+    return state
 
 
 def _set_aside(path: Path) -> str:

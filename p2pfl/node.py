@@ -985,9 +985,10 @@ class Node:
 
     def _checkpoint(self) -> None:
         """Save the state (``p2pfl.checkpoint``): every ``checkpoint_every`` rounds,
-        serialised here (~0.1 ms) and written, fsync'd and renamed in a worker thread, so
-        the event loop goes on receiving; on the way out (``_shutdown``) before returning,
-        so the last state is on disk when the process exits."""
+        serialised here (~0.1 ms) and written into a live record here (a copy into the page
+        cache), or as a flushed generation in a worker thread every few seconds, so the
+        event loop goes on receiving; on the way out (``_shutdown``) as a flushed
+        generation before returning, so the last state is on disk when the process exits."""
         assert self.protocol is not None
         if not self._stopping and not self.disk.due(self.rounds_done):
             return

@@ -1,9 +1,10 @@
 """The lean node round's checkpoint (issue 17): format 3 (a JSON structure line and the
 tensors' raw bytes instead of ``torch.save``; long integer sequences with the tensors),
-read back exactly and refused when forged; format 2 and 1 files still read; and the flush
-cadence, whose invariant is that the newest or
-the older generation was always flushed to disk (file and rename), so that a power cut
-never leaves only torn checkpoints."""
+read back exactly and refused when forged; format 2 and 1 files still read; the flush
+cadence, whose invariant is that both generations were flushed to disk (file and rename),
+so that a power cut never leaves only torn checkpoints; and the live records written
+between generations on the caller's thread, from which a killed node resumes its last
+round."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import io
 import json
 import os
 import random
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import torch
 import p2pfl.checkpoint as checkpoint
 from p2pfl.checkpoint import (
     CHECKPOINT_NAME,
+    LIVE_NAMES,
     MAGIC,
     PREVIOUS_NAME,
     CheckpointWriter,
@@ -200,28 +204,139 @@ class Disk:
         return whole
 
 
-def test_between_flushes_the_older_generation_is_the_last_flushed_one(
+def live_rounds(state_dir: Path) -> list[int | None]:
+    """rounds_done of each live record (None: missing or not whole)."""
+    rounds: list[int | None] = []
+    for name in LIVE_NAMES:
+        try:
+            data = (state_dir / name).read_bytes()
+            rounds.append(checkpoint._decode(data, None, live=True)[0]["rounds_done"])
+        except (OSError, Damaged):
+            rounds.append(None)
+    return rounds
+
+
+def loaded_rounds(state_dir: Path) -> int:
+    state = StateDir(state_dir, LAYOUT).open()
+    assert state is not None
+    return int(state["rounds_done"])
+
+
+def flushed_then_live(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[Disk, CheckpointWriter, list[str]]:
+    """A writer after a flushed generation of round 1 and live records of rounds 2-5 (within
+    5 s of the flush); the names of the threads the live records were written on."""
     disk = Disk(monkeypatch)
     writer = CheckpointWriter(tmp_path, sync_every=5.0, clock=disk.clock)
-    assert writer.write_now(node_state(1))  # the final write: flushed
-    writer.sync_every, writer._synced_at = 5.0, disk.now  # as if round 1 was a submit
-    for rounds in range(2, 6):  # within 5 s of the flush: none flushed
+    threads: list[str] = []
+    real = os.pwritev
+
+    def pwritev(fd: int, buffers: Any, offset: int) -> int:
+        threads.append(threading.current_thread().name)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    writer.submit(node_state(1))  # the first write of a process: a flushed generation
+    assert writer.wait(10)
+    for rounds in range(2, 6):
         disk.now += 0.5
         writer.submit(node_state(rounds))
         assert writer.wait(10)
-    assert decode_checkpoint((tmp_path / CHECKPOINT_NAME).read_bytes())["rounds_done"] == 5
-    assert decode_checkpoint((tmp_path / PREVIOUS_NAME).read_bytes())["rounds_done"] == 1
-    assert disk.survivors(tmp_path) == [1]
+    return disk, writer, threads
+
+
+def test_between_flushes_each_round_is_a_live_record_written_on_the_callers_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk, writer, threads = flushed_then_live(tmp_path, monkeypatch)
+    assert threads == [threading.current_thread().name] * 4  # no hand-off to the worker
+    assert decode_checkpoint((tmp_path / CHECKPOINT_NAME).read_bytes())["rounds_done"] == 1
+    assert not (tmp_path / PREVIOUS_NAME).exists()
+    assert disk.survivors(tmp_path) == [1]  # the generations: flushed ones only
+    assert sorted(r for r in live_rounds(tmp_path) if r is not None) == [4, 5]
+    assert loaded_rounds(tmp_path) == 5  # a killed process resumes its last round
     calls = disk.calls
-    disk.now += 5.0  # due: the newest (5) is flushed before it becomes the older one
+    disk.now += 5.0  # due: a flushed generation, in the worker
     writer.submit(node_state(6))
     assert writer.wait(10)
-    assert disk.calls > calls
-    assert disk.survivors(tmp_path) == [6, 5]
-    state = StateDir(tmp_path, LAYOUT).open()
-    assert state is not None and state["rounds_done"] == 6
+    assert disk.calls > calls and len(threads) == 4
+    assert disk.survivors(tmp_path) == [6, 1]
+    assert loaded_rounds(tmp_path) == 6  # the live records follow round 1: stale now
+    disk.now += 0.5
+    writer.submit(node_state(7))  # live again, after generation 6
+    assert writer.wait(10)
+    assert loaded_rounds(tmp_path) == 7 and len(threads) == 5
+
+
+def test_a_live_record_torn_by_a_kill_leaves_the_other_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushed_then_live(tmp_path, monkeypatch)
+    newest = tmp_path / LIVE_NAMES[live_rounds(tmp_path).index(5)]
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))  # half written
+    assert loaded_rounds(tmp_path) == 4
+    for name in LIVE_NAMES:  # both torn (a power cut): the flushed generation
+        (tmp_path / name).write_bytes(b"p2pfl-checkpoint\n{")
+    assert loaded_rounds(tmp_path) == 1
+
+
+def test_a_live_record_is_taken_only_after_the_generation_it_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk, writer, _ = flushed_then_live(tmp_path, monkeypatch)
+    kept = tmp_path / "kept.pt"
+    shutil.copy(tmp_path / CHECKPOINT_NAME, kept)  # generation 1
+    disk.now += 5.0
+    writer.submit(node_state(6))  # generation 6; the live records (4, 5) follow 1
+    assert writer.wait(10)
+    disk.now += 0.5
+    writer.submit(node_state(7))  # live, after 6
+    assert writer.wait(10)
+    assert sorted(r for r in live_rounds(tmp_path) if r is not None) == [5, 7]
+    # the newest generation damaged: the older one (1), then the live record after it (5)
+    damaged = bytearray((tmp_path / CHECKPOINT_NAME).read_bytes())
+    damaged[-3] ^= 0xFF
+    (tmp_path / CHECKPOINT_NAME).write_bytes(bytes(damaged))
+    with caplog.at_level("INFO", logger="p2pfl.checkpoint"):
+        assert loaded_rounds(tmp_path) == 5
+    assert any("resuming from the older generation" in r.getMessage() for r in caplog.records)
+    # a generation put back by hand (round 1 as the only one, after the records of 6 and
+    # of 1 were written): the records after it are taken, no other
+    for name in (CHECKPOINT_NAME, PREVIOUS_NAME, CHECKPOINT_NAME + ".damaged"):
+        (tmp_path / name).unlink(missing_ok=True)
+    other = encode_checkpoint(node_state(3))  # a generation no record was written after
+    (tmp_path / CHECKPOINT_NAME).write_bytes(other)
+    assert loaded_rounds(tmp_path) == 3
+    shutil.copy(kept, tmp_path / CHECKPOINT_NAME)
+    assert loaded_rounds(tmp_path) == 5
+
+
+def test_a_state_too_large_to_copy_on_the_callers_thread_goes_live_in_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpoint, "INLINE_BYTES", 1000)  # the digits-sized state is above it
+    _, _, threads = flushed_then_live(tmp_path, monkeypatch)
+    assert len(threads) == 4 and all(t.startswith("p2pfl-checkpoint") for t in threads), threads
+    assert loaded_rounds(tmp_path) == 5
+
+
+def test_a_live_record_over_a_longer_one_reads_back_without_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk, writer, _ = flushed_then_live(tmp_path, monkeypatch)
+    big = node_state(6)
+    big["counters"] = {f"counter{i}": float(i) for i in range(200)}  # a longer structure line
+    for rounds in (6, 7):
+        disk.now += 0.5
+        writer.submit(big if rounds == 6 else node_state(rounds))
+        assert writer.wait(10)
+    disk.now += 0.5
+    writer.submit(node_state(8))  # into the slot that held the large record of round 6
+    assert writer.wait(10)
+    assert sorted(r for r in live_rounds(tmp_path) if r is not None) == [7, 8]
+    assert loaded_rounds(tmp_path) == 8
 
 
 def test_a_power_cut_at_any_write_leaves_a_flushed_generation(
@@ -268,8 +383,10 @@ def test_the_final_write_of_an_unchanged_state_still_flushes_it(
     writer = CheckpointWriter(tmp_path, sync_every=60.0, clock=disk.clock)
     writer.submit(node_state(1))  # the first write of a process: flushed
     assert writer.wait(10)
-    writer.submit(node_state(2))
+    writer.submit(node_state(2))  # a live record
     assert writer.wait(10)
     assert disk.survivors(tmp_path) == [1]
-    assert not writer.write_now(node_state(2))  # at shutdown: the same state, not rewritten
+    assert writer.write_now(node_state(2))  # at shutdown: the same state, now flushed
+    assert disk.survivors(tmp_path) == [2, 1]
+    assert not writer.write_now(node_state(2))  # and not written a third time
     assert disk.survivors(tmp_path) == [2, 1]
