@@ -409,6 +409,40 @@ async def test_frames_on_a_kept_stream_are_taken_as_they_arrive(
     assert bridge.run_sync(held) == 0
 
 
+async def test_a_small_frame_is_written_at_once_and_the_rest_awaited(
+    make: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a digits-sized message goes to the socket at once when the connection is free
+    # (``try_write_now``: no shielded write to wait for); one above a Noise message, or
+    # while another write holds the connection, takes the awaited write; all arrive
+    at_once = _outcomes(monkeypatch, _PatchedYamuxStream, "try_write_now")
+    (receiver, inbox), (sender, _) = await make(), await make()
+    await sender.connect(receiver.listen_addrs[0])
+    payloads = [bytes([i]) * 10_000 for i in range(8)] + [b"L" * 200_000]
+    for payload in payloads:
+        await sender.send(receiver.peer_id, payload, timeout=10)
+    assert [bytes((await inbox.get())[1]) for _ in payloads] == payloads
+    # the frames of the 8 small messages (the last one is not tried: two writes)
+    assert len(at_once) == 8 and at_once.count(True) >= 8 - 2, at_once
+    bridge = sender._bridge
+    assert bridge is not None
+
+    def busy_connection_refuses() -> bool:  # a write in progress: not now, nothing sent
+        stream = next(iter(sender._idle.values()))[0][0]
+        muxed = stream.muxed_stream
+        window = muxed.send_window
+        conn = muxed.conn
+        conn._write_lock.acquire_nowait()
+        try:
+            refused = not muxed.try_write_now(b"x" * 100)
+        finally:
+            conn._write_lock.release()
+        return refused and muxed.send_window == window
+
+    assert bridge.run_sync(busy_connection_refuses)
+    assert receiver.stats()["messages_received"] == len(payloads)
+
+
 def test_a_frame_the_socket_takes_in_part_goes_first_with_the_next_write() -> None:
     # ``send_now`` (the reader's acknowledgements) never waits: what the kernel does not
     # take is kept, and the next write on the connection sends it first, whole

@@ -330,24 +330,31 @@ class PatchedYamux(Yamux):
         handed to the socket at once when nothing else is being written or waits to be
         (what the kernel does not take goes first with the next write, and a helper
         task makes sure there is one); otherwise queued for the helper (``_write_soon``)."""
+        if not self.try_send_now(frame):
+            self._write_soon(frame)
+
+    def try_send_now(self, frame: bytes) -> bool:
+        """``send_now`` if nothing else is being written or waits to be, and ``frame`` is
+        one Noise message at most; false (nothing done) otherwise."""
         fast = self._fast
         nursery = self._nursery
         if (
-            fast is not None
-            and nursery is not None
-            and not self._deferred
-            and not self._write_lock.locked()
-            and fast.can_send_now()
+            fast is None
+            or nursery is None
+            or self._deferred
+            or self._write_lock.locked()
+            or len(frame) > MAX_PLAINTEXT_LENGTH
+            or not fast.can_send_now()
         ):
-            self._write_lock.acquire_nowait()
-            try:
-                whole = fast.send_now(frame)
-            finally:
-                self._write_lock.release()
-            if not whole:
-                nursery.start_soon(self._flush_backlog)
-            return
-        self._write_soon(frame)
+            return False
+        self._write_lock.acquire_nowait()
+        try:
+            whole = fast.send_now(frame)
+        finally:
+            self._write_lock.release()
+        if not whole:
+            nursery.start_soon(self._flush_backlog)
+        return True
 
     async def _flush_backlog(self) -> None:
         """Send what the socket did not take of a frame ``send_now`` wrote (runs in the
@@ -573,6 +580,18 @@ class _PatchedYamuxStream(YamuxStream):
         reader, without waiting (``PatchedYamux.send_now``)."""
         self.send_window -= len(data)
         self.conn.send_now(_pack_header(0, TYPE_DATA, 0, self.stream_id, len(data)) + data)  # type: ignore[attr-defined]
+
+    def try_write_now(self, data: bytes) -> bool:
+        """Send ``data`` as one data frame at once, without waiting, if the window and the
+        connection allow it now (``PatchedYamux.try_send_now``); false (nothing sent)
+        otherwise. Written at once, a frame cannot be cut by a cancel: no shield needed."""
+        if not self.can_write_now(len(data)):
+            return False
+        frame = _pack_header(0, TYPE_DATA, 0, self.stream_id, len(data)) + data
+        if not self.conn.try_send_now(frame):  # type: ignore[attr-defined]
+            return False
+        self.send_window -= len(data)
+        return True
 
     def buffered(self) -> int:
         """Bytes received on this stream and not read yet (reading them does not wait)."""

@@ -886,17 +886,24 @@ class Libp2pTransport(Transport):
         muxed = _muxed(stream)  # frames skip NetStream (see _read_exactly)
         try:
             header = frame_header(len(data))
-            # Cancelling a write can cut a Noise message of the connection in half, which
-            # breaks the connection and every stream on it (other frames, circuits a relay
-            # carries on it): a node that stops cancels its sends still in flight. The
-            # frame is written whole, shielded from that; the send's deadline still holds.
-            with trio.CancelScope(deadline=trio.current_effective_deadline(), shield=True):
-                if len(data) <= _COALESCE_LIMIT:  # one frame instead of two
-                    await muxed.write(header + data)
-                else:  # not worth copying a model for
-                    await muxed.write(header)
-                    await muxed.write(data)
-            await trio.lowlevel.checkpoint_if_cancelled()  # cancelled or timed out meanwhile
+            small = len(data) <= _COALESCE_LIMIT
+            frame = header + data if small else b""  # one frame instead of two
+            # A small frame goes to the socket at once when the window and the connection
+            # allow (no write in progress): nothing to wait for, nothing a cancel can cut.
+            write_now = getattr(muxed, "try_write_now", None)  # (streams of our yamux)
+            if not (small and write_now is not None and write_now(frame)):
+                # Cancelling a write can cut a Noise message of the connection in half,
+                # which breaks the connection and every stream on it (other frames,
+                # circuits a relay carries on it): a node that stops cancels its sends
+                # still in flight. The frame is written whole, shielded from that; the
+                # send's deadline still holds.
+                with trio.CancelScope(deadline=trio.current_effective_deadline(), shield=True):
+                    if small:
+                        await muxed.write(frame)
+                    else:  # not worth copying a model for
+                        await muxed.write(header)
+                        await muxed.write(data)
+                await trio.lowlevel.checkpoint_if_cancelled()  # cancelled or timed out meanwhile
             ack = await muxed.read(1)
         except Exception as exc:
             stale = not _was_reset(stream)
