@@ -65,14 +65,34 @@ class CodecError(P2PFLError, ValueError):
 # ---------------------------------------------------------------- helpers
 
 
+#: numpy's little-endian form of each tensor dtype numpy has (all of the wire's but bfloat16)
+_LE_NUMPY: dict[torch.dtype, np.dtype[Any]] = {
+    torch.float64: np.dtype("<f8"),
+    torch.float32: np.dtype("<f4"),
+    torch.float16: np.dtype("<f2"),
+    torch.int64: np.dtype("<i8"),
+    torch.int32: np.dtype("<i4"),
+    torch.int16: np.dtype("<i2"),
+    torch.int8: np.dtype("i1"),
+    torch.uint8: np.dtype("u1"),
+    torch.bool: np.dtype("?"),
+}
+_NUMPY_FLOATS = frozenset({torch.float64, torch.float32, torch.float16})
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether a float tensor holds no NaN or Inf.
 
-    One reduction without a temporary: min and max propagate NaN and show an Inf; this
-    is about 10x faster on CPU than ``torch.isfinite(t).all()``, which builds a mask.
+    A CPU tensor of a dtype numpy has is checked by numpy (``isfinite`` and ``all``:
+    fewer dispatches than torch's for the small tensors a message carries, and faster
+    for large ones too); any other by one torch reduction without a temporary (min and
+    max propagate NaN and show an Inf; ~10x faster than ``torch.isfinite(t).all()``).
     """
     if tensor.numel() == 0:
         return True
+    if tensor.dtype in _NUMPY_FLOATS and tensor.is_cpu:
+        array = (tensor.detach() if tensor.requires_grad else tensor).numpy()
+        return bool(np.isfinite(array).all())
     low, high = torch.aminmax(tensor.detach().reshape(-1))
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
@@ -105,6 +125,10 @@ def tensor_from_le_bytes(data: Buffer, dtype: torch.dtype, shape: tuple[int, ...
         return torch.empty(shape, dtype=dtype)
     # The one copy, made by numpy: it asks for transparent huge pages on large arrays,
     # which makes copying into fresh memory several times faster than bytearray().
+    little = _LE_NUMPY.get(dtype)
+    if little is not None:  # into native order as it copies (nothing to swap on most hosts)
+        native = torch.from_numpy(np.frombuffer(data, dtype=little).astype(little.newbyteorder("=")))
+        return native if len(shape) == 1 else native.reshape(shape)
     raw = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
     if sys.byteorder == "big" and itemsize > 1:
         raw = raw.reshape(-1, itemsize).flip(1).reshape(-1).contiguous()

@@ -162,6 +162,36 @@ def test_all_finite() -> None:
     for bad in (float("nan"), float("inf"), float("-inf")):
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             assert not all_finite(torch.tensor([0.0, bad, 1.0], dtype=dtype))
+            grid = torch.zeros(4, 5, dtype=dtype)
+            grid[3, 1] = bad
+            assert not all_finite(grid.t())  # not contiguous
+            assert all_finite(grid[:3].t())
+    assert all_finite(torch.ones(3, requires_grad=True))
+    assert not all_finite(torch.tensor([1.0, float("nan")], requires_grad=True))
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+     torch.int16, torch.int8, torch.uint8, torch.bool],
+)  # fmt: skip
+def test_little_endian_bytes_read_back_as_new_writable_tensors(dtype: torch.dtype) -> None:
+    from p2pfl.codecs import tensor_from_le_bytes, tensor_to_le_bytes
+
+    for shape in ((7, 3), (21,), (0,), (2, 0, 3)):
+        x = (torch.randn(*shape) * 50).to(dtype)
+        data = bytes(tensor_to_le_bytes(x))
+        assert len(data) == x.numel() * x.element_size()
+        back = tensor_from_le_bytes(data, dtype, shape)
+        assert back.dtype == dtype and back.shape == x.shape and torch.equal(back, x)
+        if back.numel():
+            back.view(-1)[0] = back.view(-1)[-1]  # a copy of its own, writable
+            assert bytes(tensor_to_le_bytes(x)) == data
+    # the bytes are little-endian whatever the host: 1.0 as float32 is 00 00 80 3f
+    one = tensor_from_le_bytes(b"\x00\x00\x80\x3f", torch.float32, (1,))
+    assert one.item() == 1.0
+    with pytest.raises(CodecError):
+        tensor_from_le_bytes(b"\x00" * 5, dtype, (2,))  # 5 bytes are never 2 elements
 
 
 # ---------------------------------------------------------------- encoded messages on the wire
