@@ -323,6 +323,7 @@ def _reader_state(abuse: list[str]) -> tuple[PatchedYamux, _PatchedYamuxStream]:
     conn.event_shutting_down = trio.Event()
     conn._fast = _Decrypted()  # type: ignore[assignment]
     conn._abused = False
+    conn._watchers = {}
     conn.on_abuse = lambda peer, why: abuse.append(why)
     conn.peer_id = None  # type: ignore[assignment]
     conn.stream_backlog_semaphore = trio.Semaphore(256)

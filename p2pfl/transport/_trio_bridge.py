@@ -31,7 +31,7 @@ import trio
 from p2pfl.errors import P2PFLError
 from p2pfl.threadname import name_os_thread
 
-__all__ = ["BridgeClosed", "TrioThread", "acquire", "release", "to_asyncio"]
+__all__ = ["BridgeCall", "BridgeClosed", "TrioThread", "acquire", "release", "to_asyncio"]
 
 T = TypeVar("T")
 
@@ -42,14 +42,29 @@ class BridgeClosed(P2PFLError, RuntimeError):
     """The trio loop is not running (never started, stopped, or crashed)."""
 
 
-class _Call:
+class BridgeCall:
     """One asyncio -> trio call: spawned as a trio task, its outcome handed back to the
     awaiting asyncio future; lets asyncio cancel the trio side of it.
 
     One object per call (no closures): a node makes a few of these a round per neighbour.
+
+    With ``now``, the call is first offered to ``now(call)`` on the trio thread: if that
+    takes it (true), it owns the call -- it delivers the outcome exactly once, and sets
+    ``on_cancel`` to hear of a cancel from asyncio -- and no task is spawned.
     """
 
-    __slots__ = ("args", "cancel_requested", "fn", "future", "loop", "owner", "scope", "timeout")
+    __slots__ = (
+        "args",
+        "cancel_requested",
+        "fn",
+        "future",
+        "loop",
+        "now",
+        "on_cancel",
+        "owner",
+        "scope",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -68,17 +83,33 @@ class _Call:
         self.timeout = timeout
         self.scope: trio.CancelScope | None = None
         self.cancel_requested = False
+        self.now: Callable[[BridgeCall], bool] | None = None
+        self.on_cancel: Callable[[], None] | None = None
 
     def cancel(self) -> None:  # runs on the trio thread
         self.cancel_requested = True
         if self.scope is not None:
             self.scope.cancel()
+        elif self.on_cancel is not None:
+            self.on_cancel()
 
     def deliver(self, result: Any, error: BaseException | None) -> None:
         # false when the asyncio loop is closed: nobody is waiting any more
         to_asyncio(self.loop, _resolve, self.future, result, error)
 
     def spawn(self) -> None:  # runs on the trio thread; must not raise
+        now = self.now
+        if now is not None and not self.cancel_requested:
+            try:
+                if now(self):
+                    return
+            except Exception:  # a bug there must not lose the call: the task does it
+                _log.exception("a call's direct attempt failed; running it as a task")
+        self.start_task()
+
+    def start_task(self) -> None:  # runs on the trio thread; must not raise
+        """Run ``fn(*args)`` as a task under ``timeout`` (also for an owner that took the
+        call and hands it on, with ``fn``, ``args`` and ``timeout`` set anew)."""
         nursery = self.owner._nursery
         try:
             if nursery is None:
@@ -286,7 +317,11 @@ class TrioThread:
             raise BridgeClosed("trio loop has finished") from exc
 
     async def run(
-        self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None
+        self,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        timeout: float | None = None,
+        now: Callable[[BridgeCall], bool] | None = None,
     ) -> T:
         """Await ``fn(*args)`` run on the trio loop, from a coroutine on an asyncio loop.
 
@@ -294,11 +329,13 @@ class TrioThread:
         ``fn`` is re-raised here; a trio loop that stops meanwhile raises ``BridgeClosed``.
         With ``timeout``, the trio task is cancelled that many seconds after it starts and
         ``trio.TooSlowError`` raised here (as ``trio.fail_after`` in ``fn`` would, without
-        a second cancel scope per call).
+        a second cancel scope per call). With ``now``, the call is first offered to it
+        on the trio thread (see ``BridgeCall``): the same outcomes, without a task when taken.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        call = _Call(self, loop, future, fn, args, timeout)
+        call = BridgeCall(self, loop, future, fn, args, timeout)
+        call.now = now
         self.call_soon(call.spawn)
         try:
             return await future

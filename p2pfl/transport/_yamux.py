@@ -190,6 +190,10 @@ class PatchedYamux(Yamux):
         self._fast = _FastNoise.install(self.secured_conn)
         if self._fast is not None:
             self.secured_conn.read = self._read_header  # type: ignore[method-assign]
+        #: per stream id, told once when a frame of that stream is not taken by its
+        #: ``inline`` consumer, or the reader ends (``watch``)
+        self._watchers: dict[int, Callable[[], None]] = {}
+        self._reader_done = False
 
     def use_budget(self, budget: UnreadBudget) -> None:
         """Count the bytes this connection's streams hold unread in ``budget`` (see
@@ -261,11 +265,14 @@ class PatchedYamux(Yamux):
             if (
                 n != HEADER_SIZE
                 or len(header) != HEADER_SIZE
-                or self.event_shutting_down.is_set()
                 or trio.lowlevel.current_task() is not self._reader_task
-                or not self._took(header)
             ):
                 return header
+            if not self.event_shutting_down.is_set() and self._took(header):
+                continue
+            if self._watchers:  # py-libp2p's reader handles it: a watcher looks after that
+                self._tell(_unpack_header(header)[3])
+            return header
 
     def _took(self, header: bytes) -> bool:
         """Handle a data frame or window update without flags, on an open stream of ours,
@@ -293,6 +300,8 @@ class PatchedYamux(Yamux):
             if stream.recv_window < 0:
                 stream.recv_window = 0
             event.set()
+            if self._watchers:  # buffered, not taken inline: the watcher reads it
+                self._tell(stream_id)
         elif kind == TYPE_WINDOW_UPDATE:
             if stream.window_lock.locked():
                 return False
@@ -370,7 +379,39 @@ class PatchedYamux(Yamux):
 
     async def handle_incoming(self) -> None:
         self._reader_task = trio.lowlevel.current_task()
-        await super().handle_incoming()
+        try:
+            await super().handle_incoming()
+        finally:
+            self._reader_done = True
+            watchers, self._watchers = self._watchers, {}
+            for told in watchers.values():
+                told()
+
+    def watch(self, stream_id: int, told: Callable[[], None]) -> bool:
+        """Call ``told()`` once, on the connection's reader, when a frame of stream
+        ``stream_id`` is not taken by the stream's ``inline`` consumer (its bytes buffered,
+        a flag, anything py-libp2p's reader handles) or when the reader ends; false (and
+        never called) if this connection's reader is not running: nothing will arrive.
+
+        For an owner that does not wait on the stream (``inline`` takes what it expects)
+        yet must hear of everything else: then it reads the stream the usual way."""
+        if (
+            self._fast is None
+            or self._reader_task is None
+            or self._reader_done
+            or self.event_shutting_down.is_set()
+        ):
+            return False
+        self._watchers[stream_id] = told
+        return True
+
+    def unwatch(self, stream_id: int) -> None:
+        self._watchers.pop(stream_id, None)
+
+    def _tell(self, stream_id: int) -> None:
+        told = self._watchers.pop(stream_id, None)
+        if told is not None:
+            told()
 
     async def _write_frame(self, data: bytes) -> None:
         data = self._grant_window(data)

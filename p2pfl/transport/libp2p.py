@@ -18,6 +18,11 @@ at most one unacknowledged frame per stream, and frames never interleave.
   that did arrive is dropped by the receiving node as a replay).  A reset (the
   receiver refused the frame) is never retried.  Kept streams are closed when idle
   for half of ``stream_idle_timeout``, when the peer disconnects and on ``close()``.
+  A small frame to a peer with a fresh kept stream and no other send in flight is
+  written at once and its acknowledgement taken by the connection's reader as it
+  arrives, without a task for the send (``_DirectSend``); anything unexpected on the
+  stream hands the send to a task that finishes it as above, and one watcher keeps
+  the deadlines of such sends.
 - Receiver: the handler reads frames until the sender closes the stream, always
   draining at once (yamux resets a stream whose reader stalls for 5 s).  A length
   above the cap is refused before any body is read, a stream that ends, is reset
@@ -93,13 +98,14 @@ installs a root handler behind the application's back; applications should call
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import socket
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import trio
 
@@ -137,7 +143,7 @@ from ._peerstore import known_addrs
 from ._streams import close_quietly as _close
 from ._streams import reset_quietly as _reset
 from ._unread import UnreadBudget
-from ._yamux import PatchedYamux, count_unread, use_patched_yamux
+from ._yamux import PatchedYamux, _PatchedYamuxStream, count_unread, use_patched_yamux
 from .base import FrameAbuse, Transport, TransportError
 from .limits import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TRANSPORT_LIMITS, TransportLimits
 
@@ -317,6 +323,36 @@ def _was_reset(stream: INetStream) -> bool:
     return bool(getattr(_muxed(stream), "reset_received", False))
 
 
+async def _failed(stream: INetStream, exc: BaseException) -> NoReturn:
+    """Reset ``stream`` after ``exc`` (raised writing a frame or reading its
+    acknowledgement) and raise: ``_StaleStream`` for an error on a stream that was not
+    reset (the receiver closed it before this frame: the frame goes on a new stream),
+    ``exc`` itself otherwise (a cancel or a timeout too: the frame may be half sent)."""
+    stale = isinstance(exc, Exception) and not _was_reset(stream)
+    await _reset(stream)
+    if stale:
+        raise _StaleStream(repr(exc)) from exc
+    raise exc
+
+
+async def _await_ack(stream: INetStream) -> None:
+    """Read a frame's acknowledgement; the stream is reset if it does not come (see
+    ``_failed``), or something else does."""
+    try:
+        ack = await _muxed(stream).read(1)
+    except BaseException as exc:
+        await _failed(stream, exc)
+    if ack != ACK:
+        await _reset(stream)
+        if not ack:
+            raise _StaleStream("stream ended where the acknowledgement was due")
+        raise TransportError(f"peer answered {ack!r} instead of an acknowledgement")
+
+
+async def _awaited(work: Coroutine[Any, Any, None]) -> None:
+    await work
+
+
 class _Disconnects(INotifee):
     """Drops the kept streams of a connection that closed; has a change of how a peer is
     connected (direct / relayed) logged at once, not on NAT traversal's next tick (a
@@ -412,6 +448,8 @@ class Libp2pTransport(Transport):
         self._closed = False
         # kept outbound streams per peer, with the trio time they became idle (trio thread only)
         self._idle: dict[ID, list[tuple[INetStream, float]]] = {}
+        # the deadlines of sends without a task of their own, while the host serves
+        self._deadlines: _SendDeadlines | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -496,6 +534,8 @@ class Libp2pTransport(Transport):
                     host.set_stream_handler(PROTOCOL_ID, self._on_stream)
                     self._host = host
                     async with trio.open_nursery() as services:
+                        self._deadlines = _SendDeadlines()
+                        services.start_soon(self._deadlines.run)
                         if self.nat is not None:
                             await services.start(self._run_nat, host)
                         if self.dht:
@@ -509,6 +549,7 @@ class Libp2pTransport(Transport):
                         services.cancel_scope.cancel()
                 finally:
                     self._host = None
+                    self._deadlines = None
                     with trio.CancelScope(shield=True), trio.move_on_after(5.0):
                         await self._close_kept_streams()
                         await host.close()
@@ -617,12 +658,20 @@ class Libp2pTransport(Transport):
             raise TransportError("transport is closed")
         return host
 
-    async def _call(self, what: str, fn: Any, *args: Any, timeout: float | None = None) -> Any:
+    async def _call(
+        self,
+        what: str,
+        fn: Any,
+        *args: Any,
+        timeout: float | None = None,
+        now: Callable[[_trio_bridge.BridgeCall], bool] | None = None,
+    ) -> Any:
         """Run a trio coroutine for this transport, mapping every failure to ``TransportError``
-        (``timeout``: seconds the trio side may take, see ``TrioThread.run``)."""
+        (``timeout``: seconds the trio side may take; ``now``: a direct attempt first; see
+        ``TrioThread.run``)."""
         bridge = self._running_bridge()
         try:
-            return await bridge.run(fn, *args, timeout=timeout)
+            return await bridge.run(fn, *args, timeout=timeout, now=now)
         except TransportError:
             raise
         except trio.TooSlowError as exc:
@@ -647,8 +696,14 @@ class Libp2pTransport(Transport):
                 raise TransportError(
                     f"payload of {len(data)} bytes exceeds the cap of {self.max_message_size}"
                 )
+            data = bytes(data)
             await self._call(
-                f"send to {peer}", self._send_in_trio, peer_id, bytes(data), timeout=timeout
+                f"send to {peer}",
+                self._send_in_trio,
+                peer_id,
+                data,
+                timeout=timeout,
+                now=functools.partial(_DirectSend.start, self, peer_id, data),
             )
         except TransportError:
             self._count(send_failures=1)
@@ -810,9 +865,7 @@ class Libp2pTransport(Transport):
 
     async def _send_in_trio(self, peer: ID, data: bytes) -> None:
         """Send one frame to ``peer``; runs under the send's deadline (``_call``'s timeout)."""
-        slots = self._send_slots.get(peer)
-        if slots is None:
-            slots = self._send_slots[peer] = trio.Semaphore(self.limits.max_sends_per_peer)
+        slots = self._slots_of(peer)
         try:
             try:  # a free slot is taken without a trip through the scheduler
                 slots.acquire_nowait()
@@ -823,30 +876,54 @@ class Libp2pTransport(Transport):
             finally:
                 slots.release()
         finally:
-            idle = slots.value == self.limits.max_sends_per_peer
-            if (
-                idle
-                and not slots.statistics().tasks_waiting
-                and self._send_slots.get(peer) is slots
-            ):
-                del self._send_slots[peer]
+            self._forget_slots(peer, slots)
+
+    def _slots_of(self, peer: ID) -> trio.Semaphore:
+        """The frames this side may still have in flight to ``peer`` (``max_sends_per_peer``)."""
+        slots = self._send_slots.get(peer)
+        if slots is None:
+            slots = self._send_slots[peer] = trio.Semaphore(self.limits.max_sends_per_peer)
+        return slots
+
+    def _forget_slots(self, peer: ID, slots: trio.Semaphore) -> None:
+        """Drop ``peer``'s slots once none is taken or waited for (one per peer sent to)."""
+        if (
+            slots.value == self.limits.max_sends_per_peer
+            and not slots.statistics().tasks_waiting
+            and self._send_slots.get(peer) is slots
+        ):
+            del self._send_slots[peer]
 
     async def _send_frame(self, peer: ID, data: bytes) -> None:
         host = self._running_host()
         await self._redial_relayed(host, peer, None)
         stream = await self._take_kept(peer)
-        if stream is not None:
-            try:
-                await self._exchange(stream, data)
-            except _StaleStream as exc:  # closed by the receiver meanwhile: once more
-                _log.debug("kept stream to %s was closed (%s): retrying", peer, exc)
-            except Exception as exc:
-                if not self._moved_away(peer, stream):
-                    raise
-                _log.debug("connection to %s closed during a send (%r): retrying", peer, exc)
-            else:
-                await self._keep(peer, stream)
-                return
+        if stream is not None and await self._sent_on_kept(
+            peer, stream, self._exchange(stream, data)
+        ):
+            return
+        await self._send_on_new_stream(host, peer, data)
+
+    async def _sent_on_kept(
+        self, peer: ID, stream: INetStream, exchange: Coroutine[Any, Any, None]
+    ) -> bool:
+        """Finish ``exchange`` (a frame's, on a kept stream) and keep the stream again;
+        false if the stream turned out closed, or its connection gone while another one
+        to ``peer`` is open: the frame goes on a new stream then."""
+        try:
+            await exchange
+        except _StaleStream as exc:  # closed by the receiver meanwhile: once more
+            _log.debug("kept stream to %s was closed (%s): retrying", peer, exc)
+            return False
+        except Exception as exc:
+            if not self._moved_away(peer, stream):
+                raise
+            _log.debug("connection to %s closed during a send (%r): retrying", peer, exc)
+            return False
+        await self._keep(peer, stream)
+        return True
+
+    async def _send_on_new_stream(self, host: IHost, peer: ID, data: bytes) -> None:
         stream = await host.new_stream(peer, [PROTOCOL_ID])
         try:
             await self._exchange(stream, data)
@@ -904,21 +981,9 @@ class Libp2pTransport(Transport):
                         await muxed.write(header)
                         await muxed.write(data)
                 await trio.lowlevel.checkpoint_if_cancelled()  # cancelled or timed out meanwhile
-            ack = await muxed.read(1)
-        except Exception as exc:
-            stale = not _was_reset(stream)
-            await _reset(stream)
-            if stale:
-                raise _StaleStream(repr(exc)) from exc
-            raise
-        except BaseException:  # cancelled (timed out): the frame may be half sent
-            await _reset(stream)
-            raise
-        if ack != ACK:
-            await _reset(stream)
-            if not ack:
-                raise _StaleStream("stream ended where the acknowledgement was due")
-            raise TransportError(f"peer answered {ack!r} instead of an acknowledgement")
+        except BaseException as exc:  # (a cancel too: the frame may be half sent)
+            await _failed(stream, exc)
+        await _await_ack(stream)
 
     async def _take_kept(self, peer: ID) -> INetStream | None:
         """A kept stream to ``peer`` that is still open and fresh; stale ones are closed."""
@@ -956,13 +1021,30 @@ class Libp2pTransport(Transport):
 
     async def _keep(self, peer: ID, stream: INetStream) -> None:
         """Put a stream back for the next send to ``peer``, or close it if enough are kept."""
+        if not self._keep_now(peer, stream):
+            await _close(stream)
+
+    def _keep_now(self, peer: ID, stream: INetStream) -> bool:
+        """Put a stream back for the next send to ``peer``; false if it is not to be kept
+        (enough are, it is not open both ways, the host is closed): then close it."""
         kept = self._idle.setdefault(peer, [])
         if self._host is None or len(kept) >= MAX_IDLE_STREAMS or not _reusable(stream):
             if not kept:
                 del self._idle[peer]
-            await _close(stream)
-            return
+            return False
         kept.append((stream, trio.current_time()))
+        return True
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (a reset, a close) in the trio loop's root nursery; dropped, not
+        raised, when the loop is stopping."""
+        bridge = self._bridge
+        try:
+            if bridge is None:
+                raise _trio_bridge.BridgeClosed("no trio loop")
+            bridge.nursery.start_soon(_awaited, work)
+        except (_trio_bridge.BridgeClosed, RuntimeError):
+            work.close()
 
     def _note_kinds(self) -> None:
         nat = self._nat
@@ -1416,3 +1498,226 @@ class _InlineFrames:
         if timer is not None:  # between frames, the wait restarts with each one
             timer.deadline = trio.current_time() + transport.stream_idle_timeout
         return True
+
+
+# -- sends without a task of their own -------------------------------------------------
+_WAITING, _RESUMED, _DONE = 0, 1, 2
+
+
+class _DirectSend:
+    """A send over a kept stream, carried out without a task of its own (issue 17).
+
+    A send's task took a kept stream, wrote the frame, slept until the acknowledgement
+    woke it, kept the stream again and handed the outcome to asyncio: a task spawned, a
+    cancel scope, a sleep and a wake-up per frame, most of the trio thread's work for a
+    send. When the peer has a fresh kept stream on a connection of ours, no other send to
+    it is in flight and the frame goes to the socket at once (``try_write_now``), the
+    bridge call is taken here instead (``BridgeCall.now``): the frame is written, and the
+    connection's reader hands the acknowledgement to :meth:`acknowledged` as it arrives
+    (the stream's ``inline``), which keeps the stream and delivers the outcome. Anything
+    else on the stream -- another byte, a close, a reset, the connection's end, an
+    acknowledgement the reader cannot take there -- and the send goes on as a task from
+    the acknowledgement's read on, exactly as the send's task would have (:meth:`told`,
+    through ``PatchedYamux.watch``). The send's deadline is kept by the transport's one
+    watcher (``_SendDeadlines``) and a cancel from asyncio reaches :meth:`cancelled`: both
+    reset the stream and deliver what the task's timeout or cancel would.
+    """
+
+    __slots__ = (
+        "call",
+        "data",
+        "deadline",
+        "deadlines",
+        "muxed",
+        "peer",
+        "slots",
+        "state",
+        "stream",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        transport: Libp2pTransport,
+        call: _trio_bridge.BridgeCall,
+        peer: ID,
+        stream: INetStream,
+        muxed: _PatchedYamuxStream,
+        data: bytes,
+        deadline: float,
+        deadlines: _SendDeadlines,
+    ) -> None:
+        self.transport = transport
+        self.call = call
+        self.peer = peer
+        self.stream = stream
+        self.muxed = muxed
+        self.data = data
+        self.deadline = deadline
+        self.deadlines = deadlines
+        self.slots: trio.Semaphore | None = None
+        self.state = _WAITING
+
+    @classmethod
+    def start(
+        cls, transport: Libp2pTransport, peer: ID, data: bytes, call: _trio_bridge.BridgeCall
+    ) -> bool:
+        """Write ``data``'s frame and take ``call`` (true), or do nothing (false): the
+        send's task does it all then (a relay to dial or a stream to choose among
+        relayed ones, another send in flight, no fresh kept stream, a large frame, a
+        connection busy writing)."""
+        deadlines, timeout = transport._deadlines, call.timeout
+        if (
+            deadlines is None
+            or not deadlines.running
+            or timeout is None
+            or transport._nat is not None
+            or peer in transport._send_slots
+            or len(data) > _COALESCE_LIMIT
+        ):
+            return False
+        kept = transport._idle.get(peer)
+        if not kept:
+            return False
+        stream, since = kept[-1]  # the one ``_take_kept`` would take
+        now = trio.current_time()
+        if since <= now - transport.stream_idle_timeout / 2 or not _reusable(stream):
+            return False  # the task closes it and takes another
+        muxed = _muxed(stream)
+        if (
+            not isinstance(muxed, _PatchedYamuxStream)
+            or muxed.inline is not None
+            or muxed.closed
+            or muxed.recv_closed  # what already came needs no watching: the task reads it
+            or muxed.reset_received
+        ):
+            return False
+        conn = muxed.conn
+        send = cls(transport, call, peer, stream, muxed, data, now + timeout, deadlines)
+        if not isinstance(conn, PatchedYamux) or not conn.watch(muxed.stream_id, send.told):
+            return False
+        if not muxed.try_write_now(frame_header(len(data)) + data):
+            conn.unwatch(muxed.stream_id)
+            return False
+        kept.pop()
+        if not kept:
+            del transport._idle[peer]
+        send.slots = transport._slots_of(peer)
+        send.slots.acquire_nowait()  # (none was taken: no send was in flight)
+        muxed.inline = send.acknowledged
+        call.on_cancel = send.cancelled
+        deadlines.add(send)
+        return True
+
+    def acknowledged(self, body: bytes) -> bool:
+        """The connection's reader, with a data frame's body on the stream as it arrived:
+        take it if it is the acknowledgement (true); anything else is buffered, and
+        :meth:`told` follows."""
+        if self.state != _WAITING or body != ACK:
+            self.muxed.inline = None
+            return False
+        self._settle()
+        transport = self.transport
+        if not transport._keep_now(self.peer, self.stream):
+            transport._in_background(_close(self.stream))
+        self._release()
+        self.call.deliver(None, None)
+        return True
+
+    def told(self) -> None:
+        """The connection's reader: something else arrived on the stream, or the
+        connection ended. The send goes on as a task (under what is left of its
+        deadline), from the acknowledgement's read on."""
+        if self.state != _WAITING:
+            return
+        self.state = _RESUMED
+        self.muxed.inline = None
+        self.deadlines.discard(self)
+        call = self.call
+        call.on_cancel = None
+        call.fn, call.args = self._finish, ()
+        call.timeout = max(0.0, self.deadline - trio.current_time())
+        call.start_task()
+
+    async def _finish(self) -> None:
+        transport, peer, stream = self.transport, self.peer, self.stream
+        try:
+            if not await transport._sent_on_kept(peer, stream, _await_ack(stream)):
+                await transport._send_on_new_stream(transport._running_host(), peer, self.data)
+        finally:
+            self._release()
+
+    def expired(self) -> None:
+        """The watcher: the send's deadline passed without an acknowledgement."""
+        if self.state == _WAITING:
+            self._end(trio.TooSlowError())
+
+    def cancelled(self) -> None:
+        """asyncio cancelled the send."""
+        if self.state == _WAITING:
+            self._end(asyncio.CancelledError())
+
+    def abandoned(self) -> None:
+        """The transport stops serving."""
+        if self.state == _WAITING:
+            self._end(_trio_bridge.BridgeClosed("the transport stopped during the send"))
+
+    def _end(self, error: BaseException) -> None:
+        self._settle()
+        self.transport._in_background(_reset(self.stream))  # the frame may be unread
+        self._release()
+        self.call.deliver(None, error)
+
+    def _settle(self) -> None:
+        self.state = _DONE
+        self.muxed.inline = None
+        conn = self.muxed.conn
+        if isinstance(conn, PatchedYamux):
+            conn.unwatch(self.muxed.stream_id)
+        self.deadlines.discard(self)
+
+    def _release(self) -> None:
+        slots = self.slots
+        if slots is not None:
+            self.slots = None
+            slots.release()
+            self.transport._forget_slots(self.peer, slots)
+
+
+class _SendDeadlines:
+    """The deadlines of the sends waiting for their acknowledgement without a task
+    (``_DirectSend``): one task sleeps until the earliest and ends those past theirs;
+    when the transport stops serving, it ends those still waiting."""
+
+    def __init__(self) -> None:
+        self._sends: set[_DirectSend] = set()
+        self._scope: trio.CancelScope | None = None
+        self.running = False
+
+    def add(self, send: _DirectSend) -> None:
+        self._sends.add(send)
+        scope = self._scope
+        if scope is not None and send.deadline < scope.deadline:
+            scope.deadline = send.deadline
+
+    def discard(self, send: _DirectSend) -> None:
+        self._sends.discard(send)
+
+    async def run(self) -> None:
+        self.running = True
+        try:
+            while True:
+                deadline = min((send.deadline for send in self._sends), default=math.inf)
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._scope = scope
+                    await trio.sleep_forever()
+                self._scope = None
+                now = trio.current_time()
+                for send in [send for send in self._sends if send.deadline <= now]:
+                    send.expired()
+        finally:
+            self.running = False
+            self._scope = None
+            sends, self._sends = self._sends, set()
+            for send in sends:
+                send.abandoned()
