@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import signal
 import time
@@ -97,7 +98,7 @@ from p2pfl.security import Ban, GuardConfig, PeerGuard, SequenceNumbers
 from p2pfl.threadname import name_os_thread
 from p2pfl.tracking import TensorBoardTracker
 from p2pfl.transport.base import Transport, TransportError
-from p2pfl.transport.send_budget import SendBudget
+from p2pfl.transport.send_budget import SendBudget, SendTicket
 from p2pfl.wire import DropReason, Envelope, WireError, WireLimits, encode
 
 __all__ = [
@@ -259,6 +260,11 @@ class Node:
         self.send_budget = SendBudget(net.send_timeout)
         #: sends on their way (``_flush_sends`` waits for them before the node leaves)
         self._sends_in_flight: set[asyncio.Task[Any]] = set()
+        # the protocol's sends handed to the transport and not over yet (no task each);
+        # set while there are none
+        self._soon_in_flight = 0
+        self._no_soon_in_flight = asyncio.Event()
+        self._no_soon_in_flight.set()
         self.liveness = Liveness(
             transport,
             interval=net.ping_interval,
@@ -664,7 +670,7 @@ class Node:
     def _apply(self, effect: Effect) -> None:
         loop = asyncio.get_running_loop()
         if isinstance(effect, Send):
-            self._spawn(self._send(effect))
+            self._send_soon(effect)
         elif isinstance(effect, Train):
             if self._done.is_set():  # the last round is over: nobody waits for its model
                 return
@@ -742,22 +748,50 @@ class Node:
             return
         self._handle(LossesEvaluated(self._now(), effect.ticket, losses))
 
-    async def _send(self, effect: Send) -> None:
+    def _send_soon(self, effect: Send) -> None:
+        """Hand one of the protocol's messages to the transport; its outcome comes to
+        ``_sent``. No task per send: a node sends each model to every neighbour, and a
+        task, its coroutines and its wake-up cost more than the hand-over (issue 17)."""
         assert self.protocol is not None
-        try:
-            await self._send_bytes(effect.to, effect.message, self.protocol.name)
-        except TransportError as error:
-            log.debug("send to %s failed: %s", effect.to, error)
-            self.liveness.mark_down(effect.to)  # the next ping it answers brings it back
-            self._handle(SendFailed(self._now(), effect.to, effect.message))
+        data, ticket = self._prepared(effect.to, effect.message, self.protocol.name)
+        self._soon_in_flight += 1
+        self._no_soon_in_flight.clear()
+        done = functools.partial(self._sent, effect, ticket)
+        self.transport.send_soon(effect.to, data, timeout=ticket.timeout, done=done)
 
-    async def _send_bytes(self, peer: str, message: Message, protocol: str) -> None:
+    def _sent(self, effect: Send, ticket: SendTicket, error: BaseException | None) -> None:
+        """A protocol send is over: measured, or the peer marked down and the protocol
+        told (``SendFailed``); an error that is not the transport's stops the node, as
+        it did a send task that died of it."""
+        self._soon_in_flight -= 1
+        if not self._soon_in_flight:
+            self._no_soon_in_flight.set()
+        self.send_budget.end(ticket, ok=error is None)
+        if error is None:
+            self.bytes_sent += ticket.size
+            return
+        if not isinstance(error, TransportError):
+            if self._stopping and self.failure is None:  # a normal shutdown closed its way
+                log.debug("a send ended with an error while stopping: %r", error)
+            else:
+                self._fail("task", error)
+            return
+        log.debug("send of %d bytes to %s failed: %s", ticket.size, effect.to, error)
+        self.liveness.mark_down(effect.to)  # the next ping it answers brings it back
+        self._handle(SendFailed(self._now(), effect.to, effect.message))
+
+    def _prepared(self, peer: str, message: Message, protocol: str) -> tuple[bytes, SendTicket]:
+        """``message``'s signed bytes for ``peer`` and the send's ticket (its timeout from
+        the size and the bandwidth measured so far)."""
         data = self.signed_once.bytes_for(
             peer, message, protocol,
             lambda: encode(message, identity=self.identity, protocol=protocol, seq=self.seq.next()),
         )  # fmt: skip
+        return data, self.send_budget.begin(peer, len(data))
+
+    async def _send_bytes(self, peer: str, message: Message, protocol: str) -> None:
+        data, ticket = self._prepared(peer, message, protocol)
         budget = self.send_budget
-        ticket = budget.begin(peer, len(data))  # timeout from size and measured bandwidth
         task = asyncio.current_task()
         if task is not None:
             self._sends_in_flight.add(task)
@@ -779,8 +813,13 @@ class Node:
         it instead of waiting out its round timer because we exited."""
         current = asyncio.current_task()
         pending = {task for task in self._sends_in_flight if task is not current and not task.done()}
+        if self._soon_in_flight:
+            pending.add(asyncio.ensure_future(self._no_soon_in_flight.wait()))
         if pending:
             await asyncio.wait(pending, timeout=self.send_budget.ceiling)
+            for waiting in pending:  # (the wait for the protocol's sends, if it timed out)
+                if waiting not in self._sends_in_flight:
+                    waiting.cancel()
 
     async def _send_own(self, peer: str, message: Message) -> None:
         """One of the node's own messages (hello, unlink); raises ``TransportError``."""

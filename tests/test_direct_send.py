@@ -246,3 +246,62 @@ async def test_a_send_waiting_when_its_transport_closes_ends(
     with pytest.raises(TransportError):
         await asyncio.wait_for(send, 15)
     assert time.monotonic() - began < 15.0 and direct == [True]
+
+
+async def test_send_soon_reports_each_outcome_once_on_the_loop(make: Factory) -> None:
+    (a, _), (b, inbox_b) = await make(), await make()
+    await a.connect(b.listen_addrs[0])
+    outcomes: dict[str, list[BaseException | None]] = {}
+    all_in = asyncio.Event()
+
+    def reporter(name: str) -> Callable[[BaseException | None], None]:
+        def report(error: BaseException | None) -> None:
+            outcomes.setdefault(name, []).append(error)
+            if len(outcomes) == 4:
+                all_in.set()
+
+        return report
+
+    a.send_soon(b.peer_id, b"one", timeout=5, done=reporter("one"))
+    a.send_soon(b.peer_id, b"two", timeout=5, done=reporter("two"))  # (one in flight: a task)
+    a.send_soon("not a peer id", b"x", timeout=5, done=reporter("bad id"))
+    a.send_soon(b.peer_id, b"x" * (a.max_message_size + 1), timeout=5, done=reporter("too big"))
+    assert outcomes == {}  # never before it returns
+    await asyncio.wait_for(all_in.wait(), 10)
+    assert outcomes["one"] == [None] and outcomes["two"] == [None]
+    for name in ("bad id", "too big"):
+        [error] = outcomes[name]
+        assert isinstance(error, TransportError), (name, error)
+    assert sorted([(await inbox_b.get())[1] for _ in range(2)]) == [b"one", b"two"]
+    stats = a.stats()
+    assert stats["messages_sent"] == 2 and stats["send_failures"] == 2
+
+
+async def test_the_default_send_soon_runs_send_in_a_task() -> None:
+    from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
+
+    network = MemoryNetwork(seed=0)
+    a, b = MemoryTransport(network, "peer-a"), MemoryTransport(network, "peer-b")
+    got: list[tuple[str, bytes]] = []
+    b.set_handler(lambda sender, data: got.append((sender, bytes(data))))
+    await a.start()
+    await b.start()
+    outcomes: dict[str, BaseException | None] = {}
+    two = asyncio.Event()
+
+    def reporter(name: str) -> Callable[[BaseException | None], None]:
+        def report(error: BaseException | None) -> None:
+            outcomes[name] = error
+            if len(outcomes) == 2:
+                two.set()
+
+        return report
+
+    a.send_soon("peer-b", b"hello", timeout=5, done=reporter("b"))
+    a.send_soon("peer-nobody", b"hello", timeout=5, done=reporter("nobody"))
+    assert outcomes == {}
+    await asyncio.wait_for(two.wait(), 10)
+    assert outcomes["b"] is None and isinstance(outcomes["nobody"], TransportError)
+    assert got == [("peer-a", b"hello")]
+    await a.close()
+    await b.close()

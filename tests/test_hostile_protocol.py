@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from p2pfl.node import Node
-from p2pfl.protocols.base import Message
+from p2pfl.protocols.base import Message, Send
 from p2pfl.protocols.modest.protocol import ModestProtocol
 from p2pfl.transport.memory import MemoryTransport
 from p2pfl.wire import encode
@@ -85,18 +85,23 @@ def _arm_insider(node: Node, attack: str) -> set[str]:
     peers it was sent to (filled in as the run goes).
     """
     poison, _ = _poisons(node.trainer.dim)[attack]
-    original = node._send_bytes
+    original = node._send_soon
     hit: set[str] = set()
 
-    async def send_bytes(peer: str, message: Message, protocol: str) -> None:
-        if protocol == "dpsgd" and message.round == ATTACK_ROUND and peer not in hit:
-            hit.add(peer)
-            crafted = Message(message.kind, message.round, poison, dict(message.meta))
-            data = encode(crafted, identity=node.identity, protocol=protocol, seq=node.seq.next())
-            await node.transport.send(peer, data, timeout=node.config.network.send_timeout)
-        await original(peer, message, protocol)
+    def send_soon(effect: Send) -> None:
+        peer, message = effect.to, effect.message
+        if message.round != ATTACK_ROUND or peer in hit:
+            original(effect)
+            return
+        hit.add(peer)
+        crafted = Message(message.kind, message.round, poison, dict(message.meta))
+        data = encode(crafted, identity=node.identity, protocol="dpsgd", seq=node.seq.next())
+        # the genuine model once the crafted one is acknowledged: it arrives first
+        node.transport.send_soon(
+            peer, data, timeout=node.config.network.send_timeout, done=lambda _: original(effect)
+        )
 
-    node._send_bytes = send_bytes  # type: ignore[method-assign]
+    node._send_soon = send_soon  # type: ignore[method-assign]
     return hit
 
 

@@ -19,6 +19,7 @@ first use and ``release`` stops and joins it when the last user lets go.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import weakref
@@ -44,7 +45,8 @@ class BridgeClosed(P2PFLError, RuntimeError):
 
 class BridgeCall:
     """One asyncio -> trio call: spawned as a trio task, its outcome handed back to the
-    awaiting asyncio future; lets asyncio cancel the trio side of it.
+    asyncio loop (``outcome(result, error)``: an awaiting future's, or a caller's callback);
+    lets asyncio cancel the trio side of it.
 
     One object per call (no closures): a node makes a few of these a round per neighbour.
 
@@ -57,10 +59,10 @@ class BridgeCall:
         "args",
         "cancel_requested",
         "fn",
-        "future",
         "loop",
         "now",
         "on_cancel",
+        "outcome",
         "owner",
         "scope",
         "timeout",
@@ -70,14 +72,14 @@ class BridgeCall:
         self,
         owner: TrioThread,
         loop: asyncio.AbstractEventLoop,
-        future: asyncio.Future[Any],
+        outcome: Callable[[Any, BaseException | None], None],
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         timeout: float | None,
     ) -> None:
         self.owner = owner
         self.loop = loop
-        self.future = future
+        self.outcome = outcome
         self.fn = fn
         self.args = args
         self.timeout = timeout
@@ -95,7 +97,7 @@ class BridgeCall:
 
     def deliver(self, result: Any, error: BaseException | None) -> None:
         # false when the asyncio loop is closed: nobody is waiting any more
-        to_asyncio(self.loop, _resolve, self.future, result, error)
+        to_asyncio(self.loop, self.outcome, result, error)
 
     def spawn(self) -> None:  # runs on the trio thread; must not raise
         now = self.now
@@ -332,11 +334,10 @@ class TrioThread:
         a second cancel scope per call). With ``now``, the call is first offered to it
         on the trio thread (see ``BridgeCall``): the same outcomes, without a task when taken.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        call = BridgeCall(self, loop, future, fn, args, timeout)
-        call.now = now
-        self.call_soon(call.spawn)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        call = self.start_call(
+            fn, *args, timeout=timeout, now=now, outcome=functools.partial(_resolve, future)
+        )
         try:
             return await future
         except asyncio.CancelledError:
@@ -345,6 +346,23 @@ class TrioThread:
             except BridgeClosed:
                 pass
             raise
+
+    def start_call(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        *args: Any,
+        timeout: float | None = None,
+        now: Callable[[BridgeCall], bool] | None = None,
+        outcome: Callable[[Any, BaseException | None], None],
+    ) -> BridgeCall:
+        """``run`` without awaiting: returns at once (from the asyncio loop), and
+        ``outcome(result, error)`` is called on that loop when the call ends -- exactly
+        once, ``error`` what ``run`` would raise. Raises ``BridgeClosed`` if the trio loop
+        is not running. For callers that need no task of their own per call."""
+        call = BridgeCall(self, asyncio.get_running_loop(), outcome, fn, args, timeout)
+        call.now = now
+        self.call_soon(call.spawn)
+        return call
 
 
 _shared: TrioThread | None = None

@@ -10,6 +10,8 @@ socket-free tests and ``libp2p`` for real networks.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
 import time
@@ -26,6 +28,7 @@ __all__ = [
     "DiscoveryHandler",
     "FrameAbuse",
     "Handler",
+    "SendDone",
     "Transport",
     "TransportError",
     "TransportStats",
@@ -39,6 +42,9 @@ DiscoveryHandler = Callable[[str, list[str]], None]
 
 AbuseHandler = Callable[[str, str], None]
 """Called on the asyncio loop with (peer id, ``FrameAbuse`` reason) of a refused inbound frame."""
+
+SendDone = Callable[[BaseException | None], None]
+"""Called on the asyncio loop with a ``send_soon``'s outcome: None (acknowledged) or the error."""
 
 _log = logging.getLogger(__name__)
 
@@ -111,6 +117,7 @@ class Transport(ABC):
         self._stats = TransportStats()
         self._stats_lock = threading.Lock()
         self._banned: dict[str, float] = {}  # peer -> time.monotonic() when its ban ends
+        self._sending: set[asyncio.Task[None]] = set()  # the default send_soon's tasks
 
     @abstractmethod
     async def start(self) -> None:
@@ -131,6 +138,18 @@ class Transport(ABC):
         Raises ``TransportError`` when the payload was not acknowledged within ``timeout``
         seconds, for whatever reason: then the receiver may or may not have it.
         """
+
+    def send_soon(self, peer: str, data: bytes, *, timeout: float, done: SendDone) -> None:
+        """``send`` without awaiting it: returns at once (called on the asyncio loop), and
+        ``done(None)`` is called on that loop once the receiver acknowledged the whole
+        payload, ``done(error)`` if it did not (a ``TransportError``, as ``send`` raises;
+        anything else is a bug) -- exactly once, never before this returns.
+
+        For a sender that needs no task per message (a node sends each of its models to
+        every neighbour); this default runs ``send`` in a task of its own."""
+        task = asyncio.get_running_loop().create_task(self.send(peer, data, timeout=timeout))
+        self._sending.add(task)  # (the loop keeps only weak references to tasks)
+        task.add_done_callback(functools.partial(_sent, self._sending, done))
 
     @abstractmethod
     async def ping(self, peer: str, *, timeout: float) -> float:
@@ -233,3 +252,9 @@ def _run_contained(what: str, handler: Callable[..., None] | None, peer: str, ar
         handler(peer, arg)
     except Exception:
         _log.exception("%s handler failed on peer %s", what, peer)
+
+
+def _sent(tasks: set[asyncio.Task[None]], done: SendDone, task: asyncio.Task[None]) -> None:
+    """A default ``send_soon``'s task ended: its outcome to ``done``."""
+    tasks.discard(task)
+    done(TransportError("the send was cancelled") if task.cancelled() else task.exception())

@@ -353,6 +353,28 @@ async def _awaited(work: Coroutine[Any, Any, None]) -> None:
     await work
 
 
+def _transport_error(what: str, error: Exception) -> TransportError:
+    """``error`` of a call to the trio side as the ``TransportError`` the node sees."""
+    if isinstance(error, TransportError):
+        return error
+    if isinstance(error, trio.TooSlowError):
+        mapped = TransportError(f"{what}: timed out")
+    else:
+        mapped = TransportError(f"{what}: {error!r}")
+    mapped.__cause__ = error
+    return mapped
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """A send's outcome into the future ``send`` awaits (unless it was cancelled)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
 class _Disconnects(INotifee):
     """Drops the kept streams of a connection that closed; has a change of how a peer is
     connected (direct / relayed) logged at once, not on NAT traversal's next tick (a
@@ -672,12 +694,8 @@ class Libp2pTransport(Transport):
         bridge = self._running_bridge()
         try:
             return await bridge.run(fn, *args, timeout=timeout, now=now)
-        except TransportError:
-            raise
-        except trio.TooSlowError as exc:
-            raise TransportError(f"{what}: timed out") from exc
         except Exception as exc:
-            raise TransportError(f"{what}: {exc!r}") from exc
+            raise _transport_error(what, exc) from exc
 
     async def connect(self, addr: str, *, timeout: float = 10.0) -> str:
         try:
@@ -690,6 +708,28 @@ class Libp2pTransport(Transport):
         return info.peer_id.to_base58()
 
     async def send(self, peer: str, data: bytes, *, timeout: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        call = self._start_send(peer, data, timeout, functools.partial(_settle, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            bridge = self._bridge
+            if call is not None and bridge is not None:
+                try:
+                    bridge.call_soon(call.cancel)
+                except _trio_bridge.BridgeClosed:
+                    pass
+            raise
+
+    def send_soon(
+        self, peer: str, data: bytes, *, timeout: float, done: Callable[[BaseException | None], None]
+    ) -> None:
+        self._start_send(peer, data, timeout, done)
+
+    def _start_send(
+        self, peer: str, data: bytes, timeout: float, done: Callable[[BaseException | None], None]
+    ) -> _trio_bridge.BridgeCall | None:
+        """Start a send (see ``send_soon``); the bridge call, to cancel it, if one began."""
         try:
             peer_id = _parse_peer(peer)
             if len(data) > self.max_message_size:
@@ -697,18 +737,37 @@ class Libp2pTransport(Transport):
                     f"payload of {len(data)} bytes exceeds the cap of {self.max_message_size}"
                 )
             data = bytes(data)
-            await self._call(
-                f"send to {peer}",
+            return self._running_bridge().start_call(
                 self._send_in_trio,
                 peer_id,
                 data,
                 timeout=timeout,
                 now=functools.partial(_DirectSend.start, self, peer_id, data),
+                outcome=functools.partial(self._sent, peer, len(data), done),
             )
-        except TransportError:
+        except (TransportError, _trio_bridge.BridgeClosed) as exc:
+            error = _transport_error(f"send to {peer}", exc)
             self._count(send_failures=1)
-            raise
-        self._count(messages_sent=1, bytes_sent=len(data))
+            asyncio.get_running_loop().call_soon(done, error)
+            return None
+
+    def _sent(
+        self,
+        peer: str,
+        size: int,
+        done: Callable[[BaseException | None], None],
+        result: Any,
+        error: BaseException | None,
+    ) -> None:
+        """A send's outcome, on the asyncio loop: counted, then handed to ``done``."""
+        if error is None:
+            self._count(messages_sent=1, bytes_sent=size)
+            done(None)
+            return
+        if isinstance(error, Exception):  # (a cancel is the caller's own doing: not counted)
+            error = _transport_error(f"send to {peer}", error)
+            self._count(send_failures=1)
+        done(error)
 
     async def ping(self, peer: str, *, timeout: float) -> float:
         return await self._call(f"ping {peer}", self._ping_in_trio, _parse_peer(peer), timeout)
