@@ -52,7 +52,9 @@ Why each part is there:
   :data:`INLINE_BYTES`, and by the worker above it.
 - **A full disk does not stop training.** A write that fails (``ENOSPC`` or any other
   ``OSError``) is logged at ERROR once -- not every round -- and tried again with the
-  next state; when a write succeeds again that is logged once too. ``status.json``'s
+  next state; when a write succeeds again that is logged once too. A generation that
+  fails leaves the state as a live record instead (into the room reserved for it), so
+  a node killed on a full disk still resumes its last round. ``status.json``'s
   failures are reported the same way (:meth:`StateDir.write_json`: written atomically
   on the loop, not fsync'd -- a report rewritten every round, not the state).
 - **No litter.** Temporary files left by a process killed mid-write
@@ -791,6 +793,8 @@ class CheckpointWriter:
                     self._live.write(encoded, base=str(self._generation))
             except Exception as error:  # ENOSPC, EIO, EROFS...: training goes on
                 health.failed(error)
+                if generation and self._generation is not None and self.sync_every > 0:
+                    self._live_instead(seq, encoded)
                 return False
             self._last = sha
             self._written_seq = seq
@@ -799,6 +803,19 @@ class CheckpointWriter:
             if generation and self.sync_every > 0:
                 self._reserve_live(len(data) + 256)  # (its header also names a base)
             return True
+
+    def _live_instead(self, seq: int, encoded: _Encoded) -> None:
+        """A generation could not be written (a full disk): keep the state as a live
+        record after the last generation, into the room reserved for it, so that a
+        killed node still resumes its last round."""
+        try:
+            self._live.write(encoded, base=str(self._generation))
+        except Exception as error:
+            self.live_health.failed(error)
+            return
+        self.live_health.succeeded()
+        self._last = encoded.sha256
+        self._written_seq = seq
 
     def _reserve_live(self, size: int) -> None:
         try:
