@@ -34,7 +34,7 @@ from p2pfl.transport import _trio_bridge
 from p2pfl.transport._trio_bridge import TrioThread
 from p2pfl.transport._yamux import PatchedYamux, _adopt, _PatchedYamuxStream, _QuickLock
 from p2pfl.transport.base import TransportError
-from p2pfl.transport.libp2p import Libp2pTransport, _InlineFrames, _parse_peer
+from p2pfl.transport.libp2p import Libp2pTransport, _InlineFrames, _muxed, _parse_peer
 from p2pfl.transport.limits import TransportLimits
 from tests.transport_kit import Inbox, eventually, inbox_transports, running_trio_thread
 
@@ -430,7 +430,8 @@ async def test_a_small_frame_is_written_at_once_and_the_rest_awaited(
 
     def busy_connection_refuses() -> bool:  # a write in progress: not now, nothing sent
         stream = next(iter(sender._idle.values()))[0][0]
-        muxed = stream.muxed_stream
+        muxed = _muxed(stream)
+        assert isinstance(muxed, _PatchedYamuxStream) and isinstance(muxed.conn, PatchedYamux)
         window = muxed.send_window
         conn = muxed.conn
         conn._write_lock.acquire_nowait()
