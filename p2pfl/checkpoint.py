@@ -122,7 +122,7 @@ PLAIN_FORMAT = 2
 #: ``torch.save`` payload: still read, and written for a state format 3 cannot hold
 TORCH_FORMAT = 1
 #: the node's writer flushes a checkpoint to disk (fsync) at most this many seconds apart
-#: (see "Flushed to disk at a cadence" above); 0 flushes every write
+#: (see "Every round, live, between generations" above); 0 flushes every write
 SYNC_EVERY_S = 5.0
 #: the two files a round's state is written into between flushed generations
 #: (:class:`_LiveSlots`)
@@ -539,8 +539,8 @@ def write_generation(state_dir: Path, data: bytes, *, sync: bool = True) -> Path
 
     ``sync``: the new file is complete on disk before either rename and the renames are
     flushed after them, so a power cut between them leaves the older generation, which
-    the loader then uses (the node's writer always syncs; see "Flushed to disk at a
-    cadence" above).
+    the loader then uses (the node's writer always syncs; see "Two generations,
+    flushed" above).
     """
     newest, previous = state_dir / CHECKPOINT_NAME, state_dir / PREVIOUS_NAME
     # a name of this process and write (mkstemp's random names cost more than the write),
@@ -781,41 +781,41 @@ class CheckpointWriter:
             if sha == self._last and (not flush or sha == self._generation):
                 self._written_seq = seq
                 return False  # the same state as on disk: keep the older generation
-            generation = flush or self._generation is None
-            health = self.health if generation else self.live_health
+            if not flush and self._generation is not None:
+                return self._write_live(seq, encoded)
+            now = self._clock()
+            data = encoded.file_bytes()
             try:
-                if generation:
-                    now = self._clock()
-                    data = encoded.file_bytes()
-                    self.write_file(self.state_dir, data)
-                    self._generation, self._synced_at = sha, now
-                else:
-                    self._live.write(encoded, base=str(self._generation))
+                self.write_file(self.state_dir, data)
             except Exception as error:  # ENOSPC, EIO, EROFS...: training goes on
-                health.failed(error)
-                if generation and self._generation is not None and self.sync_every > 0:
-                    self._live_instead(seq, encoded)
+                self.health.failed(error)
+                if self._generation is not None and self.sync_every > 0:
+                    # a full disk: the state as a live record all the same, into the room
+                    # reserved for it, so that a killed node still resumes its last round
+                    self._write_live(seq, encoded)
                 return False
-            self._last = sha
-            self._written_seq = seq
-            self.written += 1
-            health.succeeded()
-            if generation and self.sync_every > 0:
+            self.health.succeeded()
+            self._generation, self._synced_at = sha, now
+            self._wrote(seq, sha)
+            if self.sync_every > 0:
                 self._reserve_live(len(data) + 256)  # (its header also names a base)
             return True
 
-    def _live_instead(self, seq: int, encoded: _Encoded) -> None:
-        """A generation could not be written (a full disk): keep the state as a live
-        record after the last generation, into the room reserved for it, so that a
-        killed node still resumes its last round."""
+    def _write_live(self, seq: int, encoded: _Encoded) -> bool:
+        """The state as a live record after the newest generation; true if written."""
         try:
             self._live.write(encoded, base=str(self._generation))
-        except Exception as error:
+        except Exception as error:  # ENOSPC, EIO, EROFS...: training goes on
             self.live_health.failed(error)
-            return
+            return False
         self.live_health.succeeded()
-        self._last = encoded.sha256
+        self._wrote(seq, encoded.sha256)
+        return True
+
+    def _wrote(self, seq: int, sha: str) -> None:
+        self._last = sha
         self._written_seq = seq
+        self.written += 1
 
     def _reserve_live(self, size: int) -> None:
         try:

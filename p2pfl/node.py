@@ -705,10 +705,14 @@ class Node:
         unnoticed, it would leave the protocol waiting for an answer that never comes."""
         self._tasks.discard(task)
         error = None if task.cancelled() else task.exception()
-        if error is None:
-            return
-        if self._stopping and self.failure is None:  # a normal shutdown closed its way
-            log.debug("a task ended with an error while stopping: %r", error)
+        if error is not None:
+            self._background_failed(error)
+
+    def _background_failed(self, error: BaseException) -> None:
+        """Background work (a task, a protocol's send) died of an error: stop the node,
+        unless a normal shutdown closed its way."""
+        if self._stopping and self.failure is None:
+            log.debug("background work ended with an error while stopping: %r", error)
             return
         self._fail("task", error)
 
@@ -771,10 +775,7 @@ class Node:
             self.bytes_sent += ticket.size
             return
         if not isinstance(error, TransportError):
-            if self._stopping and self.failure is None:  # a normal shutdown closed its way
-                log.debug("a send ended with an error while stopping: %r", error)
-            else:
-                self._fail("task", error)
+            self._background_failed(error)
             return
         log.debug("send of %d bytes to %s failed: %s", ticket.size, effect.to, error)
         self.liveness.mark_down(effect.to)  # the next ping it answers brings it back

@@ -32,7 +32,15 @@ import trio
 from p2pfl.errors import P2PFLError
 from p2pfl.threadname import name_os_thread
 
-__all__ = ["BridgeCall", "BridgeClosed", "TrioThread", "acquire", "release", "to_asyncio"]
+__all__ = [
+    "BridgeCall",
+    "BridgeClosed",
+    "TrioThread",
+    "acquire",
+    "release",
+    "resolve",
+    "to_asyncio",
+]
 
 T = TypeVar("T")
 
@@ -214,7 +222,8 @@ def to_asyncio(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: A
     return True
 
 
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """A call's outcome into ``future`` (on its loop), unless it was cancelled meanwhile."""
     if future.done():  # cancelled on the asyncio side meanwhile
         return
     if error is not None:
@@ -336,8 +345,13 @@ class TrioThread:
         """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         call = self.start_call(
-            fn, *args, timeout=timeout, now=now, outcome=functools.partial(_resolve, future)
+            fn, *args, timeout=timeout, now=now, outcome=functools.partial(resolve, future)
         )
+        return await self.outcome_of(call, future)
+
+    async def outcome_of(self, call: BridgeCall, future: asyncio.Future[T]) -> T:
+        """Await ``future``, which ``call``'s outcome settles (``resolve``); cancelling the
+        awaiting asyncio task cancels the call's trio side."""
         try:
             return await future
         except asyncio.CancelledError:

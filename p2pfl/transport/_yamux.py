@@ -391,15 +391,22 @@ class PatchedYamux(Yamux):
         """Call ``told()`` once, on the connection's reader, when a frame of stream
         ``stream_id`` is not taken by the stream's ``inline`` consumer (its bytes buffered,
         a flag, anything py-libp2p's reader handles) or when the reader ends; false (and
-        never called) if this connection's reader is not running: nothing will arrive.
+        never called) if nothing more will arrive on that stream: this connection's reader
+        is not running, or the stream is closed for receiving or reset (what came before
+        is the owner's to read).
 
         For an owner that does not wait on the stream (``inline`` takes what it expects)
         yet must hear of everything else: then it reads the stream the usual way."""
+        stream = self.streams.get(stream_id)
         if (
             self._fast is None
             or self._reader_task is None
             or self._reader_done
             or self.event_shutting_down.is_set()
+            or stream is None
+            or stream.closed
+            or stream.recv_closed
+            or stream.reset_received
         ):
             return False
         self._watchers[stream_id] = told
@@ -620,7 +627,7 @@ class _PatchedYamuxStream(YamuxStream):
         """Send ``data`` (``can_write_now`` first) as one data frame, from the connection's
         reader, without waiting (``PatchedYamux.send_now``)."""
         self.send_window -= len(data)
-        self.conn.send_now(_pack_header(0, TYPE_DATA, 0, self.stream_id, len(data)) + data)  # type: ignore[attr-defined]
+        self.conn.send_now(self._data_frame(data))  # type: ignore[attr-defined]
 
     def try_write_now(self, data: bytes) -> bool:
         """Send ``data`` as one data frame at once, without waiting, if the window and the
@@ -628,11 +635,13 @@ class _PatchedYamuxStream(YamuxStream):
         otherwise. Written at once, a frame cannot be cut by a cancel: no shield needed."""
         if not self.can_write_now(len(data)):
             return False
-        frame = _pack_header(0, TYPE_DATA, 0, self.stream_id, len(data)) + data
-        if not self.conn.try_send_now(frame):  # type: ignore[attr-defined]
+        if not self.conn.try_send_now(self._data_frame(data)):  # type: ignore[attr-defined]
             return False
         self.send_window -= len(data)
         return True
+
+    def _data_frame(self, data: bytes) -> bytes:
+        return _pack_header(0, TYPE_DATA, 0, self.stream_id, len(data)) + data
 
     def buffered(self) -> int:
         """Bytes received on this stream and not read yet (reading them does not wait)."""

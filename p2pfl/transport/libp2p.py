@@ -144,7 +144,7 @@ from ._streams import close_quietly as _close
 from ._streams import reset_quietly as _reset
 from ._unread import UnreadBudget
 from ._yamux import PatchedYamux, _PatchedYamuxStream, count_unread, use_patched_yamux
-from .base import FrameAbuse, Transport, TransportError
+from .base import FrameAbuse, SendDone, Transport, TransportError
 from .limits import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TRANSPORT_LIMITS, TransportLimits
 
 __all__ = [
@@ -364,15 +364,6 @@ def _transport_error(what: str, error: Exception) -> TransportError:
     mapped.__cause__ = error
     return mapped
 
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    """A send's outcome into the future ``send`` awaits (unless it was cancelled)."""
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 class _Disconnects(INotifee):
@@ -709,25 +700,18 @@ class Libp2pTransport(Transport):
 
     async def send(self, peer: str, data: bytes, *, timeout: float) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        call = self._start_send(peer, data, timeout, functools.partial(_settle, future))
-        try:
+        done = functools.partial(_trio_bridge.resolve, future, None)
+        call = self._start_send(peer, data, timeout, done)
+        if call is None:  # refused before it began: its error is on the way to the future
             await future
-        except asyncio.CancelledError:
-            bridge = self._bridge
-            if call is not None and bridge is not None:
-                try:
-                    bridge.call_soon(call.cancel)
-                except _trio_bridge.BridgeClosed:
-                    pass
-            raise
+        else:
+            await call.owner.outcome_of(call, future)
 
-    def send_soon(
-        self, peer: str, data: bytes, *, timeout: float, done: Callable[[BaseException | None], None]
-    ) -> None:
+    def send_soon(self, peer: str, data: bytes, *, timeout: float, done: SendDone) -> None:
         self._start_send(peer, data, timeout, done)
 
     def _start_send(
-        self, peer: str, data: bytes, timeout: float, done: Callable[[BaseException | None], None]
+        self, peer: str, data: bytes, timeout: float, done: SendDone
     ) -> _trio_bridge.BridgeCall | None:
         """Start a send (see ``send_soon``); the bridge call, to cancel it, if one began."""
         try:
@@ -755,7 +739,7 @@ class Libp2pTransport(Transport):
         self,
         peer: str,
         size: int,
-        done: Callable[[BaseException | None], None],
+        done: SendDone,
         result: Any,
         error: BaseException | None,
     ) -> None:
@@ -1051,11 +1035,10 @@ class Libp2pTransport(Transport):
             return None
         found: INetStream | None = None
         stale: list[INetStream] = []
-        oldest = trio.current_time() - self.stream_idle_timeout / 2
         relayed = self._relayed_only_streams(peer)
         while kept and found is None:
             stream, since = kept.pop()  # the most recently used first
-            if since > oldest and _reusable(stream) and stream.muxed_conn not in relayed:
+            if self._fresh(stream, since) and stream.muxed_conn not in relayed:
                 found = stream
             else:
                 stale.append(stream)
@@ -1064,6 +1047,12 @@ class Libp2pTransport(Transport):
         for stream in stale:
             await _close(stream)
         return found
+
+    def _fresh(self, stream: INetStream, since: float) -> bool:
+        """Whether a stream kept since ``since`` may carry the next frame: open both ways,
+        and idle for less than half of ``stream_idle_timeout`` (the receiver closes it at
+        the whole)."""
+        return since > trio.current_time() - self.stream_idle_timeout / 2 and _reusable(stream)
 
     def _relayed_only_streams(self, peer: ID) -> list[Any]:
         """The muxed connections to ``peer`` that are relayed while a direct one exists:
@@ -1639,20 +1628,14 @@ class _DirectSend:
         if not kept:
             return False
         stream, since = kept[-1]  # the one ``_take_kept`` would take
-        now = trio.current_time()
-        if since <= now - transport.stream_idle_timeout / 2 or not _reusable(stream):
+        if not transport._fresh(stream, since):
             return False  # the task closes it and takes another
         muxed = _muxed(stream)
-        if (
-            not isinstance(muxed, _PatchedYamuxStream)
-            or muxed.inline is not None
-            or muxed.closed
-            or muxed.recv_closed  # what already came needs no watching: the task reads it
-            or muxed.reset_received
-        ):
+        if not isinstance(muxed, _PatchedYamuxStream) or muxed.inline is not None:
             return False
         conn = muxed.conn
-        send = cls(transport, call, peer, stream, muxed, data, now + timeout, deadlines)
+        deadline = trio.current_time() + timeout
+        send = cls(transport, call, peer, stream, muxed, data, deadline, deadlines)
         if not isinstance(conn, PatchedYamux) or not conn.watch(muxed.stream_id, send.told):
             return False
         if not muxed.try_write_now(frame_header(len(data)) + data):
